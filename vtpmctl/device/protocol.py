@@ -1,0 +1,318 @@
+"""The swtpm control protocol as one table.
+
+Every control message — socket (big-endian) and CUSE ioctl (host-native) —
+is declared here once as a field table, and both the servers and the client
+encode and decode through it. Nothing else in vtpmctl knows a byte offset of
+the control protocol.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import Any, Literal
+
+Endian = Literal["big", "native"]
+
+
+class Cmd(IntEnum):
+    """Control command codes (socket); the ioctl nr is code - 1."""
+
+    GET_CAPABILITY = 0x01
+    INIT = 0x02
+    SHUTDOWN = 0x03
+    GET_TPMESTABLISHED = 0x04
+    SET_LOCALITY = 0x05
+    HASH_START = 0x06
+    HASH_DATA = 0x07
+    HASH_END = 0x08
+    CANCEL_TPM_CMD = 0x09
+    STORE_VOLATILE = 0x0A
+    RESET_TPMESTABLISHED = 0x0B
+    GET_STATEBLOB = 0x0C
+    SET_STATEBLOB = 0x0D
+    STOP = 0x0E
+    GET_CONFIG = 0x0F
+    SET_DATAFD = 0x10
+    SET_BUFFERSIZE = 0x11
+    GET_INFO = 0x12
+    LOCK_STORAGE = 0x13
+
+
+class Res(IntEnum):
+    """Result codes that appear on the control interface (TPM 1.2 numbering)."""
+
+    SUCCESS = 0x00
+    BAD_PARAMETER = 0x03
+    FAIL = 0x09
+    BAD_ORDINAL = 0x0A
+    KEYNOTFOUND = 0x0D
+    SIZE = 0x17
+    IOERROR = 0x1F
+    DECRYPT_ERROR = 0x21
+    INVALID_POSTINIT = 0x26
+    BAD_KEY_PROPERTY = 0x28
+    BAD_DATASIZE = 0x2B
+    BAD_MODE = 0x2C
+    BAD_VERSION = 0x2E
+    BAD_TYPE = 0x34
+    BAD_LOCALITY = 0x3D
+    RETRY = 0x800
+    TPM2_FAILURE = 0x101
+
+
+NON_FATAL = 0x800  # any GET_STATEBLOB result with this bit means "empty blob"
+
+
+class Cap(IntFlag):
+    INIT = 1 << 0
+    SHUTDOWN = 1 << 1
+    GET_TPMESTABLISHED = 1 << 2
+    SET_LOCALITY = 1 << 3
+    HASHING = 1 << 4
+    CANCEL_TPM_CMD = 1 << 5
+    STORE_VOLATILE = 1 << 6
+    RESET_TPMESTABLISHED = 1 << 7
+    GET_STATEBLOB = 1 << 8
+    SET_STATEBLOB = 1 << 9
+    STOP = 1 << 10
+    GET_CONFIG = 1 << 11
+    SET_DATAFD = 1 << 12
+    SET_BUFFERSIZE = 1 << 13
+    GET_INFO = 1 << 14
+    SEND_COMMAND_HEADER = 1 << 15
+    LOCK_STORAGE = 1 << 16
+
+
+# What swtpm reports, and therefore what we report (spec §1.4).
+CAPS_SOCKET_TPM2 = 0x0001FFFF
+CAPS_SOCKET_TPM12 = 0x00017FFF
+CAPS_CUSE = 0x00016FFF
+# QEMU refuses a backend without these.
+CAPS_QEMU_REQUIRED = 0x340F
+CAPS_QEMU_REQUIRED_TPM2 = 0x348F
+
+
+class BlobType(IntEnum):
+    PERMANENT = 1
+    VOLATILE = 2
+    SAVESTATE = 3
+
+
+BLOB_TYPE_NAMES = {
+    BlobType.PERMANENT: "permanent",
+    BlobType.VOLATILE: "volatile",
+    BlobType.SAVESTATE: "savestate",
+}
+
+
+class StateFlag(IntFlag):
+    DECRYPTED = 1  # request: give me the state without state-key encryption
+    ENCRYPTED = 2  # payload is state-key encrypted
+
+
+class InitFlag(IntFlag):
+    DELETE_VOLATILE = 1
+
+
+class ConfigFlag(IntFlag):
+    FILE_KEY = 1
+    MIGRATION_KEY = 2
+
+
+class InfoFlag(IntFlag):
+    TPMSPECIFICATION = 0x01
+    TPMATTRIBUTES = 0x02
+    TPMFEATURES = 0x04
+    RUNTIME_ALGORITHMS = 0x08
+    RUNTIME_COMMANDS = 0x10
+    ACTIVE_PROFILE = 0x20
+    AVAILABLE_PROFILES = 0x40
+    RUNTIME_ATTRIBUTES = 0x80
+
+
+STATE_BLOB_CHUNK = 3072  # PTM_STATE_BLOB_SIZE: CUSE chunk and GET_INFO chunk
+HASH_DATA_MAX = 4096
+SET_STATEBLOB_MAX = 512 * 1024
+CTRL_FIRST_READ = 4104  # 4-byte code + sizeof(ptm_hdata)
+CTRL_DEADLINE = 0.5  # seconds to receive the rest of a control message
+
+# Data channel constants.
+TPM2_FATAL_RESPONSE = bytes.fromhex("80010000000a00000101")  # TPM_RC_FAILURE
+TPM12_FATAL_RESPONSE = bytes.fromhex("00c40000000a00000009")  # TPM_FAIL
+TPM2_SHORT_WRITE_RESPONSE = bytes.fromhex("80010000000a0000009a")  # TPM_RC_INSUFFICIENT
+TPM12_SHORT_WRITE_RESPONSE = bytes.fromhex("00c40000000a00000019")  # TPM_BAD_PARAM_SIZE
+TPM_SEND_COMMAND = 8  # MS-simulator framing prefix (TPM 2 only)
+TPM_HEADER_SIZE = 10
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A fixed struct: (name, struct code) pairs; '' names are padding."""
+
+    fields: tuple[tuple[str, str], ...]
+
+    def fmt(self, endian: Endian) -> str:
+        return (">" if endian == "big" else "=") + "".join(code for _, code in self.fields)
+
+    def size(self) -> int:
+        return struct.calcsize(self.fmt("big"))
+
+    def pack(self, endian: Endian, values: dict[str, int]) -> bytes:
+        args = [values.get(name, 0) for name, code in self.fields if not code.endswith("x")]
+        return struct.pack(self.fmt(endian), *args)
+
+    def unpack(self, endian: Endian, buf: bytes | bytearray | memoryview) -> dict[str, int]:
+        vals = struct.unpack_from(self.fmt(endian), buf)
+        names = [name for name, code in self.fields if not code.endswith("x")]
+        return dict(zip(names, vals, strict=True))
+
+
+def L(*fields: tuple[str, str]) -> Layout:  # noqa: N802 - a table constructor
+    return Layout(tuple(fields))
+
+
+RESULT = L(("result", "I"))
+NONE = L()
+
+
+@dataclass(frozen=True)
+class Message:
+    """One control command: its socket and ioctl layouts.
+
+    ``req_rule`` is how the socket server checks the request body length
+    (spec §1.2): ``("exact", n)``, ``("min", n)`` or ``None`` (not checked).
+    ``data`` says whether variable bytes follow the fixed request ('req') or
+    response ('resp').
+    """
+
+    cmd: Cmd
+    request: Layout
+    response: Layout
+    req_rule: tuple[str, int] | None
+    ioctl_dir: int  # 2 = _IOR, 3 = _IOWR
+    ioctl_size: int
+    ioctl_request: Layout = NONE
+    ioctl_response: Layout | None = None  # None: same as socket response
+    error_response: Layout = RESULT  # what a failure looks like on a socket
+    needs_running: bool | None = None  # True: running, False: stopped, None: any
+    data: str | None = None
+
+    @property
+    def ioctl(self) -> int:
+        return (self.ioctl_dir << 30) | (self.ioctl_size << 16) | (0x50 << 8) | (self.cmd - 1)
+
+    @property
+    def ioctl_resp(self) -> Layout:
+        return self.response if self.ioctl_response is None else self.ioctl_response
+
+
+_BLOB_HDR = L(("result", "I"), ("state_flags", "I"), ("totlength", "I"), ("length", "I"))
+
+MESSAGES: dict[Cmd, Message] = {
+    m.cmd: m
+    for m in (
+        Message(Cmd.GET_CAPABILITY, NONE, L(("result", "I"), ("caps", "I")), None, 2, 8,
+                ioctl_response=L(("caps", "Q"))),
+        Message(Cmd.INIT, L(("init_flags", "I")), RESULT, ("exact", 4), 3, 4,
+                ioctl_request=L(("init_flags", "I"))),
+        Message(Cmd.SHUTDOWN, NONE, RESULT, ("exact", 0), 2, 4),
+        Message(Cmd.GET_TPMESTABLISHED, NONE, L(("result", "I"), ("bit", "B"), ("", "3x")),
+                ("exact", 0), 2, 8, needs_running=True),
+        Message(Cmd.SET_LOCALITY, L(("loc", "B")), RESULT, ("min", 1), 3, 4,
+                ioctl_request=L(("loc", "B"), ("", "3x"))),
+        Message(Cmd.HASH_START, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
+        Message(Cmd.HASH_DATA, L(("length", "I")), RESULT, ("min", 4), 3, 4 + HASH_DATA_MAX,
+                ioctl_request=L(("length", "I")), needs_running=True, data="req"),
+        Message(Cmd.HASH_END, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
+        Message(Cmd.CANCEL_TPM_CMD, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
+        Message(Cmd.STORE_VOLATILE, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
+        Message(Cmd.RESET_TPMESTABLISHED, L(("loc", "B")), RESULT, ("min", 1), 3, 4,
+                ioctl_request=L(("loc", "B"), ("", "3x")), needs_running=True),
+        Message(Cmd.GET_STATEBLOB, L(("state_flags", "I"), ("type", "I"), ("offset", "I")),
+                _BLOB_HDR, ("min", 12), 3, 16 + STATE_BLOB_CHUNK,
+                ioctl_request=L(("state_flags", "I"), ("type", "I"), ("offset", "I")),
+                error_response=_BLOB_HDR, needs_running=True, data="resp"),
+        Message(Cmd.SET_STATEBLOB, L(("state_flags", "I"), ("type", "I"), ("length", "I")),
+                RESULT, ("min", 12), 3, 12 + STATE_BLOB_CHUNK,
+                ioctl_request=L(("state_flags", "I"), ("type", "I"), ("length", "I")),
+                needs_running=False, data="req"),
+        Message(Cmd.STOP, NONE, RESULT, ("exact", 0), 2, 4),
+        Message(Cmd.GET_CONFIG, NONE, L(("result", "I"), ("flags", "I")), ("exact", 0), 2, 8),
+        Message(Cmd.SET_DATAFD, NONE, RESULT, None, 2, 4),
+        Message(Cmd.SET_BUFFERSIZE, L(("buffersize", "I")),
+                L(("result", "I"), ("buffersize", "I"), ("minsize", "I"), ("maxsize", "I")),
+                ("min", 4), 3, 16, ioctl_request=L(("buffersize", "I"))),
+        Message(Cmd.GET_INFO, L(("flags", "Q"), ("offset", "I"), ("", "4x")),
+                L(("result", "I"), ("totlength", "I"), ("length", "I")), ("min", 16), 3,
+                16 + STATE_BLOB_CHUNK,
+                ioctl_request=L(("flags", "Q"), ("offset", "I"), ("", "4x")), data="resp"),
+        Message(Cmd.LOCK_STORAGE, L(("retries", "I")), RESULT, ("min", 4), 3, 4,
+                ioctl_request=L(("retries", "I"))),
+    )
+}
+
+IOCTL_TO_CMD: dict[int, Cmd] = {m.ioctl: m.cmd for m in MESSAGES.values()}
+
+
+def response_head_size(cmd: Cmd) -> int:
+    """Bytes a socket client reads before it knows whether the call failed."""
+    return MESSAGES[cmd].error_response.size()
+
+
+# ---------------------------------------------------------------- socket framing
+
+
+def encode_socket_request(cmd: Cmd, fields: dict[str, int] | None = None,
+                          data: bytes = b"") -> bytes:
+    """Code + body, as one buffer to send in a single write."""
+    msg = MESSAGES[cmd]
+    return struct.pack(">I", cmd) + msg.request.pack("big", fields or {}) + data
+
+
+def encode_socket_response(cmd: Cmd, result: int, fields: dict[str, Any] | None = None,
+                           data: bytes = b"") -> bytes:
+    """A success reply, or the short error reply the spec prescribes."""
+    msg = MESSAGES[cmd]
+    if result != Res.SUCCESS:
+        vals = dict(fields or {})
+        vals["result"] = result
+        if msg.error_response is RESULT:
+            return RESULT.pack("big", vals)
+        return msg.error_response.pack("big", vals) + (data if cmd == Cmd.GET_STATEBLOB else b"")
+    vals = dict(fields or {})
+    vals["result"] = result
+    return msg.response.pack("big", vals) + data
+
+
+def decode_socket_response_head(cmd: Cmd, head: bytes) -> dict[str, int]:
+    return MESSAGES[cmd].response.unpack("big", head)
+
+
+# ---------------------------------------------------------------- ioctl framing
+
+
+def encode_ioctl_request(cmd: Cmd, fields: dict[str, int] | None = None,
+                         data: bytes = b"") -> bytearray:
+    """The whole union buffer for an ioctl call, native byte order."""
+    msg = MESSAGES[cmd]
+    buf = bytearray(msg.ioctl_size)
+    raw = msg.ioctl_request.pack("native", fields or {}) + data
+    buf[: len(raw)] = raw
+    return buf
+
+
+def decode_ioctl_request(cmd: Cmd, buf: bytes | bytearray | memoryview) -> dict[str, int]:
+    return MESSAGES[cmd].ioctl_request.unpack("native", buf)
+
+
+def encode_ioctl_response(cmd: Cmd, fields: dict[str, Any], data: bytes = b"") -> bytes:
+    """The whole union buffer for an ioctl reply (result at offset 0)."""
+    msg = MESSAGES[cmd]
+    raw = msg.ioctl_resp.pack("native", fields) + data
+    return raw.ljust(msg.ioctl_size, b"\0")[: msg.ioctl_size]
+
+
+def decode_ioctl_response(cmd: Cmd, buf: bytes | bytearray | memoryview) -> dict[str, int]:
+    return MESSAGES[cmd].ioctl_resp.unpack("native", buf)
