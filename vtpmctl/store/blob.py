@@ -1,0 +1,430 @@
+"""swtpm-compatible state blobs: the 10-byte header, TLV bodies and AES-CBC + HMAC.
+
+Two shapes share the header (spec §4.2-§4.5):
+
+* state *files* (``tpm2-00.permall`` …): ``hdr [1 plain]`` or ``hdr [2 ct][3 mac][6 iv]``;
+* state *transfer* blobs (CMD_GET_STATEBLOB / CMD_SET_STATEBLOB): ``hdr(0x04|…)`` plus an
+  outer TLV 4 (clear) or 5/3/7 (migration key) that wraps a file-style inner part.
+
+Everything here is pure bytes-in, bytes-out so that the engine, the control channel and
+the blob store all agree on one implementation. Result codes are the control-channel
+values (spec §1.1) because a failed SET_STATEBLOB has to report exactly those.
+
+Deliberately stricter than swtpm on input that swtpm itself never produces (so that any
+corruption of an encrypted blob is caught, the header not being covered by the HMAC):
+the header version must be 1 or 2, unknown flag bits and a 256-bit flag without its
+"encrypted" flag are rejected, TLV bodies must parse completely, a version-2 transfer
+blob must carry flag 0x04, and a file's encryption flag must agree with whether a key is
+given. Everything swtpm 0.7.1-0.11 writes is accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+__all__ = [
+    "AesKey",
+    "BlobError",
+    "BlobHeader",
+    "parse_header",
+    "parse_tlvs",
+    "unwrap_file",
+    "unwrap_transfer",
+    "wrap_file",
+    "wrap_transfer",
+]
+
+# Control-channel result codes (spec §1.1). Kept local: the store layer must not import
+# the device layer.
+RC_BAD_PARAMETER = 0x03
+RC_FAIL = 0x09
+RC_KEYNOTFOUND = 0x0D
+RC_DECRYPT_ERROR = 0x21
+RC_BAD_KEY_PROPERTY = 0x28
+RC_BAD_DATASIZE = 0x2B
+RC_BAD_VERSION = 0x2E
+
+HEADER_SIZE = 10
+HEADER_VERSION = 2
+HEADER_MIN_VERSION = 1
+_HEADER = struct.Struct(">BBHHI")
+_TLV = struct.Struct(">HI")
+
+FLAG_ENCRYPTED = 0x01
+FLAG_MIGRATION_ENCRYPTED = 0x02
+FLAG_MIGRATION_DATA = 0x04
+FLAG_ENCRYPTED_256BIT_KEY = 0x08
+FLAG_MIGRATION_256BIT_KEY = 0x10
+_KNOWN_FLAGS = 0x1F
+
+TAG_DATA = 1
+TAG_ENCRYPTED_DATA = 2
+TAG_HMAC = 3
+TAG_MIGRATION_DATA = 4
+TAG_ENCRYPTED_MIGRATION_DATA = 5
+TAG_IVEC_ENCRYPTED_DATA = 6
+TAG_IVEC_ENCRYPTED_MIGRATION_DATA = 7
+
+# CMD_GET/SET_STATEBLOB state_flags (spec §3.1).
+STATE_FLAG_DECRYPTED = 1
+STATE_FLAG_ENCRYPTED = 2
+
+_HMAC_SIZE = 32
+_AES_BLOCK = 16
+
+
+class BlobError(Exception):
+    """A blob that cannot be used; ``.rc`` is the control-channel result to report (spec §1.1)."""
+
+    def __init__(self, rc: int, message: str) -> None:
+        super().__init__(message)
+        self.rc = rc
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"BlobError(rc=0x{self.rc:02x}, {self.message!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class AesKey:
+    """An AES-128/256 key; wrapped so that printing or logging it can never leak the bytes."""
+
+    material: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.material, (bytes, bytearray, memoryview)):
+            raise TypeError("AesKey material must be bytes")
+        material = bytes(self.material)
+        if len(material) not in (16, 32):
+            raise ValueError(f"an AES key must be 16 or 32 bytes, not {len(material)}")
+        object.__setattr__(self, "material", material)
+
+    @property
+    def bits(self) -> int:
+        return len(self.material) * 8
+
+    @property
+    def cipher(self) -> str:
+        """The swtpm ``mode=`` spelling, for command lines and metadata."""
+        return f"aes-{self.bits}-cbc"
+
+    def __repr__(self) -> str:
+        return f"AesKey({self.bits}-bit)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        # Constant time, so comparing a candidate key does not leak a prefix match.
+        if not isinstance(other, AesKey):
+            return NotImplemented
+        return hmac.compare_digest(self.material, other.material)
+
+    def __hash__(self) -> int:
+        return hash((AesKey, self.material))
+
+
+@dataclass(frozen=True)
+class BlobHeader:
+    """The packed big-endian header shared by state files and transfer blobs (spec §4.2)."""
+
+    version: int
+    min_version: int
+    hdrsize: int
+    flags: int
+    totlen: int
+
+
+def _header(flags: int, body_len: int) -> bytes:
+    return _HEADER.pack(
+        HEADER_VERSION, HEADER_MIN_VERSION, HEADER_SIZE, flags, HEADER_SIZE + body_len
+    )
+
+
+def _tlv(tag: int, value: bytes) -> bytes:
+    return _TLV.pack(tag, len(value)) + value
+
+
+def parse_header(data: bytes) -> BlobHeader:
+    """Validate the header the way swtpm does, so SET_STATEBLOB reports the same codes."""
+    if len(data) < HEADER_SIZE:
+        raise BlobError(
+            RC_BAD_PARAMETER, f"blob is {len(data)} bytes, shorter than its 10-byte header"
+        )
+    version, min_version, hdrsize, flags, totlen = _HEADER.unpack_from(data)
+    header = BlobHeader(version, min_version, hdrsize, flags, totlen)
+    if totlen != len(data):
+        raise BlobError(
+            RC_BAD_PARAMETER,
+            f"blob header says {totlen} bytes but the blob has {len(data)} (truncated or padded)",
+        )
+    if min_version > HEADER_VERSION:
+        raise BlobError(
+            RC_BAD_VERSION,
+            f"blob needs a reader of format version {min_version}; this one reads up to "
+            f"{HEADER_VERSION}",
+        )
+    if hdrsize != HEADER_SIZE:
+        raise BlobError(RC_BAD_DATASIZE, f"blob header size is {hdrsize}, expected 10")
+    # Beyond this point swtpm would carry on; see the module docstring for why we do not.
+    if version not in (1, 2) or min_version < 1 or min_version > version:
+        raise BlobError(
+            RC_BAD_VERSION,
+            f"unsupported blob format version {version} (minimum {min_version}); expected 1 or 2",
+        )
+    if flags & ~_KNOWN_FLAGS:
+        raise BlobError(RC_BAD_PARAMETER, f"blob header has unknown flags 0x{flags:04x}")
+    if flags & FLAG_ENCRYPTED_256BIT_KEY and not flags & FLAG_ENCRYPTED:
+        raise BlobError(RC_BAD_PARAMETER, "blob header has the 256-bit flag 0x08 without 0x01")
+    if flags & FLAG_MIGRATION_256BIT_KEY and not flags & FLAG_MIGRATION_ENCRYPTED:
+        raise BlobError(RC_BAD_PARAMETER, "blob header has the 256-bit flag 0x10 without 0x02")
+    return header
+
+
+def parse_tlvs(body: bytes) -> dict[int, bytes]:
+    """Split a version-2 body; the first record of a tag wins, as in swtpm's tag search."""
+    records: dict[int, bytes] = {}
+    offset = 0
+    view = memoryview(body)
+    while offset < len(body):
+        if len(body) - offset < _TLV.size:
+            raise BlobError(RC_FAIL, f"truncated TLV record header at offset {offset}")
+        tag, length = _TLV.unpack_from(body, offset)
+        offset += _TLV.size
+        if length > len(body) - offset:
+            raise BlobError(
+                RC_FAIL,
+                f"TLV record with tag {tag} claims {length} bytes but only "
+                f"{len(body) - offset} remain",
+            )
+        records.setdefault(tag, bytes(view[offset : offset + length]))
+        offset += length
+    return records
+
+
+# --- AES-CBC + HMAC-SHA256 (spec §4.5) -------------------------------------------------
+
+
+def _encrypt(key: AesKey, plain: bytes, data_tag: int, iv_tag: int) -> bytes:
+    """Encrypt-then-MAC with swtpm's quirks: key-length padding and a key-length IV."""
+    k = key.material
+    iv_full = os.urandom(len(k))
+    pad = len(k) - len(plain) % len(k)
+    encryptor = Cipher(algorithms.AES(k), modes.CBC(iv_full[:_AES_BLOCK])).encryptor()
+    ciphertext = encryptor.update(plain + bytes([pad]) * pad) + encryptor.finalize()
+    mac = hmac.new(k, ciphertext + iv_full, hashlib.sha256).digest()
+    return _tlv(data_tag, ciphertext) + _tlv(TAG_HMAC, mac) + _tlv(iv_tag, iv_full)
+
+
+def _cbc_decrypt(key: AesKey, iv: bytes, ciphertext: bytes, what: str) -> bytes:
+    k = key.material
+    if not ciphertext or len(ciphertext) % _AES_BLOCK:
+        raise BlobError(
+            RC_DECRYPT_ERROR, f"{what}: ciphertext length {len(ciphertext)} is not a whole block"
+        )
+    decryptor = Cipher(algorithms.AES(k), modes.CBC(iv)).decryptor()
+    padded = decryptor.update(ciphertext) + decryptor.finalize()
+    # swtpm accepts any pad value up to the key length (it pads to the key length on
+    # output); anything else means a wrong key or corruption.
+    pad = padded[-1]
+    if not 1 <= pad <= len(k) or padded[-pad:] != bytes([pad]) * pad:
+        raise BlobError(RC_DECRYPT_ERROR, f"{what}: bad padding after decryption (wrong key?)")
+    return padded[:-pad]
+
+
+def _check_key_size(key: AesKey, flags: int, flag_256: int, what: str) -> None:
+    wants = 32 if flags & flag_256 else 16
+    if len(key.material) != wants:
+        raise BlobError(
+            RC_BAD_KEY_PROPERTY,
+            f"{what} was encrypted with a {wants * 8}-bit key but the configured key is "
+            f"{key.bits}-bit",
+        )
+
+
+def _decrypt_v2(
+    key: AesKey, records: dict[int, bytes], data_tag: int, iv_tag: int, what: str
+) -> bytes:
+    ciphertext = records.get(data_tag)
+    mac = records.get(TAG_HMAC)
+    if ciphertext is None:
+        raise BlobError(RC_FAIL, f"{what}: no encrypted-data record (tag {data_tag})")
+    if mac is None or len(mac) < _HMAC_SIZE:
+        raise BlobError(RC_FAIL, f"{what}: HMAC record (tag {TAG_HMAC}) missing or short")
+    iv_full = records.get(iv_tag)
+    if iv_full is None:
+        # Pre-IV swtpm: zero IV, MAC over the ciphertext alone.
+        iv_full, iv = b"", bytes(_AES_BLOCK)
+    elif len(iv_full) < _AES_BLOCK:
+        raise BlobError(RC_DECRYPT_ERROR, f"{what}: IV record is only {len(iv_full)} bytes")
+    else:
+        iv = iv_full[:_AES_BLOCK]
+    expected = hmac.new(key.material, ciphertext + iv_full, hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, mac[:_HMAC_SIZE]):
+        raise BlobError(RC_DECRYPT_ERROR, f"{what}: HMAC mismatch (wrong key or corrupted)")
+    return _cbc_decrypt(key, iv, ciphertext, what)
+
+
+def _decrypt_v1(key: AesKey, body: bytes, what: str) -> bytes:
+    """Legacy format: zero IV, plaintext prefixed by its own SHA-256 (spec §4.4)."""
+    plain = _cbc_decrypt(key, bytes(_AES_BLOCK), body, what)
+    digest, state = plain[:32], plain[32:]
+    if len(digest) < 32 or not hmac.compare_digest(digest, hashlib.sha256(state).digest()):
+        raise BlobError(RC_FAIL, f"{what}: checksum mismatch (wrong key or corrupted)")
+    return state
+
+
+def _plain_v2(records: dict[int, bytes], tag: int, what: str) -> bytes:
+    value = records.get(tag)
+    if value is None:
+        raise BlobError(RC_FAIL, f"{what}: no record with tag {tag}")
+    return value
+
+
+# --- state files -----------------------------------------------------------------------
+
+
+def wrap_file(plain: bytes, key: AesKey | None) -> bytes:
+    """Bytes of a ``tpm2-00.*`` file as swtpm writes it with (or without) ``--key``."""
+    if key is None:
+        return _header(0, len(plain) + _TLV.size) + _tlv(TAG_DATA, plain)
+    flags = FLAG_ENCRYPTED | (FLAG_ENCRYPTED_256BIT_KEY if key.bits == 256 else 0)
+    body = _encrypt(key, plain, TAG_ENCRYPTED_DATA, TAG_IVEC_ENCRYPTED_DATA)
+    return _header(flags, len(body)) + body
+
+
+def unwrap_file(data: bytes, key: AesKey | None) -> bytes:
+    """Plain libtpms state from a state file; the key, not the header, decides decryption."""
+    header = parse_header(data)
+    body = data[HEADER_SIZE:]
+    if header.flags & (FLAG_MIGRATION_DATA | FLAG_MIGRATION_ENCRYPTED):
+        raise BlobError(
+            RC_FAIL,
+            "this is a state transfer blob (CMD_GET_STATEBLOB output), not a state file",
+        )
+    encrypted = bool(header.flags & FLAG_ENCRYPTED)
+    if encrypted and key is None:
+        raise BlobError(RC_KEYNOTFOUND, "state file is encrypted but no state key is configured")
+    if key is not None and not encrypted:
+        raise BlobError(
+            RC_FAIL,
+            "state file is not encrypted but a state key is configured; "
+            "import it through a state transfer to encrypt it",
+        )
+    if header.version == 1:
+        return body if key is None else _decrypt_v1(key, body, "state file")
+    records = parse_tlvs(body)
+    if key is None:
+        return _plain_v2(records, TAG_DATA, "state file")
+    _check_key_size(key, header.flags, FLAG_ENCRYPTED_256BIT_KEY, "state file")
+    return _decrypt_v2(key, records, TAG_ENCRYPTED_DATA, TAG_IVEC_ENCRYPTED_DATA, "state file")
+
+
+# --- state transfer blobs (CMD_GET_STATEBLOB / CMD_SET_STATEBLOB) ----------------------
+
+
+def wrap_transfer(
+    plain: bytes,
+    *,
+    state_key: AesKey | None,
+    keep_state_encryption: bool,
+    migration_key: AesKey | None,
+) -> tuple[bytes, int]:
+    """Build the GET_STATEBLOB blob and the response state_flags, as swtpm does (spec §3.4).
+
+    ``keep_state_encryption`` is "the client did not ask for DECRYPTED"; it only has an
+    effect when a state key is configured.
+    """
+    flags = FLAG_MIGRATION_DATA
+    state_flags = 0
+    if keep_state_encryption and state_key is not None:
+        inner = _encrypt(state_key, plain, TAG_ENCRYPTED_DATA, TAG_IVEC_ENCRYPTED_DATA)
+        flags |= FLAG_ENCRYPTED | (FLAG_ENCRYPTED_256BIT_KEY if state_key.bits == 256 else 0)
+        state_flags = STATE_FLAG_ENCRYPTED
+    else:
+        inner = _tlv(TAG_DATA, plain)
+    if migration_key is None:
+        outer = _tlv(TAG_MIGRATION_DATA, inner)
+    else:
+        outer = _encrypt(
+            migration_key, inner, TAG_ENCRYPTED_MIGRATION_DATA, TAG_IVEC_ENCRYPTED_MIGRATION_DATA
+        )
+        flags |= FLAG_MIGRATION_ENCRYPTED
+        if migration_key.bits == 256:
+            flags |= FLAG_MIGRATION_256BIT_KEY
+    return _header(flags, len(outer)) + outer, state_flags
+
+
+def unwrap_transfer(
+    blob: bytes,
+    *,
+    state_flags: int,
+    state_key: AesKey | None,
+    migration_key: AesKey | None,
+) -> bytes:
+    """Plain libtpms state from a SET_STATEBLOB blob; b"" means "clear the staged state".
+
+    Unencrypted blobs are accepted even when a migration key is set (swtpm's upgrade path).
+    """
+    if not blob:
+        return b""
+    header = parse_header(blob)
+    body = blob[HEADER_SIZE:]
+    if not body:
+        return b""
+    legacy = header.version == 1
+    if not legacy and not header.flags & FLAG_MIGRATION_DATA:
+        raise BlobError(
+            RC_FAIL,
+            "not a state transfer blob (header flag 0x04 missing); a state file such as "
+            "tpm2-00.permall cannot be sent through SET_STATEBLOB",
+        )
+
+    if header.flags & FLAG_MIGRATION_ENCRYPTED:
+        if migration_key is None:
+            raise BlobError(
+                RC_KEYNOTFOUND, "blob is encrypted with a migration key but none is configured"
+            )
+        if legacy:
+            inner = _decrypt_v1(migration_key, body, "migration blob")
+        else:
+            _check_key_size(
+                migration_key, header.flags, FLAG_MIGRATION_256BIT_KEY, "migration blob"
+            )
+            inner = _decrypt_v2(
+                migration_key,
+                parse_tlvs(body),
+                TAG_ENCRYPTED_MIGRATION_DATA,
+                TAG_IVEC_ENCRYPTED_MIGRATION_DATA,
+                "migration blob",
+            )
+    elif legacy:
+        inner = body
+    else:
+        inner = _plain_v2(parse_tlvs(body), TAG_MIGRATION_DATA, "state transfer blob")
+
+    if state_flags & STATE_FLAG_ENCRYPTED or header.flags & FLAG_ENCRYPTED:
+        if state_key is None:
+            raise BlobError(
+                RC_KEYNOTFOUND, "blob is encrypted with a state key but none is configured"
+            )
+        if legacy:
+            return _decrypt_v1(state_key, inner, "state-key encrypted blob")
+        _check_key_size(
+            state_key, header.flags, FLAG_ENCRYPTED_256BIT_KEY, "state-key encrypted blob"
+        )
+        return _decrypt_v2(
+            state_key,
+            parse_tlvs(inner),
+            TAG_ENCRYPTED_DATA,
+            TAG_IVEC_ENCRYPTED_DATA,
+            "state-key encrypted blob",
+        )
+    if legacy:
+        return inner
+    return _plain_v2(parse_tlvs(inner), TAG_DATA, "state transfer blob")
