@@ -1,0 +1,465 @@
+"""swtpm-compatible control and data channel servers (unix, TCP, fd passing).
+
+Threads, not a selector, carry the data channel: a connection's thread
+blocks in recv, runs the command under the engine lock and sends, so one
+busy client costs no poll round per command. The control channel runs on
+the main thread (signals are handled there, never behind a long TPM
+command).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import os
+import selectors
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vtpmctl.device.protocol import (
+    CTRL_DEADLINE,
+    CTRL_FIRST_READ,
+    MESSAGES,
+    SET_STATEBLOB_MAX,
+    TPM_HEADER_SIZE,
+    Cmd,
+    Res,
+    encode_socket_response,
+)
+from vtpmctl.engine.libtpms import CommandBuffer
+from vtpmctl.engine.tpm import ControlReply, Engine, FatalEngineError
+
+log = logging.getLogger(__name__)
+
+BLOB_READ_TIMEOUT = 10.0  # a stalled SET_STATEBLOB sender loses its connection
+UNIX_PATH_MAX = 107
+
+
+class EndpointError(Exception):
+    """An endpoint spec that cannot be used; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    kind: str  # "unix" | "tcp"
+    path: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    mode: int = 0o600
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+def parse_endpoint(spec: str) -> Endpoint:
+    """``unix:PATH`` or ``tcp:[HOST:]PORT`` (loopback unless a host is given)."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise EndpointError(f"bad endpoint {spec!r}; use unix:PATH or tcp:HOST:PORT")
+    if kind == "unix":
+        if len(os.fsencode(rest)) > UNIX_PATH_MAX:
+            raise EndpointError(f"socket path {rest!r} is longer than {UNIX_PATH_MAX} bytes; "
+                                "use a shorter path")
+        return Endpoint("unix", path=rest)
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            num = int(port)
+        except ValueError:
+            raise EndpointError(f"bad TCP port in {spec!r}; use tcp:HOST:PORT") from None
+        if not 0 <= num <= 65535:
+            raise EndpointError(f"TCP port {num} out of range in {spec!r}")
+        return Endpoint("tcp", host=host, port=num)
+    raise EndpointError(f"unknown endpoint type {kind!r} in {spec!r}; use unix: or tcp:")
+
+
+def listen(ep: Endpoint, backlog: int = 1) -> socket.socket:
+    if ep.kind == "unix":
+        path = Path(ep.path)
+        try:
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o777 & ~ep.mode)
+        try:
+            sock.bind(ep.path)
+        except OSError as exc:
+            sock.close()
+            raise EndpointError(f"cannot listen on {ep}: {exc.strerror}") from exc
+        finally:
+            os.umask(old)
+        os.chmod(ep.path, ep.mode)
+    else:
+        family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((ep.host, ep.port))
+        except OSError as exc:
+            sock.close()
+            raise EndpointError(f"cannot listen on {ep}: {exc.strerror}") from exc
+    sock.listen(backlog)
+    return sock
+
+
+# ---------------------------------------------------------------- data channel
+
+
+class DataChannel:
+    """Serves raw TPM commands on one connected stream in its own thread."""
+
+    def __init__(self, engine: Engine, conn: socket.socket, on_close: Callable[[], None],
+                 on_fatal: Callable[[str], None]) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.on_close = on_close
+        self.on_fatal = on_fatal
+        self.thread = threading.Thread(target=self.run, name="data", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        except FatalEngineError as exc:
+            self.on_fatal(str(exc))
+        except OSError as exc:
+            log.info("data connection closed: %s", exc.strerror)
+        finally:
+            self.conn.close()
+            self.on_close()
+
+    def _serve(self) -> None:
+        buf = CommandBuffer()
+        view = buf.view
+        recv_into = self.conn.recv_into
+        sendall = self.conn.sendall
+        process = self.engine.process_buffer
+        tpm2 = self.engine.config.tpm2
+        while True:
+            n = recv_into(view)
+            if not n:
+                return
+            while n < TPM_HEADER_SIZE:  # wait for a whole header, as swtpm does
+                more = recv_into(view[n:])
+                if not more:
+                    return
+                n += more
+            if tpm2 and view[0] == 0 and view[1] == 0 and view[3] == 8 and view[2] == 0:
+                sendall(self._send_command_framed(buf, n))
+                continue
+            sendall(process(buf, n))
+
+    def _send_command_framed(self, buf: CommandBuffer, n: int) -> bytes:
+        """TCG simulator TPM_SEND_COMMAND framing (spec §2.4)."""
+        view = buf.view
+        self.engine.set_locality_raw(view[4])
+        inner = bytes(view[9:n])
+        view[: len(inner)] = inner
+        resp = self.engine.process_buffer(buf, len(inner))
+        return len(resp).to_bytes(4, "big") + resp + b"\0\0\0\0"
+
+
+# ---------------------------------------------------------------- control channel
+
+
+def _recv_with_fds(conn: socket.socket, size: int) -> tuple[bytes, list[int]]:
+    fds = array.array("i")
+    msg, ancdata, _flags, _addr = conn.recvmsg(size, socket.CMSG_SPACE(fds.itemsize * 4))
+    for level, typ, data in ancdata:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    return msg, list(fds)
+
+
+def _needed(data: bytes) -> int:
+    """How many bytes the command in ``data`` needs before it can run."""
+    if len(data) < 4:
+        return 4
+    cmd = int.from_bytes(data[:4], "big")
+    if cmd == Cmd.INIT:
+        return 8
+    if cmd in (Cmd.SET_LOCALITY, Cmd.RESET_TPMESTABLISHED):
+        return 5
+    if cmd == Cmd.GET_STATEBLOB:
+        return 16
+    if cmd == Cmd.HASH_DATA:
+        return 8 if len(data) < 8 else 8 + int.from_bytes(data[4:8], "big")
+    if cmd == Cmd.SET_STATEBLOB:
+        return 16 if len(data) < 16 else 16 + int.from_bytes(data[12:16], "big")
+    return len(data)
+
+
+class _Dropped(Exception):
+    """The control connection is closed without a reply (spec §2.2)."""
+
+
+class ControlConnection:
+    """One control client: framing, length checks, replies."""
+
+    def __init__(self, server: SocketServer, conn: socket.socket) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.conn = conn
+
+    def _read_more(self, data: bytes, want: int, deadline: float | None) -> bytes:
+        while len(data) < want:
+            timeout = BLOB_READ_TIMEOUT if deadline is None else deadline - time.monotonic()
+            if timeout <= 0:
+                raise _Dropped("control message incomplete after 500 ms")
+            self.conn.settimeout(timeout)
+            try:
+                chunk = self.conn.recv(min(want - len(data), 65536))
+            except TimeoutError:
+                raise _Dropped("control message incomplete (timeout)") from None
+            finally:
+                self.conn.settimeout(None)
+            if not chunk:
+                raise _Dropped("peer closed mid-message")
+            data += chunk
+        return data
+
+    def handle_readable(self) -> bool:
+        """Serve one request; False when the connection must be closed."""
+        try:
+            data, fds = _recv_with_fds(self.conn, CTRL_FIRST_READ)
+        except OSError:
+            return False
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        try:
+            reply_bytes, reply = self._dispatch(data, fds)
+        except _Dropped as exc:
+            log.info("control connection dropped: %s", exc)
+            return False
+        except FatalEngineError as exc:
+            self.server.fatal(str(exc))
+            return False
+        try:
+            self.conn.sendall(reply_bytes)
+        except OSError:
+            return False
+        if reply is not None:
+            if reply.after_send is not None:
+                reply.after_send()
+            if reply.exit_after:
+                self.server.request_exit()
+                return False
+        return True
+
+    def _dispatch(self, data: bytes, fds: list[int]) -> tuple[bytes, ControlReply | None]:
+        deadline = time.monotonic() + CTRL_DEADLINE
+        first_len = len(data)
+        want = _needed(data)
+        code = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
+        if code == Cmd.SET_STATEBLOB and len(data) >= 16 and want - 16 > SET_STATEBLOB_MAX:
+            # Reply at once without draining; the stream is unusable afterwards.
+            self.conn.sendall(encode_socket_response(Cmd.SET_STATEBLOB, Res.FAIL))
+            raise _Dropped("state blob larger than 512 KiB")
+        if want > len(data):
+            if first_len >= CTRL_FIRST_READ and code in (Cmd.SET_STATEBLOB, Cmd.HASH_DATA):
+                data = self._read_more(data, want, None)
+            else:
+                data = self._read_more(data, min(want, CTRL_FIRST_READ), deadline)
+                if want > len(data):
+                    data = self._read_more(data, want, None)
+        try:
+            cmd = Cmd(code)
+        except ValueError:
+            log.info("unknown control command 0x%x", code & 0xFFFFFFFF)
+            return encode_socket_response(Cmd.STOP, Res.BAD_ORDINAL), None
+        if cmd == Cmd.SET_DATAFD:
+            return self._set_datafd(fds), None
+        for fd in fds:
+            os.close(fd)
+        return self._run(cmd, data[4:], first_len - 4)
+
+    def _set_datafd(self, fds: list[int]) -> bytes:
+        if not fds:
+            return encode_socket_response(Cmd.SET_DATAFD, Res.BAD_PARAMETER)
+        for extra in fds[1:]:
+            os.close(extra)
+        ok = self.server.attach_data_fd(fds[0])
+        return encode_socket_response(Cmd.SET_DATAFD, Res.SUCCESS if ok else Res.IOERROR)
+
+    def _run(self, cmd: Cmd, body: bytes, first_body: int) -> tuple[bytes, ControlReply | None]:
+        msg = MESSAGES[cmd]
+        engine = self.engine
+
+        def short(result: int) -> tuple[bytes, None]:
+            return encode_socket_response(Cmd.STOP, result), None
+
+        if msg.needs_running is True and not engine.running:
+            return short(Res.BAD_ORDINAL)
+        if msg.needs_running is False and engine.running:
+            return short(Res.BAD_ORDINAL)
+        if msg.req_rule is not None:
+            rule, n = msg.req_rule
+            if (rule == "exact" and len(body) != n) or len(body) < n:
+                return short(Res.BAD_PARAMETER)
+        fields = msg.request.unpack("big", body) if msg.request.size() else {}
+        data = b""
+        if msg.data == "req":
+            fixed = msg.request.size()
+            length = fields["length"]
+            # Bytes beyond the declared length in the first packet are an error.
+            if first_body - fixed > length or len(body) - fixed < length:
+                return short(Res.BAD_PARAMETER)
+            data = body[fixed:fixed + length]
+        reply = engine.control(cmd, fields, data)
+        return self._encode(cmd, fields, reply), reply
+
+    @staticmethod
+    def _encode(cmd: Cmd, fields: dict[str, int], reply: ControlReply) -> bytes:
+        if cmd == Cmd.GET_STATEBLOB:
+            if reply.result in (Res.BAD_ORDINAL, Res.BAD_PARAMETER):
+                return encode_socket_response(Cmd.STOP, reply.result)
+            blob = reply.data[fields["offset"]:]
+            out = {"state_flags": reply.fields.get("state_flags", 0),
+                   "totlength": len(blob), "length": len(blob)}
+            if reply.result != Res.SUCCESS:
+                out = {"state_flags": 0, "totlength": 0, "length": 0}
+                blob = b""
+            return encode_socket_response(cmd, reply.result, out, b"") + blob
+        return encode_socket_response(cmd, reply.result, reply.fields, reply.data)
+
+
+class SocketServer:
+    """The control listener plus the data listener/fd of one engine."""
+
+    def __init__(self, engine: Engine, ctrl: Endpoint, data: Endpoint | None = None,
+                 terminate: bool = False) -> None:
+        self.engine = engine
+        self.ctrl_ep = ctrl
+        self.data_ep = data
+        self.terminate = terminate
+        self._exit = threading.Event()
+        self.exit_message: str | None = None
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._ctrl_listener = listen(ctrl)
+        self._data_listener = listen(data) if data is not None else None
+        self._datafd_channel: DataChannel | None = None
+        self._lock = threading.Lock()
+
+    # -- called from other threads
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def request_exit(self) -> None:
+        self._exit.set()
+        self.wake()
+
+    def fatal(self, message: str) -> None:
+        log.error("%s", message)
+        self.exit_message = message
+        self.request_exit()
+
+    @property
+    def wakeup_fd(self) -> int:
+        """For signal.set_wakeup_fd: a signal interrupts the main loop."""
+        return self._wake_w.fileno()
+
+    def attach_data_fd(self, fd: int) -> bool:
+        with self._lock:
+            if self._datafd_channel is not None:
+                os.close(fd)
+                return False
+            try:
+                conn = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                return False
+
+            def closed() -> None:
+                with self._lock:
+                    self._datafd_channel = None
+                self._data_closed()
+
+            self._datafd_channel = DataChannel(self.engine, conn, closed, self.fatal)
+            self._datafd_channel.start()
+            return True
+
+    # -- main loop
+
+    def _data_accept_loop(self) -> None:
+        """One data client at a time, like swtpm; the next waits in the backlog."""
+        assert self._data_listener is not None
+        listener = self._data_listener
+        while not self._exit.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            # Served in this thread, so the next client waits until this one leaves.
+            DataChannel(self.engine, conn, self._data_closed, self.fatal).run()
+
+    def _data_closed(self) -> None:
+        if self.terminate:
+            log.info("data connection lost; terminating")
+            self.request_exit()
+
+    def serve_forever(self) -> None:
+        if self._data_listener is not None:
+            threading.Thread(target=self._data_accept_loop, name="data-accept",
+                             daemon=True).start()
+        sel = self._sel
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        sel.register(self._ctrl_listener, selectors.EVENT_READ, "listen")
+        client: ControlConnection | None = None
+        try:
+            while not self._exit.is_set() and not self.engine.shutdown_requested.is_set():
+                for key, _ in sel.select():
+                    if key.data == "wake":
+                        try:
+                            while self._wake_r.recv(64):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    elif key.data == "listen":
+                        conn, _ = self._ctrl_listener.accept()
+                        client = ControlConnection(self, conn)
+                        # One control client at a time: stop polling the listener.
+                        sel.unregister(self._ctrl_listener)
+                        sel.register(conn, selectors.EVENT_READ, "client")
+                    elif (key.data == "client" and client is not None
+                          and not client.handle_readable()):
+                        sel.unregister(client.conn)
+                        client.conn.close()
+                        client = None
+                        sel.register(self._ctrl_listener, selectors.EVENT_READ, "listen")
+                    if self._exit.is_set():
+                        break
+        finally:
+            if client is not None:
+                client.conn.close()
+            self.close()
+
+    def close(self) -> None:
+        self._sel.close()
+        for sock in (self._ctrl_listener, self._data_listener):
+            if sock is not None:
+                sock.close()
+        for ep in (self.ctrl_ep, self.data_ep):
+            if ep is not None and ep.kind == "unix":
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(ep.path)

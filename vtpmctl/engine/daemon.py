@@ -1,0 +1,237 @@
+"""The per-vTPM process: lock, state, frontends, signals, readiness.
+
+Runs in the foreground (``vtpmctl serve``, systemd ``Type=notify``) or is
+exec'd detached by ``vtpmctl start`` as ``python -m vtpmctl.engine.daemon``.
+It never forks once libtpms is loaded (a forked TPM clones its DRBG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from vtpmctl.engine.tpm import Engine, EngineConfig, Startup
+from vtpmctl.store.blob import AesKey
+from vtpmctl.store.statedir import StateDir, StateDirError
+
+log = logging.getLogger("vtpmctl.daemon")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+class DaemonError(Exception):
+    """The daemon cannot start; one line that names the problem and the fix."""
+
+
+@dataclass
+class DaemonOptions:
+    state_dir: Path
+    ctrl: str | None = None
+    data: str | None = None
+    cuse: str | None = None
+    tpm2: bool = True
+    flags: list[str] = field(default_factory=list)
+    key_file: Path | None = None
+    key_kind: str = "auto"
+    migration_key_file: Path | None = None
+    pid_file: Path | None = None
+    log_file: Path | None = None
+    terminate: bool = False
+    incoming: bool = False
+    allow_manufacture: bool | None = None
+    reject_locality_4: bool = False
+
+
+def parse_flags(flags: list[str]) -> tuple[bool, Startup, bool]:
+    """``--flags`` as swtpm spells them -> (not_need_init, startup, no_auto_shutdown)."""
+    not_need_init = False
+    startup: Startup = "none"
+    no_auto = False
+    for item in flags:
+        for flag in filter(None, (f.strip() for f in item.split(","))):
+            if flag == "not-need-init":
+                not_need_init = True
+            elif flag == "startup-clear":
+                startup = "clear"
+            elif flag == "startup-state":
+                startup = "state"
+            elif flag == "startup-none":
+                startup = "none"
+            elif flag == "disable-auto-shutdown":
+                no_auto = True
+            else:
+                raise DaemonError(
+                    f"unknown flag {flag!r}; use not-need-init, startup-clear, startup-state, "
+                    "startup-none or disable-auto-shutdown")
+    return not_need_init, startup, no_auto
+
+
+def _load_key(path: Path | None, kind: str) -> AesKey | None:
+    if path is None:
+        return None
+    from vtpmctl.store.keys import KeyFileError, check_secret_file_mode, load_key
+
+    try:
+        check_secret_file_mode(path)
+        return load_key(path, kind=kind)  # type: ignore[arg-type]
+    except KeyFileError as exc:
+        raise DaemonError(str(exc)) from None
+
+
+def _setup_logging(log_file: Path | None) -> int | None:
+    """Log to the file (0600) or stderr; returns the fd libtpms should use."""
+    handler: logging.Handler
+    if log_file is not None:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+        libtpms_fd: int | None = fd
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        libtpms_fd = None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    return libtpms_fd
+
+
+def _write_pid_file(path: Path) -> None:
+    from vtpmctl.store.atomic import write_atomic
+
+    write_atomic(path, f"{os.getpid()}\n".encode(), 0o644)
+
+
+def _notify(message: str) -> None:
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(addr)
+            sock.sendall(message.encode())
+        except OSError as exc:
+            log.warning("cannot notify systemd: %s", exc.strerror)
+
+
+def run(opts: DaemonOptions) -> int:
+    """Serve until CMD_SHUTDOWN or SIGTERM; raises DaemonError on bad setup."""
+    if (opts.ctrl is None) == (opts.cuse is None):
+        raise DaemonError("give exactly one of --ctrl or --cuse")
+    not_need_init, startup, no_auto = parse_flags(opts.flags)
+    state_key = _load_key(opts.key_file, opts.key_kind)
+    migration_key = _load_key(opts.migration_key_file, "auto")
+    libtpms_fd = _setup_logging(opts.log_file)
+
+    statedir = StateDir(opts.state_dir, tpm2=opts.tpm2, key=state_key)
+    try:
+        statedir.ensure()
+    except OSError as exc:
+        raise DaemonError(f"cannot create state dir {opts.state_dir}: {exc.strerror}") from None
+    config = EngineConfig(
+        tpm2=opts.tpm2, transport="cuse" if opts.cuse else "socket", state_key=state_key,
+        migration_key=migration_key, startup=startup, not_need_init=not_need_init,
+        disable_auto_shutdown=no_auto, incoming=opts.incoming,
+        allow_manufacture=opts.allow_manufacture, reject_locality_4=opts.reject_locality_4)
+    engine = Engine(statedir, config)
+    if libtpms_fd is not None:
+        engine.tpm.set_debug_fd(libtpms_fd)
+    try:
+        engine.start()
+    except StateDirError as exc:
+        engine.close()
+        raise DaemonError(str(exc)) from None
+
+    server = _make_frontend(opts, engine)
+    if opts.pid_file is not None:
+        _write_pid_file(opts.pid_file)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        server.request_exit()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    log.info("serving %s (TPM %s) on %s", opts.state_dir, "2.0" if opts.tpm2 else "1.2",
+             opts.cuse and f"/dev/{opts.cuse}" or opts.ctrl)
+    _notify("READY=1")
+    try:
+        server.serve_forever()
+    finally:
+        _notify("STOPPING=1")
+        engine.close()
+        if opts.pid_file is not None:
+            opts.pid_file.unlink(missing_ok=True)
+        log.info("stopped")
+    message = getattr(server, "exit_message", None)
+    return EXIT_FAILURE if message else EXIT_OK
+
+
+def _make_frontend(opts: DaemonOptions, engine: Engine):  # type: ignore[no-untyped-def]
+    if opts.cuse is not None:
+        from vtpmctl.device.cuse import CuseServer  # type: ignore[import-not-found,unused-ignore]
+
+        return CuseServer(engine, opts.cuse)
+    from vtpmctl.device.sockets import EndpointError, SocketServer, parse_endpoint
+
+    try:
+        ctrl = parse_endpoint(opts.ctrl or "")
+        data = parse_endpoint(opts.data) if opts.data else None
+        return SocketServer(engine, ctrl, data, terminate=opts.terminate)
+    except EndpointError as exc:
+        engine.close()
+        raise DaemonError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vtpmctl-daemon", description=__doc__)
+    p.add_argument("--state", type=Path, required=True)
+    p.add_argument("--ctrl")
+    p.add_argument("--data")
+    p.add_argument("--cuse")
+    p.add_argument("--tpm", choices=["2", "1.2"], default="2")
+    p.add_argument("--flags", action="append", default=[])
+    p.add_argument("--key-file", type=Path)
+    p.add_argument("--key-kind", default="auto")
+    p.add_argument("--migration-key-file", type=Path)
+    p.add_argument("--pid-file", type=Path)
+    p.add_argument("--log-file", type=Path)
+    p.add_argument("--terminate", action="store_true")
+    p.add_argument("--incoming", action="store_true")
+    p.add_argument("--existing", action="store_true",
+                   help="the TPM exists already: a missing state is an error")
+    return p
+
+
+def options_from_args(ns: argparse.Namespace) -> DaemonOptions:
+    return DaemonOptions(
+        state_dir=ns.state, ctrl=ns.ctrl, data=ns.data, cuse=ns.cuse, tpm2=ns.tpm == "2",
+        flags=ns.flags, key_file=ns.key_file, key_kind=ns.key_kind,
+        migration_key_file=ns.migration_key_file, pid_file=ns.pid_file, log_file=ns.log_file,
+        terminate=ns.terminate, incoming=ns.incoming,
+        allow_manufacture=False if ns.existing else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return run(options_from_args(ns))
+    except DaemonError as exc:
+        print(f"vtpmctl: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

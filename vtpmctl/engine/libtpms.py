@@ -1,0 +1,397 @@
+"""libtpms through ctypes: the only module that touches the C library.
+
+libtpms keeps one TPM in process globals, calls back into Python for every
+NV access and owns some buffers while we own others. This module pins all of
+that down (see spec/libtpms-engine.md): argtypes on every function, callbacks
+that can never raise into C and are kept alive for the life of the process,
+mutable command buffers, and a reused response buffer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from collections.abc import Callable
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    byref,
+    c_char_p,
+    c_int,
+    c_size_t,
+    c_ubyte,
+    c_uint,
+    c_uint32,
+    c_void_p,
+)
+from enum import IntEnum
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TPM_SUCCESS = 0
+TPM_FAIL = 0x09
+TPM_RETRY = 0x800
+STATE_NAMES = {1: "permall", 2: "volatilestate", 4: "savestate"}
+
+
+class TpmVersion(IntEnum):
+    TPM12 = 0
+    TPM2 = 1
+
+
+class StateType(IntEnum):
+    PERMANENT = 1
+    VOLATILE = 2
+    SAVE_STATE = 4
+
+
+class Property(IntEnum):
+    BUFFER_MAX = 4
+
+
+class LibtpmsError(Exception):
+    """A libtpms call failed; .rc is its TPM_RESULT."""
+
+    def __init__(self, what: str, rc: int) -> None:
+        super().__init__(f"{what} failed: libtpms result 0x{rc:x}")
+        self.rc = rc
+
+
+_U8P = POINTER(c_ubyte)
+NVRAM_INIT = CFUNCTYPE(c_uint32)
+NVRAM_LOADDATA = CFUNCTYPE(c_uint32, POINTER(_U8P), POINTER(c_uint32), c_uint32, c_char_p)
+NVRAM_STOREDATA = CFUNCTYPE(c_uint32, _U8P, c_uint32, c_uint32, c_char_p)
+NVRAM_DELETENAME = CFUNCTYPE(c_uint32, c_uint32, c_char_p, c_ubyte)
+IO_INIT = CFUNCTYPE(c_uint32)
+IO_GETLOCALITY = CFUNCTYPE(c_uint32, POINTER(c_uint32), c_uint32)
+IO_GETPHYSICALPRESENCE = CFUNCTYPE(c_uint32, POINTER(c_ubyte), c_uint32)
+
+
+class _Callbacks(Structure):
+    _fields_ = [
+        ("sizeOfStruct", c_int),
+        ("tpm_nvram_init", NVRAM_INIT),
+        ("tpm_nvram_loaddata", NVRAM_LOADDATA),
+        ("tpm_nvram_storedata", NVRAM_STOREDATA),
+        ("tpm_nvram_deletename", NVRAM_DELETENAME),
+        ("tpm_io_init", IO_INIT),
+        ("tpm_io_getlocality", IO_GETLOCALITY),
+        ("tpm_io_getphysicalpresence", IO_GETPHYSICALPRESENCE),
+    ]
+
+
+class Storage:
+    """What libtpms needs from the store; implemented by the engine.
+
+    ``load`` returns the plaintext blob, ``None`` when it does not exist,
+    and raises when it exists but cannot be used. It also decides whether
+    a missing permanent state may be manufactured (gotcha 3).
+    """
+
+    def load(self, name: str) -> bytes | None:
+        raise NotImplementedError
+
+    def missing_ok(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def store(self, name: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def delete(self, name: str, must_exist: bool) -> None:
+        raise NotImplementedError
+
+    def locality(self) -> int:
+        raise NotImplementedError
+
+
+def _load_library(name: str = "libtpms.so.0") -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(name)
+    except OSError as exc:
+        raise LibtpmsError(f"loading {name} ({exc}); install the libtpms0 package",
+                           TPM_FAIL) from exc
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    sigs: dict[str, tuple[list[Any], Any]] = {
+        "TPMLIB_GetVersion": ([], c_uint32),
+        "TPMLIB_ChooseTPMVersion": ([c_int], c_uint32),
+        "TPMLIB_RegisterCallbacks": ([POINTER(_Callbacks)], c_uint32),
+        "TPMLIB_MainInit": ([], c_uint32),
+        "TPMLIB_Terminate": ([], None),
+        "TPMLIB_Process": ([POINTER(_U8P), POINTER(c_uint32), POINTER(c_uint32), _U8P, c_uint32],
+                           c_uint32),
+        "TPMLIB_VolatileAll_Store": ([POINTER(_U8P), POINTER(c_uint32)], c_uint32),
+        "TPMLIB_CancelCommand": ([], c_uint32),
+        "TPMLIB_GetTPMProperty": ([c_int, POINTER(c_int)], c_uint32),
+        "TPMLIB_GetInfo": ([c_int], c_void_p),
+        "TPMLIB_SetDebugFD": ([c_int], None),
+        "TPMLIB_SetDebugLevel": ([c_uint], None),
+        "TPMLIB_SetBufferSize": ([c_uint32, POINTER(c_uint32), POINTER(c_uint32)], c_uint32),
+        "TPMLIB_ValidateState": ([c_int, c_uint], c_uint32),
+        "TPMLIB_SetState": ([c_int, _U8P, c_uint32], c_uint32),
+        "TPMLIB_GetState": ([c_int, POINTER(_U8P), POINTER(c_uint32)], c_uint32),
+        "TPM_IO_Hash_Start": ([], c_uint32),
+        "TPM_IO_Hash_Data": ([_U8P, c_uint32], c_uint32),
+        "TPM_IO_Hash_End": ([], c_uint32),
+        "TPM_IO_TpmEstablished_Get": ([POINTER(c_ubyte)], c_uint32),
+        "TPM_IO_TpmEstablished_Reset": ([], c_uint32),
+        "TPM_Free": ([c_void_p], None),
+    }
+    for fname, (argtypes, restype) in sigs.items():
+        fn = getattr(lib, fname)
+        fn.argtypes = argtypes
+        fn.restype = restype
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+_libc.malloc.restype = c_void_p
+_libc.malloc.argtypes = [c_size_t]
+
+
+class Libtpms:
+    """The process's one TPM. Not thread-safe: the engine serialises calls."""
+
+    _instance: Libtpms | None = None
+
+    def __init__(self, storage: Storage, library: str = "libtpms.so.0") -> None:
+        if Libtpms._instance is not None:
+            raise RuntimeError("libtpms holds one TPM per process; one Libtpms only")
+        Libtpms._instance = self
+        self.lib = _load_library(library)
+        _declare(self.lib)
+        self.storage = storage
+        self.version = int(self.lib.TPMLIB_GetVersion())
+        # Response buffer owned by libtpms (realloc'd), reused for every command.
+        self._resp = _U8P()
+        self._resp_size = c_uint32(0)
+        self._resp_bufsize = c_uint32(0)
+        self._resp_view: memoryview | None = None
+        self._resp_addr = 0
+        # Prebuilt arguments for the hot path.
+        self._cmdbuf = (c_ubyte * 8192)()
+        self._cmdview = memoryview(self._cmdbuf).cast("B")
+        self._process = self.lib.TPMLIB_Process
+        self._resp_ref = byref(self._resp)
+        self._resp_size_ref = byref(self._resp_size)
+        self._resp_bufsize_ref = byref(self._resp_bufsize)
+        self._callbacks = self._make_callbacks()  # kept alive: libtpms holds raw pointers
+        self._registered = False
+
+    # ------------------------------------------------------------ callbacks
+
+    def _guard(self, what: str, fn: Callable[..., int]) -> Callable[..., int]:
+        """Never let a Python exception reach C: it would see garbage (gotcha 2)."""
+
+        def wrapper(*args: Any) -> int:
+            try:
+                return fn(*args)
+            except BaseException:  # noqa: BLE001 - must not unwind into C
+                log.exception("libtpms callback %s failed", what)
+                return TPM_FAIL
+
+        return wrapper
+
+    def _make_callbacks(self) -> _Callbacks:
+        storage = self.storage
+
+        def nvram_init() -> int:
+            return TPM_SUCCESS
+
+        def loaddata(pdata: Any, plen: Any, tpm_number: int, name: bytes) -> int:
+            sname = name.decode()
+            data = storage.load(sname)
+            if data is None:
+                pdata[0] = _U8P()
+                plen[0] = 0
+                return TPM_RETRY if storage.missing_ok(sname) else TPM_FAIL
+            # libtpms free()s this buffer; TPM_Malloc is capped at 128 KiB (gotcha 17).
+            ptr = _libc.malloc(max(len(data), 1))
+            if not ptr:
+                return TPM_FAIL
+            ctypes.memmove(ptr, data, len(data))
+            pdata[0] = ctypes.cast(ptr, _U8P)
+            plen[0] = len(data)
+            return TPM_SUCCESS
+
+        def storedata(data: Any, length: int, tpm_number: int, name: bytes) -> int:
+            storage.store(name.decode(), ctypes.string_at(data, length))
+            return TPM_SUCCESS
+
+        def deletename(tpm_number: int, name: bytes, must_exist: int) -> int:
+            storage.delete(name.decode(), bool(must_exist))
+            return TPM_SUCCESS
+
+        def io_init() -> int:
+            return TPM_SUCCESS
+
+        def getlocality(ploc: Any, tpm_number: int) -> int:
+            ploc[0] = storage.locality()
+            return TPM_SUCCESS
+
+        def getpp(ppp: Any, tpm_number: int) -> int:
+            ppp[0] = 0
+            return TPM_SUCCESS
+
+        cbs = _Callbacks()
+        cbs.sizeOfStruct = ctypes.sizeof(_Callbacks)
+        self._cfuncs = (
+            NVRAM_INIT(self._guard("nvram_init", nvram_init)),
+            NVRAM_LOADDATA(self._guard("loaddata", loaddata)),
+            NVRAM_STOREDATA(self._guard("storedata", storedata)),
+            NVRAM_DELETENAME(self._guard("deletename", deletename)),
+            IO_INIT(self._guard("io_init", io_init)),
+            IO_GETLOCALITY(self._guard("getlocality", getlocality)),
+            IO_GETPHYSICALPRESENCE(self._guard("getphysicalpresence", getpp)),
+        )
+        (cbs.tpm_nvram_init, cbs.tpm_nvram_loaddata, cbs.tpm_nvram_storedata,
+         cbs.tpm_nvram_deletename, cbs.tpm_io_init, cbs.tpm_io_getlocality,
+         cbs.tpm_io_getphysicalpresence) = self._cfuncs
+        return cbs
+
+    # ------------------------------------------------------------ lifecycle
+
+    def choose(self, version: TpmVersion) -> None:
+        rc = self.lib.TPMLIB_ChooseTPMVersion(int(version))
+        if rc:
+            raise LibtpmsError("TPMLIB_ChooseTPMVersion", rc)
+        if not self._registered:
+            rc = self.lib.TPMLIB_RegisterCallbacks(byref(self._callbacks))
+            if rc:
+                raise LibtpmsError("TPMLIB_RegisterCallbacks", rc)
+            self._registered = True
+
+    def set_debug_fd(self, fd: int) -> None:
+        self.lib.TPMLIB_SetDebugFD(fd)
+
+    def main_init(self) -> int:
+        return int(self.lib.TPMLIB_MainInit())
+
+    def terminate(self) -> None:
+        self.lib.TPMLIB_Terminate()
+
+    def free_response_buffer(self) -> None:
+        if self._resp:
+            self.lib.TPM_Free(ctypes.cast(self._resp, c_void_p))
+            self._resp = _U8P()
+            self._resp_ref = byref(self._resp)
+            self._resp_bufsize.value = 0
+            self._resp_view = None
+            self._resp_addr = 0
+
+    # ------------------------------------------------------------ commands
+
+    def command_buffer(self) -> memoryview:
+        """A mutable buffer that frontends receive commands into (gotcha 7)."""
+        return self._cmdview
+
+
+    def process_in_place(self, length: int, cmdbuf: Any = None) -> memoryview:
+        """Run the command in ``cmdbuf`` (default: command_buffer()) up to
+        ``length``; the response view stays valid until the next call.
+        No allocation on the hot path."""
+        self._process(self._resp_ref, self._resp_size_ref, self._resp_bufsize_ref,
+                      self._cmdbuf if cmdbuf is None else cmdbuf, length)
+        addr = ctypes.addressof(self._resp.contents) if self._resp else 0
+        if addr != self._resp_addr:
+            self._resp_addr = addr
+            size = self._resp_bufsize.value
+            self._resp_view = memoryview((c_ubyte * size).from_address(addr)).cast("B")
+        view = self._resp_view
+        if view is None:
+            return memoryview(b"")
+        return view[: self._resp_size.value]
+
+    def process(self, cmd: bytes) -> bytes:
+        n = len(cmd)
+        if n > len(self._cmdview):
+            raise ValueError("command larger than the command buffer")
+        self._cmdview[:n] = cmd
+        return bytes(self.process_in_place(n))
+
+    def cancel(self) -> None:
+        self.lib.TPMLIB_CancelCommand()
+
+    # ------------------------------------------------------------ state
+
+    def _take(self, ptr: Any, length: int) -> bytes:
+        try:
+            return ctypes.string_at(ptr, length) if ptr else b""
+        finally:
+            if ptr:
+                self.lib.TPM_Free(ctypes.cast(ptr, c_void_p))
+
+    def get_state(self, kind: StateType) -> bytes:
+        ptr = _U8P()
+        n = c_uint32(0)
+        rc = self.lib.TPMLIB_GetState(int(kind), byref(ptr), byref(n))
+        data = self._take(ptr, n.value)
+        if rc:
+            raise LibtpmsError(f"TPMLIB_GetState({kind.name})", rc)
+        return data
+
+    def volatile_all_store(self) -> bytes:
+        ptr = _U8P()
+        n = c_uint32(0)
+        rc = self.lib.TPMLIB_VolatileAll_Store(byref(ptr), byref(n))
+        data = self._take(ptr, n.value)
+        if rc:
+            raise LibtpmsError("TPMLIB_VolatileAll_Store", rc)
+        return data
+
+    def set_state(self, kind: StateType, data: bytes | None) -> int:
+        if not data:
+            return int(self.lib.TPMLIB_SetState(int(kind), None, 0))
+        buf = (c_ubyte * len(data)).from_buffer_copy(data)
+        return int(self.lib.TPMLIB_SetState(int(kind), buf, len(data)))
+
+    def validate_state(self, kinds: int) -> int:
+        return int(self.lib.TPMLIB_ValidateState(kinds, 0))
+
+    def set_buffer_size(self, wanted: int) -> tuple[int, int, int]:
+        lo = c_uint32(0)
+        hi = c_uint32(0)
+        cur = self.lib.TPMLIB_SetBufferSize(wanted, byref(lo), byref(hi))
+        return int(cur), lo.value, hi.value
+
+    def get_info(self, flags: int) -> str:
+        ptr = self.lib.TPMLIB_GetInfo(flags)
+        if not ptr:
+            return ""
+        try:
+            return ctypes.string_at(ptr).decode()
+        finally:
+            self.lib.TPM_Free(ptr)
+
+    # ------------------------------------------------------------ TIS extras
+
+    def hash_start(self) -> int:
+        return int(self.lib.TPM_IO_Hash_Start())
+
+    def hash_data(self, data: bytes) -> int:
+        buf = (c_ubyte * max(len(data), 1)).from_buffer_copy(data.ljust(1, b"\0"))
+        return int(self.lib.TPM_IO_Hash_Data(buf, len(data)))
+
+    def hash_end(self) -> int:
+        return int(self.lib.TPM_IO_Hash_End())
+
+    def established(self) -> tuple[int, bool]:
+        bit = c_ubyte(0)
+        rc = self.lib.TPM_IO_TpmEstablished_Get(byref(bit))
+        return int(rc), bool(bit.value)
+
+    def reset_established(self) -> int:
+        return int(self.lib.TPM_IO_TpmEstablished_Reset())
+
+
+class CommandBuffer:
+    """A connection's own mutable command buffer (libtpms may write into it)."""
+
+    SIZE = 8192
+
+    def __init__(self) -> None:
+        self.raw = (c_ubyte * self.SIZE)()
+        self.view = memoryview(self.raw).cast("B")

@@ -1,0 +1,485 @@
+"""The engine: one TPM's power state machine and control semantics.
+
+Every frontend (sockets, CUSE) decodes its wire format with
+``device.protocol`` and then calls :meth:`Engine.control` or
+:meth:`Engine.process`; the behaviour of each control command exists here
+once. The engine reaches the disk only through its :class:`StateDir`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vtpmctl.device.protocol import (
+    CAPS_CUSE,
+    CAPS_SOCKET_TPM2,
+    CAPS_SOCKET_TPM12,
+    HASH_DATA_MAX,
+    STATE_BLOB_CHUNK,
+    TPM2_FATAL_RESPONSE,
+    TPM12_FATAL_RESPONSE,
+    BlobType,
+    Cmd,
+    ConfigFlag,
+    InitFlag,
+    Res,
+    StateFlag,
+)
+from vtpmctl.engine.libtpms import CommandBuffer, Libtpms, StateType, Storage, TpmVersion
+from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer, wrap_transfer
+from vtpmctl.store.statedir import StateDir, StateDirError
+
+log = logging.getLogger(__name__)
+
+Transport = Literal["socket", "cuse"]
+Startup = Literal["none", "clear", "state"]
+
+_BLOB_NAME = {BlobType.PERMANENT: "permall", BlobType.VOLATILE: "volatilestate",
+              BlobType.SAVESTATE: "savestate"}
+_STATE_TYPE = {BlobType.PERMANENT: StateType.PERMANENT, BlobType.VOLATILE: StateType.VOLATILE,
+               BlobType.SAVESTATE: StateType.SAVE_STATE}
+
+TPM2_CC_SHUTDOWN = 0x145
+TPM2_RC_INITIALIZE = 0x100
+VENDOR_SET_LOCALITY = 0x20001000
+LOCK_RETRIES_AFTER_SAVESTATE = 300
+
+
+def _tpm2_startup(su: int) -> bytes:
+    return bytes.fromhex("80010000000c00000144") + su.to_bytes(2, "big")
+
+
+def _tpm2_shutdown(su: int) -> bytes:
+    return bytes.fromhex("80010000000c00000145") + su.to_bytes(2, "big")
+
+
+def _tpm12_startup(st: int) -> bytes:
+    return bytes.fromhex("00c10000000c00000099") + st.to_bytes(2, "big")
+
+
+class FatalEngineError(Exception):
+    """The process must end (the storage lock was lost for good)."""
+
+
+@dataclass
+class EngineConfig:
+    tpm2: bool = True
+    transport: Transport = "socket"
+    state_key: AesKey | None = None
+    migration_key: AesKey | None = None
+    startup: Startup = "none"
+    not_need_init: bool = False
+    disable_auto_shutdown: bool = False
+    reject_locality_4: bool = False
+    incoming: bool = False
+    # None: a new TPM may be manufactured only if the dir has no permall now.
+    allow_manufacture: bool | None = None
+
+
+@dataclass
+class ControlReply:
+    """What a control command produced; frontends turn it into bytes.
+
+    ``after_send`` runs once the reply left the process (GET_STATEBLOB of
+    the savestate releases the storage lock only then).
+    """
+
+    result: int
+    fields: dict[str, int] = field(default_factory=dict)
+    data: bytes = b""
+    after_send: Callable[[], None] | None = None
+    exit_after: bool = False
+
+
+class Engine(Storage):
+    """One vTPM. Thread-safe: libtpms calls are serialised by ``self.lock``."""
+
+    def __init__(self, statedir: StateDir, config: EngineConfig) -> None:
+        self.statedir = statedir
+        self.config = config
+        self.lock = threading.Lock()
+        self.running = False
+        self._locality = 0
+        self._cache: dict[str, bytes] = {}
+        self._last_was_shutdown = False
+        self._lock_retries = 0
+        self._staged_permanent = False
+        self.shutdown_requested = threading.Event()
+        if config.allow_manufacture is None:
+            self._may_manufacture = not statedir.exists("permall")
+        else:
+            self._may_manufacture = config.allow_manufacture
+        self.tpm = Libtpms(self)
+        self.tpm.choose(TpmVersion.TPM2 if config.tpm2 else TpmVersion.TPM12)
+        self.fatal_response = TPM2_FATAL_RESPONSE if config.tpm2 else TPM12_FATAL_RESPONSE
+        # The fast path reads this without the lock: True only while commands may run.
+        self.ready = False
+
+    # ------------------------------------------------------------ Storage (libtpms callbacks)
+
+    def load(self, name: str) -> bytes | None:
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        try:
+            data = self.statedir.load(name)
+        except StateDirError as exc:
+            log.error("%s", exc)
+            raise
+        if data is not None:
+            if name == "permall":
+                self._may_manufacture = False
+                self._cache[name] = data
+        elif name == "permall" and not self._may_manufacture:
+            log.error("%s is missing; refusing to create a new TPM in its place",
+                      self.statedir.file(name))
+        return data
+
+    def missing_ok(self, name: str) -> bool:
+        return name != "permall" or self._may_manufacture
+
+    def store(self, name: str, data: bytes) -> None:
+        self.statedir.store(name, data)
+        if name == "permall":
+            self._cache[name] = data
+            self._may_manufacture = False
+            self._staged_permanent = False
+
+    def delete(self, name: str, must_exist: bool) -> None:
+        self._cache.pop(name, None)
+        self.statedir.delete(name)
+
+    def locality(self) -> int:
+        return self._locality
+
+    def set_locality_raw(self, loc: int) -> None:
+        """Locality from a TPM_SEND_COMMAND frame: taken as given, like swtpm."""
+        self._locality = loc
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Apply ``--flags`` at process start: lock, and maybe INIT + Startup."""
+        if not self.config.incoming and not self.statedir.lock(0):
+            raise StateDirError(
+                f"{self.statedir.path} is locked by another process (pid "
+                f"{self.statedir.holder_pid()}); stop it first")
+        if self.config.not_need_init or self.config.startup != "none":
+            reply = self.control(Cmd.INIT, {"init_flags": 0})
+            if reply.result != Res.SUCCESS:
+                raise StateDirError(
+                    f"the TPM in {self.statedir.path} failed to start (result "
+                    f"0x{reply.result:x}); see the log")
+            if self.config.startup != "none":
+                st = 0 if self.config.startup == "clear" else 1
+                cmd = _tpm2_startup(st) if self.config.tpm2 else _tpm12_startup(st + 1)
+                self.process(cmd)
+
+    def close(self) -> None:
+        """Graceful end of the process: auto-shutdown, teardown, unlock."""
+        with self.lock:
+            self._stop_locked()
+            self.tpm.free_response_buffer()
+            self.statedir.unlock()
+
+    def _auto_shutdown(self) -> None:
+        if (not self.config.tpm2 or self.config.disable_auto_shutdown
+                or self._last_was_shutdown or not self.running):
+            return
+        for su in (1, 0):  # SU_STATE, then SU_CLEAR
+            resp = self.tpm.process(_tpm2_shutdown(su))
+            rc = int.from_bytes(resp[6:10], "big") if len(resp) >= 10 else -1
+            if rc in (0, TPM2_RC_INITIALIZE):
+                break
+
+    def _stop_locked(self) -> None:
+        self.ready = False
+        if self.running:
+            self._auto_shutdown()
+            self.tpm.terminate()
+            self.running = False
+
+    def _ensure_storage_lock(self, retries: int) -> bool:
+        if self.statedir.locked:
+            return True
+        ok = self.statedir.lock(retries)
+        if ok:
+            self._lock_retries = 0
+        return ok
+
+    # ------------------------------------------------------------ data channel
+
+    def process(self, cmd: bytes | bytearray | memoryview) -> bytes:
+        """One TPM command in, one response out (copying; see process_buffer)."""
+        buf = CommandBuffer()
+        n = len(cmd)
+        if n > buf.SIZE:
+            return self.fatal_response
+        buf.view[:n] = cmd
+        return self.process_buffer(buf, n)
+
+    def process_buffer(self, buf: CommandBuffer, length: int) -> bytes:
+        """Run the command a frontend received into ``buf``; the hot path."""
+        with self.lock:
+            view = buf.view
+            if not self.ready or view[6] == 0x20 or view[9] == 0x45:
+                # not running, lock to re-take, vendor SetLocality or TPM2_Shutdown
+                return bytes(self._process_slow(buf, length))
+            return bytes(self.tpm.process_in_place(length, buf.raw))
+
+    def _process_slow(self, buf: CommandBuffer, length: int) -> memoryview | bytes:
+        if not self.running or length < 10:
+            return self.fatal_response
+        ordinal = int.from_bytes(buf.view[6:10], "big")
+        if ordinal == VENDOR_SET_LOCALITY:
+            return self.fatal_response
+        if not self.statedir.locked and not self._ensure_storage_lock(self._lock_retries):
+            raise FatalEngineError(
+                f"cannot re-take the lock on {self.statedir.path}; another process holds it")
+        resp = self.tpm.process_in_place(length, buf.raw)
+        self._last_was_shutdown = (self.config.tpm2 and ordinal == TPM2_CC_SHUTDOWN
+                                   and len(resp) >= 10 and bytes(resp[6:10]) == b"\0\0\0\0")
+        # After a TPM2_Shutdown the next command must come here to clear the mark.
+        self.ready = self.running and self.statedir.locked and not self._last_was_shutdown
+        return resp
+
+    def cancel(self) -> None:
+        """Safe from any thread, without the lock (gotcha 14)."""
+        self.tpm.cancel()
+
+    # ------------------------------------------------------------ control channel
+
+    def capabilities(self) -> int:
+        if self.config.transport == "cuse":
+            return CAPS_CUSE
+        return CAPS_SOCKET_TPM2 if self.config.tpm2 else CAPS_SOCKET_TPM12
+
+    def control(self, cmd: Cmd, req: dict[str, int], data: bytes = b"") -> ControlReply:
+        """Execute one control command with swtpm's semantics (spec §1.3)."""
+        if cmd == Cmd.CANCEL_TPM_CMD:
+            if not self.running:
+                return ControlReply(Res.BAD_ORDINAL)
+            self.cancel()
+            return ControlReply(Res.SUCCESS)
+        handler = self._handlers.get(cmd)
+        if handler is None:
+            return ControlReply(Res.BAD_ORDINAL)
+        with self.lock:
+            try:
+                return handler(self, req, data)
+            except FatalEngineError:
+                raise
+            except Exception:
+                log.exception("control command %s failed", cmd.name)
+                return ControlReply(Res.FAIL)
+
+    def _c_caps(self, req: dict[str, int], data: bytes) -> ControlReply:
+        return ControlReply(Res.SUCCESS, {"caps": self.capabilities()})
+
+    def _c_init(self, req: dict[str, int], data: bytes) -> ControlReply:
+        self._stop_locked()
+        must_lock = not self.config.incoming or self.statedir.locked or self._staged_permanent
+        if must_lock and not self._ensure_storage_lock(0):
+            log.error("CMD_INIT: %s is locked by another process", self.statedir.path)
+            return ControlReply(Res.FAIL)
+        self._cache.pop("volatilestate", None)
+        rc = self.tpm.main_init()
+        if rc != 0:
+            log.error("TPMLIB_MainInit failed with 0x%x", rc)
+            self.tpm.terminate()
+            return ControlReply(rc)
+        self.running = True
+        self._last_was_shutdown = False
+        self._staged_permanent = False
+        if req.get("init_flags", 0) & InitFlag.DELETE_VOLATILE:
+            self.delete("volatilestate", False)
+        self.ready = self.statedir.locked
+        return ControlReply(Res.SUCCESS)
+
+    def _c_shutdown(self, req: dict[str, int], data: bytes) -> ControlReply:
+        try:
+            self._stop_locked()
+        finally:
+            self.shutdown_requested.set()
+        return ControlReply(Res.SUCCESS, exit_after=True)
+
+    def _c_stop(self, req: dict[str, int], data: bytes) -> ControlReply:
+        self._stop_locked()
+        return ControlReply(Res.SUCCESS)
+
+    def _c_established(self, req: dict[str, int], data: bytes) -> ControlReply:
+        if not self.running:
+            return ControlReply(Res.BAD_ORDINAL)
+        rc, bit = self.tpm.established()
+        return ControlReply(rc, {"bit": int(bit)})
+
+    def _c_locality(self, req: dict[str, int], data: bytes) -> ControlReply:
+        loc = req["loc"]
+        if loc > 4 or (loc == 4 and self.config.reject_locality_4):
+            return ControlReply(Res.BAD_LOCALITY)
+        self._locality = loc
+        return ControlReply(Res.SUCCESS)
+
+    def _running_only(self, fn: Callable[[], int]) -> ControlReply:
+        if not self.running:
+            return ControlReply(Res.BAD_ORDINAL)
+        return ControlReply(fn())
+
+    def _c_hash_start(self, req: dict[str, int], data: bytes) -> ControlReply:
+        return self._running_only(self.tpm.hash_start)
+
+    def _c_hash_data(self, req: dict[str, int], data: bytes) -> ControlReply:
+        if not self.running:
+            return ControlReply(Res.BAD_ORDINAL)
+        for off in range(0, len(data), HASH_DATA_MAX):
+            rc = self.tpm.hash_data(data[off:off + HASH_DATA_MAX])
+            if rc:
+                return ControlReply(rc)
+        return ControlReply(Res.SUCCESS)
+
+    def _c_hash_end(self, req: dict[str, int], data: bytes) -> ControlReply:
+        return self._running_only(self.tpm.hash_end)
+
+    def _c_store_volatile(self, req: dict[str, int], data: bytes) -> ControlReply:
+        if not self.running:
+            return ControlReply(Res.BAD_ORDINAL)
+        self.statedir.store("volatilestate", self.tpm.volatile_all_store())
+        return ControlReply(Res.SUCCESS)
+
+    def _c_reset_established(self, req: dict[str, int], data: bytes) -> ControlReply:
+        if not self.running:
+            return ControlReply(Res.BAD_ORDINAL)
+        loc = req["loc"]
+        if loc > 4:
+            return ControlReply(Res.BAD_LOCALITY)
+        saved, self._locality = self._locality, loc
+        try:
+            return ControlReply(self.tpm.reset_established())
+        finally:
+            self._locality = saved
+
+    def _c_get_config(self, req: dict[str, int], data: bytes) -> ControlReply:
+        flags = 0
+        if self.config.state_key is not None:
+            flags |= ConfigFlag.FILE_KEY
+        if self.config.migration_key is not None:
+            flags |= ConfigFlag.MIGRATION_KEY
+        return ControlReply(Res.SUCCESS, {"flags": flags})
+
+    def _c_set_buffersize(self, req: dict[str, int], data: bytes) -> ControlReply:
+        wanted = req["buffersize"]
+        if wanted and self.running:
+            return ControlReply(Res.BAD_ORDINAL)
+        cur, lo, hi = self.tpm.set_buffer_size(wanted)
+        return ControlReply(Res.SUCCESS, {"buffersize": cur, "minsize": lo, "maxsize": hi})
+
+    def _c_get_info(self, req: dict[str, int], data: bytes) -> ControlReply:
+        text = self.tpm.get_info(req["flags"]).encode() + b"\0"
+        offset = req["offset"]
+        if offset >= len(text) - 1:
+            return ControlReply(Res.BAD_PARAMETER)
+        chunk = text[offset:offset + STATE_BLOB_CHUNK]
+        return ControlReply(Res.SUCCESS, {"totlength": len(text), "length": len(chunk)}, chunk)
+
+    def _c_lock_storage(self, req: dict[str, int], data: bytes) -> ControlReply:
+        retries = req["retries"]
+        self._lock_retries = retries
+        if self._ensure_storage_lock(retries):
+            self.ready = self.running
+            return ControlReply(Res.SUCCESS)
+        return ControlReply(Res.FAIL)
+
+    # ------------------------------------------------------------ state blobs
+
+    def plain_state(self, kind: BlobType) -> bytes | None:
+        """Plaintext of one blob as GET_STATEBLOB would send it (caller holds the lock)."""
+        if kind == BlobType.PERMANENT:
+            return self.load("permall")
+        if kind == BlobType.VOLATILE:
+            data = self.tpm.volatile_all_store()
+            # swtpm writes the live volatile state to the file and removes it again.
+            self.delete("volatilestate", False)
+            return data
+        if not self.config.tpm2:
+            return self.statedir.load("savestate")
+        return None
+
+    def _c_get_stateblob(self, req: dict[str, int], data: bytes) -> ControlReply:
+        if not self.running:
+            return ControlReply(Res.BAD_ORDINAL)
+        try:
+            kind = BlobType(req["type"])
+        except ValueError:
+            bad = Res.BAD_PARAMETER if self.config.transport == "cuse" else Res.FAIL
+            return ControlReply(bad)
+        try:
+            plain = self.plain_state(kind)
+        except StateDirError:
+            return ControlReply(Res.FAIL)
+        if not plain:
+            return ControlReply(Res.RETRY)
+        keep = not (req["state_flags"] & StateFlag.DECRYPTED) and self.config.state_key is not None
+        blob, flags = wrap_transfer(plain, state_key=self.config.state_key,
+                                    keep_state_encryption=keep,
+                                    migration_key=self.config.migration_key)
+        after = self._release_after_savestate if kind == BlobType.SAVESTATE else None
+        return ControlReply(Res.SUCCESS, {"state_flags": flags}, blob, after_send=after)
+
+    def _release_after_savestate(self) -> None:
+        with self.lock:
+            self.statedir.unlock()
+            self._lock_retries = LOCK_RETRIES_AFTER_SAVESTATE
+            self.ready = False
+
+    def _c_set_stateblob(self, req: dict[str, int], data: bytes) -> ControlReply:
+        if self.running:
+            return ControlReply(Res.BAD_ORDINAL)
+        if not self._ensure_storage_lock(self._lock_retries):
+            raise FatalEngineError(f"{self.statedir.path} is locked by another process")
+        try:
+            kind = BlobType(req["type"])
+        except ValueError:
+            return ControlReply(Res.BAD_PARAMETER)
+        try:
+            plain = unwrap_transfer(data, state_flags=req["state_flags"],
+                                    state_key=self.config.state_key,
+                                    migration_key=self.config.migration_key)
+        except BlobError as exc:
+            log.error("SET_STATEBLOB(%s): %s", kind.name, exc)
+            return ControlReply(exc.rc)
+        rc = self.tpm.set_state(_STATE_TYPE[kind], plain or None)
+        if rc:
+            log.error("SET_STATEBLOB(%s): libtpms refused the blob (0x%x)", kind.name, rc)
+            self._staged_permanent = False
+            return ControlReply(rc)
+        if kind == BlobType.PERMANENT:
+            self._staged_permanent = bool(plain)
+            self._cache.pop("permall", None)
+            if plain:
+                # The staged blob replaces whatever is on disk at the next INIT.
+                self._may_manufacture = False
+        return ControlReply(Res.SUCCESS)
+
+    _handlers: dict[Cmd, Callable[[Engine, dict[str, int], bytes], ControlReply]] = {
+        Cmd.GET_CAPABILITY: _c_caps,
+        Cmd.INIT: _c_init,
+        Cmd.SHUTDOWN: _c_shutdown,
+        Cmd.GET_TPMESTABLISHED: _c_established,
+        Cmd.SET_LOCALITY: _c_locality,
+        Cmd.HASH_START: _c_hash_start,
+        Cmd.HASH_DATA: _c_hash_data,
+        Cmd.HASH_END: _c_hash_end,
+        Cmd.STORE_VOLATILE: _c_store_volatile,
+        Cmd.RESET_TPMESTABLISHED: _c_reset_established,
+        Cmd.GET_STATEBLOB: _c_get_stateblob,
+        Cmd.SET_STATEBLOB: _c_set_stateblob,
+        Cmd.STOP: _c_stop,
+        Cmd.GET_CONFIG: _c_get_config,
+        Cmd.SET_BUFFERSIZE: _c_set_buffersize,
+        Cmd.GET_INFO: _c_get_info,
+        Cmd.LOCK_STORAGE: _c_lock_storage,
+    }

@@ -1,0 +1,162 @@
+"""A swtpm-compatible ``--tpmstate dir=`` directory.
+
+Same file names, same blob format and the same ``.lock`` (a POSIX record
+lock), so a stock swtpm can open a directory vtpmctl wrote and the reverse.
+Unlike swtpm 0.7.1, every write is durable (fsync of file and directory).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import time
+from pathlib import Path
+
+from vtpmctl.store.atomic import fsync_dir, write_atomic
+from vtpmctl.store.blob import AesKey, BlobError, unwrap_file, wrap_file
+
+STATE_NAMES = ("permall", "volatilestate", "savestate")
+LOCK_RETRY_INTERVAL = 0.01
+
+
+class StateDirError(Exception):
+    """The state dir cannot be used as asked; the message says why and what to do."""
+
+
+class StateDir:
+    """One TPM's state files. Holds at most one fd on ``.lock`` (gotcha 20)."""
+
+    def __init__(self, path: Path, tpm2: bool = True, key: AesKey | None = None,
+                 mode: int = 0o600, durable: bool = True) -> None:
+        self.path = Path(path)
+        self.tpm2 = tpm2
+        self.key = key
+        self.mode = mode
+        self.durable = durable
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------ names
+
+    @property
+    def prefix(self) -> str:
+        return "tpm2-00." if self.tpm2 else "tpm-00."
+
+    @property
+    def tmp_prefix(self) -> str:
+        return "TMP2-00." if self.tpm2 else "TMP-00."
+
+    def file(self, name: str) -> Path:
+        if name not in STATE_NAMES:
+            raise ValueError(f"unknown state name {name!r}")
+        return self.path / (self.prefix + name)
+
+    # ------------------------------------------------------------ files
+
+    def ensure(self) -> None:
+        """Create the directory (0700) if needed."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def exists(self, name: str) -> bool:
+        return self.file(name).is_file()
+
+    def read_raw(self, name: str) -> bytes | None:
+        """The file's bytes as stored (possibly encrypted), or None."""
+        try:
+            return self.file(name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateDirError(f"cannot read {self.file(name)}: {exc.strerror}") from exc
+
+    def load(self, name: str) -> bytes | None:
+        """Plaintext libtpms state, None if absent; StateDirError if unusable."""
+        raw = self.read_raw(name)
+        if raw is None:
+            return None
+        try:
+            return unwrap_file(raw, self.key)
+        except BlobError as exc:
+            hint = ("check the state key" if self.key is not None or raw[4:6] != b"\0\0"
+                    else "restore it from a snapshot or backup")
+            raise StateDirError(f"{self.file(name)} is unusable ({exc}); {hint}") from exc
+
+    def store(self, name: str, plain: bytes) -> None:
+        self.write_raw(name, wrap_file(plain, self.key))
+
+    def write_raw(self, name: str, data: bytes) -> None:
+        target = self.file(name)
+        write_atomic(target, data, self.mode, tmp_name=self.tmp_prefix + name,
+                     durable=self.durable)
+
+    def delete(self, name: str) -> None:
+        try:
+            self.file(name).unlink()
+        except FileNotFoundError:
+            return
+        if self.durable:
+            fsync_dir(self.path)
+
+    def sizes(self) -> dict[str, int]:
+        out = {}
+        for name in STATE_NAMES:
+            try:
+                out[name] = self.file(name).stat().st_size
+            except FileNotFoundError:
+                continue
+        return out
+
+    # ------------------------------------------------------------ lock
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+    def lock(self, retries: int = 0) -> bool:
+        """Take swtpm's ``.lock`` (fcntl write lock); True if held now."""
+        if self._lock_fd is not None:
+            return True
+        self.ensure()
+        path = self.path / ".lock"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o660)
+        for attempt in range(retries + 1):
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                if attempt < retries:
+                    time.sleep(LOCK_RETRY_INTERVAL)
+                continue
+            self._lock_fd = fd
+            return True
+        os.close(fd)
+        return False
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def holder_pid(self) -> int | None:
+        """The pid holding ``.lock`` (another process), or None if free.
+
+        Uses F_GETLK without opening for write, so it never disturbs the
+        holder; a process must not call this on a dir it locked itself.
+        """
+        path = self.path / ".lock"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            # struct flock: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+            req = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+            res = fcntl.fcntl(fd, fcntl.F_GETLK, req)
+            l_type, _, _, _, pid = struct.unpack("hhqqi4x", res)
+            return None if l_type == fcntl.F_UNLCK else int(pid)
+        finally:
+            os.close(fd)
