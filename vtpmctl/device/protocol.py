@@ -261,6 +261,19 @@ def response_head_size(cmd: Cmd) -> int:
     return MESSAGES[cmd].error_response.size()
 
 
+def socket_error_size(cmd: Cmd, result: int) -> int:
+    """Length of a failed socket reply with this result.
+
+    GET_STATEBLOB answers most failures with its 16-byte header, but swtpm
+    checks "running" before it builds that header, so "not running" (0x0a) is
+    the bare 4-byte result (spec §3.2). A client that always waited for 16
+    bytes would hang there.
+    """
+    if cmd == Cmd.GET_STATEBLOB and result == Res.BAD_ORDINAL:
+        return RESULT.size()
+    return response_head_size(cmd)
+
+
 # ---------------------------------------------------------------- socket framing
 
 
@@ -278,7 +291,7 @@ def encode_socket_response(cmd: Cmd, result: int, fields: dict[str, Any] | None 
     if result != Res.SUCCESS:
         vals = dict(fields or {})
         vals["result"] = result
-        if msg.error_response is RESULT:
+        if socket_error_size(cmd, result) == RESULT.size():
             return RESULT.pack("big", vals)
         return msg.error_response.pack("big", vals) + (data if cmd == Cmd.GET_STATEBLOB else b"")
     vals = dict(fields or {})
