@@ -1,0 +1,249 @@
+"""The vtpmctl command line: registers the command groups, nothing else.
+
+Each module in ``vtpmctl.commands`` holds plain functions that do the work
+and a ``register(app)`` that adds their typer front ends. Importing typer
+costs several times more than a whole control round trip, so the most
+frequent, well-formed invocations (``caps``, ``info``, ``ctl``) are
+recognised here and call the plain functions directly. Anything else —
+help, a typo, an unusual spelling — goes through typer, which owns usage
+messages; both routes call the same functions with the same arguments.
+
+Command modules must import heavy dependencies (rich, cryptography, the
+engine) inside functions, so building the typer app stays cheap.
+"""
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import typer
+
+# The command modules, in the order their commands appear in --help.
+GROUPS = (
+    "vtpmctl.commands.query",
+    "vtpmctl.commands.ctl",
+    "vtpmctl.commands.state",
+)
+
+DEFAULT_TIMEOUT = 10.0  # same as vtpmctl.device.client.DEFAULT_TIMEOUT
+MIN_TIMEOUT, MAX_TIMEOUT = 0.01, 86400.0
+
+Plan = tuple[str, str, dict[str, Any]]  # module, function, keyword arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run one command and return its exit code."""
+    return run(list(sys.argv[1:] if argv is None else argv))
+
+
+def run(args: list[str], fast: bool = True) -> int:
+    """Run one command line; ``fast=False`` forces the typer route (for tests)."""
+    debug = _take_debug(args)
+    try:
+        plan = _fast_plan(args) if fast else None
+        if plan is not None:
+            return _execute(plan)
+        return _run_typer(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("vtpmctl: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`vtpmctl info X | head -1`): not worth a message.
+        _silence_stdout()
+        return 1
+    except Exception as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        else:
+            sys.stderr.write(f"vtpmctl: {_one_line(exc)}\n")
+        return 1
+
+
+def _take_debug(args: list[str]) -> bool:
+    """Remove every --debug before a '--', so it works anywhere on the line."""
+    end = args.index("--") if "--" in args else len(args)
+    found = "--debug" in args[:end]
+    if found:
+        args[:end] = [a for a in args[:end] if a != "--debug"]
+    return found
+
+
+def _one_line(exc: BaseException) -> str:
+    """Our errors (and ValueErrors) are sentences; anything else also needs its kind."""
+    text = " ".join(str(exc).split())
+    ours = type(exc).__module__.startswith("vtpmctl.") or type(exc) is ValueError
+    if ours and text:
+        return text
+    name = type(exc).__name__
+    return f"{name}: {text} (rerun with --debug for a traceback)" if text else name
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+# ---------------------------------------------------------------- fast route
+
+
+def _fast_plan(args: list[str]) -> Plan | None:
+    """The plan for a common, well-formed command line, or None to let typer decide."""
+    timeout = DEFAULT_TIMEOUT
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        if args[i] == "--timeout" and i + 1 < len(args):
+            value, i = args[i + 1], i + 2
+        elif args[i].startswith("--timeout="):
+            value, i = args[i].partition("=")[2], i + 1
+        else:
+            return None
+        try:
+            timeout = float(value)
+        except ValueError:
+            return None
+        if not MIN_TIMEOUT <= timeout <= MAX_TIMEOUT:
+            return None
+    if i >= len(args):
+        return None
+    cmd, rest = args[i], args[i + 1:]
+    if cmd in ("caps", "info"):
+        return _fast_query(cmd, rest, timeout)
+    if cmd == "ctl":
+        return _fast_ctl(rest, timeout)
+    return None
+
+
+def _fast_query(cmd: str, rest: list[str], timeout: float) -> Plan | None:
+    positional = [a for a in rest if a != "--json"]
+    if len(positional) != 1 or positional[0].startswith("-") or rest.count("--json") > 1:
+        return None
+    return ("vtpmctl.commands.query", cmd,
+            {"target": positional[0], "as_json": "--json" in rest, "timeout": timeout})
+
+
+# ctl action → (arguments it takes: 0 none, 1 required, 2 optional; largest value)
+_CTL_SHAPES = {
+    "init": (0, 0), "stop": (0, 0), "shutdown": (0, 0), "cancel": (0, 0),
+    "store-volatile": (0, 0), "locality": (1, 0xFF), "reset-established": (2, 0xFF),
+    "lock-storage": (2, 0xFFFFFFFF),
+}
+
+
+def _fast_ctl(rest: list[str], timeout: float) -> Plan | None:
+    if len(rest) < 2 or rest[0].startswith("-") or rest[1] not in _CTL_SHAPES:
+        return None
+    target, action, extra = rest[0], rest[1], rest[2:]
+    shape, largest = _CTL_SHAPES[action]
+    delete_volatile = False
+    if action == "init" and extra == ["--delete-volatile"]:
+        delete_volatile, extra = True, []
+    value: int | None = None
+    if extra:
+        if shape == 0 or len(extra) != 1:
+            return None
+        word = extra[0]
+        if not (word.isascii() and word.isdigit()) or int(word) > largest:
+            return None
+        value = int(word)
+    elif shape == 1:
+        return None
+    return ("vtpmctl.commands.ctl", "ctl",
+            {"target": target, "action": action, "value": value,
+             "delete_volatile": delete_volatile, "timeout": timeout})
+
+
+def _execute(plan: Plan) -> int:
+    import importlib
+
+    module, function, kwargs = plan
+    result = getattr(importlib.import_module(module), function)(**kwargs)
+    return int(result or 0)
+
+
+# ---------------------------------------------------------------- typer route
+
+
+def build_app() -> "typer.Typer":
+    """The full typer app with every command group registered."""
+    import importlib
+    from typing import Annotated
+
+    import typer
+
+    from vtpmctl import __version__
+
+    app = typer.Typer(
+        name="vtpmctl",
+        help="Serve, query and manage virtual TPMs (a drop-in for swtpm + swtpm_ioctl).",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    def show_version(value: bool) -> None:
+        if value:
+            sys.stdout.write(f"vtpmctl {__version__}\n")
+            raise typer.Exit()
+
+    @app.callback()
+    def global_options(
+        debug: Annotated[bool, typer.Option(
+            "--debug", help="show a traceback when a command fails")] = False,
+        timeout: Annotated[float, typer.Option(
+            "--timeout", metavar="SECONDS", min=MIN_TIMEOUT, max=MAX_TIMEOUT,
+            help="how long to wait for each control reply")] = DEFAULT_TIMEOUT,
+        version: Annotated[bool, typer.Option(
+            "--version", is_eager=True, callback=show_version,
+            help="print the version and exit")] = False,
+    ) -> None:
+        """Serve, query and manage virtual TPMs (a drop-in for swtpm + swtpm_ioctl)."""
+
+    for name in GROUPS:
+        importlib.import_module(name).register(app)
+    return app
+
+
+def _run_typer(args: list[str]) -> int:
+    import typer
+
+    try:
+        from typer import _click as click  # newer typer carries its own click
+    except ImportError:  # pragma: no cover - older typer on the real click
+        import click  # type: ignore[no-redef,import-not-found,unused-ignore]
+
+    command = typer.main.get_command(build_app())
+    try:
+        result = command.main(args=args, prog_name="vtpmctl", standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            # A bare `vtpmctl ctl`: show help. typer's rich formatter has printed
+            # it already while building the message; plain click has not.
+            text = exc.format_message()
+            if text.strip():
+                sys.stdout.write(text + "\n")
+            return 2
+        # typer shows required arguments as {NAME}; a plain path reads better.
+        where = exc.ctx.command_path if exc.ctx is not None else "vtpmctl"
+        where = where.replace("{", "").replace("}", "")
+        sys.stderr.write(f"{where}: {_one_line_text(exc.format_message())} "
+                         f"(see '{where} --help')\n")
+        return 2
+    except click.exceptions.ClickException as exc:
+        sys.stderr.write(f"vtpmctl: {_one_line_text(exc.format_message())}\n")
+        return exc.exit_code
+    except typer.Abort:
+        sys.stderr.write("vtpmctl: aborted\n")
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split())

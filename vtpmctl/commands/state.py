@@ -1,0 +1,169 @@
+"""`vtpmctl state export|import`: move one raw state blob in or out of a TPM.
+
+The files are exactly what ``swtpm_ioctl --save``/``--load`` read and write,
+so the two tools can be mixed.
+"""
+
+import os
+import stat
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vtpmctl.device.client import DEFAULT_TIMEOUT
+from vtpmctl.device.protocol import BlobType
+from vtpmctl.device.target import open_client, parse_target
+
+if TYPE_CHECKING:
+    import typer
+
+
+class BlobKind(StrEnum):
+    PERMANENT = "permanent"
+    VOLATILE = "volatile"
+    SAVESTATE = "savestate"
+
+
+_TYPES = {
+    BlobKind.PERMANENT: BlobType.PERMANENT,
+    BlobKind.VOLATILE: BlobType.VOLATILE,
+    BlobKind.SAVESTATE: BlobType.SAVESTATE,
+}
+
+
+class StateFileError(Exception):
+    """The blob file (or stdin/stdout) cannot be used; nothing was sent to the TPM."""
+
+
+def export(target: str, output: str, blob_type: str = "permanent", decrypted: bool = True,
+           timeout: float = DEFAULT_TIMEOUT) -> int:
+    """Write one state blob of TARGET to OUTPUT ('-' = stdout)."""
+    kind = _TYPES[BlobKind(blob_type)]
+    where = parse_target(target)
+    # Check the destination first: reading some blobs has side effects on the
+    # TPM (a savestate read releases swtpm's storage lock).
+    dest = _destination(output)
+    with open_client(where, timeout=timeout) as client:
+        _, blob = client.get_state(kind, decrypted=decrypted)
+    if dest is None:
+        sys.stdout.buffer.write(blob)
+        sys.stdout.buffer.flush()
+    elif isinstance(dest, Path):
+        from vtpmctl.store.atomic import write_atomic
+
+        try:
+            write_atomic(dest, blob, mode=0o600)
+        except OSError as exc:
+            raise StateFileError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    else:
+        _write_stream(dest, blob, output)
+    return 0
+
+
+def _destination(output: str) -> Path | int | None:
+    """Where the blob goes: None for stdout, a Path for a regular file (written
+    atomically, mode 0600), or an open fd for a device or pipe given by name."""
+    if output == "-":
+        if sys.stdout.isatty():
+            raise StateFileError("refusing to write a state blob to a terminal; "
+                                 "use -o FILE or redirect stdout")
+        return None
+    real = Path(os.path.realpath(output))
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        if not real.parent.is_dir():
+            raise StateFileError(f"cannot write {output}: directory {real.parent} "
+                                 "does not exist") from None
+        return real
+    except OSError as exc:
+        raise StateFileError(f"cannot write {output}: {exc.strerror}") from exc
+    if stat.S_ISREG(st.st_mode):
+        return real
+    if stat.S_ISDIR(st.st_mode):
+        raise StateFileError(f"cannot write {output}: it is a directory")
+    # A FIFO or a device such as /dev/stdout: write into it, never replace it.
+    try:
+        fd = os.open(real, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StateFileError(f"cannot write {output}: {exc.strerror}") from exc
+    if os.isatty(fd):
+        os.close(fd)
+        raise StateFileError(f"refusing to write a state blob to the terminal {output}")
+    return fd
+
+
+def _write_stream(fd: int, blob: bytes, output: str) -> None:
+    try:
+        view = memoryview(blob)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError as exc:
+        raise StateFileError(f"cannot write {output}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def import_(target: str, source: str, blob_type: str = "permanent",
+            timeout: float = DEFAULT_TIMEOUT) -> int:
+    """Stage one state blob from SOURCE ('-' = stdin) in the stopped TPM TARGET."""
+    kind = _TYPES[BlobKind(blob_type)]
+    where = parse_target(target)
+    if source == "-":
+        if sys.stdin.isatty():
+            raise StateFileError("refusing to read a state blob from a terminal; "
+                                 "give a FILE or redirect stdin")
+        blob = sys.stdin.buffer.read()
+    else:
+        try:
+            blob = Path(source).read_bytes()
+        except OSError as exc:
+            raise StateFileError(f"cannot read {source}: {exc.strerror or exc}") from exc
+    with open_client(where, timeout=timeout) as client:
+        client.set_state(kind, blob)
+    return 0
+
+
+def register(app: "typer.Typer") -> None:
+    """Add the `state` group to the vtpmctl app."""
+    from typing import Annotated
+
+    import typer
+
+    group = typer.Typer(name="state", no_args_is_help=True,
+                        help="Export or import one raw state blob (swtpm_ioctl --save/--load).")
+    target_arg = typer.Argument(
+        metavar="TARGET", show_default=False,
+        help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name")
+    type_opt = typer.Option("--type", "-t", help="which blob", case_sensitive=False)
+
+    @group.command("export")
+    def export_cmd(
+        ctx: typer.Context,
+        target: Annotated[str, target_arg],
+        output: Annotated[str, typer.Option(
+            "-o", "--output", metavar="FILE|-", show_default=False,
+            help="where to write the blob ('-' for stdout); files are created mode 0600")],
+        blob_type: Annotated[BlobKind, type_opt] = BlobKind.PERMANENT,
+        decrypted: Annotated[bool, typer.Option(
+            "--decrypted/--encrypted",
+            help="remove the state-key encryption (as QEMU and swtpm_ioctl do), or keep it")]
+        = True,
+    ) -> None:
+        """Write a state blob of a running TPM to a file (CMD_GET_STATEBLOB)."""
+        export(target, output, blob_type.value, decrypted=decrypted,
+               timeout=ctx.find_root().params["timeout"])
+
+    @group.command("import")
+    def import_cmd(
+        ctx: typer.Context,
+        target: Annotated[str, target_arg],
+        source: Annotated[str, typer.Argument(
+            metavar="FILE|-", show_default=False, help="the blob ('-' for stdin)")],
+        blob_type: Annotated[BlobKind, type_opt] = BlobKind.PERMANENT,
+    ) -> None:
+        """Load a state blob into a stopped TPM (CMD_SET_STATEBLOB); init makes it live."""
+        import_(target, source, blob_type.value, timeout=ctx.find_root().params["timeout"])
+
+    app.add_typer(group)
