@@ -299,7 +299,12 @@ def wrap_file(plain: bytes, key: AesKey | None) -> bytes:
 
 
 def unwrap_file(data: bytes, key: AesKey | None) -> bytes:
-    """Plain libtpms state from a state file; the key, not the header, decides decryption."""
+    """Plain libtpms state from a state file.
+
+    As in swtpm, whether a key is configured decides how the file is read; a header that
+    disagrees is reported clearly instead of as a failed decryption (0x0d for a missing
+    key, where swtpm's file loader only says TPM_FAIL).
+    """
     header = parse_header(data)
     body = data[HEADER_SIZE:]
     if header.flags & (FLAG_MIGRATION_DATA | FLAG_MIGRATION_ENCRYPTED):
