@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -22,10 +23,17 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, tmp_name: str | Non
     (swtpm's ``TMP2-00.*``); otherwise a unique one is made.
     """
     directory = path.parent
-    tmp = directory / (tmp_name or f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    if tmp_name is None:
+        # A fresh unguessable name created exclusively: nobody can pre-plant it.
+        tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        flags |= os.O_EXCL
+    else:
+        tmp = directory / tmp_name
+        flags |= os.O_TRUNC
+    fd = os.open(tmp, flags, mode)
     try:
-        os.fchmod(fd, mode)
+        os.fchmod(fd, mode)  # the umask may have dropped bits we want
         view = memoryview(data)
         while view:
             n = os.write(fd, view)

@@ -7,7 +7,6 @@ problem and the fix, and never include any of the file's content.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -16,6 +15,7 @@ import stat
 from pathlib import Path
 from typing import Literal
 
+from vtpmctl.store.atomic import write_atomic
 from vtpmctl.store.blob import AesKey
 
 __all__ = [
@@ -194,48 +194,16 @@ def check_secret_file_mode(path: Path) -> None:
         )
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_secret_file(path: Path, data: bytes) -> None:
     """Write a secret so that it is never visible to others nor half-written after a crash."""
     path = Path(path)
-    directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        write_atomic(path, data, 0o600)
     except OSError as exc:
         raise KeyFileError(
-            f"cannot create a file next to {path}: {exc.strerror}; check that {directory} "
-            "exists and is writable"
+            f"cannot write {path}: {exc.strerror}; check that {path.parent} exists and is "
+            "writable"
         ) from None
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # a restrictive umask may have dropped the owner's bits
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise KeyFileError(f"cannot write {path}: {exc.strerror}") from None
-        raise
-    try:
-        _fsync_dir(directory)
-    except OSError as exc:
-        raise KeyFileError(f"wrote {path} but cannot sync {directory}: {exc.strerror}") from None
 
 
 def generate_key(bits: int = 256) -> AesKey:
