@@ -1,0 +1,170 @@
+"""An instance's state and migration keys: stored, checked, rotated.
+
+Keys are stored as swtpm ``format=hex`` files (0600) under the config root,
+whatever form the user gave (a passphrase is stored as the key it derives,
+so the passphrase itself is never kept). Rotation re-encrypts every state
+file under a two-phase commit: new files are written beside the old, a
+commit marker makes the switch decided, and the renames that follow are
+replayed after a crash; before the marker, a crash rolls back to the old
+files, which are never touched until then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from vtpmctl.store.atomic import fsync_dir, write_atomic
+from vtpmctl.store.blob import AesKey, wrap_file
+from vtpmctl.store.instances import (
+    Instance,
+    InstanceConfig,
+    InstanceError,
+    InstanceMeta,
+    InstancePaths,
+    read_json,
+    write_json,
+)
+from vtpmctl.store.keys import (
+    KeyFileError,
+    check_secret_file_mode,
+    encode_hex_key,
+    key_fingerprint,
+    load_key,
+    write_secret_file,
+)
+from vtpmctl.store.statedir import STATE_NAMES, StateDir, StateDirError
+
+ROTATE_SUFFIX = ".rotate"
+
+
+def _marker(paths: InstancePaths) -> Path:
+    return paths.secrets_dir / "rotate.commit"
+
+
+def _new_key_file(paths: InstancePaths) -> Path:
+    return paths.secrets_dir / "state.key.new"
+
+
+def store_key(path: Path, key: AesKey) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_secret_file(path, encode_hex_key(key))
+
+
+def read_user_key(path: Path, kind: str) -> AesKey:
+    """A key the user points at: must be private (0600, owned) and well-formed."""
+    check_secret_file_mode(path)
+    return load_key(path, kind=kind)  # type: ignore[arg-type]
+
+
+def load_state_key(inst: Instance) -> AesKey | None:
+    """The instance's state key, checked against what its state was encrypted with."""
+    if not inst.config.encrypted:
+        return None
+    path = inst.paths.state_key
+    if not path.exists():
+        raise KeyFileError(f"the state key of {inst.name} ({path}) is missing; restore it "
+                           "(the state cannot be opened without it)")
+    check_secret_file_mode(path)
+    key = load_key(path, kind="hex")
+    want = inst.meta.key_fingerprint
+    if want and key_fingerprint(key) != want:
+        raise KeyFileError(f"{path} is not the key {inst.name}'s state was encrypted with "
+                           f"(fingerprint {key_fingerprint(key)}, expected {want}); restore "
+                           "the right key")
+    return key
+
+
+def load_migration_key(inst: Instance) -> AesKey | None:
+    if not inst.config.migration_key:
+        return None
+    path = inst.paths.migration_key
+    if not path.exists():
+        raise KeyFileError(f"the migration key of {inst.name} ({path}) is missing; restore it")
+    check_secret_file_mode(path)
+    return load_key(path, kind="hex")
+
+
+def check_state(inst: Instance, key: AesKey | None) -> None:
+    """Every state file opens with ``key``; permall must exist (no silent new TPM)."""
+    sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=key)
+    if not sd.exists("permall"):
+        raise StateDirError(f"{sd.file('permall')} is missing: the TPM of {inst.name} is "
+                            "gone; restore it from a backup (vtpmctl will not make a new one)")
+    for name in STATE_NAMES:
+        sd.load(name)
+
+
+# ---------------------------------------------------------------- rotation
+
+
+def rotate(inst: Instance, new_key: AesKey, key_source: str) -> None:
+    """Re-encrypt the state of a stopped instance (caller holds its state lock)."""
+    paths = inst.paths
+    old_key = load_state_key(inst)
+    old = StateDir(paths.state_dir, tpm2=inst.config.tpm2, key=old_key)
+    plains = {}
+    for name in STATE_NAMES:
+        data = old.load(name)
+        if data is not None:
+            plains[name] = data
+    if "permall" not in plains:
+        raise StateDirError(f"{old.file('permall')} is missing; nothing to re-encrypt")
+    # Phase 1: everything new is written beside the old; a crash here rolls back.
+    store_key(_new_key_file(paths), new_key)
+    for name, plain in plains.items():
+        target = old.file(name)
+        write_atomic(target.with_name(target.name + ROTATE_SUFFIX), wrap_file(plain, new_key),
+                     0o600)
+    meta = inst.meta
+    meta.cipher = new_key.cipher
+    meta.key_source = key_source
+    meta.key_fingerprint = key_fingerprint(new_key)
+    decision = {"files": sorted(plains), "meta": meta.to_json()}
+    # Phase 2: the marker decides; finish() can be replayed until the marker is gone.
+    write_atomic(_marker(paths), json.dumps(decision).encode(), 0o600)
+    finish(paths, inst.config.tpm2)
+
+
+def finish(paths: InstancePaths, tpm2: bool) -> None:
+    """Roll a decided rotation forward (idempotent)."""
+    decision = read_json(_marker(paths))
+    sd = StateDir(paths.state_dir, tpm2=tpm2)
+    for name in decision.get("files", []):
+        target = sd.file(name)
+        staged = target.with_name(target.name + ROTATE_SUFFIX)
+        if staged.exists():
+            os.rename(staged, target)
+    fsync_dir(paths.state_dir)
+    new_key = _new_key_file(paths)
+    if new_key.exists():
+        os.rename(new_key, paths.state_key)
+        fsync_dir(paths.secrets_dir)
+    config = InstanceConfig.from_json(read_json(paths.config_file), paths.config_file)
+    if not config.encrypted:
+        config.encrypted = True
+        write_json(paths.config_file, config.to_json())
+    write_json(paths.meta_file,
+               InstanceMeta.from_json(decision.get("meta", {}), paths.meta_file).to_json())
+    _marker(paths).unlink()
+    fsync_dir(paths.secrets_dir)
+
+
+def recover(paths: InstancePaths, tpm2: bool) -> str | None:
+    """Settle an interrupted rotation: "completed", "rolled back" or None (nothing to do)."""
+    if _marker(paths).exists():
+        try:
+            finish(paths, tpm2)
+        except (OSError, InstanceError) as exc:
+            raise InstanceError(f"cannot complete the interrupted key rotation of {paths.name}: "
+                                f"{exc}") from None
+        return "completed"
+    sd = StateDir(paths.state_dir, tpm2=tpm2)
+    staged = [sd.file(n).with_name(sd.file(n).name + ROTATE_SUFFIX) for n in STATE_NAMES]
+    leftovers = [p for p in [*staged, _new_key_file(paths)] if p.exists()]
+    for path in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return "rolled back" if leftovers else None

@@ -1,0 +1,391 @@
+"""The registry of named vTPMs: where each one lives and what it is.
+
+One directory per instance under the state root holds the swtpm-compatible
+``tpmstate/`` dir, ``config.json`` (how to run it) and ``meta.json`` (facts
+recorded when it was made). Its keys live apart, under the config root, so
+a copy or backup of the state tree never carries the key that opens it.
+``config.json`` is written last at create and removed first at rm: an
+instance exists exactly when that file does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from vtpmctl.store.atomic import write_atomic
+from vtpmctl.store.paths import Roots, store_roots
+from vtpmctl.store.statedir import StateDir
+
+FORMAT_VERSION = 1
+MAX_NAME = 64
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+TpmVersion = Literal["2.0", "1.2"]
+TransportKind = Literal["socket", "cuse"]
+KeyFormat = Literal["hex", "binary", "passphrase"]
+
+
+class InstanceError(Exception):
+    """A registry operation failed; the message is one line naming the fix."""
+
+
+class NoSuchInstance(InstanceError):
+    pass
+
+
+class InstanceExists(InstanceError):
+    pass
+
+
+def validate_name(name: str) -> str:
+    """Names become file names, socket paths and /dev/vtpm-NAME: keep them plain."""
+    if not name or len(name) > MAX_NAME or not _NAME.fullmatch(name):
+        raise InstanceError(
+            f"invalid instance name {name!r}: use 1-{MAX_NAME} letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit")
+    return name
+
+
+def now_utc() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class InstancePaths:
+    """Every path of one instance, derived from its name and the roots."""
+
+    name: str
+    roots: Roots
+
+    @property
+    def base(self) -> Path:
+        return self.roots.state / "instances" / self.name
+
+    @property
+    def config_file(self) -> Path:
+        return self.base / "config.json"
+
+    @property
+    def meta_file(self) -> Path:
+        return self.base / "meta.json"
+
+    @property
+    def ek_file(self) -> Path:
+        return self.base / "ek.json"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.base / "tpmstate"
+
+    @property
+    def creating_lock(self) -> Path:
+        return self.base / ".creating"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.roots.config / "instances" / self.name
+
+    @property
+    def state_key(self) -> Path:
+        return self.secrets_dir / "state.key"
+
+    @property
+    def migration_key(self) -> Path:
+        return self.secrets_dir / "migration.key"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.roots.config / "ca"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.roots.runtime / self.name
+
+    @property
+    def data_socket(self) -> Path:
+        # DATA and DATA.ctrl: the layout the tss2 swtpm TCTI expects for path=DATA.
+        return self.run_dir / "tpm"
+
+    @property
+    def ctrl_socket(self) -> Path:
+        return self.run_dir / "tpm.ctrl"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.roots.logs / f"{self.name}.log"
+
+    @property
+    def cuse_name(self) -> str:
+        return f"vtpm-{self.name}"
+
+    @property
+    def device(self) -> Path:
+        return Path("/dev") / self.cuse_name
+
+    def check_socket_paths(self) -> None:
+        """AF_UNIX paths have a hard limit; say so before anything is created."""
+        for path in (self.ctrl_socket, self.data_socket):
+            size = len(os.fsencode(path))
+            if size > UNIX_PATH_MAX:
+                raise InstanceError(
+                    f"socket path {path} would be {size} bytes, over the {UNIX_PATH_MAX}-byte "
+                    "limit; use a shorter name or a shorter VTPMCTL_HOME")
+
+
+# ---------------------------------------------------------------- records
+
+
+def _require(data: dict[str, Any], key: str, kinds: tuple[type, ...], where: Path) -> Any:
+    value = data.get(key)
+    if not isinstance(value, kinds):
+        raise InstanceError(f"{where}: field {key!r} is missing or invalid; restore the file "
+                            "from a backup")
+    return value
+
+
+@dataclass
+class InstanceConfig:
+    """How to run the instance: what the user chose at create."""
+
+    name: str
+    tpm: TpmVersion = "2.0"
+    transport: TransportKind = "socket"
+    encrypted: bool = False
+    migration_key: bool = False
+    ek: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: Path) -> InstanceConfig:
+        tpm = _require(data, "tpm", (str,), where)
+        transport = _require(data, "transport", (str,), where)
+        if tpm not in ("2.0", "1.2") or transport not in ("socket", "cuse"):
+            raise InstanceError(f"{where}: unknown tpm {tpm!r} or transport {transport!r}")
+        return cls(name=_require(data, "name", (str,), where),
+                   tpm=cast(TpmVersion, tpm), transport=cast(TransportKind, transport),
+                   encrypted=bool(data.get("encrypted", False)),
+                   migration_key=bool(data.get("migration_key", False)),
+                   ek=bool(data.get("ek", False)))
+
+    @property
+    def tpm2(self) -> bool:
+        return self.tpm == "2.0"
+
+
+@dataclass
+class InstanceMeta:
+    """Facts recorded when the instance was made (and by key rotate)."""
+
+    created: str = field(default_factory=now_utc)
+    vtpmctl_version: str = ""
+    libtpms_version: str | None = None
+    cipher: str | None = None
+    key_source: str | None = None  # what the user gave: hex, binary, passphrase, generated
+    key_fingerprint: str | None = None
+    migration_key_fingerprint: str | None = None
+    ek_fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: Path) -> InstanceMeta:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**values)
+        except TypeError:
+            raise InstanceError(f"{where} is not valid metadata; restore it from a backup"
+                                ) from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from disk; InstanceError (one line) if it is not one."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
+        raise InstanceError(f"cannot read {path}: {reason}; restore it from a backup") from None
+    if not isinstance(data, dict):
+        raise InstanceError(f"{path} does not hold a JSON object; restore it from a backup")
+    version = data.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise InstanceError(f"{path} has format_version {version!r}, newer than this vtpmctl "
+                            "understands; upgrade vtpmctl")
+    return data
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+
+
+@dataclass
+class Instance:
+    """One registered vTPM."""
+
+    paths: InstancePaths
+    config: InstanceConfig
+    meta: InstanceMeta
+
+    @property
+    def name(self) -> str:
+        return self.paths.name
+
+    def statedir(self) -> StateDir:
+        """The state dir without a key: enough for locking and liveness."""
+        return StateDir(self.paths.state_dir, tpm2=self.config.tpm2)
+
+    def save_meta(self) -> None:
+        write_json(self.paths.meta_file, self.meta.to_json())
+
+
+# ---------------------------------------------------------------- the registry
+
+
+class Registry:
+    """Instances under one set of roots."""
+
+    def __init__(self, roots: Roots | None = None) -> None:
+        self.roots = roots or store_roots()
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.roots.state / "instances"
+
+    def paths(self, name: str) -> InstancePaths:
+        return InstancePaths(validate_name(name), self.roots)
+
+    def names(self) -> list[str]:
+        """Registered names, sorted; half-made or half-removed dirs are skipped."""
+        try:
+            entries = os.listdir(self.instances_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in entries
+                      if _NAME.fullmatch(n) and (self.instances_dir / n / "config.json").is_file())
+
+    def exists(self, name: str) -> bool:
+        return self.paths(name).config_file.is_file()
+
+    def get(self, name: str) -> Instance:
+        paths = self.paths(name)
+        try:
+            config = InstanceConfig.from_json(read_json(paths.config_file), paths.config_file)
+        except FileNotFoundError:
+            raise NoSuchInstance(f"no instance named {name}; see vtpmctl list") from None
+        try:
+            meta = InstanceMeta.from_json(read_json(paths.meta_file), paths.meta_file)
+        except FileNotFoundError:
+            meta = InstanceMeta(created="")
+        return Instance(paths, config, meta)
+
+    def all(self) -> Iterator[Instance | InstanceError]:
+        """Every instance, or the error that makes one unreadable (listing goes on)."""
+        for name in self.names():
+            try:
+                yield self.get(name)
+            except InstanceError as exc:
+                yield exc
+
+    # -- create and remove
+
+    @contextlib.contextmanager
+    def reserve(self, name: str) -> Iterator[InstancePaths]:
+        """Claim NAME for a create; everything made here is removed unless committed.
+
+        The claim is the instance dir itself (mkdir is atomic) plus a lock on
+        ``.creating`` so that rm can tell a create in progress from a crashed one.
+        """
+        paths = self.paths(name)
+        paths.check_socket_paths()
+        self.instances_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        try:
+            paths.base.mkdir(mode=0o700)
+        except FileExistsError:
+            if paths.config_file.exists():
+                raise InstanceExists(f"an instance named {name} exists already; pick another "
+                                     f"name or remove it (vtpmctl rm {name})") from None
+            raise InstanceExists(
+                f"{paths.base} is left from an interrupted create (or one is running); "
+                f"clean it up with: vtpmctl rm {name} --yes") from None
+        fd = os.open(paths.creating_lock, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            yield paths
+        except BaseException:
+            self._remove_files(paths)
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                paths.creating_lock.unlink()
+            os.close(fd)
+
+    def commit(self, paths: InstancePaths, config: InstanceConfig, meta: InstanceMeta) -> None:
+        """Write metadata, then the config: from here on the instance exists."""
+        write_json(paths.meta_file, meta.to_json())
+        write_json(paths.config_file, config.to_json())
+
+    def creation_in_progress(self, paths: InstancePaths) -> bool:
+        try:
+            fd = os.open(paths.creating_lock, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return True
+            raise
+        finally:
+            os.close(fd)
+        return False
+
+    def remove(self, name: str) -> None:
+        """Forget NAME and delete its files; the caller made sure it is not running.
+
+        The config goes first, so a crash half-way leaves no half instance in
+        the listing, only files that a second rm removes.
+        """
+        paths = self.paths(name)
+        if not paths.base.exists():
+            raise NoSuchInstance(f"no instance named {name}; see vtpmctl list")
+        if self.creation_in_progress(paths):
+            raise InstanceError(f"{name} is being created right now; try again when that "
+                                "create has finished")
+        paths.config_file.unlink(missing_ok=True)
+        self._remove_files(paths)
+
+    @staticmethod
+    def _remove_files(paths: InstancePaths) -> None:
+        for directory in (paths.base, paths.secrets_dir, paths.run_dir):
+            shutil.rmtree(directory, ignore_errors=True)
+        paths.log_file.unlink(missing_ok=True)
+
+    def ensure_dirs(self, paths: InstancePaths) -> None:
+        """Runtime, log and secrets dirs (private; created on demand)."""
+        for directory in (paths.run_dir, paths.secrets_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        paths.log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
