@@ -1,0 +1,125 @@
+"""``vtpmctl create``: register a name and manufacture its TPM, or leave nothing.
+
+User key files are checked and read before anything is created; the TPM is
+made by the short-lived ``vtpmctl.engine.manufacture`` process (this one
+never loads libtpms); the registry entry is committed only once the
+permanent state is on disk. Any failure removes every file made so far.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vtpmctl import __version__
+from vtpmctl.engine.supervisor import LifecycleError, failure_reason
+from vtpmctl.store.blob import AesKey
+from vtpmctl.store.instance_keys import read_user_key, store_key
+from vtpmctl.store.instances import (
+    Instance,
+    InstanceConfig,
+    InstanceMeta,
+    Registry,
+    TpmVersion,
+    TransportKind,
+    write_json,
+)
+from vtpmctl.store.keys import KeyFileError, generate_key, key_fingerprint
+
+MANUFACTURE_MODULE = "vtpmctl.engine.manufacture"
+MANUFACTURE_TIMEOUT = 120.0
+
+
+@dataclass
+class CreateOptions:
+    tpm: TpmVersion = "2.0"
+    transport: TransportKind = "socket"
+    ek: bool | None = None  # None: yes for TPM 2.0, no for 1.2
+    encrypt: bool = False
+    key_file: Path | None = None
+    key_format: str = "auto"
+    migration_key_file: Path | None = None
+    migration_key_format: str = "auto"
+    ecc_curve: str = "p384"
+
+
+def _user_key(path: Path, kind: str, what: str) -> AesKey:
+    try:
+        return read_user_key(path, kind)
+    except KeyFileError as exc:
+        raise LifecycleError(f"{what}: {exc}") from None
+
+
+def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Instance:
+    ek = opts.tpm == "2.0" if opts.ek is None else opts.ek
+    if ek and opts.tpm != "2.0":
+        raise LifecycleError("EK provisioning is implemented for TPM 2.0 only; "
+                             "use --no-ek with --tpm 1.2")
+    encrypt = opts.encrypt or opts.key_file is not None
+    key: AesKey | None = None
+    key_source: str | None = None
+    if opts.key_file is not None:
+        key = _user_key(opts.key_file, opts.key_format, "state key")
+        key_source = "passphrase" if opts.key_format == "passphrase" else "key-file"
+    elif encrypt:
+        key, key_source = generate_key(256), "generated"
+    mkey = None
+    if opts.migration_key_file is not None:
+        mkey = _user_key(opts.migration_key_file, opts.migration_key_format, "migration key")
+
+    config = InstanceConfig(name=name, tpm=opts.tpm, transport=opts.transport,
+                            encrypted=encrypt, migration_key=mkey is not None, ek=ek)
+    with registry.reserve(name) as paths:
+        registry.ensure_dirs(paths)
+        if key is not None:
+            store_key(paths.state_key, key)
+        if mkey is not None:
+            store_key(paths.migration_key, mkey)
+        made = _manufacture(paths.state_dir, paths.log_file, tpm2=opts.tpm == "2.0",
+                            key_file=paths.state_key if key is not None else None,
+                            ca_dir=paths.ca_dir if ek else None, ecc_curve=opts.ecc_curve)
+        ek_info = made.get("ek")
+        meta = InstanceMeta(
+            vtpmctl_version=__version__, libtpms_version=made.get("libtpms_version"),
+            cipher=key.cipher if key else None, key_source=key_source,
+            key_fingerprint=key_fingerprint(key) if key else None,
+            migration_key_fingerprint=key_fingerprint(mkey) if mkey else None,
+            ek_fingerprints={e["algorithm"]: e["fingerprint_sha256"]
+                             for e in (ek_info or {}).get("eks", [])})
+        if ek_info is not None:
+            write_json(paths.ek_file, ek_info)
+        registry.commit(paths, config, meta)
+    return registry.get(name)
+
+
+def _manufacture(state_dir: Path, log_file: Path, *, tpm2: bool, key_file: Path | None,
+                 ca_dir: Path | None, ecc_curve: str) -> dict[str, Any]:
+    argv = [sys.executable, "-m", MANUFACTURE_MODULE, "--state", str(state_dir),
+            "--tpm", "2" if tpm2 else "1.2", "--log-file", str(log_file)]
+    if key_file is not None:
+        argv += ["--key-file", str(key_file)]
+    if ca_dir is not None:
+        argv += ["--ek", "--ca-dir", str(ca_dir), "--ecc-curve", ecc_curve]
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=MANUFACTURE_TIMEOUT, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise LifecycleError(f"making the TPM took over {MANUFACTURE_TIMEOUT:.0f}s; "
+                             f"see {log_file}") from None
+    if proc.returncode != 0:
+        lines = proc.stderr.decode(errors="replace").splitlines()
+        raise LifecycleError(f"cannot make the TPM: {failure_reason(lines)}")
+    try:
+        result = json.loads(proc.stdout)
+    except ValueError:
+        raise LifecycleError("the TPM maker printed no result; see " + str(log_file)) from None
+    if not isinstance(result, dict):
+        raise LifecycleError("the TPM maker printed an unexpected result")
+    return result

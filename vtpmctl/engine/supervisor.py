@@ -1,0 +1,381 @@
+"""Start, stop and judge instance daemons from the outside.
+
+This module never loads libtpms: ``start`` execs ``python -m
+vtpmctl.engine.daemon`` in a new session (never a fork of a live TPM) and
+waits until the control channel answers (or the daemon dies, and then shows
+why from its log). Liveness is the state dir's ``.lock``: a pid file or a
+socket without a lock holder is stale, whatever the pid file says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from vtpmctl.store.instances import Instance
+from vtpmctl.store.statedir import StateDir
+
+DAEMON_MODULE = "vtpmctl.engine.daemon"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+TERM_TIMEOUT = 5.0
+POLL = 0.01
+
+State = Literal["running", "stopped", "stale"]
+
+
+class LifecycleError(Exception):
+    """A start/stop could not be done; one line naming the cause and the fix."""
+
+
+@dataclass
+class Status:
+    """What ``status`` reports; ``pid`` is the lock holder, not the pid file."""
+
+    state: State
+    pid: int | None
+    ours: bool  # the holder is this instance's vtpmctl daemon (not e.g. a swtpm)
+    leftovers: list[Path]
+
+
+def _leftovers(inst: Instance) -> list[Path]:
+    p = inst.paths
+    return [f for f in (p.pid_file, p.ctrl_socket, p.data_socket) if os.path.lexists(f)]
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def is_our_daemon(pid: int, inst: Instance) -> bool:
+    """The process is a vtpmctl daemon serving this instance's state dir."""
+    args = _cmdline(pid)
+    return DAEMON_MODULE.encode() in args and os.fsencode(inst.paths.state_dir) in args
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def probe(inst: Instance) -> Status:
+    holder = inst.statedir().holder_pid()
+    if holder is not None:
+        return Status("running", holder, is_our_daemon(holder, inst), [])
+    leftovers = _leftovers(inst)
+    return Status("stale" if leftovers else "stopped", None, False, leftovers)
+
+
+def clean_stale(inst: Instance) -> list[Path]:
+    """Remove a dead daemon's pid file and sockets (only if nobody holds the lock)."""
+    if inst.statedir().holder_pid() is not None:
+        return []
+    removed = []
+    for path in _leftovers(inst):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------- start
+
+
+def daemon_argv(inst: Instance, *, incoming: bool = False) -> list[str]:
+    """The daemon's command line: paths only, never key material."""
+    p = inst.paths
+    argv = [sys.executable, "-m", DAEMON_MODULE, "--state", str(p.state_dir),
+            "--tpm", "2" if inst.config.tpm2 else "1.2",
+            "--pid-file", str(p.pid_file), "--log-file", str(p.log_file), "--existing"]
+    if inst.config.transport == "cuse":
+        argv += ["--cuse", p.cuse_name]
+    else:
+        argv += ["--ctrl", f"unix:{p.ctrl_socket}", "--data", f"unix:{p.data_socket}"]
+    if inst.config.encrypted:
+        argv += ["--key-file", str(p.state_key), "--key-kind", "hex"]
+    if inst.config.migration_key:
+        argv += ["--migration-key-file", str(p.migration_key)]
+    if incoming:
+        argv.append("--incoming")
+    return argv
+
+
+def _daemon_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)  # a detached daemon must not talk to our service manager
+    # The child must import the same vtpmctl as this process, wherever it runs from.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
+
+
+def log_tail(path: Path, lines: int = 20) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-lines:]
+
+
+def failure_reason(log_lines: list[str]) -> str:
+    """The most telling line of a daemon's last words."""
+    for line in reversed(log_lines):
+        if line.startswith("vtpmctl: "):
+            return line[len("vtpmctl: "):]
+    for line in reversed(log_lines):
+        if " ERROR " in line:
+            return line.split(": ", 1)[-1]
+    return log_lines[-1] if log_lines else "no message"
+
+
+@dataclass
+class Started:
+    pid: int
+    already: bool
+
+
+def preflight(inst: Instance, timeout: float = START_TIMEOUT) -> Started | None:
+    """Check keys and state before a daemon is launched, so errors are clear and early.
+
+    Holds the state lock meanwhile (an interrupted key rotation is settled
+    first and must not race another one). Returns Started if the instance
+    turned out to be running already.
+    """
+    from vtpmctl.store.instance_keys import (
+        check_state,
+        load_migration_key,
+        load_state_key,
+        recover,
+    )
+    from vtpmctl.store.instances import InstanceError, InstanceMeta, read_json
+    from vtpmctl.store.keys import KeyFileError
+    from vtpmctl.store.statedir import StateDirError
+
+    sd = inst.statedir()
+    deadline = time.monotonic() + timeout
+    while not sd.lock(0):
+        status = probe(inst)
+        if status.state == "running" and (status.ours or time.monotonic() > deadline):
+            return _running_already(inst, status)
+        time.sleep(POLL)  # another vtpmctl command holds it for a moment
+    try:
+        if recover(inst.paths, inst.config.tpm2) == "completed":
+            inst.meta = InstanceMeta.from_json(read_json(inst.paths.meta_file),
+                                               inst.paths.meta_file)
+            inst.config.encrypted = True
+        check_state(inst, load_state_key(inst))
+        load_migration_key(inst)
+    except (KeyFileError, StateDirError, InstanceError) as exc:
+        raise LifecycleError(f"cannot start {inst.name}: {exc}") from None
+    finally:
+        sd.unlock()
+    return None
+
+
+def start(inst: Instance, *, incoming: bool = False, timeout: float = START_TIMEOUT) -> Started:
+    """Launch the daemon detached; return once its control channel answers."""
+    status = probe(inst)
+    if status.state == "running":
+        return _running_already(inst, status)
+    running = preflight(inst, timeout)
+    if running is not None:
+        return running
+    clean_stale(inst)
+    inst.paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    inst.paths.log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    log_fd = os.open(inst.paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                     0o600)
+    mark = os.lseek(log_fd, 0, os.SEEK_END)
+    try:
+        proc = subprocess.Popen(
+            daemon_argv(inst, incoming=incoming), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=log_fd, close_fds=True, start_new_session=True,
+            env=_daemon_env(), cwd="/")
+    finally:
+        os.close(log_fd)
+    if _wait_ready(inst, proc, timeout):
+        return Started(proc.pid, False)
+    if proc.returncode is None:  # timed out: do not leave a half-started daemon behind
+        _terminate(proc.pid, inst)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(TERM_TIMEOUT)
+        raise LifecycleError(f"{inst.name} did not become ready within {timeout:.0f}s; "
+                             f"see {inst.paths.log_file}")
+    # The daemon died. If another start won the race for the lock, that is success.
+    reason = failure_reason(_log_since(inst.paths.log_file, mark))
+    deadline = time.monotonic() + (timeout if "locked by another process" in reason else 0)
+    while True:
+        status = probe(inst)
+        if status.state == "running" and status.ours:
+            return Started(status.pid or 0, True)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(POLL)
+    raise LifecycleError(f"{inst.name} failed to start: {reason} (log: {inst.paths.log_file})")
+
+
+def _log_since(path: Path, offset: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read(65536).decode(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if line.strip()][-20:]
+
+
+def _running_already(inst: Instance, status: Status) -> Started:
+    if status.ours:
+        return Started(status.pid or 0, True)
+    raise LifecycleError(
+        f"the state dir of {inst.name} is locked by pid {status.pid} "
+        f"({process_name(status.pid or 0)}), which is not its vtpmctl daemon; stop that "
+        "process first")
+
+
+def _wait_ready(inst: Instance, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """True once the control channel answers; False if the daemon died or timed out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _answers(inst):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(POLL)
+    return False
+
+
+def _answers(inst: Instance) -> bool:
+    """CMD_GET_CAPABILITY on the control channel (for CUSE: the device exists)."""
+    if inst.config.transport == "cuse":
+        return inst.paths.device.exists() and probe(inst).state == "running"
+    from vtpmctl.device.client import ControlClient, SocketTransport, TargetError
+
+    if not inst.paths.ctrl_socket.exists():
+        return False
+    try:
+        with ControlClient(SocketTransport(str(inst.paths.ctrl_socket), timeout=2.0)) as c:
+            c.caps()
+    except (TargetError, OSError):
+        return False
+    return True
+
+
+def exec_foreground(inst: Instance, *, incoming: bool = False) -> None:
+    """Become the daemon (systemd Type=notify keeps $NOTIFY_SOCKET for it)."""
+    status = probe(inst)
+    if status.state == "running" or preflight(inst, 0) is not None:
+        _running_already(inst, probe(inst))
+        raise LifecycleError(f"{inst.name} is already running (pid {status.pid})")
+    clean_stale(inst)
+    inst.paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    inst.paths.log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    env = _daemon_env()
+    if "NOTIFY_SOCKET" in os.environ:
+        env["NOTIFY_SOCKET"] = os.environ["NOTIFY_SOCKET"]
+    argv = daemon_argv(inst, incoming=incoming)
+    os.execve(argv[0], argv, env)
+
+
+# ---------------------------------------------------------------- stop
+
+
+def _gone(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it happens to be our child
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[-1].split()
+        return fields[:1] == [b"Z"]
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _wait_stopped(inst: Instance, pid: int, timeout: float) -> bool:
+    sd: StateDir = inst.statedir()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sd.holder_pid() is None and _gone(pid):
+            return True
+        time.sleep(POLL)
+    return False
+
+
+def _terminate(pid: int, inst: Instance) -> bool:
+    """SIGTERM, then SIGKILL: only ever to this instance's own daemon."""
+    for sig, wait in ((signal.SIGTERM, TERM_TIMEOUT), (signal.SIGKILL, TERM_TIMEOUT)):
+        if not is_our_daemon(pid, inst):
+            return _gone(pid)
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        except PermissionError as exc:
+            raise LifecycleError(f"cannot signal pid {pid}: {exc.strerror}") from None
+        if _wait_stopped(inst, pid, wait):
+            return True
+    return False
+
+
+def _send_shutdown(inst: Instance, timeout: float) -> None:
+    from vtpmctl.device.client import ControlClient, SocketTransport
+
+    if inst.config.transport == "cuse":
+        from vtpmctl.device.target import cuse_transport
+
+        transport = cuse_transport(str(inst.paths.device), timeout=timeout)
+    else:
+        transport = SocketTransport(str(inst.paths.ctrl_socket), timeout=timeout)
+    with ControlClient(transport) as client:
+        client.shutdown()
+
+
+def stop(inst: Instance, *, force: bool = False, timeout: float = STOP_TIMEOUT) -> int | None:
+    """CMD_SHUTDOWN and wait; ``force`` escalates to SIGTERM, then SIGKILL.
+
+    Returns the pid that was stopped, or None if the instance was not running.
+    """
+    from vtpmctl.device.client import ControlError, TargetError
+
+    status = probe(inst)
+    if status.state != "running":
+        clean_stale(inst)
+        return None
+    pid = status.pid or 0
+    if not status.ours:
+        raise LifecycleError(
+            f"the state dir of {inst.name} is locked by pid {pid} ({process_name(pid)}), "
+            "which is not its vtpmctl daemon; stop that process yourself")
+    try:
+        _send_shutdown(inst, timeout=2.0 if force else timeout)
+    except (TargetError, ControlError, OSError) as exc:
+        if not force:
+            raise LifecycleError(f"{inst.name} (pid {pid}) did not accept CMD_SHUTDOWN ({exc}); "
+                                 f"retry with --force") from None
+    if not _wait_stopped(inst, pid, TERM_TIMEOUT if force else timeout):
+        if not force:
+            raise LifecycleError(f"{inst.name} (pid {pid}) did not stop within {timeout:.0f}s; "
+                                 "retry with --force")
+        if not _terminate(pid, inst):
+            raise LifecycleError(f"{inst.name} (pid {pid}) survived SIGKILL; check the process")
+    clean_stale(inst)
+    return pid
+
