@@ -1,0 +1,406 @@
+"""`vtpmctl create|start|stop|restart|rm|list|status`: named vTPMs, day to day.
+
+Plain functions do the work and return the exit code; ``register`` adds the
+typer front ends. ``status`` exits with LSB codes (0 running, 3 stopped,
+1 dead but stale files left, 4 no such instance).
+"""
+
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import typer
+
+    from vtpmctl.engine.supervisor import Status
+    from vtpmctl.store.instances import Instance
+
+FORMAT_VERSION = 1
+STATUS_CODES = {"running": 0, "stale": 1, "stopped": 3}
+STATUS_UNKNOWN = 4
+
+
+class TpmFamily(StrEnum):
+    TPM2 = "2"
+    TPM12 = "1.2"
+
+
+class TransportKind(StrEnum):
+    SOCKET = "socket"
+    CUSE = "cuse"
+
+
+class KeyFormat(StrEnum):
+    AUTO = "auto"
+    HEX = "hex"
+    BINARY = "binary"
+    PASSPHRASE = "passphrase"
+
+
+class EccCurve(StrEnum):
+    P384 = "p384"
+    P256 = "p256"
+
+
+def _registry() -> Any:
+    from vtpmctl.store.instances import Registry
+
+    return Registry()
+
+
+# ---------------------------------------------------------------- records
+
+
+def _endpoints(inst: "Instance") -> dict[str, str | None]:
+    p = inst.paths
+    if inst.config.transport == "cuse":
+        return {"ctrl": None, "data": None, "device": str(p.device)}
+    return {"ctrl": f"unix:{p.ctrl_socket}", "data": f"unix:{p.data_socket}", "device": None}
+
+
+def instance_record(inst: "Instance", st: "Status") -> dict[str, Any]:
+    """One instance as status --json and list --json show it (stable keys)."""
+    p = inst.paths
+    socket = inst.config.transport == "socket"
+    return {
+        "name": inst.name,
+        "state": st.state,
+        "pid": st.pid,
+        "owner": None if st.pid is None else ("vtpmctl" if st.ours else "other"),
+        "tpm": inst.config.tpm,
+        "transport": inst.config.transport,
+        "encrypted": inst.config.encrypted,
+        "migration_key": inst.config.migration_key,
+        "ek": inst.config.ek,
+        "created": inst.meta.created or None,
+        "libtpms_version": inst.meta.libtpms_version,
+        "state_dir": str(p.state_dir),
+        "endpoints": _endpoints(inst),
+        "tcti": f"swtpm:path={p.data_socket}" if socket else f"device:{p.device}",
+        "log_file": str(p.log_file),
+        "pid_file": str(p.pid_file),
+        "stale_files": [str(f) for f in st.leftovers],
+        "error": None,
+    }
+
+
+def _broken_record(name: str, error: str) -> dict[str, Any]:
+    keys = ("pid", "owner", "tpm", "transport", "encrypted", "migration_key", "ek", "created",
+            "libtpms_version", "state_dir", "endpoints", "tcti", "log_file", "pid_file")
+    return {"name": name, "state": "unknown", **dict.fromkeys(keys), "stale_files": [],
+            "error": error}
+
+
+# ---------------------------------------------------------------- output
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _note(text: str) -> None:
+    sys.stderr.write(f"vtpmctl: {text}\n")
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data) + "\n")
+
+
+def _print_rows(title: str, rows: list[tuple[str, str]]) -> None:
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, show_header=False, box=None, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in rows:
+            table.add_row(key, value)
+        Console().print(table)
+        return
+    width = max(len(k) for k, _ in rows)
+    sys.stdout.write("".join(f"{k:<{width}}  {v}\n" for k, v in rows))
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold")
+        for h in headers:
+            table.add_column(h)
+        styles = {"running": "green", "stale": "red", "unknown": "red"}
+        for row in rows:
+            style = styles.get(row[1])
+            table.add_row(*(row[:1] + [f"[{style}]{row[1]}[/]" if style else row[1]] + row[2:]))
+        Console().print(table)
+        return
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+# ---------------------------------------------------------------- commands
+
+
+def create(name: str, tpm: str = "2", transport: str = "socket", ek: bool | None = None,
+           encrypt: bool = False, key_file: Path | None = None, key_format: str = "auto",
+           migration_key_file: Path | None = None, migration_key_format: str = "auto",
+           ecc_curve: str = "p384") -> int:
+    """Register NAME and manufacture its TPM."""
+    from vtpmctl.engine.create import CreateOptions, create_instance
+
+    opts = CreateOptions(tpm="2.0" if tpm == "2" else "1.2", transport=transport,  # type: ignore[arg-type]
+                         ek=ek, encrypt=encrypt, key_file=key_file, key_format=key_format,
+                         migration_key_file=migration_key_file,
+                         migration_key_format=migration_key_format, ecc_curve=ecc_curve)
+    inst = create_instance(_registry(), name, opts)
+    extras = []
+    if inst.config.ek:
+        extras.append("EK " + ", ".join(sorted(inst.meta.ek_fingerprints)))
+    if inst.config.encrypted:
+        extras.append(f"encrypted ({inst.meta.cipher})")
+    detail = "; ".join([f"TPM {inst.config.tpm}", *extras])
+    _out(f"created {name} ({detail})")
+    return 0
+
+
+def start(name: str, incoming: bool = False, foreground: bool = False) -> int:
+    """Start NAME's daemon and return when its control channel answers."""
+    from vtpmctl.engine import supervisor
+
+    inst = _registry().get(name)
+    if foreground:
+        supervisor.exec_foreground(inst, incoming=incoming)
+        return 1  # exec_foreground only returns by raising
+    started = supervisor.start(inst, incoming=incoming)
+    if started.already:
+        _out(f"{name} is already running (pid {started.pid})")
+    else:
+        _out(f"started {name} (pid {started.pid})")
+    return 0
+
+
+def stop(name: str, force: bool = False) -> int:
+    """Stop NAME's daemon (CMD_SHUTDOWN; --force escalates to signals)."""
+    from vtpmctl.engine import supervisor
+
+    pid = supervisor.stop(_registry().get(name), force=force)
+    _out(f"{name} is not running" if pid is None else f"stopped {name} (pid {pid})")
+    return 0
+
+
+def restart(name: str, force: bool = False) -> int:
+    from vtpmctl.engine import supervisor
+
+    inst = _registry().get(name)
+    supervisor.stop(inst, force=force)
+    started = supervisor.start(inst)
+    _out(f"restarted {name} (pid {started.pid})")
+    return 0
+
+
+def rm(name: str, yes: bool = False) -> int:
+    """Delete NAME and its TPM state for good (it must be stopped)."""
+    from vtpmctl.engine.supervisor import LifecycleError
+    from vtpmctl.store.statedir import StateDir
+
+    registry = _registry()
+    paths = registry.paths(name)
+    if not paths.base.exists():
+        from vtpmctl.store.instances import NoSuchInstance
+
+        raise NoSuchInstance(f"no instance named {name}; see vtpmctl list")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise LifecycleError(f"removing {name} destroys its TPM for good; add --yes to "
+                                 "confirm")
+        sys.stderr.write(f"Remove {name} and its TPM state for good? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            _note("not removed")
+            return 1
+    sd = StateDir(paths.state_dir)
+    if paths.state_dir.exists() and not sd.lock(0):
+        raise LifecycleError(f"{name} is running (pid {sd.holder_pid()}); stop it first: "
+                             f"vtpmctl stop {name}")
+    try:
+        registry.remove(name)
+    finally:
+        sd.unlock()
+    _out(f"removed {name}")
+    return 0
+
+
+def list_(as_json: bool = False, quiet: bool = False) -> int:
+    """Every instance with its state."""
+    from vtpmctl.engine.supervisor import probe
+    from vtpmctl.store.instances import InstanceError
+
+    registry = _registry()
+    records = []
+    for name in registry.names():
+        try:
+            inst = registry.get(name)
+            records.append(instance_record(inst, probe(inst)))
+        except (InstanceError, OSError) as exc:
+            records.append(_broken_record(name, str(exc)))
+    if quiet:
+        for r in records:
+            _out(r["name"])
+        return 0
+    if as_json:
+        _print_json({"format_version": FORMAT_VERSION, "instances": records})
+        return 0
+    if not records:
+        _note("no instances; create one with: vtpmctl create NAME")
+        return 0
+    rows = []
+    for r in records:
+        ep = r["endpoints"] or {}
+        rows.append([r["name"], r["state"], str(r["pid"] or "-"), r["tpm"] or "?",
+                     "yes" if r["encrypted"] else "no",
+                     (ep.get("device") or ep.get("ctrl") or r["error"] or "")])
+    _print_table(["NAME", "STATE", "PID", "TPM", "ENCRYPTED", "ENDPOINT"], rows)
+    return 0
+
+
+def status(name: str, as_json: bool = False) -> int:
+    """NAME's state; exit 0 running, 3 stopped, 1 stale, 4 unknown instance."""
+    from vtpmctl.engine.supervisor import probe
+    from vtpmctl.store.instances import InstanceError, NoSuchInstance
+
+    try:
+        inst = _registry().get(name)
+    except NoSuchInstance as exc:
+        _note(str(exc))
+        return STATUS_UNKNOWN
+    except InstanceError as exc:
+        if as_json:
+            _print_json({"format_version": FORMAT_VERSION, **_broken_record(name, str(exc))})
+        _note(str(exc))
+        return STATUS_UNKNOWN
+    st = probe(inst)
+    record = instance_record(inst, st)
+    if as_json:
+        _print_json({"format_version": FORMAT_VERSION, **record})
+        return STATUS_CODES[st.state]
+    state: str = st.state
+    if st.state == "running":
+        state += f" (pid {st.pid})" if st.ours else f" by pid {st.pid}, not a vtpmctl daemon"
+    elif st.state == "stale":
+        state = "dead (stale files left; `vtpmctl start` cleans them)"
+    ep = record["endpoints"]
+    rows = [("state", state), ("TPM", record["tpm"]), ("transport", record["transport"])]
+    if ep["device"]:
+        rows.append(("device", ep["device"]))
+    else:
+        rows += [("control", ep["ctrl"]), ("data", ep["data"]), ("TCTI", record["tcti"])]
+    rows += [("encrypted", f"yes ({inst.meta.cipher})" if inst.config.encrypted else "no"),
+             ("EK", ", ".join(sorted(inst.meta.ek_fingerprints)) or "none"),
+             ("created", record["created"] or "?"),
+             ("state dir", record["state_dir"]), ("log", record["log_file"])]
+    _print_rows(name, rows)
+    return STATUS_CODES[st.state]
+
+
+# ---------------------------------------------------------------- command line
+
+
+def register(app: "typer.Typer") -> None:
+    """Add create, start, stop, restart, rm, list and status to the vtpmctl app."""
+    from typing import Annotated
+
+    import typer
+
+    name_arg = typer.Argument(metavar="NAME", show_default=False, help="instance name")
+    json_opt = typer.Option("--json", help="one JSON object on stdout")
+
+    @app.command("create")
+    def create_cmd(
+        name: Annotated[str, name_arg],
+        tpm: Annotated[TpmFamily, typer.Option("--tpm", help="TPM family")] = TpmFamily.TPM2,
+        transport: Annotated[TransportKind, typer.Option(
+            "--transport", help="control/data sockets, or a CUSE device /dev/vtpm-NAME")]
+        = TransportKind.SOCKET,
+        ek: Annotated[bool | None, typer.Option(
+            "--ek/--no-ek", show_default=False,
+            help="provision EKs and certificates [default: on for TPM 2.0]")] = None,
+        encrypt: Annotated[bool, typer.Option(
+            "--encrypt", help="encrypt the state at rest (a new random key unless --key-file)")]
+        = False,
+        key_file: Annotated[Path | None, typer.Option(
+            "--key-file", help="state key (0600): hex or binary AES key, or a passphrase "
+            "file with --key-format passphrase; implies --encrypt")] = None,
+        key_format: Annotated[KeyFormat, typer.Option(
+            "--key-format", help="how to read --key-file")] = KeyFormat.AUTO,
+        migration_key_file: Annotated[Path | None, typer.Option(
+            "--migration-key-file", help="key (0600) that encrypts exported state blobs")]
+        = None,
+        migration_key_format: Annotated[KeyFormat, typer.Option(
+            "--migration-key-format", help="how to read --migration-key-file")]
+        = KeyFormat.AUTO,
+        ecc_curve: Annotated[EccCurve, typer.Option(
+            "--ecc-curve", help="curve of the ECC EK (p384 at 0x81010016 as swtpm_setup; "
+            "p256 at 0x8101000a)")] = EccCurve.P384,
+    ) -> None:
+        """Create a named vTPM: manufacture it, provision EKs, keep its state."""
+        raise typer.Exit(create(name, tpm.value, transport.value, ek, encrypt, key_file,
+                                key_format.value, migration_key_file,
+                                migration_key_format.value, ecc_curve.value))
+
+    @app.command("start")
+    def start_cmd(
+        name: Annotated[str, name_arg],
+        incoming: Annotated[bool, typer.Option(
+            "--incoming", help="wait for QEMU's state (incoming migration)")] = False,
+        foreground: Annotated[bool, typer.Option(
+            "--foreground", help="run the daemon in this process (systemd Type=notify)")]
+        = False,
+    ) -> None:
+        """Start a vTPM's daemon; returns when its control channel answers."""
+        raise typer.Exit(start(name, incoming=incoming, foreground=foreground))
+
+    @app.command("stop")
+    def stop_cmd(
+        name: Annotated[str, name_arg],
+        force: Annotated[bool, typer.Option(
+            "--force", help="if it does not stop cleanly: SIGTERM, then SIGKILL")] = False,
+    ) -> None:
+        """Stop a vTPM's daemon (its state is saved)."""
+        raise typer.Exit(stop(name, force=force))
+
+    @app.command("restart")
+    def restart_cmd(
+        name: Annotated[str, name_arg],
+        force: Annotated[bool, typer.Option("--force", help="as for stop")] = False,
+    ) -> None:
+        """Stop and start a vTPM's daemon."""
+        raise typer.Exit(restart(name, force=force))
+
+    @app.command("rm")
+    def rm_cmd(
+        name: Annotated[str, name_arg],
+        yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+    ) -> None:
+        """Delete a stopped vTPM and its state, keys and logs."""
+        raise typer.Exit(rm(name, yes=yes))
+
+    @app.command("list")
+    def list_cmd(
+        as_json: Annotated[bool, json_opt] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="names only")] = False,
+    ) -> None:
+        """List the vTPMs and their state."""
+        raise typer.Exit(list_(as_json=as_json, quiet=quiet))
+
+    @app.command("status")
+    def status_cmd(
+        name: Annotated[str, name_arg],
+        as_json: Annotated[bool, json_opt] = False,
+    ) -> None:
+        """Show a vTPM's state and endpoints; exit 0 running, 3 stopped, 1 stale."""
+        raise typer.Exit(status(name, as_json=as_json))
