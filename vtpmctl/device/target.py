@@ -109,9 +109,19 @@ def _is_socket(path: str) -> bool:
 
 def resolve_instance(name: str) -> Target:
     """The control channel of the registered instance NAME."""
-    # The instance registry (vtpmctl.store.instances) will answer this; until
-    # then no name is registered.
-    raise TargetError(f"no instance named {name}; see vtpmctl list", name)
+    from vtpmctl.store.instances import InstanceError, Registry
+
+    try:
+        inst = Registry().get(name)
+    except InstanceError as exc:
+        raise TargetError(str(exc), name) from None
+    if inst.config.transport == "cuse":
+        path = str(inst.paths.device)
+    else:
+        path = str(inst.paths.ctrl_socket)
+    if not os.path.exists(path):
+        raise TargetError(f"{name} is not running; start it with: vtpmctl start {name}", name)
+    return Target("cuse" if inst.config.transport == "cuse" else "unix", path=path)
 
 
 def cuse_transport(path: str, *, timeout: float = DEFAULT_TIMEOUT) -> Transport:
