@@ -20,9 +20,12 @@ if TYPE_CHECKING:
 
 # The command modules, in the order their commands appear in --help.
 GROUPS = (
+    "vtpmctl.commands.lifecycle",
     "vtpmctl.commands.query",
     "vtpmctl.commands.ctl",
     "vtpmctl.commands.state",
+    "vtpmctl.commands.key",
+    "vtpmctl.commands.ek",
 )
 
 DEFAULT_TIMEOUT = 10.0  # same as vtpmctl.device.client.DEFAULT_TIMEOUT
