@@ -134,7 +134,9 @@ class Engine(Storage):
             if name == "permall":
                 self._may_manufacture = False
                 self._cache[name] = data
-        elif name == "permall" and not self._may_manufacture:
+        elif name == "permall" and not self._may_manufacture and not self._staged_permanent:
+            # With a blob staged by SET_STATEBLOB (incoming migration) libtpms still asks
+            # for the file at MainInit, then uses the staged blob: no file is expected.
             log.error("%s is missing; refusing to create a new TPM in its place",
                       self.statedir.file(name))
         return data
