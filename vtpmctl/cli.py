@@ -120,7 +120,21 @@ def _fast_plan(args: list[str]) -> Plan | None:
         return _fast_query(cmd, rest, timeout)
     if cmd == "ctl":
         return _fast_ctl(rest, timeout)
+    if cmd in ("list", "status"):
+        return _fast_lifecycle(cmd, rest)
     return None
+
+
+def _fast_lifecycle(cmd: str, rest: list[str]) -> Plan | None:
+    """`list [--json]` and `status NAME [--json]`: what scripts poll."""
+    flags = [a for a in rest if a.startswith("-")]
+    positional = [a for a in rest if not a.startswith("-")]
+    if flags not in ([], ["--json"]) or len(positional) != (cmd == "status"):
+        return None
+    module = "vtpmctl.commands.lifecycle"
+    if cmd == "list":
+        return (module, "list_", {"as_json": bool(flags)})
+    return (module, "status", {"name": positional[0], "as_json": bool(flags)})
 
 
 def _fast_query(cmd: str, rest: list[str], timeout: float) -> Plan | None:
