@@ -120,21 +120,27 @@ def _fast_plan(args: list[str]) -> Plan | None:
         return _fast_query(cmd, rest, timeout)
     if cmd == "ctl":
         return _fast_ctl(rest, timeout)
-    if cmd in ("list", "status"):
+    if cmd in _LIFECYCLE_FLAGS:
         return _fast_lifecycle(cmd, rest)
     return None
 
 
+# lifecycle command → (the flag it may take, the keyword it sets)
+_LIFECYCLE_FLAGS = {"list": ("--json", "as_json"), "status": ("--json", "as_json"),
+                    "start": ("", ""), "stop": ("--force", "force")}
+
+
 def _fast_lifecycle(cmd: str, rest: list[str]) -> Plan | None:
-    """`list [--json]` and `status NAME [--json]`: what scripts poll."""
+    """`list`, `status NAME`, `start NAME`, `stop NAME`: what scripts and units run."""
+    flag, keyword = _LIFECYCLE_FLAGS[cmd]
     flags = [a for a in rest if a.startswith("-")]
     positional = [a for a in rest if not a.startswith("-")]
-    if flags not in ([], ["--json"]) or len(positional) != (cmd == "status"):
+    if (flags and flags != [flag]) or len(positional) != (cmd != "list"):
         return None
-    module = "vtpmctl.commands.lifecycle"
+    kwargs: dict[str, Any] = {keyword: bool(flags)} if keyword else {}
     if cmd == "list":
-        return (module, "list_", {"as_json": bool(flags)})
-    return (module, "status", {"name": positional[0], "as_json": bool(flags)})
+        return ("vtpmctl.commands.lifecycle", "list_", kwargs)
+    return ("vtpmctl.commands.lifecycle", cmd, {"name": positional[0], **kwargs})
 
 
 def _fast_query(cmd: str, rest: list[str], timeout: float) -> Plan | None:
