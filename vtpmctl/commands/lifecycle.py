@@ -271,13 +271,10 @@ def list_(as_json: bool = False, quiet: bool = False) -> int:
 def status(name: str, as_json: bool = False) -> int:
     """NAME's state; exit 0 running, 3 stopped, 1 stale, 4 unknown instance."""
     from vtpmctl.engine.supervisor import probe
-    from vtpmctl.store.instances import InstanceError, NoSuchInstance
+    from vtpmctl.store.instances import InstanceError
 
     try:
         inst = _registry().get(name)
-    except NoSuchInstance as exc:
-        _note(str(exc))
-        return STATUS_UNKNOWN
     except InstanceError as exc:
         if as_json:
             _print_json({"format_version": FORMAT_VERSION, **_broken_record(name, str(exc))})

@@ -209,8 +209,9 @@ def start(inst: Instance, *, incoming: bool = False, timeout: float = START_TIME
             env=_daemon_env(), cwd="/")
     finally:
         os.close(log_fd)
-    if _wait_ready(inst, proc, timeout):
-        return Started(proc.pid, False)
+    started = _wait_ready(inst, proc, timeout)
+    if started is not None:
+        return started
     if proc.returncode is None:  # timed out: do not leave a half-started daemon behind
         _terminate(proc.pid, inst)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -249,16 +250,24 @@ def _running_already(inst: Instance, status: Status) -> Started:
         "process first")
 
 
-def _wait_ready(inst: Instance, proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    """True once the control channel answers; False if the daemon died or timed out."""
+def _wait_ready(inst: Instance, proc: subprocess.Popen[bytes], timeout: float) -> Started | None:
+    """Started once the control channel answers; None if the daemon died or timed out.
+
+    The answer may come from a daemon of a concurrent start that won the lock,
+    so the lock holder says whose it is.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _answers(inst):
-            return True
+            status = probe(inst)
+            if status.pid == proc.pid:
+                return Started(proc.pid, False)
+            if status.state == "running" and status.ours:
+                return Started(status.pid or 0, True)
         if proc.poll() is not None:
-            return False
+            return None
         time.sleep(POLL)
-    return False
+    return None
 
 
 def _answers(inst: Instance) -> bool:
