@@ -566,5 +566,5 @@ def test_errors_are_short_with_debug_traceback(sockdir: Path) -> None:
 
 
 def test_cuse_and_instance_targets_are_one_line_errors() -> None:
-    one_line_error(vt("caps", "/dev/vtpm-nothere"), "CUSE devices are not supported yet")
+    one_line_error(vt("caps", "/dev/vtpm-nothere"), "/dev/vtpm-nothere: no such device")
     one_line_error(vt("info", "myvm"), "no instance named myvm; see vtpmctl list")

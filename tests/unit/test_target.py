@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vtpmctl.device.client import SocketTransport, TargetError
+from vtpmctl.device.protocol import Cmd
 from vtpmctl.device.target import Target, open_client, open_transport, parse_target
 
 
@@ -90,9 +91,13 @@ def test_plain_path_that_is_not_a_socket(tmp_path: Path) -> None:
         parse_target(str(tmp_path))
 
 
-def test_cuse_is_not_supported_yet() -> None:
-    with pytest.raises(TargetError, match="CUSE devices are not supported yet"):
-        open_transport("/dev/vtpm-x")
+def test_cuse_target_opens_the_device_lazily() -> None:
+    from vtpmctl.device.ioctl_transport import DeviceTransport
+
+    transport = open_transport("/dev/vtpm-nothere")
+    assert isinstance(transport, DeviceTransport)
+    with pytest.raises(TargetError, match="no such device"):
+        transport.call(Cmd.GET_CAPABILITY)
 
 
 def test_open_transport_connects_lazily() -> None:

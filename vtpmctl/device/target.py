@@ -126,8 +126,9 @@ def resolve_instance(name: str) -> Target:
 
 def cuse_transport(path: str, *, timeout: float = DEFAULT_TIMEOUT) -> Transport:
     """The ioctl transport for a CUSE device such as /dev/vtpm-x."""
-    raise TargetError(f"{path}: CUSE devices are not supported yet; use the TPM's "
-                      "control socket (unix:PATH or tcp:HOST:PORT)", path)
+    from vtpmctl.device.ioctl_transport import DeviceTransport
+
+    return DeviceTransport(path, timeout=timeout)
 
 
 def open_transport(target: Target | str, *, timeout: float = DEFAULT_TIMEOUT) -> Transport:
