@@ -165,7 +165,7 @@ def run(opts: DaemonOptions) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     log.info("serving %s (TPM %s) on %s", opts.state_dir, "2.0" if opts.tpm2 else "1.2",
-             opts.cuse and f"/dev/{opts.cuse}" or opts.ctrl)
+             getattr(server, "path", None) or opts.ctrl)
     _notify("READY=1")
     try:
         server.serve_forever()
@@ -181,9 +181,13 @@ def run(opts: DaemonOptions) -> int:
 
 def _make_frontend(opts: DaemonOptions, engine: Engine):  # type: ignore[no-untyped-def]
     if opts.cuse is not None:
-        from vtpmctl.device.cuse import CuseServer  # type: ignore[import-not-found,unused-ignore]
+        from vtpmctl.device.cuse import CuseError, CuseServer
 
-        return CuseServer(engine, opts.cuse)
+        try:
+            return CuseServer(engine, opts.cuse)
+        except CuseError as exc:
+            engine.close()
+            raise DaemonError(str(exc)) from None
     from vtpmctl.device.sockets import EndpointError, SocketServer, parse_endpoint
 
     try:
