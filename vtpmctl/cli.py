@@ -13,10 +13,15 @@ engine) inside functions, so building the typer app stays cheap.
 """
 
 import sys
-from typing import TYPE_CHECKING, Any
 
+# `typing` costs more to import than a control round trip; annotations only.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     import typer
+
+    Plan = tuple[str, str, dict[str, Any]]  # module, function, keyword arguments
 
 # The command modules, in the order their commands appear in --help.
 GROUPS = (
@@ -30,8 +35,6 @@ GROUPS = (
 
 DEFAULT_TIMEOUT = 10.0  # same as vtpmctl.device.client.DEFAULT_TIMEOUT
 MIN_TIMEOUT, MAX_TIMEOUT = 0.01, 86400.0
-
-Plan = tuple[str, str, dict[str, Any]]  # module, function, keyword arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +99,7 @@ def _silence_stdout() -> None:
 # ---------------------------------------------------------------- fast route
 
 
-def _fast_plan(args: list[str]) -> Plan | None:
+def _fast_plan(args: list[str]) -> "Plan | None":
     """The plan for a common, well-formed command line, or None to let typer decide."""
     timeout = DEFAULT_TIMEOUT
     i = 0
@@ -130,7 +133,7 @@ _LIFECYCLE_FLAGS = {"list": ("--json", "as_json"), "status": ("--json", "as_json
                     "start": ("", ""), "stop": ("--force", "force")}
 
 
-def _fast_lifecycle(cmd: str, rest: list[str]) -> Plan | None:
+def _fast_lifecycle(cmd: str, rest: list[str]) -> "Plan | None":
     """`list`, `status NAME`, `start NAME`, `stop NAME`: what scripts and units run."""
     flag, keyword = _LIFECYCLE_FLAGS[cmd]
     flags = [a for a in rest if a.startswith("-")]
@@ -143,7 +146,7 @@ def _fast_lifecycle(cmd: str, rest: list[str]) -> Plan | None:
     return ("vtpmctl.commands.lifecycle", cmd, {"name": positional[0], **kwargs})
 
 
-def _fast_query(cmd: str, rest: list[str], timeout: float) -> Plan | None:
+def _fast_query(cmd: str, rest: list[str], timeout: float) -> "Plan | None":
     positional = [a for a in rest if a != "--json"]
     if len(positional) != 1 or positional[0].startswith("-") or rest.count("--json") > 1:
         return None
@@ -159,7 +162,7 @@ _CTL_SHAPES = {
 }
 
 
-def _fast_ctl(rest: list[str], timeout: float) -> Plan | None:
+def _fast_ctl(rest: list[str], timeout: float) -> "Plan | None":
     if len(rest) < 2 or rest[0].startswith("-") or rest[1] not in _CTL_SHAPES:
         return None
     target, action, extra = rest[0], rest[1], rest[2:]
@@ -182,7 +185,7 @@ def _fast_ctl(rest: list[str], timeout: float) -> Plan | None:
              "delete_volatile": delete_volatile, "timeout": timeout})
 
 
-def _execute(plan: Plan) -> int:
+def _execute(plan: "Plan") -> int:
     import importlib
 
     module, function, kwargs = plan

@@ -9,11 +9,15 @@ the control protocol.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import Any, Literal
 
-Endian = Literal["big", "native"]
+# Every vtpmctl command imports this module, so it stays off `typing` and
+# `dataclasses` at run time (together they cost more than a control round trip).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Literal
+
+    Endian = Literal["big", "native"]
 
 
 class Cmd(IntEnum):
@@ -147,11 +151,43 @@ TPM_SEND_COMMAND = 8  # MS-simulator framing prefix (TPM 2 only)
 TPM_HEADER_SIZE = 10
 
 
-@dataclass(frozen=True)
-class Layout:
+class _Record:
+    """A small immutable value object (what a frozen dataclass would give)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _names(self) -> tuple[str, ...]:
+        names: tuple[str, ...] = type(self).__slots__
+        return names
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._names())
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, _Record)
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._names())
+        return f"{type(self).__name__}({args})"
+
+
+class Layout(_Record):
     """A fixed struct: (name, struct code) pairs; '' names are padding."""
 
+    __slots__ = ("fields",)
     fields: tuple[tuple[str, str], ...]
+
+    def __init__(self, fields: tuple[tuple[str, str], ...]) -> None:
+        object.__setattr__(self, "fields", fields)
 
     def fmt(self, endian: Endian) -> str:
         return (">" if endian == "big" else "=") + "".join(code for _, code in self.fields)
@@ -177,8 +213,7 @@ RESULT = L(("result", "I"))
 NONE = L()
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(_Record):
     """One control command: its socket and ioctl layouts.
 
     ``req_rule`` is how the socket server checks the request body length
@@ -187,17 +222,32 @@ class Message:
     response ('resp').
     """
 
+    __slots__ = ("cmd", "request", "response", "req_rule", "ioctl_dir", "ioctl_size",
+                 "ioctl_request", "ioctl_response", "error_response", "needs_running", "data")
     cmd: Cmd
     request: Layout
     response: Layout
     req_rule: tuple[str, int] | None
     ioctl_dir: int  # 2 = _IOR, 3 = _IOWR
     ioctl_size: int
-    ioctl_request: Layout = NONE
-    ioctl_response: Layout | None = None  # None: same as socket response
-    error_response: Layout = RESULT  # what a failure looks like on a socket
-    needs_running: bool | None = None  # True: running, False: stopped, None: any
-    data: str | None = None
+    ioctl_request: Layout
+    ioctl_response: Layout | None  # None: same as socket response
+    error_response: Layout  # what a failure looks like on a socket
+    needs_running: bool | None  # True: running, False: stopped, None: any
+    data: str | None
+
+    def __init__(self, cmd: Cmd, request: Layout, response: Layout,
+                 req_rule: tuple[str, int] | None, ioctl_dir: int, ioctl_size: int,
+                 ioctl_request: Layout = NONE, ioctl_response: Layout | None = None,
+                 error_response: Layout = RESULT, needs_running: bool | None = None,
+                 data: str | None = None) -> None:
+        for name, value in (("cmd", cmd), ("request", request), ("response", response),
+                            ("req_rule", req_rule), ("ioctl_dir", ioctl_dir),
+                            ("ioctl_size", ioctl_size), ("ioctl_request", ioctl_request),
+                            ("ioctl_response", ioctl_response),
+                            ("error_response", error_response),
+                            ("needs_running", needs_running), ("data", data)):
+            object.__setattr__(self, name, value)
 
     @property
     def ioctl(self) -> int:
