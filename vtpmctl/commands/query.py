@@ -5,15 +5,17 @@ line calls; ``register`` adds their typer front ends. typer and rich are only
 imported when needed, because scripts call these commands often.
 """
 
-import json
 import sys
-from typing import TYPE_CHECKING, Any
 
 from vtpmctl.device.client import DEFAULT_TIMEOUT, ControlError
 from vtpmctl.device.protocol import Cap, ConfigFlag, InfoFlag, Res
 from vtpmctl.device.target import open_client, parse_target
 
+# `typing` costs more to import than a control round trip; annotations only.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     import typer
 
     from vtpmctl.device.client import ControlClient
@@ -40,7 +42,7 @@ def cap_names(caps: int) -> dict[str, bool]:
     return {c.name.lower(): bool(caps & c) for c in Cap if c.name}
 
 
-def caps_data(target: str, caps: int) -> dict[str, Any]:
+def caps_data(target: str, caps: int) -> "dict[str, Any]":
     known = sum(Cap)
     return {
         "format_version": FORMAT_VERSION,
@@ -69,7 +71,7 @@ def caps(target: str, as_json: bool = False, timeout: float = DEFAULT_TIMEOUT) -
     return 0
 
 
-def info_data(client: "ControlClient", target: str) -> dict[str, Any]:
+def info_data(client: "ControlClient", target: str) -> "dict[str, Any]":
     """Everything the control channel tells about the TPM, as the --json object.
 
     Commands the peer does not advertise are not sent; their keys stay null.
@@ -117,7 +119,7 @@ def info(target: str, as_json: bool = False, timeout: float = DEFAULT_TIMEOUT) -
     return 0
 
 
-def _info_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
+def _info_rows(data: "dict[str, Any]") -> list[tuple[str, str]]:
     def yn(v: bool | None, none: str = "unknown") -> str:
         return none if v is None else ("yes" if v else "no")
 
@@ -138,6 +140,8 @@ def _info_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
     for key in ("runtime_algorithms", "runtime_commands", "active_profile",
                 "available_profiles", "runtime_attributes"):
         if data[key] is not None:
+            import json
+
             rows.append((key.replace("_", " "), json.dumps(data[key], separators=(",", ":"))))
     rows += [("state key", yn(data["state_key"])), ("migration key", yn(data["migration_key"]))]
     if data["buffer_size"] is not None:
@@ -150,7 +154,9 @@ def _info_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- output
 
 
-def _print_json(data: dict[str, Any]) -> None:
+def _print_json(data: "dict[str, Any]") -> None:
+    import json
+
     sys.stdout.write(json.dumps(data) + "\n")
 
 

@@ -20,7 +20,6 @@ import stat
 import struct
 import time
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 from vtpmctl.device.protocol import (
     HASH_DATA_MAX,
@@ -41,6 +40,8 @@ from vtpmctl.device.protocol import (
     socket_error_size,
 )
 
+# `typing` costs more to import than a control round trip; annotations only.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from types import TracebackType

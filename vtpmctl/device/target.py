@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING, Literal
 
 from vtpmctl.device.client import DEFAULT_TIMEOUT, ControlClient, SocketTransport, TargetError
 
+# `typing` costs more to import than a control round trip; annotations only.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Literal
+
     from vtpmctl.device.client import Transport
 
-Kind = Literal["unix", "tcp", "cuse"]
+    Kind = Literal["unix", "tcp", "cuse"]
 
 _FORMS = "use unix:PATH, tcp:HOST:PORT, /dev/NAME or an instance name"
 
