@@ -310,6 +310,25 @@ def test_export_matches_swtpm_ioctl_save(peer: SwtpmPeer, tmp_path: Path) -> Non
     assert stat.S_IMODE(again.stat().st_mode) == 0o600
 
 
+def test_export_into_devices_and_pipes(tpm2_peer: SwtpmPeer, tmp_path: Path) -> None:
+    """A device or FIFO given with -o is written into, never replaced by a file."""
+    target = target_of(tpm2_peer)
+    ok(vt("state", "export", target, "-o", os.devnull))
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    ok(vt("state", "export", target, "-o", str(fifo)))
+    reader.join(10)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert got and got[0] == ok(vt("state", "export", target, "-o", "-"))
+    one_line_error(vt("state", "export", target, "-o", str(tmp_path)), "is a directory")
+    one_line_error(vt("state", "export", target, "-o", str(tmp_path / "no" / "f")),
+                   "does not exist")
+
+
 def test_export_encrypted_keeps_state_key(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text(KEY_HEX)

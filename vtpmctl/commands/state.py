@@ -45,8 +45,13 @@ def export(target: str, output: str, blob_type: str = "permanent", decrypted: bo
     # Check the destination first: reading some blobs has side effects on the
     # TPM (a savestate read releases swtpm's storage lock).
     dest = _destination(output)
-    with open_client(where, timeout=timeout) as client:
-        _, blob = client.get_state(kind, decrypted=decrypted)
+    try:
+        with open_client(where, timeout=timeout) as client:
+            _, blob = client.get_state(kind, decrypted=decrypted)
+    except BaseException:
+        if isinstance(dest, int):
+            os.close(dest)
+        raise
     if dest is None:
         sys.stdout.buffer.write(blob)
         sys.stdout.buffer.flush()
