@@ -312,8 +312,9 @@ class Libtpms:
         self._cmdview[:n] = cmd
         return bytes(self.process_in_place(n))
 
-    def cancel(self) -> None:
-        self.lib.TPMLIB_CancelCommand()
+    def cancel(self) -> int:
+        """TPMLIB_CancelCommand's result (TPM 1.2 cannot cancel: TPM_FAIL)."""
+        return int(self.lib.TPMLIB_CancelCommand())
 
     # ------------------------------------------------------------ state
 

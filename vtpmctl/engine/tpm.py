@@ -249,9 +249,9 @@ class Engine(Storage):
         self.ready = self.running and self.statedir.locked and not self._last_was_shutdown
         return resp
 
-    def cancel(self) -> None:
-        """Safe from any thread, without the lock (gotcha 14)."""
-        self.tpm.cancel()
+    def cancel(self) -> int:
+        """Safe from any thread, without the lock (gotcha 14); libtpms' result."""
+        return self.tpm.cancel()
 
     # ------------------------------------------------------------ control channel
 
@@ -265,8 +265,8 @@ class Engine(Storage):
         if cmd == Cmd.CANCEL_TPM_CMD:
             if not self.running:
                 return ControlReply(Res.BAD_ORDINAL)
-            self.cancel()
-            return ControlReply(Res.SUCCESS)
+            # swtpm passes libtpms' result on: TPM_FAIL on a TPM 1.2.
+            return ControlReply(self.cancel())
         handler = self._handlers.get(cmd)
         if handler is None:
             return ControlReply(Res.BAD_ORDINAL)
