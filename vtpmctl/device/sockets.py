@@ -290,6 +290,12 @@ class ControlConnection:
         return self._run(cmd, data[4:], first_len - 4)
 
     def _set_datafd(self, fds: list[int]) -> bytes:
+        # As swtpm: "a data channel exists already" is checked before the fd, and a
+        # configured data listener counts as one.
+        if self.server.has_data_channel():
+            for fd in fds:
+                os.close(fd)
+            return encode_socket_response(Cmd.SET_DATAFD, Res.IOERROR)
         if not fds:
             return encode_socket_response(Cmd.SET_DATAFD, Res.BAD_PARAMETER)
         for extra in fds[1:]:
@@ -378,6 +384,11 @@ class SocketServer:
     def wakeup_fd(self) -> int:
         """For signal.set_wakeup_fd: a signal interrupts the main loop."""
         return self._wake_w.fileno()
+
+    def has_data_channel(self) -> bool:
+        """A data listener is configured or a SET_DATAFD channel is live."""
+        with self._lock:
+            return self._data_listener is not None or self._datafd_channel is not None
 
     def attach_data_fd(self, fd: int) -> bool:
         with self._lock:
