@@ -1,0 +1,306 @@
+"""Fixtures shared by the interoperability tests.
+
+``vtpm_server`` starts our server (a factory; every server it started is stopped at the end
+of the test), ``swtpm_server`` does the same for a real ``swtpm socket`` through
+``swtpm_peer.swtpm_socket``. Both factories take the same arguments and return objects with
+the same helpers (``ioctl_target``, ``ioctl()``, ``tpm2()``, ``tcti``, ``shutdown()``, ``ctrl``,
+``data``), so a test can run one scenario against either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+from swtpm_peer import (
+    LOCALHOST,
+    SWTPM_IOCTL,
+    Endpoint,
+    SwtpmPeer,
+    Transport,
+    free_tcp_port_pair,
+    swtpm_socket,
+)
+
+# How our server is launched: the only line to change when the CLI form takes over.
+SERVE_COMMAND = [sys.executable, "-m", "vtpmctl.engine.daemon"]
+
+
+class ServerStartError(RuntimeError):
+    """Our server did not come up; carries its exit status and output."""
+
+
+def _probe(ctrl: Endpoint) -> bool:
+    """The control channel answers CMD_GET_CAPABILITY with 8 bytes."""
+    try:
+        with ctrl.connect(timeout=1.0) as sock:
+            sock.sendall(b"\x00\x00\x00\x01")
+            reply = b""
+            while len(reply) < 8:
+                chunk = sock.recv(8 - len(reply))
+                if not chunk:
+                    return False
+                reply += chunk
+            return True
+    except OSError:
+        return False
+
+
+def endpoint_spec(ep: Endpoint) -> str:
+    """Our server's ``--ctrl``/``--data`` spelling of an endpoint."""
+    if ep.kind == "unix":
+        return f"unix:{ep.path}"
+    return f"tcp:{LOCALHOST}:{ep.port}"
+
+
+@dataclass
+class VtpmServer:
+    """One of our servers: process, state dir, endpoints and the same helpers as SwtpmPeer."""
+
+    proc: subprocess.Popen[bytes]
+    state_dir: Path
+    run_dir: Path
+    ctrl: Endpoint
+    data: Endpoint | None
+    tpm2_mode: bool
+    log_path: Path
+    pid_file: Path
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def ioctl_target(self) -> list[str]:
+        if self.ctrl.kind == "unix":
+            return ["--unix", str(self.ctrl.path)]
+        return ["--tcp", f"{LOCALHOST}:{self.ctrl.port}"]
+
+    @property
+    def tcti(self) -> str:
+        assert self.data is not None, "started without a data channel"
+        if self.data.kind == "unix":
+            assert self.ctrl.path == Path(f"{self.data.path}.ctrl")
+            return f"swtpm:path={self.data.path}"
+        assert self.ctrl.port == int(self.data.port or 0) + 1
+        return f"swtpm:host={LOCALHOST},port={self.data.port}"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _fail(self, what: str, result: subprocess.CompletedProcess[bytes] | None = None) -> None:
+        detail = ""
+        if result is not None:
+            detail = (f"\nexit {result.returncode}\nstdout: {result.stdout[-2000:]!r}"
+                      f"\nstderr: {result.stderr.decode(errors='replace')[-2000:]}")
+        raise AssertionError(f"{what} failed{detail}\n--- server log ---\n"
+                             f"{self.log_text()[-3000:]}")
+
+    def ioctl(self, *args: str, check: bool = True,
+              timeout: float = 10.0) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run([SWTPM_IOCTL, *self.ioctl_target, *args],
+                                capture_output=True, timeout=timeout)
+        if check and result.returncode != 0:
+            self._fail(f"swtpm_ioctl {' '.join(args)}", result)
+        return result
+
+    def tpm2(self, tool: str, *args: str, check: bool = True, input: bytes | None = None,
+             timeout: float = 20.0) -> subprocess.CompletedProcess[bytes]:
+        env = dict(os.environ, TPM2TOOLS_TCTI=self.tcti)
+        result = subprocess.run([f"tpm2_{tool}", *args], capture_output=True, env=env,
+                                input=input, timeout=timeout)
+        if check and result.returncode != 0:
+            self._fail(f"tpm2_{tool} {' '.join(args)}", result)
+        return result
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._fail(f"waiting {timeout}s for the server to exit")
+            raise
+
+    def shutdown(self, timeout: float = 10.0) -> int:
+        self.ioctl("-s")
+        return self.wait_exit(timeout)
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        if self.running:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
+
+    def reinit(self) -> None:
+        self.ioctl("-i")
+
+    def wait_ready(self, timeout: float = 10.0) -> VtpmServer:
+        """Until the control channel answers; ServerStartError if the process ends first."""
+        deadline = time.monotonic() + timeout
+        while not _probe(self.ctrl):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                stop_vtpm(self)
+                raise ServerStartError(
+                    f"server did not come up (exit {self.proc.poll()}): {' '.join(self.argv)}\n"
+                    f"{self.log_text()[-3000:]}")
+            time.sleep(0.01)
+        return self
+
+
+class ServerFactory(Protocol):
+    def __call__(self, state_dir: Path | None = None, *, tpm2: bool = True,
+                 ctrl: Transport = "unix", data: Transport | None = "unix",
+                 flags: str | None = None, key_file: Path | None = None,
+                 migration_key_file: Path | None = None,
+                 extra_args: Sequence[str] = ()) -> Any: ...
+
+
+def _endpoints(run_dir: Path, ctrl: Transport,
+               data: Transport | None) -> tuple[Endpoint, Endpoint | None]:
+    """Sockets as the tss2 swtpm TCTI expects them: DATA and DATA.ctrl, or P and P+1."""
+    if data is None:
+        if ctrl == "unix":
+            return Endpoint("unix", path=run_dir / "tpm.ctrl"), None
+        return Endpoint("tcp", port=free_tcp_port_pair() + 1), None
+    if data == "unix":
+        data_ep = Endpoint("unix", path=run_dir / "tpm")
+        ctrl_ep = (Endpoint("unix", path=run_dir / "tpm.ctrl") if ctrl == "unix"
+                   else Endpoint("tcp", port=free_tcp_port_pair() + 1))
+        return ctrl_ep, data_ep
+    port = free_tcp_port_pair()
+    ctrl_ep = (Endpoint("tcp", port=port + 1) if ctrl == "tcp"
+               else Endpoint("unix", path=run_dir / "tpm.ctrl"))
+    return ctrl_ep, Endpoint("tcp", port=port)
+
+
+def launch_vtpm(state_dir: Path | None = None, *, tpm2: bool = True,
+                ctrl: Transport = "unix", data: Transport | None = "unix",
+                flags: str | None = None, key_file: Path | None = None,
+                migration_key_file: Path | None = None, extra_args: Sequence[str] = (),
+                wait: bool = True, startup_timeout: float = 10.0) -> VtpmServer:
+    """Start our server; with ``wait``, return once the control channel answers
+    (without, call ``wait_ready()`` before using it: lets a test start ours while it
+    drives swtpm). The caller must stop it (the fixture does). If it exits before it
+    answers, ServerStartError carries its output.
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix="vtpm-", dir="/tmp"))
+    if state_dir is None:
+        state_dir = run_dir / "state"
+    ctrl_ep, data_ep = _endpoints(run_dir, ctrl, data)
+    log_path = run_dir / "server.log"
+    pid_file = run_dir / "server.pid"
+    argv = [*SERVE_COMMAND, "--state", str(state_dir), "--ctrl", endpoint_spec(ctrl_ep),
+            "--tpm", "2" if tpm2 else "1.2", "--pid-file", str(pid_file)]
+    if data_ep is not None:
+        argv += ["--data", endpoint_spec(data_ep)]
+    if flags:
+        argv += ["--flags", flags]
+    if key_file is not None:
+        argv += ["--key-file", str(key_file)]
+    if migration_key_file is not None:
+        argv += ["--migration-key-file", str(migration_key_file)]
+    argv += list(extra_args)
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=Path(__file__).resolve().parents[2])
+    server = VtpmServer(proc, state_dir, run_dir, ctrl_ep, data_ep, tpm2, log_path, pid_file,
+                        argv)
+    if wait:
+        server.wait_ready(startup_timeout)
+    return server
+
+
+def stop_vtpm(server: VtpmServer) -> None:
+    """SIGTERM, then SIGKILL; removes the server's private socket dir."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(5)
+    shutil.rmtree(server.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def vtpm_server() -> Iterator[Callable[..., VtpmServer]]:
+    """Factory: ``vtpm_server(state_dir=None, tpm2=True, ctrl="unix", data="unix", flags=None,
+    key_file=None, migration_key_file=None, extra_args=(), wait=True)`` -> a VtpmServer."""
+    started: list[VtpmServer] = []
+
+    def start(*args: Any, **kwargs: Any) -> VtpmServer:
+        server = launch_vtpm(*args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:  # signal all first: they wind down in parallel
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM)
+    for server in started:
+        stop_vtpm(server)
+
+
+@pytest.fixture
+def swtpm_server() -> Iterator[Callable[..., SwtpmPeer]]:
+    """Factory with vtpm_server's signature for a real ``swtpm socket``.
+
+    Key files are handed over as ``file=K,format=hex,mode=aes-256-cbc`` (hex, 256 bit).
+    """
+    with contextlib.ExitStack() as stack:
+
+        def start(state_dir: Path | None = None, *, tpm2: bool = True,
+                  ctrl: Transport = "unix", data: Transport | None = "unix",
+                  flags: str | None = None, key_file: Path | None = None,
+                  migration_key_file: Path | None = None,
+                  extra_args: Sequence[str] = ()) -> SwtpmPeer:
+            extra = list(extra_args)
+            if key_file is not None:
+                extra += ["--key", f"file={key_file},format=hex,mode=aes-256-cbc"]
+            if migration_key_file is not None:
+                extra += ["--migration-key",
+                          f"file={migration_key_file},format=hex,mode=aes-256-cbc"]
+            return stack.enter_context(swtpm_socket(
+                state_dir, tpm2=tpm2, ctrl=ctrl, data=data or "unix", flags=flags,
+                extra_args=extra))
+
+        yield start
+
+
+@pytest.fixture(scope="session")
+def manufactured(tmp_path_factory: pytest.TempPathFactory) -> Callable[[bool, Path], Path]:
+    """``manufactured(tpm2, dir)``: ``dir`` becomes a state dir holding a permall that a real
+    swtpm manufactured once per session; returns ``dir``.
+
+    A fresh TPM 1.2 generates its EK at the first INIT (an RSA-2048 key generation, up to
+    seconds); starting both servers of a comparison from the same permall avoids that cost
+    and makes them byte-comparable.
+    """
+    made: dict[bool, bytes] = {}
+
+    def make(tpm2: bool, state_dir: Path) -> Path:
+        if tpm2 not in made:
+            src = tmp_path_factory.mktemp("manufactured")
+            with swtpm_socket(src, tpm2=tpm2, flags=None) as peer:
+                peer.ioctl("-i")
+                peer.shutdown()
+            made[tpm2] = (src / ("tpm2-00.permall" if tpm2 else "tpm-00.permall")).read_bytes()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        name = "tpm2-00.permall" if tpm2 else "tpm-00.permall"
+        (state_dir / name).write_bytes(made[tpm2])
+        return state_dir
+
+    return make
