@@ -1,0 +1,267 @@
+"""Offline examination of libtpms state blobs, in a process of its own.
+
+libtpms keeps one TPM in process globals and ``TPMLIB_ValidateState``
+overwrites them, so blobs are never examined in the caller's process:
+``inspect_blobs`` runs ``python -m vtpmctl.engine.inspect``, hands it the
+plaintext blobs on stdin and reads one JSON object from stdout. The child
+serves the blobs to libtpms from memory and writes nothing to disk; it never
+manufactures (a missing permanent state is an error, not a new TPM).
+
+What it reports:
+
+* ``validate``: ``TPMLIB_ValidateState`` per blob kind, before MainInit (the
+  only time it is safe). 0 is good; a volatile blob is checked against the
+  permanent one it is given with (a volatile state of another TPM fails).
+* with ``describe``: the TPM is powered on from the blobs (TPM 2.0 only is
+  decoded), started unless the volatile state resumed it, and its persistent
+  handles (with their Names) and NV indexes (attributes, size and a sha256 of
+  the contents where the index can be read with an empty password) listed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vtpmctl.engine.tpm2cmd import Transact
+
+BLOB_KINDS = ("permanent", "volatile", "savestate")
+# The blob kinds as libtpms names them (and its TPMLIB_StateType bits).
+_LIBTPMS_NAMES = {"permanent": "permall", "volatile": "volatilestate", "savestate": "savestate"}
+_STATE_TYPES = {"permanent": 1, "volatile": 2, "savestate": 4}
+MODULE = "vtpmctl.engine.inspect"
+DEFAULT_TIMEOUT = 30.0
+_MAX_LOG_LINES = 20
+
+
+@dataclass
+class InspectResult:
+    """What the child found; ``ok`` is False when a blob is bad or could not be decoded."""
+
+    ok: bool
+    validate: dict[str, int]  # blob kind -> TPMLIB_ValidateState rc (0 good)
+    persistent: dict[str, str] | None = None  # "0x81010001" -> Name hex
+    nv: dict[str, dict[str, object]] | None = None  # "0x01c00002" -> attributes/size/sha256
+    error: str | None = None
+    log: list[str] = field(default_factory=list)  # libtpms' own messages, if any
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InspectResult:
+        return cls(ok=bool(data["ok"]),
+                   validate={str(k): int(v) for k, v in data["validate"].items()},
+                   persistent=data.get("persistent"), nv=data.get("nv"),
+                   error=data.get("error"), log=list(data.get("log") or []))
+
+
+# ---------------------------------------------------------------- caller side
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    # The child must import the same vtpmctl as this process, wherever it runs from.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
+
+
+def inspect_blobs(blobs: dict[str, bytes], *, tpm2: bool, describe: bool = False,
+                  timeout: float = DEFAULT_TIMEOUT) -> InspectResult:
+    """Validate (and optionally decode) plaintext state blobs in a fresh process.
+
+    ``blobs`` maps "permanent", "volatile" and "savestate" to plaintext libtpms
+    state; empty or missing kinds are skipped. Never raises for bad blobs:
+    the result says what is wrong.
+    """
+    unknown = sorted(set(blobs) - set(BLOB_KINDS))
+    if unknown:
+        raise ValueError(f"unknown blob kinds {unknown}; use {', '.join(BLOB_KINDS)}")
+    request = {"tpm2": tpm2, "describe": describe,
+               "blobs": {k: base64.b64encode(v).decode() for k, v in blobs.items() if v}}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", MODULE], input=json.dumps(request).encode(),
+            capture_output=True, timeout=timeout, env=_child_env(), cwd="/", check=False)
+    except subprocess.TimeoutExpired:
+        return InspectResult(False, {}, error=f"the state inspector did not finish within "
+                                              f"{timeout:g}s")
+    except OSError as exc:
+        return InspectResult(False, {}, error=f"cannot run the state inspector: {exc.strerror}")
+    log = _log_lines(proc.stderr)
+    if proc.returncode == 0:
+        try:
+            result = InspectResult.from_json(json.loads(proc.stdout))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        else:
+            result.log = log
+            return result
+    reason = next((line[len("vtpmctl: "):] for line in reversed(log)
+                   if line.startswith("vtpmctl: ")), None)
+    if reason is None:
+        reason = f"exit status {proc.returncode}" + (f": {log[-1]}" if log else "")
+    return InspectResult(False, {}, error=f"the state inspector failed ({reason})", log=log)
+
+
+def _log_lines(stderr: bytes) -> list[str]:
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    return lines[-_MAX_LOG_LINES:]
+
+
+# ---------------------------------------------------------------- child side
+
+
+class _InspectError(Exception):
+    """Decoding failed; the message is one line."""
+
+
+def _run(request: dict[str, Any]) -> InspectResult:
+    """The child's work: load libtpms here (this process is thrown away afterwards)."""
+    from vtpmctl.engine.libtpms import Libtpms, Storage, TpmVersion
+
+    tpm2 = bool(request.get("tpm2", True))
+    describe = bool(request.get("describe", False))
+    raw = request.get("blobs") or {}
+    blobs = {kind: base64.b64decode(raw[kind]) for kind in BLOB_KINDS if raw.get(kind)}
+    files = {_LIBTPMS_NAMES[k]: v for k, v in blobs.items()}
+
+    class MemoryStorage(Storage):
+        """The blobs, served from memory; nothing is written anywhere."""
+
+        def load(self, name: str) -> bytes | None:
+            return files.get(name)
+
+        def missing_ok(self, name: str) -> bool:
+            return name != "permall"  # never manufacture a TPM in place of a missing one
+
+        def store(self, name: str, data: bytes) -> None:
+            files[name] = data
+
+        def delete(self, name: str, must_exist: bool) -> None:
+            files.pop(name, None)
+
+        def locality(self) -> int:
+            return 0
+
+    tpm = Libtpms(MemoryStorage())
+    tpm.set_debug_fd(sys.stderr.fileno())
+    tpm.choose(TpmVersion.TPM2 if tpm2 else TpmVersion.TPM12)
+    # ValidateState only before MainInit: it overwrites libtpms' NV globals.
+    validate = {kind: tpm.validate_state(_STATE_TYPES[kind]) for kind in blobs}
+    result = InspectResult(ok=bool(validate) and not any(validate.values()), validate=validate)
+    if not blobs:
+        result.error = "no state blobs given"
+    elif "permanent" not in blobs:
+        result.ok = False
+        result.error = "no permanent state: there is no TPM to inspect"
+    if not describe or result.error is not None:
+        return result
+    rc = tpm.main_init()
+    try:
+        if rc:
+            raise _InspectError(f"the TPM does not power on from these blobs "
+                                f"(TPMLIB_MainInit 0x{rc:x})")
+        if tpm2:
+            _describe_tpm2(tpm.process, result, resumed="volatile" in blobs)
+    except _InspectError as exc:
+        result.ok = False
+        result.error = str(exc)
+    finally:
+        tpm.terminate()
+        tpm.free_response_buffer()
+    return result
+
+
+def _describe_tpm2(transact: Transact, result: InspectResult, *, resumed: bool) -> None:
+    from vtpmctl.engine import tpm2cmd as t
+
+    try:
+        t.startup(transact, t.SU_CLEAR)
+    except t.TpmError as exc:
+        if not (resumed and exc.base == t.RC.INITIALIZE):  # a resumed TPM is started already
+            raise _InspectError(f"the TPM does not start from these blobs ({exc})") from None
+    try:
+        persistent = {}
+        for handle in t.get_handles(transact, t.HR_PERSISTENT):
+            try:
+                name = t.read_public(transact, handle).name.hex()
+            except t.TpmError:
+                name = ""
+            persistent[f"0x{handle:08x}"] = name
+        chunk = t.get_property(transact, t.PT.NV_BUFFER_MAX) or 1024
+        nv: dict[str, dict[str, object]] = {}
+        for index in t.get_handles(transact, t.HR_NV_INDEX):
+            pub = t.nv_read_public(transact, index)
+            data = _read_nv(transact, pub, chunk)
+            nv[f"0x{index:08x}"] = {
+                "attributes": pub.attributes, "size": pub.data_size,
+                "sha256": None if data is None else _sha256(data)}
+    except (t.TpmError, t.MalformedResponse) as exc:
+        raise _InspectError(f"cannot list the TPM's objects ({exc})") from None
+    result.persistent = persistent
+    result.nv = nv
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_nv(transact: Transact, pub: Any, chunk: int) -> bytes | None:
+    """The index's contents, or None when it cannot be read with an empty password.
+
+    The index's own auth first (AUTHREAD), then the owner's (OWNERREAD); a
+    policy-only or read-locked index stays unread.
+    """
+    from vtpmctl.engine import tpm2cmd as t
+
+    attrs = pub.attributes
+    if not attrs & t.NvAttr.WRITTEN or attrs & t.NvAttr.READLOCKED:
+        return None
+    tries: list[int] = []
+    if attrs & t.NvAttr.AUTHREAD:
+        tries.append(pub.index)
+    if attrs & t.NvAttr.OWNERREAD:
+        tries.append(t.RH_OWNER)
+    for auth_handle in tries:
+        for _ in range(3):  # the first DA-protected use after a start may say RETRY
+            try:
+                if pub.data_size == 0:
+                    t.parse_nv_read(transact(t.build_nv_read(pub.index, 0,
+                                                             auth_handle=auth_handle)))
+                    return b""
+                return t.nv_read(transact, pub.index, pub.data_size, auth_handle=auth_handle,
+                                 chunk=chunk)
+            except t.TpmError as exc:
+                if exc.base != t.RC.RETRY:
+                    break
+    return None
+
+
+def main() -> int:
+    """Read one request from stdin, print one InspectResult as JSON."""
+    try:
+        request = json.loads(sys.stdin.buffer.read())
+        if not isinstance(request, dict):
+            raise ValueError("request is not a JSON object")
+        result = _run(request)
+    except Exception as exc:  # noqa: BLE001 - report one line, never a traceback with state
+        sys.stderr.write(f"vtpmctl: {type(exc).__name__}: {exc}\n")
+        return 1
+    sys.stdout.write(json.dumps(result.to_json()) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
