@@ -251,19 +251,16 @@ def _running_already(inst: Instance, status: Status) -> Started:
 
 
 def _wait_ready(inst: Instance, proc: subprocess.Popen[bytes], timeout: float) -> Started | None:
-    """Started once the control channel answers; None if the daemon died or timed out.
+    """Started once our daemon answers; None if it died (or timed out).
 
-    The answer may come from a daemon of a concurrent start that won the lock,
-    so the lock holder says whose it is.
+    An answer may come from the daemon of a concurrent start that won the
+    lock; then ours is about to exit, and the caller looks at who won only
+    once it has, so that a start never returns with two daemons alive.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _answers(inst):
-            status = probe(inst)
-            if status.pid == proc.pid:
-                return Started(proc.pid, False)
-            if status.state == "running" and status.ours:
-                return Started(status.pid or 0, True)
+        if _answers(inst) and probe(inst).pid == proc.pid:
+            return Started(proc.pid, False)
         if proc.poll() is not None:
             return None
         time.sleep(POLL)
@@ -318,7 +315,8 @@ def _gone(pid: int) -> bool:
         return False
 
 
-def _wait_stopped(inst: Instance, pid: int, timeout: float) -> bool:
+def wait_stopped(inst: Instance, pid: int, timeout: float) -> bool:
+    """The lock is free and ``pid`` has exited (reaped here if it is our child)."""
     sd: StateDir = inst.statedir()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -339,7 +337,7 @@ def _terminate(pid: int, inst: Instance) -> bool:
             return True
         except PermissionError as exc:
             raise LifecycleError(f"cannot signal pid {pid}: {exc.strerror}") from None
-        if _wait_stopped(inst, pid, wait):
+        if wait_stopped(inst, pid, wait):
             return True
     return False
 
@@ -379,7 +377,7 @@ def stop(inst: Instance, *, force: bool = False, timeout: float = STOP_TIMEOUT) 
         if not force:
             raise LifecycleError(f"{inst.name} (pid {pid}) did not accept CMD_SHUTDOWN ({exc}); "
                                  f"retry with --force") from None
-    if not _wait_stopped(inst, pid, TERM_TIMEOUT if force else timeout):
+    if not wait_stopped(inst, pid, TERM_TIMEOUT if force else timeout):
         if not force:
             raise LifecycleError(f"{inst.name} (pid {pid}) did not stop within {timeout:.0f}s; "
                                  "retry with --force")
