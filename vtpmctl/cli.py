@@ -135,6 +135,8 @@ _LIFECYCLE_FLAGS = {"list": ("--json", "as_json"), "status": ("--json", "as_json
 
 def _fast_lifecycle(cmd: str, rest: list[str]) -> "Plan | None":
     """`list`, `status NAME`, `start NAME`, `stop NAME`: what scripts and units run."""
+    if cmd == "list" and rest in (["--quiet"], ["-q"]):  # what shell completion runs
+        return ("vtpmctl.commands.lifecycle", "list_", {"quiet": True})
     flag, keyword = _LIFECYCLE_FLAGS[cmd]
     flags = [a for a in rest if a.startswith("-")]
     positional = [a for a in rest if not a.startswith("-")]
