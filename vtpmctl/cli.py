@@ -31,6 +31,7 @@ GROUPS = (
     "vtpmctl.commands.state",
     "vtpmctl.commands.key",
     "vtpmctl.commands.ek",
+    "vtpmctl.commands.migrate",
 )
 
 DEFAULT_TIMEOUT = 10.0  # same as vtpmctl.device.client.DEFAULT_TIMEOUT

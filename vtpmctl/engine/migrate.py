@@ -1,0 +1,370 @@
+"""``vtpmctl migrate export|import``: move a named vTPM to another store or host.
+
+Export reads a *stopped* instance's state dir under its lock, so the bundle
+is the TPM's final state and no start can race it. A running instance is
+refused unless ``allow_running``: then its permanent state is fetched over
+the control channel (a copy of a TPM that keeps changing, without its
+volatile state; a running VM's TPM moves with QEMU's live migration instead).
+
+Import verifies everything before it touches the registry: the bundle's
+bytes (``store.bundle``), then libtpms on this host (``TPMLIB_ValidateState``
+and a power-on in a throwaway process), then that the EKs the bundle
+describes are the ones in the state. Only then is the name reserved and the
+instance written, through the registry's reserve/commit, so a failure at any
+point leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from vtpmctl import __version__
+from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer
+from vtpmctl.store.bundle import (
+    BLOB_TYPES,
+    STATE_NAME,
+    Bundle,
+    BundleError,
+    Manifest,
+    Source,
+    build_bundle,
+    open_bundle,
+)
+from vtpmctl.store.instances import (
+    Instance,
+    InstanceConfig,
+    InstanceExists,
+    InstanceMeta,
+    Registry,
+    TpmVersion,
+    TransportKind,
+    now_utc,
+    validate_name,
+)
+
+CONTROL_TIMEOUT = 5.0
+
+
+class MigrateError(Exception):
+    """An export or import could not be done; one line naming the cause and the fix."""
+
+
+# ---------------------------------------------------------------- libtpms version
+
+
+def libtpms_version() -> str | None:
+    """The libtpms installed here, as "0.9.2" (dlopen only: no TPM is made here)."""
+    from vtpmctl.engine.libtpms import LibtpmsError, _load_library
+    from vtpmctl.engine.manufacture import libtpms_version_string
+
+    try:
+        lib = _load_library()
+    except LibtpmsError:
+        return None
+    get_version = lib.TPMLIB_GetVersion
+    get_version.argtypes = []
+    from ctypes import c_uint32
+
+    get_version.restype = c_uint32
+    return libtpms_version_string(int(get_version()))
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in (text or "").split("."))
+    except ValueError:
+        return ()
+
+
+# ---------------------------------------------------------------- export
+
+
+@dataclass
+class Exported:
+    data: bytes
+    manifest: Manifest
+
+
+def _ek_file(inst: Instance) -> bytes | None:
+    try:
+        return inst.paths.ek_file.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise MigrateError(f"cannot read {inst.paths.ek_file}: {exc.strerror}") from None
+
+
+def _stopped_state(registry: Registry, inst: Instance) -> tuple[Instance, dict[str, bytes]]:
+    """Plaintext blobs from the state dir; the caller holds the state lock."""
+    from vtpmctl.store.instance_keys import load_state_key, recover
+    from vtpmctl.store.keys import KeyFileError
+    from vtpmctl.store.statedir import StateDir, StateDirError
+
+    try:
+        if recover(inst.paths, inst.config.tpm2) is not None:
+            inst = registry.get(inst.name)  # a finished key rotation changed config and meta
+        sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=load_state_key(inst))
+        plain: dict[str, bytes] = {}
+        for kind in BLOB_TYPES:
+            data = sd.load(STATE_NAME[kind])
+            if data:
+                plain[kind] = data
+    except (KeyFileError, StateDirError) as exc:
+        raise MigrateError(f"cannot export {inst.name}: {exc}") from None
+    if "permanent" not in plain:
+        raise MigrateError(f"cannot export {inst.name}: {sd.file('permall')} is missing; "
+                           "restore it from a backup")
+    return inst, plain
+
+
+def _running_state(inst: Instance) -> dict[str, bytes]:
+    """The permanent state of a running instance, over its control channel."""
+    from vtpmctl.device.client import ControlClient, ControlError, SocketTransport, TargetError
+    from vtpmctl.device.protocol import BlobType
+    from vtpmctl.device.target import cuse_transport
+    from vtpmctl.store.instance_keys import load_migration_key
+    from vtpmctl.store.keys import KeyFileError
+
+    try:
+        daemon_key = load_migration_key(inst)
+    except KeyFileError as exc:
+        raise MigrateError(f"cannot export {inst.name}: {exc}") from None
+    if inst.config.transport == "cuse":
+        transport = cuse_transport(str(inst.paths.device), timeout=CONTROL_TIMEOUT)
+    else:
+        transport = SocketTransport(str(inst.paths.ctrl_socket), timeout=CONTROL_TIMEOUT)
+    try:
+        with ControlClient(transport) as client:
+            _, blob = client.get_state(BlobType.PERMANENT, decrypted=True)
+    except ControlError as exc:
+        raise MigrateError(f"cannot read the state of running {inst.name}: {exc}") from None
+    except (TargetError, OSError) as exc:
+        raise MigrateError(f"cannot reach running {inst.name}: {exc}") from None
+    if not blob:
+        raise MigrateError(f"running {inst.name} returned no permanent state")
+    try:
+        plain = unwrap_transfer(blob, state_flags=0, state_key=None, migration_key=daemon_key)
+    except BlobError as exc:
+        raise MigrateError(f"the permanent state of running {inst.name} is unusable: "
+                           f"{exc.message}") from None
+    return {"permanent": plain}
+
+
+def export_instance(registry: Registry, name: str, *, migration_key: AesKey | None = None,
+                    allow_running: bool = False) -> Exported:
+    """A bundle of NAME; ``migration_key`` overrides the instance's own."""
+    from vtpmctl.engine.supervisor import probe
+    from vtpmctl.store.instance_keys import load_migration_key
+    from vtpmctl.store.keys import KeyFileError
+
+    inst = registry.get(name)
+    sd = inst.statedir()
+    if sd.lock(0):
+        try:
+            inst, plain = _stopped_state(registry, inst)
+        finally:
+            sd.unlock()
+        state = "stopped"
+    else:
+        status = probe(inst)
+        if not allow_running:
+            raise MigrateError(
+                f"{name} is running (pid {status.pid}); stop it first (vtpmctl stop {name}) so "
+                "the bundle holds its final state, or add --allow-running for a copy of its "
+                "permanent state (for a running VM, use QEMU live migration)")
+        if not status.ours:
+            raise MigrateError(f"the state dir of {name} is locked by pid {status.pid}, which is "
+                               "not its vtpmctl daemon; stop that process first")
+        plain = _running_state(inst)
+        state = "running"
+    if migration_key is None:
+        try:
+            migration_key = load_migration_key(inst)
+        except KeyFileError as exc:
+            raise MigrateError(f"cannot export {name}: {exc}") from None
+    source = Source(
+        name=name, host=socket.gethostname(), state=state, created=now_utc(),
+        vtpmctl_version=__version__,
+        libtpms_version=libtpms_version() or inst.meta.libtpms_version,
+        tpm_version=inst.config.tpm, transport=inst.config.transport,
+        encrypted_at_rest=inst.config.encrypted, ek_fingerprints=inst.meta.ek_fingerprints)
+    data = build_bundle(plain, source, ek_json=_ek_file(inst), migration_key=migration_key)
+    return Exported(data, open_bundle(data, migration_key).manifest)
+
+
+# ---------------------------------------------------------------- import
+
+
+@dataclass
+class ImportOptions:
+    name: str | None = None
+    migration_key: AesKey | None = None
+    # None: encrypt at rest if the source was (with a new random key)
+    encrypt: bool | None = None
+    state_key: AesKey | None = None
+    key_source: str | None = None
+    transport: TransportKind | None = None
+
+
+@dataclass
+class Imported:
+    instance: Instance
+    manifest: Manifest
+    libtpms_version: str | None
+    notes: list[str]
+
+
+def _check_ek(bundle: Bundle, persistent: dict[str, str] | None) -> None:
+    """The EKs the bundle describes are the ones in its TPM state (same handle, same Name)."""
+    m = bundle.manifest
+    if bundle.ek_json is None:
+        if m.ek_fingerprints:
+            raise BundleError("the bundle manifest is invalid: it lists EK fingerprints but "
+                              "has no ek.json")
+        return
+    try:
+        info = json.loads(bundle.ek_json)
+        eks = info["eks"]
+        found = {str(e["algorithm"]): str(e["fingerprint_sha256"]) for e in eks}
+        handles = {str(e["handle"]): str(e["name"]) for e in eks}
+    except (ValueError, KeyError, TypeError):
+        raise BundleError("ek.json in the bundle is not an EK description") from None
+    if found != m.ek_fingerprints:
+        raise BundleError("the bundle manifest's EK fingerprints do not match its ek.json; "
+                          "the bundle was altered")
+    _check_ek_keys(eks)
+    if persistent is None:
+        return
+    for handle, name in handles.items():
+        if persistent.get(handle) != name:
+            raise BundleError(f"the EK at {handle} described in the bundle is not the one in "
+                              "its TPM state; the bundle was altered")
+
+
+def _check_ek_keys(eks: list[dict[str, object]]) -> None:
+    """Each recorded fingerprint is the SHA-256 of the recorded public key."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    for ek in eks:
+        try:
+            key = serialization.load_pem_public_key(str(ek["public_key_pem"]).encode())
+        except (KeyError, ValueError, TypeError):
+            raise BundleError("ek.json in the bundle holds an unreadable public key") from None
+        spki = key.public_bytes(serialization.Encoding.DER,
+                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        if hashlib.sha256(spki).hexdigest() != ek.get("fingerprint_sha256"):
+            raise BundleError("ek.json in the bundle has a fingerprint that does not match its "
+                              "public key; the bundle was altered")
+
+
+def verify_bundle(data: bytes, migration_key: AesKey | None) -> tuple[Bundle, str | None]:
+    """Everything short of writing: bytes, keys, libtpms here, EKs. Returns libtpms' version."""
+    from vtpmctl.engine.inspect import inspect_blobs
+
+    bundle = open_bundle(data, migration_key)
+    m = bundle.manifest
+    tpm2 = m.tpm_version == "2.0"
+    _check_ek(bundle, None)
+    here = libtpms_version()
+    result = inspect_blobs(bundle.plain, tpm2=tpm2, describe=True)
+    if not result.ok:
+        bad = ", ".join(f"{k} 0x{rc:x}" for k, rc in result.validate.items() if rc)
+        detail = f"TPMLIB_ValidateState failed ({bad})" if bad else (result.error or "failed")
+        raise MigrateError(
+            f"libtpms {here or '?'} on this host cannot load this TPM {m.tpm_version} state "
+            f"(made with libtpms {m.libtpms_version or '?'}): {detail}; "
+            + ("upgrade libtpms here" if _version_tuple(m.libtpms_version)
+               > _version_tuple(here) else "the state is damaged or of another TPM version"))
+    _check_ek(bundle, result.persistent if tpm2 else None)
+    return bundle, here
+
+
+def import_bundle(registry: Registry, data: bytes, opts: ImportOptions) -> Imported:
+    """Create an instance from a bundle, or change nothing."""
+    from vtpmctl.store.instance_keys import store_key
+    from vtpmctl.store.keys import generate_key, key_fingerprint
+    from vtpmctl.store.statedir import StateDir
+
+    bundle, here = verify_bundle(data, opts.migration_key)
+    m = bundle.manifest
+    name = validate_name(opts.name or m.source_name)
+    paths = registry.paths(name)
+    paths.check_socket_paths()
+    if paths.base.exists():
+        raise InstanceExists(f"an instance named {name} exists already; import under another "
+                             f"name with --name NEW, or remove it (vtpmctl rm {name})")
+    notes: list[str] = []
+    if m.source_state == "running":
+        notes.append(f"the bundle is a copy of running {m.source_name} taken on "
+                     f"{m.source_host}; do not run both")
+    encrypt = (m.encrypted_at_rest if opts.encrypt is None else opts.encrypt) \
+        or opts.state_key is not None
+    state_key = opts.state_key
+    key_source = opts.key_source
+    if encrypt and state_key is None:
+        state_key, key_source = generate_key(256), "generated"
+    if not encrypt:
+        state_key = key_source = None
+    mkey = opts.migration_key
+    config = InstanceConfig(name=name, tpm=_tpm(m.tpm_version),
+                            transport=opts.transport or _transport(m.transport),
+                            encrypted=state_key is not None, migration_key=mkey is not None,
+                            ek=bundle.ek_json is not None)
+    meta = InstanceMeta(
+        vtpmctl_version=__version__, libtpms_version=here or m.libtpms_version,
+        cipher=state_key.cipher if state_key else None, key_source=key_source,
+        key_fingerprint=key_fingerprint(state_key) if state_key else None,
+        migration_key_fingerprint=key_fingerprint(mkey) if mkey else None,
+        ek_fingerprints=dict(m.ek_fingerprints))
+    from vtpmctl.store.atomic import write_atomic
+
+    with registry.reserve(name) as paths:
+        registry.ensure_dirs(paths)
+        if state_key is not None:
+            store_key(paths.state_key, state_key)
+        if mkey is not None:
+            store_key(paths.migration_key, mkey)
+        sd = StateDir(paths.state_dir, tpm2=config.tpm2, key=state_key)
+        sd.ensure()
+        for kind, plain in bundle.plain.items():
+            sd.store(STATE_NAME[kind], plain)
+        if bundle.ek_json is not None:
+            write_atomic(paths.ek_file, bundle.ek_json, 0o644)
+        registry.commit(paths, config, meta)
+    return Imported(registry.get(name), m, here, notes)
+
+
+def _tpm(value: str) -> TpmVersion:
+    return "2.0" if value == "2.0" else "1.2"
+
+
+def _transport(value: str) -> TransportKind:
+    return "cuse" if value == "cuse" else "socket"
+
+
+def read_bundle_file(source: str) -> bytes:
+    """The bundle from FILE or '-' (stdin), capped in size."""
+    import sys
+
+    from vtpmctl.store.bundle import read_capped
+
+    if source == "-":
+        if sys.stdin.isatty():
+            raise MigrateError("refusing to read a bundle from a terminal; give a FILE or "
+                               "pipe one in")
+        return read_capped(sys.stdin.buffer, "the bundle on stdin")
+    try:
+        with open(Path(source), "rb") as f:
+            return read_capped(f, source)
+    except OSError as exc:
+        raise MigrateError(f"cannot read {source}: {exc.strerror or exc}") from None
+
+
+__all__ = ["Exported", "ImportOptions", "Imported", "MigrateError",
+           "export_instance", "import_bundle", "libtpms_version", "read_bundle_file",
+           "verify_bundle"]
