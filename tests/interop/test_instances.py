@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -402,3 +403,31 @@ def test_raw_nv_helpers(home: Home) -> None:
         assert nv_read(tpm.transact) == b"12345678"
     assert home.tpm2("raw", "nvread", "0x1500016", "-C", "o", "-s", "8").stdout == b"12345678"
     assert t.RH_OWNER == 0x40000001
+
+
+def test_foreground_with_notify_socket(home: Home, tmp_path: Path) -> None:
+    """What the Type=notify unit runs: READY=1 once serving, SIGTERM saves and exits."""
+    from instance_helpers import VTPMCTL
+
+    home.run("create", "fg", "--no-ek")
+    notify_path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(30)
+        proc = subprocess.Popen([*VTPMCTL, "start", "--foreground", "fg"],
+                                env=dict(home.env, NOTIFY_SOCKET=str(notify_path)))
+        try:
+            assert b"READY=1" in notify.recv(4096).split(b"\n")
+            code, st = home.status("fg")
+            assert code == 0 and st["pid"] == proc.pid  # the unit's main pid is the daemon
+            boot(home, "fg")
+            write_marker(home, "fg")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert home.status("fg")[0] == 3
+    home.run("start", "fg")
+    boot(home, "fg")
+    assert read_marker(home, "fg") == MARKER
