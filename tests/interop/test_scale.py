@@ -1,0 +1,66 @@
+"""50 instances on one machine: they all start, and `list --json` stays fast.
+
+The instances are clones of one manufactured TPM (a create each would only
+measure manufacturing, which bench/bench_instances.py does); each has its own
+state dir, sockets and daemon.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from instance_helpers import home_at
+
+from vtpmctl.engine import supervisor
+from vtpmctl.store.instances import InstanceConfig, InstanceMeta
+
+COUNT = 50
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.scale
+def test_fifty_instances(tmp_path: Path) -> None:
+    with home_at(tmp_path / "h") as home:
+        home.run("create", "vm00", "--no-ek")
+        registry = home.registry()
+        template = registry.get("vm00")
+        names = [f"vm{i:02d}" for i in range(COUNT)]
+        for name in names[1:]:
+            with registry.reserve(name) as paths:
+                shutil.copytree(template.paths.state_dir, paths.state_dir)
+                registry.commit(paths, InstanceConfig(name=name, ek=False),
+                                InstanceMeta(libtpms_version=template.meta.libtpms_version))
+        instances = [registry.get(n) for n in names]
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            started = list(pool.map(supervisor.start, instances))
+        start_all = time.monotonic() - t0
+        assert len({s.pid for s in started}) == COUNT
+
+        t0 = time.monotonic()
+        listing = home.json("list")
+        list_time = time.monotonic() - t0
+        states = [i["state"] for i in listing["instances"]]
+        assert states == ["running"] * COUNT
+        assert list_time < 1.0, f"list --json took {list_time:.2f}s with {COUNT} running"
+
+        rss = sorted(rss_kib(s.pid) for s in started)
+        print(f"\n{COUNT} instances: started in {start_all:.1f}s, list --json {list_time:.2f}s, "
+              f"RSS per daemon median {rss[COUNT // 2] / 1024:.1f} MiB "
+              f"(max {rss[-1] / 1024:.1f} MiB)")
+
+        with ThreadPoolExecutor(4) as pool:
+            stopped = list(pool.map(supervisor.stop, instances))
+        assert sorted(stopped) == sorted(s.pid for s in started)
+        assert [i["state"] for i in home.json("list")["instances"]] == ["stopped"] * COUNT
