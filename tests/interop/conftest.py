@@ -34,7 +34,7 @@ from swtpm_peer import (
 )
 
 # How our server is launched: the only line to change when the CLI form takes over.
-SERVE_COMMAND = [sys.executable, "-m", "vtpmctl.engine.daemon"]
+SERVE_COMMAND = [str(Path(sys.executable).with_name("vtpmctl")), "serve"]
 
 
 class ServerStartError(RuntimeError):
@@ -68,15 +68,34 @@ def endpoint_spec(ep: Endpoint) -> str:
 class VtpmServer:
     """One of our servers: process, state dir, endpoints and the same helpers as SwtpmPeer."""
 
-    proc: subprocess.Popen[bytes]
     state_dir: Path
     run_dir: Path
-    ctrl: Endpoint
-    data: Endpoint | None
     tpm2_mode: bool
-    log_path: Path
-    pid_file: Path
-    argv: list[str] = field(default_factory=list)
+    ctrl_kind: Transport
+    data_kind: Transport | None
+    options: list[str]  # --flags, --key-file, ... as given
+    ctrl: Endpoint = field(init=False)
+    data: Endpoint | None = field(init=False)
+    proc: subprocess.Popen[bytes] = field(init=False)
+    argv: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.run_dir / "server.log"
+        self.pid_file = self.run_dir / "server.pid"
+        self.spawn()
+
+    def spawn(self) -> None:
+        """Start the process (again: with new TCP ports after a port clash)."""
+        self.ctrl, self.data = _endpoints(self.run_dir, self.ctrl_kind, self.data_kind)
+        self.argv = [*SERVE_COMMAND, "--state", str(self.state_dir),
+                     "--ctrl", endpoint_spec(self.ctrl), "--tpm", "2" if self.tpm2_mode else "1.2",
+                     "--pid-file", str(self.pid_file)]
+        if self.data is not None:
+            self.argv += ["--data", endpoint_spec(self.data)]
+        self.argv += self.options
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                         cwd=Path(__file__).resolve().parents[2])
 
     @property
     def ioctl_target(self) -> list[str]:
@@ -150,12 +169,19 @@ class VtpmServer:
     def wait_ready(self, timeout: float = 10.0) -> VtpmServer:
         """Until the control channel answers; ServerStartError if the process ends first."""
         deadline = time.monotonic() + timeout
+        clashes = 0
         while not _probe(self.ctrl):
+            if (self.proc.poll() is not None and "Address already in use" in self.log_text()
+                    and clashes < 3):
+                clashes += 1  # another test took the "free" port before we bound it
+                self.spawn()
+                continue
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                stop_vtpm(self)
+                status, log = self.proc.poll(), self.log_text()
+                stop_vtpm(self)  # removes the run dir
                 raise ServerStartError(
-                    f"server did not come up (exit {self.proc.poll()}): {' '.join(self.argv)}\n"
-                    f"{self.log_text()[-3000:]}")
+                    f"server did not come up (exit {status}): {' '.join(self.argv)}\n"
+                    f"{log[-3000:]}")
             time.sleep(0.01)
         return self
 
@@ -197,27 +223,15 @@ def launch_vtpm(state_dir: Path | None = None, *, tpm2: bool = True,
     answers, ServerStartError carries its output.
     """
     run_dir = Path(tempfile.mkdtemp(prefix="vtpm-", dir="/tmp"))
-    if state_dir is None:
-        state_dir = run_dir / "state"
-    ctrl_ep, data_ep = _endpoints(run_dir, ctrl, data)
-    log_path = run_dir / "server.log"
-    pid_file = run_dir / "server.pid"
-    argv = [*SERVE_COMMAND, "--state", str(state_dir), "--ctrl", endpoint_spec(ctrl_ep),
-            "--tpm", "2" if tpm2 else "1.2", "--pid-file", str(pid_file)]
-    if data_ep is not None:
-        argv += ["--data", endpoint_spec(data_ep)]
+    options: list[str] = []
     if flags:
-        argv += ["--flags", flags]
+        options += ["--flags", flags]
     if key_file is not None:
-        argv += ["--key-file", str(key_file)]
+        options += ["--key-file", str(key_file)]
     if migration_key_file is not None:
-        argv += ["--migration-key-file", str(migration_key_file)]
-    argv += list(extra_args)
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=Path(__file__).resolve().parents[2])
-    server = VtpmServer(proc, state_dir, run_dir, ctrl_ep, data_ep, tpm2, log_path, pid_file,
-                        argv)
+        options += ["--migration-key-file", str(migration_key_file)]
+    options += list(extra_args)
+    server = VtpmServer(state_dir or run_dir / "state", run_dir, tpm2, ctrl, data, options)
     if wait:
         server.wait_ready(startup_timeout)
     return server
