@@ -103,7 +103,11 @@ def daemon_argv(inst: Instance, *, incoming: bool = False) -> list[str]:
     if inst.config.transport == "cuse":
         argv += ["--cuse", p.cuse_name]
     else:
-        argv += ["--ctrl", f"unix:{p.ctrl_socket}", "--data", f"unix:{p.data_socket}"]
+        argv += ["--ctrl", f"unix:{p.ctrl_socket}"]
+        # An incoming instance waits for QEMU, which brings the data channel itself
+        # (CMD_SET_DATAFD, refused while a data listener exists, as by swtpm).
+        if not incoming:
+            argv += ["--data", f"unix:{p.data_socket}"]
     if inst.config.encrypted:
         argv += ["--key-file", str(p.state_key), "--key-kind", "hex"]
     if inst.config.migration_key:
@@ -209,7 +213,7 @@ def start(inst: Instance, *, incoming: bool = False, timeout: float = START_TIME
             env=_daemon_env(), cwd="/")
     finally:
         os.close(log_fd)
-    started = _wait_ready(inst, proc, timeout)
+    started = _wait_ready(inst, proc, timeout, incoming=incoming)
     if started is not None:
         return started
     if proc.returncode is None:  # timed out: do not leave a half-started daemon behind
@@ -250,7 +254,8 @@ def _running_already(inst: Instance, status: Status) -> Started:
         "process first")
 
 
-def _wait_ready(inst: Instance, proc: subprocess.Popen[bytes], timeout: float) -> Started | None:
+def _wait_ready(inst: Instance, proc: subprocess.Popen[bytes], timeout: float,
+                incoming: bool = False) -> Started | None:
     """Started once our daemon answers; None if it died (or timed out).
 
     An answer may come from the daemon of a concurrent start that won the
@@ -259,12 +264,37 @@ def _wait_ready(inst: Instance, proc: subprocess.Popen[bytes], timeout: float) -
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if incoming and proc.poll() is None:
+            _claim_storage(inst)
         if _answers(inst) and probe(inst).pid == proc.pid:
             return Started(proc.pid, False)
         if proc.poll() is not None:
             return None
         time.sleep(POLL)
     return None
+
+
+def _claim_storage(inst: Instance) -> None:
+    """CMD_LOCK_STORAGE to an incoming daemon, which otherwise locks only when QEMU's
+    state arrives (swtpm's rule, for a state dir shared with the source). A named
+    instance's state dir is its own, and the lock is how it is seen to be running."""
+    from vtpmctl.device.client import ControlClient, ControlError, SocketTransport, TargetError
+
+    try:
+        if inst.config.transport == "cuse":
+            if not inst.paths.device.exists():
+                return
+            from vtpmctl.device.target import cuse_transport
+
+            transport = cuse_transport(str(inst.paths.device), timeout=2.0)
+        elif inst.paths.ctrl_socket.exists():
+            transport = SocketTransport(str(inst.paths.ctrl_socket), timeout=2.0)
+        else:
+            return
+        with ControlClient(transport) as client:
+            client.lock_storage(0)
+    except (TargetError, ControlError, OSError):
+        pass  # not up yet, or the dir is locked by another process: the wait goes on
 
 
 def _answers(inst: Instance) -> bool:
