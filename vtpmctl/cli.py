@@ -31,6 +31,7 @@ GROUPS = (
     "vtpmctl.commands.state",
     "vtpmctl.commands.key",
     "vtpmctl.commands.ek",
+    "vtpmctl.commands.snapshot",
     "vtpmctl.commands.migrate",
 )
 

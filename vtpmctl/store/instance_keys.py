@@ -35,6 +35,7 @@ from vtpmctl.store.keys import (
     load_key,
     write_secret_file,
 )
+from vtpmctl.store.snapshots import SnapshotStore, snapshots_dir
 from vtpmctl.store.statedir import STATE_NAMES, StateDir, StateDirError
 
 ROTATE_SUFFIX = ".rotate"
@@ -122,6 +123,7 @@ def rotate(inst: Instance, new_key: AesKey, key_source: str) -> None:
     meta.cipher = new_key.cipher
     meta.key_source = key_source
     meta.key_fingerprint = key_fingerprint(new_key)
+    SnapshotStore(snapshots_dir(paths), old_key).stage_rekey(new_key)
     decision = {"files": sorted(plains), "meta": meta.to_json()}
     # Phase 2: the marker decides; finish() can be replayed until the marker is gone.
     write_atomic(_marker(paths), json.dumps(decision).encode(), 0o600)
@@ -148,6 +150,8 @@ def finish(paths: InstancePaths, tpm2: bool) -> None:
         write_json(paths.config_file, config.to_json())
     write_json(paths.meta_file,
                InstanceMeta.from_json(decision.get("meta", {}), paths.meta_file).to_json())
+    fingerprint = decision.get("meta", {}).get("key_fingerprint")
+    SnapshotStore(snapshots_dir(paths), None).commit_rekey(fingerprint)
     _marker(paths).unlink()
     fsync_dir(paths.secrets_dir)
 
@@ -167,4 +171,6 @@ def recover(paths: InstancePaths, tpm2: bool) -> str | None:
     for path in leftovers:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+    if SnapshotStore(snapshots_dir(paths), None).abort_rekey():
+        leftovers.append(snapshots_dir(paths))
     return "rolled back" if leftovers else None

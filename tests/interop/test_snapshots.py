@@ -1,0 +1,268 @@
+"""`vtpmctl snapshot` against real daemons: running and stopped, restore, diff, keys, space."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from instance_helpers import DataClient, Home, home_at, nv_define, nv_read, nv_write_cmd, rc
+
+from vtpmctl.engine import snapshot_ops
+from vtpmctl.engine import tpm2cmd as t
+from vtpmctl.store.blob import unwrap_file
+from vtpmctl.store.instance_keys import load_state_key
+from vtpmctl.store.snapshots import SnapshotStore, snapshots_dir
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Home]:
+    with home_at(tmp_path / "h") as h:
+        yield h
+
+
+def key_file(tmp_path: Path, seed: bytes) -> Path:
+    path = tmp_path / f"{seed.decode()}.key"
+    path.write_text(hashlib.sha256(seed).hexdigest() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def boot(home: Home, name: str) -> DataClient:
+    """CMD_INIT and TPM2_Startup(CLEAR), as firmware does; returns a data connection."""
+    home.run("ctl", name, "init")
+    tpm = DataClient(home.registry().paths(name).data_socket)
+    assert rc(tpm.transact(t.build_startup(t.SU_CLEAR))) in (0, 0x100)
+    return tpm
+
+
+def write(tpm: DataClient, value: bytes) -> None:
+    assert rc(tpm.transact(nv_write_cmd(value))) == 0
+
+
+def snap(home: Home, name: str, *args: str) -> dict[str, object]:
+    return home.json("snapshot", "create", name, *args)
+
+
+def test_restore_brings_nv_back_on_a_running_instance(home: Home) -> None:
+    home.run("create", "vm", "--no-ek")
+    home.run("start", "vm")
+    with boot(home, "vm") as tpm:
+        nv_define(tpm.transact)
+        write(tpm, b"AAAAAAAA")
+        made = snap(home, "vm", "--label", "good")
+        assert made["source"] == "control channel"  # taken without stopping the TPM
+        write(tpm, b"BBBBBBBB")
+        write(tpm, b"CCCCCCCC")
+        assert nv_read(tpm.transact) == b"CCCCCCCC"
+    pid_before = home.status("vm")[1]["pid"]
+
+    refused = home.run("snapshot", "restore", "vm", "good", check=False)
+    assert refused.returncode == 1 and "--force" in refused.stderr
+    out = home.json("snapshot", "restore", "vm", "good", "--force")
+    assert out["restored"]["label"] == "good"
+    assert out["stopped"] is True and out["restarted"] is True
+    safety = out["safety_snapshot"]
+    assert safety is not None and safety["label"].startswith("pre-restore-")
+    code, st = home.status("vm")
+    assert code == 0 and st["pid"] != pid_before
+    with boot(home, "vm") as tpm:
+        assert nv_read(tpm.transact) == b"AAAAAAAA"
+    # ... and tpm2-tools agree
+    assert home.tpm2("vm", "nvread", "0x1500016", "-C", "o", "-s", "8").stdout == b"AAAAAAAA"
+
+    # the safety snapshot undoes the restore
+    home.run("stop", "vm")
+    home.run("snapshot", "restore", "vm", safety["label"])
+    home.run("start", "vm")
+    with boot(home, "vm") as tpm:
+        assert nv_read(tpm.transact) == b"CCCCCCCC"
+
+
+def test_volatile_snapshot_resumes_the_boot(home: Home) -> None:
+    home.run("create", "vm", "--no-ek")
+    home.run("start", "vm")
+    with boot(home, "vm") as tpm:
+        nv_define(tpm.transact)
+        write(tpm, b"11111111")
+        made = snap(home, "vm", "--volatile", "--label", "v")
+        assert made["source"] == "control channel"
+        assert made["snapshot"]["blobs"]["volatile"] is not None  # type: ignore[index]
+        write(tpm, b"22222222")
+    home.run("snapshot", "restore", "vm", "v", "--force")
+    paths = home.registry().paths("vm")
+    home.run("ctl", "vm", "init")
+    with DataClient(paths.data_socket) as tpm:
+        # the volatile state resumed the TPM: it is started already
+        assert rc(tpm.transact(t.build_startup(t.SU_CLEAR))) == 0x100
+        assert nv_read(tpm.transact) == b"11111111"
+
+
+def test_stopped_instance_and_state_dir_after_restore(home: Home) -> None:
+    home.run("create", "vm", "--no-ek")
+    made = snap(home, "vm")
+    assert made["source"] == "state dir"
+    home.run("start", "vm")
+    with boot(home, "vm") as tpm:
+        nv_define(tpm.transact)
+        write(tpm, b"xxxxxxxx")
+    home.run("stop", "vm")
+    sd = home.registry().paths("vm").state_dir
+    (sd / "tpm2-00.volatilestate").write_bytes((sd / "tpm2-00.permall").read_bytes())
+    home.run("snapshot", "restore", "vm", "1")
+    assert sorted(os.listdir(sd)) == [".lock", "tpm2-00.permall"]  # no stale volatile
+    assert oct(os.stat(sd / "tpm2-00.permall").st_mode & 0o777) == "0o600"
+    home.run("start", "vm")
+    with boot(home, "vm") as tpm:
+        got = tpm.transact(t.build_nv_read(0x01500016, 8, auth_handle=t.RH_OWNER))
+        assert t.rc_base(rc(got)) == t.RC.HANDLE  # the index did not exist yet
+    assert home.run("verify", "vm").returncode == 0
+
+
+def test_busy_control_channel_reads_the_state_file(home: Home) -> None:
+    home.run("create", "vm", "--no-ek")
+    home.run("start", "vm")
+    with boot(home, "vm") as tpm:
+        nv_define(tpm.transact)
+        write(tpm, b"qqqqqqqq")
+    paths = home.registry().paths("vm")
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    holder.connect(str(paths.ctrl_socket))  # as QEMU does, for the life of the VM
+    try:
+        start = time.monotonic()
+        made = snap(home, "vm")
+        assert made["source"] == "state file" and "QEMU" in str(made["note"])
+        assert time.monotonic() - start < snapshot_ops.BUSY_TIMEOUT + 5
+        refused = home.run("snapshot", "create", "vm", "--volatile", check=False)
+        assert refused.returncode == 1 and "without --volatile" in refused.stderr
+    finally:
+        holder.close()
+    store = snapshot_ops.open_store(home.registry().get("vm"))
+    blobs = store.read_blobs(store.find("1"))
+    assert blobs["permanent"] == unwrap_file((paths.state_dir / "tpm2-00.permall").read_bytes(),
+                                             None)
+
+
+def test_migration_key_blob_is_unwrapped(home: Home, tmp_path: Path) -> None:
+    home.run("create", "vm", "--no-ek", "--key-file", str(key_file(tmp_path, b"state")),
+             "--migration-key-file", str(key_file(tmp_path, b"mig")))
+    home.run("start", "vm")
+    boot(home, "vm").close()
+    made = snap(home, "vm", "--volatile")
+    assert made["source"] == "control channel"
+    inst = home.registry().get("vm")
+    store = snapshot_ops.open_store(inst)
+    blobs = store.read_blobs(store.find("1"))
+    assert set(blobs) == {"permanent", "volatile"}
+    on_disk = unwrap_file((inst.paths.state_dir / "tpm2-00.permall").read_bytes(),
+                          load_state_key(inst))
+    assert blobs["permanent"] == on_disk  # what the daemon keeps on disk, decrypted
+    assert home.json("snapshot", "diff", "vm", "1", "1")["error"] is None
+
+
+def test_key_rotation_re_encrypts_snapshots(home: Home, tmp_path: Path) -> None:
+    home.run("create", "vm", "--no-ek", "--key-file", str(key_file(tmp_path, b"one")))
+    snap(home, "vm", "--label", "a")
+    root = snapshots_dir(home.registry().paths("vm"))
+    before = {p.name: p.read_bytes() for p in (root / "objects").iterdir()}
+    home.run("key", "rotate", "vm", "--new-key-file", str(key_file(tmp_path, b"two")))
+    after = {p.name: p.read_bytes() for p in (root / "objects").iterdir()}
+    assert before.keys() == after.keys()
+    assert all(before[n] != after[n] for n in before)
+    assert not any(n.endswith(".rekey") for n in after)
+    assert home.run("verify", "vm").returncode == 0
+    home.run("snapshot", "restore", "vm", "a")
+    assert home.run("verify", "vm").returncode == 0
+    snap(home, "vm")  # new snapshots use the new key too
+    home.run("start", "vm")
+
+
+def test_diff_lists_persistent_and_nv_changes(home: Home) -> None:
+    home.run("create", "vm", "--no-ek")
+    home.run("start", "vm")
+    with boot(home, "vm") as tpm:
+        nv_define(tpm.transact)
+        write(tpm, b"before!!")
+        snap(home, "vm", "--label", "a")
+        write(tpm, b"after!!!")
+        nv_define(tpm.transact, index=0x01500020, size=4)
+        srk = t.Public(type=t.Alg.ECC, name_alg=t.Alg.SHA256,
+                       attributes=t.ObjAttr.FIXED_TPM | t.ObjAttr.FIXED_PARENT
+                       | t.ObjAttr.SENSITIVE_DATA_ORIGIN | t.ObjAttr.USER_WITH_AUTH
+                       | t.ObjAttr.RESTRICTED | t.ObjAttr.DECRYPT,
+                       symmetric=t.SymDef(t.Alg.AES, 128, t.Alg.CFB), curve=t.Curve.NIST_P256)
+        made = t.create_primary(tpm.transact, t.RH_OWNER, srk)
+        t.evict_control(tpm.transact, made.handle, 0x81000005)
+        snap(home, "vm", "--label", "b")
+    out = home.json("snapshot", "diff", "vm", "a", "b")
+    assert out["format_version"] == 1 and out["error"] is None
+    assert out["blobs"] == {"permanent": "changed"}
+    assert out["persistent"] == {"added": ["0x81000005"], "removed": [], "changed": []}
+    assert out["nv"]["added"] == ["0x01500020"] and out["nv"]["removed"] == []
+    assert out["nv"]["changed"] == [{"handle": "0x01500016", "fields": ["sha256"]}]
+    text = home.run("snapshot", "diff", "vm", "a", "b").stdout
+    assert "0x81000005 added" in text and "0x01500016 changed (sha256)" in text
+    back = home.json("snapshot", "diff", "vm", "b", "a")
+    assert back["persistent"]["removed"] == ["0x81000005"]
+
+
+def test_damaged_snapshot_is_never_restored(home: Home) -> None:
+    home.run("create", "vm", "--no-ek")
+    snap(home, "vm", "--label", "x")
+    paths = home.registry().paths("vm")
+    (obj,) = (snapshots_dir(paths) / "objects").iterdir()
+    raw = bytearray(obj.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    obj.write_bytes(bytes(raw))
+    state_before = (paths.state_dir / "tpm2-00.permall").read_bytes()
+    result = home.run("snapshot", "restore", "vm", "x", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (paths.state_dir / "tpm2-00.permall").read_bytes() == state_before
+    assert len(home.json("snapshot", "list", "vm")["snapshots"]) == 1  # no safety snapshot
+    verify = home.json("verify", "vm", check=False)
+    assert verify["ok"] is False
+    assert any(f["check"] == "snapshots.object" for f in verify["findings"])
+
+
+def test_keep_and_rm(home: Home) -> None:
+    home.run("create", "vm", "--no-ek")
+    inst = home.registry().get("vm")
+    for i in range(4):
+        snapshot_ops.create(inst, label=f"s{i}")
+    out = snap(home, "vm", "--keep", "2", "--label", "last")
+    assert [p["label"] for p in out["pruned"]] == ["s0", "s1", "s2"]  # type: ignore[index]
+    listing = home.json("snapshot", "list", "vm")
+    assert [s["label"] for s in listing["snapshots"]] == ["s3", "last"]
+    assert listing["disk_usage"]["bytes"] > 0
+    home.run("snapshot", "rm", "vm", "s3")
+    assert [s["id"] for s in home.json("snapshot", "list", "vm")["snapshots"]] == [5]
+    missing = home.run("snapshot", "rm", "vm", "s3", check=False)
+    assert missing.returncode == 1 and "no snapshot" in missing.stderr
+
+
+def test_hundred_snapshots_of_an_unchanged_vtpm(home: Home) -> None:
+    """100 snapshots take less than twice the space of one.
+
+    "Space" is measured two ways over the whole snapshots dir (objects, index,
+    lock, directories): the bytes in its files (st_size), and what the file
+    system allocated for files and directories (st_blocks). The vTPM is a
+    default one, with EKs and their certificates (about 5 KB of state).
+    """
+    home.run("create", "vm")
+    inst = home.registry().get("vm")
+    snapshot_ops.create(inst)
+    store = SnapshotStore(snapshots_dir(inst.paths), None)
+    one = store.disk_usage()
+    for _ in range(99):
+        snapshot_ops.create(inst)
+    hundred = store.disk_usage()
+    assert len(store.all()) == 100
+    assert hundred[0] < 2 * one[0], (one, hundred)
+    assert hundred[1] < 2 * one[1], (one, hundred)
+    index = json.loads(store.index_path.read_bytes())
+    assert len(index["states"]) == 1 and len(store.object_names()) == 1

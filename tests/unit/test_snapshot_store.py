@@ -1,0 +1,207 @@
+"""The snapshot blob store: objects, the compact index, key rotation phases, restore order."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from vtpmctl.store.atomic import write_atomic
+from vtpmctl.store.blob import AesKey, unwrap_file, wrap_file
+from vtpmctl.store.keys import key_fingerprint
+from vtpmctl.store.snapshots import (
+    SnapshotError,
+    SnapshotStore,
+    finish_restore,
+    replace_state,
+    restore_marker,
+)
+from vtpmctl.store.statedir import StateDir
+
+KEY = AesKey(bytes(range(32)))
+KEY2 = AesKey(bytes(range(1, 33)))
+PERM = b"permanent state " * 300
+VOL = b"volatile state " * 600
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SnapshotStore:
+    return SnapshotStore(tmp_path / "snapshots", KEY)
+
+
+def test_create_list_find(store: SnapshotStore) -> None:
+    a = store.create({"permanent": PERM}, label="before")
+    b = store.create({"permanent": PERM, "volatile": VOL})
+    assert (a.id, b.id) == (1, 2)
+    assert [s.id for s in store.all()] == [1, 2]
+    assert store.find("before") == a and store.find("2") == b
+    assert a.sizes == {"permanent": len(PERM)}
+    assert store.read_blobs(b) == {"permanent": PERM, "volatile": VOL}
+    with pytest.raises(SnapshotError, match="no snapshot"):
+        store.find("nope")
+    rec = b.to_json()
+    assert set(rec) == {"id", "label", "created", "blobs", "sizes"}
+    assert rec["blobs"]["savestate"] is None
+
+
+def test_objects_are_encrypted_and_deduplicated(store: SnapshotStore) -> None:
+    for _ in range(5):
+        store.create({"permanent": PERM})
+    names = store.object_names()
+    assert len(names) == 1
+    data = store.object_path(names[0]).read_bytes()
+    assert PERM[:32] not in data
+    assert unwrap_file(data, KEY) == PERM
+    index = json.loads(store.index_path.read_bytes())
+    assert len(index["states"]) == 1 and index["key"] == key_fingerprint(KEY)
+    assert os.stat(store.object_path(names[0])).st_mode & 0o777 == 0o600
+
+
+def test_index_entry_is_small(store: SnapshotStore) -> None:
+    store.create({"permanent": PERM})
+    one = store.index_path.stat().st_size
+    for _ in range(99):
+        store.create({"permanent": PERM})
+    per_entry = (store.index_path.stat().st_size - one) / 99
+    assert per_entry < 32
+
+
+def test_labels(store: SnapshotStore) -> None:
+    store.create({"permanent": PERM}, label="x")
+    with pytest.raises(SnapshotError, match="exists already"):
+        store.create({"permanent": PERM}, label="x")
+    for bad in ("", " x", "a/b", "123", "tab\there"):
+        with pytest.raises(SnapshotError, match="bad snapshot label"):
+            store.create({"permanent": PERM}, label=bad)
+    with pytest.raises(SnapshotError, match="permanent"):
+        store.create({"volatile": VOL})
+
+
+def test_remove_and_prune_collect_garbage(store: SnapshotStore) -> None:
+    store.create({"permanent": PERM}, label="old")
+    store.create({"permanent": PERM + b"1"})
+    store.create({"permanent": PERM + b"2"})
+    assert len(store.object_names()) == 3
+    assert store.remove("old").label == "old"
+    assert len(store.object_names()) == 2
+    removed = store.prune(1)
+    assert [s.id for s in removed] == [2]
+    assert [s.id for s in store.all()] == [3]
+    assert len(store.object_names()) == 1
+    assert store.create({"permanent": PERM}).id == 4  # ids are never reused
+    with pytest.raises(SnapshotError):
+        store.prune(0)
+
+
+def test_damaged_object_is_detected_and_replaced(store: SnapshotStore) -> None:
+    snap = store.create({"permanent": PERM})
+    path = store.object_path(snap.blobs["permanent"])
+    raw = bytearray(path.read_bytes())
+    raw[-40] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SnapshotError, match="unreadable"):
+        store.read_blobs(snap)
+    store.create({"permanent": PERM})  # a good copy replaces the damaged one
+    assert store.read_blobs(snap) == {"permanent": PERM}
+
+
+def test_wrong_key_is_named(store: SnapshotStore) -> None:
+    store.create({"permanent": PERM})
+    other = SnapshotStore(store.root, KEY2)
+    with pytest.raises(SnapshotError, match="encrypted with key"):
+        other.create({"permanent": PERM})
+    with pytest.raises(SnapshotError, match="unreadable"):
+        other.read_blobs(other.all()[0])
+
+
+def test_corrupt_index(store: SnapshotStore) -> None:
+    store.create({"permanent": PERM})
+    store.index_path.write_text('{"format_version": 1, "snapshots": [[1]]}')
+    with pytest.raises(SnapshotError, match="corrupt"):
+        store.all()
+
+
+def test_rekey_stage_commit(store: SnapshotStore) -> None:
+    snap = store.create({"permanent": PERM, "volatile": VOL})
+    store.stage_rekey(KEY2)
+    # staged but not committed: the old key still opens everything, new snapshots wait
+    assert store.read_blobs(snap)["volatile"] == VOL
+    with pytest.raises(SnapshotError, match="interrupted"):
+        store.create({"permanent": PERM})
+    SnapshotStore(store.root, None).commit_rekey(key_fingerprint(KEY2))
+    SnapshotStore(store.root, None).commit_rekey(key_fingerprint(KEY2))  # replayable
+    new = SnapshotStore(store.root, KEY2)
+    assert new.read_blobs(snap) == {"permanent": PERM, "volatile": VOL}
+    new.create({"permanent": PERM})
+    assert not any(n.endswith(".rekey") for n in os.listdir(store.objects_dir))
+
+
+def test_rekey_abort(store: SnapshotStore) -> None:
+    snap = store.create({"permanent": PERM})
+    store.stage_rekey(KEY2)
+    assert SnapshotStore(store.root, None).abort_rekey() is True
+    assert store.read_blobs(snap) == {"permanent": PERM}
+    store.create({"permanent": PERM})
+    assert SnapshotStore(store.root, None).abort_rekey() is False
+
+
+def test_rekey_from_no_key(tmp_path: Path) -> None:
+    plain = SnapshotStore(tmp_path / "s", None)
+    snap = plain.create({"permanent": PERM})
+    plain.stage_rekey(KEY)
+    SnapshotStore(plain.root, None).commit_rekey(key_fingerprint(KEY))
+    assert SnapshotStore(plain.root, KEY).read_blobs(snap) == {"permanent": PERM}
+
+
+def test_disk_usage(store: SnapshotStore) -> None:
+    store.create({"permanent": PERM})
+    apparent, allocated = store.disk_usage()
+    assert apparent >= len(PERM) and allocated >= apparent
+
+
+# ---------------------------------------------------------------- replace_state
+
+
+def _statedir(tmp_path: Path) -> StateDir:
+    sd = StateDir(tmp_path / "inst" / "tpmstate", key=KEY)
+    sd.ensure()
+    return sd
+
+
+def test_replace_state_removes_foreign_volatile(tmp_path: Path) -> None:
+    sd = _statedir(tmp_path)
+    sd.store("permall", b"old perm")
+    sd.store("volatilestate", b"old vol")
+    replace_state(sd, {"permanent": b"new perm"}, note="1")
+    assert sd.load("permall") == b"new perm"
+    assert not sd.exists("volatilestate")
+    assert not restore_marker(sd.path).exists()
+    assert sorted(os.listdir(sd.path)) == ["tpm2-00.permall"]
+
+
+def test_replace_state_with_volatile(tmp_path: Path) -> None:
+    sd = _statedir(tmp_path)
+    sd.store("permall", b"old perm")
+    replace_state(sd, {"permanent": b"new perm", "volatile": b"new vol"}, note="1")
+    assert (sd.load("permall"), sd.load("volatilestate")) == (b"new perm", b"new vol")
+    assert os.stat(sd.file("permall")).st_mode & 0o777 == 0o600
+
+
+def test_interrupted_restore_rolls_forward(tmp_path: Path) -> None:
+    """Every point of a crash leaves a whole TPM; the next finish completes the restore."""
+    sd = _statedir(tmp_path)
+    sd.store("permall", b"old perm")
+    sd.store("volatilestate", b"old vol")
+    # staged and decided, then a crash after step 1 (old volatile removed)
+    for name, data in (("permall", b"new perm"), ("volatilestate", b"new vol")):
+        write_atomic(sd.file(name).with_name(sd.file(name).name + ".restore"),
+                     wrap_file(data, KEY))
+    restore_marker(sd.path).write_text(json.dumps({"snapshot": "1",
+                                                   "kinds": ["permanent", "volatile"]}))
+    sd.file("volatilestate").unlink()
+    assert sd.load("permall") == b"old perm"  # a whole (old) TPM, needing Startup
+    assert finish_restore(sd) is True
+    assert (sd.load("permall"), sd.load("volatilestate")) == (b"new perm", b"new vol")
+    assert finish_restore(sd) is False

@@ -1,0 +1,217 @@
+"""`vtpmctl snapshot create|list|restore|rm|diff`: points in a vTPM's life to go back to.
+
+Plain functions do the work and return the exit code; ``register`` adds the
+typer front ends. ``--json`` prints one object with ``format_version``.
+"""
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import typer
+
+    from vtpmctl.store.instances import Instance
+    from vtpmctl.store.snapshots import Snapshot
+
+FORMAT_VERSION = 1
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _note(text: str) -> None:
+    sys.stderr.write(f"vtpmctl: {text}\n")
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps({"format_version": FORMAT_VERSION, **data}) + "\n")
+
+
+def _instance(name: str) -> "Instance":
+    from vtpmctl.store.instances import Registry
+
+    return Registry().get(name)
+
+
+def _record(snap: "Snapshot | None") -> dict[str, Any] | None:
+    return None if snap is None else snap.to_json()
+
+
+def _size(n: int) -> str:
+    return f"{n} B" if n < 10240 else f"{n / 1024:.0f} KiB"
+
+
+def create(name: str, label: str | None = None, volatile: bool = False,
+           keep: int | None = None, as_json: bool = False) -> int:
+    """Snapshot NAME's state (running or stopped)."""
+    from vtpmctl.engine import snapshot_ops
+
+    snap, captured, pruned = snapshot_ops.create(_instance(name), label=label,
+                                                 volatile=volatile, keep=keep)
+    if as_json:
+        _print_json({"instance": name, "snapshot": _record(snap), "source": captured.source,
+                     "note": captured.note, "pruned": [_record(s) for s in pruned]})
+        return 0
+    kinds = " + ".join(k for k in ("permanent", "volatile", "savestate") if k in snap.blobs)
+    _out(f"snapshot {snap.describe()} of {name}: {kinds} state, from the {captured.source}")
+    if captured.note:
+        _note(captured.note)
+    for s in pruned:
+        _out(f"pruned snapshot {s.describe()}")
+    return 0
+
+
+def list_(name: str, as_json: bool = False) -> int:
+    """NAME's snapshots, oldest first."""
+    from vtpmctl.engine import snapshot_ops
+
+    store = snapshot_ops.open_store(_instance(name))
+    snaps = store.all()
+    apparent, allocated = store.disk_usage() if store.root.exists() else (0, 0)
+    if as_json:
+        _print_json({"instance": name, "snapshots": [s.to_json() for s in snaps],
+                     "disk_usage": {"bytes": apparent, "allocated": allocated}})
+        return 0
+    if not snaps:
+        _note(f"{name} has no snapshots; take one with: vtpmctl snapshot create {name}")
+        return 0
+    rows = [["ID", "CREATED", "LABEL", "STATE", "SIZE"]]
+    for s in snaps:
+        kinds = "+".join(k[:3] for k in ("permanent", "volatile", "savestate") if k in s.blobs)
+        rows.append([str(s.id), snapshot_ops.timestamp(s.created), s.label or "", kinds,
+                     _size(sum(s.sizes.values()))])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    _out(f"{len(snaps)} snapshot(s), {_size(apparent)} in {store.root}")
+    return 0
+
+
+def restore(name: str, ref: str, force: bool = False, as_json: bool = False) -> int:
+    """Make snapshot REF NAME's state again (a safety snapshot is taken first)."""
+    from vtpmctl.engine import snapshot_ops
+
+    res = snapshot_ops.restore(_instance(name), ref, force=force)
+    if as_json:
+        _print_json({"instance": name, "restored": _record(res.snapshot),
+                     "safety_snapshot": _record(res.safety), "safety_error": res.safety_error,
+                     "stopped": res.stopped, "restarted": res.restarted})
+        return 0
+    if res.safety is not None:
+        _out(f"saved the current state as snapshot {res.safety.describe()}")
+    else:
+        _note(f"no safety snapshot: the current state is unreadable ({res.safety_error})")
+    _out(f"restored {name} to snapshot {res.snapshot.describe()}")
+    if res.restarted:
+        _out(f"restarted {name}; the guest sees the restored TPM after its next reboot")
+    return 0
+
+
+def rm(name: str, ref: str, as_json: bool = False) -> int:
+    """Delete snapshot REF (objects other snapshots share stay)."""
+    from vtpmctl.engine import snapshot_ops
+
+    snap = snapshot_ops.open_store(_instance(name)).remove(ref)
+    if as_json:
+        _print_json({"instance": name, "removed": _record(snap)})
+    else:
+        _out(f"removed snapshot {snap.describe()} of {name}")
+    return 0
+
+
+def diff(name: str, ref_a: str, ref_b: str, as_json: bool = False) -> int:
+    """What changed from snapshot A to snapshot B."""
+    from vtpmctl.engine import snapshot_ops
+
+    result = snapshot_ops.diff(_instance(name), ref_a, ref_b)
+    if as_json:
+        _print_json({"instance": name, **result})
+        return 1 if result["error"] else 0
+    for kind, change in result["blobs"].items():
+        _out(f"{kind:<10} {change}")
+    for what in ("persistent", "nv"):
+        changes = result[what]
+        if changes["added"] is None:
+            continue
+        for handle in changes["added"]:
+            _out(f"{what:<10} {handle} added")
+        for handle in changes["removed"]:
+            _out(f"{what:<10} {handle} removed")
+        for entry in changes["changed"]:
+            fields = entry.get("fields")
+            _out(f"{what:<10} {entry['handle']} changed"
+                 + (f" ({', '.join(fields)})" if fields else ""))
+    if result["error"]:
+        _note(result["error"])
+        return 1
+    return 0
+
+
+def register(app: "typer.Typer") -> None:
+    """Add the `snapshot` group to the vtpmctl app."""
+    from typing import Annotated
+
+    import typer
+
+    group = typer.Typer(name="snapshot", no_args_is_help=True,
+                        help="Take, list, restore and compare snapshots of a vTPM's state.")
+    name_arg = typer.Argument(metavar="NAME", show_default=False, help="instance name")
+    ref_help = "snapshot id or label"
+    json_opt = typer.Option("--json", help="one JSON object on stdout")
+
+    @group.command("create")
+    def create_cmd(
+        name: Annotated[str, name_arg],
+        label: Annotated[str | None, typer.Option("--label", help="a name to restore by")]
+        = None,
+        volatile: Annotated[bool, typer.Option(
+            "--volatile", help="also the volatile state (loaded objects, sessions, PCRs of "
+            "the current boot)")] = False,
+        keep: Annotated[int | None, typer.Option(
+            "--keep", min=1, metavar="N", help="then keep only the newest N snapshots")]
+        = None,
+        as_json: Annotated[bool, json_opt] = False,
+    ) -> None:
+        """Snapshot a vTPM, running (without stopping it) or stopped."""
+        raise typer.Exit(create(name, label, volatile, keep, as_json))
+
+    @group.command("list")
+    def list_cmd(name: Annotated[str, name_arg],
+                 as_json: Annotated[bool, json_opt] = False) -> None:
+        """List a vTPM's snapshots, oldest first."""
+        raise typer.Exit(list_(name, as_json))
+
+    @group.command("restore")
+    def restore_cmd(
+        name: Annotated[str, name_arg],
+        ref: Annotated[str, typer.Argument(metavar="REF", show_default=False, help=ref_help)],
+        force: Annotated[bool, typer.Option(
+            "--force", help="stop the running vTPM first (and start it again after)")]
+        = False,
+        as_json: Annotated[bool, json_opt] = False,
+    ) -> None:
+        """Put a snapshot back as the vTPM's state (the current state is kept as a snapshot)."""
+        raise typer.Exit(restore(name, ref, force, as_json))
+
+    @group.command("rm")
+    def rm_cmd(
+        name: Annotated[str, name_arg],
+        ref: Annotated[str, typer.Argument(metavar="REF", show_default=False, help=ref_help)],
+        as_json: Annotated[bool, json_opt] = False,
+    ) -> None:
+        """Delete a snapshot."""
+        raise typer.Exit(rm(name, ref, as_json))
+
+    @group.command("diff")
+    def diff_cmd(
+        name: Annotated[str, name_arg],
+        ref_a: Annotated[str, typer.Argument(metavar="A", show_default=False, help=ref_help)],
+        ref_b: Annotated[str, typer.Argument(metavar="B", show_default=False, help=ref_help)],
+        as_json: Annotated[bool, json_opt] = False,
+    ) -> None:
+        """Show which blobs, persistent handles and NV indexes changed from A to B."""
+        raise typer.Exit(diff(name, ref_a, ref_b, as_json))
+
+    app.add_typer(group)

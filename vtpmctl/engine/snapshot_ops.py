@@ -1,0 +1,302 @@
+"""Snapshots of named instances: take, restore, compare.
+
+The blob store (``vtpmctl.store.snapshots``) only keeps bytes; this module
+decides where the bytes come from and when they may replace the live state.
+
+* A running instance is asked through its control channel
+  (CMD_GET_STATEBLOB, decrypted; a migration-key layer is removed with the
+  instance's migration key): the guest's TPM keeps running. The permanent
+  state is one blob, so it is consistent by construction; with the volatile
+  state, permanent is read again afterwards and the pair retaken until both
+  reads agree. When the control channel is held by another client (QEMU keeps
+  it for the life of the VM) the permanent state is read from ``permall``,
+  which the daemon replaces atomically on every NV change: the same bytes
+  CMD_GET_STATEBLOB would return.
+* A stopped instance is read from its state dir under the state lock.
+* A restore checks every object (hash, decryption, ``TPMLIB_ValidateState``)
+  before it touches anything, then takes a safety snapshot of the current
+  state, then replaces the files (see ``replace_state``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vtpmctl.engine import supervisor
+from vtpmctl.engine.inspect import InspectResult, inspect_blobs
+from vtpmctl.store import instance_keys
+from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer
+from vtpmctl.store.instances import Instance, now_utc
+from vtpmctl.store.snapshots import (
+    BLOB_KINDS,
+    FILE_NAMES,
+    Snapshot,
+    SnapshotError,
+    SnapshotStore,
+    finish_restore,
+    replace_state,
+    snapshots_dir,
+)
+from vtpmctl.store.statedir import StateDir, StateDirError
+
+if TYPE_CHECKING:
+    from vtpmctl.device.client import ControlClient
+
+BUSY_TIMEOUT = 3.0  # a control channel that does not answer in this time is held by QEMU
+CONSISTENT_TRIES = 5
+
+
+def open_store(inst: Instance) -> SnapshotStore:
+    """The instance's snapshot store, opened with its state key."""
+    from vtpmctl.store.keys import KeyFileError
+
+    try:
+        key = instance_keys.load_state_key(inst)
+    except KeyFileError as exc:
+        raise SnapshotError(f"cannot open the snapshots of {inst.name}: {exc}") from None
+    return SnapshotStore(snapshots_dir(inst.paths), key)
+
+
+# ---------------------------------------------------------------- reading the live state
+
+
+@dataclass
+class Captured:
+    blobs: dict[str, bytes]
+    source: str  # "control channel", "state dir" or "state file"
+    note: str | None = None  # why the state file was read instead of the control channel
+
+
+def _client(inst: Instance, timeout: float) -> ControlClient:
+    from vtpmctl.device.client import ControlClient, SocketTransport
+
+    if inst.config.transport == "cuse":
+        from vtpmctl.device.target import cuse_transport
+
+        return ControlClient(cuse_transport(str(inst.paths.device), timeout=timeout))
+    return ControlClient(SocketTransport(str(inst.paths.ctrl_socket), timeout=timeout))
+
+
+def _fetch(client: ControlClient, kind: str, state_key: AesKey | None,
+           migration_key: AesKey | None) -> bytes:
+    from vtpmctl.device.protocol import BlobType
+
+    flags, blob = client.get_state(BlobType[kind.upper()], decrypted=True)
+    if not blob:
+        return b""
+    try:
+        return unwrap_transfer(blob, state_flags=flags, state_key=state_key,
+                               migration_key=migration_key)
+    except BlobError as exc:
+        raise SnapshotError(f"the {kind} state blob cannot be opened ({exc.message}); check "
+                            "the instance's migration key") from None
+
+
+def _from_control(inst: Instance, volatile: bool, state_key: AesKey | None,
+                  timeout: float) -> dict[str, bytes]:
+    mkey = instance_keys.load_migration_key(inst)
+    with _client(inst, timeout) as client:
+        perm = _fetch(client, "permanent", state_key, mkey)
+        if not perm:
+            raise SnapshotError(f"{inst.name} has no permanent state to snapshot")
+        if not volatile:
+            return {"permanent": perm}
+        kinds = ["volatile"] + ([] if inst.config.tpm2 else ["savestate"])
+        for _ in range(CONSISTENT_TRIES):
+            extra = {k: _fetch(client, k, state_key, mkey) for k in kinds}
+            again = _fetch(client, "permanent", state_key, mkey)
+            if again == perm:
+                return {"permanent": perm, **{k: v for k, v in extra.items() if v}}
+            perm = again  # the guest changed NV meanwhile: take the pair again
+    raise SnapshotError(f"the state of {inst.name} kept changing while it was read; retry, "
+                        "or snapshot without --volatile")
+
+
+def _from_dir(inst: Instance, sd: StateDir, volatile: bool) -> dict[str, bytes]:
+    blobs: dict[str, bytes] = {}
+    for kind in BLOB_KINDS if volatile else ("permanent",):
+        try:
+            data = sd.load(FILE_NAMES[kind])
+        except StateDirError as exc:
+            raise SnapshotError(str(exc)) from None
+        if data:
+            blobs[kind] = data
+    if "permanent" not in blobs:
+        raise SnapshotError(f"{sd.file('permall')} is missing: {inst.name} has no TPM state "
+                            "to snapshot")
+    return blobs
+
+
+def capture(inst: Instance, store: SnapshotStore, *, volatile: bool) -> Captured:
+    """The instance's current state, without stopping it."""
+    from vtpmctl.device.client import ControlError, TargetError
+    from vtpmctl.device.protocol import Res
+
+    sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=store.key)
+    if sd.lock(0):
+        try:
+            instance_keys.recover(inst.paths, inst.config.tpm2)
+            return Captured(_from_dir(inst, sd, volatile), "state dir")
+        finally:
+            sd.unlock()
+    status = supervisor.probe(inst)
+    if not status.ours:
+        raise SnapshotError(f"the state dir of {inst.name} is locked by pid {status.pid} "
+                            f"({supervisor.process_name(status.pid or 0)}), which is not its "
+                            "vtpmctl daemon; stop that process first")
+    try:
+        return Captured(_from_control(inst, volatile, store.key, BUSY_TIMEOUT),
+                        "control channel")
+    except TargetError:
+        why = "its control channel does not answer (is QEMU holding it?)"
+    except ControlError as exc:
+        if exc.result != Res.BAD_ORDINAL:
+            raise SnapshotError(f"{inst.name} refused to hand out its state: {exc}") from None
+        why = "its TPM is not initialised yet"
+    if volatile:
+        raise SnapshotError(f"cannot read the volatile state of {inst.name}: {why}; snapshot "
+                            "without --volatile (the permanent state is read from disk then)")
+    return Captured(_from_dir(inst, sd, False), "state file",
+                    f"{why}, so the permanent state was read from its state file, which the "
+                    "daemon keeps current")
+
+
+def create(inst: Instance, *, label: str | None = None, volatile: bool = False,
+           keep: int | None = None) -> tuple[Snapshot, Captured, list[Snapshot]]:
+    """Take a snapshot; with ``keep``, prune to the newest ``keep`` afterwards."""
+    if keep is not None and keep < 1:
+        raise SnapshotError("--keep must be 1 or more")
+    store = open_store(inst)
+    captured = capture(inst, store, volatile=volatile)
+    snap = store.create(captured.blobs, label=label)
+    pruned = store.prune(keep) if keep is not None else []
+    return snap, captured, pruned
+
+
+# ---------------------------------------------------------------- restore
+
+
+@dataclass
+class Restored:
+    snapshot: Snapshot
+    safety: Snapshot | None
+    safety_error: str | None
+    stopped: bool  # the instance was running and was stopped for the restore
+    restarted: bool
+
+
+def _safety_label(store: SnapshotStore) -> str:
+    base = "pre-restore-" + now_utc().replace("-", "").replace(":", "")
+    labels = {s.label for s in store.all()}
+    label, n = base, 2
+    while label in labels:
+        label, n = f"{base}-{n}", n + 1
+    return label
+
+
+def check_blobs(inst: Instance, blobs: dict[str, bytes], what: str) -> None:
+    """libtpms must accept the blobs (before anything is replaced)."""
+    res = inspect_blobs(blobs, tpm2=inst.config.tpm2)
+    if not res.ok:
+        bad = ", ".join(f"{k} 0x{v:x}" for k, v in res.validate.items() if v)
+        raise SnapshotError(f"{what} does not validate ({bad or res.error}); it was not "
+                            "restored")
+
+
+def restore(inst: Instance, ref: str, *, force: bool = False) -> Restored:
+    """Make snapshot ``ref`` the instance's state; stops (and restarts) it only with force."""
+    store = open_store(inst)
+    snap = store.find(ref)
+    blobs = store.read_blobs(snap)  # every object verified before anything is touched
+    check_blobs(inst, blobs, f"snapshot {snap.describe()}")
+    stopped = False
+    status = supervisor.probe(inst)
+    if status.state == "running":
+        if not force:
+            raise SnapshotError(f"{inst.name} is running; stop it first (vtpmctl stop "
+                                f"{inst.name}) or add --force to stop and restart it")
+        # CMD_SHUTDOWN, then SIGTERM (a graceful stop in the daemon) if QEMU holds the channel
+        supervisor.stop(inst, force=True)
+        stopped = True
+    try:
+        safety, safety_error = _replace(inst, store, snap, blobs)
+    finally:
+        if stopped:
+            supervisor.start(inst)
+    return Restored(snap, safety, safety_error, stopped, stopped)
+
+
+def _replace(inst: Instance, store: SnapshotStore, snap: Snapshot,
+             blobs: dict[str, bytes]) -> tuple[Snapshot | None, str | None]:
+    sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=store.key)
+    if not sd.lock(0):
+        raise SnapshotError(f"{inst.name} was started meanwhile (pid {sd.holder_pid()}); "
+                            "nothing was restored")
+    try:
+        instance_keys.recover(inst.paths, inst.config.tpm2)
+        finish_restore(sd)  # an earlier restore that was interrupted
+        safety = _safety_snapshot(inst, sd, store)
+        replace_state(sd, blobs, note=snap.ref)
+        return safety
+    finally:
+        sd.unlock()
+
+
+def _safety_snapshot(inst: Instance, sd: StateDir,
+                     store: SnapshotStore) -> tuple[Snapshot | None, str | None]:
+    """The current state, so a restore can be undone; None if it is unreadable or gone."""
+    try:
+        current = _from_dir(inst, sd, volatile=True)
+    except SnapshotError as exc:
+        return None, str(exc)
+    return store.create(current, label=_safety_label(store)), None
+
+
+# ---------------------------------------------------------------- diff
+
+
+def _changes(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
+    if a is None or b is None:
+        return {"added": None, "removed": None, "changed": None}
+    changed = []
+    for key in sorted(set(a) & set(b)):
+        if a[key] != b[key]:
+            entry: dict[str, Any] = {"handle": key}
+            if isinstance(a[key], dict):
+                entry["fields"] = sorted(f for f in set(a[key]) | set(b[key])
+                                         if a[key].get(f) != b[key].get(f))
+            changed.append(entry)
+    return {"added": sorted(set(b) - set(a)), "removed": sorted(set(a) - set(b)),
+            "changed": changed}
+
+
+def diff(inst: Instance, ref_a: str, ref_b: str) -> dict[str, Any]:
+    """Which blobs differ, and (decoded) which persistent handles and NV indexes."""
+    store = open_store(inst)
+    a, b = store.find(ref_a), store.find(ref_b)
+    blobs: dict[str, str] = {}
+    for kind in BLOB_KINDS:
+        da, db = a.blobs.get(kind), b.blobs.get(kind)
+        if da is None and db is None:
+            continue
+        blobs[kind] = ("same" if da == db else "added" if da is None
+                       else "removed" if db is None else "changed")
+    ra, rb = (_describe(inst, store, s) for s in (a, b))
+    errors = [f"snapshot {s.describe()}: {r.error}" for s, r in ((a, ra), (b, rb)) if r.error]
+    return {"a": a.to_json(), "b": b.to_json(), "blobs": blobs,
+            "persistent": _changes(ra.persistent, rb.persistent),
+            "nv": _changes(ra.nv, rb.nv),
+            "error": "; ".join(errors) or None}
+
+
+def _describe(inst: Instance, store: SnapshotStore, snap: Snapshot) -> InspectResult:
+    blobs = store.read_blobs(snap)
+    if not inst.config.tpm2:
+        return InspectResult(ok=True, validate={}, error=None)
+    return inspect_blobs(blobs, tpm2=True, describe=True)
+
+
+def timestamp(created: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
