@@ -25,6 +25,7 @@ complete -c vtpmctl -n '__fish_use_subcommand' -a list -d 'List the vTPMs and th
 complete -c vtpmctl -n '__fish_use_subcommand' -a status -d 'Show a vTPM\'s state and endpoints; exit 0 running, 3 stopped, 1 stale'
 complete -c vtpmctl -n '__fish_use_subcommand' -a caps -d 'Show the control-channel capabilities of a TPM (CMD_GET_CAPABILITY)'
 complete -c vtpmctl -n '__fish_use_subcommand' -a info -d 'Show what a TPM reports: version, keys in use, buffer size, established bit'
+complete -c vtpmctl -n '__fish_use_subcommand' -a verify -d 'Check a vTPM\'s state files, keys, permissions, lock and snapshots (offline)'
 complete -c vtpmctl -n '__fish_use_subcommand' -a ctl -d 'Send one control command to a TPM (like swtpm_ioctl)'
 complete -c vtpmctl -n '__fish_use_subcommand' -a state -d 'Export or import one raw state blob (swtpm_ioctl --save/--load)'
 complete -c vtpmctl -n '__fish_use_subcommand' -a key -d 'Manage an instance\'s state encryption key'
@@ -70,6 +71,10 @@ complete -c vtpmctl -n '__fish_seen_subcommand_from caps; and test (__vtpmctl_np
 complete -c vtpmctl -n '__fish_seen_subcommand_from info' -l json -d 'one JSON object on stdout'
 complete -c vtpmctl -n '__fish_seen_subcommand_from info' -l help -s h -d 'show help and exit'
 complete -c vtpmctl -n '__fish_seen_subcommand_from info; and test (__vtpmctl_npos info) -lt 1' -a '(__vtpmctl_instances)' -F
+complete -c vtpmctl -n '__fish_seen_subcommand_from verify' -l json -d 'one JSON object on stdout'
+complete -c vtpmctl -n '__fish_seen_subcommand_from verify' -l quiet -s q -d 'only problems'
+complete -c vtpmctl -n '__fish_seen_subcommand_from verify' -l help -s h -d 'show help and exit'
+complete -c vtpmctl -n '__fish_seen_subcommand_from verify; and test (__vtpmctl_npos verify) -lt 1' -a '(__vtpmctl_instances)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from ctl; and not __fish_seen_subcommand_from init stop shutdown locality reset-established cancel store-volatile lock-storage; and test (__vtpmctl_npos ctl) -ge 1' -a init -d '(Re)initialise the TPM from its stored state (CMD_INIT)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from ctl; and not __fish_seen_subcommand_from init stop shutdown locality reset-established cancel store-volatile lock-storage; and test (__vtpmctl_npos ctl) -ge 1' -a stop -d 'Stop the TPM without ending its process (CMD_STOP)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from ctl; and not __fish_seen_subcommand_from init stop shutdown locality reset-established cancel store-volatile lock-storage; and test (__vtpmctl_npos ctl) -ge 1' -a shutdown -d 'Stop the TPM and end its process (CMD_SHUTDOWN)'

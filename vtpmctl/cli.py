@@ -32,6 +32,7 @@ GROUPS = (
     "vtpmctl.commands.key",
     "vtpmctl.commands.ek",
     "vtpmctl.commands.snapshot",
+    "vtpmctl.commands.verify",
     "vtpmctl.commands.migrate",
 )
 

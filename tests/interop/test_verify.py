@@ -1,0 +1,138 @@
+"""`vtpmctl verify` on real instances: each kind of damage is found, named and explained."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from instance_helpers import Home, home_at
+
+from vtpmctl.store.blob import AesKey, unwrap_file, wrap_file
+from vtpmctl.store.verify import Finding, verify_instance
+
+FINDING_KEYS = {"level", "check", "what", "fix", "path"}
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Home]:
+    with home_at(tmp_path / "h") as h:
+        yield h
+
+
+def findings(home: Home, name: str) -> tuple[int, dict[str, Any]]:
+    result = home.run("verify", name, "--json", check=False)
+    data = json.loads(result.stdout)
+    assert data["format_version"] == 1 and data["instance"] == name
+    for f in data["findings"]:
+        assert set(f) == FINDING_KEYS and f["level"] in ("ok", "warn", "error")
+    return result.returncode, data
+
+
+def problems(data: dict[str, Any]) -> dict[str, str]:
+    return {f["check"]: f["level"] for f in data["findings"] if f["level"] != "ok"}
+
+
+def test_healthy_instance_stopped_and_running(home: Home) -> None:
+    home.run("create", "vm", "--no-ek")
+    home.run("snapshot", "create", "vm")
+    code, data = findings(home, "vm")
+    assert code == 0 and data["ok"] is True and data["errors"] == 0 and data["warnings"] == 0
+    checks = {f["check"] for f in data["findings"]}
+    assert {"state.permall.format", "state.permall.validate", "lock", "snapshots",
+            "dir.state"} <= checks
+    text = home.run("verify", "vm")
+    assert text.returncode == 0 and all(line.split()[0] == "ok"
+                                        for line in text.stdout.splitlines())
+
+    home.run("start", "vm")
+    code, data = findings(home, "vm")
+    assert code == 0, data
+    lock = next(f for f in data["findings"] if f["check"] == "lock")
+    assert "running" in lock["what"] and str(home.status("vm")[1]["pid"]) in lock["what"]
+
+
+def test_damage_is_reported(home: Home, tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    key.write_text(hashlib.sha256(b"k").hexdigest())
+    key.chmod(0o600)
+    home.run("create", "vm", "--no-ek", "--key-file", str(key))
+    home.run("snapshot", "create", "vm")
+    paths = home.registry().paths("vm")
+    permall = paths.state_dir / "tpm2-00.permall"
+    good = permall.read_bytes()
+
+    # a flipped ciphertext bit: the HMAC catches it
+    raw = bytearray(good)
+    raw[40] ^= 1
+    permall.write_bytes(bytes(raw))
+    code, data = findings(home, "vm")
+    assert code == 1 and problems(data).get("state.permall.hmac") == "error"
+    hmac = next(f for f in data["findings"] if f["check"] == "state.permall.hmac")
+    assert "HMAC" in hmac["what"] and hmac["fix"]
+
+    # a truncated file: the header says so
+    permall.write_bytes(good[:-7])
+    assert problems(findings(home, "vm")[1]).get("state.permall.format") == "error"
+
+    # well-formed, correctly encrypted, but not a TPM state: libtpms says no
+    permall.write_bytes(wrap_file(b"\x00" * 200, AesKey(bytes.fromhex(key.read_text()))))
+    assert problems(findings(home, "vm")[1]).get("state.permall.validate") == "error"
+
+    # permissions, stale runtime files, a damaged snapshot object
+    permall.write_bytes(good)
+    permall.chmod(0o644)
+    paths.state_key.chmod(0o640)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    paths.pid_file.write_text("999999\n")
+    (obj,) = (paths.base / "snapshots" / "objects").iterdir()
+    obj.write_bytes(obj.read_bytes()[:-16])
+    code, data = findings(home, "vm")
+    found = problems(data)
+    assert code == 1
+    assert found["state.permall.mode"] == "error"
+    assert found["key.state"] == "error"
+    assert found["stale"] == "warn"
+    # the key cannot be trusted, so objects are not opened with it
+    paths.state_key.chmod(0o600)
+    found = problems(findings(home, "vm")[1])
+    assert found["snapshots.object"] == "error"
+    assert "state.permall.validate" not in found
+    text = home.run("verify", "vm", "--quiet", check=False)
+    assert text.returncode == 1
+    assert all(line.split()[0] in ("warn", "error") for line in text.stdout.splitlines())
+    assert "fix: chmod 600" in text.stdout
+    assert "error(s)" in text.stderr
+
+
+def test_missing_state_and_interrupted_restore(home: Home) -> None:
+    home.run("create", "vm", "--no-ek")
+    paths = home.registry().paths("vm")
+    (paths.state_dir / "tpm2-00.permall").rename(paths.state_dir / "elsewhere")
+    (paths.base / "restore.pending").write_text("{}")
+    code, data = findings(home, "vm")
+    found = problems(data)
+    assert code == 1 and found["state.permall"] == "error" and found["state.restore"] == "error"
+
+
+def test_checks_in_process_with_fakes(home: Home) -> None:
+    """The store-level API: validator and lock-holder are injected."""
+    home.run("create", "vm", "--no-ek")
+    inst = home.registry().get("vm")
+    seen: list[set[str]] = []
+
+    def validate(blobs: dict[str, bytes], tpm2: bool) -> tuple[dict[str, int], str | None]:
+        seen.append(set(blobs))
+        assert tpm2 and unwrap_file(wrap_file(blobs["permanent"], None), None)
+        return {"permanent": 0x9a}, None
+
+    result = verify_instance(inst, validate=validate)
+    assert seen == [{"permanent"}]
+    bad = [f for f in result if f.level == "error"]
+    assert [f.check for f in bad] == ["state.permall.validate"] and "0x9a" in bad[0].what
+    assert isinstance(bad[0], Finding) and bad[0].line().startswith("error")
+    assert os.path.isdir(inst.paths.state_dir)

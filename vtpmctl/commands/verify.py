@@ -1,0 +1,68 @@
+"""`vtpmctl verify NAME`: offline health checks of one instance, one line per finding.
+
+Exits 1 when any finding is an error (warnings alone exit 0); ``--json``
+prints every finding with stable keys.
+"""
+
+import json
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import typer
+
+FORMAT_VERSION = 1
+
+
+def _validate(blobs: dict[str, bytes], tpm2: bool) -> tuple[dict[str, int], str | None]:
+    from vtpmctl.engine.inspect import inspect_blobs
+
+    res = inspect_blobs(blobs, tpm2=tpm2)
+    return res.validate, res.error
+
+
+def verify(name: str, as_json: bool = False, quiet: bool = False) -> int:
+    """Check NAME's files, keys, permissions, lock and snapshots; change nothing."""
+    from vtpmctl.engine import supervisor
+    from vtpmctl.store.instances import Registry
+    from vtpmctl.store.verify import verify_instance
+
+    inst = Registry().get(name)
+
+    def holder(pid: int) -> tuple[bool, str]:
+        return supervisor.is_our_daemon(pid, inst), supervisor.process_name(pid)
+
+    findings = verify_instance(inst, validate=_validate, holder_info=holder)
+    errors = sum(f.level == "error" for f in findings)
+    warnings = sum(f.level == "warn" for f in findings)
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "format_version": FORMAT_VERSION, "instance": name, "ok": not errors,
+            "errors": errors, "warnings": warnings,
+            "findings": [f.to_json() for f in findings]}) + "\n")
+        return 1 if errors else 0
+    for f in findings:
+        if quiet and f.level == "ok":
+            continue
+        sys.stdout.write(f.line() + "\n")
+    summary = f"{name}: {errors} error(s), {warnings} warning(s)"
+    sys.stderr.write(("vtpmctl: " + summary if errors else summary) + "\n")
+    return 1 if errors else 0
+
+
+def register(app: "typer.Typer") -> None:
+    """Add `verify` to the vtpmctl app."""
+    from typing import Annotated
+
+    import typer
+
+    @app.command("verify")
+    def verify_cmd(
+        name: Annotated[str, typer.Argument(metavar="NAME", show_default=False,
+                                            help="instance name")],
+        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
+        = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only problems")] = False,
+    ) -> None:
+        """Check a vTPM's state files, keys, permissions, lock and snapshots (offline)."""
+        raise typer.Exit(verify(name, as_json, quiet))

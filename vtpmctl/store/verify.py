@@ -1,0 +1,299 @@
+"""Offline health checks of one instance: files, keys, permissions, lock, snapshots.
+
+Every check yields findings (``ok``/``warn``/``error``, what was seen, how to
+fix it); nothing is changed. Checks that need the engine (libtpms'
+``ValidateState``, who holds the lock) are passed in as callables so that the
+store layer stays free of it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from vtpmctl.store import instance_keys
+from vtpmctl.store.blob import (
+    FLAG_ENCRYPTED,
+    HEADER_SIZE,
+    AesKey,
+    BlobError,
+    parse_header,
+    parse_tlvs,
+    unwrap_file,
+)
+from vtpmctl.store.instances import UNIX_PATH_MAX, Instance
+from vtpmctl.store.keys import KeyFileError, check_secret_file_mode
+from vtpmctl.store.snapshots import (
+    FILE_NAMES,
+    REKEY_SUFFIX,
+    RESTORE_SUFFIX,
+    SnapshotError,
+    SnapshotStore,
+    restore_marker,
+    snapshots_dir,
+)
+from vtpmctl.store.statedir import STATE_NAMES, StateDir
+
+Level = Literal["ok", "warn", "error"]
+# plaintext blobs (kind -> bytes), tpm2 -> ({kind: ValidateState rc}, error or None)
+Validator = Callable[[dict[str, bytes], bool], tuple[dict[str, int], str | None]]
+# pid -> (is it this instance's daemon, a short description)
+HolderInfo = Callable[[int], tuple[bool, str]]
+
+_KINDS = {v: k for k, v in FILE_NAMES.items()}  # permall -> permanent
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Level
+    check: str  # stable identifier of the check, e.g. "state.permall.hmac"
+    what: str
+    fix: str | None = None
+    path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"level": self.level, "check": self.check, "what": self.what, "fix": self.fix,
+                "path": self.path}
+
+    def line(self) -> str:
+        return f"{self.level:<5}  {self.what}" + (f"; fix: {self.fix}" if self.fix else "")
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        return stat.S_IMODE(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return None
+
+
+def _dir_checks(inst: Instance) -> Iterator[Finding]:
+    p = inst.paths
+    private = [("dir.instance", p.base), ("dir.state", p.state_dir),
+               ("dir.secrets", p.secrets_dir), ("dir.snapshots", snapshots_dir(p)),
+               ("dir.run", p.run_dir)]
+    for check, path in private:
+        mode = _mode(path)
+        if mode is None:
+            if check in ("dir.instance", "dir.state"):
+                yield Finding("error", check, f"{path} is missing",
+                              "restore it from a backup", str(path))
+            continue
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            yield Finding("error", check, f"{path} is not a directory", None, str(path))
+        elif mode & 0o022:
+            yield Finding("error", check, f"{path} is writable by group or others "
+                          f"(mode {mode:04o})", f"chmod 700 {path}", str(path))
+        elif mode & 0o077 and check in ("dir.secrets", "dir.state", "dir.snapshots"):
+            yield Finding("warn", check, f"{path} is readable by group or others "
+                          f"(mode {mode:04o})", f"chmod 700 {path}", str(path))
+        elif os.lstat(path).st_uid != os.geteuid():
+            yield Finding("warn", check, f"{path} is owned by uid {os.lstat(path).st_uid}",
+                          f"chown {os.geteuid()} {path}", str(path))
+        else:
+            yield Finding("ok", check, f"{path}: mode {mode:04o}", None, str(path))
+
+
+def _key_checks(inst: Instance) -> tuple[list[Finding], AesKey | None, bool]:
+    """Findings, the state key, and whether the key could be loaded as configured."""
+    out: list[Finding] = []
+    key: AesKey | None = None
+    usable = True
+    if inst.config.encrypted:
+        try:
+            key = instance_keys.load_state_key(inst)
+            out.append(Finding("ok", "key.state", f"state key {inst.paths.state_key}: mode "
+                               "0600, matches the recorded fingerprint", None,
+                               str(inst.paths.state_key)))
+        except KeyFileError as exc:
+            usable = False
+            out.append(Finding("error", "key.state", str(exc), None,
+                               str(inst.paths.state_key)))
+    if inst.config.migration_key:
+        path = inst.paths.migration_key
+        try:
+            check_secret_file_mode(path)
+            instance_keys.load_migration_key(inst)
+            out.append(Finding("ok", "key.migration", f"migration key {path}: mode 0600",
+                               None, str(path)))
+        except KeyFileError as exc:
+            out.append(Finding("error", "key.migration", str(exc), None, str(path)))
+    return out, key, usable
+
+
+def _state_file_checks(inst: Instance, key: AesKey | None, key_usable: bool,
+                       validate: Validator | None) -> Iterator[Finding]:
+    sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=key)
+    plains: dict[str, bytes] = {}
+    for name in STATE_NAMES:
+        path = sd.file(name)
+        check = f"state.{name}"
+        raw = sd.read_raw(name)
+        if raw is None:
+            if name == "permall":
+                yield Finding("error", check, f"{path} is missing: the TPM is gone",
+                              "restore it from a snapshot (vtpmctl snapshot restore) or a "
+                              "backup", str(path))
+            continue
+        mode = _mode(path) or 0
+        if mode & 0o137:
+            yield Finding("error" if mode & 0o006 else "warn", f"{check}.mode",
+                          f"{path} has mode {mode:04o} (expected 0600 or 0640)",
+                          f"chmod 600 {path}", str(path))
+        try:
+            header = parse_header(raw)
+            if header.version >= 2:
+                parse_tlvs(raw[HEADER_SIZE:])
+        except BlobError as exc:
+            yield Finding("error", f"{check}.format", f"{path}: {exc.message}",
+                          "restore it from a snapshot or backup", str(path))
+            continue
+        encrypted = bool(header.flags & FLAG_ENCRYPTED)
+        if encrypted != inst.config.encrypted:
+            yield Finding("error", f"{check}.format",
+                          f"{path} is {'' if encrypted else 'not '}encrypted but the instance "
+                          f"is configured {'with' if inst.config.encrypted else 'without'} a "
+                          "state key", "restore the matching file or key", str(path))
+            continue
+        if not key_usable:
+            continue
+        try:
+            plains[_KINDS[name]] = unwrap_file(raw, key)
+        except BlobError as exc:
+            yield Finding("error", f"{check}.hmac", f"{path}: {exc.message}",
+                          "restore the right state key, or the file from a snapshot",
+                          str(path))
+            continue
+        how = "HMAC and decryption" if encrypted else "header and TLVs"
+        yield Finding("ok", f"{check}.format", f"{path}: {how} good "
+                      f"({len(plains[_KINDS[name]])} bytes of state)", None, str(path))
+    if validate is not None and "permanent" in plains:
+        rcs, error = validate(plains, inst.config.tpm2)
+        if error and not rcs:
+            yield Finding("error", "state.validate", f"libtpms could not check the state: "
+                          f"{error}", None, str(sd.path))
+        for kind, rc in sorted(rcs.items()):
+            if rc:
+                yield Finding("error", f"state.{FILE_NAMES[kind]}.validate",
+                              f"libtpms rejects the {kind} state (TPMLIB_ValidateState "
+                              f"0x{rc:x})", "restore it from a snapshot (vtpmctl snapshot "
+                              "restore) or a backup", str(sd.file(FILE_NAMES[kind])))
+            else:
+                yield Finding("ok", f"state.{FILE_NAMES[kind]}.validate",
+                              f"libtpms accepts the {kind} state", None,
+                              str(sd.file(FILE_NAMES[kind])))
+
+
+def _leftover_checks(inst: Instance) -> Iterator[Finding]:
+    sd = inst.statedir()
+    p = inst.paths
+    marker = restore_marker(p.state_dir)
+    if marker.exists():
+        yield Finding("error", "state.restore", "a snapshot restore was interrupted",
+                      f"run the restore again (vtpmctl snapshot restore {inst.name} REF)",
+                      str(marker))
+    if (p.secrets_dir / "rotate.commit").exists():
+        yield Finding("warn", "key.rotation", "a key rotation was interrupted after its "
+                      "commit", f"vtpmctl start {inst.name} (or key rotate) completes it",
+                      str(p.secrets_dir / "rotate.commit"))
+    for name in STATE_NAMES:
+        for suffix in (instance_keys.ROTATE_SUFFIX, RESTORE_SUFFIX):
+            path = sd.file(name).with_name(sd.file(name).name + suffix)
+            if path.exists() and not marker.exists():
+                yield Finding("warn", "state.leftover", f"{path} is left from an interrupted "
+                              "key rotation or restore", f"vtpmctl start {inst.name} removes "
+                              "it, or remove it by hand", str(path))
+        tmp = sd.path / (sd.tmp_prefix + name)
+        if tmp.exists():
+            yield Finding("warn", "state.leftover", f"{tmp} is left from an interrupted write",
+                          f"rm {tmp}", str(tmp))
+
+
+def _runtime_checks(inst: Instance, holder_info: HolderInfo | None) -> Iterator[Finding]:
+    p = inst.paths
+    holder = inst.statedir().holder_pid()
+    leftovers = [f for f in (p.pid_file, p.ctrl_socket, p.data_socket) if os.path.lexists(f)]
+    if holder is not None:
+        ours, desc = holder_info(holder) if holder_info else (True, "?")
+        if ours:
+            yield Finding("ok", "lock", f"running: the state lock is held by pid {holder} "
+                          f"({desc})", None, str(p.state_dir / ".lock"))
+        else:
+            yield Finding("warn", "lock", f"the state lock is held by pid {holder} ({desc}), "
+                          "which is not this instance's vtpmctl daemon",
+                          f"stop pid {holder} if it should not use this state", str(
+                              p.state_dir / ".lock"))
+        try:
+            recorded = int(p.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            recorded = None
+        if ours and recorded is not None and recorded != holder:
+            yield Finding("warn", "pidfile", f"{p.pid_file} says {recorded}, but pid {holder} "
+                          "holds the lock", f"vtpmctl restart {inst.name}", str(p.pid_file))
+    else:
+        yield Finding("ok", "lock", "stopped: nobody holds the state lock", None,
+                      str(p.state_dir / ".lock"))
+        for path in leftovers:
+            yield Finding("warn", "stale", f"{path} is left from a daemon that is gone",
+                          f"vtpmctl start {inst.name} cleans it up (or rm {path})", str(path))
+    if inst.config.transport == "socket":
+        for path in (p.ctrl_socket, p.data_socket):
+            size = len(os.fsencode(path))
+            if size > UNIX_PATH_MAX:
+                yield Finding("error", "socket.path", f"socket path {path} is {size} bytes, "
+                              f"over the {UNIX_PATH_MAX}-byte limit",
+                              "use a shorter name or VTPMCTL_HOME", str(path))
+
+
+def _snapshot_checks(inst: Instance, key: AesKey | None, key_usable: bool) -> Iterator[Finding]:
+    store = SnapshotStore(snapshots_dir(inst.paths), key)
+    if not store.root.exists():
+        return
+    try:
+        snaps = store.all()
+        referenced = store.referenced()
+    except SnapshotError as exc:
+        yield Finding("error", "snapshots.index", str(exc), None, str(store.index_path))
+        return
+    if not key_usable:
+        return
+    bad = 0
+    for digest in sorted(referenced):
+        try:
+            store.read_object(digest)
+        except SnapshotError as exc:
+            bad += 1
+            users = ", ".join(s.describe() for s in snaps if digest in s.blobs.values())
+            yield Finding("error", "snapshots.object", f"{exc} (used by snapshot {users})",
+                          f"vtpmctl snapshot rm {inst.name} REF for the snapshots that use it",
+                          str(store.object_path(digest)))
+    present = store.object_names()
+    for digest in sorted(set(present) - referenced):
+        yield Finding("warn", "snapshots.orphan", f"snapshot object {digest[:12]} is used by "
+                      "no snapshot", "it is removed with the next snapshot rm",
+                      str(store.object_path(digest)))
+    for name in sorted(os.listdir(store.objects_dir)) if store.objects_dir.is_dir() else []:
+        if name.endswith(REKEY_SUFFIX):
+            yield Finding("warn", "snapshots.leftover", f"{name} is left from an interrupted "
+                          "key rotation", f"vtpmctl start {inst.name} settles it",
+                          str(store.objects_dir / name))
+    if not bad:
+        yield Finding("ok", "snapshots", f"{len(snaps)} snapshot(s), {len(referenced)} "
+                      "object(s): all readable and matching their hashes", None,
+                      str(store.root))
+
+
+def verify_instance(inst: Instance, *, validate: Validator | None = None,
+                    holder_info: HolderInfo | None = None) -> list[Finding]:
+    """Every finding about ``inst``; nothing on disk is changed."""
+    findings = list(_dir_checks(inst))
+    key_findings, key, usable = _key_checks(inst)
+    findings += key_findings
+    findings += _state_file_checks(inst, key, usable, validate)
+    findings += _leftover_checks(inst)
+    findings += _runtime_checks(inst, holder_info)
+    findings += _snapshot_checks(inst, key, usable)
+    return findings
