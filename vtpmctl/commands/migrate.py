@@ -159,9 +159,12 @@ def register(app: "typer.Typer") -> None:
     def export_cmd(
         name: Annotated[str, typer.Argument(metavar="NAME", show_default=False,
                                             help="instance name")],
-        output: Annotated[str, typer.Option(
+        destination: Annotated[str | None, typer.Argument(
+            metavar="[FILE|-]", show_default=False, help="same as -o")] = None,
+        output: Annotated[str | None, typer.Option(
             "-o", "--output", metavar="FILE|-", show_default=False,
-            help="where to write the bundle ('-' for stdout); files are created mode 0600")],
+            help="where to write the bundle ('-' for stdout); files are created mode 0600")]
+        = None,
         migration_key_file: Annotated[Path | None, mkey_opt] = None,
         migration_key_format: Annotated[KeyFormat, mkey_fmt] = KeyFormat.AUTO,
         allow_running: Annotated[bool, typer.Option(
@@ -173,10 +176,15 @@ def register(app: "typer.Typer") -> None:
 
         Encrypted with the instance's migration key, or --migration-key-file.
         """
-        if output == "-" and as_json:
+        if (output is None) == (destination is None):
+            raise typer.BadParameter("give where the bundle goes once: FILE, '-' for stdout, "
+                                     "or -o FILE|-")
+        where = output if output is not None else destination
+        assert where is not None
+        if where == "-" and as_json:
             raise typer.BadParameter("--json needs -o FILE (with -o - the bundle goes to "
                                      "stdout)")
-        raise typer.Exit(export(name, output, migration_key_file, migration_key_format.value,
+        raise typer.Exit(export(name, where, migration_key_file, migration_key_format.value,
                                 allow_running, as_json))
 
     @group.command("import")
