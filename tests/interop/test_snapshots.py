@@ -1,4 +1,9 @@
-"""`vtpmctl snapshot` against real daemons: running and stopped, restore, diff, keys, space."""
+"""`vtpmctl snapshot` against real daemons: running and stopped, restore, diff, keys, space.
+
+The first test drives everything as a user would (a process per command, tpm2-tools);
+the others run the command line in this process (``Cli``), which keeps the suite
+quick without changing what is tested: the same argument parsing, output and exit codes.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cli_inproc import Cli, in_process_cli
 from instance_helpers import DataClient, Home, home_at, nv_define, nv_read, nv_write_cmd, rc
 
 from vtpmctl.engine import snapshot_ops
@@ -26,6 +33,13 @@ def home(tmp_path: Path) -> Iterator[Home]:
         yield h
 
 
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+    with in_process_cli(tmp_path, monkeypatch, capsys) as c:
+        yield c
+
+
 def key_file(tmp_path: Path, seed: bytes) -> Path:
     path = tmp_path / f"{seed.decode()}.key"
     path.write_text(hashlib.sha256(seed).hexdigest() + "\n")
@@ -33,10 +47,11 @@ def key_file(tmp_path: Path, seed: bytes) -> Path:
     return path
 
 
-def boot(home: Home, name: str) -> DataClient:
+def boot(home: Home | Cli, name: str) -> DataClient:
     """CMD_INIT and TPM2_Startup(CLEAR), as firmware does; returns a data connection."""
     home.run("ctl", name, "init")
-    tpm = DataClient(home.registry().paths(name).data_socket)
+    registry = home.registry() if isinstance(home, Home) else home.home.registry()
+    tpm = DataClient(registry.paths(name).data_socket)
     assert rc(tpm.transact(t.build_startup(t.SU_CLEAR))) in (0, 0x100)
     return tpm
 
@@ -45,8 +60,8 @@ def write(tpm: DataClient, value: bytes) -> None:
     assert rc(tpm.transact(nv_write_cmd(value))) == 0
 
 
-def snap(home: Home, name: str, *args: str) -> dict[str, object]:
-    return home.json("snapshot", "create", name, *args)
+def snap(cli: Cli, name: str, *args: str) -> dict[str, Any]:
+    return cli.json("snapshot", "create", name, *args)
 
 
 def test_restore_brings_nv_back_on_a_running_instance(home: Home) -> None:
@@ -55,7 +70,7 @@ def test_restore_brings_nv_back_on_a_running_instance(home: Home) -> None:
     with boot(home, "vm") as tpm:
         nv_define(tpm.transact)
         write(tpm, b"AAAAAAAA")
-        made = snap(home, "vm", "--label", "good")
+        made = home.json("snapshot", "create", "vm", "--label", "good")
         assert made["source"] == "control channel"  # taken without stopping the TPM
         write(tpm, b"BBBBBBBB")
         write(tpm, b"CCCCCCCC")
@@ -84,111 +99,111 @@ def test_restore_brings_nv_back_on_a_running_instance(home: Home) -> None:
         assert nv_read(tpm.transact) == b"CCCCCCCC"
 
 
-def test_volatile_snapshot_resumes_the_boot(home: Home) -> None:
-    home.run("create", "vm", "--no-ek")
-    home.run("start", "vm")
-    with boot(home, "vm") as tpm:
+def test_volatile_snapshot_resumes_the_boot(cli: Cli) -> None:
+    cli.run("create", "vm", "--no-ek")
+    cli.run("start", "vm")
+    with boot(cli, "vm") as tpm:
         nv_define(tpm.transact)
         write(tpm, b"11111111")
-        made = snap(home, "vm", "--volatile", "--label", "v")
+        made = snap(cli, "vm", "--volatile", "--label", "v")
         assert made["source"] == "control channel"
         assert made["snapshot"]["blobs"]["volatile"] is not None  # type: ignore[index]
         write(tpm, b"22222222")
-    home.run("snapshot", "restore", "vm", "v", "--force")
-    paths = home.registry().paths("vm")
-    home.run("ctl", "vm", "init")
+    cli.run("snapshot", "restore", "vm", "v", "--force")
+    paths = cli.home.registry().paths("vm")
+    cli.run("ctl", "vm", "init")
     with DataClient(paths.data_socket) as tpm:
         # the volatile state resumed the TPM: it is started already
         assert rc(tpm.transact(t.build_startup(t.SU_CLEAR))) == 0x100
         assert nv_read(tpm.transact) == b"11111111"
 
 
-def test_stopped_instance_and_state_dir_after_restore(home: Home) -> None:
-    home.run("create", "vm", "--no-ek")
-    made = snap(home, "vm")
+def test_stopped_instance_and_state_dir_after_restore(cli: Cli) -> None:
+    cli.run("create", "vm", "--no-ek")
+    made = snap(cli, "vm")
     assert made["source"] == "state dir"
-    home.run("start", "vm")
-    with boot(home, "vm") as tpm:
+    cli.run("start", "vm")
+    with boot(cli, "vm") as tpm:
         nv_define(tpm.transact)
         write(tpm, b"xxxxxxxx")
-    home.run("stop", "vm")
-    sd = home.registry().paths("vm").state_dir
+    cli.run("stop", "vm")
+    sd = cli.home.registry().paths("vm").state_dir
     (sd / "tpm2-00.volatilestate").write_bytes((sd / "tpm2-00.permall").read_bytes())
-    home.run("snapshot", "restore", "vm", "1")
+    cli.run("snapshot", "restore", "vm", "1")
     assert sorted(os.listdir(sd)) == [".lock", "tpm2-00.permall"]  # no stale volatile
     assert oct(os.stat(sd / "tpm2-00.permall").st_mode & 0o777) == "0o600"
-    home.run("start", "vm")
-    with boot(home, "vm") as tpm:
+    cli.run("start", "vm")
+    with boot(cli, "vm") as tpm:
         got = tpm.transact(t.build_nv_read(0x01500016, 8, auth_handle=t.RH_OWNER))
         assert t.rc_base(rc(got)) == t.RC.HANDLE  # the index did not exist yet
-    assert home.run("verify", "vm").returncode == 0
+    assert cli.run("verify", "vm")[0] == 0
 
 
-def test_busy_control_channel_reads_the_state_file(home: Home) -> None:
-    home.run("create", "vm", "--no-ek")
-    home.run("start", "vm")
-    with boot(home, "vm") as tpm:
+def test_busy_control_channel_reads_the_state_file(cli: Cli) -> None:
+    cli.run("create", "vm", "--no-ek")
+    cli.run("start", "vm")
+    with boot(cli, "vm") as tpm:
         nv_define(tpm.transact)
         write(tpm, b"qqqqqqqq")
-    paths = home.registry().paths("vm")
+    paths = cli.home.registry().paths("vm")
     holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     holder.connect(str(paths.ctrl_socket))  # as QEMU does, for the life of the VM
     try:
         start = time.monotonic()
-        made = snap(home, "vm")
+        made = snap(cli, "vm")
         assert made["source"] == "state file" and "QEMU" in str(made["note"])
         assert time.monotonic() - start < snapshot_ops.BUSY_TIMEOUT + 5
-        refused = home.run("snapshot", "create", "vm", "--volatile", check=False)
-        assert refused.returncode == 1 and "without --volatile" in refused.stderr
+        code, _, err = cli.run("snapshot", "create", "vm", "--volatile", check=False)
+        assert code == 1 and "without --volatile" in err
     finally:
         holder.close()
-    store = snapshot_ops.open_store(home.registry().get("vm"))
+    store = snapshot_ops.open_store(cli.home.registry().get("vm"))
     blobs = store.read_blobs(store.find("1"))
     assert blobs["permanent"] == unwrap_file((paths.state_dir / "tpm2-00.permall").read_bytes(),
                                              None)
 
 
-def test_migration_key_blob_is_unwrapped(home: Home, tmp_path: Path) -> None:
-    home.run("create", "vm", "--no-ek", "--key-file", str(key_file(tmp_path, b"state")),
+def test_migration_key_blob_is_unwrapped(cli: Cli, tmp_path: Path) -> None:
+    cli.run("create", "vm", "--no-ek", "--key-file", str(key_file(tmp_path, b"state")),
              "--migration-key-file", str(key_file(tmp_path, b"mig")))
-    home.run("start", "vm")
-    boot(home, "vm").close()
-    made = snap(home, "vm", "--volatile")
+    cli.run("start", "vm")
+    boot(cli, "vm").close()
+    made = snap(cli, "vm", "--volatile")
     assert made["source"] == "control channel"
-    inst = home.registry().get("vm")
+    inst = cli.home.registry().get("vm")
     store = snapshot_ops.open_store(inst)
     blobs = store.read_blobs(store.find("1"))
     assert set(blobs) == {"permanent", "volatile"}
     on_disk = unwrap_file((inst.paths.state_dir / "tpm2-00.permall").read_bytes(),
                           load_state_key(inst))
     assert blobs["permanent"] == on_disk  # what the daemon keeps on disk, decrypted
-    assert home.json("snapshot", "diff", "vm", "1", "1")["error"] is None
+    assert cli.json("snapshot", "diff", "vm", "1", "1")["error"] is None
 
 
-def test_key_rotation_re_encrypts_snapshots(home: Home, tmp_path: Path) -> None:
-    home.run("create", "vm", "--no-ek", "--key-file", str(key_file(tmp_path, b"one")))
-    snap(home, "vm", "--label", "a")
-    root = snapshots_dir(home.registry().paths("vm"))
+def test_key_rotation_re_encrypts_snapshots(cli: Cli, tmp_path: Path) -> None:
+    cli.run("create", "vm", "--no-ek", "--key-file", str(key_file(tmp_path, b"one")))
+    snap(cli, "vm", "--label", "a")
+    root = snapshots_dir(cli.home.registry().paths("vm"))
     before = {p.name: p.read_bytes() for p in (root / "objects").iterdir()}
-    home.run("key", "rotate", "vm", "--new-key-file", str(key_file(tmp_path, b"two")))
+    cli.run("key", "rotate", "vm", "--new-key-file", str(key_file(tmp_path, b"two")))
     after = {p.name: p.read_bytes() for p in (root / "objects").iterdir()}
     assert before.keys() == after.keys()
     assert all(before[n] != after[n] for n in before)
     assert not any(n.endswith(".rekey") for n in after)
-    assert home.run("verify", "vm").returncode == 0
-    home.run("snapshot", "restore", "vm", "a")
-    assert home.run("verify", "vm").returncode == 0
-    snap(home, "vm")  # new snapshots use the new key too
-    home.run("start", "vm")
+    assert cli.run("verify", "vm")[0] == 0
+    cli.run("snapshot", "restore", "vm", "a")
+    assert cli.run("verify", "vm")[0] == 0
+    snap(cli, "vm")  # new snapshots use the new key too
+    cli.run("start", "vm")
 
 
-def test_diff_lists_persistent_and_nv_changes(home: Home) -> None:
-    home.run("create", "vm", "--no-ek")
-    home.run("start", "vm")
-    with boot(home, "vm") as tpm:
+def test_diff_lists_persistent_and_nv_changes(cli: Cli) -> None:
+    cli.run("create", "vm", "--no-ek")
+    cli.run("start", "vm")
+    with boot(cli, "vm") as tpm:
         nv_define(tpm.transact)
         write(tpm, b"before!!")
-        snap(home, "vm", "--label", "a")
+        snap(cli, "vm", "--label", "a")
         write(tpm, b"after!!!")
         nv_define(tpm.transact, index=0x01500020, size=4)
         srk = t.Public(type=t.Alg.ECC, name_alg=t.Alg.SHA256,
@@ -198,54 +213,54 @@ def test_diff_lists_persistent_and_nv_changes(home: Home) -> None:
                        symmetric=t.SymDef(t.Alg.AES, 128, t.Alg.CFB), curve=t.Curve.NIST_P256)
         made = t.create_primary(tpm.transact, t.RH_OWNER, srk)
         t.evict_control(tpm.transact, made.handle, 0x81000005)
-        snap(home, "vm", "--label", "b")
-    out = home.json("snapshot", "diff", "vm", "a", "b")
+        snap(cli, "vm", "--label", "b")
+    out = cli.json("snapshot", "diff", "vm", "a", "b")
     assert out["format_version"] == 1 and out["error"] is None
     assert out["blobs"] == {"permanent": "changed"}
     assert out["persistent"] == {"added": ["0x81000005"], "removed": [], "changed": []}
     assert out["nv"]["added"] == ["0x01500020"] and out["nv"]["removed"] == []
     assert out["nv"]["changed"] == [{"handle": "0x01500016", "fields": ["sha256"]}]
-    text = home.run("snapshot", "diff", "vm", "a", "b").stdout
+    text = cli.run("snapshot", "diff", "vm", "a", "b")[1]
     assert "0x81000005 added" in text and "0x01500016 changed (sha256)" in text
-    back = home.json("snapshot", "diff", "vm", "b", "a")
+    back = cli.json("snapshot", "diff", "vm", "b", "a")
     assert back["persistent"]["removed"] == ["0x81000005"]
 
 
-def test_damaged_snapshot_is_never_restored(home: Home) -> None:
-    home.run("create", "vm", "--no-ek")
-    snap(home, "vm", "--label", "x")
-    paths = home.registry().paths("vm")
+def test_damaged_snapshot_is_never_restored(cli: Cli) -> None:
+    cli.run("create", "vm", "--no-ek")
+    snap(cli, "vm", "--label", "x")
+    paths = cli.home.registry().paths("vm")
     (obj,) = (snapshots_dir(paths) / "objects").iterdir()
     raw = bytearray(obj.read_bytes())
     raw[len(raw) // 2] ^= 0x40
     obj.write_bytes(bytes(raw))
     state_before = (paths.state_dir / "tpm2-00.permall").read_bytes()
-    result = home.run("snapshot", "restore", "vm", "x", check=False)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    code, _, err = cli.run("snapshot", "restore", "vm", "x", check=False)
+    assert code == 1 and "Traceback" not in err and "is corrupt" in err
     assert (paths.state_dir / "tpm2-00.permall").read_bytes() == state_before
-    assert len(home.json("snapshot", "list", "vm")["snapshots"]) == 1  # no safety snapshot
-    verify = home.json("verify", "vm", check=False)
+    assert len(cli.json("snapshot", "list", "vm")["snapshots"]) == 1  # no safety snapshot
+    verify = cli.json("verify", "vm", check=False)
     assert verify["ok"] is False
     assert any(f["check"] == "snapshots.object" for f in verify["findings"])
 
 
-def test_keep_and_rm(home: Home) -> None:
-    home.run("create", "vm", "--no-ek")
-    inst = home.registry().get("vm")
+def test_keep_and_rm(cli: Cli) -> None:
+    cli.run("create", "vm", "--no-ek")
+    inst = cli.home.registry().get("vm")
     for i in range(4):
         snapshot_ops.create(inst, label=f"s{i}")
-    out = snap(home, "vm", "--keep", "2", "--label", "last")
+    out = snap(cli, "vm", "--keep", "2", "--label", "last")
     assert [p["label"] for p in out["pruned"]] == ["s0", "s1", "s2"]  # type: ignore[index]
-    listing = home.json("snapshot", "list", "vm")
+    listing = cli.json("snapshot", "list", "vm")
     assert [s["label"] for s in listing["snapshots"]] == ["s3", "last"]
     assert listing["disk_usage"]["bytes"] > 0
-    home.run("snapshot", "rm", "vm", "s3")
-    assert [s["id"] for s in home.json("snapshot", "list", "vm")["snapshots"]] == [5]
-    missing = home.run("snapshot", "rm", "vm", "s3", check=False)
-    assert missing.returncode == 1 and "no snapshot" in missing.stderr
+    cli.run("snapshot", "rm", "vm", "s3")
+    assert [s["id"] for s in cli.json("snapshot", "list", "vm")["snapshots"]] == [5]
+    code, _, err = cli.run("snapshot", "rm", "vm", "s3", check=False)
+    assert code == 1 and "no snapshot" in err
 
 
-def test_hundred_snapshots_of_an_unchanged_vtpm(home: Home) -> None:
+def test_hundred_snapshots_of_an_unchanged_vtpm(cli: Cli) -> None:
     """100 snapshots take less than twice the space of one.
 
     "Space" is measured two ways over the whole snapshots dir (objects, index,
@@ -253,8 +268,8 @@ def test_hundred_snapshots_of_an_unchanged_vtpm(home: Home) -> None:
     system allocated for files and directories (st_blocks). The vTPM is a
     default one, with EKs and their certificates (about 5 KB of state).
     """
-    home.run("create", "vm")
-    inst = home.registry().get("vm")
+    cli.run("create", "vm")
+    inst = cli.home.registry().get("vm")
     snapshot_ops.create(inst)
     store = SnapshotStore(snapshots_dir(inst.paths), None)
     one = store.disk_usage()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_inproc import Cli, in_process_cli
 from instance_helpers import Home, home_at
 
 from vtpmctl.store.blob import AesKey, unwrap_file, wrap_file
@@ -24,23 +25,37 @@ def home(tmp_path: Path) -> Iterator[Home]:
         yield h
 
 
-def findings(home: Home, name: str) -> tuple[int, dict[str, Any]]:
-    result = home.run("verify", name, "--json", check=False)
-    data = json.loads(result.stdout)
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+    with in_process_cli(tmp_path, monkeypatch, capsys) as c:
+        yield c
+
+
+def findings(cli: Cli, name: str) -> tuple[int, dict[str, Any]]:
+    code, out, _ = cli.run("verify", name, "--json", check=False)
+    data = json.loads(out)
     assert data["format_version"] == 1 and data["instance"] == name
     for f in data["findings"]:
         assert set(f) == FINDING_KEYS and f["level"] in ("ok", "warn", "error")
-    return result.returncode, data
+    return code, data
 
 
 def problems(data: dict[str, Any]) -> dict[str, str]:
     return {f["check"]: f["level"] for f in data["findings"] if f["level"] != "ok"}
 
 
+def process_findings(home: Home, name: str) -> tuple[int, dict[str, Any]]:
+    result = home.run("verify", name, "--json", check=False)
+    data = json.loads(result.stdout)
+    assert set(data) == {"format_version", "instance", "ok", "errors", "warnings", "findings"}
+    return result.returncode, data
+
+
 def test_healthy_instance_stopped_and_running(home: Home) -> None:
     home.run("create", "vm", "--no-ek")
     home.run("snapshot", "create", "vm")
-    code, data = findings(home, "vm")
+    code, data = process_findings(home, "vm")
     assert code == 0 and data["ok"] is True and data["errors"] == 0 and data["warnings"] == 0
     checks = {f["check"] for f in data["findings"]}
     assert {"state.permall.format", "state.permall.validate", "lock", "snapshots",
@@ -50,19 +65,19 @@ def test_healthy_instance_stopped_and_running(home: Home) -> None:
                                         for line in text.stdout.splitlines())
 
     home.run("start", "vm")
-    code, data = findings(home, "vm")
+    code, data = process_findings(home, "vm")
     assert code == 0, data
     lock = next(f for f in data["findings"] if f["check"] == "lock")
     assert "running" in lock["what"] and str(home.status("vm")[1]["pid"]) in lock["what"]
 
 
-def test_damage_is_reported(home: Home, tmp_path: Path) -> None:
+def test_damage_is_reported(cli: Cli, tmp_path: Path) -> None:
     key = tmp_path / "k"
     key.write_text(hashlib.sha256(b"k").hexdigest())
     key.chmod(0o600)
-    home.run("create", "vm", "--no-ek", "--key-file", str(key))
-    home.run("snapshot", "create", "vm")
-    paths = home.registry().paths("vm")
+    cli.run("create", "vm", "--no-ek", "--key-file", str(key))
+    cli.run("snapshot", "create", "vm")
+    paths = cli.home.registry().paths("vm")
     permall = paths.state_dir / "tpm2-00.permall"
     good = permall.read_bytes()
 
@@ -70,18 +85,18 @@ def test_damage_is_reported(home: Home, tmp_path: Path) -> None:
     raw = bytearray(good)
     raw[40] ^= 1
     permall.write_bytes(bytes(raw))
-    code, data = findings(home, "vm")
+    code, data = findings(cli, "vm")
     assert code == 1 and problems(data).get("state.permall.hmac") == "error"
     hmac = next(f for f in data["findings"] if f["check"] == "state.permall.hmac")
     assert "HMAC" in hmac["what"] and hmac["fix"]
 
     # a truncated file: the header says so
     permall.write_bytes(good[:-7])
-    assert problems(findings(home, "vm")[1]).get("state.permall.format") == "error"
+    assert problems(findings(cli, "vm")[1]).get("state.permall.format") == "error"
 
     # well-formed, correctly encrypted, but not a TPM state: libtpms says no
     permall.write_bytes(wrap_file(b"\x00" * 200, AesKey(bytes.fromhex(key.read_text()))))
-    assert problems(findings(home, "vm")[1]).get("state.permall.validate") == "error"
+    assert problems(findings(cli, "vm")[1]).get("state.permall.validate") == "error"
 
     # permissions, stale runtime files, a damaged snapshot object
     permall.write_bytes(good)
@@ -91,7 +106,7 @@ def test_damage_is_reported(home: Home, tmp_path: Path) -> None:
     paths.pid_file.write_text("999999\n")
     (obj,) = (paths.base / "snapshots" / "objects").iterdir()
     obj.write_bytes(obj.read_bytes()[:-16])
-    code, data = findings(home, "vm")
+    code, data = findings(cli, "vm")
     found = problems(data)
     assert code == 1
     assert found["state.permall.mode"] == "error"
@@ -99,30 +114,30 @@ def test_damage_is_reported(home: Home, tmp_path: Path) -> None:
     assert found["stale"] == "warn"
     # the key cannot be trusted, so objects are not opened with it
     paths.state_key.chmod(0o600)
-    found = problems(findings(home, "vm")[1])
+    found = problems(findings(cli, "vm")[1])
     assert found["snapshots.object"] == "error"
     assert "state.permall.validate" not in found
-    text = home.run("verify", "vm", "--quiet", check=False)
-    assert text.returncode == 1
-    assert all(line.split()[0] in ("warn", "error") for line in text.stdout.splitlines())
-    assert "fix: chmod 600" in text.stdout
-    assert "error(s)" in text.stderr
+    code, out, err = cli.run("verify", "vm", "--quiet", check=False)
+    assert code == 1
+    assert all(line.split()[0] in ("warn", "error") for line in out.splitlines())
+    assert "fix: chmod 600" in out
+    assert "error(s)" in err
 
 
-def test_missing_state_and_interrupted_restore(home: Home) -> None:
-    home.run("create", "vm", "--no-ek")
-    paths = home.registry().paths("vm")
+def test_missing_state_and_interrupted_restore(cli: Cli) -> None:
+    cli.run("create", "vm", "--no-ek")
+    paths = cli.home.registry().paths("vm")
     (paths.state_dir / "tpm2-00.permall").rename(paths.state_dir / "elsewhere")
     (paths.base / "restore.pending").write_text("{}")
-    code, data = findings(home, "vm")
+    code, data = findings(cli, "vm")
     found = problems(data)
     assert code == 1 and found["state.permall"] == "error" and found["state.restore"] == "error"
 
 
-def test_checks_in_process_with_fakes(home: Home) -> None:
+def test_checks_in_process_with_fakes(cli: Cli) -> None:
     """The store-level API: validator and lock-holder are injected."""
-    home.run("create", "vm", "--no-ek")
-    inst = home.registry().get("vm")
+    cli.run("create", "vm", "--no-ek")
+    inst = cli.home.registry().get("vm")
     seen: list[set[str]] = []
 
     def validate(blobs: dict[str, bytes], tpm2: bool) -> tuple[dict[str, int], str | None]:
