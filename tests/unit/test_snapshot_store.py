@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from vtpmctl.store import instance_keys
 from vtpmctl.store.atomic import write_atomic
 from vtpmctl.store.blob import AesKey, unwrap_file, wrap_file
+from vtpmctl.store.instances import Instance, InstanceConfig, InstanceMeta, Registry
 from vtpmctl.store.keys import key_fingerprint
 from vtpmctl.store.snapshots import (
     SnapshotError,
@@ -17,6 +20,7 @@ from vtpmctl.store.snapshots import (
     finish_restore,
     replace_state,
     restore_marker,
+    snapshots_dir,
 )
 from vtpmctl.store.statedir import StateDir
 
@@ -205,3 +209,81 @@ def test_interrupted_restore_rolls_forward(tmp_path: Path) -> None:
     assert finish_restore(sd) is True
     assert (sd.load("permall"), sd.load("volatilestate")) == (b"new perm", b"new vol")
     assert finish_restore(sd) is False
+
+
+# ---------------------------------------------------------------- key rotation of an instance
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    monkeypatch.setenv("VTPMCTL_HOME", str(tmp_path / "h"))
+    return Registry()
+
+
+def make(registry: Registry, key: AesKey) -> Instance:
+    """An encrypted instance with one snapshot, its state written directly (no libtpms)."""
+    with registry.reserve("a") as paths:
+        registry.ensure_dirs(paths)
+        paths.state_dir.mkdir(mode=0o700)
+        (paths.state_dir / "tpm2-00.permall").write_bytes(wrap_file(PERM, key))
+        instance_keys.store_key(paths.state_key, key)
+        meta = InstanceMeta(vtpmctl_version="test", key_fingerprint=key_fingerprint(key),
+                            cipher=key.cipher)
+        registry.commit(paths, InstanceConfig(name="a", encrypted=True), meta)
+    SnapshotStore(snapshots_dir(paths), key).create({"permanent": PERM, "volatile": VOL},
+                                                    label="s")
+    return registry.get("a")
+
+
+def snapshot_blobs(inst: Instance, key: AesKey) -> dict[str, bytes]:
+    store = SnapshotStore(snapshots_dir(inst.paths), key)
+    return store.read_blobs(store.find("s"))
+
+
+def test_key_rotate_reencrypts_snapshots(registry: Registry) -> None:
+    inst = make(registry, KEY)
+    instance_keys.rotate(inst, KEY2, "key-file")
+    inst = registry.get("a")
+    assert snapshot_blobs(inst, KEY2) == {"permanent": PERM, "volatile": VOL}
+    with pytest.raises(SnapshotError):
+        snapshot_blobs(inst, KEY)
+    store = SnapshotStore(snapshots_dir(inst.paths), KEY2)
+    store.create({"permanent": PERM + b"new"})  # the index knows the new key
+    assert not any(n.endswith(".rekey") for n in os.listdir(store.objects_dir))
+
+
+def test_key_rotate_crash_before_commit_keeps_snapshots_on_the_old_key(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    inst = make(registry, KEY)
+    real_write = instance_keys.write_atomic
+
+    def power_cut(path: Path, *args: Any) -> None:
+        if path.name == "rotate.commit":  # everything is staged; the decision is lost
+            raise OSError("power cut")
+        real_write(path, *args)
+
+    monkeypatch.setattr(instance_keys, "write_atomic", power_cut)
+    with pytest.raises(OSError):
+        instance_keys.rotate(inst, KEY2, "key-file")
+    monkeypatch.undo()
+    objects = snapshots_dir(inst.paths) / "objects"
+    assert any(n.endswith(".rekey") for n in os.listdir(objects))
+    assert instance_keys.recover(inst.paths, True) == "rolled back"
+    assert not any(n.endswith(".rekey") for n in os.listdir(objects))
+    assert snapshot_blobs(registry.get("a"), KEY)["permanent"] == PERM
+    SnapshotStore(snapshots_dir(inst.paths), KEY).create({"permanent": PERM})
+
+
+def test_key_rotate_crash_after_commit_rolls_snapshots_forward(
+        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    inst = make(registry, KEY)
+
+    def power_cut(*args: object) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(SnapshotStore, "commit_rekey", power_cut)
+    with pytest.raises(OSError):
+        instance_keys.rotate(inst, KEY2, "key-file")
+    monkeypatch.undo()
+    assert instance_keys.recover(inst.paths, True) == "completed"
+    assert snapshot_blobs(registry.get("a"), KEY2)["volatile"] == VOL

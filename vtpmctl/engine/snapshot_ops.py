@@ -20,6 +20,7 @@ decides where the bytes come from and when they may replace the live state.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -222,9 +223,13 @@ def restore(inst: Instance, ref: str, *, force: bool = False) -> Restored:
         stopped = True
     try:
         safety, safety_error = _replace(inst, store, snap, blobs)
-    finally:
-        if stopped:
-            supervisor.start(inst)
+    except BaseException:
+        if stopped:  # back to work on whatever state is there; the restore's error counts
+            with contextlib.suppress(Exception):
+                supervisor.start(inst)
+        raise
+    if stopped:
+        supervisor.start(inst)
     return Restored(snap, safety, safety_error, stopped, stopped)
 
 
