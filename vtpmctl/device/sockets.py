@@ -25,6 +25,7 @@ from pathlib import Path
 from vtpmctl.device.protocol import (
     CTRL_DEADLINE,
     CTRL_FIRST_READ,
+    HASH_DATA_MAX,
     MESSAGES,
     SET_STATEBLOB_MAX,
     TPM_HEADER_SIZE,
@@ -203,6 +204,12 @@ def _needed(data: bytes) -> int:
     return len(data)
 
 
+def _blob_too_large(data: bytes) -> bool:
+    """A SET_STATEBLOB header announcing more than 512 KiB (answered TPM_FAIL)."""
+    return (len(data) >= 16 and int.from_bytes(data[:4], "big") == Cmd.SET_STATEBLOB
+            and int.from_bytes(data[12:16], "big") > SET_STATEBLOB_MAX)
+
+
 class _Dropped(Exception):
     """The control connection is closed without a reply (spec §2.2)."""
 
@@ -262,22 +269,33 @@ class ControlConnection:
                 return False
         return True
 
+    def _gather(self, data: bytes, deadline: float) -> bytes:
+        """Up to CTRL_FIRST_READ bytes of the message within the deadline (spec §2.2).
+
+        What a message needs is known only once its header is in, so it is
+        re-evaluated after every read: a header split over several writes works.
+        """
+        while len(data) < (want := min(_needed(data), CTRL_FIRST_READ)):
+            if _blob_too_large(data):
+                break  # refused at once, not after the deadline
+            data = self._read_more(data, want, deadline)
+        return data
+
     def _dispatch(self, data: bytes, fds: list[int]) -> tuple[bytes, ControlReply | None]:
-        deadline = time.monotonic() + CTRL_DEADLINE
+        data = self._gather(data, time.monotonic() + CTRL_DEADLINE)
         first_len = len(data)
         want = _needed(data)
-        code = int.from_bytes(data[:4], "big") if len(data) >= 4 else -1
-        if code == Cmd.SET_STATEBLOB and len(data) >= 16 and want - 16 > SET_STATEBLOB_MAX:
+        code = int.from_bytes(data[:4], "big")
+        if _blob_too_large(data):
             # Reply at once without draining; the stream is unusable afterwards.
             self.conn.sendall(encode_socket_response(Cmd.SET_STATEBLOB, Res.FAIL))
             raise _Dropped("state blob larger than 512 KiB")
+        if code == Cmd.HASH_DATA:
+            for fd in fds:
+                os.close(fd)
+            return self._hash_data(data), None
         if want > len(data):
-            if first_len >= CTRL_FIRST_READ and code in (Cmd.SET_STATEBLOB, Cmd.HASH_DATA):
-                data = self._read_more(data, want, None)
-            else:
-                data = self._read_more(data, min(want, CTRL_FIRST_READ), deadline)
-                if want > len(data):
-                    data = self._read_more(data, want, None)
+            data = self._read_more(data, want, None)
         try:
             cmd = Cmd(code)
         except ValueError:
@@ -288,6 +306,36 @@ class ControlConnection:
         for fd in fds:
             os.close(fd)
         return self._run(cmd, data[4:], first_len - 4)
+
+    def _hash_data(self, data: bytes) -> bytes:
+        """HASH_DATA hashed as it arrives, a piece at a time, as swtpm does.
+
+        The announced length is only a u32, but a whole 4 GiB stream is never held in
+        memory. A stream that cannot be followed to its end (TPM not running, a piece
+        refused) is answered and then the connection is dropped: what is left of the
+        stream would otherwise be read as commands.
+        """
+        length = int.from_bytes(data[4:8], "big")
+        present = data[8:]
+        rc: int = Res.SUCCESS
+        if not self.engine.running:
+            rc = Res.BAD_ORDINAL
+        elif len(present) > length:
+            rc = Res.BAD_PARAMETER
+        elif present:
+            rc = self.engine.control(Cmd.HASH_DATA, {"length": len(present)}, present).result
+        remaining = length - len(present)
+        if remaining > 0 and rc != Res.SUCCESS:
+            self.conn.sendall(encode_socket_response(Cmd.HASH_DATA, rc))
+            raise _Dropped(f"HASH_DATA stream abandoned (0x{rc:x})")
+        while remaining > 0:
+            piece = self._read_more(b"", min(remaining, HASH_DATA_MAX), None)
+            remaining -= len(piece)
+            rc = self.engine.control(Cmd.HASH_DATA, {"length": len(piece)}, piece).result
+            if rc != Res.SUCCESS and remaining > 0:
+                self.conn.sendall(encode_socket_response(Cmd.HASH_DATA, rc))
+                raise _Dropped(f"HASH_DATA stream abandoned (0x{rc:x})")
+        return encode_socket_response(Cmd.HASH_DATA, rc)
 
     def _set_datafd(self, fds: list[int]) -> bytes:
         # As swtpm: "a data channel exists already" is checked before the fd, and a
