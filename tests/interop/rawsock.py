@@ -59,8 +59,14 @@ def read_exact(sock: socket.socket, n: int, timeout: float = 5.0) -> bytes:
 
 
 def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    sock.sendmsg([data], anc)
+    """All of ``data``; the fds (SCM_RIGHTS) travel with its first bytes."""
+    if not fds:
+        sock.sendall(data)
+        return
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    sent = sock.sendmsg([data], anc)
+    if sent < len(data):
+        sock.sendall(data[sent:])
 
 
 def connect(ep: Endpoint, timeout: float = 2.0) -> socket.socket:
