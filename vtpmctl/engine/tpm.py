@@ -31,7 +31,7 @@ from vtpmctl.device.protocol import (
 )
 from vtpmctl.engine.libtpms import CommandBuffer, Libtpms, StateType, Storage, TpmVersion
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer, wrap_transfer
-from vtpmctl.store.statedir import StateDir, StateDirError
+from vtpmctl.store.statedir import STATE_NAMES, StateDir, StateDirError
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ class Engine(Storage):
         self._staged_permanent = False
         self.shutdown_requested = threading.Event()
         if config.allow_manufacture is None:
-            self._may_manufacture = not statedir.exists("permall")
+            # Only an empty dir gets a new TPM: a volatile or save state without its
+            # permall is what is left of an existing TPM, not room for a new one.
+            self._may_manufacture = not any(statedir.exists(n) for n in STATE_NAMES)
         else:
             self._may_manufacture = config.allow_manufacture
         self.tpm = Libtpms(self)
