@@ -57,8 +57,9 @@ class MigrateError(Exception):
 
 def libtpms_version() -> str | None:
     """The libtpms installed here, as "0.9.2" (dlopen only: no TPM is made here)."""
+    from ctypes import c_uint32
+
     from vtpmctl.engine.libtpms import LibtpmsError, _load_library
-    from vtpmctl.engine.manufacture import libtpms_version_string
 
     try:
         lib = _load_library()
@@ -66,10 +67,9 @@ def libtpms_version() -> str | None:
         return None
     get_version = lib.TPMLIB_GetVersion
     get_version.argtypes = []
-    from ctypes import c_uint32
-
     get_version.restype = c_uint32
-    return libtpms_version_string(int(get_version()))
+    version = int(get_version())  # 0x000902 is 0.9.2
+    return f"{version >> 16}.{(version >> 8) & 0xFF}.{version & 0xFF}"
 
 
 def _version_tuple(text: str | None) -> tuple[int, ...]:
