@@ -39,6 +39,7 @@ from vtpmctl.engine.tpm import ControlReply, Engine, FatalEngineError
 log = logging.getLogger(__name__)
 
 BLOB_READ_TIMEOUT = 10.0  # a stalled SET_STATEBLOB sender loses its connection
+STOP_POLL = 0.1  # how often a long control read looks whether the server is stopping
 UNIX_PATH_MAX = 107
 
 
@@ -223,20 +224,28 @@ class ControlConnection:
         self.conn = conn
 
     def _read_more(self, data: bytes, want: int, deadline: float | None) -> bytes:
+        """Read until ``want`` bytes: by ``deadline``, or (None) with no more than
+        BLOB_READ_TIMEOUT of silence. A stopping server gives up at once, so that a
+        stalled client cannot hold back SIGTERM or CMD_SHUTDOWN handling."""
+        silent_until = time.monotonic() + BLOB_READ_TIMEOUT
         while len(data) < want:
-            timeout = BLOB_READ_TIMEOUT if deadline is None else deadline - time.monotonic()
+            if self.server.stopping:
+                raise _Dropped("the server is stopping")
+            timeout = (deadline if deadline is not None else silent_until) - time.monotonic()
             if timeout <= 0:
-                raise _Dropped("control message incomplete after 500 ms")
-            self.conn.settimeout(timeout)
+                raise _Dropped("control message incomplete after 500 ms" if deadline is not None
+                               else "control message stalled")
+            self.conn.settimeout(min(timeout, STOP_POLL))
             try:
                 chunk = self.conn.recv(min(want - len(data), 65536))
             except TimeoutError:
-                raise _Dropped("control message incomplete (timeout)") from None
+                continue
             finally:
                 self.conn.settimeout(None)
             if not chunk:
                 raise _Dropped("peer closed mid-message")
             data += chunk
+            silent_until = time.monotonic() + BLOB_READ_TIMEOUT
         return data
 
     def handle_readable(self) -> bool:
@@ -422,6 +431,10 @@ class SocketServer:
     def request_exit(self) -> None:
         self._exit.set()
         self.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._exit.is_set()
 
     def fatal(self, message: str) -> None:
         log.error("%s", message)
