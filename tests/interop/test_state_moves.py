@@ -251,3 +251,27 @@ def _hex_key(path: Path, hexdigits: str) -> Path:
     path.write_text(hexdigits + "\n")
     path.chmod(0o600)
     return path
+
+
+@pytest.mark.parametrize("server_kind", ["ours", "swtpm"])
+@pytest.mark.parametrize(("written_with", "opened_with"), [
+    ("key", "other"), ("key", None), (None, "key")], ids=["wrong-key", "no-key", "key-on-clear"])
+def test_state_key_mismatch_fails_init(server_kind: str, written_with: str | None,
+                                       opened_with: str | None, tmp_path: Path,
+                                       vtpm_server: Callable[..., Any],
+                                       swtpm_server: Callable[..., Any], key_file: Path,
+                                       other_key_file: Path) -> None:
+    """A dir opened with the wrong state key (or none) fails INIT with 0x101, files intact."""
+    keys = {"key": key_file, "other": other_key_file, None: None}
+    state = tmp_path / "state"
+    writer = vtpm_server(state, flags=STARTED, key_file=keys[written_with])
+    writer.ioctl("-v")
+    assert writer.shutdown() == 0
+    before = {p.name: p.read_bytes() for p in state.iterdir() if p.name != ".lock"}
+    start = {"ours": vtpm_server, "swtpm": swtpm_server}[server_kind]
+    server = start(state, flags=None, key_file=keys[opened_with])
+    res = server.ioctl("-i", check=False)
+    assert (res.returncode, res.stderr) == (1, b"TPM result from PTM_INIT: 0x101\n")
+    server.ioctl("-s", check=False)
+    after = {p.name: p.read_bytes() for p in state.iterdir() if p.name != ".lock"}
+    assert after == before
