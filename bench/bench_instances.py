@@ -183,7 +183,9 @@ def main() -> int:
                               [float(pss_kib(p)) for p in pids])
             for n in names:
                 side.stop(n)
-    print(f"Machine: {machine()}; {rounds} rounds A B A B, {count} instances for memory.\n")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"Machine: {machine()}; load average {load}; {rounds} rounds A B A B, {count} "
+          "instances for memory.\n")
     print("| | vtpmctl | swtpm_setup / swtpm | ratio |")
     print("|---|---|---|---|")
     print(row("create, EKs + certificates", times["vtpmctl create"], times["swtpm create"]))
