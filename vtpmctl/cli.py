@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # The command modules, in the order their commands appear in --help.
 GROUPS = (
     "vtpmctl.commands.lifecycle",
+    "vtpmctl.commands.serve",
     "vtpmctl.commands.query",
     "vtpmctl.commands.ctl",
     "vtpmctl.commands.state",
