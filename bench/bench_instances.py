@@ -9,7 +9,10 @@ and ratios are printed as a markdown table.
   --create-platform-cert --lock-nvram``; and without EKs on both sides.
 * start: ``vtpmctl start`` (returns when the control channel answers) vs
   ``swtpm socket --daemon`` followed by waiting for its control channel, as a
-  manager must; then both are stopped.
+  manager must; then both are stopped (``vtpmctl stop``, ``swtpm_ioctl -s``
+  and waiting for the process to end).
+* CPU is user + system time of the command and the children it waits for (a
+  daemon left running is not counted).
 * memory: N instances of each running at once; RSS and PSS per process.
 
     bench/bench_instances.py [--rounds N] [--instances N] [--smoke]
@@ -48,10 +51,16 @@ def run(argv: list[str], env: dict[str, str] | None = None) -> None:
         raise SystemExit(f"{' '.join(argv)} failed: {result.stderr.decode(errors='replace')}")
 
 
-def timed(fn: Callable[[], None]) -> float:
+def timed(fn: Callable[[], None]) -> tuple[float, float]:
+    """Wall time, and CPU (user + system) of the command and the children it waited for."""
+    before = os.times()
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = os.times()
+    cpu = (after.children_user + after.children_system
+           - before.children_user - before.children_system)
+    return wall, max(0.0, cpu)
 
 
 def caps_answer(path: Path) -> bool:
@@ -122,8 +131,17 @@ class Swtpm(Side):
         pid = self.pid(n)
         run(["swtpm_ioctl", "--unix", str(self._dir(n) / "tpm.ctrl"), "-s"])
         deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.002)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @contextlib.contextmanager
@@ -139,23 +157,30 @@ def sides() -> Iterator[tuple[Vtpmctl, Swtpm]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def row(what: str, a: list[float], b: list[float], unit: str = "s") -> str:
+def row(what: str, a: list[tuple[float, float]], b: list[tuple[float, float]]) -> str:
+    """Medians of wall and CPU time, and the wall-time ratio."""
+    wa, ca = median([x[0] for x in a]), median([x[1] for x in a])
+    wb, cb = median([x[0] for x in b]), median([x[1] for x in b])
+    return (f"| {what} | {wa * 1000:.0f} / {ca * 1000:.0f} ms | {wb * 1000:.0f} / "
+            f"{cb * 1000:.0f} ms | {wa / wb:.1f} |")
+
+
+def mem_row(what: str, a: list[float], b: list[float]) -> str:
     ma, mb = median(a), median(b)
-    fmt = (lambda v: f"{v:.3f} s") if unit == "s" else (lambda v: f"{v / 1024:.1f} MiB")
-    return f"| {what} | {fmt(ma)} | {fmt(mb)} | {ma / mb:.2f} |"
+    return f"| {what} | {ma / 1024:.1f} MiB | {mb / 1024:.1f} MiB | {ma / mb:.1f} |"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--instances", type=int, default=10)
-    p.add_argument("--smoke", action="store_true", help="2 rounds, 2 instances")
+    p.add_argument("--smoke", action="store_true", help="1 round, 1 instance")
     ns = p.parse_args()
-    rounds, count = (2, 2) if ns.smoke else (ns.rounds, ns.instances)
+    rounds, count = (1, 1) if ns.smoke else (ns.rounds, ns.instances)
     for tool in ("swtpm", "swtpm_setup", "swtpm_ioctl"):
         if shutil.which(tool) is None:
             raise SystemExit(f"bench_instances: {tool} is not installed")
-    times: dict[str, list[float]] = {}
+    times: dict[str, list[tuple[float, float]]] = {}
     with sides() as (a, b):
         for i in range(rounds):
             for side in (a, b) if i % 2 == 0 else (b, a):
@@ -186,15 +211,17 @@ def main() -> int:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"Machine: {machine()}; load average {load}; {rounds} rounds A B A B, {count} "
           "instances for memory.\n")
-    print("| | vtpmctl | swtpm_setup / swtpm | ratio |")
+    print("| medians | vtpmctl wall / CPU | swtpm_setup, swtpm wall / CPU | wall ratio |")
     print("|---|---|---|---|")
     print(row("create, EKs + certificates", times["vtpmctl create"], times["swtpm create"]))
     print(row("create, no EK", times["vtpmctl create --no-ek"],
               times["swtpm create --no-ek"]))
     print(row("start (control channel answers)", times["vtpmctl start"], times["swtpm start"]))
     print(row("stop", times["vtpmctl stop"], times["swtpm stop"]))
-    print(row("RSS per instance", mem["vtpmctl"][0], mem["swtpm"][0], "kib"))
-    print(row("PSS per instance", mem["vtpmctl"][1], mem["swtpm"][1], "kib"))
+    print("\n| per running instance | vtpmctl daemon | swtpm | ratio |")
+    print("|---|---|---|---|")
+    print(mem_row("RSS", mem["vtpmctl"][0], mem["swtpm"][0]))
+    print(mem_row("PSS", mem["vtpmctl"][1], mem["swtpm"][1]))
     return 0
 
 
