@@ -170,15 +170,26 @@ class Libtpms:
         self._resp_size = c_uint32(0)
         self._resp_bufsize = c_uint32(0)
         self._resp_view: memoryview | None = None
-        self._resp_addr = 0
+        self._resp_addr: int | None = None
+        self._resp_len = 0
         # Prebuilt arguments for the hot path.
         self._cmdbuf = (c_ubyte * 8192)()
         self._cmdview = memoryview(self._cmdbuf).cast("B")
-        self._process = self.lib.TPMLIB_Process
+        # A second handle on TPMLIB_Process without argtypes: ctypes' per-argument
+        # conversion costs about 1 us a call. Every argument is prebuilt with the
+        # right C type (byref objects, a c_ubyte array, an int length).
+        self._process = self.lib["TPMLIB_Process"]
+        self._process.restype = c_uint32
+        self._resp_ptr = c_void_p.from_buffer(self._resp)  # reads the pointer without .contents
         self._resp_ref = byref(self._resp)
         self._resp_size_ref = byref(self._resp_size)
         self._resp_bufsize_ref = byref(self._resp_bufsize)
         self._callbacks = self._make_callbacks()  # kept alive: libtpms holds raw pointers
+        # The same set without getlocality, for use_locality_callback(False).
+        self._callbacks_loc0 = _Callbacks.from_buffer_copy(self._callbacks)
+        self._callbacks_loc0.tpm_io_getlocality = IO_GETLOCALITY()
+        self._locality_cb = True
+        self._tpm2 = False
         self._registered = False
 
     # ------------------------------------------------------------ callbacks
@@ -258,11 +269,30 @@ class Libtpms:
         rc = self.lib.TPMLIB_ChooseTPMVersion(int(version))
         if rc:
             raise LibtpmsError("TPMLIB_ChooseTPMVersion", rc)
+        self._tpm2 = version == TpmVersion.TPM2
         if not self._registered:
-            rc = self.lib.TPMLIB_RegisterCallbacks(byref(self._callbacks))
-            if rc:
-                raise LibtpmsError("TPMLIB_RegisterCallbacks", rc)
-            self._registered = True
+            self._register(with_locality=True)
+
+    def _register(self, with_locality: bool) -> None:
+        cbs = self._callbacks if with_locality else self._callbacks_loc0
+        rc = self.lib.TPMLIB_RegisterCallbacks(byref(cbs))  # libtpms copies the struct
+        if rc:
+            raise LibtpmsError("TPMLIB_RegisterCallbacks", rc)
+        self._locality_cb = with_locality
+        self._registered = True
+
+    def use_locality_callback(self, needed: bool) -> None:
+        """Whether libtpms asks Python for the locality at every command.
+
+        TPM2_Process calls getlocality before each command: a Python callback
+        that costs about a microsecond a command. Without it, TPM 2 runs the
+        command at locality 0, which is what the callback answers at locality
+        0, so the engine registers it only while the locality is not 0.
+        TPM 1.2 always keeps it. Serialise with the other libtpms calls.
+        """
+        needed = needed or not self._tpm2
+        if self._registered and needed != self._locality_cb:
+            self._register(with_locality=needed)
 
     def set_debug_fd(self, fd: int) -> None:
         self.lib.TPMLIB_SetDebugFD(fd)
@@ -277,10 +307,12 @@ class Libtpms:
         if self._resp:
             self.lib.TPM_Free(ctypes.cast(self._resp, c_void_p))
             self._resp = _U8P()
+            self._resp_ptr = c_void_p.from_buffer(self._resp)
             self._resp_ref = byref(self._resp)
             self._resp_bufsize.value = 0
             self._resp_view = None
-            self._resp_addr = 0
+            self._resp_addr = None
+            self._resp_len = 0
 
     # ------------------------------------------------------------ commands
 
@@ -289,21 +321,31 @@ class Libtpms:
         return self._cmdview
 
 
-    def process_in_place(self, length: int, cmdbuf: Any = None) -> memoryview:
+    def process_in_place(self, length: int,
+                         cmdbuf: ctypes.Array[c_ubyte] | None = None) -> memoryview:
         """Run the command in ``cmdbuf`` (default: command_buffer()) up to
         ``length``; the response view stays valid until the next call.
-        No allocation on the hot path."""
+        No allocation on the hot path but the returned slice.
+
+        ``cmdbuf`` must be a c_ubyte array (the call has no argtypes to check it)."""
         self._process(self._resp_ref, self._resp_size_ref, self._resp_bufsize_ref,
                       self._cmdbuf if cmdbuf is None else cmdbuf, length)
-        addr = ctypes.addressof(self._resp.contents) if self._resp else 0
-        if addr != self._resp_addr:
-            self._resp_addr = addr
-            size = self._resp_bufsize.value
-            self._resp_view = memoryview((c_ubyte * size).from_address(addr)).cast("B")
+        size = self._resp_size.value
+        if self._resp_ptr.value != self._resp_addr or size > self._resp_len:
+            self._map_response()
         view = self._resp_view
         if view is None:
             return memoryview(b"")
-        return view[: self._resp_size.value]
+        return view[:size]
+
+    def _map_response(self) -> None:
+        """libtpms (re)allocated its response buffer: view the new one."""
+        addr = self._resp_ptr.value
+        size = self._resp_bufsize.value
+        self._resp_addr = addr
+        self._resp_len = size if addr else 0
+        self._resp_view = (memoryview((c_ubyte * size).from_address(addr)).cast("B")
+                           if addr else None)
 
     def process(self, cmd: bytes) -> bytes:
         n = len(cmd)

@@ -117,6 +117,7 @@ class Engine(Storage):
             self._may_manufacture = config.allow_manufacture
         self.tpm = Libtpms(self)
         self.tpm.choose(TpmVersion.TPM2 if config.tpm2 else TpmVersion.TPM12)
+        self.tpm.use_locality_callback(self._locality != 0)
         self.fatal_response = TPM2_FATAL_RESPONSE if config.tpm2 else TPM12_FATAL_RESPONSE
         # The fast path reads this without the lock: True only while commands may run.
         self.ready = False
@@ -162,7 +163,13 @@ class Engine(Storage):
 
     def set_locality_raw(self, loc: int) -> None:
         """Locality from a TPM_SEND_COMMAND frame: taken as given, like swtpm."""
+        with self.lock:
+            self._set_locality(loc)
+
+    def _set_locality(self, loc: int) -> None:
+        """Caller holds the lock: the callback registration is a libtpms call."""
         self._locality = loc
+        self.tpm.use_locality_callback(loc != 0)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -325,7 +332,7 @@ class Engine(Storage):
         loc = req["loc"]
         if loc > 4 or (loc == 4 and self.config.reject_locality_4):
             return ControlReply(Res.BAD_LOCALITY)
-        self._locality = loc
+        self._set_locality(loc)
         return ControlReply(Res.SUCCESS)
 
     def _running_only(self, fn: Callable[[], int]) -> ControlReply:
@@ -360,11 +367,12 @@ class Engine(Storage):
         loc = req["loc"]
         if loc > 4:
             return ControlReply(Res.BAD_LOCALITY)
-        saved, self._locality = self._locality, loc
+        saved = self._locality
+        self._set_locality(loc)
         try:
             return ControlReply(self.tpm.reset_established())
         finally:
-            self._locality = saved
+            self._set_locality(saved)
 
     def _c_get_config(self, req: dict[str, int], data: bytes) -> ControlReply:
         flags = 0
