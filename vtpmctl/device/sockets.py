@@ -145,6 +145,9 @@ class DataChannel:
             self.on_close()
 
     def _serve(self) -> None:
+        if self.conn.family in (socket.AF_INET, socket.AF_INET6):
+            # A response is one write: never hold it back waiting for an ACK.
+            self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = CommandBuffer()
         view = buf.view
         recv_into = self.conn.recv_into
