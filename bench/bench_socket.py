@@ -23,6 +23,7 @@ from benchlib import (
     BenchError,
     RoundTrips,
     build_c_client,
+    cpu_ns,
     machine,
     make_servers,
     median,
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                     srv = servers[name]
                     for mode in MODES:
                         path = srv.data if mode == "data" else srv.ctrl
+                        before = cpu_ns(srv.pid)
                         res = run_client(client, mode, path, ns.count, ns.warmup, cpu)
+                        res.server_cpu_ns = (cpu_ns(srv.pid) - before) / (ns.count + ns.warmup)
                         results[mode][name].append(res)
                 print(f"round {rnd + 1}/{ns.rounds}: " + "  ".join(
                     f"{mode} {name} {results[mode][name][-1].rate / 1000:.1f}k/s"
@@ -89,16 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     for mode, label in MODES.items():
         med = {name: median([r.rate for r in results[mode][name]]) for name in NAMES}
         p50 = {name: median([r.p50_ns / 1000 for r in results[mode][name]]) for name in NAMES}
+        srv_us = {name: median([r.server_cpu_ns / 1000 for r in results[mode][name]])
+                  for name in NAMES}
         ratio = med["vtpmctl"] / med["swtpm"] if med["swtpm"] else 0.0
         per_round = [v.rate / s.rate for s, v in zip(results[mode]["swtpm"],
                                                      results[mode]["vtpmctl"], strict=True)]
         summary[mode] = {"swtpm_per_s": med["swtpm"], "vtpmctl_per_s": med["vtpmctl"],
                          "swtpm_p50_us": p50["swtpm"], "vtpmctl_p50_us": p50["vtpmctl"],
+                         "swtpm_server_cpu_us": srv_us["swtpm"],
+                         "vtpmctl_server_cpu_us": srv_us["vtpmctl"],
                          "ratio": ratio, "ratio_min": min(per_round),
                          "ratio_max": max(per_round)}
         print(f"{label:15s} swtpm {med['swtpm'] / 1000:7.1f}k/s (p50 {p50['swtpm']:.1f} us)  "
               f"vtpmctl {med['vtpmctl'] / 1000:7.1f}k/s (p50 {p50['vtpmctl']:.1f} us)  "
               f"ratio {ratio:.2f} (rounds {min(per_round):.2f}..{max(per_round):.2f})")
+        print(f"{'':15s} server CPU per round trip: swtpm {srv_us['swtpm']:.1f} us, "
+              f"vtpmctl {srv_us['vtpmctl']:.1f} us")
     if ns.json is not None:
         ns.json.write_text(json.dumps({
             "machine": machine(), "cpu": cpu, "client": "c" if client else "python",

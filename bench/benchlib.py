@@ -194,6 +194,7 @@ class RoundTrips:
     seconds: float
     p50_ns: int
     p99_ns: int
+    server_cpu_ns: float = 0.0  # filled in by the caller when it watches the server
 
     @property
     def rate(self) -> float:
@@ -254,6 +255,15 @@ def vm_rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of all threads of a process so far, in ns (/proc/PID/task/*/schedstat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread may end meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
 
 
 def median(values: list[float]) -> float:
