@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
+from vtpmctl.store.atomic import write_atomic
+
 EkPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 KEY_FILE = "ca-key.pem"
@@ -91,33 +93,6 @@ def tpm_specification_attributes(family: str, level: int, revision: int) -> byte
 # ----------------------------------------------------------------- files
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Readers see either no file or the whole file, never a torn key."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)  # umask must not widen or narrow what we asked for
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(path.parent)
-
-
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Serialise CA creation between processes provisioning at the same time."""
@@ -177,14 +152,14 @@ class LocalCA:
                     serialization.PrivateFormat.PKCS8,
                     serialization.NoEncryption(),
                 )
-                _write_atomic(key_path, pem, 0o600)
+                write_atomic(key_path, pem, 0o600)
             if cert_path.exists():
                 cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
                 if _spki(key.public_key()) != _spki(cert.public_key()):
                     raise CAError(f"{cert_path} does not belong to {key_path}")
             else:
                 cert = self._self_sign(key, common_name)
-                _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+                write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         self._key = key
         self.certificate = cert
 
