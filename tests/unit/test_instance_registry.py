@@ -293,3 +293,18 @@ def test_crash_after_commit_rolls_forward(registry: Registry,
     assert _plain(inst, "permall", KEY_B) == b"P"
     assert _plain(inst, "volatilestate", KEY_B) == b"V"
     assert instance_keys.recover(inst.paths, True) is None
+
+
+def test_start_keeps_one_previous_log(registry: Registry) -> None:
+    from vtpmctl.engine.supervisor import rotate_log
+
+    inst = make(registry, "a")
+    registry.ensure_dirs(inst.paths)
+    log = inst.paths.log_file
+    log.write_bytes(b"x" * 100)
+    rotate_log(log, limit=1000)
+    assert log.read_bytes() == b"x" * 100  # small: left alone
+    rotate_log(log, limit=10)
+    assert not log.exists() and log.with_name(log.name + ".1").read_bytes() == b"x" * 100
+    registry.remove("a")
+    assert not log.with_name(log.name + ".1").exists()

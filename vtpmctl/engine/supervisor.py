@@ -27,6 +27,7 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 TERM_TIMEOUT = 5.0
 POLL = 0.01
+LOG_LIMIT = 4 << 20  # bytes; beyond this a start moves the log to NAME.log.1
 
 State = Literal["running", "stopped", "stale"]
 
@@ -126,6 +127,13 @@ def _daemon_env() -> dict[str, str]:
     return env
 
 
+def rotate_log(path: Path, limit: int = LOG_LIMIT) -> None:
+    """Keep one previous log: a daemon appends for its whole life, so trim between runs."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size > limit:
+            os.replace(path, path.with_name(path.name + ".1"))
+
+
 def log_tail(path: Path, lines: int = 20) -> list[str]:
     try:
         with open(path, "rb") as f:
@@ -203,6 +211,7 @@ def start(inst: Instance, *, incoming: bool = False, timeout: float = START_TIME
     clean_stale(inst)
     inst.paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     inst.paths.log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    rotate_log(inst.paths.log_file)
     log_fd = os.open(inst.paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                      0o600)
     mark = os.lseek(log_fd, 0, os.SEEK_END)

@@ -383,6 +383,7 @@ class Registry:
         for directory in (paths.base, paths.secrets_dir, paths.run_dir):
             shutil.rmtree(directory, ignore_errors=True)
         paths.log_file.unlink(missing_ok=True)
+        paths.log_file.with_name(paths.log_file.name + ".1").unlink(missing_ok=True)
 
     def ensure_dirs(self, paths: InstancePaths) -> None:
         """Runtime, log and secrets dirs (private; created on demand)."""
