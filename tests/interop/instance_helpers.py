@@ -44,7 +44,7 @@ class Home:
             input: bytes | None = None) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [*VTPMCTL, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-            input=None if input is None else input.decode(), check=False)
+            input="" if input is None else input.decode(), check=False)  # never a tty
         if check and result.returncode != 0:
             raise AssertionError(f"vtpmctl {' '.join(args)} exited {result.returncode}\n"
                                  f"stdout: {result.stdout}\nstderr: {result.stderr}")
