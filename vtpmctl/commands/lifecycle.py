@@ -57,7 +57,9 @@ def _endpoints(inst: "Instance") -> dict[str, str | None]:
     p = inst.paths
     if inst.config.transport == "cuse":
         return {"ctrl": None, "data": None, "device": str(p.device)}
-    return {"ctrl": f"unix:{p.ctrl_socket}", "data": f"unix:{p.data_socket}", "device": None}
+    # A --ctrl-only or --incoming daemon has no data socket (QEMU passes its own).
+    data = f"unix:{p.data_socket}" if p.data_socket.exists() or not p.ctrl_socket.exists() else None
+    return {"ctrl": f"unix:{p.ctrl_socket}", "data": data, "device": None}
 
 
 def instance_record(inst: "Instance", st: "Status") -> dict[str, Any]:
@@ -168,15 +170,16 @@ def create(name: str, tpm: str = "2", transport: str = "socket", ek: bool | None
     return 0
 
 
-def start(name: str, incoming: bool = False, foreground: bool = False) -> int:
+def start(name: str, incoming: bool = False, foreground: bool = False,
+          ctrl_only: bool = False) -> int:
     """Start NAME's daemon and return when its control channel answers."""
     from vtpmctl.engine import supervisor
 
     inst = _registry().get(name)
     if foreground:
-        supervisor.exec_foreground(inst, incoming=incoming)
+        supervisor.exec_foreground(inst, incoming=incoming, ctrl_only=ctrl_only)
         return 1  # exec_foreground only returns by raising
-    started = supervisor.start(inst, incoming=incoming)
+    started = supervisor.start(inst, incoming=incoming, ctrl_only=ctrl_only)
     if started.already:
         _out(f"{name} is already running (pid {started.pid})")
     else:
@@ -357,9 +360,13 @@ def register(app: "typer.Typer") -> None:
         foreground: Annotated[bool, typer.Option(
             "--foreground", help="run the daemon in this process (systemd Type=notify)")]
         = False,
+        ctrl_only: Annotated[bool, typer.Option(
+            "--ctrl-only", help="no data socket: for QEMU -tpmdev emulator, which passes "
+            "its own data channel")] = False,
     ) -> None:
         """Start a vTPM's daemon; returns when its control channel answers."""
-        raise typer.Exit(start(name, incoming=incoming, foreground=foreground))
+        raise typer.Exit(start(name, incoming=incoming, foreground=foreground,
+                               ctrl_only=ctrl_only))
 
     @app.command("stop")
     def stop_cmd(

@@ -95,7 +95,7 @@ def clean_stale(inst: Instance) -> list[Path]:
 # ---------------------------------------------------------------- start
 
 
-def daemon_argv(inst: Instance, *, incoming: bool = False) -> list[str]:
+def daemon_argv(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False) -> list[str]:
     """The daemon's command line: paths only, never key material."""
     p = inst.paths
     argv = [sys.executable, "-m", DAEMON_MODULE, "--state", str(p.state_dir),
@@ -105,9 +105,9 @@ def daemon_argv(inst: Instance, *, incoming: bool = False) -> list[str]:
         argv += ["--cuse", p.cuse_name]
     else:
         argv += ["--ctrl", f"unix:{p.ctrl_socket}"]
-        # An incoming instance waits for QEMU, which brings the data channel itself
-        # (CMD_SET_DATAFD, refused while a data listener exists, as by swtpm).
-        if not incoming:
+        # QEMU brings the data channel itself (CMD_SET_DATAFD, refused while a data
+        # listener exists, as by swtpm): an incoming or QEMU-bound instance has none.
+        if not (incoming or ctrl_only):
             argv += ["--data", f"unix:{p.data_socket}"]
     if inst.config.encrypted:
         argv += ["--key-file", str(p.state_key), "--key-kind", "hex"]
@@ -200,7 +200,8 @@ def preflight(inst: Instance, timeout: float = START_TIMEOUT) -> Started | None:
     return None
 
 
-def start(inst: Instance, *, incoming: bool = False, timeout: float = START_TIMEOUT) -> Started:
+def start(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False,
+          timeout: float = START_TIMEOUT) -> Started:
     """Launch the daemon detached; return once its control channel answers."""
     status = probe(inst)
     if status.state == "running":
@@ -217,7 +218,7 @@ def start(inst: Instance, *, incoming: bool = False, timeout: float = START_TIME
     mark = os.lseek(log_fd, 0, os.SEEK_END)
     try:
         proc = subprocess.Popen(
-            daemon_argv(inst, incoming=incoming), stdin=subprocess.DEVNULL,
+            daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=log_fd, close_fds=True, start_new_session=True,
             env=_daemon_env(), cwd="/")
     finally:
@@ -322,7 +323,7 @@ def _answers(inst: Instance) -> bool:
     return True
 
 
-def exec_foreground(inst: Instance, *, incoming: bool = False) -> None:
+def exec_foreground(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False) -> None:
     """Become the daemon (systemd Type=notify keeps $NOTIFY_SOCKET for it)."""
     status = probe(inst)
     if status.state == "running" or preflight(inst, 0) is not None:
@@ -334,7 +335,7 @@ def exec_foreground(inst: Instance, *, incoming: bool = False) -> None:
     env = _daemon_env()
     if "NOTIFY_SOCKET" in os.environ:
         env["NOTIFY_SOCKET"] = os.environ["NOTIFY_SOCKET"]
-    argv = daemon_argv(inst, incoming=incoming)
+    argv = daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only)
     os.execve(argv[0], argv, env)
 
 
