@@ -33,7 +33,7 @@ from swtpm_peer import (
     swtpm_socket,
 )
 
-# How our server is launched: the only line to change when the CLI form takes over.
+# How our server is launched; `python -m vtpmctl.engine.daemon` takes the same options.
 SERVE_COMMAND = [str(Path(sys.executable).with_name("vtpmctl")), "serve"]
 
 

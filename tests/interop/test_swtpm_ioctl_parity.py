@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import VtpmServer, launch_vtpm, stop_vtpm
 from rawsock import Reply, connect, exchange, h, read_reply
 from swtpm_peer import SWTPM_IOCTL, swtpm_socket
 
@@ -23,7 +24,9 @@ TPM_FAMILIES = [pytest.param(True, id="tpm2"), pytest.param(False, id="tpm12")]
 # A TPM 1.2 INIT runs libtpms' self test with an RSA key generation (0.3-1.5 s). Scenarios
 # whose outcome does not depend on the TPM family run for TPM 2 only.
 FAMILY_NEUTRAL = {"load-after-stop", "shutdown-running", "stop", "init",
-                  "hash-data-beyond-length", "lock-storage", "data-vendor-and-framing"}
+                  "hash-data-beyond-length", "lock-storage", "data-vendor-and-framing",
+                  # covered for TPM 1.2 by the "established" sequence / test_raw_get_stateblob
+                  "reset-established", "get-stateblob"}
 LOCK_STORAGE = 0x10000  # PTM_CAP_LOCK_STORAGE, new in swtpm 0.8
 
 # Steps are swtpm_ioctl arguments; {perm}, {vol}, {garbage}, {empty} name blob files made
@@ -74,6 +77,39 @@ def blobs(tmp_path_factory: pytest.TempPathFactory,
 
 
 T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def spares(tmp_path_factory: pytest.TempPathFactory,
+           manufactured: Callable[[bool, Path], Path]) -> Iterator[dict[bool, VtpmServer]]:
+    """One of our servers per TPM family, started ahead on a manufactured state: taking
+    one starts its successor, so a server's start-up overlaps the test before it."""
+    waiting: dict[bool, VtpmServer] = {}
+    yield waiting
+    for server in waiting.values():
+        stop_vtpm(server)
+
+
+@pytest.fixture
+def ours_fresh(spares: dict[bool, VtpmServer], manufactured: Callable[[bool, Path], Path],
+               tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[Callable[[bool], VtpmServer]]:
+    """``ours_fresh(tpm2)``: our server on a fresh manufactured state (call wait_ready())."""
+    taken: list[VtpmServer] = []
+
+    def start(tpm2: bool) -> VtpmServer:
+        return launch_vtpm(manufactured(tpm2, tmp_path_factory.mktemp("ours")), tpm2=tpm2,
+                           wait=False)
+
+    def take(tpm2: bool) -> VtpmServer:
+        server = spares.pop(tpm2, None) or start(tpm2)
+        spares[tpm2] = start(tpm2)
+        taken.append(server)
+        return server
+
+    yield take
+    for server in taken:
+        stop_vtpm(server)
 
 
 def side_by_side(ours: Callable[[], T], theirs: Callable[[], T]) -> tuple[T, T]:
@@ -142,11 +178,10 @@ def per_family(scenarios: list[tuple[str, Any]]) -> list[Any]:
 @pytest.mark.parametrize(("name", "steps", "tpm2"), per_family(SEQUENCES))
 def test_swtpm_ioctl_parity(name: str, steps: list[list[str]], tpm2: bool,
                             blobs: dict[bool, dict[str, Path]], tmp_path: Path,
-                            vtpm_server: Callable[..., Any],
+                            ours_fresh: Callable[[bool], VtpmServer],
                             swtpm_server: Callable[..., Any],
                             manufactured: Callable[[bool, Path], Path]) -> None:
-    ours_server = vtpm_server(manufactured(tpm2, tmp_path / "ours-state"), tpm2=tpm2,
-                              wait=False)
+    ours_server = ours_fresh(tpm2)
     peer = swtpm_server(manufactured(tpm2, tmp_path / "swtpm-state"), tpm2=tpm2)
     ours, theirs = side_by_side(
         lambda: run_sequence(ours_server.wait_ready(), steps, blobs[tpm2], tmp_path / "ours"),
@@ -299,10 +334,10 @@ def raw_session(server: Any, steps: list[str | Step], tpm2: bool,
 
 @pytest.mark.parametrize(("name", "steps", "tpm2"), per_family(RAW_SCENARIOS))
 def test_raw_control_bytes(name: str, steps: list[str | Step], tpm2: bool, tmp_path: Path,
-                           vtpm_server: Callable[..., Any],
+                           ours_fresh: Callable[[bool], VtpmServer],
                            swtpm_server: Callable[..., Any],
                            manufactured: Callable[[bool, Path], Path]) -> None:
-    ours_server = vtpm_server(manufactured(tpm2, tmp_path / "ours"), tpm2=tpm2, wait=False)
+    ours_server = ours_fresh(tpm2)
     peer = swtpm_server(manufactured(tpm2, tmp_path / "swtpm"), tpm2=tpm2)
     ours, theirs = side_by_side(
         lambda: raw_session(ours_server.wait_ready(), steps, tpm2, is_peer=False),
@@ -318,14 +353,14 @@ def _blob_reply_shape(reply: Reply | None) -> tuple[Any, ...]:
 
 
 @pytest.mark.parametrize("tpm2", TPM_FAMILIES)
-def test_raw_get_stateblob(tpm2: bool, tmp_path: Path, vtpm_server: Callable[..., Any],
+def test_raw_get_stateblob(tpm2: bool, tmp_path: Path, ours_fresh: Callable[[bool], VtpmServer],
                            swtpm_server: Callable[..., Any],
                            manufactured: Callable[[bool, Path], Path]) -> None:
     """GET_STATEBLOB: same 16-byte header, same blob header and size (content is random)."""
     steps: list[str | Step] = [INIT, GET + "00 00 00 01 00 00 00 00",
                                GET + "00 00 00 02 00 00 00 00",
                                "00 00 00 0c 00 00 00 00 00 00 00 01 00 00 00 00"]
-    ours_server = vtpm_server(manufactured(tpm2, tmp_path / "ours"), tpm2=tpm2, wait=False)
+    ours_server = ours_fresh(tpm2)
     peer = swtpm_server(manufactured(tpm2, tmp_path / "swtpm"), tpm2=tpm2)
     ours, theirs = side_by_side(
         lambda: raw_session(ours_server.wait_ready(), steps, tpm2, is_peer=False),
@@ -336,11 +371,11 @@ def test_raw_get_stateblob(tpm2: bool, tmp_path: Path, vtpm_server: Callable[...
 
 @pytest.mark.parametrize("tpm2", TPM_FAMILIES)
 def test_raw_set_stateblob_round_trip(tpm2: bool, tmp_path: Path,
-                                      vtpm_server: Callable[..., Any],
+                                      ours_fresh: Callable[[bool], VtpmServer],
                                       swtpm_server: Callable[..., Any],
                                       manufactured: Callable[[bool, Path], Path]) -> None:
     """A permanent blob read from swtpm goes back in over raw bytes on both servers."""
-    ours_server = vtpm_server(manufactured(tpm2, tmp_path / "ours"), tpm2=tpm2, wait=False)
+    ours_server = ours_fresh(tpm2)
     source = swtpm_server(manufactured(tpm2, tmp_path / "source"), tpm2=tpm2)
     got = raw_session(source, [INIT, GET + "00 00 00 01 00 00 00 00"], tpm2, is_peer=True)
     assert got[1] is not None
@@ -390,10 +425,10 @@ def split_session(server: Any, blob: bytes) -> list[Reply]:
     return replies
 
 
-def test_split_writes(tmp_path: Path, vtpm_server: Callable[..., Any],
+def test_split_writes(tmp_path: Path, ours_fresh: Callable[[bool], VtpmServer],
                       swtpm_server: Callable[..., Any],
                       manufactured: Callable[[bool, Path], Path]) -> None:
-    ours_server = vtpm_server(manufactured(True, tmp_path / "ours"), wait=False)
+    ours_server = ours_fresh(True)
     peer = swtpm_server(manufactured(True, tmp_path / "swtpm"))
     got = raw_session(peer, [INIT, GET + "00 00 00 01 00 00 00 00"], True, is_peer=True)
     assert got[1] is not None
