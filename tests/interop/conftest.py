@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -33,8 +34,10 @@ from swtpm_peer import (
     swtpm_socket,
 )
 
-# How our server is launched; `python -m vtpmctl.engine.daemon` takes the same options.
-SERVE_COMMAND = [str(Path(sys.executable).with_name("vtpmctl")), "serve"]
+# How our server is launched. VTPMCTL_SERVE overrides it (a command line, e.g.
+# "python -m vtpmctl.engine.daemon", which takes the same options).
+SERVE_COMMAND = shlex.split(os.environ.get("VTPMCTL_SERVE", "")) or [
+    str(Path(sys.executable).with_name("vtpmctl")), "serve"]
 
 
 class ServerStartError(RuntimeError):
