@@ -152,7 +152,9 @@ class DataChannel:
         view = buf.view
         recv_into = self.conn.recv_into
         sendall = self.conn.sendall
-        process = self.engine.process_buffer
+        # The response goes out from libtpms' buffer under the engine lock, without
+        # blocking; whatever the socket does not take at once is sent after.
+        run = self.engine.bind(buf, self.conn.send, socket.MSG_DONTWAIT)
         tpm2 = self.engine.config.tpm2
         while True:
             n = recv_into(view)
@@ -166,7 +168,9 @@ class DataChannel:
             if tpm2 and view[0] == 0 and view[1] == 0 and view[3] == 8 and view[2] == 0:
                 sendall(self._send_command_framed(buf, n))
                 continue
-            sendall(process(buf, n))
+            rest = run(n)
+            if rest:
+                sendall(rest)
 
     def _send_command_framed(self, buf: CommandBuffer, n: int) -> bytes:
         """TCG simulator TPM_SEND_COMMAND framing (spec §2.4)."""

@@ -306,9 +306,8 @@ class Libtpms:
     def free_response_buffer(self) -> None:
         if self._resp:
             self.lib.TPM_Free(ctypes.cast(self._resp, c_void_p))
-            self._resp = _U8P()
-            self._resp_ptr = c_void_p.from_buffer(self._resp)
-            self._resp_ref = byref(self._resp)
+            # NULL in place: the prebuilt byref()s and every runner() keep pointing here.
+            self._resp_ptr.value = None
             self._resp_bufsize.value = 0
             self._resp_view = None
             self._resp_addr = None
@@ -337,6 +336,25 @@ class Libtpms:
         if view is None:
             return memoryview(b"")
         return view[:size]
+
+    def runner(self, cmdbuf: ctypes.Array[c_ubyte]) -> Callable[[int], memoryview]:
+        """process_in_place bound to one command buffer, for a frontend's
+        receive loop: the same call with every argument in a closure cell."""
+        process = self._process
+        resp_ref, size_ref = self._resp_ref, self._resp_size_ref
+        bufsize_ref = self._resp_bufsize_ref
+        size, ptr = self._resp_size, self._resp_ptr
+        empty = memoryview(b"")
+
+        def run(length: int) -> memoryview:
+            process(resp_ref, size_ref, bufsize_ref, cmdbuf, length)
+            n = size.value
+            if ptr.value != self._resp_addr or n > self._resp_len:
+                self._map_response()
+            view = self._resp_view
+            return empty if view is None else view[:n]
+
+        return run
 
     def _map_response(self) -> None:
         """libtpms (re)allocated its response buffer: view the new one."""

@@ -242,6 +242,36 @@ class Engine(Storage):
                 return bytes(self._process_slow(buf, length))
             return bytes(self.tpm.process_in_place(length, buf.raw))
 
+    def bind(self, buf: CommandBuffer, send: Callable[[memoryview, int], int],
+             flags: int) -> Callable[[int], bytes]:
+        """process_buffer for one frontend connection, sending in place.
+
+        Returns ``run(length)``: it runs the command in ``buf`` exactly as
+        process_buffer does, and on the fast path offers the response to
+        ``send(response, flags)`` straight from libtpms' buffer while the
+        lock is held (nothing copied or allocated but a slice). ``send``
+        must not block (``flags`` = MSG_DONTWAIT), so a client that does not
+        read cannot hold the engine; ``run`` returns what is left to send,
+        which the caller sends after the lock is released.
+        """
+        lock = self.lock
+        view = buf.view
+        run_tpm = self.tpm.runner(buf.raw)
+        slow = self._process_slow
+
+        def run(length: int) -> bytes:
+            with lock:
+                if not self.ready or view[6] == 0x20 or view[9] == 0x45:
+                    return bytes(slow(buf, length))
+                resp = run_tpm(length)
+                try:
+                    sent = send(resp, flags)
+                except BlockingIOError:
+                    sent = 0
+                return b"" if sent == len(resp) else bytes(resp[sent:])
+
+        return run
+
     def _process_slow(self, buf: CommandBuffer, length: int) -> memoryview | bytes:
         if not self.running or length < 10:
             return self.fatal_response
