@@ -129,7 +129,19 @@ def _fast_plan(args: list[str]) -> "Plan | None":
         return _fast_ctl(rest, timeout)
     if cmd in _LIFECYCLE_FLAGS:
         return _fast_lifecycle(cmd, rest)
+    if cmd == "serve":
+        return _fast_serve(rest)
     return None
+
+
+def _fast_serve(rest: list[str]) -> "Plan | None":
+    """`serve` is exec'd by tests, units and scripts; its options are the daemon's own."""
+    if "-h" in rest or "--help" in rest:
+        return None
+    from vtpmctl.engine.daemon import parse_serve_args
+
+    ns = parse_serve_args(rest)
+    return None if ns is None else ("vtpmctl.engine.daemon", "run_args", {"ns": ns})
 
 
 # lifecycle command → (the flag it may take, the keyword it sets)

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from vtpmctl.engine.tpm import Engine, EngineConfig, Startup
 from vtpmctl.store.blob import AesKey
@@ -199,8 +200,17 @@ def _make_frontend(opts: DaemonOptions, engine: Engine):  # type: ignore[no-unty
         raise DaemonError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vtpmctl-daemon", description=__doc__)
+class _QuietParser(argparse.ArgumentParser):
+    """Raises instead of printing, so a caller can hand odd command lines to typer."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
+
+
+def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
+    """The daemon's options: the same names and meaning as ``vtpmctl serve``."""
+    cls = _QuietParser if quiet else argparse.ArgumentParser
+    p = cls(prog="vtpmctl-daemon", description=__doc__, add_help=not quiet)
     p.add_argument("--state", type=Path, required=True)
     p.add_argument("--ctrl")
     p.add_argument("--data")
@@ -208,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpm", choices=["2", "1.2"], default="2")
     p.add_argument("--flags", action="append", default=[])
     p.add_argument("--key-file", type=Path)
-    p.add_argument("--key-kind", default="auto")
+    p.add_argument("--key-kind", "--key-format", dest="key_kind", default="auto",
+                   choices=["auto", "hex", "binary", "passphrase"])
     p.add_argument("--migration-key-file", type=Path)
     p.add_argument("--pid-file", type=Path)
     p.add_argument("--log-file", type=Path)
@@ -217,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--existing", action="store_true",
                    help="the TPM exists already: a missing state is an error")
     return p
+
+
+def parse_serve_args(args: list[str]) -> argparse.Namespace | None:
+    """``vtpmctl serve`` arguments if they are well-formed, else None (typer explains)."""
+    try:
+        ns = build_parser(quiet=True).parse_args(args)
+    except ValueError:
+        return None
+    if (ns.ctrl is None) == (ns.cuse is None):
+        return None
+    return ns
+
+
+def run_args(ns: argparse.Namespace) -> int:
+    return run(options_from_args(ns))
 
 
 def options_from_args(ns: argparse.Namespace) -> DaemonOptions:
