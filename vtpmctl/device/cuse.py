@@ -623,8 +623,8 @@ class CuseServer:
                 self._sendv([self._read_header(unique, min(size, len(response))),
                              response[:size]])
                 self._resp_pos = min(size, len(response))
-        if kh is not None:
-            self._notify_poll(kh)
+            if kh is not None:
+                self._notify_poll(kh)  # under the lock: close() cannot pull the fd away
         # Deferred ioctls run on the main thread.
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"\0")
