@@ -141,13 +141,20 @@ def _wait_until(ready: Callable[[], bool], served: Served, what: str) -> None:
         time.sleep(0.05)
 
 
-def serve_cuse(name: str, state: Path, *extra: str) -> Served:
+# The daemon module is what `vtpmctl serve` runs, without the command line's
+# start-up (typer costs tens of seconds in the guest); tests of the command
+# itself ask for it with cli=True.
+DAEMON = [sys.executable, "-m", "vtpmctl.engine.daemon"]
+
+
+def serve_cuse(name: str, state: Path, *extra: str, cli: bool = False) -> Served:
     """`vtpmctl serve --cuse NAME`; returns once /dev/vtpm-NAME exists."""
     device = f"/dev/vtpm-{name}"
     assert not os.path.exists(device), f"{device} exists before the test"
     state.mkdir(parents=True, exist_ok=True)
     log = state.parent / f"{state.name}.log"
-    argv = [VTPMCTL, "serve", "--state", str(state), "--cuse", name, *extra]
+    argv = [*([VTPMCTL, "serve"] if cli else DAEMON), "--state", str(state), "--cuse", name,
+            *extra]
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -157,14 +164,14 @@ def serve_cuse(name: str, state: Path, *extra: str) -> Served:
 
 
 def serve_socket(state: Path, run_dir: Path, *extra: str) -> Served:
-    """`vtpmctl serve --ctrl unix: --data unix:` (sockets in the guest's /tmp, not on 9p)."""
+    """The socket frontend (sockets in the guest's /tmp: they cannot live on 9p)."""
     state.mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = str(run_dir / "tpm")
     ctrl = data + ".ctrl"  # what the tss2 swtpm TCTI expects
     log = state.parent / f"{state.name}.log"
-    argv = [VTPMCTL, "serve", "--state", str(state), "--ctrl", f"unix:{ctrl}",
-            "--data", f"unix:{data}", *extra]
+    argv = [*DAEMON, "--state", str(state), "--ctrl", f"unix:{ctrl}", "--data", f"unix:{data}",
+            *extra]
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -175,9 +182,9 @@ def serve_socket(state: Path, run_dir: Path, *extra: str) -> Served:
 
 
 @contextlib.contextmanager
-def served_cuse(name: str, state: Path, *extra: str) -> Iterator[Served]:
+def served_cuse(name: str, state: Path, *extra: str, cli: bool = False) -> Iterator[Served]:
     """A module's device; stopped with SIGTERM at the end, and the node must go."""
-    served = serve_cuse(name, state, *extra)
+    served = serve_cuse(name, state, *extra, cli=cli)
     try:
         yield served
     finally:

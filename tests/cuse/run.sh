@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole CUSE suite in ONE throwaway VM whose kernel has CUSE (run directly
-# when this kernel already has /dev/cuse). Arguments replace the default test
-# selection, e.g.  tests/cuse/run.sh tests/cuse/test_bad_input.py -x
+# when this kernel already has /dev/cuse). Arguments go to pytest; test paths
+# among them replace tests/cuse, e.g.  tests/cuse/run.sh tests/cuse/test_bad_input.py -x
 # The shared tools are expected beside the checkout (../shared), or in
 # $VTPMCTL_SHARED.
 set -euo pipefail
@@ -11,7 +11,10 @@ shared=${VTPMCTL_SHARED:-$repo/../shared}
 py=$repo/.venv/bin/python
 cd "$repo"
 args=(-m pytest -q -p no:cacheprovider -rs)
-if (($#)); then args+=("$@"); else args+=(tests/cuse); fi
+args+=("$@")
+paths=0
+for a in "$@"; do [[ $a != -* && -e ${a%%::*} ]] && paths=1; done
+((paths)) || args+=(tests/cuse)
 if [[ -c /dev/cuse ]]; then
     exec "$py" "${args[@]}"
 fi

@@ -37,7 +37,8 @@ TPM_RC_SUCCESS = 0
 
 @pytest.fixture(scope="module")
 def dev(guest_tmp: Path) -> Iterator[Served]:
-    with served_cuse("bad", guest_tmp / "state") as served:
+    # Through the command line: `vtpmctl serve --cuse` itself, ended by SIGTERM.
+    with served_cuse("bad", guest_tmp / "state", cli=True) as served:
         with opened(str(served.device)) as fd:
             assert ctl(fd, Cmd.INIT, {"init_flags": 0})["result"] == 0
             assert rc_of(transact_fd(fd)(tpm2cmd.build_startup())) == 0

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from cuselib import Served, needs_cuse, serve_socket, served_cuse
 
+from vtpmctl.commands import state
+
 pytestmark = needs_cuse
 
 KEY = "0x81000001"
@@ -75,9 +77,11 @@ def test_state_moves_cuse_socket_cuse(first: Served, guest_tmp: Path) -> None:
     assert first.wait_exit() == 0
     assert not os.path.exists(first.device or ""), "node left after CMD_SHUTDOWN"
 
+    # The socket side in process (the same functions as the command line, which
+    # costs a minute per call in the guest); the device side through the CLI.
     sock = serve_socket(guest_tmp / "b", guest_tmp / "run")
     try:
-        sock.vtpmctl("state", "import", sock.target, str(perm_a))
+        assert state.import_(sock.target, str(perm_a)) == 0
         sock.swtpm_ioctl("-i")
         sock.tpm2("startup", "-c")
         assert _name(sock, guest_tmp) == seen["name"]
@@ -88,7 +92,7 @@ def test_state_moves_cuse_socket_cuse(first: Served, guest_tmp: Path) -> None:
         sock.tpm2("nvdefine", NV_B, "-C", "o", "-s", "16", "-a", "ownerread|ownerwrite")
         sock.tpm2("nvwrite", NV_B, "-C", "o", "-i", str(guest_tmp / "nv-b.bin"))
         perm_b = guest_tmp / "b.permall"
-        sock.vtpmctl("state", "export", sock.target, "-o", str(perm_b))
+        assert state.export(sock.target, str(perm_b)) == 0
         ref_b = guest_tmp / "b.swtpm_ioctl"
         sock.swtpm_ioctl("--save", "permanent", str(ref_b))
         assert perm_b.read_bytes() == ref_b.read_bytes()
@@ -104,7 +108,7 @@ def test_state_moves_cuse_socket_cuse(first: Served, guest_tmp: Path) -> None:
         assert _nvread(third, NV_B, 16, guest_tmp) == seen["nv_b"]
         # Exports from the device: vtpmctl and swtpm_ioctl write the same file.
         out = guest_tmp / "c.permall"
-        third.vtpmctl("state", "export", third.target, "-o", str(out))
+        assert state.export(third.target, str(out)) == 0
         ref_c = guest_tmp / "c.swtpm_ioctl"
         third.swtpm_ioctl("--save", "permanent", str(ref_c))
         assert out.read_bytes() == ref_c.read_bytes()
