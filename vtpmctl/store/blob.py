@@ -26,8 +26,6 @@ import os
 import struct
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
 __all__ = [
     "AesKey",
     "BlobError",
@@ -215,6 +213,8 @@ def _encrypt(key: AesKey, plain: bytes, data_tag: int, iv_tag: int) -> bytes:
     k = key.material
     iv_full = os.urandom(len(k))
     pad = len(k) - len(plain) % len(k)
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # 8 MiB: lazily
+
     encryptor = Cipher(algorithms.AES(k), modes.CBC(iv_full[:_AES_BLOCK])).encryptor()
     ciphertext = encryptor.update(plain + bytes([pad]) * pad) + encryptor.finalize()
     mac = hmac.new(k, ciphertext + iv_full, hashlib.sha256).digest()
@@ -227,6 +227,8 @@ def _cbc_decrypt(key: AesKey, iv: bytes, ciphertext: bytes, what: str) -> bytes:
         raise BlobError(
             RC_DECRYPT_ERROR, f"{what}: ciphertext length {len(ciphertext)} is not a whole block"
         )
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # 8 MiB: lazily
+
     decryptor = Cipher(algorithms.AES(k), modes.CBC(iv)).decryptor()
     padded = decryptor.update(ciphertext) + decryptor.finalize()
     # swtpm accepts any pad value up to the key length (it pads to the key length on
