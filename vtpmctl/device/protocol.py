@@ -192,17 +192,28 @@ class Layout(_Record):
     def fmt(self, endian: Endian) -> str:
         return (">" if endian == "big" else "=") + "".join(code for _, code in self.fields)
 
+    def _compiled(self, endian: Endian) -> tuple[struct.Struct, tuple[str, ...]]:
+        """The Struct and value names, built once per layout (control-path cost)."""
+        key = (self.fields, endian)
+        hit = _COMPILED.get(key)
+        if hit is None:
+            names = tuple(name for name, code in self.fields if not code.endswith("x"))
+            hit = _COMPILED[key] = (struct.Struct(self.fmt(endian)), names)
+        return hit
+
     def size(self) -> int:
-        return struct.calcsize(self.fmt("big"))
+        return self._compiled("big")[0].size
 
     def pack(self, endian: Endian, values: dict[str, int]) -> bytes:
-        args = [values.get(name, 0) for name, code in self.fields if not code.endswith("x")]
-        return struct.pack(self.fmt(endian), *args)
+        packer, names = self._compiled(endian)
+        return packer.pack(*[values.get(name, 0) for name in names])
 
     def unpack(self, endian: Endian, buf: bytes | bytearray | memoryview) -> dict[str, int]:
-        vals = struct.unpack_from(self.fmt(endian), buf)
-        names = [name for name, code in self.fields if not code.endswith("x")]
-        return dict(zip(names, vals, strict=True))
+        packer, names = self._compiled(endian)
+        return dict(zip(names, packer.unpack_from(buf), strict=True))
+
+
+_COMPILED: dict[tuple[tuple[tuple[str, str], ...], str], tuple[struct.Struct, tuple[str, ...]]] = {}
 
 
 def L(*fields: tuple[str, str]) -> Layout:  # noqa: N802 - a table constructor
