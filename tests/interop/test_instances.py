@@ -292,6 +292,16 @@ def test_corrupt_or_missing_state(home: Home, tmp_path: Path, encrypted: bool) -
         one_line_error(home.run("start", "bad", check=False), "unusable")
         assert permall.read_bytes() == bad
         assert home.status("bad")[0] == 3
+    if not encrypted:
+        # Header and TLV intact, libtpms' own data damaged: refused at start (ValidateState),
+        # not left to put the TPM into failure mode later.
+        body = bytearray(good)
+        body[200] ^= 0xFF
+        body[201] ^= 0xFF
+        permall.write_bytes(bytes(body))
+        one_line_error(home.run("start", "bad", check=False), "corrupt", "restore it")
+        assert permall.read_bytes() == bytes(body)
+        assert home.status("bad")[0] == 3
     permall.unlink()
     one_line_error(home.run("start", "bad", check=False), "is missing", "will not make")
     assert not permall.exists()

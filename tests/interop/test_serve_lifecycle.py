@@ -130,17 +130,13 @@ def test_flags(flags: str | None, get_random_rc: bytes, tmp_path: Path,
 
 
 @pytest.mark.parametrize("tpm2", FAMILIES)
-def test_existing_with_missing_permall_fails_init(tpm2: bool, tmp_path: Path,
-                                                  vtpm_server: Callable[..., Any]) -> None:
+def test_existing_with_missing_permall_does_not_start(tpm2: bool, tmp_path: Path) -> None:
+    """--existing: the server refuses to start at all, with the reason, and makes nothing."""
     state = tmp_path / "state"
     state.mkdir()
-    server = vtpm_server(state, tpm2=tpm2, extra_args=["--existing"])
-    for _ in range(2 if tpm2 else 1):  # and again: still no new TPM
-        res = server.ioctl("-i", check=False)
-        assert (res.returncode, res.stderr) == (1, INIT_FAILED[tpm2])
-        assert tpm_command(server, GET_RANDOM) == (TPM2_FATAL if tpm2 else TPM12_FATAL)
+    with pytest.raises(ServerStartError, match="missing"):
+        stop_vtpm(launch_vtpm(state, tpm2=tpm2, extra_args=["--existing"]))
     assert not permall(state, tpm2).exists()
-    assert "refusing to create a new TPM" in server.log_text()
 
 
 @pytest.mark.parametrize("tpm2", FAMILIES)
@@ -167,7 +163,7 @@ CORRUPT_CASES = [
     pytest.param(tpm2, corruption, existing,
                  id=f"{'tpm2' if tpm2 else 'tpm12'}-{corruption}{'-existing' if existing else ''}")
     for tpm2, corruptions in ((True, list(CORRUPTIONS)), (False, ["zeroed-body"]))
-    for corruption, existing in [*((c, False) for c in corruptions), ("zeroed-body", True)]
+    for corruption, existing in ((c, False) for c in corruptions)
 ]
 
 
@@ -190,6 +186,18 @@ def test_corrupt_permall_fails_init_and_is_kept(
     assert ours.ioctl("-i", check=False).returncode == 1
     ours.terminate()
     assert permall(dirs["ours"], tpm2).read_bytes() == bad
+
+
+@pytest.mark.parametrize("tpm2", FAMILIES)
+def test_existing_with_corrupt_permall_does_not_start(
+        tpm2: bool, tmp_path: Path, manufactured: Callable[[bool, Path], Path]) -> None:
+    """--existing: libtpms' ValidateState refuses the damaged state before anything runs."""
+    state = manufactured(tpm2, tmp_path / "state")
+    bad = CORRUPTIONS["zeroed-body"](permall(state, tpm2).read_bytes())
+    permall(state, tpm2).write_bytes(bad)
+    with pytest.raises(ServerStartError, match="corrupt"):
+        stop_vtpm(launch_vtpm(state, tpm2=tpm2, extra_args=["--existing"]))
+    assert permall(state, tpm2).read_bytes() == bad
 
 
 def test_corrupt_header_is_refused(tmp_path: Path, vtpm_server: Callable[..., Any],

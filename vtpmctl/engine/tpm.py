@@ -47,6 +47,7 @@ TPM2_CC_SHUTDOWN = 0x145
 TPM2_RC_INITIALIZE = 0x100
 VENDOR_SET_LOCALITY = 0x20001000
 LOCK_RETRIES_AFTER_SAVESTATE = 300
+TPM_RETRY_MISSING = 0x800  # ValidateState: the blob does not exist
 
 
 def _tpm2_startup(su: int) -> bytes:
@@ -179,6 +180,8 @@ class Engine(Storage):
             raise StateDirError(
                 f"{self.statedir.path} is locked by another process (pid "
                 f"{self.statedir.holder_pid()}); stop it first")
+        if self.config.allow_manufacture is False and not self.config.incoming:
+            self._validate_existing()  # an incoming TPM's state comes from QEMU instead
         if self.config.not_need_init or self.config.startup != "none":
             reply = self.control(Cmd.INIT, {"init_flags": 0})
             if reply.result != Res.SUCCESS:
@@ -189,6 +192,22 @@ class Engine(Storage):
                 st = 0 if self.config.startup == "clear" else 1
                 cmd = _tpm2_startup(st) if self.config.tpm2 else _tpm12_startup(st + 1)
                 self.process(cmd)
+
+    def _validate_existing(self) -> None:
+        """An existing TPM whose state libtpms rejects fails here, at start, with a
+        message, not later as a TPM in failure mode. ValidateState is only safe
+        before the first MainInit (it overwrites libtpms' NV globals), as here."""
+        kinds = int(StateType.PERMANENT)
+        if self.statedir.exists("volatilestate"):
+            kinds |= StateType.VOLATILE
+        with self.lock:
+            rc = self.tpm.validate_state(kinds)
+        if rc == TPM_RETRY_MISSING:
+            raise StateDirError(f"{self.statedir.file('permall')} is missing; restore it "
+                                "from a snapshot or backup (a new TPM is never made in its place)")
+        if rc != 0:
+            raise StateDirError(f"the state in {self.statedir.path} is corrupt (libtpms rejects "
+                                f"it: 0x{rc:x}); restore it from a snapshot or backup")
 
     def close(self) -> None:
         """Graceful end of the process: auto-shutdown, teardown, unlock."""
