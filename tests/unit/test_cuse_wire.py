@@ -492,18 +492,26 @@ def test_long_command_runs_on_the_worker(kernel: FakeKernel) -> None:
     # While it runs: capabilities answer, a second write is refused, reads wait.
     assert k.ctl(fh, Cmd.GET_CAPABILITY)[0] == {"caps": CAPS_CUSE}
     assert k.write(fh, tpm2cmd.build_get_random(8))[0] == errno.EBUSY
-    assert k.poll(fh, kh=77) & 0x1 in (0, 1)
+    assert k.poll(fh, kh=77) & 0x1 == 0
+    # An ioctl that needs the TPM waits for the command, and is answered before
+    # the response is handed out.
+    est = MESSAGES[Cmd.GET_TPMESTABLISHED].ioctl
+    ioctl_unique = k.send(Op.IOCTL, IOCTL_IN.pack(fh, 0, est, 0, 0, 8))
     unique = k.read_request(fh)
+    order = []
     replies = {}
     while unique not in replies:
         got, error, body = k.recv()
+        order.append(got)
         replies[got] = (error, body)
+    assert order == [ioctl_unique, unique]
+    assert replies[ioctl_unique][0] == 0 and replies[ioctl_unique][1][16:20] == b"\0" * 4
     error, body = replies[unique]
     assert error == 0
     created = tpm2cmd.parse_create_primary(body)
     assert created.handle >> 24 == 0x80
-    # A deferred ioctl runs after the command: it is answered.
     assert k.ctl(fh, Cmd.GET_TPMESTABLISHED)[0]["result"] == 0
+    assert k.notified == [77]  # the poller was woken too
 
 
 def test_interrupt_answers_a_parked_read(kernel: FakeKernel) -> None:

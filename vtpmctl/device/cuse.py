@@ -7,13 +7,16 @@ device receives is smaller than a binding to libfuse would be.
 Naming: ``--cuse NAME`` registers ``DEVNAME=vtpm-NAME``, so the node is
 ``/dev/vtpm-NAME``; a NAME that already starts with ``vtpm-`` is used as is.
 
-Threads: the main thread reads /dev/cuse and answers every request. TPM
-commands run inline, except the few that generate keys (seconds under
-emulation): those run on a worker thread, like swtpm's CUSE mode, so the
-device keeps answering while they run. Meanwhile CMD_CANCEL_TPM_CMD and
-GET_CAPABILITY are served at once, another write() gets EBUSY, a read()
-is parked and answered when the response exists (or with EINTR when the
-caller is interrupted), and other ioctls wait in order for the command to end.
+Threads: a reader thread blocks in read() on /dev/cuse and answers every
+request; the main thread only waits, so signals are handled there at once.
+TPM commands run inline on the reader, except the few that generate keys
+(seconds under emulation): those run on a worker thread, like swtpm's CUSE
+mode, so the device keeps answering while they run. Meanwhile
+CMD_CANCEL_TPM_CMD and GET_CAPABILITY are served at once, another write()
+gets EBUSY, a read() is parked and answered when the response exists (or
+with EINTR when the caller is interrupted), and other ioctls wait in order
+for the command to end. To stop, the main thread aborts the connection
+(sysfs ``abort``), which ends the reader's read().
 
 ioctls are "restricted" (the kernel copies exactly the size encoded in the
 request number), as with swtpm, so every PTM ioctl needs no retry round.
@@ -21,7 +24,6 @@ request number), as with swtpm, so every PTM ioctl needs no retry round.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -322,7 +324,7 @@ class CuseServer:
         self.devname = device_name(name)
         self.path = f"/dev/{self.devname}"
         self.exit_message: str | None = None
-        self._exit = threading.Event()
+        self._stop = False  # request_exit() and CMD_SHUTDOWN set it
         self._mu = threading.Lock()
         self._tpm2 = engine.config.tpm2
         self._short_response = (TPM2_SHORT_WRITE_RESPONSE if self._tpm2
@@ -342,7 +344,7 @@ class CuseServer:
         self._deferred: list[_Deferred] = []
         self._upload = BlobUpload()
         self._download: BlobDownload | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._done = threading.Event()  # the reader has ended, or an exit was asked for
         if fd is None:
             fd = self._open_channel()
         self._fd = fd
@@ -353,10 +355,6 @@ class CuseServer:
         except BaseException:
             self.close()
             raise
-        os.set_blocking(self._fd, False)
-        self._poller = select.poll()
-        self._poller.register(self._fd, select.POLLIN)
-        self._poller.register(self._wake_r, select.POLLIN)
         self._handlers: dict[int, Callable[[int, int], None]] = {
             Op.OPEN: self._on_open,
             Op.READ: self._on_read,
@@ -425,9 +423,8 @@ class CuseServer:
 
     def request_exit(self) -> None:
         """Safe from signal handlers and any thread."""
-        self._exit.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"\0")
+        self._stop = True
+        self._done.set()
 
     def _fail(self, message: str) -> None:
         log.error("%s", message)
@@ -438,25 +435,44 @@ class CuseServer:
     # ------------------------------------------------------------ main loop
 
     def serve_forever(self) -> None:
+        reader = threading.Thread(target=self._read_loop, name="cuse", daemon=True)
+        reader.start()
+        try:
+            # Signal handlers run on this thread while it waits.
+            while not self._done.wait(0.5):
+                pass
+        finally:
+            self._stop = True
+            if reader.is_alive():
+                self._abort_connection()
+                reader.join(10)
+            self.close(reader_alive=reader.is_alive())
+
+    def _abort_connection(self) -> None:
+        """End the reader's blocking read(): the kernel fails it with ENODEV."""
+        try:
+            with open(f"/sys/class/cuse/{self.devname}/abort", "w") as f:
+                f.write("1")
+        except OSError as exc:
+            log.warning("cannot abort the CUSE connection of %s: %s", self.path, exc.strerror)
+
+    def _read_loop(self) -> None:
+        """The reader thread: one request per read(), answered before the next."""
         fd = self._fd
         buf = [self._rbuf]
         readv = os.readv
+        unpack_header = IN_HEADER.unpack_from
         handlers = self._handlers
         view = self._rview
         try:
-            while not self._exit.is_set() and not self.engine.shutdown_requested.is_set():
-                if self._deferred:
-                    self._run_deferred()
+            while not self._stop:
                 try:
                     n = readv(fd, buf)
-                except BlockingIOError:
-                    self._poller.poll()
-                    with contextlib.suppress(OSError):
-                        os.read(self._wake_r, 256)
-                    continue
                 except OSError as exc:
-                    if exc.errno == errno.ENOENT:  # a request the kernel already dropped
+                    if exc.errno in (errno.ENOENT, errno.EINTR):  # a request already dropped
                         continue
+                    if self._stop:
+                        break
                     if exc.errno == errno.ENODEV:
                         self._fail(f"{self.path} was removed (the CUSE connection was "
                                    "aborted)")
@@ -464,9 +480,10 @@ class CuseServer:
                         self._fail(f"reading {CUSE_DEVICE} failed: {exc.strerror}")
                     break
                 if n < HDR:  # /dev/cuse never does this; a channel that did has ended
-                    self._fail(f"the CUSE channel of {self.path} was closed")
+                    if not self._stop:
+                        self._fail(f"the CUSE channel of {self.path} was closed")
                     break
-                _len, opcode, unique = IN_HEADER.unpack_from(view)[:3]
+                _len, opcode, unique = unpack_header(view)[:3]
                 handler = handlers.get(opcode)
                 try:
                     if handler is None:
@@ -482,21 +499,19 @@ class CuseServer:
                     log.exception("request with opcode %d failed", opcode)
                     self._send(encode_reply(unique, error=errno.EIO))
         finally:
-            self.close()
+            self._done.set()
 
-    def close(self) -> None:
+    def close(self, reader_alive: bool = False) -> None:
         """Remove the device (closing the channel unregisters it)."""
         with self._mu:
             fd, self._fd = self._fd, -1
             inflight = self._inflight
-        if fd >= 0:
+        # A reader still inside read() keeps using the descriptor; its number must
+        # not be reused under it, so it is left to the process's end.
+        if fd >= 0 and not reader_alive:
             os.close(fd)
         if inflight:
             self.engine.cancel()
-        for end in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(end)
-        self._wake_r = self._wake_w = -1
 
     def _send(self, data: bytes) -> None:
         """Write one reply; a request the caller gave up on is not an error."""
@@ -610,24 +625,32 @@ class CuseServer:
         except Exception:
             log.exception("TPM command failed")
             response = self.engine.fatal_response
-        with self._mu:
-            self._inflight = False
-            if session != self._session:
-                return  # its opener has gone
-            self._response = response
-            self._resp_pos = 0
-            kh, self._poll_kh = self._poll_kh, None
-            parked, self._parked_read = self._parked_read, None
-            if parked is not None:
-                unique, size = parked
-                self._sendv([self._read_header(unique, min(size, len(response))),
-                             response[:size]])
-                self._resp_pos = min(size, len(response))
-            if kh is not None:
-                self._notify_poll(kh)  # under the lock: close() cannot pull the fd away
-        # Deferred ioctls run on the main thread.
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"\0")
+        # ioctls that arrived meanwhile come after the command, in order; the
+        # command counts as running until they are done.
+        while True:
+            with self._mu:
+                if not self._deferred:
+                    self._inflight = False  # in the same section: nothing can slip in
+                    self._publish(response, session)
+                    return
+                item = self._deferred.pop(0)
+            self._control_guarded(item.unique, item.cmd, item.data)
+
+    def _publish(self, response: bytes, session: int) -> None:
+        """Hand a worker's response to the reader side (caller holds the lock)."""
+        if session != self._session:
+            return  # its opener has gone
+        self._response = response
+        self._resp_pos = 0
+        kh, self._poll_kh = self._poll_kh, None
+        parked, self._parked_read = self._parked_read, None
+        if parked is not None:
+            unique, size = parked
+            self._sendv([self._read_header(unique, min(size, len(response))),
+                         response[:size]])
+            self._resp_pos = min(size, len(response))
+        if kh is not None:
+            self._notify_poll(kh)  # under the lock: close() cannot pull the fd away
 
     @staticmethod
     def _read_header(unique: int, length: int) -> bytes:
@@ -706,16 +729,18 @@ class CuseServer:
                 return
         self._control(unique, cmd, data)
 
-    def _run_deferred(self) -> None:
-        while True:
-            with self._mu:
-                if self._inflight or not self._deferred:
-                    return
-                item = self._deferred.pop(0)
-            try:
-                self._control(item.unique, item.cmd, item.data)
-            except ReplyError as exc:
-                self._send(encode_reply(item.unique, error=exc.errno))
+    def _control_guarded(self, unique: int, cmd: Cmd, data: bytes) -> None:
+        """_control off the reader thread: every failure still gets an answer."""
+        try:
+            self._control(unique, cmd, data)
+        except ReplyError as exc:
+            self._send(encode_reply(unique, error=exc.errno))
+        except FatalEngineError as exc:
+            self._send(encode_reply(unique, error=errno.EIO))
+            self._fail(str(exc))
+        except Exception:
+            log.exception("deferred CMD_%s failed", cmd.name)
+            self._send(encode_reply(unique, error=errno.EIO))
 
     def _control(self, unique: int, cmd: Cmd, data: bytes) -> None:
         """Run one PTM ioctl and answer it with the whole union buffer."""
@@ -787,16 +812,15 @@ class CuseServer:
         def result(rc: int) -> bytes:
             return encode_ioctl_response(Cmd.SET_STATEBLOB, {"result": rc})
 
-        upload = self._upload
-        if self.engine.running:
-            upload.reset()
-            return result(Res.BAD_ORDINAL)
-        if length > STATE_BLOB_CHUNK or blob_type not in BlobType._value2member_map_:
-            upload.reset()
-            return result(Res.BAD_PARAMETER)
         start = MESSAGES[Cmd.SET_STATEBLOB].ioctl_request.size()
         with self._mu:
-            blob = upload.chunk(blob_type, flags, data[start:start + length])
+            if self.engine.running:
+                self._upload.reset()
+                return result(Res.BAD_ORDINAL)
+            if length > STATE_BLOB_CHUNK or blob_type not in BlobType._value2member_map_:
+                self._upload.reset()
+                return result(Res.BAD_PARAMETER)
+            blob = self._upload.chunk(blob_type, flags, data[start:start + length])
         if blob is None:
             return result(Res.SUCCESS)
         if len(blob) > SET_STATEBLOB_MAX:
