@@ -1,19 +1,13 @@
 """`vtpmctl key rotate`: re-encrypt a stopped instance's state under a new key."""
 
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vtpmctl.commands.choices import KeyFormat
+
 if TYPE_CHECKING:
     import typer
-
-
-class KeyFormat(StrEnum):
-    AUTO = "auto"
-    HEX = "hex"
-    BINARY = "binary"
-    PASSPHRASE = "passphrase"
 
 
 class KeyCommandError(Exception):

@@ -11,6 +11,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vtpmctl.commands.choices import KeyFormat, TpmFamily, TransportKind
+
 if TYPE_CHECKING:
     import typer
 
@@ -20,23 +22,6 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 STATUS_CODES = {"running": 0, "stale": 1, "stopped": 3}
 STATUS_UNKNOWN = 4
-
-
-class TpmFamily(StrEnum):
-    TPM2 = "2"
-    TPM12 = "1.2"
-
-
-class TransportKind(StrEnum):
-    SOCKET = "socket"
-    CUSE = "cuse"
-
-
-class KeyFormat(StrEnum):
-    AUTO = "auto"
-    HEX = "hex"
-    BINARY = "binary"
-    PASSPHRASE = "passphrase"
 
 
 class EccCurve(StrEnum):

@@ -6,9 +6,10 @@ instance ``a``; the bundle format is described in ``vtpmctl.store.bundle``.
 
 import json
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from vtpmctl.commands.choices import KeyFormat, TransportKind
 
 if TYPE_CHECKING:
     import typer
@@ -17,18 +18,6 @@ if TYPE_CHECKING:
     from vtpmctl.store.bundle import Manifest
 
 FORMAT_VERSION = 1
-
-
-class KeyFormat(StrEnum):
-    AUTO = "auto"
-    HEX = "hex"
-    BINARY = "binary"
-    PASSPHRASE = "passphrase"
-
-
-class TransportKind(StrEnum):
-    SOCKET = "socket"
-    CUSE = "cuse"
 
 
 class MigrateUsageError(Exception):

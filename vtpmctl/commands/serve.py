@@ -1,24 +1,13 @@
 """`vtpmctl serve`: one vTPM in the foreground, options as `swtpm socket` users know them."""
 
 
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vtpmctl.commands.choices import KeyFormat, TpmFamily
+
 if TYPE_CHECKING:
     import typer
-
-
-class TpmFamily(StrEnum):
-    TPM2 = "2"
-    TPM12 = "1.2"
-
-
-class KeyFormat(StrEnum):
-    AUTO = "auto"
-    HEX = "hex"
-    BINARY = "binary"
-    PASSPHRASE = "passphrase"
 
 
 def serve(state: Path, ctrl: str | None, data: str | None, cuse: str | None, tpm: str,
