@@ -5,13 +5,13 @@ typer front ends. ``status`` exits with LSB codes (0 running, 3 stopped,
 1 dead but stale files left, 4 no such instance).
 """
 
-import json
 import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vtpmctl.commands.choices import KeyFormat, TpmFamily, TransportKind
+from vtpmctl.commands.output import print_json, print_rows
 
 if TYPE_CHECKING:
     import typer
@@ -89,26 +89,6 @@ def _out(text: str) -> None:
 
 def _note(text: str) -> None:
     sys.stderr.write(f"vtpmctl: {text}\n")
-
-
-def _print_json(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data) + "\n")
-
-
-def _print_rows(title: str, rows: list[tuple[str, str]]) -> None:
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title, show_header=False, box=None, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
-        for key, value in rows:
-            table.add_row(key, value)
-        Console().print(table)
-        return
-    width = max(len(k) for k, _ in rows)
-    sys.stdout.write("".join(f"{k:<{width}}  {v}\n" for k, v in rows))
 
 
 def _print_table(headers: list[str], rows: list[list[str]]) -> None:
@@ -241,7 +221,7 @@ def list_(as_json: bool = False, quiet: bool = False) -> int:
             _out(r["name"])
         return 0
     if as_json:
-        _print_json({"format_version": FORMAT_VERSION, "instances": records})
+        print_json({"format_version": FORMAT_VERSION, "instances": records})
         return 0
     if not records:
         _note("no instances; create one with: vtpmctl create NAME")
@@ -265,13 +245,13 @@ def status(name: str, as_json: bool = False) -> int:
         inst = _registry().get(name)
     except InstanceError as exc:
         if as_json:
-            _print_json({"format_version": FORMAT_VERSION, **_broken_record(name, str(exc))})
+            print_json({"format_version": FORMAT_VERSION, **_broken_record(name, str(exc))})
         _note(str(exc))
         return STATUS_UNKNOWN
     st = probe(inst)
     record = instance_record(inst, st)
     if as_json:
-        _print_json({"format_version": FORMAT_VERSION, **record})
+        print_json({"format_version": FORMAT_VERSION, **record})
         return STATUS_CODES[st.state]
     state: str = st.state
     if st.state == "running":
@@ -288,7 +268,7 @@ def status(name: str, as_json: bool = False) -> int:
              ("EK", ", ".join(sorted(inst.meta.ek_fingerprints)) or "none"),
              ("created", record["created"] or "?"),
              ("state dir", record["state_dir"]), ("log", record["log_file"])]
-    _print_rows(name, rows)
+    print_rows(name, rows)
     return STATUS_CODES[st.state]
 
 

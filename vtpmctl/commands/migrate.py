@@ -4,12 +4,12 @@
 instance ``a``; the bundle format is described in ``vtpmctl.store.bundle``.
 """
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vtpmctl.commands.choices import KeyFormat, TransportKind
+from vtpmctl.commands.output import print_json
 
 if TYPE_CHECKING:
     import typer
@@ -39,10 +39,6 @@ def _key(path: Path | None, kind: str, what: str) -> "AesKey | None":
 
 def _manifest_record(m: "Manifest") -> dict[str, Any]:
     return m.to_json()
-
-
-def _print_json(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data) + "\n")
 
 
 def export(name: str, output: str, migration_key_file: Path | None = None,
@@ -77,7 +73,7 @@ def export(name: str, output: str, migration_key_file: Path | None = None,
         raise MigrateError(f"cannot write {output}: {exc.strerror or exc}") from None
     m = exported.manifest
     if as_json:
-        _print_json({"format_version": FORMAT_VERSION, "name": name, "bundle": output,
+        print_json({"format_version": FORMAT_VERSION, "name": name, "bundle": output,
                      "size": len(exported.data), "manifest": _manifest_record(m)})
         return 0
     blobs = ", ".join(b.type for b in m.blobs)
@@ -111,7 +107,7 @@ def import_(source: str, name: str | None = None, migration_key_file: Path | Non
     done = import_bundle(Registry(), data, opts)
     inst, m = done.instance, done.manifest
     if as_json:
-        _print_json({"format_version": FORMAT_VERSION, "name": inst.name,
+        print_json({"format_version": FORMAT_VERSION, "name": inst.name,
                      "state_dir": str(inst.paths.state_dir), "encrypted": inst.config.encrypted,
                      "migration_key": inst.config.migration_key,
                      "libtpms_version": done.libtpms_version, "notes": done.notes,

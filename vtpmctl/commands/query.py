@@ -5,8 +5,8 @@ line calls; ``register`` adds their typer front ends. typer and rich are only
 imported when needed, because scripts call these commands often.
 """
 
-import sys
 
+from vtpmctl.commands.output import print_json, print_rows
 from vtpmctl.device.client import DEFAULT_TIMEOUT, ControlError
 from vtpmctl.device.protocol import Cap, ConfigFlag, InfoFlag, Res
 from vtpmctl.device.target import open_client, parse_target
@@ -61,13 +61,13 @@ def caps(target: str, as_json: bool = False, timeout: float = DEFAULT_TIMEOUT) -
         value = client.caps()
     data = caps_data(where.display, value)
     if as_json:
-        _print_json(data)
+        print_json(data)
         return 0
     rows = [("capabilities", data["caps_hex"])]
     rows += [(name, "yes" if on else "no") for name, on in data["capabilities"].items()]
     if data["unknown_bits"]:
         rows.append(("unknown bits", f"{data['unknown_bits']:#x}"))
-    _print_rows(f"{where.display}", rows)
+    print_rows(f"{where.display}", rows)
     return 0
 
 
@@ -113,9 +113,9 @@ def info(target: str, as_json: bool = False, timeout: float = DEFAULT_TIMEOUT) -
     with open_client(where, timeout=timeout) as client:
         data = info_data(client, where.display)
     if as_json:
-        _print_json(data)
+        print_json(data)
         return 0
-    _print_rows(where.display, _info_rows(data))
+    print_rows(where.display, _info_rows(data))
     return 0
 
 
@@ -152,29 +152,6 @@ def _info_rows(data: "dict[str, Any]") -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------- output
-
-
-def _print_json(data: "dict[str, Any]") -> None:
-    import json
-
-    sys.stdout.write(json.dumps(data) + "\n")
-
-
-def _print_rows(title: str, rows: list[tuple[str, str]]) -> None:
-    """Two aligned columns; a rich table when a person is looking."""
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title, show_header=False, box=None, title_justify="left")
-        table.add_column(style="bold")
-        table.add_column()
-        for key, value in rows:
-            table.add_row(key, value)
-        Console().print(table)
-        return
-    width = max(len(k) for k, _ in rows)
-    sys.stdout.write("".join(f"{k:<{width}}  {v}\n" for k, v in rows))
 
 
 # ---------------------------------------------------------------- command line

@@ -4,9 +4,10 @@ Plain functions do the work and return the exit code; ``register`` adds the
 typer front ends. ``--json`` prints one object with ``format_version``.
 """
 
-import json
 import sys
 from typing import TYPE_CHECKING, Any
+
+from vtpmctl.commands.output import print_json
 
 if TYPE_CHECKING:
     import typer
@@ -23,10 +24,6 @@ def _out(text: str) -> None:
 
 def _note(text: str) -> None:
     sys.stderr.write(f"vtpmctl: {text}\n")
-
-
-def _print_json(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps({"format_version": FORMAT_VERSION, **data}) + "\n")
 
 
 def _instance(name: str) -> "Instance":
@@ -51,7 +48,7 @@ def create(name: str, label: str | None = None, volatile: bool = False,
     snap, captured, pruned = snapshot_ops.create(_instance(name), label=label,
                                                  volatile=volatile, keep=keep)
     if as_json:
-        _print_json({"instance": name, "snapshot": _record(snap), "source": captured.source,
+        print_json({"instance": name, "snapshot": _record(snap), "source": captured.source,
                      "note": captured.note, "pruned": [_record(s) for s in pruned]})
         return 0
     kinds = " + ".join(k for k in ("permanent", "volatile", "savestate") if k in snap.blobs)
@@ -71,7 +68,7 @@ def list_(name: str, as_json: bool = False) -> int:
     snaps = store.all()
     apparent, allocated = store.disk_usage() if store.root.exists() else (0, 0)
     if as_json:
-        _print_json({"instance": name, "snapshots": [s.to_json() for s in snaps],
+        print_json({"instance": name, "snapshots": [s.to_json() for s in snaps],
                      "disk_usage": {"bytes": apparent, "allocated": allocated}})
         return 0
     if not snaps:
@@ -95,7 +92,7 @@ def restore(name: str, ref: str, force: bool = False, as_json: bool = False) -> 
 
     res = snapshot_ops.restore(_instance(name), ref, force=force)
     if as_json:
-        _print_json({"instance": name, "restored": _record(res.snapshot),
+        print_json({"instance": name, "restored": _record(res.snapshot),
                      "safety_snapshot": _record(res.safety), "safety_error": res.safety_error,
                      "stopped": res.stopped, "restarted": res.restarted})
         return 0
@@ -115,7 +112,7 @@ def rm(name: str, ref: str, as_json: bool = False) -> int:
 
     snap = snapshot_ops.open_store(_instance(name)).remove(ref)
     if as_json:
-        _print_json({"instance": name, "removed": _record(snap)})
+        print_json({"instance": name, "removed": _record(snap)})
     else:
         _out(f"removed snapshot {snap.describe()} of {name}")
     return 0
@@ -127,7 +124,7 @@ def diff(name: str, ref_a: str, ref_b: str, as_json: bool = False) -> int:
 
     result = snapshot_ops.diff(_instance(name), ref_a, ref_b)
     if as_json:
-        _print_json({"instance": name, **result})
+        print_json({"instance": name, **result})
         return 1 if result["error"] else 0
     for kind, change in result["blobs"].items():
         _out(f"{kind:<10} {change}")
