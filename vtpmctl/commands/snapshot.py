@@ -49,7 +49,7 @@ def create(name: str, label: str | None = None, volatile: bool = False,
                                                  volatile=volatile, keep=keep)
     if as_json:
         print_json({"instance": name, "snapshot": _record(snap), "source": captured.source,
-                     "note": captured.note, "pruned": [_record(s) for s in pruned]})
+                    "note": captured.note, "pruned": [_record(s) for s in pruned]})
         return 0
     kinds = " + ".join(k for k in ("permanent", "volatile", "savestate") if k in snap.blobs)
     _out(f"snapshot {snap.describe()} of {name}: {kinds} state, from the {captured.source}")
@@ -69,7 +69,7 @@ def list_(name: str, as_json: bool = False) -> int:
     apparent, allocated = store.disk_usage() if store.root.exists() else (0, 0)
     if as_json:
         print_json({"instance": name, "snapshots": [s.to_json() for s in snaps],
-                     "disk_usage": {"bytes": apparent, "allocated": allocated}})
+                    "disk_usage": {"bytes": apparent, "allocated": allocated}})
         return 0
     if not snaps:
         _note(f"{name} has no snapshots; take one with: vtpmctl snapshot create {name}")
@@ -93,8 +93,8 @@ def restore(name: str, ref: str, force: bool = False, as_json: bool = False) -> 
     res = snapshot_ops.restore(_instance(name), ref, force=force)
     if as_json:
         print_json({"instance": name, "restored": _record(res.snapshot),
-                     "safety_snapshot": _record(res.safety), "safety_error": res.safety_error,
-                     "stopped": res.stopped, "restarted": res.restarted})
+                    "safety_snapshot": _record(res.safety), "safety_error": res.safety_error,
+                    "stopped": res.stopped, "restarted": res.restarted})
         return 0
     if res.safety is not None:
         _out(f"saved the current state as snapshot {res.safety.describe()}")
