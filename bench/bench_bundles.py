@@ -31,7 +31,6 @@ import os
 import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from benchlib import machine, median  # noqa: E402
 
 from vtpmctl.engine import tpm2cmd as t  # noqa: E402
 from vtpmctl.store.blob import AesKey  # noqa: E402
@@ -53,20 +54,6 @@ MKEY = hashlib.sha256(b"bench migration key").digest()
 
 class BenchError(Exception):
     """The benchmark cannot run; the message says why."""
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} CPUs, {model}, Python {sys.version.split()[0]}"
 
 
 @contextlib.contextmanager

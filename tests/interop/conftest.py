@@ -31,6 +31,7 @@ from swtpm_peer import (
     SwtpmPeer,
     Transport,
     free_tcp_port_pair,
+    probe_ctrl,
     swtpm_socket,
 )
 
@@ -42,22 +43,6 @@ SERVE_COMMAND = shlex.split(os.environ.get("VTPMCTL_SERVE", "")) or [
 
 class ServerStartError(RuntimeError):
     """Our server did not come up; carries its exit status and output."""
-
-
-def _probe(ctrl: Endpoint) -> bool:
-    """The control channel answers CMD_GET_CAPABILITY with 8 bytes."""
-    try:
-        with ctrl.connect(timeout=1.0) as sock:
-            sock.sendall(b"\x00\x00\x00\x01")
-            reply = b""
-            while len(reply) < 8:
-                chunk = sock.recv(8 - len(reply))
-                if not chunk:
-                    return False
-                reply += chunk
-            return True
-    except OSError:
-        return False
 
 
 def endpoint_spec(ep: Endpoint) -> str:
@@ -173,7 +158,7 @@ class VtpmServer:
         """Until the control channel answers; ServerStartError if the process ends first."""
         deadline = time.monotonic() + timeout
         clashes = 0
-        while not _probe(self.ctrl):
+        while not probe_ctrl(self.ctrl):
             if (self.proc.poll() is not None and "Address already in use" in self.log_text()
                     and clashes < 3):
                 clashes += 1  # another test took the "free" port before we bound it

@@ -183,7 +183,7 @@ def free_tcp_port_pair() -> int:
     raise SwtpmPeerError("no free pair of consecutive TCP ports")
 
 
-def _probe(ctrl: Endpoint) -> bool:
+def probe_ctrl(ctrl: Endpoint) -> bool:
     """CMD_GET_CAPABILITY answered: swtpm is in its main loop with both channels open."""
     try:
         with ctrl.connect(timeout=1.0) as sock:
@@ -258,7 +258,7 @@ def swtpm_socket(
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         peer = SwtpmPeer(proc, state_dir, run_dir, ctrl_ep, data_ep, tpm2, log_path, argv)
         deadline = time.monotonic() + startup_timeout
-        while not _probe(ctrl_ep):
+        while not probe_ctrl(ctrl_ep):
             if proc.poll() is not None or time.monotonic() > deadline:
                 output = (run_dir / "swtpm.out").read_text(errors="replace")
                 raise SwtpmPeerError(
