@@ -165,6 +165,8 @@ os.write(fd, bytes.fromhex(sys.argv[2]))
 print("sent", flush=True)
 os.read(fd, 4096)
 print("answered", flush=True)
+import time
+time.sleep(3600)  # if key generation beat the kill, the kill still ends us, never exit 0
 """
 
 
