@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--client", choices=["c", "python"], default="c",
                    help="round-trip client (c falls back to python without cc)")
     p.add_argument("--server", choices=["serve", "daemon"], default=None,
-                   help="vtpmctl serve or python -m vtpmctl.engine.daemon (default: serve "
+                   help="vtpmctl serve or python -m vtpmctl.device.server.daemon (default: serve "
                         "when available)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--smoke", action="store_true",

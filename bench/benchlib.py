@@ -34,7 +34,7 @@ class BenchError(Exception):
 def vtpmctl_server_argv(kind: str) -> list[str]:
     """How to start vtpmctl's server: ``serve`` (the CLI) or ``daemon`` (the module)."""
     if kind == "daemon":
-        return [sys.executable, "-m", "vtpmctl.engine.daemon"]
+        return [sys.executable, "-m", "vtpmctl.device.server.daemon"]
     exe = Path(sys.executable).parent / "vtpmctl"
     if not exe.exists():
         found = shutil.which("vtpmctl")

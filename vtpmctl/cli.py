@@ -37,7 +37,7 @@ GROUPS = (
     "vtpmctl.commands.migrate",
 )
 
-DEFAULT_TIMEOUT = 10.0  # same as vtpmctl.device.client.DEFAULT_TIMEOUT
+DEFAULT_TIMEOUT = 10.0  # same as vtpmctl.device.client.control.DEFAULT_TIMEOUT
 MIN_TIMEOUT, MAX_TIMEOUT = 0.01, 86400.0
 
 
@@ -138,10 +138,10 @@ def _fast_serve(rest: list[str]) -> "Plan | None":
     """`serve` is exec'd by tests, units and scripts; its options are the daemon's own."""
     if "-h" in rest or "--help" in rest:
         return None
-    from vtpmctl.engine.daemon import parse_serve_args
+    from vtpmctl.device.server.daemon import parse_serve_args
 
     ns = parse_serve_args(rest)
-    return None if ns is None else ("vtpmctl.engine.daemon", "run_args", {"ns": ns})
+    return None if ns is None else ("vtpmctl.device.server.daemon", "run_args", {"ns": ns})
 
 
 # lifecycle command → (the flag it may take, the keyword it sets)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from vtpmctl.device.client import ControlClient
-from vtpmctl.device.ioctl_transport import DeviceTransport
+from vtpmctl.device.client.control import ControlClient
+from vtpmctl.device.client.ioctl import DeviceTransport
 from vtpmctl.device.protocol import MESSAGES, Cmd, decode_ioctl_response, encode_ioctl_request
 
 CUSE = "/dev/cuse"
@@ -144,7 +144,7 @@ def _wait_until(ready: Callable[[], bool], served: Served, what: str) -> None:
 # The daemon module is what `vtpmctl serve` runs, without the command line's
 # start-up (typer costs tens of seconds in the guest); tests of the command
 # itself ask for it with cli=True.
-DAEMON = [sys.executable, "-m", "vtpmctl.engine.daemon"]
+DAEMON = [sys.executable, "-m", "vtpmctl.device.server.daemon"]
 
 
 def serve_cuse(name: str, state: Path, *extra: str, cli: bool = False) -> Served:

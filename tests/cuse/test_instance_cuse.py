@@ -12,10 +12,10 @@ from pathlib import Path
 
 from cuselib import START_TIMEOUT, TOOL_TIMEOUT, VTPMCTL, is_chardev, needs_cuse, run
 
-from vtpmctl.engine import supervisor
-from vtpmctl.engine.create import CreateOptions, create_instance
 from vtpmctl.store.instances import Registry
 from vtpmctl.store.paths import store_roots
+from vtpmctl.usecases import supervisor
+from vtpmctl.usecases.create import CreateOptions, create_instance
 
 pytestmark = needs_cuse
 

@@ -117,7 +117,7 @@ def processes_serving(state_dir: Path) -> list[int]:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if needle in args and b"vtpmctl.engine.daemon" in args:
+        if needle in args and b"vtpmctl.device.server.daemon" in args:
             found.append(int(entry))
     return found
 

@@ -26,9 +26,9 @@ from instance_helpers import VTPMCTL, DataClient, Home, home_at, nv_define, nv_r
 from instance_helpers import rc as tpm_rc
 
 from vtpmctl.engine import tpm2cmd as t
-from vtpmctl.engine.migrate import ImportOptions, MigrateError, import_bundle
 from vtpmctl.store.blob import AesKey, unwrap_transfer, wrap_transfer
 from vtpmctl.store.bundle import BundleError, canonical_json, manifest_sum, read_tar, write_tar
+from vtpmctl.usecases.migrate import ImportOptions, MigrateError, import_bundle
 
 EK_HANDLES = (0x81010001, 0x81010016)
 MARKER = b"bundle-marker-0123456789abcdef!!"  # 32 bytes

@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 from swtpm_peer import LOCALHOST, SwtpmPeer, swtpm_socket
 
-from vtpmctl.device.client import ControlClient, ControlError, SocketTransport, TargetError
+from vtpmctl.device.client.control import ControlClient, ControlError, SocketTransport, TargetError
+from vtpmctl.device.client.target import open_client
 from vtpmctl.device.protocol import BlobType, Cap, Res
-from vtpmctl.device.target import open_client
 
 VTPMCTL = str(Path(sys.executable).with_name("vtpmctl"))
 BLOB_TYPES = ("permanent", "volatile", "savestate")

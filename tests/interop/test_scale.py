@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from instance_helpers import home_at
 
-from vtpmctl.engine import supervisor
 from vtpmctl.store.instances import InstanceConfig, InstanceMeta
+from vtpmctl.usecases import supervisor
 
 COUNT = 50
 

@@ -16,8 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from vtpmctl.device import cuse
-from vtpmctl.device.cuse import (
+from vtpmctl.device.protocol import (
+    CAPS_CUSE,
+    MESSAGES,
+    STATE_BLOB_CHUNK,
+    TPM2_SHORT_WRITE_RESPONSE,
+    BlobType,
+    Cmd,
+    Res,
+    decode_ioctl_response,
+    encode_ioctl_request,
+)
+from vtpmctl.device.server import cuse
+from vtpmctl.device.server.cuse import (
     CUSE_INIT_IN,
     CUSE_INIT_OUT,
     IN_HEADER,
@@ -35,17 +46,6 @@ from vtpmctl.device.cuse import (
     ioctl_sizes,
     is_long_command,
     lookup_ioctl,
-)
-from vtpmctl.device.protocol import (
-    CAPS_CUSE,
-    MESSAGES,
-    STATE_BLOB_CHUNK,
-    TPM2_SHORT_WRITE_RESPONSE,
-    BlobType,
-    Cmd,
-    Res,
-    decode_ioctl_response,
-    encode_ioctl_request,
 )
 from vtpmctl.engine import tpm2cmd
 
@@ -184,7 +184,7 @@ def test_download_chunks_and_read_mode() -> None:
 _CHILD = """
 import sys
 from pathlib import Path
-from vtpmctl.device.cuse import CuseServer
+from vtpmctl.device.server.cuse import CuseServer
 from vtpmctl.engine.tpm import Engine, EngineConfig
 from vtpmctl.store.statedir import StateDir
 statedir = StateDir(Path(sys.argv[1]), tpm2=True)

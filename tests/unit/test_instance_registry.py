@@ -296,7 +296,7 @@ def test_crash_after_commit_rolls_forward(registry: Registry,
 
 
 def test_start_keeps_one_previous_log(registry: Registry) -> None:
-    from vtpmctl.engine.supervisor import rotate_log
+    from vtpmctl.usecases.supervisor import rotate_log
 
     inst = make(registry, "a")
     registry.ensure_dirs(inst.paths)

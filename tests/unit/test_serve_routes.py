@@ -7,7 +7,7 @@ import pytest
 import typer.main
 
 from vtpmctl.cli import _fast_plan, build_app
-from vtpmctl.engine.daemon import build_parser
+from vtpmctl.device.server.daemon import build_parser
 
 
 def _typer_serve_options() -> set[str]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vtpmctl.device.client import SocketTransport, TargetError
+from vtpmctl.device.client.control import SocketTransport, TargetError
+from vtpmctl.device.client.target import Target, open_client, open_transport, parse_target
 from vtpmctl.device.protocol import Cmd
-from vtpmctl.device.target import Target, open_client, open_transport, parse_target
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_plain_path_that_is_not_a_socket(tmp_path: Path) -> None:
 
 
 def test_cuse_target_opens_the_device_lazily() -> None:
-    from vtpmctl.device.ioctl_transport import DeviceTransport
+    from vtpmctl.device.client.ioctl import DeviceTransport
 
     transport = open_transport("/dev/vtpm-nothere")
     assert isinstance(transport, DeviceTransport)

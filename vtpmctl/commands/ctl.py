@@ -5,9 +5,9 @@ or TargetError and the command line prints them as one line.
 """
 
 
-from vtpmctl.device.client import DEFAULT_TIMEOUT
+from vtpmctl.device.client.control import DEFAULT_TIMEOUT
+from vtpmctl.device.client.target import open_client
 from vtpmctl.device.protocol import InitFlag
-from vtpmctl.device.target import open_client
 
 # `typing` costs more to import than a control round trip; annotations only.
 TYPE_CHECKING = False

@@ -16,8 +16,8 @@ from vtpmctl.commands.output import print_json, print_rows
 if TYPE_CHECKING:
     import typer
 
-    from vtpmctl.engine.supervisor import Status
     from vtpmctl.store.instances import Instance
+    from vtpmctl.usecases.supervisor import Status
 
 FORMAT_VERSION = 1
 STATUS_CODES = {"running": 0, "stale": 1, "stopped": 3}
@@ -118,7 +118,7 @@ def create(name: str, tpm: str = "2", transport: str = "socket", ek: bool | None
            migration_key_file: Path | None = None, migration_key_format: str = "auto",
            ecc_curve: str = "p384") -> int:
     """Register NAME and manufacture its TPM."""
-    from vtpmctl.engine.create import CreateOptions, create_instance
+    from vtpmctl.usecases.create import CreateOptions, create_instance
 
     opts = CreateOptions(tpm="2.0" if tpm == "2" else "1.2", transport=transport,  # type: ignore[arg-type]
                          ek=ek, encrypt=encrypt, key_file=key_file, key_format=key_format,
@@ -138,7 +138,7 @@ def create(name: str, tpm: str = "2", transport: str = "socket", ek: bool | None
 def start(name: str, incoming: bool = False, foreground: bool = False,
           ctrl_only: bool = False) -> int:
     """Start NAME's daemon and return when its control channel answers."""
-    from vtpmctl.engine import supervisor
+    from vtpmctl.usecases import supervisor
 
     inst = _registry().get(name)
     if foreground:
@@ -154,7 +154,7 @@ def start(name: str, incoming: bool = False, foreground: bool = False,
 
 def stop(name: str, force: bool = False) -> int:
     """Stop NAME's daemon (CMD_SHUTDOWN; --force escalates to signals)."""
-    from vtpmctl.engine import supervisor
+    from vtpmctl.usecases import supervisor
 
     pid = supervisor.stop(_registry().get(name), force=force)
     _out(f"{name} is not running" if pid is None else f"stopped {name} (pid {pid})")
@@ -162,7 +162,7 @@ def stop(name: str, force: bool = False) -> int:
 
 
 def restart(name: str, force: bool = False) -> int:
-    from vtpmctl.engine import supervisor
+    from vtpmctl.usecases import supervisor
 
     inst = _registry().get(name)
     supervisor.stop(inst, force=force)
@@ -173,8 +173,8 @@ def restart(name: str, force: bool = False) -> int:
 
 def rm(name: str, yes: bool = False) -> int:
     """Delete NAME and its TPM state for good (it must be stopped)."""
-    from vtpmctl.engine.supervisor import LifecycleError
     from vtpmctl.store.statedir import StateDir
+    from vtpmctl.usecases.supervisor import LifecycleError
 
     registry = _registry()
     paths = registry.paths(name)
@@ -205,8 +205,8 @@ def rm(name: str, yes: bool = False) -> int:
 
 def list_(as_json: bool = False, quiet: bool = False) -> int:
     """Every instance with its state."""
-    from vtpmctl.engine.supervisor import probe
     from vtpmctl.store.instances import InstanceError
+    from vtpmctl.usecases.supervisor import probe
 
     registry = _registry()
     records = []
@@ -238,8 +238,8 @@ def list_(as_json: bool = False, quiet: bool = False) -> int:
 
 def status(name: str, as_json: bool = False) -> int:
     """NAME's state; exit 0 running, 3 stopped, 1 stale, 4 unknown instance."""
-    from vtpmctl.engine.supervisor import probe
     from vtpmctl.store.instances import InstanceError
+    from vtpmctl.usecases.supervisor import probe
 
     try:
         inst = _registry().get(name)

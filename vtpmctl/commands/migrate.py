@@ -27,9 +27,9 @@ class MigrateUsageError(Exception):
 def _key(path: Path | None, kind: str, what: str) -> "AesKey | None":
     if path is None:
         return None
-    from vtpmctl.engine.migrate import MigrateError
     from vtpmctl.store.instance_keys import read_user_key
     from vtpmctl.store.keys import KeyFileError
+    from vtpmctl.usecases.migrate import MigrateError
 
     try:
         return read_user_key(path, kind)
@@ -45,9 +45,9 @@ def export(name: str, output: str, migration_key_file: Path | None = None,
            migration_key_format: str = "auto", allow_running: bool = False,
            as_json: bool = False) -> int:
     """Write a bundle of NAME to OUTPUT ('-' = stdout)."""
-    from vtpmctl.engine.migrate import MigrateError, export_instance
     from vtpmctl.store.atomic import write_atomic
     from vtpmctl.store.instances import Registry
+    from vtpmctl.usecases.migrate import MigrateError, export_instance
 
     if output == "-":
         if as_json:
@@ -89,8 +89,8 @@ def import_(source: str, name: str | None = None, migration_key_file: Path | Non
             key_file: Path | None = None, key_format: str = "auto",
             transport: str | None = None, as_json: bool = False) -> int:
     """Create an instance from the bundle in SOURCE ('-' = stdin), after checking all of it."""
-    from vtpmctl.engine.migrate import ImportOptions, import_bundle, read_bundle_file
     from vtpmctl.store.instances import Registry, validate_name
+    from vtpmctl.usecases.migrate import ImportOptions, import_bundle, read_bundle_file
 
     if encrypt is False and key_file is not None:
         raise MigrateUsageError("--no-encrypt and --key-file contradict each other")

@@ -7,9 +7,9 @@ imported when needed, because scripts call these commands often.
 
 
 from vtpmctl.commands.output import print_json, print_rows
-from vtpmctl.device.client import DEFAULT_TIMEOUT, ControlError
+from vtpmctl.device.client.control import DEFAULT_TIMEOUT, ControlError
+from vtpmctl.device.client.target import open_client, parse_target
 from vtpmctl.device.protocol import Cap, ConfigFlag, InfoFlag, Res
-from vtpmctl.device.target import open_client, parse_target
 
 # `typing` costs more to import than a control round trip; annotations only.
 TYPE_CHECKING = False
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     import typer
 
-    from vtpmctl.device.client import ControlClient
+    from vtpmctl.device.client.control import ControlClient
 
 FORMAT_VERSION = 1
 

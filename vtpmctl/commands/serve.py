@@ -15,7 +15,7 @@ def serve(state: Path, ctrl: str | None, data: str | None, cuse: str | None, tpm
           migration_key_file: Path | None, pid_file: Path | None, log_file: Path | None,
           terminate: bool, incoming: bool, existing: bool) -> int:
     """Run the daemon in this process until CMD_SHUTDOWN or SIGTERM."""
-    from vtpmctl.engine.daemon import DaemonOptions, run
+    from vtpmctl.device.server.daemon import DaemonOptions, run
 
     return run(DaemonOptions(
         state_dir=state, ctrl=ctrl, data=data, cuse=cuse, tpm2=tpm == "2", flags=flags,

@@ -43,7 +43,7 @@ def _size(n: int) -> str:
 def create(name: str, label: str | None = None, volatile: bool = False,
            keep: int | None = None, as_json: bool = False) -> int:
     """Snapshot NAME's state (running or stopped)."""
-    from vtpmctl.engine import snapshot_ops
+    from vtpmctl.usecases import snapshot_ops
 
     snap, captured, pruned = snapshot_ops.create(_instance(name), label=label,
                                                  volatile=volatile, keep=keep)
@@ -62,7 +62,7 @@ def create(name: str, label: str | None = None, volatile: bool = False,
 
 def list_(name: str, as_json: bool = False) -> int:
     """NAME's snapshots, oldest first."""
-    from vtpmctl.engine import snapshot_ops
+    from vtpmctl.usecases import snapshot_ops
 
     store = snapshot_ops.open_store(_instance(name))
     snaps = store.all()
@@ -88,7 +88,7 @@ def list_(name: str, as_json: bool = False) -> int:
 
 def restore(name: str, ref: str, force: bool = False, as_json: bool = False) -> int:
     """Make snapshot REF NAME's state again (a safety snapshot is taken first)."""
-    from vtpmctl.engine import snapshot_ops
+    from vtpmctl.usecases import snapshot_ops
 
     res = snapshot_ops.restore(_instance(name), ref, force=force)
     if as_json:
@@ -108,7 +108,7 @@ def restore(name: str, ref: str, force: bool = False, as_json: bool = False) -> 
 
 def rm(name: str, ref: str, as_json: bool = False) -> int:
     """Delete snapshot REF (objects other snapshots share stay)."""
-    from vtpmctl.engine import snapshot_ops
+    from vtpmctl.usecases import snapshot_ops
 
     snap = snapshot_ops.open_store(_instance(name)).remove(ref)
     if as_json:
@@ -120,7 +120,7 @@ def rm(name: str, ref: str, as_json: bool = False) -> int:
 
 def diff(name: str, ref_a: str, ref_b: str, as_json: bool = False) -> int:
     """What changed from snapshot A to snapshot B."""
-    from vtpmctl.engine import snapshot_ops
+    from vtpmctl.usecases import snapshot_ops
 
     result = snapshot_ops.diff(_instance(name), ref_a, ref_b)
     if as_json:

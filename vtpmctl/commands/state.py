@@ -10,9 +10,9 @@ import sys
 from enum import StrEnum
 from pathlib import Path
 
-from vtpmctl.device.client import DEFAULT_TIMEOUT
+from vtpmctl.device.client.control import DEFAULT_TIMEOUT
+from vtpmctl.device.client.target import open_client, parse_target
 from vtpmctl.device.protocol import BlobType
-from vtpmctl.device.target import open_client, parse_target
 
 # `typing` costs more to import than a control round trip; annotations only.
 TYPE_CHECKING = False

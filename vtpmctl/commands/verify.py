@@ -23,9 +23,9 @@ def _validate(blobs: dict[str, bytes], tpm2: bool) -> tuple[dict[str, int], str 
 
 def verify(name: str, as_json: bool = False, quiet: bool = False) -> int:
     """Check NAME's files, keys, permissions, lock and snapshots; change nothing."""
-    from vtpmctl.engine import supervisor
     from vtpmctl.store.instances import Registry
     from vtpmctl.store.verify import verify_instance
+    from vtpmctl.usecases import supervisor
 
     inst = Registry().get(name)
 

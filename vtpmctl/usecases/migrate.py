@@ -122,9 +122,14 @@ def _stopped_state(registry: Registry, inst: Instance) -> tuple[Instance, dict[s
 
 def _running_state(inst: Instance) -> dict[str, bytes]:
     """The permanent state of a running instance, over its control channel."""
-    from vtpmctl.device.client import ControlClient, ControlError, SocketTransport, TargetError
+    from vtpmctl.device.client.control import (
+        ControlClient,
+        ControlError,
+        SocketTransport,
+        TargetError,
+    )
+    from vtpmctl.device.client.target import cuse_transport
     from vtpmctl.device.protocol import BlobType
-    from vtpmctl.device.target import cuse_transport
     from vtpmctl.store.instance_keys import load_migration_key
     from vtpmctl.store.keys import KeyFileError
 
@@ -156,9 +161,9 @@ def _running_state(inst: Instance) -> dict[str, bytes]:
 def export_instance(registry: Registry, name: str, *, migration_key: AesKey | None = None,
                     allow_running: bool = False) -> Exported:
     """A bundle of NAME; ``migration_key`` overrides the instance's own."""
-    from vtpmctl.engine.supervisor import probe
     from vtpmctl.store.instance_keys import load_migration_key
     from vtpmctl.store.keys import KeyFileError
+    from vtpmctl.usecases.supervisor import probe
 
     inst = registry.get(name)
     sd = inst.statedir()

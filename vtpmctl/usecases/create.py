@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from vtpmctl import __version__
-from vtpmctl.engine.supervisor import LifecycleError, failure_reason
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.instance_keys import read_user_key, store_key
 from vtpmctl.store.instances import (
@@ -30,6 +29,7 @@ from vtpmctl.store.instances import (
     write_json,
 )
 from vtpmctl.store.keys import KeyFileError, generate_key, key_fingerprint
+from vtpmctl.usecases.supervisor import LifecycleError, failure_reason
 
 MANUFACTURE_MODULE = "vtpmctl.engine.manufacture"
 MANUFACTURE_TIMEOUT = 120.0

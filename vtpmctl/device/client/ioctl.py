@@ -17,7 +17,7 @@ import fcntl
 import os
 import stat
 
-from vtpmctl.device.client import DEFAULT_TIMEOUT, IoctlTransport, TargetError
+from vtpmctl.device.client.control import DEFAULT_TIMEOUT, IoctlTransport, TargetError
 from vtpmctl.device.protocol import IOCTL_TO_CMD
 
 

@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vtpmctl.engine import supervisor
 from vtpmctl.engine.inspect import InspectResult, inspect_blobs
 from vtpmctl.store import instance_keys
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer
@@ -41,9 +40,10 @@ from vtpmctl.store.snapshots import (
     snapshots_dir,
 )
 from vtpmctl.store.statedir import StateDir, StateDirError
+from vtpmctl.usecases import supervisor
 
 if TYPE_CHECKING:
-    from vtpmctl.device.client import ControlClient
+    from vtpmctl.device.client.control import ControlClient
 
 BUSY_TIMEOUT = 3.0  # a control channel that does not answer in this time is held by QEMU
 CONSISTENT_TRIES = 5
@@ -71,10 +71,10 @@ class Captured:
 
 
 def _client(inst: Instance, timeout: float) -> ControlClient:
-    from vtpmctl.device.client import ControlClient, SocketTransport
+    from vtpmctl.device.client.control import ControlClient, SocketTransport
 
     if inst.config.transport == "cuse":
-        from vtpmctl.device.target import cuse_transport
+        from vtpmctl.device.client.target import cuse_transport
 
         return ControlClient(cuse_transport(str(inst.paths.device), timeout=timeout))
     return ControlClient(SocketTransport(str(inst.paths.ctrl_socket), timeout=timeout))
@@ -132,7 +132,7 @@ def _from_dir(inst: Instance, sd: StateDir, volatile: bool) -> dict[str, bytes]:
 
 def capture(inst: Instance, store: SnapshotStore, *, volatile: bool) -> Captured:
     """The instance's current state, without stopping it."""
-    from vtpmctl.device.client import ControlError, TargetError
+    from vtpmctl.device.client.control import ControlError, TargetError
     from vtpmctl.device.protocol import Res
 
     sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=store.key)

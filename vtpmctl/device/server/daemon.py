@@ -1,7 +1,7 @@
 """The per-vTPM process: lock, state, frontends, signals, readiness.
 
 Runs in the foreground (``vtpmctl serve``, systemd ``Type=notify``) or is
-exec'd detached by ``vtpmctl start`` as ``python -m vtpmctl.engine.daemon``.
+exec'd detached by ``vtpmctl start`` as ``python -m vtpmctl.device.server.daemon``.
 It never forks once libtpms is loaded (a forked TPM clones its DRBG).
 """
 
@@ -182,14 +182,14 @@ def run(opts: DaemonOptions) -> int:
 
 def _make_frontend(opts: DaemonOptions, engine: Engine):  # type: ignore[no-untyped-def]
     if opts.cuse is not None:
-        from vtpmctl.device.cuse import CuseError, CuseServer
+        from vtpmctl.device.server.cuse import CuseError, CuseServer
 
         try:
             return CuseServer(engine, opts.cuse)
         except CuseError as exc:
             engine.close()
             raise DaemonError(str(exc)) from None
-    from vtpmctl.device.sockets import EndpointError, SocketServer, parse_endpoint
+    from vtpmctl.device.server.sockets import EndpointError, SocketServer, parse_endpoint
 
     try:
         ctrl = parse_endpoint(opts.ctrl or "")

@@ -10,14 +10,19 @@ from __future__ import annotations
 import os
 import stat
 
-from vtpmctl.device.client import DEFAULT_TIMEOUT, ControlClient, SocketTransport, TargetError
+from vtpmctl.device.client.control import (
+    DEFAULT_TIMEOUT,
+    ControlClient,
+    SocketTransport,
+    TargetError,
+)
 
 # `typing` costs more to import than a control round trip; annotations only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Literal
 
-    from vtpmctl.device.client import Transport
+    from vtpmctl.device.client.control import Transport
 
     Kind = Literal["unix", "tcp", "cuse"]
 
@@ -129,7 +134,7 @@ def resolve_instance(name: str) -> Target:
 
 def cuse_transport(path: str, *, timeout: float = DEFAULT_TIMEOUT) -> Transport:
     """The ioctl transport for a CUSE device such as /dev/vtpm-x."""
-    from vtpmctl.device.ioctl_transport import DeviceTransport
+    from vtpmctl.device.client.ioctl import DeviceTransport
 
     return DeviceTransport(path, timeout=timeout)
 

@@ -1,7 +1,7 @@
 """Start, stop and judge instance daemons from the outside.
 
 This module never loads libtpms: ``start`` execs ``python -m
-vtpmctl.engine.daemon`` in a new session (never a fork of a live TPM) and
+vtpmctl.device.server.daemon`` in a new session (never a fork of a live TPM) and
 waits until the control channel answers (or the daemon dies, and then shows
 why from its log). Liveness is the state dir's ``.lock``: a pid file or a
 socket without a lock holder is stale, whatever the pid file says.
@@ -22,7 +22,9 @@ from typing import Literal
 from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
 
-DAEMON_MODULE = "vtpmctl.engine.daemon"
+DAEMON_MODULE = "vtpmctl.device.server.daemon"
+# Daemons started before the move ran under this module path; they are still ours.
+FORMER_DAEMON_MODULES = ("vtpmctl.engine.daemon",)
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 TERM_TIMEOUT = 5.0
@@ -62,7 +64,9 @@ def _cmdline(pid: int) -> list[bytes]:
 def is_our_daemon(pid: int, inst: Instance) -> bool:
     """The process is a vtpmctl daemon serving this instance's state dir."""
     args = _cmdline(pid)
-    return DAEMON_MODULE.encode() in args and os.fsencode(inst.paths.state_dir) in args
+    modules = (DAEMON_MODULE, *FORMER_DAEMON_MODULES)
+    ours = any(m.encode() in args for m in modules)
+    return ours and os.fsencode(inst.paths.state_dir) in args
 
 
 def process_name(pid: int) -> str:
@@ -288,13 +292,18 @@ def _claim_storage(inst: Instance) -> None:
     """CMD_LOCK_STORAGE to an incoming daemon, which otherwise locks only when QEMU's
     state arrives (swtpm's rule, for a state dir shared with the source). A named
     instance's state dir is its own, and the lock is how it is seen to be running."""
-    from vtpmctl.device.client import ControlClient, ControlError, SocketTransport, TargetError
+    from vtpmctl.device.client.control import (
+        ControlClient,
+        ControlError,
+        SocketTransport,
+        TargetError,
+    )
 
     try:
         if inst.config.transport == "cuse":
             if not inst.paths.device.exists():
                 return
-            from vtpmctl.device.target import cuse_transport
+            from vtpmctl.device.client.target import cuse_transport
 
             transport = cuse_transport(str(inst.paths.device), timeout=2.0)
         elif inst.paths.ctrl_socket.exists():
@@ -311,7 +320,7 @@ def _answers(inst: Instance) -> bool:
     """CMD_GET_CAPABILITY on the control channel (for CUSE: the device exists)."""
     if inst.config.transport == "cuse":
         return inst.paths.device.exists() and probe(inst).state == "running"
-    from vtpmctl.device.client import ControlClient, SocketTransport, TargetError
+    from vtpmctl.device.client.control import ControlClient, SocketTransport, TargetError
 
     if not inst.paths.ctrl_socket.exists():
         return False
@@ -383,10 +392,10 @@ def _terminate(pid: int, inst: Instance) -> bool:
 
 
 def _send_shutdown(inst: Instance, timeout: float) -> None:
-    from vtpmctl.device.client import ControlClient, SocketTransport
+    from vtpmctl.device.client.control import ControlClient, SocketTransport
 
     if inst.config.transport == "cuse":
-        from vtpmctl.device.target import cuse_transport
+        from vtpmctl.device.client.target import cuse_transport
 
         transport = cuse_transport(str(inst.paths.device), timeout=timeout)
     else:
@@ -400,7 +409,7 @@ def stop(inst: Instance, *, force: bool = False, timeout: float = STOP_TIMEOUT) 
 
     Returns the pid that was stopped, or None if the instance was not running.
     """
-    from vtpmctl.device.client import ControlError, TargetError
+    from vtpmctl.device.client.control import ControlError, TargetError
 
     status = probe(inst)
     if status.state != "running":

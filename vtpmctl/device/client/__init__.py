@@ -1,0 +1,1 @@
+"""The client side of the swtpm-compatible device: transports, ControlClient, TARGET strings."""
