@@ -124,8 +124,9 @@ def fill_nv(data_socket: Path, limit: int | None) -> int:
         while limit is None or n < limit:
             index = 0x01600000 + n
             try:
-                t.nv_define_space(tpm.transact,
-                                  t.NvPublic(index, t.Alg.SHA256, NV_ATTRS, b"", 2048))
+                t.nv_define_space(
+                    tpm.transact, t.NvPublic(index, t.Alg.SHA256, NV_ATTRS, b"", 2048)
+                )
             except t.TpmError as exc:
                 if exc.base == t.RC.NV_SPACE:
                     break
@@ -143,9 +144,19 @@ class Swtpm:
     def __init__(self, state: Path, ctrl: Path) -> None:
         self.ctrl = ctrl
         self.proc = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
-             "--ctrl", f"type=unixio,path={ctrl}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={state}",
+                "--ctrl",
+                f"type=unixio,path={ctrl}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 15
         while not ctrl.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -188,8 +199,9 @@ def alternate(rounds: int, *fns: Callable[[int], float]) -> list[tuple[list[floa
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--smoke", action="store_true", help="1 round, 4 NV indexes (a quick check)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -270,8 +282,11 @@ def main() -> int:
 
             def vt_pipe(i: int) -> float:
                 home = wd / f"pipe-{i}"
-                took = shell(f"VTPMCTL_HOME={src_home} {VTPMCTL} migrate export vm - | "
-                             f"VTPMCTL_HOME={home} {VTPMCTL} migrate import -", env)
+                took = shell(
+                    f"VTPMCTL_HOME={src_home} {VTPMCTL} migrate export vm - | "
+                    f"VTPMCTL_HOME={home} {VTPMCTL} migrate import -",
+                    env,
+                )
                 shutil.rmtree(home)
                 return took
 
@@ -293,19 +308,35 @@ def main() -> int:
             pipe = alternate(rounds, vt_pipe, tar_pipe, sw_pipe)
 
             def vt_export_keyed(i: int) -> float:
-                return vt("migrate", "export", "vm", "-o", str(keyed), "--migration-key-file",
-                          str(key_file))
+                return vt(
+                    "migrate",
+                    "export",
+                    "vm",
+                    "-o",
+                    str(keyed),
+                    "--migration-key-file",
+                    str(key_file),
+                )
 
             def vt_import_keyed(i: int) -> float:
                 home = wd / f"dstk-{i}"
-                took = vt("migrate", "import", str(keyed), "--migration-key-file",
-                          str(key_file), home=home)
+                took = vt(
+                    "migrate",
+                    "import",
+                    str(keyed),
+                    "--migration-key-file",
+                    str(key_file),
+                    home=home,
+                )
                 shutil.rmtree(home)
                 return took
 
             (kexp, _), (kimp, _) = alternate(rounds, vt_export_keyed, vt_import_keyed)
-            sizes = {"bundle": bundle.stat().st_size, "keyed": keyed.stat().st_size,
-                     "swtpm_ioctl": blob.stat().st_size}
+            sizes = {
+                "bundle": bundle.stat().st_size,
+                "keyed": keyed.stat().st_size,
+                "swtpm_ioctl": blob.stat().st_size,
+            }
         finally:
             sw_src.stop()
             sw_dst.stop()
@@ -315,52 +346,112 @@ def main() -> int:
         from vtpmctl.store.statedir import StateDir
 
         plain = {"permanent": StateDir(state).load("permall") or b""}
-        source = Source(name="vm", host="h", state="stopped", created="", vtpmctl_version="",
-                        libtpms_version=None, tpm_version="2.0", transport="socket",
-                        encrypted_at_rest=False)
+        source = Source(
+            name="vm",
+            host="h",
+            state="stopped",
+            created="",
+            vtpmctl_version="",
+            libtpms_version=None,
+            tpm_version="2.0",
+            transport="socket",
+            encrypted_at_rest=False,
+        )
         key = AesKey(MKEY)
         reps = 5 if ns.smoke else 50
-        build = [timed(lambda: build_bundle(plain, source, ek_json=None, migration_key=key))
-                 for _ in range(reps)]
+        build = [
+            timed(lambda: build_bundle(plain, source, ek_json=None, migration_key=key))
+            for _ in range(reps)
+        ]
         data = build_bundle(plain, source, ek_json=None, migration_key=key)
         opened = [timed(lambda: open_bundle(data, key)) for _ in range(reps)]
-        inspected = [timed(lambda: inspect_blobs(plain, tpm2=True, describe=True))
-                     for _ in range(rounds)]
+        inspected = [
+            timed(lambda: inspect_blobs(plain, tpm2=True, describe=True)) for _ in range(rounds)
+        ]
         validated = [timed(lambda: inspect_blobs(plain, tpm2=True)) for _ in range(rounds)]
 
     rows = [
-        ("export", "vtpmctl migrate export -o F", exp[0], "cp -a state dir", exp[1],
-         "swtpm_ioctl --save permanent", exp[2]),
-        ("import", "vtpmctl migrate import F", imp[0], "cp -a state dir", imp[1],
-         "swtpm_ioctl --stop/--load/-i", imp[2]),
-        ("pipe", "export - | import -", pipe[0], "tar c | tar x", pipe[1],
-         "--save, then --stop/--load/-i", pipe[2]),
+        (
+            "export",
+            "vtpmctl migrate export -o F",
+            exp[0],
+            "cp -a state dir",
+            exp[1],
+            "swtpm_ioctl --save permanent",
+            exp[2],
+        ),
+        (
+            "import",
+            "vtpmctl migrate import F",
+            imp[0],
+            "cp -a state dir",
+            imp[1],
+            "swtpm_ioctl --stop/--load/-i",
+            imp[2],
+        ),
+        (
+            "pipe",
+            "export - | import -",
+            pipe[0],
+            "tar c | tar x",
+            pipe[1],
+            "--save, then --stop/--load/-i",
+            pipe[2],
+        ),
     ]
-    print(f"Migration bundles, full NV: {indexes} x 2 KiB indexes, permall {permall} bytes, "
-          f"bundle {sizes['bundle']} bytes (keyed {sizes['keyed']}, swtpm_ioctl blob "
-          f"{sizes['swtpm_ioctl']}); {rounds} rounds; {machine()}")
+    print(
+        f"Migration bundles, full NV: {indexes} x 2 KiB indexes, permall {permall} bytes, "
+        f"bundle {sizes['bundle']} bytes (keyed {sizes['keyed']}, swtpm_ioctl blob "
+        f"{sizes['swtpm_ioctl']}); {rounds} rounds; {machine()}"
+    )
     print("medians, wall / CPU ms; ratio = vtpmctl / the other (wall)")
     for label, an, a, bn, b, cn, c in rows:
         (ma, ca), (mb, cb), (mc, cc) = ((median(w), median(u)) for w, u in (a, b, c))
-        print(f"{label:7} {an:>28} {ma * 1e3:6.0f} / {ca * 1e3:4.0f}   "
-              f"{bn:>16} {mb * 1e3:5.1f} / {cb * 1e3:4.1f}  x{ma / mb:<5.0f} "
-              f"{cn:>30} {mc * 1e3:5.1f} / {cc * 1e3:4.1f}  x{ma / mc:.0f}")
-        results[label] = {"vtpmctl": ma, "vtpmctl_cpu": ca, "copy": mb, "copy_cpu": cb,
-                          "swtpm_ioctl": mc, "swtpm_ioctl_cpu": cc}
-    print(f"keyed   export {median(kexp) * 1e3:.1f} ms, import {median(kimp) * 1e3:.1f} ms "
-          "(migration key: AES-256-CBC + HMAC)")
-    print(f"parts   build_bundle {median(build) * 1e3:.2f} ms, open_bundle "
-          f"{median(opened) * 1e3:.2f} ms (in process, keyed); inspect_blobs: ValidateState "
-          f"{median(validated) * 1e3:.0f} ms, + power-on and listing "
-          f"{median(inspected) * 1e3:.0f} ms (fresh process)")
+        print(
+            f"{label:7} {an:>28} {ma * 1e3:6.0f} / {ca * 1e3:4.0f}   "
+            f"{bn:>16} {mb * 1e3:5.1f} / {cb * 1e3:4.1f}  x{ma / mb:<5.0f} "
+            f"{cn:>30} {mc * 1e3:5.1f} / {cc * 1e3:4.1f}  x{ma / mc:.0f}"
+        )
+        results[label] = {
+            "vtpmctl": ma,
+            "vtpmctl_cpu": ca,
+            "copy": mb,
+            "copy_cpu": cb,
+            "swtpm_ioctl": mc,
+            "swtpm_ioctl_cpu": cc,
+        }
+    print(
+        f"keyed   export {median(kexp) * 1e3:.1f} ms, import {median(kimp) * 1e3:.1f} ms "
+        "(migration key: AES-256-CBC + HMAC)"
+    )
+    print(
+        f"parts   build_bundle {median(build) * 1e3:.2f} ms, open_bundle "
+        f"{median(opened) * 1e3:.2f} ms (in process, keyed); inspect_blobs: ValidateState "
+        f"{median(validated) * 1e3:.0f} ms, + power-on and listing "
+        f"{median(inspected) * 1e3:.0f} ms (fresh process)"
+    )
     results["keyed"] = {"export": median(kexp), "import": median(kimp)}
-    results["parts"] = {"build_bundle": median(build), "open_bundle": median(opened),
-                        "validate": median(validated), "describe": median(inspected)}
+    results["parts"] = {
+        "build_bundle": median(build),
+        "open_bundle": median(opened),
+        "validate": median(validated),
+        "describe": median(inspected),
+    }
     if ns.json is not None:
-        ns.json.write_text(json.dumps({"nv_indexes": indexes, "permall_bytes": permall,
-                                       "sizes": sizes,
-                                       "rounds": rounds, "machine": machine(),
-                                       "results": results}, indent=2) + "\n")
+        ns.json.write_text(
+            json.dumps(
+                {
+                    "nv_indexes": indexes,
+                    "permall_bytes": permall,
+                    "sizes": sizes,
+                    "rounds": rounds,
+                    "machine": machine(),
+                    "results": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

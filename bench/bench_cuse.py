@@ -55,13 +55,18 @@ class Result:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=5, help="A B rounds (default 5)")
     p.add_argument("--count", type=int, default=3000, help="round trips per measurement")
     p.add_argument("--warmup", type=int, default=200, help="untimed round trips first")
-    p.add_argument("--cpu", type=int, default=0,
-                   help="CPU for both servers and the client; -1 leaves them unpinned")
+    p.add_argument(
+        "--cpu",
+        type=int,
+        default=0,
+        help="CPU for both servers and the client; -1 leaves them unpinned",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--smoke", action="store_true", help="one short round: checks the script")
     ns = p.parse_args(argv)
@@ -80,14 +85,16 @@ def pinned(argv: list[str], cpu: int | None) -> list[str]:
 def server(argv: list[str], log: Path, ready: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A `vtpmctl serve` process, up once ``ready`` exists; SIGTERM at the end."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"{' '.join(argv)} did not start:\n"
-                                 f"{log.read_text(errors='replace')[-2000:]}")
+                raise BenchError(
+                    f"{' '.join(argv)} did not start:\n{log.read_text(errors='replace')[-2000:]}"
+                )
             time.sleep(0.05)
         yield proc
     finally:
@@ -143,20 +150,28 @@ def build_client(outdir: Path) -> Path | None:
     if cc is None:
         return None
     exe = outdir / "rtcuse"
-    done = subprocess.run([cc, "-O2", "-o", str(exe), str(HERE / "rtcuse.c")],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [cc, "-O2", "-o", str(exe), str(HERE / "rtcuse.c")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if done.returncode != 0:
-        print(f"bench_cuse: cc failed, using the Python client:\n{done.stderr}",
-              file=sys.stderr)
+        print(f"bench_cuse: cc failed, using the Python client:\n{done.stderr}", file=sys.stderr)
         return None
     return exe
 
 
-def run_client(client: Path | None, mode: str, path: str, count: int, warmup: int,
-               cpu: int | None) -> Result:
+def run_client(
+    client: Path | None, mode: str, path: str, count: int, warmup: int, cpu: int | None
+) -> Result:
     if client is not None:
-        out = subprocess.run(pinned([str(client), mode, path, str(count), str(warmup)], cpu),
-                             capture_output=True, text=True, timeout=3600)
+        out = subprocess.run(
+            pinned([str(client), mode, path, str(count), str(warmup)], cpu),
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         if out.returncode != 0:
             raise BenchError(f"rtcuse {mode} {path}: {out.stderr.strip()}")
         n, seconds, p50, _p99 = out.stdout.split()
@@ -167,8 +182,11 @@ def run_client(client: Path | None, mode: str, path: str, count: int, warmup: in
 def _python_client(mode: str, path: str, count: int, warmup: int) -> Result:
     if mode == "dev":
         fd = os.open(path, os.O_RDWR)
-        write, read, close = (lambda b: os.write(fd, b)), (lambda n: os.read(fd, n)), \
-            (lambda: os.close(fd))
+        write, read, close = (
+            (lambda b: os.write(fd, b)),
+            (lambda n: os.read(fd, n)),
+            (lambda: os.close(fd)),
+        )
     else:
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(path)
@@ -190,8 +208,10 @@ def _python_client(mode: str, path: str, count: int, warmup: int) -> Result:
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     if not os.path.exists("/dev/cuse"):
-        raise BenchError("no /dev/cuse on this kernel; run it in the CUSE VM: "
-                         "../shared/cuse-vm/run-in-cuse-vm .venv/bin/python bench/bench_cuse.py")
+        raise BenchError(
+            "no /dev/cuse on this kernel; run it in the CUSE VM: "
+            "../shared/cuse-vm/run-in-cuse-vm .venv/bin/python bench/bench_cuse.py"
+        )
     cpu = None if ns.cpu < 0 else ns.cpu
     name = f"bench{os.getpid()}"
     device = f"/dev/vtpm-{name}"
@@ -201,40 +221,73 @@ def main(argv: list[str] | None = None) -> int:
         client = build_client(wd)
         ctrl, data = str(wd / "tpm.ctrl"), str(wd / "tpm")
         cuse_argv = pinned([VTPMCTL, "serve", "--state", str(wd / "s1"), "--cuse", name], cpu)
-        sock_argv = pinned([VTPMCTL, "serve", "--state", str(wd / "s2"), "--ctrl",
-                            f"unix:{ctrl}", "--data", f"unix:{data}"], cpu)
-        with server(cuse_argv, wd / "cuse.log", Path(device)), \
-                server(sock_argv, wd / "socket.log", Path(data)):
+        sock_argv = pinned(
+            [
+                VTPMCTL,
+                "serve",
+                "--state",
+                str(wd / "s2"),
+                "--ctrl",
+                f"unix:{ctrl}",
+                "--data",
+                f"unix:{data}",
+            ],
+            cpu,
+        )
+        with (
+            server(cuse_argv, wd / "cuse.log", Path(device)),
+            server(sock_argv, wd / "socket.log", Path(data)),
+        ):
             start_tpms(device, ctrl, data)
             for rnd in range(ns.rounds):
-                results["device"].append(run_client(client, "dev", device, ns.count,
-                                                    ns.warmup, cpu))
-                results["socket"].append(run_client(client, "unix", data, ns.count,
-                                                    ns.warmup, cpu))
-                print(f"round {rnd + 1}/{ns.rounds}: device "
-                      f"{results['device'][-1].rate:8.0f}/s  socket "
-                      f"{results['socket'][-1].rate:8.0f}/s", flush=True)
+                results["device"].append(
+                    run_client(client, "dev", device, ns.count, ns.warmup, cpu)
+                )
+                results["socket"].append(run_client(client, "unix", data, ns.count, ns.warmup, cpu))
+                print(
+                    f"round {rnd + 1}/{ns.rounds}: device "
+                    f"{results['device'][-1].rate:8.0f}/s  socket "
+                    f"{results['socket'][-1].rate:8.0f}/s",
+                    flush=True,
+                )
     med = {k: statistics.median(r.rate for r in v) for k, v in results.items()}
     p50 = {k: statistics.median(r.p50_ns for r in v) / 1000 for k, v in results.items()}
-    per_round = [d.rate / s.rate for d, s in zip(results["device"], results["socket"],
-                                                 strict=True)]
+    per_round = [d.rate / s.rate for d, s in zip(results["device"], results["socket"], strict=True)]
     ratio = med["device"] / med["socket"]
     print()
-    print(f"machine: {platform.machine()} {platform.release()}, {os.cpu_count()} CPUs; "
-          + (f"pinned to CPU {cpu}" if cpu is not None else "unpinned"))
-    print(f"client: {'C (rtcuse.c)' if client else 'Python'}; "
-          f"{ns.rounds} rounds x {ns.count} round trips of TPM2_GetRandom(16)")
-    print(f"device {med['device']:8.0f}/s (p50 {p50['device']:.0f} us)  "
-          f"socket {med['socket']:8.0f}/s (p50 {p50['socket']:.0f} us)  "
-          f"device/socket {ratio:.2f} (rounds {min(per_round):.2f}..{max(per_round):.2f})")
+    print(
+        f"machine: {platform.machine()} {platform.release()}, {os.cpu_count()} CPUs; "
+        + (f"pinned to CPU {cpu}" if cpu is not None else "unpinned")
+    )
+    print(
+        f"client: {'C (rtcuse.c)' if client else 'Python'}; "
+        f"{ns.rounds} rounds x {ns.count} round trips of TPM2_GetRandom(16)"
+    )
+    print(
+        f"device {med['device']:8.0f}/s (p50 {p50['device']:.0f} us)  "
+        f"socket {med['socket']:8.0f}/s (p50 {p50['socket']:.0f} us)  "
+        f"device/socket {ratio:.2f} (rounds {min(per_round):.2f}..{max(per_round):.2f})"
+    )
     if ns.json is not None:
-        ns.json.write_text(json.dumps({
-            "machine": f"{platform.machine()} {platform.release()}", "cpu": cpu,
-            "client": "c" if client else "python", "rounds": ns.rounds, "count": ns.count,
-            "device_per_s": med["device"], "socket_per_s": med["socket"],
-            "device_p50_us": p50["device"], "socket_p50_us": p50["socket"], "ratio": ratio,
-            "rates": {k: [r.rate for r in v] for k, v in results.items()},
-        }, indent=2) + "\n")
+        ns.json.write_text(
+            json.dumps(
+                {
+                    "machine": f"{platform.machine()} {platform.release()}",
+                    "cpu": cpu,
+                    "client": "c" if client else "python",
+                    "rounds": ns.rounds,
+                    "count": ns.count,
+                    "device_per_s": med["device"],
+                    "socket_per_s": med["socket"],
+                    "device_p50_us": p50["device"],
+                    "socket_p50_us": p50["socket"],
+                    "ratio": ratio,
+                    "rates": {k: [r.rate for r in v] for k, v in results.items()},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

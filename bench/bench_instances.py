@@ -58,8 +58,9 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
     fn()
     wall = time.perf_counter() - t0
     after = os.times()
-    cpu = (after.children_user + after.children_system
-           - before.children_user - before.children_system)
+    cpu = (
+        after.children_user + after.children_system - before.children_user - before.children_system
+    )
     return wall, max(0.0, cpu)
 
 
@@ -108,16 +109,33 @@ class Swtpm(Side):
     def create(self, n: str, ek: bool) -> None:
         d = self._dir(n)
         (d / "state").mkdir(parents=True)
-        extra = ["--createek", "--create-ek-cert", "--create-platform-cert",
-                 "--lock-nvram"] if ek else []
+        extra = (
+            ["--createek", "--create-ek-cert", "--create-platform-cert", "--lock-nvram"]
+            if ek
+            else []
+        )
         run(["swtpm_setup", "--tpm2", "--tpmstate", str(d / "state"), *extra])
 
     def start(self, n: str) -> None:
         d = self._dir(n)
-        run(["swtpm", "socket", "--tpm2", "--daemon", "--tpmstate", f"dir={d / 'state'}",
-             "--ctrl", f"type=unixio,path={d / 'tpm.ctrl'}",
-             "--server", f"type=unixio,path={d / 'tpm'}", "--pid", f"file={d / 'pid'}",
-             "--log", f"file={d / 'log'}"])
+        run(
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--daemon",
+                "--tpmstate",
+                f"dir={d / 'state'}",
+                "--ctrl",
+                f"type=unixio,path={d / 'tpm.ctrl'}",
+                "--server",
+                f"type=unixio,path={d / 'tpm'}",
+                "--pid",
+                f"file={d / 'pid'}",
+                "--log",
+                f"file={d / 'log'}",
+            ]
+        )
         deadline = time.monotonic() + 10
         while not caps_answer(d / "tpm.ctrl"):
             if time.monotonic() > deadline:
@@ -161,8 +179,10 @@ def row(what: str, a: list[tuple[float, float]], b: list[tuple[float, float]]) -
     """Medians of wall and CPU time, and the wall-time ratio."""
     wa, ca = median([x[0] for x in a]), median([x[1] for x in a])
     wb, cb = median([x[0] for x in b]), median([x[1] for x in b])
-    return (f"| {what} | {wa * 1000:.0f} / {ca * 1000:.0f} ms | {wb * 1000:.0f} / "
-            f"{cb * 1000:.0f} ms | {wa / wb:.1f} |")
+    return (
+        f"| {what} | {wa * 1000:.0f} / {ca * 1000:.0f} ms | {wb * 1000:.0f} / "
+        f"{cb * 1000:.0f} ms | {wa / wb:.1f} |"
+    )
 
 
 def mem_row(what: str, a: list[float], b: list[float]) -> str:
@@ -187,13 +207,16 @@ def main() -> int:
                 for ek in (True, False):
                     n = f"{'e' if ek else 'n'}{i}"
                     key = f"{side.name} create{'' if ek else ' --no-ek'}"
-                    times.setdefault(key, []).append(timed(lambda s=side, n=n, ek=ek:
-                                                           s.create(n, ek)))
+                    times.setdefault(key, []).append(
+                        timed(lambda s=side, n=n, ek=ek: s.create(n, ek))
+                    )
                 n = f"e{i}"
                 times.setdefault(f"{side.name} start", []).append(
-                    timed(lambda s=side, n=n: s.start(n)))
+                    timed(lambda s=side, n=n: s.start(n))
+                )
                 times.setdefault(f"{side.name} stop", []).append(
-                    timed(lambda s=side, n=n: s.stop(n)))
+                    timed(lambda s=side, n=n: s.stop(n))
+                )
         mem: dict[str, tuple[list[float], list[float]]] = {}
         for side in (a, b):
             names = [f"e{i % rounds}" for i in range(count)] if count <= rounds else None
@@ -204,18 +227,21 @@ def main() -> int:
             for n in names:
                 side.start(n)
             pids = [side.pid(n) for n in names]
-            mem[side.name] = ([float(vm_rss_kib(p)) for p in pids],
-                              [float(pss_kib(p)) for p in pids])
+            mem[side.name] = (
+                [float(vm_rss_kib(p)) for p in pids],
+                [float(pss_kib(p)) for p in pids],
+            )
             for n in names:
                 side.stop(n)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"Machine: {machine()}; load average {load}; {rounds} rounds A B A B, {count} "
-          "instances for memory.\n")
+    print(
+        f"Machine: {machine()}; load average {load}; {rounds} rounds A B A B, {count} "
+        "instances for memory.\n"
+    )
     print("| medians | vtpmctl wall / CPU | swtpm_setup, swtpm wall / CPU | wall ratio |")
     print("|---|---|---|---|")
     print(row("create, EKs + certificates", times["vtpmctl create"], times["swtpm create"]))
-    print(row("create, no EK", times["vtpmctl create --no-ek"],
-              times["swtpm create --no-ek"]))
+    print(row("create, no EK", times["vtpmctl create --no-ek"], times["swtpm create --no-ek"]))
     print(row("start (control channel answers)", times["vtpmctl start"], times["swtpm start"]))
     print(row("stop", times["vtpmctl stop"], times["swtpm stop"]))
     print("\n| per running instance | vtpmctl daemon | swtpm | ratio |")

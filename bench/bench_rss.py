@@ -47,8 +47,9 @@ def _exercise(srv: Server, commands: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--repeat", type=int, default=3, help="fresh servers per variant")
     p.add_argument("--commands", type=int, default=100, help="GetRandom round trips first")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -65,14 +66,18 @@ def main(argv: list[str] | None = None) -> int:
             samples["swtpm"].append(kib["swtpm"] / 1024)
             samples[f"vtpmctl {kind}"].append(kib["vtpmctl"] / 1024)
     print(f"machine: {machine()}")
-    print(f"VmRSS after startup, {ns.commands} GetRandom and {max(1, ns.commands // 10)} "
-          f"GET_CAPABILITY round trips (median of {len(samples['vtpmctl serve'])}):")
+    print(
+        f"VmRSS after startup, {ns.commands} GetRandom and {max(1, ns.commands // 10)} "
+        f"GET_CAPABILITY round trips (median of {len(samples['vtpmctl serve'])}):"
+    )
     result = {name: median(vals) for name, vals in samples.items()}
     for name, mib in result.items():
         print(f"  {name:16s} {mib:6.1f} MiB")
     if ns.json is not None:
-        ns.json.write_text(json.dumps({"machine": machine(), "rss_mib": result,
-                                       "samples": samples}, indent=2) + "\n")
+        ns.json.write_text(
+            json.dumps({"machine": machine(), "rss_mib": result, "samples": samples}, indent=2)
+            + "\n"
+        )
     return 0
 
 

@@ -94,8 +94,9 @@ def fill_nv(data_socket: Path, limit: int | None) -> int:
         while limit is None or n < limit:
             index = 0x01600000 + n
             try:
-                t.nv_define_space(tpm.transact,
-                                  t.NvPublic(index, t.Alg.SHA256, NV_ATTRS, b"", 2048))
+                t.nv_define_space(
+                    tpm.transact, t.NvPublic(index, t.Alg.SHA256, NV_ATTRS, b"", 2048)
+                )
             except t.TpmError as exc:
                 if exc.base == t.RC.NV_SPACE:
                     break
@@ -125,8 +126,9 @@ def _cpu() -> float:
     return time.process_time() + kids.ru_utime + kids.ru_stime
 
 
-def alternate(rounds: int, a: Callable[[int], float], b: Callable[[int], float]
-              ) -> tuple[list[float], list[float], list[float], list[float]]:
+def alternate(
+    rounds: int, a: Callable[[int], float], b: Callable[[int], float]
+) -> tuple[list[float], list[float], list[float], list[float]]:
     """A B A B: wall seconds and CPU seconds (with children) of each side."""
     out: tuple[list[float], list[float], list[float], list[float]] = ([], [], [], [])
     for i in range(rounds):
@@ -171,12 +173,16 @@ def main() -> int:
 
         # -- stopped
         m = alternate(
-            rounds, lambda i: vt("snapshot", "create", "full", "--label", f"s{i}"),
-            lambda i: shell(f"cp -a {state} {wd}/copies/{i}"))
+            rounds,
+            lambda i: vt("snapshot", "create", "full", "--label", f"s{i}"),
+            lambda i: shell(f"cp -a {state} {wd}/copies/{i}"),
+        )
         rows.append(("snapshot, stopped", "vtpmctl snapshot create", "cp -a state dir", m))
         m = alternate(
-            rounds, lambda i: vt("snapshot", "restore", "full", f"s{i}"),
-            lambda i: shell(f"rm -rf {sw_state} && cp -a {wd}/copies/{i} {sw_state}"))
+            rounds,
+            lambda i: vt("snapshot", "restore", "full", f"s{i}"),
+            lambda i: shell(f"rm -rf {sw_state} && cp -a {wd}/copies/{i} {sw_state}"),
+        )
         rows.append(("restore, stopped", "vtpmctl snapshot restore", "rm -rf + cp -a back", m))
 
         # -- running: vtpmctl daemon and swtpm on the same (full) state
@@ -184,25 +190,43 @@ def main() -> int:
         vt("ctl", "full", "init")
         ctrl = wd / "sw.ctrl"
         swtpm = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={sw_state}", "--ctrl",
-             f"type=unixio,path={ctrl}", "--server", f"type=unixio,path={wd}/sw.data",
-             "--flags", "not-need-init,startup-clear"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={sw_state}",
+                "--ctrl",
+                f"type=unixio,path={ctrl}",
+                "--server",
+                f"type=unixio,path={wd}/sw.data",
+                "--flags",
+                "not-need-init,startup-clear",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 15
             while not ctrl.exists() and time.monotonic() < deadline:
                 time.sleep(0.02)
             ioctl = ["swtpm_ioctl", "--unix", str(ctrl)]
             m = alternate(
-                rounds, lambda i: vt("snapshot", "create", "full", "--label", f"r{i}"),
-                lambda i: run([*ioctl, "--save", "permanent", f"{wd}/blob{i}"]))
-            rows.append(("snapshot, running", "vtpmctl snapshot create",
-                         "swtpm_ioctl --save permanent", m))
+                rounds,
+                lambda i: vt("snapshot", "create", "full", "--label", f"r{i}"),
+                lambda i: run([*ioctl, "--save", "permanent", f"{wd}/blob{i}"]),
+            )
+            rows.append(
+                ("snapshot, running", "vtpmctl snapshot create", "swtpm_ioctl --save permanent", m)
+            )
 
             def sw_load(i: int) -> float:
-                return (run([*ioctl, "--stop"]) + run([*ioctl, "--load", "permanent",
-                                                       f"{wd}/blob{i}"])
-                        + run([*ioctl, "-i"]))
+                return (
+                    run([*ioctl, "--stop"])
+                    + run([*ioctl, "--load", "permanent", f"{wd}/blob{i}"])
+                    + run([*ioctl, "-i"])
+                )
 
             def vt_restore(i: int) -> float:
                 took = vt("snapshot", "restore", "full", f"r{i}", "--force")
@@ -210,8 +234,14 @@ def main() -> int:
                 return took
 
             m = alternate(rounds, vt_restore, sw_load)
-            rows.append(("restore, running", "vtpmctl snapshot restore --force",
-                         "swtpm_ioctl --stop, --load, -i", m))
+            rows.append(
+                (
+                    "restore, running",
+                    "vtpmctl snapshot restore --force",
+                    "swtpm_ioctl --stop, --load, -i",
+                    m,
+                )
+            )
         finally:
             swtpm.terminate()
             swtpm.wait(10)
@@ -250,37 +280,66 @@ def main() -> int:
             return time.perf_counter() - start
 
         m = alternate(rounds, lib_restore, copy_back)
-        rows.append(("restore, in-process", "read_blobs + replace_state",
-                     "rmtree + copytree", m))
+        rows.append(("restore, in-process", "read_blobs + replace_state", "rmtree + copytree", m))
 
         snaps_du = du(inst_dir / "snapshots")
         copies_du = du(wd / "copies")
         n_snaps = len(SnapshotStore(inst_dir / "snapshots", None).all())
 
     print(f"# Snapshots of a full-NV vTPM ({machine()})\n")
-    print(f"{indexes} NV indexes of 2 KiB, permall {permall} bytes; {rounds} rounds, "
-          f"A B A B; medians; load average {os.getloadavg()[0]:.1f} at the end\n")
+    print(
+        f"{indexes} NV indexes of 2 KiB, permall {permall} bytes; {rounds} rounds, "
+        f"A B A B; medians; load average {os.getloadavg()[0]:.1f} at the end\n"
+    )
     print("| operation | vtpmctl | wall | CPU | swtpm side | wall | CPU | wall ratio |")
     print("|---|---|---:|---:|---|---:|---:|---:|")
     results = []
     for what, a_name, b_name, m in rows:
         wa, wb, ca, cb = (median(v) * 1000 for v in m)
         ratio = wa / wb if wb else 0.0
-        print(f"| {what} | {a_name} | {wa:.1f} ms | {ca:.0f} ms | {b_name} | {wb:.1f} ms "
-              f"| {cb:.0f} ms | {ratio:.0f} |")
-        results.append({"operation": what, "vtpmctl": a_name, "vtpmctl_ms": wa,
-                        "vtpmctl_cpu_ms": ca, "other": b_name, "other_ms": wb,
-                        "other_cpu_ms": cb, "ratio": ratio})
+        print(
+            f"| {what} | {a_name} | {wa:.1f} ms | {ca:.0f} ms | {b_name} | {wb:.1f} ms "
+            f"| {cb:.0f} ms | {ratio:.0f} |"
+        )
+        results.append(
+            {
+                "operation": what,
+                "vtpmctl": a_name,
+                "vtpmctl_ms": wa,
+                "vtpmctl_cpu_ms": ca,
+                "other": b_name,
+                "other_ms": wb,
+                "other_cpu_ms": cb,
+                "ratio": ratio,
+            }
+        )
     load = os.getloadavg()[0]
-    print(f"\nspace: {n_snaps} snapshots (incl. safety snapshots) take {snaps_du[0]} bytes "
-          f"in files, {snaps_du[1]} allocated; {rounds} copies of the state dir take "
-          f"{copies_du[0]} bytes in files, {copies_du[1]} allocated")
+    print(
+        f"\nspace: {n_snaps} snapshots (incl. safety snapshots) take {snaps_du[0]} bytes "
+        f"in files, {snaps_du[1]} allocated; {rounds} copies of the state dir take "
+        f"{copies_du[0]} bytes in files, {copies_du[1]} allocated"
+    )
     if ns.json is not None:
-        ns.json.write_text(json.dumps({
-            "machine": machine(), "nv_indexes": indexes, "permall_bytes": permall,
-            "rounds": rounds, "load": load, "results": results,
-            "space": {"snapshots": n_snaps, "snapshot_dir": snaps_du,
-                      "copies": rounds, "copies_dir": copies_du}}, indent=2) + "\n")
+        ns.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "nv_indexes": indexes,
+                    "permall_bytes": permall,
+                    "rounds": rounds,
+                    "load": load,
+                    "results": results,
+                    "space": {
+                        "snapshots": n_snaps,
+                        "snapshot_dir": snaps_du,
+                        "copies": rounds,
+                        "copies_dir": copies_du,
+                    },
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

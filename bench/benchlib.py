@@ -74,13 +74,20 @@ class Server:
     def start(self) -> None:
         self.log = self.workdir / f"{self.name}.log"
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, cwd=self.workdir)
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+            )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise BenchError(f"{self.name} exited with {self.proc.returncode}: "
-                                 f"{self.log.read_text(errors='replace')[-2000:]}")
+                raise BenchError(
+                    f"{self.name} exited with {self.proc.returncode}: "
+                    f"{self.log.read_text(errors='replace')[-2000:]}"
+                )
             if os.path.exists(self.data) and _caps_ok(self.ctrl):
                 return
             time.sleep(0.02)
@@ -128,8 +135,9 @@ def pinned(argv: list[str], cpu: int | None) -> list[str]:
     return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
-def make_servers(workdir: Path, cpu: int | None, vtpmctl_kind: str,
-                 flags: str = "not-need-init,startup-clear") -> dict[str, Server]:
+def make_servers(
+    workdir: Path, cpu: int | None, vtpmctl_kind: str, flags: str = "not-need-init,startup-clear"
+) -> dict[str, Server]:
     """swtpm and vtpmctl, each with a fresh state dir, not yet started."""
     if shutil.which("swtpm") is None:
         raise BenchError("swtpm is not installed (apt-get install swtpm)")
@@ -139,12 +147,31 @@ def make_servers(workdir: Path, cpu: int | None, vtpmctl_kind: str,
         state.mkdir()
         ctrl, data = str(workdir / f"{name}.ctrl"), str(workdir / f"{name}.data")
         if name == "swtpm":
-            argv = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
-                    "--ctrl", f"type=unixio,path={ctrl}",
-                    "--server", f"type=unixio,path={data}", "--flags", flags]
+            argv = [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={state}",
+                "--ctrl",
+                f"type=unixio,path={ctrl}",
+                "--server",
+                f"type=unixio,path={data}",
+                "--flags",
+                flags,
+            ]
         else:
-            argv = [*vtpmctl_server_argv(vtpmctl_kind), "--state", str(state),
-                    "--ctrl", f"unix:{ctrl}", "--data", f"unix:{data}", "--flags", flags]
+            argv = [
+                *vtpmctl_server_argv(vtpmctl_kind),
+                "--state",
+                str(state),
+                "--ctrl",
+                f"unix:{ctrl}",
+                "--data",
+                f"unix:{data}",
+                "--flags",
+                flags,
+            ]
         out[name] = Server(name, pinned(argv, cpu), workdir, ctrl, data)
     return out
 
@@ -179,11 +206,14 @@ def build_c_client(outdir: Path) -> Path | None:
     if cc is None:
         return None
     exe = outdir / "rtclient"
-    done = subprocess.run([cc, "-O2", "-o", str(exe), str(HERE / "rtclient.c")],
-                          capture_output=True, timeout=120, check=False)
+    done = subprocess.run(
+        [cc, "-O2", "-o", str(exe), str(HERE / "rtclient.c")],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
     if done.returncode != 0:
-        print(f"cc failed, using the Python client: {done.stderr.decode()[-500:]}",
-              file=sys.stderr)
+        print(f"cc failed, using the Python client: {done.stderr.decode()[-500:]}", file=sys.stderr)
         return None
     return exe
 
@@ -201,8 +231,15 @@ class RoundTrips:
         return self.count / self.seconds if self.seconds > 0 else 0.0
 
 
-def run_client(client: Path | None, mode: str, path: str, count: int, warmup: int,
-               cpu: int | None, timeout: float = 300.0) -> RoundTrips:
+def run_client(
+    client: Path | None,
+    mode: str,
+    path: str,
+    count: int,
+    warmup: int,
+    cpu: int | None,
+    timeout: float = 300.0,
+) -> RoundTrips:
     """``count`` round trips of ``mode`` (data: GetRandom(16), ctrl: GET_CAPABILITY)."""
     if client is None:
         argv = [sys.executable, str(HERE / "benchlib.py"), mode, path, str(count), str(warmup)]
@@ -210,8 +247,10 @@ def run_client(client: Path | None, mode: str, path: str, count: int, warmup: in
         argv = [str(client), mode, path, str(count), str(warmup)]
     done = subprocess.run(pinned(argv, cpu), capture_output=True, timeout=timeout, check=False)
     if done.returncode != 0:
-        raise BenchError(f"client {mode} on {path} failed ({done.returncode}): "
-                         f"{done.stderr.decode(errors='replace')[-1000:]}")
+        raise BenchError(
+            f"client {mode} on {path} failed ({done.returncode}): "
+            f"{done.stderr.decode(errors='replace')[-1000:]}"
+        )
     n, secs, p50, p99 = done.stdout.split()
     return RoundTrips(int(n), float(secs), int(p50), int(p99))
 
@@ -239,7 +278,7 @@ def python_round_trips(mode: str, path: str, count: int, warmup: int) -> RoundTr
                 if not more:
                     raise BenchError("server closed the connection")
                 got += more
-            if buf[rc_at:rc_at + 4] != b"\0\0\0\0":
+            if buf[rc_at : rc_at + 4] != b"\0\0\0\0":
                 raise BenchError(f"bad reply {bytes(buf[:got]).hex()}")
             if i >= warmup:
                 t = now()

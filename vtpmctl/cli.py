@@ -122,7 +122,7 @@ def _fast_plan(args: list[str]) -> "Plan | None":
             return None
     if i >= len(args):
         return None
-    cmd, rest = args[i], args[i + 1:]
+    cmd, rest = args[i], args[i + 1 :]
     if cmd in ("caps", "info"):
         return _fast_query(cmd, rest, timeout)
     if cmd == "ctl":
@@ -145,8 +145,12 @@ def _fast_serve(rest: list[str]) -> "Plan | None":
 
 
 # lifecycle command → (the flag it may take, the keyword it sets)
-_LIFECYCLE_FLAGS = {"list": ("--json", "as_json"), "status": ("--json", "as_json"),
-                    "start": ("", ""), "stop": ("--force", "force")}
+_LIFECYCLE_FLAGS = {
+    "list": ("--json", "as_json"),
+    "status": ("--json", "as_json"),
+    "start": ("", ""),
+    "stop": ("--force", "force"),
+}
 
 
 def _fast_lifecycle(cmd: str, rest: list[str]) -> "Plan | None":
@@ -168,14 +172,22 @@ def _fast_query(cmd: str, rest: list[str], timeout: float) -> "Plan | None":
     positional = [a for a in rest if a != "--json"]
     if len(positional) != 1 or positional[0].startswith("-") or rest.count("--json") > 1:
         return None
-    return ("vtpmctl.commands.query", cmd,
-            {"target": positional[0], "as_json": "--json" in rest, "timeout": timeout})
+    return (
+        "vtpmctl.commands.query",
+        cmd,
+        {"target": positional[0], "as_json": "--json" in rest, "timeout": timeout},
+    )
 
 
 # ctl action → (arguments it takes: 0 none, 1 required, 2 optional; largest value)
 _CTL_SHAPES = {
-    "init": (0, 0), "stop": (0, 0), "shutdown": (0, 0), "cancel": (0, 0),
-    "store-volatile": (0, 0), "locality": (1, 0xFF), "reset-established": (2, 0xFF),
+    "init": (0, 0),
+    "stop": (0, 0),
+    "shutdown": (0, 0),
+    "cancel": (0, 0),
+    "store-volatile": (0, 0),
+    "locality": (1, 0xFF),
+    "reset-established": (2, 0xFF),
     "lock-storage": (2, 0xFFFFFFFF),
 }
 
@@ -198,9 +210,17 @@ def _fast_ctl(rest: list[str], timeout: float) -> "Plan | None":
         value = int(word)
     elif shape == 1:
         return None
-    return ("vtpmctl.commands.ctl", "ctl",
-            {"target": target, "action": action, "value": value,
-             "delete_volatile": delete_volatile, "timeout": timeout})
+    return (
+        "vtpmctl.commands.ctl",
+        "ctl",
+        {
+            "target": target,
+            "action": action,
+            "value": value,
+            "delete_volatile": delete_volatile,
+            "timeout": timeout,
+        },
+    )
 
 
 def _execute(plan: "Plan") -> int:
@@ -239,14 +259,25 @@ def build_app() -> "typer.Typer":
 
     @app.callback()
     def global_options(
-        debug: Annotated[bool, typer.Option(
-            "--debug", help="show a traceback when a command fails")] = False,
-        timeout: Annotated[float, typer.Option(
-            "--timeout", metavar="SECONDS", min=MIN_TIMEOUT, max=MAX_TIMEOUT,
-            help="how long to wait for each control reply")] = DEFAULT_TIMEOUT,
-        version: Annotated[bool, typer.Option(
-            "--version", is_eager=True, callback=show_version,
-            help="print the version and exit")] = False,
+        debug: Annotated[
+            bool, typer.Option("--debug", help="show a traceback when a command fails")
+        ] = False,
+        timeout: Annotated[
+            float,
+            typer.Option(
+                "--timeout",
+                metavar="SECONDS",
+                min=MIN_TIMEOUT,
+                max=MAX_TIMEOUT,
+                help="how long to wait for each control reply",
+            ),
+        ] = DEFAULT_TIMEOUT,
+        version: Annotated[
+            bool,
+            typer.Option(
+                "--version", is_eager=True, callback=show_version, help="print the version and exit"
+            ),
+        ] = False,
     ) -> None:
         """Serve, query and manage virtual TPMs (a drop-in for swtpm + swtpm_ioctl)."""
 
@@ -277,8 +308,9 @@ def _run_typer(args: list[str]) -> int:
         # typer shows required arguments as {NAME}; a plain path reads better.
         where = exc.ctx.command_path if exc.ctx is not None else "vtpmctl"
         where = where.replace("{", "").replace("}", "")
-        sys.stderr.write(f"{where}: {_one_line_text(exc.format_message())} "
-                         f"(see '{where} --help')\n")
+        sys.stderr.write(
+            f"{where}: {_one_line_text(exc.format_message())} (see '{where} --help')\n"
+        )
         return 2
     except click.exceptions.ClickException as exc:
         sys.stderr.write(f"vtpmctl: {_one_line_text(exc.format_message())}\n")

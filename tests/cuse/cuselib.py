@@ -39,22 +39,32 @@ TOOL_TIMEOUT = 600.0
 needs_cuse = [
     pytest.mark.cuse,
     pytest.mark.timeout(3600),
-    pytest.mark.skipif(not os.path.exists(CUSE),
-                       reason="no /dev/cuse here; run tests/cuse/run.sh (a VM with CUSE)"),
-    pytest.mark.skipif(os.path.exists(CUSE) and not os.access(CUSE, os.R_OK | os.W_OK),
-                       reason="/dev/cuse needs root"),
+    pytest.mark.skipif(
+        not os.path.exists(CUSE), reason="no /dev/cuse here; run tests/cuse/run.sh (a VM with CUSE)"
+    ),
+    pytest.mark.skipif(
+        os.path.exists(CUSE) and not os.access(CUSE, os.R_OK | os.W_OK),
+        reason="/dev/cuse needs root",
+    ),
 ]
 
 
-def run(argv: list[str], *, env: dict[str, str] | None = None, check: bool = True,
-        timeout: float = TOOL_TIMEOUT) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = TOOL_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
     """Run a tool; on failure the assertion shows its output."""
-    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout,
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        argv, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
+    )
     if check:
         assert result.returncode == 0, (
             f"{' '.join(argv)} exited {result.returncode}\n"
-            f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}")
+            f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-2000:]}"
+        )
     return result
 
 
@@ -92,8 +102,9 @@ class Served:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"server did not exit within {timeout:g} s\n"
-                                 f"{self.log_text()[-3000:]}") from None
+            raise AssertionError(
+                f"server did not exit within {timeout:g} s\n{self.log_text()[-3000:]}"
+            ) from None
 
     def stop(self, timeout: float = 120.0) -> int:
         if self.running:
@@ -107,8 +118,9 @@ class Served:
         assert self.device is not None
         return ControlClient(DeviceTransport(self.device, timeout=TOOL_TIMEOUT))
 
-    def swtpm_ioctl(self, *args: str, check: bool = True,
-                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def swtpm_ioctl(
+        self, *args: str, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         if self.device is not None:
             argv = ["swtpm_ioctl", *args, self.device]
         else:
@@ -117,8 +129,7 @@ class Served:
 
     def tpm2(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         tcti = f"device:{self.device}" if self.device else f"swtpm:path={self.data}"
-        return run([f"tpm2_{tool}", *args], check=check,
-                   env=dict(os.environ, TPM2TOOLS_TCTI=tcti))
+        return run([f"tpm2_{tool}", *args], check=check, env=dict(os.environ, TPM2TOOLS_TCTI=tcti))
 
     def vtpmctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run([VTPMCTL, *args], check=check)
@@ -132,12 +143,15 @@ def _wait_until(ready: Callable[[], bool], served: Served, what: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while not ready():
         if not served.running:
-            raise AssertionError(f"{what}: the server exited with {served.proc.returncode}\n"
-                                 f"{served.log_text()[-3000:]}")
+            raise AssertionError(
+                f"{what}: the server exited with {served.proc.returncode}\n"
+                f"{served.log_text()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             served.stop()
-            raise AssertionError(f"{what}: not ready after {START_TIMEOUT:g} s\n"
-                                 f"{served.log_text()[-3000:]}")
+            raise AssertionError(
+                f"{what}: not ready after {START_TIMEOUT:g} s\n{served.log_text()[-3000:]}"
+            )
         time.sleep(0.05)
 
 
@@ -153,11 +167,11 @@ def serve_cuse(name: str, state: Path, *extra: str, cli: bool = False) -> Served
     assert not os.path.exists(device), f"{device} exists before the test"
     state.mkdir(parents=True, exist_ok=True)
     log = state.parent / f"{state.name}.log"
-    argv = [*([VTPMCTL, "serve"] if cli else DAEMON), "--state", str(state), "--cuse", name,
-            *extra]
+    argv = [*([VTPMCTL, "serve"] if cli else DAEMON), "--state", str(state), "--cuse", name, *extra]
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
     served = Served(argv, state, log, proc, device=device)
     _wait_until(lambda: is_chardev(device), served, f"serve --cuse {name}")
     return served
@@ -170,14 +184,22 @@ def serve_socket(state: Path, run_dir: Path, *extra: str) -> Served:
     data = str(run_dir / "tpm")
     ctrl = data + ".ctrl"  # what the tss2 swtpm TCTI expects
     log = state.parent / f"{state.name}.log"
-    argv = [*DAEMON, "--state", str(state), "--ctrl", f"unix:{ctrl}", "--data", f"unix:{data}",
-            *extra]
+    argv = [
+        *DAEMON,
+        "--state",
+        str(state),
+        "--ctrl",
+        f"unix:{ctrl}",
+        "--data",
+        f"unix:{data}",
+        *extra,
+    ]
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
     served = Served(argv, state, log, proc, ctrl=ctrl, data=data)
-    _wait_until(lambda: os.path.exists(ctrl) and os.path.exists(data), served,
-                "serve --ctrl")
+    _wait_until(lambda: os.path.exists(ctrl) and os.path.exists(data), served, "serve --ctrl")
     return served
 
 
@@ -248,9 +270,9 @@ def rc_of(response: bytes) -> int:
     return int.from_bytes(response[6:10], "big")
 
 
-
-def ctl(fd: int, cmd: Cmd, fields: dict[str, int] | None = None,
-        data: bytes = b"") -> dict[str, int]:
+def ctl(
+    fd: int, cmd: Cmd, fields: dict[str, int] | None = None, data: bytes = b""
+) -> dict[str, int]:
     """One PTM ioctl on an open device, encoded by the protocol table."""
     import fcntl
 

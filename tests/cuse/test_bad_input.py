@@ -47,13 +47,22 @@ def dev(guest_tmp: Path) -> Iterator[Served]:
 
 def _rsa_primary() -> bytes:
     """A command that runs for a while (RSA key generation) on the worker thread."""
-    attrs = (tpm2cmd.ObjAttr.FIXED_TPM | tpm2cmd.ObjAttr.FIXED_PARENT
-             | tpm2cmd.ObjAttr.SENSITIVE_DATA_ORIGIN | tpm2cmd.ObjAttr.USER_WITH_AUTH
-             | tpm2cmd.ObjAttr.RESTRICTED | tpm2cmd.ObjAttr.DECRYPT)
+    attrs = (
+        tpm2cmd.ObjAttr.FIXED_TPM
+        | tpm2cmd.ObjAttr.FIXED_PARENT
+        | tpm2cmd.ObjAttr.SENSITIVE_DATA_ORIGIN
+        | tpm2cmd.ObjAttr.USER_WITH_AUTH
+        | tpm2cmd.ObjAttr.RESTRICTED
+        | tpm2cmd.ObjAttr.DECRYPT
+    )
     template = tpm2cmd.Public(
-        type=tpm2cmd.Alg.RSA, name_alg=tpm2cmd.Alg.SHA256, attributes=attrs,
-        symmetric=tpm2cmd.SymDef(tpm2cmd.Alg.AES, 128, tpm2cmd.Alg.CFB), key_bits=2048,
-        unique=os.urandom(8))
+        type=tpm2cmd.Alg.RSA,
+        name_alg=tpm2cmd.Alg.SHA256,
+        attributes=attrs,
+        symmetric=tpm2cmd.SymDef(tpm2cmd.Alg.AES, 128, tpm2cmd.Alg.CFB),
+        key_bits=2048,
+        unique=os.urandom(8),
+    )
     return tpm2cmd.build_create_primary(tpm2cmd.RH_OWNER, template)
 
 
@@ -103,8 +112,9 @@ def test_unknown_and_malformed_ioctls(dev: Served) -> None:
         assert ctl(fd, Cmd.SET_LOCALITY, {"loc": 5})["result"] == 0x3D  # TPM_BAD_LOCALITY
         assert ctl(fd, Cmd.RESET_TPMESTABLISHED, {"loc": 9})["result"] == 0x3D
         assert ctl(fd, Cmd.HASH_DATA, {"length": 5000})["result"] == Res.FAIL
-        assert ctl(fd, Cmd.SET_STATEBLOB, {"type": 1, "length": 10})["result"] == \
-            Res.BAD_ORDINAL  # running
+        assert (
+            ctl(fd, Cmd.SET_STATEBLOB, {"type": 1, "length": 10})["result"] == Res.BAD_ORDINAL
+        )  # running
         assert ctl(fd, Cmd.GET_STATEBLOB, {"type": 7})["result"] == Res.BAD_PARAMETER
         assert ctl(fd, Cmd.GET_CAPABILITY) == {"caps": CAPS_CUSE}
 
@@ -171,8 +181,11 @@ time.sleep(3600)  # if key generation beat the kill, the kill still ends us, nev
 
 
 def test_client_killed_mid_command(dev: Served) -> None:
-    victim = subprocess.Popen([sys.executable, "-c", _VICTIM, str(dev.device),
-                               _rsa_primary().hex()], stdout=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(
+        [sys.executable, "-c", _VICTIM, str(dev.device), _rsa_primary().hex()],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert victim.stdout is not None
         assert victim.stdout.readline().strip() == "sent"
@@ -195,8 +208,12 @@ def test_client_killed_mid_command(dev: Served) -> None:
 def test_a_name_in_use_is_refused(dev: Served, guest_tmp: Path) -> None:
     other = guest_tmp / "other"
     other.mkdir()
-    result = subprocess.run([VTPMCTL, "serve", "--state", str(other), "--cuse", "vtpm-bad"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [VTPMCTL, "serve", "--state", str(other), "--cuse", "vtpm-bad"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert "/dev/vtpm-bad exists already" in result.stderr, result.stderr
 

@@ -53,8 +53,12 @@ def _permanent_size(dev: Served) -> int:
 
 def _grow_to(dev: Served, target: int, next_index: list[int]) -> None:
     """Define NV indexes until the permanent blob is exactly ``target`` bytes."""
-    attrs = (tpm2cmd.NvAttr.OWNERWRITE | tpm2cmd.NvAttr.OWNERREAD | tpm2cmd.NvAttr.AUTHREAD
-             | tpm2cmd.NvAttr.AUTHWRITE)
+    attrs = (
+        tpm2cmd.NvAttr.OWNERWRITE
+        | tpm2cmd.NvAttr.OWNERREAD
+        | tpm2cmd.NvAttr.AUTHREAD
+        | tpm2cmd.NvAttr.AUTHWRITE
+    )
     size = _permanent_size(dev)
     while size < target:
         need = target - size - NV_OVERHEAD
@@ -65,7 +69,8 @@ def _grow_to(dev: Served, target: int, next_index: list[int]) -> None:
         with opened(str(dev.device)) as fd:
             tpm2cmd.nv_define_space(
                 transact_fd(fd),
-                tpm2cmd.NvPublic(NV_BASE + next_index[0], tpm2cmd.Alg.SHA256, attrs, b"", need))
+                tpm2cmd.NvPublic(NV_BASE + next_index[0], tpm2cmd.Alg.SHA256, attrs, b"", need),
+            )
         next_index[0] += 1
         new = _permanent_size(dev)
         assert new == size + need + NV_OVERHEAD, (size, need, new)
@@ -75,8 +80,9 @@ def _grow_to(dev: Served, target: int, next_index: list[int]) -> None:
 
 def _indexes(dev: Served) -> list[int]:
     with opened(str(dev.device)) as fd:
-        return [h for h in tpm2cmd.get_handles(transact_fd(fd), tpm2cmd.HR_NV_INDEX)
-                if h >= NV_BASE]
+        return [
+            h for h in tpm2cmd.get_handles(transact_fd(fd), tpm2cmd.HR_NV_INDEX) if h >= NV_BASE
+        ]
 
 
 # Below, at and above multiples of the 3072-byte chunk; exact multiples need the

@@ -42,8 +42,9 @@ class Cli:
 
 
 @contextlib.contextmanager
-def in_process_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                   capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+def in_process_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Cli]:
     """A private VTPMCTL_HOME under tmp_path; daemons left running are killed at the end."""
     with home_at(tmp_path / "h") as home:
         monkeypatch.setenv("VTPMCTL_HOME", str(home.path))

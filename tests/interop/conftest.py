@@ -38,7 +38,9 @@ from swtpm_peer import (
 # How our server is launched. VTPMCTL_SERVE overrides it (a command line, e.g.
 # "python -m vtpmctl.device.server.daemon", which takes the same options).
 SERVE_COMMAND = shlex.split(os.environ.get("VTPMCTL_SERVE", "")) or [
-    str(Path(sys.executable).with_name("vtpmctl")), "serve"]
+    str(Path(sys.executable).with_name("vtpmctl")),
+    "serve",
+]
 
 
 class ServerStartError(RuntimeError):
@@ -75,15 +77,27 @@ class VtpmServer:
     def spawn(self) -> None:
         """Start the process (again: with new TCP ports after a port clash)."""
         self.ctrl, self.data = _endpoints(self.run_dir, self.ctrl_kind, self.data_kind)
-        self.argv = [*SERVE_COMMAND, "--state", str(self.state_dir),
-                     "--ctrl", endpoint_spec(self.ctrl), "--tpm", "2" if self.tpm2_mode else "1.2",
-                     "--pid-file", str(self.pid_file)]
+        self.argv = [
+            *SERVE_COMMAND,
+            "--state",
+            str(self.state_dir),
+            "--ctrl",
+            endpoint_spec(self.ctrl),
+            "--tpm",
+            "2" if self.tpm2_mode else "1.2",
+            "--pid-file",
+            str(self.pid_file),
+        ]
         if self.data is not None:
             self.argv += ["--data", endpoint_spec(self.data)]
         self.argv += self.options
         with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                         cwd=Path(__file__).resolve().parents[2])
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[2],
+            )
 
     @property
     def ioctl_target(self) -> list[str]:
@@ -109,24 +123,36 @@ class VtpmServer:
     def _fail(self, what: str, result: subprocess.CompletedProcess[bytes] | None = None) -> None:
         detail = ""
         if result is not None:
-            detail = (f"\nexit {result.returncode}\nstdout: {result.stdout[-2000:]!r}"
-                      f"\nstderr: {result.stderr.decode(errors='replace')[-2000:]}")
-        raise AssertionError(f"{what} failed{detail}\n--- server log ---\n"
-                             f"{self.log_text()[-3000:]}")
+            detail = (
+                f"\nexit {result.returncode}\nstdout: {result.stdout[-2000:]!r}"
+                f"\nstderr: {result.stderr.decode(errors='replace')[-2000:]}"
+            )
+        raise AssertionError(
+            f"{what} failed{detail}\n--- server log ---\n{self.log_text()[-3000:]}"
+        )
 
-    def ioctl(self, *args: str, check: bool = True,
-              timeout: float = 10.0) -> subprocess.CompletedProcess[bytes]:
-        result = subprocess.run([SWTPM_IOCTL, *self.ioctl_target, *args],
-                                capture_output=True, timeout=timeout)
+    def ioctl(
+        self, *args: str, check: bool = True, timeout: float = 10.0
+    ) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run(
+            [SWTPM_IOCTL, *self.ioctl_target, *args], capture_output=True, timeout=timeout
+        )
         if check and result.returncode != 0:
             self._fail(f"swtpm_ioctl {' '.join(args)}", result)
         return result
 
-    def tpm2(self, tool: str, *args: str, check: bool = True, input: bytes | None = None,
-             timeout: float = 20.0) -> subprocess.CompletedProcess[bytes]:
+    def tpm2(
+        self,
+        tool: str,
+        *args: str,
+        check: bool = True,
+        input: bytes | None = None,
+        timeout: float = 20.0,
+    ) -> subprocess.CompletedProcess[bytes]:
         env = dict(os.environ, TPM2TOOLS_TCTI=self.tcti)
-        result = subprocess.run([f"tpm2_{tool}", *args], capture_output=True, env=env,
-                                input=input, timeout=timeout)
+        result = subprocess.run(
+            [f"tpm2_{tool}", *args], capture_output=True, env=env, input=input, timeout=timeout
+        )
         if check and result.returncode != 0:
             self._fail(f"tpm2_{tool} {' '.join(args)}", result)
         return result
@@ -159,8 +185,11 @@ class VtpmServer:
         deadline = time.monotonic() + timeout
         clashes = 0
         while not probe_ctrl(self.ctrl):
-            if (self.proc.poll() is not None and "Address already in use" in self.log_text()
-                    and clashes < 3):
+            if (
+                self.proc.poll() is not None
+                and "Address already in use" in self.log_text()
+                and clashes < 3
+            ):
                 clashes += 1  # another test took the "free" port before we bound it
                 self.spawn()
                 continue
@@ -168,22 +197,30 @@ class VtpmServer:
                 status, log = self.proc.poll(), self.log_text()
                 stop_vtpm(self)  # removes the run dir
                 raise ServerStartError(
-                    f"server did not come up (exit {status}): {' '.join(self.argv)}\n"
-                    f"{log[-3000:]}")
+                    f"server did not come up (exit {status}): {' '.join(self.argv)}\n{log[-3000:]}"
+                )
             time.sleep(0.01)
         return self
 
 
 class ServerFactory(Protocol):
-    def __call__(self, state_dir: Path | None = None, *, tpm2: bool = True,
-                 ctrl: Transport = "unix", data: Transport | None = "unix",
-                 flags: str | None = None, key_file: Path | None = None,
-                 migration_key_file: Path | None = None,
-                 extra_args: Sequence[str] = ()) -> Any: ...
+    def __call__(
+        self,
+        state_dir: Path | None = None,
+        *,
+        tpm2: bool = True,
+        ctrl: Transport = "unix",
+        data: Transport | None = "unix",
+        flags: str | None = None,
+        key_file: Path | None = None,
+        migration_key_file: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> Any: ...
 
 
-def _endpoints(run_dir: Path, ctrl: Transport,
-               data: Transport | None) -> tuple[Endpoint, Endpoint | None]:
+def _endpoints(
+    run_dir: Path, ctrl: Transport, data: Transport | None
+) -> tuple[Endpoint, Endpoint | None]:
     """Sockets as the tss2 swtpm TCTI expects them: DATA and DATA.ctrl, or P and P+1."""
     if data is None:
         if ctrl == "unix":
@@ -191,20 +228,34 @@ def _endpoints(run_dir: Path, ctrl: Transport,
         return Endpoint("tcp", port=free_tcp_port_pair() + 1), None
     if data == "unix":
         data_ep = Endpoint("unix", path=run_dir / "tpm")
-        ctrl_ep = (Endpoint("unix", path=run_dir / "tpm.ctrl") if ctrl == "unix"
-                   else Endpoint("tcp", port=free_tcp_port_pair() + 1))
+        ctrl_ep = (
+            Endpoint("unix", path=run_dir / "tpm.ctrl")
+            if ctrl == "unix"
+            else Endpoint("tcp", port=free_tcp_port_pair() + 1)
+        )
         return ctrl_ep, data_ep
     port = free_tcp_port_pair()
-    ctrl_ep = (Endpoint("tcp", port=port + 1) if ctrl == "tcp"
-               else Endpoint("unix", path=run_dir / "tpm.ctrl"))
+    ctrl_ep = (
+        Endpoint("tcp", port=port + 1)
+        if ctrl == "tcp"
+        else Endpoint("unix", path=run_dir / "tpm.ctrl")
+    )
     return ctrl_ep, Endpoint("tcp", port=port)
 
 
-def launch_vtpm(state_dir: Path | None = None, *, tpm2: bool = True,
-                ctrl: Transport = "unix", data: Transport | None = "unix",
-                flags: str | None = None, key_file: Path | None = None,
-                migration_key_file: Path | None = None, extra_args: Sequence[str] = (),
-                wait: bool = True, startup_timeout: float = 10.0) -> VtpmServer:
+def launch_vtpm(
+    state_dir: Path | None = None,
+    *,
+    tpm2: bool = True,
+    ctrl: Transport = "unix",
+    data: Transport | None = "unix",
+    flags: str | None = None,
+    key_file: Path | None = None,
+    migration_key_file: Path | None = None,
+    extra_args: Sequence[str] = (),
+    wait: bool = True,
+    startup_timeout: float = 10.0,
+) -> VtpmServer:
     """Start our server; with ``wait``, return once the control channel answers
     (without, call ``wait_ready()`` before using it: lets a test start ours while it
     drives swtpm). The caller must stop it (the fixture does). If it exits before it
@@ -264,20 +315,35 @@ def swtpm_server() -> Iterator[Callable[..., SwtpmPeer]]:
     """
     with contextlib.ExitStack() as stack:
 
-        def start(state_dir: Path | None = None, *, tpm2: bool = True,
-                  ctrl: Transport = "unix", data: Transport | None = "unix",
-                  flags: str | None = None, key_file: Path | None = None,
-                  migration_key_file: Path | None = None,
-                  extra_args: Sequence[str] = ()) -> SwtpmPeer:
+        def start(
+            state_dir: Path | None = None,
+            *,
+            tpm2: bool = True,
+            ctrl: Transport = "unix",
+            data: Transport | None = "unix",
+            flags: str | None = None,
+            key_file: Path | None = None,
+            migration_key_file: Path | None = None,
+            extra_args: Sequence[str] = (),
+        ) -> SwtpmPeer:
             extra = list(extra_args)
             if key_file is not None:
                 extra += ["--key", f"file={key_file},format=hex,mode=aes-256-cbc"]
             if migration_key_file is not None:
-                extra += ["--migration-key",
-                          f"file={migration_key_file},format=hex,mode=aes-256-cbc"]
-            return stack.enter_context(swtpm_socket(
-                state_dir, tpm2=tpm2, ctrl=ctrl, data=data or "unix", flags=flags,
-                extra_args=extra))
+                extra += [
+                    "--migration-key",
+                    f"file={migration_key_file},format=hex,mode=aes-256-cbc",
+                ]
+            return stack.enter_context(
+                swtpm_socket(
+                    state_dir,
+                    tpm2=tpm2,
+                    ctrl=ctrl,
+                    data=data or "unix",
+                    flags=flags,
+                    extra_args=extra,
+                )
+            )
 
         yield start
 

@@ -40,14 +40,23 @@ class Home:
         env.pop("NOTIFY_SOCKET", None)
         return env
 
-    def run(self, *args: str, check: bool = True, timeout: float = 60.0,
-            input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 60.0, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [*VTPMCTL, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-            input="" if input is None else input.decode(), check=False)  # never a tty
+            [*VTPMCTL, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input="" if input is None else input.decode(),
+            check=False,
+        )  # never a tty
         if check and result.returncode != 0:
-            raise AssertionError(f"vtpmctl {' '.join(args)} exited {result.returncode}\n"
-                                 f"stdout: {result.stdout}\nstderr: {result.stderr}")
+            raise AssertionError(
+                f"vtpmctl {' '.join(args)} exited {result.returncode}\n"
+                f"stdout: {result.stdout}\nstderr: {result.stderr}"
+            )
         return result
 
     def json(self, *args: str, check: bool = True) -> dict[str, Any]:
@@ -63,19 +72,28 @@ class Home:
     def registry(self) -> Registry:
         return Registry(store_roots({"VTPMCTL_HOME": str(self.path)}))
 
-    def tpm2(self, name: str, tool: str, *args: str, check: bool = True,
-             input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    def tpm2(
+        self, name: str, tool: str, *args: str, check: bool = True, input: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
         """tpm2-tools through the endpoints that `status --json` reports."""
         _, st = self.status(name)
         data = st["endpoints"]["data"]
         assert data.startswith("unix:")
         assert st["endpoints"]["ctrl"] == f"{data}.ctrl"  # what the swtpm TCTI assumes
         env = dict(os.environ, TPM2TOOLS_TCTI=f"swtpm:path={data[5:]}")
-        result = subprocess.run([f"tpm2_{tool}", *args], env=env, capture_output=True,
-                                input=input, timeout=30, check=False)
+        result = subprocess.run(
+            [f"tpm2_{tool}", *args],
+            env=env,
+            capture_output=True,
+            input=input,
+            timeout=30,
+            check=False,
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f"tpm2_{tool} {' '.join(args)} exited {result.returncode}: "
-                                 f"{result.stderr.decode(errors='replace')}")
+            raise AssertionError(
+                f"tpm2_{tool} {' '.join(args)} exited {result.returncode}: "
+                f"{result.stderr.decode(errors='replace')}"
+            )
         return result
 
     def daemon_pids(self) -> list[int]:

@@ -118,15 +118,18 @@ class QemuVm:
 
     def describe(self) -> str:
         """QEMU's command line, exit status, stderr and the firmware log, for failures."""
+
         def tail(path: Path, n: int = 3000) -> str:
             try:
                 return path.read_text(errors="replace")[-n:]
             except FileNotFoundError:
                 return "(none)"
 
-        return (f"qemu: {' '.join(self.argv)}\nexit status: {self.proc.poll()}\n"
-                f"--- qemu stderr ---\n{tail(self.stderr_path)}\n"
-                f"--- firmware log (tail) ---\n{tail(self.bios_log, 1500)}")
+        return (
+            f"qemu: {' '.join(self.argv)}\nexit status: {self.proc.poll()}\n"
+            f"--- qemu stderr ---\n{tail(self.stderr_path)}\n"
+            f"--- firmware log (tail) ---\n{tail(self.bios_log, 1500)}"
+        )
 
     def firmware_log(self) -> bytes:
         try:
@@ -142,7 +145,8 @@ class QemuVm:
                 raise AssertionError(f"QEMU exited during boot\n{self.describe()}")
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"firmware did not finish (boot {count}) in {timeout}s\n{self.describe()}")
+                    f"firmware did not finish (boot {count}) in {timeout}s\n{self.describe()}"
+                )
             time.sleep(0.05)
 
     def execute(self, command: str, **arguments: Any) -> Any:
@@ -166,8 +170,9 @@ class QemuVm:
             if status in ("failed", "cancelled"):
                 raise AssertionError(f"migration {status}: {info}\n{self.describe()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"migration still {status} after {timeout}s\n"
-                                     f"{self.describe()}")
+                raise AssertionError(
+                    f"migration still {status} after {timeout}s\n{self.describe()}"
+                )
             time.sleep(0.05)
 
     def quit(self, timeout: float = 15.0) -> int:
@@ -177,8 +182,9 @@ class QemuVm:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"QEMU did not quit within {timeout}s\n"
-                                 f"{self.describe()}") from None
+            raise AssertionError(
+                f"QEMU did not quit within {timeout}s\n{self.describe()}"
+            ) from None
         self.qmp.close()
         return rc
 
@@ -186,8 +192,9 @@ class QemuVm:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"QEMU still running after {timeout}s\n"
-                                 f"{self.describe()}") from None
+            raise AssertionError(
+                f"QEMU still running after {timeout}s\n{self.describe()}"
+            ) from None
 
     def kill(self) -> None:
         """End the process whatever state it is in (teardown)."""
@@ -202,25 +209,48 @@ class QemuVm:
                 self.proc.wait(5)
 
 
-def qemu_argv(run_dir: Path, ctrl_path: Path | str | None, *, device: str = "tpm-tis",
-              incoming: str | None = None) -> list[str]:
+def qemu_argv(
+    run_dir: Path,
+    ctrl_path: Path | str | None,
+    *,
+    device: str = "tpm-tis",
+    incoming: str | None = None,
+) -> list[str]:
     """QEMU paused (``-S``) with QMP, debug console and the TPM on ``ctrl_path``."""
-    argv = [QEMU, *_BASE_ARGS, "-S",
-            "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
-            "-chardev", f"file,id=dbg,path={run_dir / 'firmware.log'}",
-            "-device", "isa-debugcon,iobase=0x402,chardev=dbg"]
+    argv = [
+        QEMU,
+        *_BASE_ARGS,
+        "-S",
+        "-qmp",
+        f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+        "-chardev",
+        f"file,id=dbg,path={run_dir / 'firmware.log'}",
+        "-device",
+        "isa-debugcon,iobase=0x402,chardev=dbg",
+    ]
     if ctrl_path is not None:
-        argv += ["-chardev", f"socket,id=chrtpm,path={ctrl_path}",
-                 "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
-                 "-device", f"{device},tpmdev=tpm0"]
+        argv += [
+            "-chardev",
+            f"socket,id=chrtpm,path={ctrl_path}",
+            "-tpmdev",
+            "emulator,id=tpm0,chardev=chrtpm",
+            "-device",
+            f"{device},tpmdev=tpm0",
+        ]
     if incoming is not None:
         argv += ["-incoming", incoming]
     return argv
 
 
-def launch_qemu(run_dir: Path, ctrl_path: Path | str | None, *, device: str = "tpm-tis",
-                incoming: str | None = None, connect: bool = True,
-                timeout: float = 15.0) -> QemuVm:
+def launch_qemu(
+    run_dir: Path,
+    ctrl_path: Path | str | None,
+    *,
+    device: str = "tpm-tis",
+    incoming: str | None = None,
+    connect: bool = True,
+    timeout: float = 15.0,
+) -> QemuVm:
     """Start QEMU paused; with ``connect``, return once QMP is ready.
 
     Files go to ``run_dir`` (keep it short: the QMP socket path must fit in 108 bytes).
@@ -231,8 +261,7 @@ def launch_qemu(run_dir: Path, ctrl_path: Path | str | None, *, device: str = "t
     stderr_path = run_dir / "qemu.stderr"
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
-    vm = QemuVm(proc, run_dir, argv, run_dir / "qmp.sock", stderr_path,
-                run_dir / "firmware.log")
+    vm = QemuVm(proc, run_dir, argv, run_dir / "qmp.sock", stderr_path, run_dir / "firmware.log")
     if not connect:
         return vm
     deadline = time.monotonic() + timeout
@@ -258,5 +287,4 @@ _PCR_LINE = re.compile(rb"^\s*(\d+)\s*:\s*0x([0-9A-Fa-f]+)\s*$", re.M)
 
 def parse_pcrread(output: bytes) -> dict[int, bytes]:
     """``tpm2_pcrread`` text output (one bank) -> {index: digest}."""
-    return {int(m.group(1)): bytes.fromhex(m.group(2).decode())
-            for m in _PCR_LINE.finditer(output)}
+    return {int(m.group(1)): bytes.fromhex(m.group(2).decode()) for m in _PCR_LINE.finditer(output)}

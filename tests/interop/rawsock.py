@@ -40,8 +40,9 @@ def read_reply(sock: socket.socket, first_wait: float = 2.0, idle: float = 0.03)
         sock.settimeout(idle)
 
 
-def exchange(sock: socket.socket, request: bytes, first_wait: float = 2.0,
-             idle: float = 0.03) -> Reply:
+def exchange(
+    sock: socket.socket, request: bytes, first_wait: float = 2.0, idle: float = 0.03
+) -> Reply:
     sock.sendall(request)
     return read_reply(sock, first_wait, idle)
 

@@ -34,8 +34,14 @@ EK_HANDLES = (0x81010001, 0x81010016)
 MARKER = b"bundle-marker-0123456789abcdef!!"  # 32 bytes
 MARKER_K = b"keyed-bundle-marker-0123456789!!"
 MKEY = hashlib.sha256(b"migration key of srck").digest()
-ORDER = ["manifest.json", "manifest.sum", "ek.json", "permanent.blob", "volatile.blob",
-         "savestate.blob"]
+ORDER = [
+    "manifest.json",
+    "manifest.sum",
+    "ek.json",
+    "permanent.blob",
+    "volatile.blob",
+    "savestate.blob",
+]
 
 
 @dataclass
@@ -160,10 +166,17 @@ def test_round_trip_file(source: Source, target: Home) -> None:
 
 
 def test_round_trip_through_a_pipe(source: Source, target: Home) -> None:
-    pipeline = (f"VTPMCTL_HOME={source.home.path} {VTPMCTL[0]} migrate export src - | "
-                f"VTPMCTL_HOME={target.path} {VTPMCTL[0]} migrate import - --name copy")
-    done = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], capture_output=True,
-                          text=True, timeout=60, check=False)
+    pipeline = (
+        f"VTPMCTL_HOME={source.home.path} {VTPMCTL[0]} migrate export src - | "
+        f"VTPMCTL_HOME={target.path} {VTPMCTL[0]} migrate import - --name copy"
+    )
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", pipeline],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "imported copy from src" in done.stdout
     assert tpm_facts(target, "copy") == (source.names["src"], MARKER)
@@ -180,13 +193,13 @@ def test_migration_key(source: Source, target: Home, tmp_path: Path) -> None:
     r = target.run("migrate", "import", str(source.keyed), check=False)
     one_line_error(r, "encrypted with a migration key", "--migration-key-file")
     wrong = write_key(tmp_path / "wrong.key", hashlib.sha256(b"wrong").digest())
-    r = target.run("migrate", "import", str(source.keyed), "--migration-key-file", str(wrong),
-                   check=False)
+    r = target.run(
+        "migrate", "import", str(source.keyed), "--migration-key-file", str(wrong), check=False
+    )
     one_line_error(r, "wrong migration key", m["migration_key_fingerprint"])
     assert tree(target.path) == before
 
-    target.run("migrate", "import", str(source.keyed), "--migration-key-file",
-               str(source.key_file))
+    target.run("migrate", "import", str(source.keyed), "--migration-key-file", str(source.key_file))
     assert tpm_facts(target, "srck") == (source.names["srck"], MARKER_K)
     paths = target.registry().paths("srck")
     assert paths.migration_key.read_bytes() == source.key_file.read_bytes()
@@ -200,8 +213,9 @@ def test_encrypt_at_rest_on_import(source: Source, target: Home, tmp_path: Path)
     assert permall.read_bytes()[4:6] == b"\x00\x09"  # AES-256 state-key encrypted file
     assert tpm_facts(target, "src") == (source.names["src"], MARKER)
     # A second copy, encrypted with a generated key.
-    import_bundle(target.registry(), source.plain.read_bytes(),
-                  ImportOptions(name="gen", encrypt=True))
+    import_bundle(
+        target.registry(), source.plain.read_bytes(), ImportOptions(name="gen", encrypt=True)
+    )
     st = target.status("gen")[1]
     assert st["encrypted"] is True
     assert (Path(st["state_dir"]) / "tpm2-00.permall").read_bytes()[4:6] == b"\x00\x09"
@@ -236,11 +250,14 @@ def test_running_instance(source: Source, target: Home, tmp_path: Path) -> None:
     assert tpm_facts(target, "src") == (source.names["src"], MARKER)
 
 
-def test_blobs_load_into_swtpm(source: Source, swtpm_server: Callable[..., Any],
-                               tmp_path: Path) -> None:
+def test_blobs_load_into_swtpm(
+    source: Source, swtpm_server: Callable[..., Any], tmp_path: Path
+) -> None:
     """The blobs in a bundle are ``swtpm_ioctl --save`` files: a real swtpm loads them."""
-    for bundle, mkey, name in ((source.plain, None, "src"),
-                               (source.keyed, source.key_file, "srck")):
+    for bundle, mkey, name in (
+        (source.plain, None, "src"),
+        (source.keyed, source.key_file, "srck"),
+    ):
         members = dict(read_tar(bundle.read_bytes()))
         blob = tmp_path / f"{name}.permanent"
         blob.write_bytes(members["permanent.blob"])
@@ -324,8 +341,14 @@ def test_truncation_sweep(source: Source, target: Home) -> None:
     for size in sorted(s for s in sizes if 0 <= s < len(data)):
         refuse(target, data[:size], AesKey(MKEY))
     # and through a pipe, cut short
-    cut = subprocess.run([*VTPMCTL, "migrate", "import", "-"], input=data[:len(data) // 2],
-                         env=target.env, capture_output=True, timeout=60, check=False)
+    cut = subprocess.run(
+        [*VTPMCTL, "migrate", "import", "-"],
+        input=data[: len(data) // 2],
+        env=target.env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert cut.returncode == 1 and b"truncated" in cut.stderr, cut.stderr
     assert tree(target.path) == {}
 
@@ -333,9 +356,12 @@ def test_truncation_sweep(source: Source, target: Home) -> None:
 # ---------------------------------------------------------------- lying manifests
 
 
-def reforge(data: bytes, edit: Callable[[dict[str, Any]], None] | None = None,
-            members: Callable[[dict[str, bytes]], None] | None = None,
-            key: AesKey | None = None) -> bytes:
+def reforge(
+    data: bytes,
+    edit: Callable[[dict[str, Any]], None] | None = None,
+    members: Callable[[dict[str, bytes]], None] | None = None,
+    key: AesKey | None = None,
+) -> bytes:
     """Alter the manifest or members and make every hash (and the MAC, with ``key``) agree."""
     content = dict(read_tar(data))
     if members is not None:
@@ -356,10 +382,12 @@ def test_lying_manifests(source: Source, target: Home) -> None:
     keyed = source.keyed.read_bytes()
     k = AesKey(MKEY)
     keyed_members = dict(read_tar(keyed))
-    other_state = unwrap_transfer(keyed_members["permanent.blob"], state_flags=0,
-                                  state_key=None, migration_key=k)
-    other_blob = wrap_transfer(other_state, state_key=None, keep_state_encryption=False,
-                               migration_key=None)[0]
+    other_state = unwrap_transfer(
+        keyed_members["permanent.blob"], state_flags=0, state_key=None, migration_key=k
+    )
+    other_blob = wrap_transfer(
+        other_state, state_key=None, keep_state_encryption=False, migration_key=None
+    )[0]
 
     def swap_state(content: dict[str, bytes]) -> None:
         content["permanent.blob"] = other_blob
@@ -372,24 +400,38 @@ def test_lying_manifests(source: Source, target: Home) -> None:
 
     def garbage_state(content: dict[str, bytes]) -> None:
         content["permanent.blob"] = wrap_transfer(
-            other_state[:200] + bytes(len(other_state) - 200), state_key=None,
-            keep_state_encryption=False, migration_key=None)[0]
+            other_state[:200] + bytes(len(other_state) - 200),
+            state_key=None,
+            keep_state_encryption=False,
+            migration_key=None,
+        )[0]
 
     cases: list[tuple[str, bytes, AesKey | None, str]] = [
         # the state of another TPM, hashes made to agree: its EKs are not the listed ones
         ("other-state", reforge(plain, members=swap_state), None, "not the one in its TPM"),
         # another TPM's EK description, consistently: not the EKs in the state
-        ("other-ek", reforge(plain, other_fps, members=swap_ek), None,
-         "not the one in its TPM"),
+        ("other-ek", reforge(plain, other_fps, members=swap_ek), None, "not the one in its TPM"),
         ("ek-fingerprints-only", reforge(plain, other_fps), None, "do not match its ek.json"),
-        ("tpm-1.2", reforge(plain, lambda m: m.update(tpm_version="1.2")), None,
-         "cannot load this TPM 1.2 state"),
+        (
+            "tpm-1.2",
+            reforge(plain, lambda m: m.update(tpm_version="1.2")),
+            None,
+            "cannot load this TPM 1.2 state",
+        ),
         ("garbage-state", reforge(plain, members=garbage_state), None, "cannot load"),
-        ("wrong-hash", reforge(plain, lambda m: m["blobs"][0].update(sha256="ab" * 32)), None,
-         "does not match the size and SHA-256"),
+        (
+            "wrong-hash",
+            reforge(plain, lambda m: m["blobs"][0].update(sha256="ab" * 32)),
+            None,
+            "does not match the size and SHA-256",
+        ),
         # re-hashed and re-MACed, but without the right key
-        ("keyed-forged-mac", reforge(keyed, lambda m: m.update(source_host="elsewhere"),
-                                     key=AesKey(bytes(32))), k, "fails authentication"),
+        (
+            "keyed-forged-mac",
+            reforge(keyed, lambda m: m.update(source_host="elsewhere"), key=AesKey(bytes(32))),
+            k,
+            "fails authentication",
+        ),
     ]
     for label, forged, key, needle in cases:
         message = refuse(target, forged, key)

@@ -37,30 +37,51 @@ BLOB_TYPES = ("permanent", "volatile", "savestate")
 KEY_HEX = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 MIGKEY_HEX = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100"
 INFO_KEYS = {
-    "format_version", "target", "caps", "running", "established", "tpm_specification",
-    "tpm_attributes", "tpm_features", "runtime_algorithms", "runtime_commands",
-    "active_profile", "available_profiles", "runtime_attributes", "config_flags",
-    "state_key", "migration_key", "buffer_size", "buffer_size_min", "buffer_size_max",
+    "format_version",
+    "target",
+    "caps",
+    "running",
+    "established",
+    "tpm_specification",
+    "tpm_attributes",
+    "tpm_features",
+    "runtime_algorithms",
+    "runtime_commands",
+    "active_profile",
+    "available_profiles",
+    "runtime_attributes",
+    "config_flags",
+    "state_key",
+    "migration_key",
+    "buffer_size",
+    "buffer_size_min",
+    "buffer_size_max",
 }
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def vt(*args: str, input: bytes | None = None,
-       timeout: float = 30.0) -> subprocess.CompletedProcess[bytes]:
+def vt(
+    *args: str, input: bytes | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[bytes]:
     """Run the installed vtpmctl entry point."""
     if input is None:
-        return subprocess.run([VTPMCTL, *args], capture_output=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [VTPMCTL, *args], capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
     return subprocess.run([VTPMCTL, *args], capture_output=True, timeout=timeout, input=input)
 
 
 def vt_typer(*args: str) -> subprocess.CompletedProcess[bytes]:
     """The same command line, forced through typer instead of the fast route."""
     code = "import sys; from vtpmctl.cli import run; sys.exit(run(sys.argv[1:], fast=False))"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
-                          timeout=30, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def ok(result: subprocess.CompletedProcess[bytes]) -> bytes:
@@ -100,8 +121,10 @@ def info_json(target: str) -> dict[str, Any]:
     return data
 
 
-@pytest.fixture(params=[(True, "unix"), (True, "tcp"), (False, "unix"), (False, "tcp")],
-                ids=["tpm2-unix", "tpm2-tcp", "tpm12-unix", "tpm12-tcp"])
+@pytest.fixture(
+    params=[(True, "unix"), (True, "tcp"), (False, "unix"), (False, "tcp")],
+    ids=["tpm2-unix", "tpm2-tcp", "tpm12-unix", "tpm12-tcp"],
+)
 def peer(request: pytest.FixtureRequest) -> Iterator[SwtpmPeer]:
     """A running swtpm (not-need-init, startup-clear), both families, both ctrl kinds."""
     tpm2, ctrl = request.param
@@ -177,8 +200,12 @@ def test_init_stop(peer: SwtpmPeer) -> None:
     assert data["running"] is False
     assert data["established"] is None  # not knowable while stopped
     assert data["tpm_specification"] is not None  # GET_INFO works while stopped
-    one_line_error(vt("state", "export", target, "-o", os.devnull),
-                   "CMD_GET_STATEBLOB failed", "0xa", "not running")
+    one_line_error(
+        vt("state", "export", target, "-o", os.devnull),
+        "CMD_GET_STATEBLOB failed",
+        "0xa",
+        "not running",
+    )
     ok(vt("ctl", target, "init"))
     assert info_json(target)["running"] is True
     ok(vt("ctl", target, "init", "--delete-volatile"))
@@ -208,8 +235,10 @@ def test_locality(client: ControlClient, peer: SwtpmPeer) -> None:
     client.close()
     ok(vt("ctl", target_of(peer), "locality", "4"))
     ok(vt("ctl", target_of(peer), "locality", "0"))
-    one_line_error(vt("ctl", target_of(peer), "locality", "5"),
-                   "CMD_SET_LOCALITY failed: TPM result 0x3d (TPM_BAD_LOCALITY)")
+    one_line_error(
+        vt("ctl", target_of(peer), "locality", "5"),
+        "CMD_SET_LOCALITY failed: TPM result 0x3d (TPM_BAD_LOCALITY)",
+    )
 
 
 def test_buffersize(client: ControlClient) -> None:
@@ -243,8 +272,10 @@ def test_store_volatile_cancel_and_lock_storage(client: ControlClient, peer: Swt
     else:
         code = re.search(rb"0x[0-9a-f]+", theirs.stderr + theirs.stdout)
         assert code is not None
-        one_line_error(vt("ctl", target, "cancel"),
-                       f"CMD_CANCEL_TPM_CMD failed: TPM result {code.group().decode()}")
+        one_line_error(
+            vt("ctl", target, "cancel"),
+            f"CMD_CANCEL_TPM_CMD failed: TPM result {code.group().decode()}",
+        )
     result = vt("ctl", target, "lock-storage", "10")
     if lock:
         ok(result)
@@ -260,8 +291,15 @@ def test_config_flags_with_keys(tmp_path: Path) -> None:
         ([], 0),
         (["--key", f"file={key},format=hex,mode=aes-256-cbc"], 1),
         (["--migration-key", f"file={migkey},format=hex,mode=aes-256-cbc"], 2),
-        (["--key", f"file={key},format=hex,mode=aes-256-cbc",
-          "--migration-key", f"file={migkey},format=hex,mode=aes-256-cbc"], 3),
+        (
+            [
+                "--key",
+                f"file={key},format=hex,mode=aes-256-cbc",
+                "--migration-key",
+                f"file={migkey},format=hex,mode=aes-256-cbc",
+            ],
+            3,
+        ),
     ]
     for extra, flags in cases:
         with swtpm_socket(extra_args=extra) as p:
@@ -325,8 +363,9 @@ def test_export_into_devices_and_pipes(tpm2_peer: SwtpmPeer, tmp_path: Path) -> 
     assert stat.S_ISFIFO(fifo.stat().st_mode)
     assert got and got[0] == ok(vt("state", "export", target, "-o", "-"))
     one_line_error(vt("state", "export", target, "-o", str(tmp_path)), "is a directory")
-    one_line_error(vt("state", "export", target, "-o", str(tmp_path / "no" / "f")),
-                   "does not exist")
+    one_line_error(
+        vt("state", "export", target, "-o", str(tmp_path / "no" / "f")), "does not exist"
+    )
 
 
 def test_export_encrypted_keeps_state_key(tmp_path: Path) -> None:
@@ -342,8 +381,9 @@ def test_export_encrypted_keeps_state_key(tmp_path: Path) -> None:
         ok(vt("state", "export", target_of(p), "--encrypted", "-o", str(out)))
         assert len(out.read_bytes()) == len(enc)
         # The same key on another swtpm opens it.
-        with swtpm_socket(flags=None, extra_args=[
-                "--key", f"file={key},format=hex,mode=aes-256-cbc"]) as q:
+        with swtpm_socket(
+            flags=None, extra_args=["--key", f"file={key},format=hex,mode=aes-256-cbc"]
+        ) as q:
             ok(vt("state", "import", target_of(q), str(out)))
             ok(vt("ctl", target_of(q), "init"))
             with open_client(target_of(q)) as c:
@@ -361,8 +401,17 @@ def test_import_all_types_then_init(peer: SwtpmPeer, tmp_path: Path) -> None:
         target = target_of(dest)
         for kind in BLOB_TYPES:
             if kind == "permanent":
-                ok(vt("state", "import", target, "--type", kind, "-",
-                      input=files[kind].read_bytes()))
+                ok(
+                    vt(
+                        "state",
+                        "import",
+                        target,
+                        "--type",
+                        kind,
+                        "-",
+                        input=files[kind].read_bytes(),
+                    )
+                )
             else:
                 ok(vt("state", "import", target, "--type", kind, str(files[kind])))
         dest.ioctl("-i")  # swtpm_ioctl initialises from what vtpmctl staged
@@ -373,16 +422,29 @@ def test_import_all_types_then_init(peer: SwtpmPeer, tmp_path: Path) -> None:
 def test_import_into_running_tpm_fails(peer: SwtpmPeer, tmp_path: Path) -> None:
     blob = tmp_path / "perm"
     ok(vt("state", "export", target_of(peer), "-o", str(blob)))
-    one_line_error(vt("state", "import", target_of(peer), str(blob)),
-                   "CMD_SET_STATEBLOB failed", "0xa", "stop it first")
+    one_line_error(
+        vt("state", "import", target_of(peer), str(blob)),
+        "CMD_SET_STATEBLOB failed",
+        "0xa",
+        "stop it first",
+    )
 
 
 def test_persistent_key_survives_move(tmp_path: Path) -> None:
     """A tpm2-tools persistent key keeps its name after export → import into another swtpm."""
     perm, vol = tmp_path / "perm.bin", tmp_path / "vol.bin"
     with swtpm_socket(tpm2=True) as a:
-        a.tpm2("createprimary", "-C", "o", "-g", "sha256", "-G", "ecc",
-               "-c", str(tmp_path / "primary.ctx"))
+        a.tpm2(
+            "createprimary",
+            "-C",
+            "o",
+            "-g",
+            "sha256",
+            "-G",
+            "ecc",
+            "-c",
+            str(tmp_path / "primary.ctx"),
+        )
         a.tpm2("evictcontrol", "-C", "o", "-c", str(tmp_path / "primary.ctx"), "0x81000001")
         a.tpm2("readpublic", "-c", "0x81000001", "-n", str(tmp_path / "name.a"))
         ok(vt("state", "export", target_of(a), "-o", str(perm)))
@@ -413,13 +475,23 @@ def test_shutdown_ends_swtpm(tpm2_peer: SwtpmPeer) -> None:
 def test_fast_route_and_typer_agree(tpm2_peer: SwtpmPeer) -> None:
     """The typer-free route and typer give the same output for the same command line."""
     target = target_of(tpm2_peer)
-    for args in (["caps", target, "--json"], ["caps", "--json", target], ["info", target],
-                 ["--timeout", "5", "info", target, "--json"], ["caps", target],
-                 ["ctl", target, "locality", "5"], ["ctl", target, "reset-established", "9"],
-                 ["ctl", target, "locality", "0"], ["caps", target + ".nope"]):
+    for args in (
+        ["caps", target, "--json"],
+        ["caps", "--json", target],
+        ["info", target],
+        ["--timeout", "5", "info", target, "--json"],
+        ["caps", target],
+        ["ctl", target, "locality", "5"],
+        ["ctl", target, "reset-established", "9"],
+        ["ctl", target, "locality", "0"],
+        ["caps", target + ".nope"],
+    ):
         fast, slow = vt(*args), vt_typer(*args)
-        assert (fast.returncode, fast.stdout, fast.stderr) == \
-            (slow.returncode, slow.stdout, slow.stderr), args
+        assert (fast.returncode, fast.stdout, fast.stderr) == (
+            slow.returncode,
+            slow.stdout,
+            slow.stderr,
+        ), args
 
 
 def test_state_export_refuses_terminal(tpm2_peer: SwtpmPeer) -> None:
@@ -428,9 +500,13 @@ def test_state_export_refuses_terminal(tpm2_peer: SwtpmPeer) -> None:
 
     leader, follower = pty.openpty()
     try:
-        result = subprocess.run([VTPMCTL, "state", "export", target_of(tpm2_peer), "-o", "-"],
-                                stdout=follower, stderr=subprocess.PIPE, timeout=30,
-                                stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [VTPMCTL, "state", "export", target_of(tpm2_peer), "-o", "-"],
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
     finally:
         os.close(follower)
         os.close(leader)
@@ -443,8 +519,9 @@ def test_state_export_refuses_terminal(tpm2_peer: SwtpmPeer) -> None:
 
 
 @contextlib.contextmanager
-def misbehaving_server(path: Path, reply: bytes | None,
-                       close: bool = True) -> Iterator[threading.Event]:
+def misbehaving_server(
+    path: Path, reply: bytes | None, close: bool = True
+) -> Iterator[threading.Event]:
     """A unix socket server that answers every connection with ``reply`` (None: never)."""
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(path))
@@ -537,8 +614,12 @@ def test_error_permission_denied(sockdir: Path) -> None:
     path = sockdir / "tpm.ctrl"
 
     def caps() -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([*prefix, VTPMCTL, "caps", f"unix:{path}"],
-                              capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [*prefix, VTPMCTL, "caps", f"unix:{path}"],
+            capture_output=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
 
     with misbehaving_server(path, reply=bytes(8)):
         sockdir.chmod(0o000)  # the socket's directory cannot be searched
@@ -550,11 +631,15 @@ def test_error_permission_denied(sockdir: Path) -> None:
         assert json.loads(ok(vt("caps", f"unix:{path}", "--json")))["caps"] == 0
 
 
-@pytest.mark.parametrize("reply, needle", [
-    (b"HTTP/1.0 400 Bad Request\r\n\r\n", "no TPM result"),
-    (b"\x00\x00", "short reply"),
-    (b"", "without answering"),
-], ids=["garbage", "short", "eof"])
+@pytest.mark.parametrize(
+    "reply, needle",
+    [
+        (b"HTTP/1.0 400 Bad Request\r\n\r\n", "no TPM result"),
+        (b"\x00\x00", "short reply"),
+        (b"", "without answering"),
+    ],
+    ids=["garbage", "short", "eof"],
+)
 def test_error_not_a_tpm(sockdir: Path, reply: bytes, needle: str) -> None:
     with misbehaving_server(sockdir / "ctrl", reply=reply):
         one_line_error(vt("caps", f"unix:{sockdir}/ctrl"), needle, "TPM control channel")
@@ -574,8 +659,11 @@ def test_error_timeout(sockdir: Path) -> None:
 
 def test_error_data_channel_is_not_control(tpm2_peer: SwtpmPeer) -> None:
     """A common mistake: the data socket waits for a 10-byte header and never answers."""
-    one_line_error(vt("--timeout", "1", "caps", f"unix:{tpm2_peer.data.path}"),
-                   "no reply within 1 s", "control channel")
+    one_line_error(
+        vt("--timeout", "1", "caps", f"unix:{tpm2_peer.data.path}"),
+        "no reply within 1 s",
+        "control channel",
+    )
 
 
 def test_errors_are_short_with_debug_traceback(sockdir: Path) -> None:

@@ -48,11 +48,13 @@ def _rounds(inst: Instance, rounds: int, seed: int, log: list[str]) -> None:
                 value = nv_read(tpm.transact)
                 assert value in (acked, in_flight), (
                     f"round {n}: NV holds {value.hex()}, acknowledged {acked and acked.hex()}, "
-                    f"in flight {in_flight and in_flight.hex()}")
+                    f"in flight {in_flight and in_flight.hex()}"
+                )
                 log.append("acked" if value == acked else "in-flight")
                 acked, in_flight = value, None  # what the TPM holds now
-            killer = threading.Timer(rng.uniform(0.002, 0.06), os.kill,
-                                     (started.pid, signal.SIGKILL))
+            killer = threading.Timer(
+                rng.uniform(0.002, 0.06), os.kill, (started.pid, signal.SIGKILL)
+            )
             killer.start()
             try:
                 while True:

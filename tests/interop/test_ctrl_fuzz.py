@@ -28,8 +28,25 @@ TPM2_STARTUP_CLEAR = bytes.fromhex("80010000000c000001440000")
 
 # Success reply sizes per control code (spec §1.2); None: variable (header says).
 SUCCESS_SIZE: dict[int, int | None] = {
-    0x01: 8, 0x02: 4, 0x03: 4, 0x04: 8, 0x05: 4, 0x06: 4, 0x07: 4, 0x08: 4, 0x09: 4, 0x0A: 4,
-    0x0B: 4, 0x0C: None, 0x0D: 4, 0x0E: 4, 0x0F: 8, 0x10: 4, 0x11: 16, 0x12: None, 0x13: 4,
+    0x01: 8,
+    0x02: 4,
+    0x03: 4,
+    0x04: 8,
+    0x05: 4,
+    0x06: 4,
+    0x07: 4,
+    0x08: 4,
+    0x09: 4,
+    0x0A: 4,
+    0x0B: 4,
+    0x0C: None,
+    0x0D: 4,
+    0x0E: 4,
+    0x0F: 8,
+    0x10: 4,
+    0x11: 16,
+    0x12: None,
+    0x13: 4,
 }
 # Request bytes after the code that the server waits for (spec §2.2).
 WAITS_FOR = {0x02: 4, 0x05: 1, 0x0B: 1, 0x0C: 12, 0x07: 4, 0x0D: 12}
@@ -73,8 +90,9 @@ def first_reply_length(code: int, data: bytes) -> int:
     if code not in SUCCESS_SIZE:
         return 4
     if code == 0x0C:
-        return 4 if len(data) < 16 or rc in (0x03, 0x0A) else 16 + int.from_bytes(
-            data[12:16], "big")
+        return (
+            4 if len(data) < 16 or rc in (0x03, 0x0A) else 16 + int.from_bytes(data[12:16], "big")
+        )
     if code == 0x12 and rc == 0 and len(data) >= 12:
         return 12 + int.from_bytes(data[8:12], "big")
     size = SUCCESS_SIZE[code]
@@ -91,12 +109,16 @@ def replies_are_valid(code: int, data: bytes, sent: int) -> bool:
     if rest and sent <= 4104:
         return False
     return len(rest) % 4 == 0 and all(
-        int.from_bytes(rest[i:i + 4], "big") < 0x1000 for i in range(0, len(rest), 4))
+        int.from_bytes(rest[i : i + 4], "big") < 0x1000 for i in range(0, len(rest), 4)
+    )
 
 
 def tpm_response_is_valid(data: bytes) -> bool:
-    return (len(data) >= 10 and data[:2] in (b"\x80\x01", b"\x80\x02", b"\x00\xc4")
-            and int.from_bytes(data[2:6], "big") == len(data))
+    return (
+        len(data) >= 10
+        and data[:2] in (b"\x80\x01", b"\x80\x02", b"\x00\xc4")
+        and int.from_bytes(data[2:6], "big") == len(data)
+    )
 
 
 @dataclass
@@ -120,33 +142,47 @@ def control_cases(rng: random.Random) -> Iterator[Case]:
         code = rng.choice([0, 0x14, 0x15, 0xFF, 0x100, 0xFFFF, rng.getrandbits(32)])
         if code in SUCCESS_SIZE:
             continue
-        yield Case(f"unknown-{code:x}", [u32(code) + rng.randbytes(rng.randrange(0, 40))],
-                   expect=u32(0x0A))
+        yield Case(
+            f"unknown-{code:x}", [u32(code) + rng.randbytes(rng.randrange(0, 40))], expect=u32(0x0A)
+        )
     # Exact-length commands with extra bytes: TPM_BAD_PARAMETER.
     for code in (0x03, 0x04, 0x06, 0x08, 0x09, 0x0A, 0x0E, 0x0F):
-        yield Case(f"extra-bytes-{code:x}", [u32(code) + b"\0" * rng.randrange(1, 9)],
-                   code=code)
+        yield Case(f"extra-bytes-{code:x}", [u32(code) + b"\0" * rng.randrange(1, 9)], code=code)
     # Truncated bodies: the server waits up to 500 ms, then drops without a reply.
     for code, need in WAITS_FOR.items():
-        yield Case(f"truncated-{code:x}", [u32(code) + b"\0" * rng.randrange(0, need)],
-                   expect=b"", may_drop=True)
+        yield Case(
+            f"truncated-{code:x}",
+            [u32(code) + b"\0" * rng.randrange(0, need)],
+            expect=b"",
+            may_drop=True,
+        )
     # Truncated, and the client hangs up: nothing to answer.
     for code, need in WAITS_FOR.items():
-        yield Case(f"hang-up-{code:x}", [u32(code) + b"\0" * rng.randrange(0, need)],
-                   hang_up=True)
+        yield Case(f"hang-up-{code:x}", [u32(code) + b"\0" * rng.randrange(0, need)], hang_up=True)
     yield Case("hang-up-after-2-bytes", [b"\0\0"], hang_up=True)
-    yield Case("hang-up-mid-blob", [u32(0x0D) + u32(0) + u32(1) + u32(5000) + b"x" * 100],
-               hang_up=True)
+    yield Case(
+        "hang-up-mid-blob", [u32(0x0D) + u32(0) + u32(1) + u32(5000) + b"x" * 100], hang_up=True
+    )
     yield Case("hang-up-mid-hash", [u32(0x07) + u32(100000) + b"x" * 5000], hang_up=True)
     # Oversized.
-    yield Case("set-stateblob-over-512k", [u32(0x0D) + u32(0) + u32(1) + u32(512 * 1024 + 1)],
-               expect=u32(0x09), may_drop=True)
-    yield Case("set-stateblob-4g", [u32(0x0D) + u32(0) + u32(1) + u32(0xFFFFFFFF)],
-               expect=u32(0x09), may_drop=True)
-    yield Case("hash-data-8k", [u32(0x06), u32(0x07) + u32(8192) + rng.randbytes(8192),
-                                u32(0x08)], code=0x08)
-    yield Case("hash-data-1m", [u32(0x07) + u32(1 << 20) + rng.randbytes(1 << 20)],
-               code=0x07)
+    yield Case(
+        "set-stateblob-over-512k",
+        [u32(0x0D) + u32(0) + u32(1) + u32(512 * 1024 + 1)],
+        expect=u32(0x09),
+        may_drop=True,
+    )
+    yield Case(
+        "set-stateblob-4g",
+        [u32(0x0D) + u32(0) + u32(1) + u32(0xFFFFFFFF)],
+        expect=u32(0x09),
+        may_drop=True,
+    )
+    yield Case(
+        "hash-data-8k",
+        [u32(0x06), u32(0x07) + u32(8192) + rng.randbytes(8192), u32(0x08)],
+        code=0x08,
+    )
+    yield Case("hash-data-1m", [u32(0x07) + u32(1 << 20) + rng.randbytes(1 << 20)], code=0x07)
     yield Case("get-info-all-flags", [u32(0x12) + (0xFF).to_bytes(8, "big") + u32(0) + u32(0)])
     # Pipelined: the server answers the first command; the rest of that read is discarded.
     yield Case("pipelined-caps", [u32(0x01) * 3], expect=CAPS_REPLY)
@@ -206,10 +242,12 @@ class Harness:
 
 
 @pytest.fixture
-def harness(vtpm_server: Callable[..., Any], manufactured: Callable[[bool, Path], Path],
-            tmp_path: Path) -> Harness:
-    server = vtpm_server(manufactured(True, tmp_path / "state"), data=None,
-                         flags="not-need-init,startup-clear")
+def harness(
+    vtpm_server: Callable[..., Any], manufactured: Callable[[bool, Path], Path], tmp_path: Path
+) -> Harness:
+    server = vtpm_server(
+        manufactured(True, tmp_path / "state"), data=None, flags="not-need-init,startup-clear"
+    )
     return Harness(server)
 
 
@@ -235,10 +273,16 @@ def check_reply(case: Case, reply: Reply) -> None:
         return
     if case.hang_up:
         return
-    code = case.code if case.code is not None else int.from_bytes(
-        case.parts[-1][:4].rjust(4, b"\0"), "big")
-    if reply.closed and case.may_drop and (
-            not reply.data or replies_are_valid(code, reply.data, len(case.parts[-1]))):
+    code = (
+        case.code
+        if case.code is not None
+        else int.from_bytes(case.parts[-1][:4].rjust(4, b"\0"), "big")
+    )
+    if (
+        reply.closed
+        and case.may_drop
+        and (not reply.data or replies_are_valid(code, reply.data, len(case.parts[-1])))
+    ):
         return
     assert not reply.closed, (case.name, reply)
     if len(case.parts[-1]) < 4:  # still waiting for a whole code: nothing to say
@@ -311,10 +355,12 @@ def data_cases(rng: random.Random) -> Iterator[tuple[str, bytes, bool]]:
         yield f"garbage-{i}", rng.randbytes(size), rng.random() < 0.3
 
 
-def test_data_socket_fuzz(vtpm_server: Callable[..., Any],
-                          manufactured: Callable[[bool, Path], Path], tmp_path: Path) -> None:
-    server = vtpm_server(manufactured(True, tmp_path / "state"),
-                         flags="not-need-init,startup-clear")
+def test_data_socket_fuzz(
+    vtpm_server: Callable[..., Any], manufactured: Callable[[bool, Path], Path], tmp_path: Path
+) -> None:
+    server = vtpm_server(
+        manufactured(True, tmp_path / "state"), flags="not-need-init,startup-clear"
+    )
     rng = random.Random(SEED + 1)
     started = time.monotonic()
     for name, payload, hang_up in data_cases(rng):
@@ -327,8 +373,8 @@ def test_data_socket_fuzz(vtpm_server: Callable[..., Any],
                 while data:
                     if data[:2] == b"\0\0":  # TPM_SEND_COMMAND framing: length, resp, 0
                         size = int.from_bytes(data[:4], "big")
-                        assert data[4 + size:8 + size] == bytes(4), (name, reply)
-                        data = data[4:4 + size] + data[8 + size:]
+                        assert data[4 + size : 8 + size] == bytes(4), (name, reply)
+                        data = data[4 : 4 + size] + data[8 + size :]
                     size = int.from_bytes(data[2:6], "big")
                     assert tpm_response_is_valid(data[:size]), (name, reply)
                     data = data[size:]
@@ -344,13 +390,14 @@ def test_data_socket_fuzz(vtpm_server: Callable[..., Any],
     assert time.monotonic() - started < 30
 
 
-def test_hash_data_stream_is_not_buffered(vtpm_server: Callable[..., Any],
-                                          manufactured: Callable[[bool, Path], Path],
-                                          tmp_path: Path) -> None:
+def test_hash_data_stream_is_not_buffered(
+    vtpm_server: Callable[..., Any], manufactured: Callable[[bool, Path], Path], tmp_path: Path
+) -> None:
     """A HASH_DATA that announces 4 GiB and streams 64 MiB: hashed as it comes, in
     constant memory and linear time (swtpm reads it in 4 KiB pieces)."""
-    server = vtpm_server(manufactured(True, tmp_path / "state"),
-                         flags="not-need-init,startup-clear")
+    server = vtpm_server(
+        manufactured(True, tmp_path / "state"), flags="not-need-init,startup-clear"
+    )
     pid = server.proc.pid
 
     def rss_kib() -> int:

@@ -20,29 +20,43 @@ NV_EMPTY = 0x01500004
 @pytest.fixture(scope="module")
 def state() -> dict[str, bytes]:
     auth_attrs = t.NvAttr.AUTHWRITE | t.NvAttr.AUTHREAD | t.NvAttr.NO_DA
-    return make_state({
-        "persistent": [0x81000001, 0x81000002],
-        "nv": [
-            {"index": NV_OWNER, "size": 8, "data": b"abcdefgh".hex()},
-            {"index": NV_AUTH, "size": 4, "data": b"wxyz".hex(), "attrs": auth_attrs},
-            {"index": NV_PW, "size": 4, "data": b"pppp".hex(), "attrs": auth_attrs,
-             "auth": b"secret".hex()},
-            {"index": NV_EMPTY, "size": 16},
-        ],
-        "volatile": True,
-    })
+    return make_state(
+        {
+            "persistent": [0x81000001, 0x81000002],
+            "nv": [
+                {"index": NV_OWNER, "size": 8, "data": b"abcdefgh".hex()},
+                {"index": NV_AUTH, "size": 4, "data": b"wxyz".hex(), "attrs": auth_attrs},
+                {
+                    "index": NV_PW,
+                    "size": 4,
+                    "data": b"pppp".hex(),
+                    "attrs": auth_attrs,
+                    "auth": b"secret".hex(),
+                },
+                {"index": NV_EMPTY, "size": 16},
+            ],
+            "volatile": True,
+        }
+    )
 
 
 def test_caller_never_loads_libtpms(state: dict[str, bytes]) -> None:
     """libtpms may only ever be mapped into the throwaway child."""
     import subprocess
 
-    code = ("import sys; from vtpmctl.engine.inspect import inspect_blobs; "
-            "r = inspect_blobs({'permanent': sys.stdin.buffer.read()}, tpm2=True, "
-            "describe=True); assert r.ok, r; "
-            "assert 'libtpms' not in open('/proc/self/maps').read(); print('fine')")
-    out = subprocess.run([sys.executable, "-c", code], input=state["permanent"],
-                         capture_output=True, timeout=60, check=False)
+    code = (
+        "import sys; from vtpmctl.engine.inspect import inspect_blobs; "
+        "r = inspect_blobs({'permanent': sys.stdin.buffer.read()}, tpm2=True, "
+        "describe=True); assert r.ok, r; "
+        "assert 'libtpms' not in open('/proc/self/maps').read(); print('fine')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=state["permanent"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert out.stdout.strip() == b"fine", out.stderr
 
 

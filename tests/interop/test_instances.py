@@ -31,8 +31,19 @@ from swtpm_peer import swtpm_socket
 
 from vtpmctl.engine import tpm2cmd as t
 
-STATUS_KEYS = {"format_version", "name", "state", "pid", "tpm", "state_dir", "endpoints",
-               "transport", "encrypted", "created", "libtpms_version"}
+STATUS_KEYS = {
+    "format_version",
+    "name",
+    "state",
+    "pid",
+    "tpm",
+    "state_dir",
+    "endpoints",
+    "transport",
+    "encrypted",
+    "created",
+    "libtpms_version",
+}
 MARKER = b"vtpmctl-nv-marker-0123456789abcd"  # 32 bytes
 
 
@@ -45,8 +56,13 @@ def home(tmp_path: Path) -> Iterator[Home]:
 def key_file(tmp_path: Path, kind: str = "hex", mode: int = 0o600, seed: bytes = b"k") -> Path:
     material = hashlib.sha256(seed).digest()
     path = tmp_path / f"{kind}-{seed.decode()}.key"
-    path.write_bytes({"hex": material.hex().encode() + b"\n", "binary": material,
-                      "passphrase": b"correct horse " + seed}[kind])
+    path.write_bytes(
+        {
+            "hex": material.hex().encode() + b"\n",
+            "binary": material,
+            "passphrase": b"correct horse " + seed,
+        }[kind]
+    )
     path.chmod(mode)
     return path
 
@@ -73,8 +89,18 @@ def boot(home: Home, name: str) -> None:
 
 
 def write_marker(home: Home, name: str, data: bytes = MARKER) -> None:
-    home.tpm2(name, "nvdefine", "0x1500016", "-C", "o", "-s", str(len(data)),
-              "-a", "ownerread|ownerwrite", check=False)
+    home.tpm2(
+        name,
+        "nvdefine",
+        "0x1500016",
+        "-C",
+        "o",
+        "-s",
+        str(len(data)),
+        "-a",
+        "ownerread|ownerwrite",
+        check=False,
+    )
     home.tpm2(name, "nvwrite", "0x1500016", "-C", "o", "-i", "-", input=data)
 
 
@@ -101,8 +127,11 @@ def test_tpm2_lifecycle(home: Home) -> None:
     assert code == 0 and st["state"] == "running" and st["owner"] == "vtpmctl"
     paths = home.registry().paths("vm1")
     assert st["pid"] == int(paths.pid_file.read_text())
-    assert st["endpoints"] == {"ctrl": f"unix:{paths.ctrl_socket}",
-                               "data": f"unix:{paths.data_socket}", "device": None}
+    assert st["endpoints"] == {
+        "ctrl": f"unix:{paths.ctrl_socket}",
+        "data": f"unix:{paths.data_socket}",
+        "device": None,
+    }
     assert Path(st["state_dir"], "tpm2-00.permall").is_file()
     # caps/info accept the name as TARGET
     assert home.json("caps", "vm1")["capabilities"]["init"] is True
@@ -175,7 +204,8 @@ def test_ek_certificate_matches_tpm(home: Home, tmp_path: Path) -> None:
         der = serialization.Encoding.DER
         assert cert.public_key().public_bytes(der, spki) == tpm_key.public_bytes(der, spki)
         assert ek["public_key_pem"].encode() == tpm_key.public_bytes(
-            serialization.Encoding.PEM, spki)
+            serialization.Encoding.PEM, spki
+        )
         nv = home.tpm2("ek", "nvread", ek["cert_nv_index"], "-C", "o").stdout
         assert nv == cert.public_bytes(der)
 
@@ -204,9 +234,16 @@ def test_concurrent_starts_make_one_daemon(home: Home) -> None:
     home.run("create", "c", "--no-ek")
     state_dir = home.registry().paths("c").state_dir
     for _ in range(3):
-        procs = [subprocess.Popen([*home_cli(), "start", "c"], env=home.env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                [*home_cli(), "start", "c"],
+                env=home.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         results = [p.communicate(timeout=60) + (p.returncode,) for p in procs]
         assert [r[2] for r in results] == [0, 0], results
         assert sum("already running" in r[0] for r in results) == 1, results
@@ -243,10 +280,13 @@ def test_state_locked_by_swtpm(home: Home) -> None:
 
 def test_key_file_errors(home: Home, tmp_path: Path) -> None:
     loose = key_file(tmp_path, mode=0o644, seed=b"loose")
-    one_line_error(home.run("create", "k", "--no-ek", "--key-file", str(loose), check=False),
-                   "chmod 600")
-    one_line_error(home.run("create", "k", "--no-ek", "--key-file", str(tmp_path / "none"),
-                            check=False), "does not exist")
+    one_line_error(
+        home.run("create", "k", "--no-ek", "--key-file", str(loose), check=False), "chmod 600"
+    )
+    one_line_error(
+        home.run("create", "k", "--no-ek", "--key-file", str(tmp_path / "none"), check=False),
+        "does not exist",
+    )
     assert home.json("list")["instances"] == []
     assert not home.registry().paths("k").base.exists()
 
@@ -285,8 +325,11 @@ def test_corrupt_or_missing_state(home: Home, tmp_path: Path, encrypted: bool) -
     home.run("create", "bad", "--no-ek", *args)
     permall = home.registry().paths("bad").state_dir / "tpm2-00.permall"
     good = permall.read_bytes()
-    variants = [good[:-7], good[:40] + bytes([good[40] ^ 1]) + good[41:]] if encrypted \
+    variants = (
+        [good[:-7], good[:40] + bytes([good[40] ^ 1]) + good[41:]]
+        if encrypted
         else [good[:-7], b"\xff" + good[1:]]
+    )
     for bad in variants:
         permall.write_bytes(bad)
         one_line_error(home.run("start", "bad", check=False), "unusable")
@@ -326,8 +369,7 @@ def test_swtpm_opens_encrypted_state_and_back(home: Home, tmp_path: Path, kind: 
     write_marker(home, "enc")
     home.run("stop", "enc")
     files = state_files(home, "enc")
-    assert files and all(MARKER not in data and MARKER[:12] not in data
-                         for data in files.values())
+    assert files and all(MARKER not in data and MARKER[:12] not in data for data in files.values())
 
     state_dir = home.registry().paths("enc").state_dir
     swtpm_key = ["--key", SWTPM_KEY[kind].format(key)]
@@ -347,13 +389,17 @@ def test_key_rotate(home: Home, tmp_path: Path) -> None:
     home.run("start", "rot")
     boot(home, "rot")
     write_marker(home, "rot")
-    one_line_error(home.run("key", "rotate", "rot", "--new-key-file", str(new), check=False),
-                   "is running", "stop it first")
+    one_line_error(
+        home.run("key", "rotate", "rot", "--new-key-file", str(new), check=False),
+        "is running",
+        "stop it first",
+    )
     home.run("stop", "rot")
     before = state_files(home, "rot")
     loose = key_file(tmp_path, seed=b"loose", mode=0o640)
-    one_line_error(home.run("key", "rotate", "rot", "--new-key-file", str(loose), check=False),
-                   "chmod 600")
+    one_line_error(
+        home.run("key", "rotate", "rot", "--new-key-file", str(loose), check=False), "chmod 600"
+    )
     assert state_files(home, "rot") == before
     out = home.run("key", "rotate", "rot", "--new-key-file", str(new)).stdout
     assert "re-encrypted rot" in out
@@ -363,8 +409,9 @@ def test_key_rotate(home: Home, tmp_path: Path) -> None:
     assert read_marker(home, "rot") == MARKER
     home.run("stop", "rot")
     state_dir = home.registry().paths("rot").state_dir
-    with swtpm_socket(state_dir, tpm2=True,
-                      extra_args=["--key", f"file={new},mode=aes-256-cbc,format=hex"]) as peer:
+    with swtpm_socket(
+        state_dir, tpm2=True, extra_args=["--key", f"file={new},mode=aes-256-cbc,format=hex"]
+    ) as peer:
         assert peer.tpm2("nvread", "0x1500016", "-C", "o", "-s", "32").stdout == MARKER
         peer.shutdown()
 
@@ -424,8 +471,10 @@ def test_foreground_with_notify_socket(home: Home, tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(notify_path))
         notify.settimeout(30)
-        proc = subprocess.Popen([*VTPMCTL, "start", "--foreground", "fg"],
-                                env=dict(home.env, NOTIFY_SOCKET=str(notify_path)))
+        proc = subprocess.Popen(
+            [*VTPMCTL, "start", "--foreground", "fg"],
+            env=dict(home.env, NOTIFY_SOCKET=str(notify_path)),
+        )
         try:
             assert b"READY=1" in notify.recv(4096).split(b"\n")
             code, st = home.status("fg")

@@ -60,8 +60,9 @@ def write_nv(home: Home, name: str, index: int, value: bytes) -> None:
     home.run("stop", name)
 
 
-def resume_and_read(home: Home, name: str) -> tuple[dict[int, bytes], dict[int, bytes],
-                                                    list[bytes]]:
+def resume_and_read(
+    home: Home, name: str
+) -> tuple[dict[int, bytes], dict[int, bytes], list[bytes]]:
     """TPM2_Startup(STATE) after QEMU's auto-shutdown: PCRs, EK Names, both NV indexes."""
     with boot(home, name) as client:
         t.startup(client.transact, t.SU_STATE)
@@ -78,8 +79,17 @@ def resume_and_read(home: Home, name: str) -> tuple[dict[int, bytes], dict[int, 
 def serve_for_qemu(home: Home, name: str, ctrl: Path) -> Iterator[subprocess.Popen[bytes]]:
     """``vtpmctl serve`` on a registered instance's state, control socket only."""
     paths = home.registry().paths(name)
-    argv = [*VTPMCTL, "serve", "--state", str(paths.state_dir), "--ctrl", f"unix:{ctrl}",
-            "--existing", "--log-file", str(ctrl.parent / "serve.log")]
+    argv = [
+        *VTPMCTL,
+        "serve",
+        "--state",
+        str(paths.state_dir),
+        "--ctrl",
+        f"unix:{ctrl}",
+        "--existing",
+        "--log-file",
+        str(ctrl.parent / "serve.log"),
+    ]
     if paths.migration_key.exists():
         argv += ["--migration-key-file", str(paths.migration_key)]
     proc = subprocess.Popen(argv, env=home.env, stdin=subprocess.DEVNULL)

@@ -111,8 +111,9 @@ def firmware_pcrs(vtpm_server: ServerFactory, state: Path) -> dict[int, bytes]:
 
 
 @pytest.mark.parametrize("device", ["tpm-tis", "tpm-crb"])
-def test_firmware_starts_and_measures(vtpm_server: ServerFactory, qemu_vm: VmFactory,
-                                      tmp_path: Path, device: str) -> None:
+def test_firmware_starts_and_measures(
+    vtpm_server: ServerFactory, qemu_vm: VmFactory, tmp_path: Path, device: str
+) -> None:
     state = tmp_path / "state"
     server = qemu_server(vtpm_server, state)
     vm = qemu_vm(server.ctrl.path, device=device)
@@ -147,8 +148,9 @@ def test_system_reset(vtpm_server: ServerFactory, qemu_vm: VmFactory, tmp_path: 
 
 
 @pytest.mark.parametrize("destination", ["empty", "stale"])
-def test_migration(vtpm_server: ServerFactory, qemu_vm: VmFactory, tmp_path: Path,
-                   destination: str) -> None:
+def test_migration(
+    vtpm_server: ServerFactory, qemu_vm: VmFactory, tmp_path: Path, destination: str
+) -> None:
     """Outgoing ``migrate`` to a file, incoming into a second QEMU on a second server
     started with ``--incoming``: NV (permanent state) and PCRs (volatile state) arrive.
 
@@ -195,8 +197,9 @@ def test_migration(vtpm_server: ServerFactory, qemu_vm: VmFactory, tmp_path: Pat
     assert nv == marker
 
 
-def test_tpm12_starts_and_quits(vtpm_server: ServerFactory, qemu_vm: VmFactory,
-                                tmp_path: Path) -> None:
+def test_tpm12_starts_and_quits(
+    vtpm_server: ServerFactory, qemu_vm: VmFactory, tmp_path: Path
+) -> None:
     state = tmp_path / "state"
     server = qemu_server(vtpm_server, state, tpm2=False)
     vm = qemu_vm(server.ctrl.path)

@@ -39,8 +39,11 @@ def test_fifty_instances(tmp_path: Path) -> None:
         for name in names[1:]:
             with registry.reserve(name) as paths:
                 shutil.copytree(template.paths.state_dir, paths.state_dir)
-                registry.commit(paths, InstanceConfig(name=name, ek=False),
-                                InstanceMeta(libtpms_version=template.meta.libtpms_version))
+                registry.commit(
+                    paths,
+                    InstanceConfig(name=name, ek=False),
+                    InstanceMeta(libtpms_version=template.meta.libtpms_version),
+                )
         instances = [registry.get(n) for n in names]
 
         t0 = time.monotonic()
@@ -58,8 +61,12 @@ def test_fifty_instances(tmp_path: Path) -> None:
             listing = home.json("list")
             walls.append(time.monotonic() - t0)
             after = os.times()
-            cpus.append(after.children_user + after.children_system
-                        - before.children_user - before.children_system)
+            cpus.append(
+                after.children_user
+                + after.children_system
+                - before.children_user
+                - before.children_system
+            )
             states = [i["state"] for i in listing["instances"]]
             assert states == ["running"] * COUNT
         list_time, list_cpu = min(walls), min(cpus)
@@ -67,10 +74,12 @@ def test_fifty_instances(tmp_path: Path) -> None:
         assert list_time < 2.0, f"list --json took {list_time:.2f}s with {COUNT} running"
 
         rss = sorted(rss_kib(s.pid) for s in started)
-        print(f"\n{COUNT} instances: started in {start_all:.1f}s, list --json {list_time:.2f}s "
-              f"({list_cpu:.2f}s CPU), "
-              f"RSS per daemon median {rss[COUNT // 2] / 1024:.1f} MiB "
-              f"(max {rss[-1] / 1024:.1f} MiB)")
+        print(
+            f"\n{COUNT} instances: started in {start_all:.1f}s, list --json {list_time:.2f}s "
+            f"({list_cpu:.2f}s CPU), "
+            f"RSS per daemon median {rss[COUNT // 2] / 1024:.1f} MiB "
+            f"(max {rss[-1] / 1024:.1f} MiB)"
+        )
 
         with ThreadPoolExecutor(4) as pool:
             stopped = list(pool.map(supervisor.stop, instances))

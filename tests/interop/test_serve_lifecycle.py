@@ -24,8 +24,10 @@ GET_RANDOM = h("80 01 00 00 00 0c 00 00 01 7b 00 08")
 TPM2_STARTUP_CLEAR = h("80 01 00 00 00 0c 00 00 01 44 00 00")
 TPM2_FATAL = h("80 01 00 00 00 0a 00 00 01 01")
 TPM12_FATAL = h("00 c4 00 00 00 0a 00 00 00 09")
-INIT_FAILED = {True: b"TPM result from PTM_INIT: 0x101\n",  # TPM_RC_FAILURE
-               False: b"TPM result from PTM_INIT: 0x9\n"}  # TPM_FAIL
+INIT_FAILED = {
+    True: b"TPM result from PTM_INIT: 0x101\n",  # TPM_RC_FAILURE
+    False: b"TPM result from PTM_INIT: 0x9\n",
+}  # TPM_FAIL
 FAMILIES = [pytest.param(True, id="tpm2"), pytest.param(False, id="tpm12")]
 
 
@@ -62,8 +64,9 @@ def assert_cleaned_up(server: VtpmServer) -> None:
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_cmd_shutdown_exits_0_and_cleans_up(transport: str,
-                                           vtpm_server: Callable[..., Any]) -> None:
+def test_cmd_shutdown_exits_0_and_cleans_up(
+    transport: str, vtpm_server: Callable[..., Any]
+) -> None:
     server = vtpm_server(ctrl=transport, data=transport, flags="not-need-init,startup-clear")
     assert int(server.pid_file.read_text()) == server.proc.pid
     assert not lock_is_free(server.state_dir)
@@ -102,8 +105,9 @@ def test_sigterm_is_not_held_back_by_a_stalled_client(vtpm_server: Callable[...,
         assert time.monotonic() - started < 3
 
 
-def test_shutdown_writes_state_for_the_next_start(tmp_path: Path,
-                                                  vtpm_server: Callable[..., Any]) -> None:
+def test_shutdown_writes_state_for_the_next_start(
+    tmp_path: Path, vtpm_server: Callable[..., Any]
+) -> None:
     """SIGTERM on a started TPM 2 leaves a state the next process resumes (no new TPM)."""
     state = tmp_path / "state"
     first = vtpm_server(state, flags="not-need-init,startup-clear")
@@ -113,14 +117,22 @@ def test_shutdown_writes_state_for_the_next_start(tmp_path: Path,
     assert b"0x1500030" in second.tpm2("getcap", "handles-nv-index").stdout
 
 
-@pytest.mark.parametrize(("flags", "get_random_rc"), [
-    ("not-need-init,startup-clear", b"\0\0\0\0"),
-    ("not-need-init", b"\0\0\x01\x00"),  # TPM_RC_INITIALIZE: running, not started
-    (None, TPM2_FATAL[6:]),  # not running before CMD_INIT
-])
-def test_flags(flags: str | None, get_random_rc: bytes, tmp_path: Path,
-               vtpm_server: Callable[..., Any], swtpm_server: Callable[..., Any],
-               manufactured: Callable[[bool, Path], Path]) -> None:
+@pytest.mark.parametrize(
+    ("flags", "get_random_rc"),
+    [
+        ("not-need-init,startup-clear", b"\0\0\0\0"),
+        ("not-need-init", b"\0\0\x01\x00"),  # TPM_RC_INITIALIZE: running, not started
+        (None, TPM2_FATAL[6:]),  # not running before CMD_INIT
+    ],
+)
+def test_flags(
+    flags: str | None,
+    get_random_rc: bytes,
+    tmp_path: Path,
+    vtpm_server: Callable[..., Any],
+    swtpm_server: Callable[..., Any],
+    manufactured: Callable[[bool, Path], Path],
+) -> None:
     """What GetRandom gets right after start, without any CMD_INIT; the same as swtpm."""
     ours = vtpm_server(manufactured(True, tmp_path / "ours"), flags=flags)
     peer = swtpm_server(manufactured(True, tmp_path / "swtpm"), flags=flags)
@@ -141,12 +153,12 @@ def test_existing_with_missing_permall_does_not_start(tpm2: bool, tmp_path: Path
 
 @pytest.mark.parametrize("tpm2", FAMILIES)
 def test_existing_with_missing_permall_and_not_need_init_does_not_start(
-        tpm2: bool, tmp_path: Path) -> None:
+    tpm2: bool, tmp_path: Path
+) -> None:
     state = tmp_path / "state"
     state.mkdir()
     with pytest.raises(ServerStartError, match="missing"):
-        stop_vtpm(launch_vtpm(state, tpm2=tpm2, flags="not-need-init",
-                              extra_args=["--existing"]))
+        stop_vtpm(launch_vtpm(state, tpm2=tpm2, flags="not-need-init", extra_args=["--existing"]))
     assert not permall(state, tpm2).exists()
 
 
@@ -160,8 +172,12 @@ CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
 
 # Every corruption on TPM 2; TPM 1.2 (whose INIT runs an RSA self test) checks one.
 CORRUPT_CASES = [
-    pytest.param(tpm2, corruption, existing,
-                 id=f"{'tpm2' if tpm2 else 'tpm12'}-{corruption}{'-existing' if existing else ''}")
+    pytest.param(
+        tpm2,
+        corruption,
+        existing,
+        id=f"{'tpm2' if tpm2 else 'tpm12'}-{corruption}{'-existing' if existing else ''}",
+    )
     for tpm2, corruptions in ((True, list(CORRUPTIONS)), (False, ["zeroed-body"]))
     for corruption, existing in ((c, False) for c in corruptions)
 ]
@@ -169,9 +185,14 @@ CORRUPT_CASES = [
 
 @pytest.mark.parametrize(("tpm2", "corruption", "existing"), CORRUPT_CASES)
 def test_corrupt_permall_fails_init_and_is_kept(
-        tpm2: bool, corruption: str, existing: bool, tmp_path: Path,
-        vtpm_server: Callable[..., Any], swtpm_server: Callable[..., Any],
-        manufactured: Callable[[bool, Path], Path]) -> None:
+    tpm2: bool,
+    corruption: str,
+    existing: bool,
+    tmp_path: Path,
+    vtpm_server: Callable[..., Any],
+    swtpm_server: Callable[..., Any],
+    manufactured: Callable[[bool, Path], Path],
+) -> None:
     """INIT fails as it does in swtpm; the file is left as it was (never re-manufactured)."""
     dirs = {who: manufactured(tpm2, tmp_path / who) for who in ("ours", "swtpm")}
     bad = CORRUPTIONS[corruption](permall(dirs["ours"], tpm2).read_bytes())
@@ -182,7 +203,10 @@ def test_corrupt_permall_fails_init_and_is_kept(
     mine, theirs = ours.ioctl("-i", check=False), peer.ioctl("-i", check=False)
     assert (mine.returncode, mine.stderr) == (1, INIT_FAILED[tpm2])
     assert (mine.returncode, mine.stdout, mine.stderr) == (
-        theirs.returncode, theirs.stdout, theirs.stderr)
+        theirs.returncode,
+        theirs.stdout,
+        theirs.stderr,
+    )
     assert ours.ioctl("-i", check=False).returncode == 1
     ours.terminate()
     assert permall(dirs["ours"], tpm2).read_bytes() == bad
@@ -190,7 +214,8 @@ def test_corrupt_permall_fails_init_and_is_kept(
 
 @pytest.mark.parametrize("tpm2", FAMILIES)
 def test_existing_with_corrupt_permall_does_not_start(
-        tpm2: bool, tmp_path: Path, manufactured: Callable[[bool, Path], Path]) -> None:
+    tpm2: bool, tmp_path: Path, manufactured: Callable[[bool, Path], Path]
+) -> None:
     """--existing: libtpms' ValidateState refuses the damaged state before anything runs."""
     state = manufactured(tpm2, tmp_path / "state")
     bad = CORRUPTIONS["zeroed-body"](permall(state, tpm2).read_bytes())
@@ -200,8 +225,9 @@ def test_existing_with_corrupt_permall_does_not_start(
     assert permall(state, tpm2).read_bytes() == bad
 
 
-def test_corrupt_header_is_refused(tmp_path: Path, vtpm_server: Callable[..., Any],
-                                   manufactured: Callable[[bool, Path], Path]) -> None:
+def test_corrupt_header_is_refused(
+    tmp_path: Path, vtpm_server: Callable[..., Any], manufactured: Callable[[bool, Path], Path]
+) -> None:
     """A header version we do not know fails INIT (swtpm 0.7.1 reads it as version 2)."""
     state = manufactured(True, tmp_path / "state")
     bad = b"\x07" + permall(state).read_bytes()[1:]
@@ -214,7 +240,8 @@ def test_corrupt_header_is_refused(tmp_path: Path, vtpm_server: Callable[..., An
 
 
 def test_volatile_state_without_permall_is_not_a_new_tpm(
-        tmp_path: Path, vtpm_server: Callable[..., Any]) -> None:
+    tmp_path: Path, vtpm_server: Callable[..., Any]
+) -> None:
     """A dir with a volatile state but no permall had a TPM: INIT fails, nothing is made."""
     state = tmp_path / "state"
     first = vtpm_server(state, flags="not-need-init,startup-clear")
@@ -229,8 +256,8 @@ def test_volatile_state_without_permall_is_not_a_new_tpm(
 
 
 def test_permall_removed_before_init_is_not_a_new_tpm(
-        tmp_path: Path, vtpm_server: Callable[..., Any],
-        manufactured: Callable[[bool, Path], Path]) -> None:
+    tmp_path: Path, vtpm_server: Callable[..., Any], manufactured: Callable[[bool, Path], Path]
+) -> None:
     """The dir had a permall when the server started; it is gone by CMD_INIT."""
     state = manufactured(True, tmp_path / "state")
     server = vtpm_server(state)

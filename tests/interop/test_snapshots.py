@@ -34,8 +34,9 @@ def home(tmp_path: Path) -> Iterator[Home]:
 
 
 @pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+def cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Cli]:
     with in_process_cli(tmp_path, monkeypatch, capsys) as c:
         yield c
 
@@ -159,13 +160,21 @@ def test_busy_control_channel_reads_the_state_file(cli: Cli) -> None:
         holder.close()
     store = snapshot_ops.open_store(cli.home.registry().get("vm"))
     blobs = store.read_blobs(store.find("1"))
-    assert blobs["permanent"] == unwrap_file((paths.state_dir / "tpm2-00.permall").read_bytes(),
-                                             None)
+    assert blobs["permanent"] == unwrap_file(
+        (paths.state_dir / "tpm2-00.permall").read_bytes(), None
+    )
 
 
 def test_migration_key_blob_is_unwrapped(cli: Cli, tmp_path: Path) -> None:
-    cli.run("create", "vm", "--no-ek", "--key-file", str(key_file(tmp_path, b"state")),
-             "--migration-key-file", str(key_file(tmp_path, b"mig")))
+    cli.run(
+        "create",
+        "vm",
+        "--no-ek",
+        "--key-file",
+        str(key_file(tmp_path, b"state")),
+        "--migration-key-file",
+        str(key_file(tmp_path, b"mig")),
+    )
     cli.run("start", "vm")
     boot(cli, "vm").close()
     made = snap(cli, "vm", "--volatile")
@@ -174,8 +183,9 @@ def test_migration_key_blob_is_unwrapped(cli: Cli, tmp_path: Path) -> None:
     store = snapshot_ops.open_store(inst)
     blobs = store.read_blobs(store.find("1"))
     assert set(blobs) == {"permanent", "volatile"}
-    on_disk = unwrap_file((inst.paths.state_dir / "tpm2-00.permall").read_bytes(),
-                          load_state_key(inst))
+    on_disk = unwrap_file(
+        (inst.paths.state_dir / "tpm2-00.permall").read_bytes(), load_state_key(inst)
+    )
     assert blobs["permanent"] == on_disk  # what the daemon keeps on disk, decrypted
     assert cli.json("snapshot", "diff", "vm", "1", "1")["error"] is None
 
@@ -206,11 +216,18 @@ def test_diff_lists_persistent_and_nv_changes(cli: Cli) -> None:
         snap(cli, "vm", "--label", "a")
         write(tpm, b"after!!!")
         nv_define(tpm.transact, index=0x01500020, size=4)
-        srk = t.Public(type=t.Alg.ECC, name_alg=t.Alg.SHA256,
-                       attributes=t.ObjAttr.FIXED_TPM | t.ObjAttr.FIXED_PARENT
-                       | t.ObjAttr.SENSITIVE_DATA_ORIGIN | t.ObjAttr.USER_WITH_AUTH
-                       | t.ObjAttr.RESTRICTED | t.ObjAttr.DECRYPT,
-                       symmetric=t.SymDef(t.Alg.AES, 128, t.Alg.CFB), curve=t.Curve.NIST_P256)
+        srk = t.Public(
+            type=t.Alg.ECC,
+            name_alg=t.Alg.SHA256,
+            attributes=t.ObjAttr.FIXED_TPM
+            | t.ObjAttr.FIXED_PARENT
+            | t.ObjAttr.SENSITIVE_DATA_ORIGIN
+            | t.ObjAttr.USER_WITH_AUTH
+            | t.ObjAttr.RESTRICTED
+            | t.ObjAttr.DECRYPT,
+            symmetric=t.SymDef(t.Alg.AES, 128, t.Alg.CFB),
+            curve=t.Curve.NIST_P256,
+        )
         made = t.create_primary(tpm.transact, t.RH_OWNER, srk)
         t.evict_control(tpm.transact, made.handle, 0x81000005)
         snap(cli, "vm", "--label", "b")

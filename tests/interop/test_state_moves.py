@@ -89,8 +89,9 @@ def save_blobs(server: Any, out: Path, tool: str) -> dict[str, Path]:
     for kind in BLOB_TYPES:
         files[kind] = out / f"{kind}.blob"
         if tool == "vtpmctl" and is_ours(server):
-            res = vtpmctl("state", "export", target_of(server), "--type", kind,
-                          "-o", str(files[kind]))
+            res = vtpmctl(
+                "state", "export", target_of(server), "--type", kind, "-o", str(files[kind])
+            )
             assert res.returncode == 0, res.stderr
         else:
             server.ioctl("--save", kind, str(files[kind]))
@@ -102,8 +103,7 @@ def load_blobs(server: Any, files: dict[str, Path], tool: str) -> None:
     server.ioctl("--stop")
     for kind in BLOB_TYPES:
         if tool == "vtpmctl" and is_ours(server):
-            res = vtpmctl("state", "import", target_of(server), str(files[kind]),
-                          "--type", kind)
+            res = vtpmctl("state", "import", target_of(server), str(files[kind]), "--type", kind)
             assert res.returncode == 0, res.stderr
         else:
             server.ioctl("--load", kind, str(files[kind]))
@@ -124,10 +124,19 @@ BLOB_MOVES = [
 ]
 
 
-@pytest.mark.parametrize(("source", "target", "tool"), BLOB_MOVES,
-                         ids=[f"{s}-to-{t}-{tool}" for s, t, tool in BLOB_MOVES])
-def test_blob_move(source: str, target: str, tool: str, tmp_path: Path,
-                   vtpm_server: Callable[..., Any], swtpm_server: Callable[..., Any]) -> None:
+@pytest.mark.parametrize(
+    ("source", "target", "tool"),
+    BLOB_MOVES,
+    ids=[f"{s}-to-{t}-{tool}" for s, t, tool in BLOB_MOVES],
+)
+def test_blob_move(
+    source: str,
+    target: str,
+    tool: str,
+    tmp_path: Path,
+    vtpm_server: Callable[..., Any],
+    swtpm_server: Callable[..., Any],
+) -> None:
     start = {"ours": vtpm_server, "swtpm": swtpm_server}
     src = start[source](flags=STARTED)
     dst = start[target](flags=None)
@@ -139,9 +148,15 @@ def test_blob_move(source: str, target: str, tool: str, tmp_path: Path,
 
 @pytest.mark.parametrize(("source", "target"), [("ours", "swtpm"), ("swtpm", "ours")])
 @pytest.mark.parametrize("keyed", [False, True], ids=["clear", "state-key"])
-def test_state_dir_move(source: str, target: str, keyed: bool, tmp_path: Path,
-                        vtpm_server: Callable[..., Any],
-                        swtpm_server: Callable[..., Any], key_file: Path) -> None:
+def test_state_dir_move(
+    source: str,
+    target: str,
+    keyed: bool,
+    tmp_path: Path,
+    vtpm_server: Callable[..., Any],
+    swtpm_server: Callable[..., Any],
+    key_file: Path,
+) -> None:
     """The directory one server wrote opens in the other (with the same state key)."""
     start = {"ours": vtpm_server, "swtpm": swtpm_server}
     key = key_file if keyed else None
@@ -157,8 +172,9 @@ def test_state_dir_move(source: str, target: str, keyed: bool, tmp_path: Path,
 
 
 @pytest.mark.parametrize("holder", ["ours", "swtpm"])
-def test_lock_is_shared(holder: str, tmp_path: Path, vtpm_server: Callable[..., Any],
-                        swtpm_server: Callable[..., Any]) -> None:
+def test_lock_is_shared(
+    holder: str, tmp_path: Path, vtpm_server: Callable[..., Any], swtpm_server: Callable[..., Any]
+) -> None:
     """While one server holds the dir's .lock, the other cannot use it; afterwards it can."""
     state = tmp_path / "state"
     if holder == "ours":
@@ -179,9 +195,15 @@ def test_lock_is_shared(holder: str, tmp_path: Path, vtpm_server: Callable[..., 
 
 
 @pytest.mark.parametrize(("source", "target"), [("ours", "swtpm"), ("swtpm", "ours")])
-def test_migration_key(source: str, target: str, tmp_path: Path,
-                       vtpm_server: Callable[..., Any], swtpm_server: Callable[..., Any],
-                       key_file: Path, other_key_file: Path) -> None:
+def test_migration_key(
+    source: str,
+    target: str,
+    tmp_path: Path,
+    vtpm_server: Callable[..., Any],
+    swtpm_server: Callable[..., Any],
+    key_file: Path,
+    other_key_file: Path,
+) -> None:
     """Blobs leave encrypted with the migration key; only a peer with that key loads them."""
     start = {"ours": vtpm_server, "swtpm": swtpm_server}
     src = start[source](flags=STARTED, migration_key_file=key_file)
@@ -207,10 +229,13 @@ def test_migration_key(source: str, target: str, tmp_path: Path,
 
 
 @pytest.mark.parametrize("target", ["ours", "swtpm"])
-def test_plain_blob_into_migration_keyed_target(target: str, tmp_path: Path,
-                                                vtpm_server: Callable[..., Any],
-                                                swtpm_server: Callable[..., Any],
-                                                key_file: Path) -> None:
+def test_plain_blob_into_migration_keyed_target(
+    target: str,
+    tmp_path: Path,
+    vtpm_server: Callable[..., Any],
+    swtpm_server: Callable[..., Any],
+    key_file: Path,
+) -> None:
     """A clear blob still loads where a migration key is configured (the upgrade path)."""
     start = {"ours": vtpm_server, "swtpm": swtpm_server}
     src = start["swtpm" if target == "ours" else "ours"](flags=STARTED)
@@ -222,9 +247,13 @@ def test_plain_blob_into_migration_keyed_target(target: str, tmp_path: Path,
 
 
 @pytest.mark.parametrize("source", ["ours", "swtpm"])
-def test_state_key_encrypted_blob(source: str, tmp_path: Path,
-                                  vtpm_server: Callable[..., Any],
-                                  swtpm_server: Callable[..., Any], key_file: Path) -> None:
+def test_state_key_encrypted_blob(
+    source: str,
+    tmp_path: Path,
+    vtpm_server: Callable[..., Any],
+    swtpm_server: Callable[..., Any],
+    key_file: Path,
+) -> None:
     """Files under a state key; --save (DECRYPTED) blobs are clear and load anywhere."""
     start = {"ours": vtpm_server, "swtpm": swtpm_server}
     src = start[source](flags=STARTED, key_file=key_file)
@@ -254,13 +283,21 @@ def _hex_key(path: Path, hexdigits: str) -> Path:
 
 
 @pytest.mark.parametrize("server_kind", ["ours", "swtpm"])
-@pytest.mark.parametrize(("written_with", "opened_with"), [
-    ("key", "other"), ("key", None), (None, "key")], ids=["wrong-key", "no-key", "key-on-clear"])
-def test_state_key_mismatch_fails_init(server_kind: str, written_with: str | None,
-                                       opened_with: str | None, tmp_path: Path,
-                                       vtpm_server: Callable[..., Any],
-                                       swtpm_server: Callable[..., Any], key_file: Path,
-                                       other_key_file: Path) -> None:
+@pytest.mark.parametrize(
+    ("written_with", "opened_with"),
+    [("key", "other"), ("key", None), (None, "key")],
+    ids=["wrong-key", "no-key", "key-on-clear"],
+)
+def test_state_key_mismatch_fails_init(
+    server_kind: str,
+    written_with: str | None,
+    opened_with: str | None,
+    tmp_path: Path,
+    vtpm_server: Callable[..., Any],
+    swtpm_server: Callable[..., Any],
+    key_file: Path,
+    other_key_file: Path,
+) -> None:
     """A dir opened with the wrong state key (or none) fails INIT with 0x101, files intact."""
     keys = {"key": key_file, "other": other_key_file, None: None}
     state = tmp_path / "state"

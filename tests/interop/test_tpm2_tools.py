@@ -52,13 +52,13 @@ def test_flags_startup_clear_needs_no_init(vtpm_server: Callable[..., Any]) -> N
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_keys_nv_and_pcrs_survive_a_restart(transport: str, tmp_path: Path,
-                                            vtpm_server: Callable[..., Any]) -> None:
+def test_keys_nv_and_pcrs_survive_a_restart(
+    transport: str, tmp_path: Path, vtpm_server: Callable[..., Any]
+) -> None:
     """createprimary + evictcontrol, nvdefine/nvwrite/nvread, pcrextend; then a new
     process on the same state dir still has the key (same name) and the NV bytes."""
     state = tmp_path / "state"
-    server = vtpm_server(state, ctrl=transport, data=transport,
-                         flags="not-need-init,startup-clear")
+    server = vtpm_server(state, ctrl=transport, data=transport, flags="not-need-init,startup-clear")
     ctx = tmp_path / "primary.ctx"
     server.tpm2("createprimary", "-C", "o", "-g", "sha256", "-G", "ecc", "-c", str(ctx))
     server.tpm2("evictcontrol", "-C", "o", "-c", str(ctx), PERSISTENT)
@@ -78,16 +78,16 @@ def test_keys_nv_and_pcrs_survive_a_restart(transport: str, tmp_path: Path,
     assert pcr_value(server, 16, "sha1") == bytes(20)  # other bank untouched
 
     assert server.shutdown() == 0
-    again = vtpm_server(state, ctrl=transport, data=transport,
-                        flags="not-need-init,startup-clear")
+    again = vtpm_server(state, ctrl=transport, data=transport, flags="not-need-init,startup-clear")
     assert object_name(again, PERSISTENT) == name
     assert again.tpm2("nvread", NV_INDEX, "-C", "o", "-s", "32").stdout == payload
     assert PERSISTENT in again.tpm2("getcap", "handles-persistent").stdout.decode()
     assert pcr_value(again, 16) == bytes(32)  # Startup(CLEAR) reset the PCRs
 
 
-def test_volatile_state_keeps_pcrs_across_init(tmp_path: Path,
-                                               vtpm_server: Callable[..., Any]) -> None:
+def test_volatile_state_keeps_pcrs_across_init(
+    tmp_path: Path, vtpm_server: Callable[..., Any]
+) -> None:
     """STORE_VOLATILE, new process, INIT: the PCR extended before is still extended."""
     state = tmp_path / "state"
     server = vtpm_server(state)
@@ -114,13 +114,14 @@ DETERMINISTIC = [
 ]
 
 
-def test_deterministic_outputs_match_swtpm(vtpm_server: Callable[..., Any],
-                                           swtpm_server: Callable[..., Any],
-                                           manufactured: Callable[[bool, Path], Path],
-                                           tmp_path: Path) -> None:
+def test_deterministic_outputs_match_swtpm(
+    vtpm_server: Callable[..., Any],
+    swtpm_server: Callable[..., Any],
+    manufactured: Callable[[bool, Path], Path],
+    tmp_path: Path,
+) -> None:
     ours = vtpm_server(manufactured(True, tmp_path / "ours"), flags="not-need-init,startup-clear")
-    peer = swtpm_server(manufactured(True, tmp_path / "swtpm"),
-                        flags="not-need-init,startup-clear")
+    peer = swtpm_server(manufactured(True, tmp_path / "swtpm"), flags="not-need-init,startup-clear")
     for args in DETERMINISTIC:
         mine, theirs = ours.tpm2(*args, check=False), peer.tpm2(*args, check=False)
         assert (mine.returncode, mine.stdout) == (theirs.returncode, theirs.stdout), args

@@ -26,8 +26,9 @@ def home(tmp_path: Path) -> Iterator[Home]:
 
 
 @pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+def cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Cli]:
     with in_process_cli(tmp_path, monkeypatch, capsys) as c:
         yield c
 
@@ -58,11 +59,17 @@ def test_healthy_instance_stopped_and_running(home: Home) -> None:
     code, data = process_findings(home, "vm")
     assert code == 0 and data["ok"] is True and data["errors"] == 0 and data["warnings"] == 0
     checks = {f["check"] for f in data["findings"]}
-    assert {"state.permall.format", "state.permall.validate", "lock", "snapshots",
-            "dir.state"} <= checks
+    assert {
+        "state.permall.format",
+        "state.permall.validate",
+        "lock",
+        "snapshots",
+        "dir.state",
+    } <= checks
     text = home.run("verify", "vm")
-    assert text.returncode == 0 and all(line.split()[0] == "ok"
-                                        for line in text.stdout.splitlines())
+    assert text.returncode == 0 and all(
+        line.split()[0] == "ok" for line in text.stdout.splitlines()
+    )
 
     home.run("start", "vm")
     code, data = process_findings(home, "vm")
@@ -143,7 +150,7 @@ def test_checks_in_process_with_fakes(cli: Cli) -> None:
     def validate(blobs: dict[str, bytes], tpm2: bool) -> tuple[dict[str, int], str | None]:
         seen.append(set(blobs))
         assert tpm2 and unwrap_file(wrap_file(blobs["permanent"], None), None)
-        return {"permanent": 0x9a}, None
+        return {"permanent": 0x9A}, None
 
     result = verify_instance(inst, validate=validate)
     assert seen == [{"permanent"}]

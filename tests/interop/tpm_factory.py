@@ -22,8 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_state(spec: dict[str, Any] | None = None, timeout: float = 60) -> dict[str, bytes]:
-    proc = subprocess.run([sys.executable, __file__], input=json.dumps(spec or {}).encode(),
-                          capture_output=True, timeout=timeout, check=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, __file__],
+        input=json.dumps(spec or {}).encode(),
+        capture_output=True,
+        timeout=timeout,
+        check=True,
+        cwd=ROOT,
+    )
     return {k: base64.b64decode(v) for k, v in json.loads(proc.stdout).items()}
 
 
@@ -56,11 +62,18 @@ def _main() -> None:
     assert tpm.main_init() == 0
     tr = tpm.process
     t.startup(tr)
-    srk = t.Public(type=t.Alg.ECC, name_alg=t.Alg.SHA256,
-                   attributes=t.ObjAttr.FIXED_TPM | t.ObjAttr.FIXED_PARENT
-                   | t.ObjAttr.SENSITIVE_DATA_ORIGIN | t.ObjAttr.USER_WITH_AUTH
-                   | t.ObjAttr.RESTRICTED | t.ObjAttr.DECRYPT,
-                   symmetric=t.SymDef(t.Alg.AES, 128, t.Alg.CFB), curve=t.Curve.NIST_P256)
+    srk = t.Public(
+        type=t.Alg.ECC,
+        name_alg=t.Alg.SHA256,
+        attributes=t.ObjAttr.FIXED_TPM
+        | t.ObjAttr.FIXED_PARENT
+        | t.ObjAttr.SENSITIVE_DATA_ORIGIN
+        | t.ObjAttr.USER_WITH_AUTH
+        | t.ObjAttr.RESTRICTED
+        | t.ObjAttr.DECRYPT,
+        symmetric=t.SymDef(t.Alg.AES, 128, t.Alg.CFB),
+        curve=t.Curve.NIST_P256,
+    )
     for handle in spec.get("persistent", []):
         made = t.create_primary(tr, t.RH_OWNER, srk)
         t.evict_control(tr, made.handle, handle)
@@ -79,13 +92,20 @@ def _main() -> None:
     for nv in spec.get("nv", []):
         attrs = nv.get("attrs", default_attrs)
         auth = bytes.fromhex(nv.get("auth", ""))
-        t.nv_define_space(tr, t.NvPublic(nv["index"], t.Alg.SHA256, attrs, b"", nv["size"]),
-                          index_auth=auth)
+        t.nv_define_space(
+            tr, t.NvPublic(nv["index"], t.Alg.SHA256, attrs, b"", nv["size"]), index_auth=auth
+        )
         if nv.get("data"):
             owner = bool(attrs & t.NvAttr.OWNERWRITE)
-            retry(lambda nv=nv, owner=owner, auth=auth: t.nv_write(
-                tr, nv["index"], bytes.fromhex(nv["data"]),
-                auth_handle=t.RH_OWNER if owner else None, auth=b"" if owner else auth))
+            retry(
+                lambda nv=nv, owner=owner, auth=auth: t.nv_write(
+                    tr,
+                    nv["index"],
+                    bytes.fromhex(nv["data"]),
+                    auth_handle=t.RH_OWNER if owner else None,
+                    auth=b"" if owner else auth,
+                )
+            )
     if spec.get("fill_nv"):
         index = 0x01600000
         while True:

@@ -14,8 +14,13 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_instances.py"
 
 @pytest.mark.skipif(shutil.which("swtpm_setup") is None, reason="swtpm_setup not installed")
 def test_bench_instances_smoke() -> None:
-    done = subprocess.run([sys.executable, str(BENCH), "--smoke"], capture_output=True,
-                          text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     for row in ("create, EKs + certificates", "start (control channel answers)", "RSS", "PSS"):
         assert row in done.stdout

@@ -26,8 +26,17 @@ def _run(argv: list[str], timeout: float = 300) -> str:
 @needs_swtpm
 @pytest.mark.parametrize("client", ["c", "python"])
 def test_bench_socket_smoke(client: str, tmp_path: Path) -> None:
-    out = _run([sys.executable, str(BENCH / "bench_socket.py"), "--smoke", "--client", client,
-                "--json", str(tmp_path / "r.json")])
+    out = _run(
+        [
+            sys.executable,
+            str(BENCH / "bench_socket.py"),
+            "--smoke",
+            "--client",
+            client,
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert "GetRandom(16)" in out and "GET_CAPABILITY" in out and "ratio" in out
     assert (tmp_path / "r.json").read_text().startswith("{")
 
@@ -39,8 +48,10 @@ def test_bench_rss_smoke() -> None:
 
 
 @needs_swtpm
-@pytest.mark.skipif(shutil.which("hyperfine") is None or shutil.which("swtpm_ioctl") is None,
-                    reason="hyperfine or swtpm_ioctl not installed")
+@pytest.mark.skipif(
+    shutil.which("hyperfine") is None or shutil.which("swtpm_ioctl") is None,
+    reason="hyperfine or swtpm_ioctl not installed",
+)
 def test_bench_startup_smoke() -> None:
     out = _run(["bash", str(BENCH / "bench_startup.sh"), "--smoke"])
     assert "vtpmctl caps / swtpm_ioctl -c" in out

@@ -13,12 +13,19 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_snapshots.py"
 
 
-@pytest.mark.skipif(shutil.which("swtpm") is None or shutil.which("swtpm_ioctl") is None,
-                    reason="swtpm or swtpm_ioctl not installed")
+@pytest.mark.skipif(
+    shutil.which("swtpm") is None or shutil.which("swtpm_ioctl") is None,
+    reason="swtpm or swtpm_ioctl not installed",
+)
 def test_bench_snapshots_smoke(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "| snapshot, running |" in done.stdout and "space:" in done.stdout
     data = json.loads(out.read_text())

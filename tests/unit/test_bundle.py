@@ -42,9 +42,17 @@ EK_JSON = b'{"eks": []}\n'
 
 def source(**over: Any) -> Source:
     values: dict[str, Any] = dict(
-        name="vm1", host="host-a", state="stopped", created="2025-01-02T03:04:05Z",
-        vtpmctl_version="0.1.0", libtpms_version="0.9.2", tpm_version="2.0",
-        transport="socket", encrypted_at_rest=False, ek_fingerprints={})
+        name="vm1",
+        host="host-a",
+        state="stopped",
+        created="2025-01-02T03:04:05Z",
+        vtpmctl_version="0.1.0",
+        libtpms_version="0.9.2",
+        tpm_version="2.0",
+        transport="socket",
+        encrypted_at_rest=False,
+        ek_fingerprints={},
+    )
     values.update(over)
     return Source(**values)
 
@@ -71,8 +79,13 @@ def test_tar_is_a_real_tar() -> None:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
         infos = tf.getmembers()
         names = [i.name for i in infos]
-        assert names == ["manifest.json", "manifest.sum", "ek.json", "permanent.blob",
-                         "volatile.blob"]
+        assert names == [
+            "manifest.json",
+            "manifest.sum",
+            "ek.json",
+            "permanent.blob",
+            "volatile.blob",
+        ]
         for info in infos:
             assert (info.mode, info.uid, info.gid, info.mtime) == (0o600, 0, 0, 0)
             assert info.isreg()
@@ -84,8 +97,13 @@ def test_gnu_tar_lists_it(tmp_path: Path) -> None:
     path = tmp_path / "b.tar"
     path.write_bytes(bundle())
     out = subprocess.run(["tar", "tf", str(path)], capture_output=True, check=True, text=True)
-    assert out.stdout.split() == ["manifest.json", "manifest.sum", "ek.json",
-                                  "permanent.blob", "volatile.blob"]
+    assert out.stdout.split() == [
+        "manifest.json",
+        "manifest.sum",
+        "ek.json",
+        "permanent.blob",
+        "volatile.blob",
+    ]
     assert out.stderr == ""
 
 
@@ -121,8 +139,12 @@ def test_round_trip_plain() -> None:
     assert b.ek_json == EK_JSON
     assert not b.authenticated
     m = b.manifest
-    assert (m.source_name, m.source_host, m.tpm_version, m.libtpms_version) == \
-        ("vm1", "host-a", "2.0", "0.9.2")
+    assert (m.source_name, m.source_host, m.tpm_version, m.libtpms_version) == (
+        "vm1",
+        "host-a",
+        "2.0",
+        "0.9.2",
+    )
     assert [x.type for x in m.blobs] == ["permanent", "volatile"]
     assert not m.migration_key and m.migration_key_fingerprint is None
 
@@ -130,12 +152,15 @@ def test_round_trip_plain() -> None:
 def test_blobs_are_swtpm_transfer_blobs() -> None:
     """What ``swtpm_ioctl --save`` writes: loadable with ``--load`` as they are."""
     b = open_bundle(bundle(), None)
-    assert b.blobs["permanent"] == wrap_transfer(PERM, state_key=None,
-                                                 keep_state_encryption=False,
-                                                 migration_key=None)[0]
+    assert (
+        b.blobs["permanent"]
+        == wrap_transfer(PERM, state_key=None, keep_state_encryption=False, migration_key=None)[0]
+    )
     kb = open_bundle(bundle(KEY), KEY)
-    assert unwrap_transfer(kb.blobs["permanent"], state_flags=0, state_key=None,
-                           migration_key=KEY) == PERM
+    assert (
+        unwrap_transfer(kb.blobs["permanent"], state_flags=0, state_key=None, migration_key=KEY)
+        == PERM
+    )
     assert kb.blobs["permanent"][4:6] == b"\x00\x16"  # migration data, AES-256 migration key
 
 
@@ -206,9 +231,12 @@ def test_empty_and_oversized() -> None:
 # ---------------------------------------------------------------- lying manifests
 
 
-def reforge(data: bytes, edit: Callable[[dict[str, Any]], None],
-            key: AesKey | None = None,
-            members: Callable[[dict[str, bytes]], None] | None = None) -> bytes:
+def reforge(
+    data: bytes,
+    edit: Callable[[dict[str, Any]], None],
+    key: AesKey | None = None,
+    members: Callable[[dict[str, bytes]], None] | None = None,
+) -> bytes:
     """Change the manifest (and maybe members) and make every checksum agree again."""
     content = dict(read_tar(data))
     if members is not None:
@@ -218,8 +246,14 @@ def reforge(data: bytes, edit: Callable[[dict[str, Any]], None],
     text = canonical_json(manifest)
     content["manifest.json"] = text
     content["manifest.sum"] = manifest_sum(text, key)
-    order = ["manifest.json", "manifest.sum", "ek.json", "permanent.blob", "volatile.blob",
-             "savestate.blob"]
+    order = [
+        "manifest.json",
+        "manifest.sum",
+        "ek.json",
+        "permanent.blob",
+        "volatile.blob",
+        "savestate.blob",
+    ]
     return write_tar([(n, content[n]) for n in order if n in content])
 
 
@@ -245,10 +279,17 @@ LIES: dict[str, Callable[[dict[str, Any]], None]] = {
     "drop-volatile": lambda m: m["blobs"].pop(),
     "drop-ek-file": lambda m: m["files"].clear(),
     "savestate-on-tpm2": lambda m: m["blobs"].append(
-        {"type": "savestate", "member": "savestate.blob", "size": 1, "sha256": "0" * 64,
-         "encrypted": False}),
-    "claims-key": lambda m: m.update(migration_key=True, migration_key_cipher="aes-256-cbc",
-                                     migration_key_fingerprint="00" * 8),
+        {
+            "type": "savestate",
+            "member": "savestate.blob",
+            "size": 1,
+            "sha256": "0" * 64,
+            "encrypted": False,
+        }
+    ),
+    "claims-key": lambda m: m.update(
+        migration_key=True, migration_key_cipher="aes-256-cbc", migration_key_fingerprint="00" * 8
+    ),
     "format-version": _set("format_version", 2),
     "format": _set("format", "something-else"),
     "tpm-version": _set("tpm_version", "3.0"),
@@ -283,8 +324,9 @@ def test_manifest_must_be_canonical_json() -> None:
 
 def test_swapped_blob_with_matching_hash_is_refused_by_header_check() -> None:
     """A plain blob in a bundle that says it is encrypted (hashes made to agree)."""
-    plain_blob = wrap_transfer(PERM, state_key=None, keep_state_encryption=False,
-                               migration_key=None)[0]
+    plain_blob = wrap_transfer(
+        PERM, state_key=None, keep_state_encryption=False, migration_key=None
+    )[0]
 
     def swap(content: dict[str, bytes]) -> None:
         content["permanent.blob"] = plain_blob
@@ -310,9 +352,15 @@ def test_keyed_manifest_cannot_be_changed_without_the_key() -> None:
     with pytest.raises(BundleError, match="fails authentication"):
         open_bundle(forged, KEY)
     # Dropping the MAC line and the key claim makes it a plain bundle with encrypted blobs.
-    stripped = reforge(data, lambda m: m.update(
-        migration_key=False, migration_key_cipher=None, migration_key_fingerprint=None,
-        blobs=[dict(b, encrypted=False) for b in m["blobs"]]))
+    stripped = reforge(
+        data,
+        lambda m: m.update(
+            migration_key=False,
+            migration_key_cipher=None,
+            migration_key_fingerprint=None,
+            blobs=[dict(b, encrypted=False) for b in m["blobs"]],
+        ),
+    )
     with pytest.raises(BundleError, match="unusable"):
         open_bundle(stripped, None)
     with pytest.raises(MigrationKeyError, match="not encrypted"):
@@ -324,7 +372,21 @@ def test_manifest_json_shape() -> None:
     obj = m.to_json()
     assert Manifest.from_json(obj) == m
     assert set(obj) == {
-        "format", "format_version", "created", "source_host", "source_name", "source_state",
-        "vtpmctl_version", "libtpms_version", "tpm_version", "transport",
-        "encrypted_at_rest", "migration_key", "migration_key_cipher",
-        "migration_key_fingerprint", "ek_fingerprints", "blobs", "files"}
+        "format",
+        "format_version",
+        "created",
+        "source_host",
+        "source_name",
+        "source_state",
+        "vtpmctl_version",
+        "libtpms_version",
+        "tpm_version",
+        "transport",
+        "encrypted_at_rest",
+        "migration_key",
+        "migration_key_cipher",
+        "migration_key_fingerprint",
+        "ek_fingerprints",
+        "blobs",
+        "files",
+    }

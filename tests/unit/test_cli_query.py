@@ -22,10 +22,20 @@ def q(cmd: str, as_json: bool = False, timeout: float = 10.0) -> cli.Plan:
     return (Q, cmd, {"target": T, "as_json": as_json, "timeout": timeout})
 
 
-def c(action: str, value: int | None = None, delete_volatile: bool = False,
-      timeout: float = 10.0) -> cli.Plan:
-    return (C, "ctl", {"target": T, "action": action, "value": value,
-                       "delete_volatile": delete_volatile, "timeout": timeout})
+def c(
+    action: str, value: int | None = None, delete_volatile: bool = False, timeout: float = 10.0
+) -> cli.Plan:
+    return (
+        C,
+        "ctl",
+        {
+            "target": T,
+            "action": action,
+            "value": value,
+            "delete_volatile": delete_volatile,
+            "timeout": timeout,
+        },
+    )
 
 
 FAST: list[tuple[list[str], cli.Plan | None]] = [
@@ -125,8 +135,16 @@ def test_bare_group_shows_help(argv: list[str], capsys: pytest.CaptureFixture[st
     assert "Usage" in out and err == ""
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["caps", "--help"], ["ctl", T, "--help"],
-                                  ["ctl", T, "locality", "--help"], ["state", "export", "-h"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["caps", "--help"],
+        ["ctl", T, "--help"],
+        ["ctl", T, "locality", "--help"],
+        ["state", "export", "-h"],
+    ],
+)
 def test_help_exits_zero(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.run(list(argv)) == 0
     assert "Usage" in capsys.readouterr().out
@@ -138,10 +156,19 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "typer"])
-@pytest.mark.parametrize("argv", [["caps", T], ["info", "--json", T], ["ctl", T, "init"],
-                                  ["--debug", "caps", T], ["caps", T, "--debug"]])
-def test_failures_are_one_line_exit_1(argv: list[str], fast: bool,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["caps", T],
+        ["info", "--json", T],
+        ["ctl", T, "init"],
+        ["--debug", "caps", T],
+        ["caps", T, "--debug"],
+    ],
+)
+def test_failures_are_one_line_exit_1(
+    argv: list[str], fast: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
     debug = "--debug" in argv
     assert cli.run(list(argv), fast=fast) == 1
     out, err = capsys.readouterr()
@@ -149,16 +176,20 @@ def test_failures_are_one_line_exit_1(argv: list[str], fast: bool,
     if debug:
         assert "Traceback" in err and "TargetError" in err
     else:
-        assert err == (f"vtpmctl: {T}: no such socket; is the TPM running? "
-                       "(check the path, or start it)\n")
+        assert err == (
+            f"vtpmctl: {T}: no such socket; is the TPM running? (check the path, or start it)\n"
+        )
 
 
-@pytest.mark.parametrize("argv, remaining, found", [
-    (["--debug", "caps", T], ["caps", T], True),
-    (["caps", T, "--debug"], ["caps", T], True),
-    (["caps", T], ["caps", T], False),
-    (["state", "import", T, "--", "--debug"], ["state", "import", T, "--", "--debug"], False),
-])
+@pytest.mark.parametrize(
+    "argv, remaining, found",
+    [
+        (["--debug", "caps", T], ["caps", T], True),
+        (["caps", T, "--debug"], ["caps", T], True),
+        (["caps", T], ["caps", T], False),
+        (["state", "import", T, "--", "--debug"], ["state", "import", T, "--", "--debug"], False),
+    ],
+)
 def test_debug_anywhere(argv: list[str], remaining: list[str], found: bool) -> None:
     args: list[Any] = list(argv)
     assert cli._take_debug(args) is found

@@ -17,8 +17,11 @@ FILES = ("vtpmctl.bash", "_vtpmctl", "vtpmctl.fish")
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("completions")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-completions"), "--output",
-                    str(out)], check=True, timeout=60)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen-completions"), "--output", str(out)],
+        check=True,
+        timeout=60,
+    )
     return out
 
 
@@ -27,11 +30,13 @@ def test_completions_are_current(generated: Path, name: str) -> None:
     committed = ROOT / "completions" / name
     assert committed.is_file(), f"{committed} is missing; run scripts/gen-completions"
     assert committed.read_text() == (generated / name).read_text(), (
-        f"completions/{name} is stale: the command line changed; run scripts/gen-completions")
+        f"completions/{name} is stale: the command line changed; run scripts/gen-completions"
+    )
 
 
-@pytest.mark.parametrize(("shell", "name"), [("bash", "vtpmctl.bash"), ("zsh", "_vtpmctl"),
-                                             ("fish", "vtpmctl.fish")])
+@pytest.mark.parametrize(
+    ("shell", "name"), [("bash", "vtpmctl.bash"), ("zsh", "_vtpmctl"), ("fish", "vtpmctl.fish")]
+)
 def test_completion_syntax(generated: Path, shell: str, name: str) -> None:
     if shutil.which(shell) is None:
         pytest.skip(f"{shell} is not installed")
@@ -40,16 +45,20 @@ def test_completion_syntax(generated: Path, shell: str, name: str) -> None:
 
 def _bash_complete(generated: Path, home: Path, *words: str) -> list[str]:
     script = f"""
-source {generated / 'vtpmctl.bash'}
-COMP_WORDS=({' '.join(repr(w) for w in words)})
+source {generated / "vtpmctl.bash"}
+COMP_WORDS=({" ".join(repr(w) for w in words)})
 COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1))
 _vtpmctl
 printf '%s\\n' "${{COMPREPLY[@]}}"
 """
-    env = dict(os.environ, VTPMCTL_HOME=str(home),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
-                         check=True, timeout=30).stdout
+    env = dict(
+        os.environ,
+        VTPMCTL_HOME=str(home),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
+    out = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, check=True, timeout=30
+    ).stdout
     return [line for line in out.splitlines() if line]
 
 
@@ -63,10 +72,12 @@ def test_bash_completes_commands_options_and_names(generated: Path, tmp_path: Pa
             registry.commit(paths, InstanceConfig(name=name), InstanceMeta())
     assert _bash_complete(generated, tmp_path, "vtpmctl", "sto") == ["stop"]
     assert _bash_complete(generated, tmp_path, "vtpmctl", "start", "") == ["alpha", "beta"]
-    assert _bash_complete(generated, tmp_path, "vtpmctl", "create", "x", "--tpm", "") == \
-        ["2", "1.2"]
+    assert _bash_complete(generated, tmp_path, "vtpmctl", "create", "x", "--tpm", "") == [
+        "2",
+        "1.2",
+    ]
     assert "init" in _bash_complete(generated, tmp_path, "vtpmctl", "ctl", "alpha", "")
-    assert _bash_complete(generated, tmp_path, "vtpmctl", "--timeout", "3", "statu") == \
-        ["status"]
-    assert _bash_complete(generated, tmp_path, "vtpmctl", "ek", "export", "beta", "--p") == \
-        ["--pem"]
+    assert _bash_complete(generated, tmp_path, "vtpmctl", "--timeout", "3", "statu") == ["status"]
+    assert _bash_complete(generated, tmp_path, "vtpmctl", "ek", "export", "beta", "--p") == [
+        "--pem"
+    ]

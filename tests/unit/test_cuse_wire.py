@@ -53,21 +53,54 @@ from vtpmctl.engine import tpm2cmd
 
 
 def test_struct_sizes_match_the_kernel() -> None:
-    sizes = {n: getattr(cuse, n).size for n in (
-        "IN_HEADER", "OUT_HEADER", "CUSE_INIT_IN", "CUSE_INIT_OUT", "OPEN_IN", "OPEN_OUT",
-        "RW_IN", "WRITE_OUT", "RELEASE_IN", "IOCTL_IN", "IOCTL_OUT", "POLL_IN", "POLL_OUT",
-        "INTERRUPT_IN", "NOTIFY_POLL_OUT")}
+    sizes = {
+        n: getattr(cuse, n).size
+        for n in (
+            "IN_HEADER",
+            "OUT_HEADER",
+            "CUSE_INIT_IN",
+            "CUSE_INIT_OUT",
+            "OPEN_IN",
+            "OPEN_OUT",
+            "RW_IN",
+            "WRITE_OUT",
+            "RELEASE_IN",
+            "IOCTL_IN",
+            "IOCTL_OUT",
+            "POLL_IN",
+            "POLL_OUT",
+            "INTERRUPT_IN",
+            "NOTIFY_POLL_OUT",
+        )
+    }
     assert sizes == {
-        "IN_HEADER": 40, "OUT_HEADER": 16, "CUSE_INIT_IN": 16, "CUSE_INIT_OUT": 72,
-        "OPEN_IN": 8, "OPEN_OUT": 16, "RW_IN": 40, "WRITE_OUT": 8, "RELEASE_IN": 24,
-        "IOCTL_IN": 32, "IOCTL_OUT": 16, "POLL_IN": 24, "POLL_OUT": 8, "INTERRUPT_IN": 8,
-        "NOTIFY_POLL_OUT": 8}
+        "IN_HEADER": 40,
+        "OUT_HEADER": 16,
+        "CUSE_INIT_IN": 16,
+        "CUSE_INIT_OUT": 72,
+        "OPEN_IN": 8,
+        "OPEN_OUT": 16,
+        "RW_IN": 40,
+        "WRITE_OUT": 8,
+        "RELEASE_IN": 24,
+        "IOCTL_IN": 32,
+        "IOCTL_OUT": 16,
+        "POLL_IN": 24,
+        "POLL_OUT": 8,
+        "INTERRUPT_IN": 8,
+        "NOTIFY_POLL_OUT": 8,
+    }
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("x", "vtpm-x"), ("vtpm-x", "vtpm-x"), ("vm1.tpm_0", "vtpm-vm1.tpm_0"),
-    ("vtpm-vtpm-a", "vtpm-vtpm-a"),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("x", "vtpm-x"),
+        ("vtpm-x", "vtpm-x"),
+        ("vm1.tpm_0", "vtpm-vm1.tpm_0"),
+        ("vtpm-vtpm-a", "vtpm-vtpm-a"),
+    ],
+)
 def test_device_name(name: str, expected: str) -> None:
     assert device_name(name) == expected
 
@@ -83,11 +116,12 @@ def test_init_reply_layout() -> None:
     info = b"DEVNAME=vtpm-x\0"
     length, error, unique = OUT_HEADER.unpack_from(reply)
     assert (length, error, unique) == (16 + 72 + len(info), 0, 7) == (len(reply), 0, 7)
-    major, minor, _unused, flags, max_read, max_write, dmaj, dmin = \
-        CUSE_INIT_OUT.unpack_from(reply, 16)
+    major, minor, _unused, flags, max_read, max_write, dmaj, dmin = CUSE_INIT_OUT.unpack_from(
+        reply, 16
+    )
     assert (major, minor, flags, dmaj, dmin) == (7, 31, 0, 0, 0)  # restricted, dynamic major
     assert max_read >= 4096 and max_write >= 4096
-    assert reply[16 + 72:] == info
+    assert reply[16 + 72 :] == info
     assert CUSE_INIT_OUT.unpack_from(encode_init_reply(1, 7, 20, "vtpm-x"), 16)[1] == 20
     with pytest.raises(CuseError):
         encode_init_reply(1, 7, 10, "vtpm-x")
@@ -108,14 +142,17 @@ def test_ioctl_numbers_and_sizes() -> None:
             assert lookup_ioctl(msg.ioctl, *ioctl_sizes(msg.ioctl)) == msg.cmd
 
 
-@pytest.mark.parametrize(("request_", "err"), [
-    (0xC0045099, errno.ENOTTY),  # unknown nr
-    (0x80085100, errno.ENOTTY),  # another magic
-    (0xC0025001, errno.EINVAL),  # PTM_INIT with a 2-byte buffer
-    (0x40045001, errno.EINVAL),  # PTM_INIT as _IOW
-    (0xCC0C5011, errno.EINVAL),  # a 32-bit caller's GET_INFO
-    (0x8004500F, errno.ENOTTY),  # SET_DATAFD: not on a device
-])
+@pytest.mark.parametrize(
+    ("request_", "err"),
+    [
+        (0xC0045099, errno.ENOTTY),  # unknown nr
+        (0x80085100, errno.ENOTTY),  # another magic
+        (0xC0025001, errno.EINVAL),  # PTM_INIT with a 2-byte buffer
+        (0x40045001, errno.EINVAL),  # PTM_INIT as _IOW
+        (0xCC0C5011, errno.EINVAL),  # a 32-bit caller's GET_INFO
+        (0x8004500F, errno.ENOTTY),  # SET_DATAFD: not on a device
+    ],
+)
 def test_lookup_ioctl_errors(request_: int, err: int) -> None:
     with pytest.raises(ReplyError) as info:
         lookup_ioctl(request_, *ioctl_sizes(request_))
@@ -131,7 +168,7 @@ def test_long_commands() -> None:
 
 def _chunks(blob: bytes) -> list[bytes]:
     """The chunks a CUSE client sends: 3072 each, then a short (maybe empty) one."""
-    out = [blob[i:i + STATE_BLOB_CHUNK] for i in range(0, len(blob), STATE_BLOB_CHUNK)]
+    out = [blob[i : i + STATE_BLOB_CHUNK] for i in range(0, len(blob), STATE_BLOB_CHUNK)]
     if len(blob) % STATE_BLOB_CHUNK == 0:
         out.append(b"")
     return out
@@ -208,11 +245,15 @@ class FakeKernel:
         self.sock.settimeout(60)
         self._unique = 100
         self.notified: list[int] = []
-        self.sock.send(IN_HEADER.pack(56, Op.CUSE_INIT, 2, 0, 0, 0, 0, 0, 0)
-                       + CUSE_INIT_IN.pack(7, 38, 0, 1))
+        self.sock.send(
+            IN_HEADER.pack(56, Op.CUSE_INIT, 2, 0, 0, 0, 0, 0, 0) + CUSE_INIT_IN.pack(7, 38, 0, 1)
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _CHILD, str(state_dir), str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            pass_fds=[theirs.fileno()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         theirs.close()
         self.init_reply = self.sock.recv(65536)
 
@@ -262,16 +303,18 @@ class FakeKernel:
         assert got == unique
         return error, body
 
-    def ioctl(self, fh: int, request: int, buf: bytes | None = None,
-              in_size: int | None = None) -> tuple[int, bytes]:
+    def ioctl(
+        self, fh: int, request: int, buf: bytes | None = None, in_size: int | None = None
+    ) -> tuple[int, bytes]:
         size_in, size_out = cuse.ioctl_sizes(request)
         if in_size is not None:
             size_in = in_size
         data = (buf or b"")[:size_in].ljust(size_in, b"\0")
         return self.call(Op.IOCTL, IOCTL_IN.pack(fh, 0, request, 0, size_in, size_out) + data)
 
-    def ctl(self, fh: int, cmd: Cmd, fields: dict[str, int] | None = None,
-            data: bytes = b"") -> tuple[dict[str, int], bytes]:
+    def ctl(
+        self, fh: int, cmd: Cmd, fields: dict[str, int] | None = None, data: bytes = b""
+    ) -> tuple[dict[str, int], bytes]:
         msg = MESSAGES[cmd]
         error, out = self.ioctl(fh, msg.ioctl, bytes(encode_ioctl_request(cmd, fields, data)))
         assert error == 0
@@ -279,7 +322,7 @@ class FakeKernel:
         ioctl_out = cuse.IOCTL_OUT.unpack_from(out)
         assert ioctl_out == (0, 0, 0, 0)
         payload = out[16:]
-        return decode_ioctl_response(cmd, payload), payload[msg.ioctl_resp.size():]
+        return decode_ioctl_response(cmd, payload), payload[msg.ioctl_resp.size() :]
 
     def poll(self, fh: int, kh: int = 5, flags: int = 1) -> int:
         error, body = self.call(Op.POLL, POLL_IN.pack(fh, kh, flags, 0x5))
@@ -372,7 +415,7 @@ def test_ioctls(kernel: FakeKernel) -> None:
     q = k.ctl(fh, Cmd.SET_BUFFERSIZE, {"buffersize": 0})[0]
     assert q["result"] == 0 and q["buffersize"] == 4096
     info, data = k.ctl(fh, Cmd.GET_INFO, {"flags": 1, "offset": 0})
-    assert info["result"] == 0 and data[:info["length"]].startswith(b'{"TPMSpecification"')
+    assert info["result"] == 0 and data[: info["length"]].startswith(b'{"TPMSpecification"')
     assert info["totlength"] == info["length"]
     _init_and_startup(k, fh)
     assert k.ctl(fh, Cmd.GET_TPMESTABLISHED)[0] == {"result": 0, "bit": 0}
@@ -402,11 +445,12 @@ def _save(k: FakeKernel, fh: int, blob_type: int) -> tuple[int, bytes]:
     parts: list[bytes] = []
     offset = 0
     while True:
-        f, data = k.ctl(fh, Cmd.GET_STATEBLOB,
-                        {"state_flags": 1, "type": blob_type, "offset": offset})
+        f, data = k.ctl(
+            fh, Cmd.GET_STATEBLOB, {"state_flags": 1, "type": blob_type, "offset": offset}
+        )
         if f["result"]:
             return f["result"], b""
-        parts.append(data[:f["length"]])
+        parts.append(data[: f["length"]])
         offset += f["length"]
         if offset >= f["totlength"] or not f["length"]:
             return 0, b"".join(parts)
@@ -414,8 +458,12 @@ def _save(k: FakeKernel, fh: int, blob_type: int) -> tuple[int, bytes]:
 
 def _load(k: FakeKernel, fh: int, blob_type: int, blob: bytes) -> int:
     for chunk in _chunks(blob):
-        f, _ = k.ctl(fh, Cmd.SET_STATEBLOB,
-                     {"state_flags": 0, "type": blob_type, "length": len(chunk)}, chunk)
+        f, _ = k.ctl(
+            fh,
+            Cmd.SET_STATEBLOB,
+            {"state_flags": 0, "type": blob_type, "length": len(chunk)},
+            chunk,
+        )
         if f["result"]:
             return f["result"]
     return 0
@@ -430,15 +478,17 @@ def test_state_blobs_by_ioctl_and_by_read_write(kernel: FakeKernel) -> None:
     assert _save(k, fh, BlobType.SAVESTATE)[0] == Res.RETRY  # TPM 2: no such blob
     rc, vol = _save(k, fh, BlobType.VOLATILE)
     assert rc == 0 and len(vol) > STATE_BLOB_CHUNK, len(vol)
-    assert k.ctl(fh, Cmd.GET_STATEBLOB, {"state_flags": 1, "type": 9})[0]["result"] == \
-        Res.BAD_PARAMETER
+    assert (
+        k.ctl(fh, Cmd.GET_STATEBLOB, {"state_flags": 1, "type": 9})[0]["result"]
+        == Res.BAD_PARAMETER
+    )
     # The read() variant: the first chunk by ioctl, the rest by read.
     f, first = k.ctl(fh, Cmd.GET_STATEBLOB, {"state_flags": 1, "type": BlobType.VOLATILE})
     assert f["totlength"] > STATE_BLOB_CHUNK and f["length"] == STATE_BLOB_CHUNK
     assert k.poll(fh) & 0x1
     assert k.write(fh, b"x" * 12)[0] == errno.EIO  # a write leaves blob mode
     f, first = k.ctl(fh, Cmd.GET_STATEBLOB, {"state_flags": 1, "type": BlobType.VOLATILE})
-    streamed = first[:f["length"]]
+    streamed = first[: f["length"]]
     while True:
         err, data = k.read(fh, 100)
         assert err == 0
@@ -451,14 +501,12 @@ def test_state_blobs_by_ioctl_and_by_read_write(kernel: FakeKernel) -> None:
     assert k.ctl(fh, Cmd.STOP)[0]["result"] == 0
     assert _load(k, fh, BlobType.PERMANENT, perm) == 0
     # The write() variant: an empty chunk opens the transfer, another commits it.
-    f, _ = k.ctl(fh, Cmd.SET_STATEBLOB, {"state_flags": 0, "type": BlobType.VOLATILE,
-                                          "length": 0})
+    f, _ = k.ctl(fh, Cmd.SET_STATEBLOB, {"state_flags": 0, "type": BlobType.VOLATILE, "length": 0})
     assert f["result"] == 0
     assert k.read(fh)[0] == errno.EIO
     for i in range(0, len(vol), 1000):
-        assert k.write(fh, vol[i:i + 1000])[0] == 0
-    f, _ = k.ctl(fh, Cmd.SET_STATEBLOB, {"state_flags": 0, "type": BlobType.VOLATILE,
-                                          "length": 0})
+        assert k.write(fh, vol[i : i + 1000])[0] == 0
+    f, _ = k.ctl(fh, Cmd.SET_STATEBLOB, {"state_flags": 0, "type": BlobType.VOLATILE, "length": 0})
     assert f["result"] == 0
     assert k.ctl(fh, Cmd.INIT, {"init_flags": 0})[0]["result"] == 0
     # Resumed from the volatile state: Startup(STATE) would fail after a clear start,
@@ -473,13 +521,22 @@ def test_state_blobs_by_ioctl_and_by_read_write(kernel: FakeKernel) -> None:
 
 
 def _rsa_primary() -> bytes:
-    attrs = (tpm2cmd.ObjAttr.FIXED_TPM | tpm2cmd.ObjAttr.FIXED_PARENT
-             | tpm2cmd.ObjAttr.SENSITIVE_DATA_ORIGIN | tpm2cmd.ObjAttr.USER_WITH_AUTH
-             | tpm2cmd.ObjAttr.RESTRICTED | tpm2cmd.ObjAttr.DECRYPT)
+    attrs = (
+        tpm2cmd.ObjAttr.FIXED_TPM
+        | tpm2cmd.ObjAttr.FIXED_PARENT
+        | tpm2cmd.ObjAttr.SENSITIVE_DATA_ORIGIN
+        | tpm2cmd.ObjAttr.USER_WITH_AUTH
+        | tpm2cmd.ObjAttr.RESTRICTED
+        | tpm2cmd.ObjAttr.DECRYPT
+    )
     template = tpm2cmd.Public(
-        type=tpm2cmd.Alg.RSA, name_alg=tpm2cmd.Alg.SHA256, attributes=attrs,
-        symmetric=tpm2cmd.SymDef(tpm2cmd.Alg.AES, 128, tpm2cmd.Alg.CFB), key_bits=3072,
-        unique=os.urandom(8))
+        type=tpm2cmd.Alg.RSA,
+        name_alg=tpm2cmd.Alg.SHA256,
+        attributes=attrs,
+        symmetric=tpm2cmd.SymDef(tpm2cmd.Alg.AES, 128, tpm2cmd.Alg.CFB),
+        key_bits=3072,
+        unique=os.urandom(8),
+    )
     return tpm2cmd.build_create_primary(tpm2cmd.RH_OWNER, template)
 
 

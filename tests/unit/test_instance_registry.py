@@ -37,8 +37,9 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
     return Registry()
 
 
-def make(registry: Registry, name: str, key: AesKey | None = None,
-         files: dict[str, bytes] | None = None) -> Instance:
+def make(
+    registry: Registry, name: str, key: AesKey | None = None, files: dict[str, bytes] | None = None
+) -> Instance:
     """A registered instance whose state files are written directly (no libtpms)."""
     with registry.reserve(name) as paths:
         registry.ensure_dirs(paths)
@@ -62,8 +63,10 @@ def test_good_names(name: str) -> None:
     assert validate_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", ".hidden", "-x", "a/b", "a b", "a:b", "é",
-                                  "x" * (MAX_NAME + 1), "a\n", "_x"])
+@pytest.mark.parametrize(
+    "name",
+    ["", ".", "..", ".hidden", "-x", "a/b", "a b", "a:b", "é", "x" * (MAX_NAME + 1), "a\n", "_x"],
+)
 def test_bad_names(name: str) -> None:
     with pytest.raises(InstanceError, match="invalid instance name"):
         validate_name(name)
@@ -72,20 +75,27 @@ def test_bad_names(name: str) -> None:
 def test_home_overrides_everything(tmp_path: Path) -> None:
     env = {"VTPMCTL_HOME": str(tmp_path), "STATE_DIRECTORY": "/srv/x"}
     r = store_roots(env, euid=0)
-    assert r == Roots(tmp_path / "etc", tmp_path / "lib", tmp_path / "run", tmp_path / "log",
-                      "home")
+    assert r == Roots(
+        tmp_path / "etc", tmp_path / "lib", tmp_path / "run", tmp_path / "log", "home"
+    )
 
 
 def test_root_uses_fhs_dirs() -> None:
     r = store_roots({}, euid=0)
     assert (r.config, r.state, r.runtime, r.logs) == (
-        Path("/etc/vtpmctl"), Path("/var/lib/vtpmctl"), Path("/run/vtpmctl"),
-        Path("/var/log/vtpmctl"))
+        Path("/etc/vtpmctl"),
+        Path("/var/lib/vtpmctl"),
+        Path("/run/vtpmctl"),
+        Path("/var/log/vtpmctl"),
+    )
 
 
 def test_systemd_dirs_win_over_defaults() -> None:
-    env = {"STATE_DIRECTORY": "/var/lib/vt:/other", "RUNTIME_DIRECTORY": "/run/vt",
-           "LOGS_DIRECTORY": "relative/ignored"}
+    env = {
+        "STATE_DIRECTORY": "/var/lib/vt:/other",
+        "RUNTIME_DIRECTORY": "/run/vt",
+        "LOGS_DIRECTORY": "relative/ignored",
+    }
     r = store_roots(env, euid=0)
     assert r.state == Path("/var/lib/vt")
     assert r.runtime == Path("/run/vt")
@@ -171,8 +181,10 @@ def test_interrupted_create_is_hidden_and_removable(registry: Registry) -> None:
 
 def test_remove_refuses_while_create_runs(registry: Registry) -> None:
     # fcntl locks are per process: the creator must be another one.
-    code = ("import sys, time; from vtpmctl.store.instances import Registry\n"
-            "with Registry().reserve('a'):\n print('ready', flush=True); time.sleep(30)")
+    code = (
+        "import sys, time; from vtpmctl.store.instances import Registry\n"
+        "with Registry().reserve('a'):\n print('ready', flush=True); time.sleep(30)"
+    )
     creator = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
         assert creator.stdout is not None and creator.stdout.readline() == b"ready\n"
@@ -250,8 +262,9 @@ def test_rotate_with_wrong_old_key_changes_nothing(registry: Registry) -> None:
     assert set(os.listdir(inst.paths.state_dir)) == set(before)
 
 
-def test_crash_before_commit_rolls_back(registry: Registry,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_before_commit_rolls_back(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     inst = make(registry, "a", key=KEY_A)
 
     def crash(*args: object) -> None:
@@ -270,8 +283,9 @@ def test_crash_before_commit_rolls_back(registry: Registry,
     assert sorted(os.listdir(inst.paths.secrets_dir)) == ["state.key"]
 
 
-def test_crash_after_commit_rolls_forward(registry: Registry,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_after_commit_rolls_forward(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     inst = make(registry, "a", key=KEY_A, files={"permall": b"P", "volatilestate": b"V"})
     real_rename = os.rename
     calls = []

@@ -61,7 +61,12 @@ CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("family", ["2", "1.2"])
 def test_locality_reaches_libtpms(family: str, tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), family],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path), family],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"

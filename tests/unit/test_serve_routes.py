@@ -13,28 +13,42 @@ from vtpmctl.device.server.daemon import build_parser
 def _typer_serve_options() -> set[str]:
     group = typer.main.get_group(build_app())
     command = group.commands["serve"]
-    return {opt for param in command.params for opt in getattr(param, "opts", [])
-            if opt.startswith("--")}
+    return {
+        opt
+        for param in command.params
+        for opt in getattr(param, "opts", [])
+        if opt.startswith("--")
+    }
 
 
 def _daemon_options() -> set[str]:
-    return {opt for action in build_parser()._actions for opt in action.option_strings
-            if opt.startswith("--") and opt != "--help"}
+    return {
+        opt
+        for action in build_parser()._actions
+        for opt in action.option_strings
+        if opt.startswith("--") and opt != "--help"
+    }
 
 
 def test_both_parsers_know_the_same_options() -> None:
     assert _typer_serve_options() <= _daemon_options()
 
 
-@pytest.mark.parametrize(("args", "fast"), [
-    (["serve", "--state", "/s", "--ctrl", "unix:/c"], True),
-    (["serve", "--state", "/s", "--cuse", "x", "--tpm", "1.2", "--flags", "not-need-init"], True),
-    (["serve", "--state", "/s"], False),                       # neither --ctrl nor --cuse
-    (["serve", "--state", "/s", "--ctrl", "unix:/c", "--cuse", "x"], False),
-    (["serve", "--state", "/s", "--ctrl", "unix:/c", "--tpm", "3"], False),
-    (["serve", "--ctrl", "unix:/c"], False),                   # --state missing
-    (["serve", "--help"], False),
-    (["serve", "--state", "/s", "--ctrl", "unix:/c", "--bogus"], False),
-])
+@pytest.mark.parametrize(
+    ("args", "fast"),
+    [
+        (["serve", "--state", "/s", "--ctrl", "unix:/c"], True),
+        (
+            ["serve", "--state", "/s", "--cuse", "x", "--tpm", "1.2", "--flags", "not-need-init"],
+            True,
+        ),
+        (["serve", "--state", "/s"], False),  # neither --ctrl nor --cuse
+        (["serve", "--state", "/s", "--ctrl", "unix:/c", "--cuse", "x"], False),
+        (["serve", "--state", "/s", "--ctrl", "unix:/c", "--tpm", "3"], False),
+        (["serve", "--ctrl", "unix:/c"], False),  # --state missing
+        (["serve", "--help"], False),
+        (["serve", "--state", "/s", "--ctrl", "unix:/c", "--bogus"], False),
+    ],
+)
 def test_fast_route_takes_only_well_formed_lines(args: list[str], fast: bool) -> None:
     assert (_fast_plan(args) is not None) == fast

@@ -200,10 +200,10 @@ def test_interrupted_restore_rolls_forward(tmp_path: Path) -> None:
     sd.store("volatilestate", b"old vol")
     # staged and decided, then a crash after step 1 (old volatile removed)
     for name, data in (("permall", b"new perm"), ("volatilestate", b"new vol")):
-        write_atomic(sd.file(name).with_name(sd.file(name).name + ".restore"),
-                     wrap_file(data, KEY))
-    restore_marker(sd.path).write_text(json.dumps({"snapshot": "1",
-                                                   "kinds": ["permanent", "volatile"]}))
+        write_atomic(sd.file(name).with_name(sd.file(name).name + ".restore"), wrap_file(data, KEY))
+    restore_marker(sd.path).write_text(
+        json.dumps({"snapshot": "1", "kinds": ["permanent", "volatile"]})
+    )
     sd.file("volatilestate").unlink()
     assert sd.load("permall") == b"old perm"  # a whole (old) TPM, needing Startup
     assert finish_restore(sd) is True
@@ -227,11 +227,11 @@ def make(registry: Registry, key: AesKey) -> Instance:
         paths.state_dir.mkdir(mode=0o700)
         (paths.state_dir / "tpm2-00.permall").write_bytes(wrap_file(PERM, key))
         instance_keys.store_key(paths.state_key, key)
-        meta = InstanceMeta(vtpmctl_version="test", key_fingerprint=key_fingerprint(key),
-                            cipher=key.cipher)
+        meta = InstanceMeta(
+            vtpmctl_version="test", key_fingerprint=key_fingerprint(key), cipher=key.cipher
+        )
         registry.commit(paths, InstanceConfig(name="a", encrypted=True), meta)
-    SnapshotStore(snapshots_dir(paths), key).create({"permanent": PERM, "volatile": VOL},
-                                                    label="s")
+    SnapshotStore(snapshots_dir(paths), key).create({"permanent": PERM, "volatile": VOL}, label="s")
     return registry.get("a")
 
 
@@ -253,7 +253,8 @@ def test_key_rotate_reencrypts_snapshots(registry: Registry) -> None:
 
 
 def test_key_rotate_crash_before_commit_keeps_snapshots_on_the_old_key(
-        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     inst = make(registry, KEY)
     real_write = instance_keys.write_atomic
 
@@ -275,7 +276,8 @@ def test_key_rotate_crash_before_commit_keeps_snapshots_on_the_old_key(
 
 
 def test_key_rotate_crash_after_commit_rolls_snapshots_forward(
-        registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     inst = make(registry, KEY)
 
     def power_cut(*args: object) -> None:

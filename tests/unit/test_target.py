@@ -25,48 +25,61 @@ def unix_socket(tmp_path: Path) -> Iterator[Path]:
         sock.close()
 
 
-@pytest.mark.parametrize("spec, kind, path, host, port, display", [
-    ("unix:/run/vtpm/x.ctrl", "unix", "/run/vtpm/x.ctrl", None, None, "unix:/run/vtpm/x.ctrl"),
-    ("unix:relative.sock", "unix", "relative.sock", None, None, "unix:relative.sock"),
-    ("unix:/a:b", "unix", "/a:b", None, None, "unix:/a:b"),
-    ("tcp:127.0.0.1:2322", "tcp", None, "127.0.0.1", 2322, "tcp:127.0.0.1:2322"),
-    ("tcp:localhost:1", "tcp", None, "localhost", 1, "tcp:localhost:1"),
-    ("tcp:[::1]:2322", "tcp", None, "::1", 2322, "tcp:[::1]:2322"),
-    ("tcp:[fe80::1%eth0]:65535", "tcp", None, "fe80::1%eth0", 65535,
-     "tcp:[fe80::1%eth0]:65535"),
-    ("/dev/vtpm-x", "cuse", "/dev/vtpm-x", None, None, "/dev/vtpm-x"),
-    ("/dev/vtpm0", "cuse", "/dev/vtpm0", None, None, "/dev/vtpm0"),
-])
-def test_parse(spec: str, kind: str, path: str | None, host: str | None, port: int | None,
-               display: str) -> None:
+@pytest.mark.parametrize(
+    "spec, kind, path, host, port, display",
+    [
+        ("unix:/run/vtpm/x.ctrl", "unix", "/run/vtpm/x.ctrl", None, None, "unix:/run/vtpm/x.ctrl"),
+        ("unix:relative.sock", "unix", "relative.sock", None, None, "unix:relative.sock"),
+        ("unix:/a:b", "unix", "/a:b", None, None, "unix:/a:b"),
+        ("tcp:127.0.0.1:2322", "tcp", None, "127.0.0.1", 2322, "tcp:127.0.0.1:2322"),
+        ("tcp:localhost:1", "tcp", None, "localhost", 1, "tcp:localhost:1"),
+        ("tcp:[::1]:2322", "tcp", None, "::1", 2322, "tcp:[::1]:2322"),
+        (
+            "tcp:[fe80::1%eth0]:65535",
+            "tcp",
+            None,
+            "fe80::1%eth0",
+            65535,
+            "tcp:[fe80::1%eth0]:65535",
+        ),
+        ("/dev/vtpm-x", "cuse", "/dev/vtpm-x", None, None, "/dev/vtpm-x"),
+        ("/dev/vtpm0", "cuse", "/dev/vtpm0", None, None, "/dev/vtpm0"),
+    ],
+)
+def test_parse(
+    spec: str, kind: str, path: str | None, host: str | None, port: int | None, display: str
+) -> None:
     target = parse_target(spec)
     assert (target.kind, target.path, target.host, target.port) == (kind, path, host, port)
     assert target.display == display
     assert parse_target(target.display) == target  # the display form parses back
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("", "empty target"),
-    ("unix:", "missing socket path"),
-    ("tcp:", "missing host or port"),
-    ("tcp:host", "missing host or port"),
-    ("tcp::2322", "missing host or port"),
-    ("tcp:host:", "port must be a number"),
-    ("tcp:host:0", "port must be a number"),
-    ("tcp:host:65536", "port must be a number"),
-    ("tcp:host:23a", "port must be a number"),
-    ("tcp:host:-1", "port must be a number"),
-    ("tcp:host:²", "port must be a number"),
-    ("tcp:::1:2322", "put an IPv6 address in brackets"),
-    ("tcp:[::1]", "bad IPv6 address"),
-    ("tcp:[]:1", "bad IPv6 address"),
-    ("udp:host:1", "not a target"),
-    ("-x", "not a target"),
-    ("/nonexistent/dir/tpm.ctrl", "no such socket"),
-    ("./nope.sock", "no such socket"),
-    ("myvm", "no instance named myvm; see vtpmctl list"),
-    ("my-vm_2.test", "no instance named my-vm_2.test"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "empty target"),
+        ("unix:", "missing socket path"),
+        ("tcp:", "missing host or port"),
+        ("tcp:host", "missing host or port"),
+        ("tcp::2322", "missing host or port"),
+        ("tcp:host:", "port must be a number"),
+        ("tcp:host:0", "port must be a number"),
+        ("tcp:host:65536", "port must be a number"),
+        ("tcp:host:23a", "port must be a number"),
+        ("tcp:host:-1", "port must be a number"),
+        ("tcp:host:²", "port must be a number"),
+        ("tcp:::1:2322", "put an IPv6 address in brackets"),
+        ("tcp:[::1]", "bad IPv6 address"),
+        ("tcp:[]:1", "bad IPv6 address"),
+        ("udp:host:1", "not a target"),
+        ("-x", "not a target"),
+        ("/nonexistent/dir/tpm.ctrl", "no such socket"),
+        ("./nope.sock", "no such socket"),
+        ("myvm", "no instance named myvm; see vtpmctl list"),
+        ("my-vm_2.test", "no instance named my-vm_2.test"),
+    ],
+)
 def test_refused(spec: str, message: str) -> None:
     with pytest.raises(TargetError) as err:
         parse_target(spec)

@@ -4,7 +4,6 @@ Success is silent (exit 0), as with swtpm_ioctl; failures raise ControlError
 or TargetError and the command line prints them as one line.
 """
 
-
 from vtpmctl.device.client.control import DEFAULT_TIMEOUT
 from vtpmctl.device.client.target import open_client
 from vtpmctl.device.protocol import InitFlag
@@ -29,8 +28,13 @@ ACTIONS: dict[str, tuple[bool, int | None, int]] = {
 }
 
 
-def ctl(target: str, action: str, value: int | None = None, delete_volatile: bool = False,
-        timeout: float = DEFAULT_TIMEOUT) -> int:
+def ctl(
+    target: str,
+    action: str,
+    value: int | None = None,
+    delete_volatile: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> int:
     """Send the control command for ACTION to TARGET."""
     if action not in ACTIONS:
         raise ValueError(f"unknown ctl action {action!r}")
@@ -69,28 +73,43 @@ def register(app: "typer.Typer") -> None:
     import typer
 
     group = typer.Typer(
-        name="ctl", no_args_is_help=True,
-        help="Send one control command to a TPM (like swtpm_ioctl).")
+        name="ctl",
+        no_args_is_help=True,
+        help="Send one control command to a TPM (like swtpm_ioctl).",
+    )
 
     @group.callback()
     def ctl_target(
-        target: Annotated[str, typer.Argument(
-            metavar="TARGET", show_default=False,
-            help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name")],
+        target: Annotated[
+            str,
+            typer.Argument(
+                metavar="TARGET",
+                show_default=False,
+                help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name",
+            ),
+        ],
     ) -> None:
         """Send one control command to a TPM (like swtpm_ioctl)."""
 
-    def run(ctx: typer.Context, action: str, value: int | None = None,
-            delete_volatile: bool = False) -> None:
+    def run(
+        ctx: typer.Context, action: str, value: int | None = None, delete_volatile: bool = False
+    ) -> None:
         assert ctx.parent is not None
-        ctl(ctx.parent.params["target"], action, value, delete_volatile=delete_volatile,
-            timeout=ctx.find_root().params["timeout"])
+        ctl(
+            ctx.parent.params["target"],
+            action,
+            value,
+            delete_volatile=delete_volatile,
+            timeout=ctx.find_root().params["timeout"],
+        )
 
     @group.command("init")
     def init_cmd(
         ctx: typer.Context,
-        delete_volatile: Annotated[bool, typer.Option(
-            "--delete-volatile", help="delete the volatile state once it is loaded")] = False,
+        delete_volatile: Annotated[
+            bool,
+            typer.Option("--delete-volatile", help="delete the volatile state once it is loaded"),
+        ] = False,
     ) -> None:
         """(Re)initialise the TPM from its stored state (CMD_INIT)."""
         run(ctx, "init", delete_volatile=delete_volatile)
@@ -108,9 +127,16 @@ def register(app: "typer.Typer") -> None:
     @group.command("locality")
     def locality_cmd(
         ctx: typer.Context,
-        n: Annotated[int, typer.Argument(
-            metavar="N", min=0, max=255, show_default=False,
-            help="locality for the following TPM commands (TPMs accept 0-4)")],
+        n: Annotated[
+            int,
+            typer.Argument(
+                metavar="N",
+                min=0,
+                max=255,
+                show_default=False,
+                help="locality for the following TPM commands (TPMs accept 0-4)",
+            ),
+        ],
     ) -> None:
         """Set the locality of the following TPM commands (CMD_SET_LOCALITY)."""
         run(ctx, "locality", n)
@@ -118,9 +144,16 @@ def register(app: "typer.Typer") -> None:
     @group.command("reset-established")
     def reset_cmd(
         ctx: typer.Context,
-        loc: Annotated[int | None, typer.Argument(
-            metavar="[LOC]", min=0, max=255, show_default=False,
-            help="locality to reset from (default 3; TPMs accept 3 or 4)")] = None,
+        loc: Annotated[
+            int | None,
+            typer.Argument(
+                metavar="[LOC]",
+                min=0,
+                max=255,
+                show_default=False,
+                help="locality to reset from (default 3; TPMs accept 3 or 4)",
+            ),
+        ] = None,
     ) -> None:
         """Reset the TPM-established bit (CMD_RESET_TPMESTABLISHED)."""
         run(ctx, "reset-established", loc)
@@ -138,9 +171,16 @@ def register(app: "typer.Typer") -> None:
     @group.command("lock-storage")
     def lock_cmd(
         ctx: typer.Context,
-        n: Annotated[int | None, typer.Argument(
-            metavar="[N]", min=0, max=0xFFFFFFFF, show_default=False,
-            help="retries, 10 ms apart (default 300)")] = None,
+        n: Annotated[
+            int | None,
+            typer.Argument(
+                metavar="[N]",
+                min=0,
+                max=0xFFFFFFFF,
+                show_default=False,
+                help="retries, 10 ms apart (default 300)",
+            ),
+        ] = None,
     ) -> None:
         """Take the storage lock back, e.g. after an outgoing migration failed."""
         run(ctx, "lock-storage", n)

@@ -26,16 +26,20 @@ def ek_data(name: str) -> dict[str, Any]:
     try:
         info = read_json(inst.paths.ek_file)
     except FileNotFoundError:
-        raise EkExportError(f"{name} has no EK (it was created with --no-ek or as a "
-                            "TPM 1.2)") from None
+        raise EkExportError(
+            f"{name} has no EK (it was created with --no-ek or as a TPM 1.2)"
+        ) from None
     ca_pem = None
     with contextlib.suppress(OSError):
         ca_pem = (inst.paths.ca_dir / "ca-cert.pem").read_text()
-    return {"format_version": FORMAT_VERSION, "name": name,
-            "eks": info.get("eks", []),
-            "platform_certificate_pem": info.get("platform_certificate_pem"),
-            "locked": info.get("locked"),
-            "ca_certificate_pem": ca_pem}
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "eks": info.get("eks", []),
+        "platform_certificate_pem": info.get("platform_certificate_pem"),
+        "locked": info.get("locked"),
+        "ca_certificate_pem": ca_pem,
+    }
 
 
 def export(name: str, as_json: bool = False, pem: bool = False) -> int:
@@ -65,9 +69,11 @@ def _print_human(data: dict[str, Any]) -> None:
         lines.append(f"  public key sha256  {ek['fingerprint_sha256']}")
         if ek.get("certificate_pem"):
             cert = x509.load_pem_x509_certificate(ek["certificate_pem"].encode())
-            lines.append(f"  certificate        NV {ek['cert_nv_index']}, issuer "
-                         f"{cert.issuer.rfc4514_string()}, valid until "
-                         f"{cert.not_valid_after_utc:%Y-%m-%d}")
+            lines.append(
+                f"  certificate        NV {ek['cert_nv_index']}, issuer "
+                f"{cert.issuer.rfc4514_string()}, valid until "
+                f"{cert.not_valid_after_utc:%Y-%m-%d}"
+            )
     if data["platform_certificate_pem"]:
         lines.append("platform certificate  present")
     lines.append(f"NV locked  {'yes' if data['locked'] else 'no'}")
@@ -80,18 +86,23 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
-    group = typer.Typer(name="ek", no_args_is_help=True,
-                        help="Endorsement keys and their certificates.")
+    group = typer.Typer(
+        name="ek", no_args_is_help=True, help="Endorsement keys and their certificates."
+    )
 
     @group.command("export")
     def export_cmd(
-        name: Annotated[str, typer.Argument(metavar="NAME", show_default=False,
-                                            help="instance name")],
-        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
-        = False,
-        pem: Annotated[bool, typer.Option(
-            "--pem", help="PEM: each EK public key and certificate, then the platform "
-            "certificate")] = False,
+        name: Annotated[
+            str, typer.Argument(metavar="NAME", show_default=False, help="instance name")
+        ],
+        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+        pem: Annotated[
+            bool,
+            typer.Option(
+                "--pem",
+                help="PEM: each EK public key and certificate, then the platform certificate",
+            ),
+        ] = False,
     ) -> None:
         """Print an instance's EK public keys and certificates (no need to start it)."""
         if as_json and pem:

@@ -29,8 +29,9 @@ def rotate(name: str, new_key_file: Path, key_format: str = "auto") -> int:
         raise KeyCommandError(f"new key: {exc}") from None
     sd = inst.statedir()
     if not sd.lock(0):
-        raise KeyCommandError(f"{name} is running (pid {sd.holder_pid()}); stop it first: "
-                              f"vtpmctl stop {name}")
+        raise KeyCommandError(
+            f"{name} is running (pid {sd.holder_pid()}); stop it first: vtpmctl stop {name}"
+        )
     try:
         if instance_keys.recover(inst.paths, inst.config.tpm2) is not None:
             inst = registry.get(name)
@@ -40,8 +41,10 @@ def rotate(name: str, new_key_file: Path, key_format: str = "auto") -> int:
         raise KeyCommandError(f"cannot rotate the key of {name}: {exc}") from None
     finally:
         sd.unlock()
-    sys.stdout.write(f"re-encrypted {name} with the new key ({new_key.cipher}, fingerprint "
-                     f"{key_fingerprint(new_key)})\n")
+    sys.stdout.write(
+        f"re-encrypted {name} with the new key ({new_key.cipher}, fingerprint "
+        f"{key_fingerprint(new_key)})\n"
+    )
     return 0
 
 
@@ -51,18 +54,26 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
-    group = typer.Typer(name="key", no_args_is_help=True,
-                        help="Manage an instance's state encryption key.")
+    group = typer.Typer(
+        name="key", no_args_is_help=True, help="Manage an instance's state encryption key."
+    )
 
     @group.command("rotate")
     def rotate_cmd(
-        name: Annotated[str, typer.Argument(metavar="NAME", show_default=False,
-                                            help="instance name")],
-        new_key_file: Annotated[Path, typer.Option(
-            "--new-key-file", show_default=False,
-            help="the new key (0600): hex or binary AES key, or a passphrase file")],
-        key_format: Annotated[KeyFormat, typer.Option(
-            "--key-format", help="how to read --new-key-file")] = KeyFormat.AUTO,
+        name: Annotated[
+            str, typer.Argument(metavar="NAME", show_default=False, help="instance name")
+        ],
+        new_key_file: Annotated[
+            Path,
+            typer.Option(
+                "--new-key-file",
+                show_default=False,
+                help="the new key (0600): hex or binary AES key, or a passphrase file",
+            ),
+        ],
+        key_format: Annotated[
+            KeyFormat, typer.Option("--key-format", help="how to read --new-key-file")
+        ] = KeyFormat.AUTO,
     ) -> None:
         """Re-encrypt a stopped instance's state with a new key, atomically."""
         raise typer.Exit(rotate(name, new_key_file, key_format.value))

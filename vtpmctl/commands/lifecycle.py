@@ -74,10 +74,29 @@ def instance_record(inst: "Instance", st: "Status") -> dict[str, Any]:
 
 
 def _broken_record(name: str, error: str) -> dict[str, Any]:
-    keys = ("pid", "owner", "tpm", "transport", "encrypted", "migration_key", "ek", "created",
-            "libtpms_version", "state_dir", "endpoints", "tcti", "log_file", "pid_file")
-    return {"name": name, "state": "unknown", **dict.fromkeys(keys), "stale_files": [],
-            "error": error}
+    keys = (
+        "pid",
+        "owner",
+        "tpm",
+        "transport",
+        "encrypted",
+        "migration_key",
+        "ek",
+        "created",
+        "libtpms_version",
+        "state_dir",
+        "endpoints",
+        "tcti",
+        "log_file",
+        "pid_file",
+    )
+    return {
+        "name": name,
+        "state": "unknown",
+        **dict.fromkeys(keys),
+        "stale_files": [],
+        "error": error,
+    }
 
 
 # ---------------------------------------------------------------- output
@@ -113,17 +132,32 @@ def _print_table(headers: list[str], rows: list[list[str]]) -> None:
 # ---------------------------------------------------------------- commands
 
 
-def create(name: str, tpm: str = "2", transport: str = "socket", ek: bool | None = None,
-           encrypt: bool = False, key_file: Path | None = None, key_format: str = "auto",
-           migration_key_file: Path | None = None, migration_key_format: str = "auto",
-           ecc_curve: str = "p384") -> int:
+def create(
+    name: str,
+    tpm: str = "2",
+    transport: str = "socket",
+    ek: bool | None = None,
+    encrypt: bool = False,
+    key_file: Path | None = None,
+    key_format: str = "auto",
+    migration_key_file: Path | None = None,
+    migration_key_format: str = "auto",
+    ecc_curve: str = "p384",
+) -> int:
     """Register NAME and manufacture its TPM."""
     from vtpmctl.usecases.create import CreateOptions, create_instance
 
-    opts = CreateOptions(tpm="2.0" if tpm == "2" else "1.2", transport=transport,  # type: ignore[arg-type]
-                         ek=ek, encrypt=encrypt, key_file=key_file, key_format=key_format,
-                         migration_key_file=migration_key_file,
-                         migration_key_format=migration_key_format, ecc_curve=ecc_curve)
+    opts = CreateOptions(
+        tpm="2.0" if tpm == "2" else "1.2",
+        transport=transport,  # type: ignore[arg-type]
+        ek=ek,
+        encrypt=encrypt,
+        key_file=key_file,
+        key_format=key_format,
+        migration_key_file=migration_key_file,
+        migration_key_format=migration_key_format,
+        ecc_curve=ecc_curve,
+    )
     inst = create_instance(_registry(), name, opts)
     extras = []
     if inst.config.ek:
@@ -135,8 +169,9 @@ def create(name: str, tpm: str = "2", transport: str = "socket", ek: bool | None
     return 0
 
 
-def start(name: str, incoming: bool = False, foreground: bool = False,
-          ctrl_only: bool = False) -> int:
+def start(
+    name: str, incoming: bool = False, foreground: bool = False, ctrl_only: bool = False
+) -> int:
     """Start NAME's daemon and return when its control channel answers."""
     from vtpmctl.usecases import supervisor
 
@@ -184,8 +219,7 @@ def rm(name: str, yes: bool = False) -> int:
         raise NoSuchInstance(f"no instance named {name}; see vtpmctl list")
     if not yes:
         if not sys.stdin.isatty():
-            raise LifecycleError(f"removing {name} destroys its TPM for good; add --yes to "
-                                 "confirm")
+            raise LifecycleError(f"removing {name} destroys its TPM for good; add --yes to confirm")
         sys.stderr.write(f"Remove {name} and its TPM state for good? [y/N] ")
         sys.stderr.flush()
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
@@ -193,8 +227,9 @@ def rm(name: str, yes: bool = False) -> int:
             return 1
     sd = StateDir(paths.state_dir)
     if paths.state_dir.exists() and not sd.lock(0):
-        raise LifecycleError(f"{name} is running (pid {sd.holder_pid()}); stop it first: "
-                             f"vtpmctl stop {name}")
+        raise LifecycleError(
+            f"{name} is running (pid {sd.holder_pid()}); stop it first: vtpmctl stop {name}"
+        )
     try:
         registry.remove(name)
     finally:
@@ -229,9 +264,16 @@ def list_(as_json: bool = False, quiet: bool = False) -> int:
     rows = []
     for r in records:
         ep = r["endpoints"] or {}
-        rows.append([r["name"], r["state"], str(r["pid"] or "-"), r["tpm"] or "?",
-                     "yes" if r["encrypted"] else "no",
-                     (ep.get("device") or ep.get("ctrl") or r["error"] or "")])
+        rows.append(
+            [
+                r["name"],
+                r["state"],
+                str(r["pid"] or "-"),
+                r["tpm"] or "?",
+                "yes" if r["encrypted"] else "no",
+                (ep.get("device") or ep.get("ctrl") or r["error"] or ""),
+            ]
+        )
     _print_table(["NAME", "STATE", "PID", "TPM", "ENCRYPTED", "ENDPOINT"], rows)
     return 0
 
@@ -264,10 +306,13 @@ def status(name: str, as_json: bool = False) -> int:
         rows.append(("device", ep["device"]))
     else:
         rows += [("control", ep["ctrl"]), ("data", ep["data"]), ("TCTI", record["tcti"])]
-    rows += [("encrypted", f"yes ({inst.meta.cipher})" if inst.config.encrypted else "no"),
-             ("EK", ", ".join(sorted(inst.meta.ek_fingerprints)) or "none"),
-             ("created", record["created"] or "?"),
-             ("state dir", record["state_dir"]), ("log", record["log_file"])]
+    rows += [
+        ("encrypted", f"yes ({inst.meta.cipher})" if inst.config.encrypted else "no"),
+        ("EK", ", ".join(sorted(inst.meta.ek_fingerprints)) or "none"),
+        ("created", record["created"] or "?"),
+        ("state dir", record["state_dir"]),
+        ("log", record["log_file"]),
+    ]
     print_rows(name, rows)
     return STATUS_CODES[st.state]
 
@@ -288,56 +333,100 @@ def register(app: "typer.Typer") -> None:
     def create_cmd(
         name: Annotated[str, name_arg],
         tpm: Annotated[TpmFamily, typer.Option("--tpm", help="TPM family")] = TpmFamily.TPM2,
-        transport: Annotated[TransportKind, typer.Option(
-            "--transport", help="control/data sockets, or a CUSE device /dev/vtpm-NAME")]
-        = TransportKind.SOCKET,
-        ek: Annotated[bool | None, typer.Option(
-            "--ek/--no-ek", show_default=False,
-            help="provision EKs and certificates [default: on for TPM 2.0]")] = None,
-        encrypt: Annotated[bool, typer.Option(
-            "--encrypt", help="encrypt the state at rest (a new random key unless --key-file)")]
-        = False,
-        key_file: Annotated[Path | None, typer.Option(
-            "--key-file", help="state key (0600): hex or binary AES key, or a passphrase "
-            "file with --key-format passphrase; implies --encrypt")] = None,
-        key_format: Annotated[KeyFormat, typer.Option(
-            "--key-format", help="how to read --key-file")] = KeyFormat.AUTO,
-        migration_key_file: Annotated[Path | None, typer.Option(
-            "--migration-key-file", help="key (0600) that encrypts exported state blobs")]
-        = None,
-        migration_key_format: Annotated[KeyFormat, typer.Option(
-            "--migration-key-format", help="how to read --migration-key-file")]
-        = KeyFormat.AUTO,
-        ecc_curve: Annotated[EccCurve, typer.Option(
-            "--ecc-curve", help="curve of the ECC EK (p384 at 0x81010016 as swtpm_setup; "
-            "p256 at 0x8101000a)")] = EccCurve.P384,
+        transport: Annotated[
+            TransportKind,
+            typer.Option(
+                "--transport", help="control/data sockets, or a CUSE device /dev/vtpm-NAME"
+            ),
+        ] = TransportKind.SOCKET,
+        ek: Annotated[
+            bool | None,
+            typer.Option(
+                "--ek/--no-ek",
+                show_default=False,
+                help="provision EKs and certificates [default: on for TPM 2.0]",
+            ),
+        ] = None,
+        encrypt: Annotated[
+            bool,
+            typer.Option(
+                "--encrypt", help="encrypt the state at rest (a new random key unless --key-file)"
+            ),
+        ] = False,
+        key_file: Annotated[
+            Path | None,
+            typer.Option(
+                "--key-file",
+                help="state key (0600): hex or binary AES key, or a passphrase "
+                "file with --key-format passphrase; implies --encrypt",
+            ),
+        ] = None,
+        key_format: Annotated[
+            KeyFormat, typer.Option("--key-format", help="how to read --key-file")
+        ] = KeyFormat.AUTO,
+        migration_key_file: Annotated[
+            Path | None,
+            typer.Option(
+                "--migration-key-file", help="key (0600) that encrypts exported state blobs"
+            ),
+        ] = None,
+        migration_key_format: Annotated[
+            KeyFormat,
+            typer.Option("--migration-key-format", help="how to read --migration-key-file"),
+        ] = KeyFormat.AUTO,
+        ecc_curve: Annotated[
+            EccCurve,
+            typer.Option(
+                "--ecc-curve",
+                help="curve of the ECC EK (p384 at 0x81010016 as swtpm_setup; p256 at 0x8101000a)",
+            ),
+        ] = EccCurve.P384,
     ) -> None:
         """Create a named vTPM: manufacture it, provision EKs, keep its state."""
-        raise typer.Exit(create(name, tpm.value, transport.value, ek, encrypt, key_file,
-                                key_format.value, migration_key_file,
-                                migration_key_format.value, ecc_curve.value))
+        raise typer.Exit(
+            create(
+                name,
+                tpm.value,
+                transport.value,
+                ek,
+                encrypt,
+                key_file,
+                key_format.value,
+                migration_key_file,
+                migration_key_format.value,
+                ecc_curve.value,
+            )
+        )
 
     @app.command("start")
     def start_cmd(
         name: Annotated[str, name_arg],
-        incoming: Annotated[bool, typer.Option(
-            "--incoming", help="wait for QEMU's state (incoming migration)")] = False,
-        foreground: Annotated[bool, typer.Option(
-            "--foreground", help="run the daemon in this process (systemd Type=notify)")]
-        = False,
-        ctrl_only: Annotated[bool, typer.Option(
-            "--ctrl-only", help="no data socket: for QEMU -tpmdev emulator, which passes "
-            "its own data channel")] = False,
+        incoming: Annotated[
+            bool, typer.Option("--incoming", help="wait for QEMU's state (incoming migration)")
+        ] = False,
+        foreground: Annotated[
+            bool,
+            typer.Option(
+                "--foreground", help="run the daemon in this process (systemd Type=notify)"
+            ),
+        ] = False,
+        ctrl_only: Annotated[
+            bool,
+            typer.Option(
+                "--ctrl-only",
+                help="no data socket: for QEMU -tpmdev emulator, which passes its own data channel",
+            ),
+        ] = False,
     ) -> None:
         """Start a vTPM's daemon; returns when its control channel answers."""
-        raise typer.Exit(start(name, incoming=incoming, foreground=foreground,
-                               ctrl_only=ctrl_only))
+        raise typer.Exit(start(name, incoming=incoming, foreground=foreground, ctrl_only=ctrl_only))
 
     @app.command("stop")
     def stop_cmd(
         name: Annotated[str, name_arg],
-        force: Annotated[bool, typer.Option(
-            "--force", help="if it does not stop cleanly: SIGTERM, then SIGKILL")] = False,
+        force: Annotated[
+            bool, typer.Option("--force", help="if it does not stop cleanly: SIGTERM, then SIGKILL")
+        ] = False,
     ) -> None:
         """Stop a vTPM's daemon (its state is saved)."""
         raise typer.Exit(stop(name, force=force))

@@ -41,9 +41,14 @@ def _manifest_record(m: "Manifest") -> dict[str, Any]:
     return m.to_json()
 
 
-def export(name: str, output: str, migration_key_file: Path | None = None,
-           migration_key_format: str = "auto", allow_running: bool = False,
-           as_json: bool = False) -> int:
+def export(
+    name: str,
+    output: str,
+    migration_key_file: Path | None = None,
+    migration_key_format: str = "auto",
+    allow_running: bool = False,
+    as_json: bool = False,
+) -> int:
     """Write a bundle of NAME to OUTPUT ('-' = stdout)."""
     from vtpmctl.store.atomic import write_atomic
     from vtpmctl.store.instances import Registry
@@ -51,18 +56,19 @@ def export(name: str, output: str, migration_key_file: Path | None = None,
 
     if output == "-":
         if as_json:
-            raise MigrateUsageError("--json needs -o FILE: with -o - the bundle itself goes to "
-                                    "stdout")
+            raise MigrateUsageError(
+                "--json needs -o FILE: with -o - the bundle itself goes to stdout"
+            )
         if sys.stdout.isatty():
-            raise MigrateError("refusing to write a bundle to a terminal; use -o FILE or "
-                               "redirect stdout")
+            raise MigrateError(
+                "refusing to write a bundle to a terminal; use -o FILE or redirect stdout"
+            )
     else:
         parent = Path(output).absolute().parent
         if not parent.is_dir():
             raise MigrateError(f"cannot write {output}: directory {parent} does not exist")
     mkey = _key(migration_key_file, migration_key_format, "migration key")
-    exported = export_instance(Registry(), name, migration_key=mkey,
-                               allow_running=allow_running)
+    exported = export_instance(Registry(), name, migration_key=mkey, allow_running=allow_running)
     if output == "-":
         sys.stdout.buffer.write(exported.data)
         sys.stdout.buffer.flush()
@@ -73,21 +79,37 @@ def export(name: str, output: str, migration_key_file: Path | None = None,
         raise MigrateError(f"cannot write {output}: {exc.strerror or exc}") from None
     m = exported.manifest
     if as_json:
-        print_json({"format_version": FORMAT_VERSION, "name": name, "bundle": output,
-                     "size": len(exported.data), "manifest": _manifest_record(m)})
+        print_json(
+            {
+                "format_version": FORMAT_VERSION,
+                "name": name,
+                "bundle": output,
+                "size": len(exported.data),
+                "manifest": _manifest_record(m),
+            }
+        )
         return 0
     blobs = ", ".join(b.type for b in m.blobs)
-    enc = (f"encrypted with migration key {m.migration_key_fingerprint}" if m.migration_key
-           else "not encrypted: no migration key")
-    sys.stdout.write(f"exported {name} to {output} ({len(exported.data)} bytes; {blobs}; "
-                     f"{enc})\n")
+    enc = (
+        f"encrypted with migration key {m.migration_key_fingerprint}"
+        if m.migration_key
+        else "not encrypted: no migration key"
+    )
+    sys.stdout.write(f"exported {name} to {output} ({len(exported.data)} bytes; {blobs}; {enc})\n")
     return 0
 
 
-def import_(source: str, name: str | None = None, migration_key_file: Path | None = None,
-            migration_key_format: str = "auto", encrypt: bool | None = None,
-            key_file: Path | None = None, key_format: str = "auto",
-            transport: str | None = None, as_json: bool = False) -> int:
+def import_(
+    source: str,
+    name: str | None = None,
+    migration_key_file: Path | None = None,
+    migration_key_format: str = "auto",
+    encrypt: bool | None = None,
+    key_file: Path | None = None,
+    key_format: str = "auto",
+    transport: str | None = None,
+    as_json: bool = False,
+) -> int:
     """Create an instance from the bundle in SOURCE ('-' = stdin), after checking all of it."""
     from vtpmctl.store.instances import Registry, validate_name
     from vtpmctl.usecases.migrate import ImportOptions, import_bundle, read_bundle_file
@@ -100,29 +122,48 @@ def import_(source: str, name: str | None = None, migration_key_file: Path | Non
     state_key = _key(key_file, key_format, "state key")
     data = read_bundle_file(source)
     opts = ImportOptions(
-        name=name, migration_key=mkey, encrypt=encrypt, state_key=state_key,
-        key_source=None if key_file is None else
-        ("passphrase" if key_format == "passphrase" else "key-file"),
-        transport=transport)  # type: ignore[arg-type]
+        name=name,
+        migration_key=mkey,
+        encrypt=encrypt,
+        state_key=state_key,
+        key_source=None
+        if key_file is None
+        else ("passphrase" if key_format == "passphrase" else "key-file"),
+        transport=transport,  # type: ignore[arg-type]
+    )
     done = import_bundle(Registry(), data, opts)
     inst, m = done.instance, done.manifest
     if as_json:
-        print_json({"format_version": FORMAT_VERSION, "name": inst.name,
-                     "state_dir": str(inst.paths.state_dir), "encrypted": inst.config.encrypted,
-                     "migration_key": inst.config.migration_key,
-                     "libtpms_version": done.libtpms_version, "notes": done.notes,
-                     "manifest": _manifest_record(m)})
+        print_json(
+            {
+                "format_version": FORMAT_VERSION,
+                "name": inst.name,
+                "state_dir": str(inst.paths.state_dir),
+                "encrypted": inst.config.encrypted,
+                "migration_key": inst.config.migration_key,
+                "libtpms_version": done.libtpms_version,
+                "notes": done.notes,
+                "manifest": _manifest_record(m),
+            }
+        )
         return 0
     for note in done.notes:
         sys.stderr.write(f"vtpmctl: note: {note}\n")
-    details = [f"TPM {m.tpm_version}",
-               f"libtpms {m.libtpms_version or '?'} -> {done.libtpms_version or '?'}"]
+    details = [
+        f"TPM {m.tpm_version}",
+        f"libtpms {m.libtpms_version or '?'} -> {done.libtpms_version or '?'}",
+    ]
     if m.ek_fingerprints:
         details.append("EK " + ", ".join(sorted(m.ek_fingerprints)))
-    details.append(f"encrypted at rest ({inst.meta.cipher})" if inst.config.encrypted
-                   else "not encrypted at rest")
-    sys.stdout.write(f"imported {inst.name} from {m.source_name} on {m.source_host} "
-                     f"({'; '.join(details)}); start it with: vtpmctl start {inst.name}\n")
+    details.append(
+        f"encrypted at rest ({inst.meta.cipher})"
+        if inst.config.encrypted
+        else "not encrypted at rest"
+    )
+    sys.stdout.write(
+        f"imported {inst.name} from {m.source_name} on {m.source_host} "
+        f"({'; '.join(details)}); start it with: vtpmctl start {inst.name}\n"
+    )
     return 0
 
 
@@ -132,29 +173,47 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
-    group = typer.Typer(name="migrate", no_args_is_help=True,
-                        help="Move a vTPM to another store or host as a verified bundle.")
+    group = typer.Typer(
+        name="migrate",
+        no_args_is_help=True,
+        help="Move a vTPM to another store or host as a verified bundle.",
+    )
     mkey_opt = typer.Option(
-        "--migration-key-file", show_default=False,
-        help="migration key (0600) the bundle is, or is to be, encrypted with")
+        "--migration-key-file",
+        show_default=False,
+        help="migration key (0600) the bundle is, or is to be, encrypted with",
+    )
     mkey_fmt = typer.Option("--migration-key-format", help="how to read --migration-key-file")
     json_opt = typer.Option("--json", help="one JSON object on stdout")
 
     @group.command("export")
     def export_cmd(
-        name: Annotated[str, typer.Argument(metavar="NAME", show_default=False,
-                                            help="instance name")],
-        destination: Annotated[str | None, typer.Argument(
-            metavar="[FILE|-]", show_default=False, help="same as -o")] = None,
-        output: Annotated[str | None, typer.Option(
-            "-o", "--output", metavar="FILE|-", show_default=False,
-            help="where to write the bundle ('-' for stdout); files are created mode 0600")]
-        = None,
+        name: Annotated[
+            str, typer.Argument(metavar="NAME", show_default=False, help="instance name")
+        ],
+        destination: Annotated[
+            str | None, typer.Argument(metavar="[FILE|-]", show_default=False, help="same as -o")
+        ] = None,
+        output: Annotated[
+            str | None,
+            typer.Option(
+                "-o",
+                "--output",
+                metavar="FILE|-",
+                show_default=False,
+                help="where to write the bundle ('-' for stdout); files are created mode 0600",
+            ),
+        ] = None,
         migration_key_file: Annotated[Path | None, mkey_opt] = None,
         migration_key_format: Annotated[KeyFormat, mkey_fmt] = KeyFormat.AUTO,
-        allow_running: Annotated[bool, typer.Option(
-            "--allow-running", help="copy the permanent state of a running instance instead "
-            "of refusing (the copy and the original then diverge)")] = False,
+        allow_running: Annotated[
+            bool,
+            typer.Option(
+                "--allow-running",
+                help="copy the permanent state of a running instance instead "
+                "of refusing (the copy and the original then diverge)",
+            ),
+        ] = False,
         as_json: Annotated[bool, json_opt] = False,
     ) -> None:
         """Write a stopped vTPM's state, EK data and manifest as a bundle.
@@ -162,44 +221,78 @@ def register(app: "typer.Typer") -> None:
         Encrypted with the instance's migration key, or --migration-key-file.
         """
         if (output is None) == (destination is None):
-            raise typer.BadParameter("give where the bundle goes once: FILE, '-' for stdout, "
-                                     "or -o FILE|-")
+            raise typer.BadParameter(
+                "give where the bundle goes once: FILE, '-' for stdout, or -o FILE|-"
+            )
         where = output if output is not None else destination
         assert where is not None
         if where == "-" and as_json:
-            raise typer.BadParameter("--json needs -o FILE (with -o - the bundle goes to "
-                                     "stdout)")
-        raise typer.Exit(export(name, where, migration_key_file, migration_key_format.value,
-                                allow_running, as_json))
+            raise typer.BadParameter("--json needs -o FILE (with -o - the bundle goes to stdout)")
+        raise typer.Exit(
+            export(
+                name, where, migration_key_file, migration_key_format.value, allow_running, as_json
+            )
+        )
 
     @group.command("import")
     def import_cmd(
-        source: Annotated[str, typer.Argument(
-            metavar="BUNDLE|-", show_default=False, help="the bundle ('-' for stdin)")],
-        name: Annotated[str | None, typer.Option(
-            "--name", show_default=False, help="instance name [default: the source's]")]
-        = None,
+        source: Annotated[
+            str,
+            typer.Argument(
+                metavar="BUNDLE|-", show_default=False, help="the bundle ('-' for stdin)"
+            ),
+        ],
+        name: Annotated[
+            str | None,
+            typer.Option(
+                "--name", show_default=False, help="instance name [default: the source's]"
+            ),
+        ] = None,
         migration_key_file: Annotated[Path | None, mkey_opt] = None,
         migration_key_format: Annotated[KeyFormat, mkey_fmt] = KeyFormat.AUTO,
-        encrypt: Annotated[bool | None, typer.Option(
-            "--encrypt/--no-encrypt", show_default=False,
-            help="encrypt the state at rest here [default: as the source was; a new random "
-            "key unless --key-file]")] = None,
-        key_file: Annotated[Path | None, typer.Option(
-            "--key-file", show_default=False,
-            help="state key (0600) for encryption at rest; implies --encrypt")] = None,
-        key_format: Annotated[KeyFormat, typer.Option(
-            "--key-format", help="how to read --key-file")] = KeyFormat.AUTO,
-        transport: Annotated[TransportKind | None, typer.Option(
-            "--transport", show_default=False,
-            help="socket or cuse [default: the source's]")] = None,
+        encrypt: Annotated[
+            bool | None,
+            typer.Option(
+                "--encrypt/--no-encrypt",
+                show_default=False,
+                help="encrypt the state at rest here [default: as the source was; a new random "
+                "key unless --key-file]",
+            ),
+        ] = None,
+        key_file: Annotated[
+            Path | None,
+            typer.Option(
+                "--key-file",
+                show_default=False,
+                help="state key (0600) for encryption at rest; implies --encrypt",
+            ),
+        ] = None,
+        key_format: Annotated[
+            KeyFormat, typer.Option("--key-format", help="how to read --key-file")
+        ] = KeyFormat.AUTO,
+        transport: Annotated[
+            TransportKind | None,
+            typer.Option(
+                "--transport", show_default=False, help="socket or cuse [default: the source's]"
+            ),
+        ] = None,
         as_json: Annotated[bool, json_opt] = False,
     ) -> None:
         """Create a vTPM from a bundle; everything is checked before anything is written."""
         if encrypt is False and key_file is not None:
             raise typer.BadParameter("--no-encrypt and --key-file contradict each other")
-        raise typer.Exit(import_(source, name, migration_key_file, migration_key_format.value,
-                                 encrypt, key_file, key_format.value,
-                                 None if transport is None else transport.value, as_json))
+        raise typer.Exit(
+            import_(
+                source,
+                name,
+                migration_key_file,
+                migration_key_format.value,
+                encrypt,
+                key_file,
+                key_format.value,
+                None if transport is None else transport.value,
+                as_json,
+            )
+        )
 
     app.add_typer(group)

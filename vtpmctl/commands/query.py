@@ -5,7 +5,6 @@ line calls; ``register`` adds their typer front ends. typer and rich are only
 imported when needed, because scripts call these commands often.
 """
 
-
 from vtpmctl.commands.output import print_json, print_rows
 from vtpmctl.device.client.control import DEFAULT_TIMEOUT, ControlError
 from vtpmctl.device.client.target import open_client, parse_target
@@ -77,11 +76,22 @@ def info_data(client: "ControlClient", target: str) -> "dict[str, Any]":
     Commands the peer does not advertise are not sent; their keys stay null.
     """
     value = client.caps()
-    data: dict[str, Any] = {"format_version": FORMAT_VERSION, "target": target, "caps": value,
-                            "running": None, "established": None}
+    data: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "target": target,
+        "caps": value,
+        "running": None,
+        "established": None,
+    }
     data.update(dict.fromkeys(INFO_KEYS.values()))
-    data.update(config_flags=None, state_key=None, migration_key=None,
-                buffer_size=None, buffer_size_min=None, buffer_size_max=None)
+    data.update(
+        config_flags=None,
+        state_key=None,
+        migration_key=None,
+        buffer_size=None,
+        buffer_size_min=None,
+        buffer_size_max=None,
+    )
     if value & Cap.GET_TPMESTABLISHED:
         try:
             data["established"] = client.get_established()
@@ -99,8 +109,11 @@ def info_data(client: "ControlClient", target: str) -> "dict[str, Any]":
             data[key] = info.get(member)
     if value & Cap.GET_CONFIG:
         flags = client.get_config()
-        data.update(config_flags=flags, state_key=bool(flags & ConfigFlag.FILE_KEY),
-                    migration_key=bool(flags & ConfigFlag.MIGRATION_KEY))
+        data.update(
+            config_flags=flags,
+            state_key=bool(flags & ConfigFlag.FILE_KEY),
+            migration_key=bool(flags & ConfigFlag.MIGRATION_KEY),
+        )
     if value & Cap.SET_BUFFERSIZE:
         cur, low, high = client.set_buffersize(0)
         data.update(buffer_size=cur, buffer_size_min=low, buffer_size_max=high)
@@ -123,30 +136,53 @@ def _info_rows(data: "dict[str, Any]") -> list[tuple[str, str]]:
     def yn(v: bool | None, none: str = "unknown") -> str:
         return none if v is None else ("yes" if v else "no")
 
-    rows = [("running", yn(data["running"])),
-            ("established", yn(data["established"], "unknown (TPM not running)"
-                               if data["running"] is False else "unknown"))]
+    rows = [
+        ("running", yn(data["running"])),
+        (
+            "established",
+            yn(
+                data["established"],
+                "unknown (TPM not running)" if data["running"] is False else "unknown",
+            ),
+        ),
+    ]
     spec = data["tpm_specification"]
     if isinstance(spec, dict):
-        rows.append(("TPM family", f"{spec.get('family')} (level {spec.get('level')}, "
-                                   f"revision {spec.get('revision')})"))
+        rows.append(
+            (
+                "TPM family",
+                f"{spec.get('family')} (level {spec.get('level')}, "
+                f"revision {spec.get('revision')})",
+            )
+        )
     attrs = data["tpm_attributes"]
     if isinstance(attrs, dict):
         rows += [(k, str(v)) for k, v in attrs.items()]
     feats = data["tpm_features"]
     if isinstance(feats, dict):
-        rows += [(k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
-                 for k, v in feats.items()]
-    for key in ("runtime_algorithms", "runtime_commands", "active_profile",
-                "available_profiles", "runtime_attributes"):
+        rows += [
+            (k, ", ".join(map(str, v)) if isinstance(v, list) else str(v)) for k, v in feats.items()
+        ]
+    for key in (
+        "runtime_algorithms",
+        "runtime_commands",
+        "active_profile",
+        "available_profiles",
+        "runtime_attributes",
+    ):
         if data[key] is not None:
             import json
 
             rows.append((key.replace("_", " "), json.dumps(data[key], separators=(",", ":"))))
     rows += [("state key", yn(data["state_key"])), ("migration key", yn(data["migration_key"]))]
     if data["buffer_size"] is not None:
-        rows.append(("buffer size", f"{data['buffer_size']} (min {data['buffer_size_min']}, "
-                                    f"max {data['buffer_size_max']})"))
+        rows.append(
+            (
+                "buffer size",
+                f"{data['buffer_size']} (min {data['buffer_size_min']}, "
+                f"max {data['buffer_size_max']})",
+            )
+        )
     rows.append(("capabilities", f"{data['caps']:#010x}"))
     return rows
 
@@ -164,15 +200,16 @@ def register(app: "typer.Typer") -> None:
     import typer
 
     target_arg = typer.Argument(
-        metavar="TARGET", show_default=False,
-        help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name")
+        metavar="TARGET",
+        show_default=False,
+        help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name",
+    )
 
     @app.command("caps")
     def caps_cmd(
         ctx: typer.Context,
         target: Annotated[str, target_arg],
-        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
-        = False,
+        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     ) -> None:
         """Show the control-channel capabilities of a TPM (CMD_GET_CAPABILITY)."""
         caps(target, as_json=as_json, timeout=ctx.find_root().params["timeout"])
@@ -181,8 +218,7 @@ def register(app: "typer.Typer") -> None:
     def info_cmd(
         ctx: typer.Context,
         target: Annotated[str, target_arg],
-        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
-        = False,
+        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     ) -> None:
         """Show what a TPM reports: version, keys in use, buffer size, established bit."""
         info(target, as_json=as_json, timeout=ctx.find_root().params["timeout"])

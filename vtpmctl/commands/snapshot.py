@@ -40,16 +40,29 @@ def _size(n: int) -> str:
     return f"{n} B" if n < 10240 else f"{n / 1024:.0f} KiB"
 
 
-def create(name: str, label: str | None = None, volatile: bool = False,
-           keep: int | None = None, as_json: bool = False) -> int:
+def create(
+    name: str,
+    label: str | None = None,
+    volatile: bool = False,
+    keep: int | None = None,
+    as_json: bool = False,
+) -> int:
     """Snapshot NAME's state (running or stopped)."""
     from vtpmctl.usecases import snapshot_ops
 
-    snap, captured, pruned = snapshot_ops.create(_instance(name), label=label,
-                                                 volatile=volatile, keep=keep)
+    snap, captured, pruned = snapshot_ops.create(
+        _instance(name), label=label, volatile=volatile, keep=keep
+    )
     if as_json:
-        print_json({"instance": name, "snapshot": _record(snap), "source": captured.source,
-                    "note": captured.note, "pruned": [_record(s) for s in pruned]})
+        print_json(
+            {
+                "instance": name,
+                "snapshot": _record(snap),
+                "source": captured.source,
+                "note": captured.note,
+                "pruned": [_record(s) for s in pruned],
+            }
+        )
         return 0
     kinds = " + ".join(k for k in ("permanent", "volatile", "savestate") if k in snap.blobs)
     _out(f"snapshot {snap.describe()} of {name}: {kinds} state, from the {captured.source}")
@@ -68,8 +81,13 @@ def list_(name: str, as_json: bool = False) -> int:
     snaps = store.all()
     apparent, allocated = store.disk_usage() if store.root.exists() else (0, 0)
     if as_json:
-        print_json({"instance": name, "snapshots": [s.to_json() for s in snaps],
-                    "disk_usage": {"bytes": apparent, "allocated": allocated}})
+        print_json(
+            {
+                "instance": name,
+                "snapshots": [s.to_json() for s in snaps],
+                "disk_usage": {"bytes": apparent, "allocated": allocated},
+            }
+        )
         return 0
     if not snaps:
         _note(f"{name} has no snapshots; take one with: vtpmctl snapshot create {name}")
@@ -77,8 +95,15 @@ def list_(name: str, as_json: bool = False) -> int:
     rows = [["ID", "CREATED", "LABEL", "STATE", "SIZE"]]
     for s in snaps:
         kinds = "+".join(k[:3] for k in ("permanent", "volatile", "savestate") if k in s.blobs)
-        rows.append([str(s.id), snapshot_ops.timestamp(s.created), s.label or "", kinds,
-                     _size(sum(s.sizes.values()))])
+        rows.append(
+            [
+                str(s.id),
+                snapshot_ops.timestamp(s.created),
+                s.label or "",
+                kinds,
+                _size(sum(s.sizes.values())),
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -92,9 +117,16 @@ def restore(name: str, ref: str, force: bool = False, as_json: bool = False) -> 
 
     res = snapshot_ops.restore(_instance(name), ref, force=force)
     if as_json:
-        print_json({"instance": name, "restored": _record(res.snapshot),
-                    "safety_snapshot": _record(res.safety), "safety_error": res.safety_error,
-                    "stopped": res.stopped, "restarted": res.restarted})
+        print_json(
+            {
+                "instance": name,
+                "restored": _record(res.snapshot),
+                "safety_snapshot": _record(res.safety),
+                "safety_error": res.safety_error,
+                "stopped": res.stopped,
+                "restarted": res.restarted,
+            }
+        )
         return 0
     if res.safety is not None:
         _out(f"saved the current state as snapshot {res.safety.describe()}")
@@ -138,8 +170,10 @@ def diff(name: str, ref_a: str, ref_b: str, as_json: bool = False) -> int:
             _out(f"{what:<10} {handle} removed")
         for entry in changes["changed"]:
             fields = entry.get("fields")
-            _out(f"{what:<10} {entry['handle']} changed"
-                 + (f" ({', '.join(fields)})" if fields else ""))
+            _out(
+                f"{what:<10} {entry['handle']} changed"
+                + (f" ({', '.join(fields)})" if fields else "")
+            )
     if result["error"]:
         _note(result["error"])
         return 1
@@ -152,8 +186,11 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
-    group = typer.Typer(name="snapshot", no_args_is_help=True,
-                        help="Take, list, restore and compare snapshots of a vTPM's state.")
+    group = typer.Typer(
+        name="snapshot",
+        no_args_is_help=True,
+        help="Take, list, restore and compare snapshots of a vTPM's state.",
+    )
     name_arg = typer.Argument(metavar="NAME", show_default=False, help="instance name")
     ref_help = "snapshot id or label"
     json_opt = typer.Option("--json", help="one JSON object on stdout")
@@ -161,22 +198,29 @@ def register(app: "typer.Typer") -> None:
     @group.command("create")
     def create_cmd(
         name: Annotated[str, name_arg],
-        label: Annotated[str | None, typer.Option("--label", help="a name to restore by")]
-        = None,
-        volatile: Annotated[bool, typer.Option(
-            "--volatile", help="also the volatile state (loaded objects, sessions, PCRs of "
-            "the current boot)")] = False,
-        keep: Annotated[int | None, typer.Option(
-            "--keep", min=1, metavar="N", help="then keep only the newest N snapshots")]
-        = None,
+        label: Annotated[str | None, typer.Option("--label", help="a name to restore by")] = None,
+        volatile: Annotated[
+            bool,
+            typer.Option(
+                "--volatile",
+                help="also the volatile state (loaded objects, sessions, PCRs of the current boot)",
+            ),
+        ] = False,
+        keep: Annotated[
+            int | None,
+            typer.Option(
+                "--keep", min=1, metavar="N", help="then keep only the newest N snapshots"
+            ),
+        ] = None,
         as_json: Annotated[bool, json_opt] = False,
     ) -> None:
         """Snapshot a vTPM, running (without stopping it) or stopped."""
         raise typer.Exit(create(name, label, volatile, keep, as_json))
 
     @group.command("list")
-    def list_cmd(name: Annotated[str, name_arg],
-                 as_json: Annotated[bool, json_opt] = False) -> None:
+    def list_cmd(
+        name: Annotated[str, name_arg], as_json: Annotated[bool, json_opt] = False
+    ) -> None:
         """List a vTPM's snapshots, oldest first."""
         raise typer.Exit(list_(name, as_json))
 
@@ -184,9 +228,10 @@ def register(app: "typer.Typer") -> None:
     def restore_cmd(
         name: Annotated[str, name_arg],
         ref: Annotated[str, typer.Argument(metavar="REF", show_default=False, help=ref_help)],
-        force: Annotated[bool, typer.Option(
-            "--force", help="stop the running vTPM first (and start it again after)")]
-        = False,
+        force: Annotated[
+            bool,
+            typer.Option("--force", help="stop the running vTPM first (and start it again after)"),
+        ] = False,
         as_json: Annotated[bool, json_opt] = False,
     ) -> None:
         """Put a snapshot back as the vTPM's state (the current state is kept as a snapshot)."""

@@ -37,8 +37,13 @@ class StateFileError(Exception):
     """The blob file (or stdin/stdout) cannot be used; nothing was sent to the TPM."""
 
 
-def export(target: str, output: str, blob_type: str = "permanent", decrypted: bool = True,
-           timeout: float = DEFAULT_TIMEOUT) -> int:
+def export(
+    target: str,
+    output: str,
+    blob_type: str = "permanent",
+    decrypted: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> int:
     """Write one state blob of TARGET to OUTPUT ('-' = stdout)."""
     kind = _TYPES[BlobKind(blob_type)]
     where = parse_target(target)
@@ -72,16 +77,18 @@ def _destination(output: str) -> Path | int | None:
     atomically, mode 0600), or an open fd for a device or pipe given by name."""
     if output == "-":
         if sys.stdout.isatty():
-            raise StateFileError("refusing to write a state blob to a terminal; "
-                                 "use -o FILE or redirect stdout")
+            raise StateFileError(
+                "refusing to write a state blob to a terminal; use -o FILE or redirect stdout"
+            )
         return None
     real = Path(os.path.realpath(output))
     try:
         st = os.stat(real)
     except FileNotFoundError:
         if not real.parent.is_dir():
-            raise StateFileError(f"cannot write {output}: directory {real.parent} "
-                                 "does not exist") from None
+            raise StateFileError(
+                f"cannot write {output}: directory {real.parent} does not exist"
+            ) from None
         return real
     except OSError as exc:
         raise StateFileError(f"cannot write {output}: {exc.strerror}") from exc
@@ -104,22 +111,24 @@ def _write_stream(fd: int, blob: bytes, output: str) -> None:
     try:
         view = memoryview(blob)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
     except OSError as exc:
         raise StateFileError(f"cannot write {output}: {exc.strerror}") from exc
     finally:
         os.close(fd)
 
 
-def import_(target: str, source: str, blob_type: str = "permanent",
-            timeout: float = DEFAULT_TIMEOUT) -> int:
+def import_(
+    target: str, source: str, blob_type: str = "permanent", timeout: float = DEFAULT_TIMEOUT
+) -> int:
     """Stage one state blob from SOURCE ('-' = stdin) in the stopped TPM TARGET."""
     kind = _TYPES[BlobKind(blob_type)]
     where = parse_target(target)
     if source == "-":
         if sys.stdin.isatty():
-            raise StateFileError("refusing to read a state blob from a terminal; "
-                                 "give a FILE or redirect stdin")
+            raise StateFileError(
+                "refusing to read a state blob from a terminal; give a FILE or redirect stdin"
+            )
         blob = sys.stdin.buffer.read()
     else:
         try:
@@ -137,36 +146,58 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
-    group = typer.Typer(name="state", no_args_is_help=True,
-                        help="Export or import one raw state blob (swtpm_ioctl --save/--load).")
+    group = typer.Typer(
+        name="state",
+        no_args_is_help=True,
+        help="Export or import one raw state blob (swtpm_ioctl --save/--load).",
+    )
     target_arg = typer.Argument(
-        metavar="TARGET", show_default=False,
-        help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name")
+        metavar="TARGET",
+        show_default=False,
+        help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name",
+    )
     type_opt = typer.Option("--type", "-t", help="which blob", case_sensitive=False)
 
     @group.command("export")
     def export_cmd(
         ctx: typer.Context,
         target: Annotated[str, target_arg],
-        output: Annotated[str, typer.Option(
-            "-o", "--output", metavar="FILE|-", show_default=False,
-            help="where to write the blob ('-' for stdout); files are created mode 0600")],
+        output: Annotated[
+            str,
+            typer.Option(
+                "-o",
+                "--output",
+                metavar="FILE|-",
+                show_default=False,
+                help="where to write the blob ('-' for stdout); files are created mode 0600",
+            ),
+        ],
         blob_type: Annotated[BlobKind, type_opt] = BlobKind.PERMANENT,
-        decrypted: Annotated[bool, typer.Option(
-            "--decrypted/--encrypted",
-            help="remove the state-key encryption (as QEMU and swtpm_ioctl do), or keep it")]
-        = True,
+        decrypted: Annotated[
+            bool,
+            typer.Option(
+                "--decrypted/--encrypted",
+                help="remove the state-key encryption (as QEMU and swtpm_ioctl do), or keep it",
+            ),
+        ] = True,
     ) -> None:
         """Write a state blob of a running TPM to a file (CMD_GET_STATEBLOB)."""
-        export(target, output, blob_type.value, decrypted=decrypted,
-               timeout=ctx.find_root().params["timeout"])
+        export(
+            target,
+            output,
+            blob_type.value,
+            decrypted=decrypted,
+            timeout=ctx.find_root().params["timeout"],
+        )
 
     @group.command("import")
     def import_cmd(
         ctx: typer.Context,
         target: Annotated[str, target_arg],
-        source: Annotated[str, typer.Argument(
-            metavar="FILE|-", show_default=False, help="the blob ('-' for stdin)")],
+        source: Annotated[
+            str,
+            typer.Argument(metavar="FILE|-", show_default=False, help="the blob ('-' for stdin)"),
+        ],
         blob_type: Annotated[BlobKind, type_opt] = BlobKind.PERMANENT,
     ) -> None:
         """Load a state blob into a stopped TPM (CMD_SET_STATEBLOB); init makes it live."""

@@ -36,10 +36,19 @@ def verify(name: str, as_json: bool = False, quiet: bool = False) -> int:
     errors = sum(f.level == "error" for f in findings)
     warnings = sum(f.level == "warn" for f in findings)
     if as_json:
-        sys.stdout.write(json.dumps({
-            "format_version": FORMAT_VERSION, "instance": name, "ok": not errors,
-            "errors": errors, "warnings": warnings,
-            "findings": [f.to_json() for f in findings]}) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "instance": name,
+                    "ok": not errors,
+                    "errors": errors,
+                    "warnings": warnings,
+                    "findings": [f.to_json() for f in findings],
+                }
+            )
+            + "\n"
+        )
         return 1 if errors else 0
     for f in findings:
         if quiet and f.level == "ok":
@@ -58,10 +67,10 @@ def register(app: "typer.Typer") -> None:
 
     @app.command("verify")
     def verify_cmd(
-        name: Annotated[str, typer.Argument(metavar="NAME", show_default=False,
-                                            help="instance name")],
-        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")]
-        = False,
+        name: Annotated[
+            str, typer.Argument(metavar="NAME", show_default=False, help="instance name")
+        ],
+        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only problems")] = False,
     ) -> None:
         """Check a vTPM's state files, keys, permissions, lock and snapshots (offline)."""

@@ -233,8 +233,19 @@ class Message(_Record):
     response ('resp').
     """
 
-    __slots__ = ("cmd", "request", "response", "req_rule", "ioctl_dir", "ioctl_size",
-                 "ioctl_request", "ioctl_response", "error_response", "needs_running", "data")
+    __slots__ = (
+        "cmd",
+        "request",
+        "response",
+        "req_rule",
+        "ioctl_dir",
+        "ioctl_size",
+        "ioctl_request",
+        "ioctl_response",
+        "error_response",
+        "needs_running",
+        "data",
+    )
     cmd: Cmd
     request: Layout
     response: Layout
@@ -247,17 +258,33 @@ class Message(_Record):
     needs_running: bool | None  # True: running, False: stopped, None: any
     data: str | None
 
-    def __init__(self, cmd: Cmd, request: Layout, response: Layout,
-                 req_rule: tuple[str, int] | None, ioctl_dir: int, ioctl_size: int,
-                 ioctl_request: Layout = NONE, ioctl_response: Layout | None = None,
-                 error_response: Layout = RESULT, needs_running: bool | None = None,
-                 data: str | None = None) -> None:
-        for name, value in (("cmd", cmd), ("request", request), ("response", response),
-                            ("req_rule", req_rule), ("ioctl_dir", ioctl_dir),
-                            ("ioctl_size", ioctl_size), ("ioctl_request", ioctl_request),
-                            ("ioctl_response", ioctl_response),
-                            ("error_response", error_response),
-                            ("needs_running", needs_running), ("data", data)):
+    def __init__(
+        self,
+        cmd: Cmd,
+        request: Layout,
+        response: Layout,
+        req_rule: tuple[str, int] | None,
+        ioctl_dir: int,
+        ioctl_size: int,
+        ioctl_request: Layout = NONE,
+        ioctl_response: Layout | None = None,
+        error_response: Layout = RESULT,
+        needs_running: bool | None = None,
+        data: str | None = None,
+    ) -> None:
+        for name, value in (
+            ("cmd", cmd),
+            ("request", request),
+            ("response", response),
+            ("req_rule", req_rule),
+            ("ioctl_dir", ioctl_dir),
+            ("ioctl_size", ioctl_size),
+            ("ioctl_request", ioctl_request),
+            ("ioctl_response", ioctl_response),
+            ("error_response", error_response),
+            ("needs_running", needs_running),
+            ("data", data),
+        ):
             object.__setattr__(self, name, value)
 
     @property
@@ -274,43 +301,122 @@ _BLOB_HDR = L(("result", "I"), ("state_flags", "I"), ("totlength", "I"), ("lengt
 MESSAGES: dict[Cmd, Message] = {
     m.cmd: m
     for m in (
-        Message(Cmd.GET_CAPABILITY, NONE, L(("result", "I"), ("caps", "I")), None, 2, 8,
-                ioctl_response=L(("caps", "Q"))),
-        Message(Cmd.INIT, L(("init_flags", "I")), RESULT, ("exact", 4), 3, 4,
-                ioctl_request=L(("init_flags", "I"))),
+        Message(
+            Cmd.GET_CAPABILITY,
+            NONE,
+            L(("result", "I"), ("caps", "I")),
+            None,
+            2,
+            8,
+            ioctl_response=L(("caps", "Q")),
+        ),
+        Message(
+            Cmd.INIT,
+            L(("init_flags", "I")),
+            RESULT,
+            ("exact", 4),
+            3,
+            4,
+            ioctl_request=L(("init_flags", "I")),
+        ),
         Message(Cmd.SHUTDOWN, NONE, RESULT, ("exact", 0), 2, 4),
-        Message(Cmd.GET_TPMESTABLISHED, NONE, L(("result", "I"), ("bit", "B"), ("", "3x")),
-                ("exact", 0), 2, 8, needs_running=True),
-        Message(Cmd.SET_LOCALITY, L(("loc", "B")), RESULT, ("min", 1), 3, 4,
-                ioctl_request=L(("loc", "B"), ("", "3x"))),
+        Message(
+            Cmd.GET_TPMESTABLISHED,
+            NONE,
+            L(("result", "I"), ("bit", "B"), ("", "3x")),
+            ("exact", 0),
+            2,
+            8,
+            needs_running=True,
+        ),
+        Message(
+            Cmd.SET_LOCALITY,
+            L(("loc", "B")),
+            RESULT,
+            ("min", 1),
+            3,
+            4,
+            ioctl_request=L(("loc", "B"), ("", "3x")),
+        ),
         Message(Cmd.HASH_START, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
-        Message(Cmd.HASH_DATA, L(("length", "I")), RESULT, ("min", 4), 3, 4 + HASH_DATA_MAX,
-                ioctl_request=L(("length", "I")), needs_running=True, data="req"),
+        Message(
+            Cmd.HASH_DATA,
+            L(("length", "I")),
+            RESULT,
+            ("min", 4),
+            3,
+            4 + HASH_DATA_MAX,
+            ioctl_request=L(("length", "I")),
+            needs_running=True,
+            data="req",
+        ),
         Message(Cmd.HASH_END, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
         Message(Cmd.CANCEL_TPM_CMD, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
         Message(Cmd.STORE_VOLATILE, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
-        Message(Cmd.RESET_TPMESTABLISHED, L(("loc", "B")), RESULT, ("min", 1), 3, 4,
-                ioctl_request=L(("loc", "B"), ("", "3x")), needs_running=True),
-        Message(Cmd.GET_STATEBLOB, L(("state_flags", "I"), ("type", "I"), ("offset", "I")),
-                _BLOB_HDR, ("min", 12), 3, 16 + STATE_BLOB_CHUNK,
-                ioctl_request=L(("state_flags", "I"), ("type", "I"), ("offset", "I")),
-                error_response=_BLOB_HDR, needs_running=True, data="resp"),
-        Message(Cmd.SET_STATEBLOB, L(("state_flags", "I"), ("type", "I"), ("length", "I")),
-                RESULT, ("min", 12), 3, 12 + STATE_BLOB_CHUNK,
-                ioctl_request=L(("state_flags", "I"), ("type", "I"), ("length", "I")),
-                needs_running=False, data="req"),
+        Message(
+            Cmd.RESET_TPMESTABLISHED,
+            L(("loc", "B")),
+            RESULT,
+            ("min", 1),
+            3,
+            4,
+            ioctl_request=L(("loc", "B"), ("", "3x")),
+            needs_running=True,
+        ),
+        Message(
+            Cmd.GET_STATEBLOB,
+            L(("state_flags", "I"), ("type", "I"), ("offset", "I")),
+            _BLOB_HDR,
+            ("min", 12),
+            3,
+            16 + STATE_BLOB_CHUNK,
+            ioctl_request=L(("state_flags", "I"), ("type", "I"), ("offset", "I")),
+            error_response=_BLOB_HDR,
+            needs_running=True,
+            data="resp",
+        ),
+        Message(
+            Cmd.SET_STATEBLOB,
+            L(("state_flags", "I"), ("type", "I"), ("length", "I")),
+            RESULT,
+            ("min", 12),
+            3,
+            12 + STATE_BLOB_CHUNK,
+            ioctl_request=L(("state_flags", "I"), ("type", "I"), ("length", "I")),
+            needs_running=False,
+            data="req",
+        ),
         Message(Cmd.STOP, NONE, RESULT, ("exact", 0), 2, 4),
         Message(Cmd.GET_CONFIG, NONE, L(("result", "I"), ("flags", "I")), ("exact", 0), 2, 8),
         Message(Cmd.SET_DATAFD, NONE, RESULT, None, 2, 4),
-        Message(Cmd.SET_BUFFERSIZE, L(("buffersize", "I")),
-                L(("result", "I"), ("buffersize", "I"), ("minsize", "I"), ("maxsize", "I")),
-                ("min", 4), 3, 16, ioctl_request=L(("buffersize", "I"))),
-        Message(Cmd.GET_INFO, L(("flags", "Q"), ("offset", "I"), ("", "4x")),
-                L(("result", "I"), ("totlength", "I"), ("length", "I")), ("min", 16), 3,
-                16 + STATE_BLOB_CHUNK,
-                ioctl_request=L(("flags", "Q"), ("offset", "I"), ("", "4x")), data="resp"),
-        Message(Cmd.LOCK_STORAGE, L(("retries", "I")), RESULT, ("min", 4), 3, 4,
-                ioctl_request=L(("retries", "I"))),
+        Message(
+            Cmd.SET_BUFFERSIZE,
+            L(("buffersize", "I")),
+            L(("result", "I"), ("buffersize", "I"), ("minsize", "I"), ("maxsize", "I")),
+            ("min", 4),
+            3,
+            16,
+            ioctl_request=L(("buffersize", "I")),
+        ),
+        Message(
+            Cmd.GET_INFO,
+            L(("flags", "Q"), ("offset", "I"), ("", "4x")),
+            L(("result", "I"), ("totlength", "I"), ("length", "I")),
+            ("min", 16),
+            3,
+            16 + STATE_BLOB_CHUNK,
+            ioctl_request=L(("flags", "Q"), ("offset", "I"), ("", "4x")),
+            data="resp",
+        ),
+        Message(
+            Cmd.LOCK_STORAGE,
+            L(("retries", "I")),
+            RESULT,
+            ("min", 4),
+            3,
+            4,
+            ioctl_request=L(("retries", "I")),
+        ),
     )
 }
 
@@ -338,15 +444,17 @@ def socket_error_size(cmd: Cmd, result: int) -> int:
 # ---------------------------------------------------------------- socket framing
 
 
-def encode_socket_request(cmd: Cmd, fields: dict[str, int] | None = None,
-                          data: bytes = b"") -> bytes:
+def encode_socket_request(
+    cmd: Cmd, fields: dict[str, int] | None = None, data: bytes = b""
+) -> bytes:
     """Code + body, as one buffer to send in a single write."""
     msg = MESSAGES[cmd]
     return struct.pack(">I", cmd) + msg.request.pack("big", fields or {}) + data
 
 
-def encode_socket_response(cmd: Cmd, result: int, fields: dict[str, Any] | None = None,
-                           data: bytes = b"") -> bytes:
+def encode_socket_response(
+    cmd: Cmd, result: int, fields: dict[str, Any] | None = None, data: bytes = b""
+) -> bytes:
     """A success reply, or the short error reply the spec prescribes."""
     msg = MESSAGES[cmd]
     if result != Res.SUCCESS:
@@ -367,8 +475,9 @@ def decode_socket_response_head(cmd: Cmd, head: bytes) -> dict[str, int]:
 # ---------------------------------------------------------------- ioctl framing
 
 
-def encode_ioctl_request(cmd: Cmd, fields: dict[str, int] | None = None,
-                         data: bytes = b"") -> bytearray:
+def encode_ioctl_request(
+    cmd: Cmd, fields: dict[str, int] | None = None, data: bytes = b""
+) -> bytearray:
     """The whole union buffer for an ioctl call, native byte order."""
     msg = MESSAGES[cmd]
     buf = bytearray(msg.ioctl_size)

@@ -57,10 +57,14 @@ class InspectResult:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> InspectResult:
-        return cls(ok=bool(data["ok"]),
-                   validate={str(k): int(v) for k, v in data["validate"].items()},
-                   persistent=data.get("persistent"), nv=data.get("nv"),
-                   error=data.get("error"), log=list(data.get("log") or []))
+        return cls(
+            ok=bool(data["ok"]),
+            validate={str(k): int(v) for k, v in data["validate"].items()},
+            persistent=data.get("persistent"),
+            nv=data.get("nv"),
+            error=data.get("error"),
+            log=list(data.get("log") or []),
+        )
 
 
 # ---------------------------------------------------------------- caller side
@@ -75,8 +79,9 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def inspect_blobs(blobs: dict[str, bytes], *, tpm2: bool, describe: bool = False,
-                  timeout: float = DEFAULT_TIMEOUT) -> InspectResult:
+def inspect_blobs(
+    blobs: dict[str, bytes], *, tpm2: bool, describe: bool = False, timeout: float = DEFAULT_TIMEOUT
+) -> InspectResult:
     """Validate (and optionally decode) plaintext state blobs in a fresh process.
 
     ``blobs`` maps "permanent", "volatile" and "savestate" to plaintext libtpms
@@ -86,15 +91,25 @@ def inspect_blobs(blobs: dict[str, bytes], *, tpm2: bool, describe: bool = False
     unknown = sorted(set(blobs) - set(BLOB_KINDS))
     if unknown:
         raise ValueError(f"unknown blob kinds {unknown}; use {', '.join(BLOB_KINDS)}")
-    request = {"tpm2": tpm2, "describe": describe,
-               "blobs": {k: base64.b64encode(v).decode() for k, v in blobs.items() if v}}
+    request = {
+        "tpm2": tpm2,
+        "describe": describe,
+        "blobs": {k: base64.b64encode(v).decode() for k, v in blobs.items() if v},
+    }
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", MODULE], input=json.dumps(request).encode(),
-            capture_output=True, timeout=timeout, env=_child_env(), cwd="/", check=False)
+            [sys.executable, "-m", MODULE],
+            input=json.dumps(request).encode(),
+            capture_output=True,
+            timeout=timeout,
+            env=_child_env(),
+            cwd="/",
+            check=False,
+        )
     except subprocess.TimeoutExpired:
-        return InspectResult(False, {}, error=f"the state inspector did not finish within "
-                                              f"{timeout:g}s")
+        return InspectResult(
+            False, {}, error=f"the state inspector did not finish within {timeout:g}s"
+        )
     except OSError as exc:
         return InspectResult(False, {}, error=f"cannot run the state inspector: {exc.strerror}")
     log = _log_lines(proc.stderr)
@@ -106,8 +121,9 @@ def inspect_blobs(blobs: dict[str, bytes], *, tpm2: bool, describe: bool = False
         else:
             result.log = log
             return result
-    reason = next((line[len("vtpmctl: "):] for line in reversed(log)
-                   if line.startswith("vtpmctl: ")), None)
+    reason = next(
+        (line[len("vtpmctl: ") :] for line in reversed(log) if line.startswith("vtpmctl: ")), None
+    )
     if reason is None:
         reason = f"exit status {proc.returncode}" + (f": {log[-1]}" if log else "")
     return InspectResult(False, {}, error=f"the state inspector failed ({reason})", log=log)
@@ -169,8 +185,9 @@ def _run(request: dict[str, Any]) -> InspectResult:
     rc = tpm.main_init()
     try:
         if rc:
-            raise _InspectError(f"the TPM does not power on from these blobs "
-                                f"(TPMLIB_MainInit 0x{rc:x})")
+            raise _InspectError(
+                f"the TPM does not power on from these blobs (TPMLIB_MainInit 0x{rc:x})"
+            )
         if tpm2:
             _describe_tpm2(tpm.process, result, resumed="volatile" in blobs)
     except _InspectError as exc:
@@ -204,8 +221,10 @@ def _describe_tpm2(transact: Transact, result: InspectResult, *, resumed: bool) 
             pub = t.nv_read_public(transact, index)
             data = _read_nv(transact, pub, chunk)
             nv[f"0x{index:08x}"] = {
-                "attributes": pub.attributes, "size": pub.data_size,
-                "sha256": None if data is None else _sha256(data)}
+                "attributes": pub.attributes,
+                "size": pub.data_size,
+                "sha256": None if data is None else _sha256(data),
+            }
     except (t.TpmError, t.MalformedResponse) as exc:
         raise _InspectError(f"cannot list the TPM's objects ({exc})") from None
     result.persistent = persistent
@@ -238,11 +257,13 @@ def _read_nv(transact: Transact, pub: Any, chunk: int) -> bytes | None:
         for _ in range(3):  # the first DA-protected use after a start may say RETRY
             try:
                 if pub.data_size == 0:
-                    t.parse_nv_read(transact(t.build_nv_read(pub.index, 0,
-                                                             auth_handle=auth_handle)))
+                    t.parse_nv_read(
+                        transact(t.build_nv_read(pub.index, 0, auth_handle=auth_handle))
+                    )
                     return b""
-                return t.nv_read(transact, pub.index, pub.data_size, auth_handle=auth_handle,
-                                 chunk=chunk)
+                return t.nv_read(
+                    transact, pub.index, pub.data_size, auth_handle=auth_handle, chunk=chunk
+                )
             except t.TpmError as exc:
                 if exc.base != t.RC.RETRY:
                     break

@@ -111,8 +111,9 @@ def _load_library(name: str = "libtpms.so.0") -> ctypes.CDLL:
     try:
         return ctypes.CDLL(name)
     except OSError as exc:
-        raise LibtpmsError(f"loading {name} ({exc}); install the libtpms0 package",
-                           TPM_FAIL) from exc
+        raise LibtpmsError(
+            f"loading {name} ({exc}); install the libtpms0 package", TPM_FAIL
+        ) from exc
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -122,8 +123,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "TPMLIB_RegisterCallbacks": ([POINTER(_Callbacks)], c_uint32),
         "TPMLIB_MainInit": ([], c_uint32),
         "TPMLIB_Terminate": ([], None),
-        "TPMLIB_Process": ([POINTER(_U8P), POINTER(c_uint32), POINTER(c_uint32), _U8P, c_uint32],
-                           c_uint32),
+        "TPMLIB_Process": (
+            [POINTER(_U8P), POINTER(c_uint32), POINTER(c_uint32), _U8P, c_uint32],
+            c_uint32,
+        ),
         "TPMLIB_VolatileAll_Store": ([POINTER(_U8P), POINTER(c_uint32)], c_uint32),
         "TPMLIB_CancelCommand": ([], c_uint32),
         "TPMLIB_GetTPMProperty": ([c_int, POINTER(c_int)], c_uint32),
@@ -258,9 +261,15 @@ class Libtpms:
             IO_GETLOCALITY(self._guard("getlocality", getlocality)),
             IO_GETPHYSICALPRESENCE(self._guard("getphysicalpresence", getpp)),
         )
-        (cbs.tpm_nvram_init, cbs.tpm_nvram_loaddata, cbs.tpm_nvram_storedata,
-         cbs.tpm_nvram_deletename, cbs.tpm_io_init, cbs.tpm_io_getlocality,
-         cbs.tpm_io_getphysicalpresence) = self._cfuncs
+        (
+            cbs.tpm_nvram_init,
+            cbs.tpm_nvram_loaddata,
+            cbs.tpm_nvram_storedata,
+            cbs.tpm_nvram_deletename,
+            cbs.tpm_io_init,
+            cbs.tpm_io_getlocality,
+            cbs.tpm_io_getphysicalpresence,
+        ) = self._cfuncs
         return cbs
 
     # ------------------------------------------------------------ lifecycle
@@ -319,16 +328,21 @@ class Libtpms:
         """A mutable buffer that frontends receive commands into (gotcha 7)."""
         return self._cmdview
 
-
-    def process_in_place(self, length: int,
-                         cmdbuf: ctypes.Array[c_ubyte] | None = None) -> memoryview:
+    def process_in_place(
+        self, length: int, cmdbuf: ctypes.Array[c_ubyte] | None = None
+    ) -> memoryview:
         """Run the command in ``cmdbuf`` (default: command_buffer()) up to
         ``length``; the response view stays valid until the next call.
         No allocation on the hot path but the returned slice.
 
         ``cmdbuf`` must be a c_ubyte array (the call has no argtypes to check it)."""
-        self._process(self._resp_ref, self._resp_size_ref, self._resp_bufsize_ref,
-                      self._cmdbuf if cmdbuf is None else cmdbuf, length)
+        self._process(
+            self._resp_ref,
+            self._resp_size_ref,
+            self._resp_bufsize_ref,
+            self._cmdbuf if cmdbuf is None else cmdbuf,
+            length,
+        )
         size = self._resp_size.value
         if self._resp_ptr.value != self._resp_addr or size > self._resp_len:
             self._map_response()
@@ -362,8 +376,9 @@ class Libtpms:
         size = self._resp_bufsize.value
         self._resp_addr = addr
         self._resp_len = size if addr else 0
-        self._resp_view = (memoryview((c_ubyte * size).from_address(addr)).cast("B")
-                           if addr else None)
+        self._resp_view = (
+            memoryview((c_ubyte * size).from_address(addr)).cast("B") if addr else None
+        )
 
     def process(self, cmd: bytes) -> bytes:
         n = len(cmd)

@@ -46,15 +46,28 @@ def _provision(engine: Engine, ca_dir: Path, ecc_curve: str) -> dict[str, Any]:
 
     try:
         ca = LocalCA(ca_dir)
-        info = provision_ek(engine.process, ca=ca, ecc_curve=ecc_curve,  # type: ignore[arg-type]
-                            platform_cert=True, lock_nvram=True, tpm_info={})
+        info = provision_ek(
+            engine.process,
+            ca=ca,
+            ecc_curve=ecc_curve,  # type: ignore[arg-type]
+            platform_cert=True,
+            lock_nvram=True,
+            tpm_info={},
+        )
     except (ProvisionError, CAError) as exc:
         raise ManufactureError(f"EK provisioning failed: {exc}") from None
     return info.as_dict()
 
 
-def manufacture(state_dir: Path, *, tpm2: bool, key_file: Path | None, ek: bool,
-                ca_dir: Path | None, ecc_curve: str = "p384") -> dict[str, Any]:
+def manufacture(
+    state_dir: Path,
+    *,
+    tpm2: bool,
+    key_file: Path | None,
+    ek: bool,
+    ca_dir: Path | None,
+    ecc_curve: str = "p384",
+) -> dict[str, Any]:
     """Create the TPM in ``state_dir``; returns what --json prints."""
     key = None
     if key_file is not None:
@@ -68,10 +81,14 @@ def manufacture(state_dir: Path, *, tpm2: bool, key_file: Path | None, ek: bool,
     statedir.ensure()
     if statedir.exists("permall"):
         raise ManufactureError(f"{state_dir} already holds a TPM; refusing to replace it")
-    engine = Engine(statedir, EngineConfig(tpm2=tpm2, state_key=key, allow_manufacture=True,
-                                           disable_auto_shutdown=True))
-    result: dict[str, Any] = {"libtpms_version": libtpms_version_string(engine.tpm.version),
-                              "ek": None}
+    engine = Engine(
+        statedir,
+        EngineConfig(tpm2=tpm2, state_key=key, allow_manufacture=True, disable_auto_shutdown=True),
+    )
+    result: dict[str, Any] = {
+        "libtpms_version": libtpms_version_string(engine.tpm.version),
+        "ek": None,
+    }
     try:
         try:
             engine.start()
@@ -109,11 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.log_file is not None:
         fd = os.open(ns.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        logging.basicConfig(stream=os.fdopen(fd, "a", buffering=1), level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            stream=os.fdopen(fd, "a", buffering=1),
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
     try:
-        result = manufacture(ns.state, tpm2=ns.tpm == "2", key_file=ns.key_file, ek=ns.ek,
-                             ca_dir=ns.ca_dir, ecc_curve=ns.ecc_curve)
+        result = manufacture(
+            ns.state,
+            tpm2=ns.tpm == "2",
+            key_file=ns.key_file,
+            ek=ns.ek,
+            ca_dir=ns.ca_dir,
+            ecc_curve=ns.ecc_curve,
+        )
     except ManufactureError as exc:
         print(f"vtpmctl: {exc}", file=sys.stderr)
         return 1

@@ -38,10 +38,16 @@ log = logging.getLogger(__name__)
 Transport = Literal["socket", "cuse"]
 Startup = Literal["none", "clear", "state"]
 
-_BLOB_NAME = {BlobType.PERMANENT: "permall", BlobType.VOLATILE: "volatilestate",
-              BlobType.SAVESTATE: "savestate"}
-_STATE_TYPE = {BlobType.PERMANENT: StateType.PERMANENT, BlobType.VOLATILE: StateType.VOLATILE,
-               BlobType.SAVESTATE: StateType.SAVE_STATE}
+_BLOB_NAME = {
+    BlobType.PERMANENT: "permall",
+    BlobType.VOLATILE: "volatilestate",
+    BlobType.SAVESTATE: "savestate",
+}
+_STATE_TYPE = {
+    BlobType.PERMANENT: StateType.PERMANENT,
+    BlobType.VOLATILE: StateType.VOLATILE,
+    BlobType.SAVESTATE: StateType.SAVE_STATE,
+}
 
 TPM2_CC_SHUTDOWN = 0x145
 TPM2_RC_INITIALIZE = 0x100
@@ -141,8 +147,9 @@ class Engine(Storage):
         elif name == "permall" and not self._may_manufacture and not self._staged_permanent:
             # With a blob staged by SET_STATEBLOB (incoming migration) libtpms still asks
             # for the file at MainInit, then uses the staged blob: no file is expected.
-            log.error("%s is missing; refusing to create a new TPM in its place",
-                      self.statedir.file(name))
+            log.error(
+                "%s is missing; refusing to create a new TPM in its place", self.statedir.file(name)
+            )
         return data
 
     def missing_ok(self, name: str) -> bool:
@@ -179,7 +186,8 @@ class Engine(Storage):
         if not self.config.incoming and not self.statedir.lock(0):
             raise StateDirError(
                 f"{self.statedir.path} is locked by another process (pid "
-                f"{self.statedir.holder_pid()}); stop it first")
+                f"{self.statedir.holder_pid()}); stop it first"
+            )
         if self.config.allow_manufacture is False and not self.config.incoming:
             self._validate_existing()  # an incoming TPM's state comes from QEMU instead
         if self.config.not_need_init or self.config.startup != "none":
@@ -187,7 +195,8 @@ class Engine(Storage):
             if reply.result != Res.SUCCESS:
                 raise StateDirError(
                     f"the TPM in {self.statedir.path} failed to start (result "
-                    f"0x{reply.result:x}); see the log")
+                    f"0x{reply.result:x}); see the log"
+                )
             if self.config.startup != "none":
                 st = 0 if self.config.startup == "clear" else 1
                 cmd = _tpm2_startup(st) if self.config.tpm2 else _tpm12_startup(st + 1)
@@ -203,11 +212,15 @@ class Engine(Storage):
         with self.lock:
             rc = self.tpm.validate_state(kinds)
         if rc == TPM_RETRY_MISSING:
-            raise StateDirError(f"{self.statedir.file('permall')} is missing; restore it "
-                                "from a snapshot or backup (a new TPM is never made in its place)")
+            raise StateDirError(
+                f"{self.statedir.file('permall')} is missing; restore it "
+                "from a snapshot or backup (a new TPM is never made in its place)"
+            )
         if rc != 0:
-            raise StateDirError(f"the state in {self.statedir.path} is corrupt (libtpms rejects "
-                                f"it: 0x{rc:x}); restore it from a snapshot or backup")
+            raise StateDirError(
+                f"the state in {self.statedir.path} is corrupt (libtpms rejects "
+                f"it: 0x{rc:x}); restore it from a snapshot or backup"
+            )
 
     def close(self) -> None:
         """Graceful end of the process: auto-shutdown, teardown, unlock."""
@@ -217,8 +230,12 @@ class Engine(Storage):
             self.statedir.unlock()
 
     def _auto_shutdown(self) -> None:
-        if (not self.config.tpm2 or self.config.disable_auto_shutdown
-                or self._last_was_shutdown or not self.running):
+        if (
+            not self.config.tpm2
+            or self.config.disable_auto_shutdown
+            or self._last_was_shutdown
+            or not self.running
+        ):
             return
         for su in (1, 0):  # SU_STATE, then SU_CLEAR
             resp = self.tpm.process(_tpm2_shutdown(su))
@@ -261,8 +278,9 @@ class Engine(Storage):
                 return bytes(self._process_slow(buf, length))
             return bytes(self.tpm.process_in_place(length, buf.raw))
 
-    def bind(self, buf: CommandBuffer, send: Callable[[memoryview, int], int],
-             flags: int) -> Callable[[int], bytes]:
+    def bind(
+        self, buf: CommandBuffer, send: Callable[[memoryview, int], int], flags: int
+    ) -> Callable[[int], bytes]:
         """process_buffer for one frontend connection, sending in place.
 
         Returns ``run(length)``: it runs the command in ``buf`` exactly as
@@ -299,10 +317,15 @@ class Engine(Storage):
             return self.fatal_response
         if not self.statedir.locked and not self._ensure_storage_lock(self._lock_retries):
             raise FatalEngineError(
-                f"cannot re-take the lock on {self.statedir.path}; another process holds it")
+                f"cannot re-take the lock on {self.statedir.path}; another process holds it"
+            )
         resp = self.tpm.process_in_place(length, buf.raw)
-        self._last_was_shutdown = (self.config.tpm2 and ordinal == TPM2_CC_SHUTDOWN
-                                   and len(resp) >= 10 and bytes(resp[6:10]) == b"\0\0\0\0")
+        self._last_was_shutdown = (
+            self.config.tpm2
+            and ordinal == TPM2_CC_SHUTDOWN
+            and len(resp) >= 10
+            and bytes(resp[6:10]) == b"\0\0\0\0"
+        )
         # After a TPM2_Shutdown the next command must come here to clear the mark.
         self.ready = self.running and self.statedir.locked and not self._last_was_shutdown
         return resp
@@ -396,7 +419,7 @@ class Engine(Storage):
         if not self.running:
             return ControlReply(Res.BAD_ORDINAL)
         for off in range(0, len(data), HASH_DATA_MAX):
-            rc = self.tpm.hash_data(data[off:off + HASH_DATA_MAX])
+            rc = self.tpm.hash_data(data[off : off + HASH_DATA_MAX])
             if rc:
                 return ControlReply(rc)
         return ControlReply(Res.SUCCESS)
@@ -443,7 +466,7 @@ class Engine(Storage):
         offset = req["offset"]
         if offset >= len(text) - 1:
             return ControlReply(Res.BAD_PARAMETER)
-        chunk = text[offset:offset + STATE_BLOB_CHUNK]
+        chunk = text[offset : offset + STATE_BLOB_CHUNK]
         return ControlReply(Res.SUCCESS, {"totlength": len(text), "length": len(chunk)}, chunk)
 
     def _c_lock_storage(self, req: dict[str, int], data: bytes) -> ControlReply:
@@ -484,9 +507,12 @@ class Engine(Storage):
         if not plain:
             return ControlReply(Res.RETRY)
         keep = not (req["state_flags"] & StateFlag.DECRYPTED) and self.config.state_key is not None
-        blob, flags = wrap_transfer(plain, state_key=self.config.state_key,
-                                    keep_state_encryption=keep,
-                                    migration_key=self.config.migration_key)
+        blob, flags = wrap_transfer(
+            plain,
+            state_key=self.config.state_key,
+            keep_state_encryption=keep,
+            migration_key=self.config.migration_key,
+        )
         after = self._release_after_savestate if kind == BlobType.SAVESTATE else None
         return ControlReply(Res.SUCCESS, {"state_flags": flags}, blob, after_send=after)
 
@@ -506,9 +532,12 @@ class Engine(Storage):
         except ValueError:
             return ControlReply(Res.BAD_PARAMETER)
         try:
-            plain = unwrap_transfer(data, state_flags=req["state_flags"],
-                                    state_key=self.config.state_key,
-                                    migration_key=self.config.migration_key)
+            plain = unwrap_transfer(
+                data,
+                state_flags=req["state_flags"],
+                state_key=self.config.state_key,
+                migration_key=self.config.migration_key,
+            )
         except BlobError as exc:
             log.error("SET_STATEBLOB(%s): %s", kind.name, exc)
             return ControlReply(exc.rc)

@@ -15,8 +15,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600, tmp_name: str | None = None,
-                 durable: bool = True) -> None:
+def write_atomic(
+    path: Path, data: bytes, mode: int = 0o600, tmp_name: str | None = None, durable: bool = True
+) -> None:
     """Write to a temp file in the same dir, fsync, rename over, fsync the dir.
 
     ``tmp_name`` lets callers use a fixed temp name other tools expect

@@ -119,44 +119,58 @@ def write_tar(members: Iterable[tuple[str, bytes]]) -> bytes:
 def read_tar(data: bytes) -> list[tuple[str, bytes]]:
     """Members of a canonical tar; BundleError unless ``data`` is exactly write_tar's output."""
     if len(data) % _BLOCK:
-        raise BundleError(f"the bundle is truncated or padded: {len(data)} bytes is not a "
-                          "whole number of 512-byte tar blocks")
+        raise BundleError(
+            f"the bundle is truncated or padded: {len(data)} bytes is not a "
+            "whole number of 512-byte tar blocks"
+        )
     members: list[tuple[str, bytes]] = []
     offset = 0
     while True:
         if offset + _BLOCK > len(data):
-            raise BundleError(f"the bundle is truncated: it ends at byte {len(data)} without "
-                              "the tar end-of-archive blocks")
-        head = data[offset:offset + _BLOCK]
+            raise BundleError(
+                f"the bundle is truncated: it ends at byte {len(data)} without "
+                "the tar end-of-archive blocks"
+            )
+        head = data[offset : offset + _BLOCK]
         if not any(head):
             break
         stored = head[148:156]
-        if not re.fullmatch(rb"[0-7]{6}\0 ", stored) or \
-                int(stored[:6], 8) != sum(head[:148]) + 8 * 32 + sum(head[156:]):
-            raise BundleError(f"the bundle is corrupted: the tar header at byte {offset} has "
-                              "a bad checksum")
+        if not re.fullmatch(rb"[0-7]{6}\0 ", stored) or int(stored[:6], 8) != sum(
+            head[:148]
+        ) + 8 * 32 + sum(head[156:]):
+            raise BundleError(
+                f"the bundle is corrupted: the tar header at byte {offset} has a bad checksum"
+            )
         name = head[:100].split(b"\0", 1)[0].decode("ascii", "replace")
         size_field = head[124:136]
         if not re.fullmatch(rb"[0-7]{11}\0", size_field):
-            raise BundleError(f"the bundle is corrupted: bad size field in the tar header at "
-                              f"byte {offset}")
+            raise BundleError(
+                f"the bundle is corrupted: bad size field in the tar header at byte {offset}"
+            )
         size = int(size_field[:11], 8)
         start = offset + _BLOCK
         if start + size > len(data):
-            raise BundleError(f"the bundle is truncated: member {name!r} needs {size} bytes "
-                              f"at byte {start}, but the bundle ends at byte {len(data)}")
-        members.append((name, data[start:start + size]))
+            raise BundleError(
+                f"the bundle is truncated: member {name!r} needs {size} bytes "
+                f"at byte {start}, but the bundle ends at byte {len(data)}"
+            )
+        members.append((name, data[start : start + size]))
         offset = start + size + (-size % _BLOCK)
     canonical = write_tar(members)
     if canonical != data:
-        where = next((i for i, (a, b) in enumerate(zip(canonical, data, strict=False))
-                      if a != b), min(len(canonical), len(data)))
+        where = next(
+            (i for i, (a, b) in enumerate(zip(canonical, data, strict=False)) if a != b),
+            min(len(canonical), len(data)),
+        )
         if len(data) < len(canonical) and where == len(data):
-            raise BundleError(f"the bundle is truncated at byte {len(data)} (its tar end "
-                              "blocks are incomplete)")
-        raise BundleError(f"the bundle is corrupted or was not written by vtpmctl: byte "
-                          f"{where} ({_locate(members, where)}) differs from the canonical "
-                          "form")
+            raise BundleError(
+                f"the bundle is truncated at byte {len(data)} (its tar end blocks are incomplete)"
+            )
+        raise BundleError(
+            f"the bundle is corrupted or was not written by vtpmctl: byte "
+            f"{where} ({_locate(members, where)}) differs from the canonical "
+            "form"
+        )
     return members
 
 
@@ -219,19 +233,32 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "created": self.created, "source_host": self.source_host,
-            "source_name": self.source_name, "source_state": self.source_state,
-            "vtpmctl_version": self.vtpmctl_version, "libtpms_version": self.libtpms_version,
-            "tpm_version": self.tpm_version, "transport": self.transport,
-            "encrypted_at_rest": self.encrypted_at_rest, "migration_key": self.migration_key,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": self.created,
+            "source_host": self.source_host,
+            "source_name": self.source_name,
+            "source_state": self.source_state,
+            "vtpmctl_version": self.vtpmctl_version,
+            "libtpms_version": self.libtpms_version,
+            "tpm_version": self.tpm_version,
+            "transport": self.transport,
+            "encrypted_at_rest": self.encrypted_at_rest,
+            "migration_key": self.migration_key,
             "migration_key_cipher": self.migration_key_cipher,
             "migration_key_fingerprint": self.migration_key_fingerprint,
             "ek_fingerprints": dict(self.ek_fingerprints),
-            "blobs": [{"type": b.type, "member": b.member, "size": b.size, "sha256": b.sha256,
-                       "encrypted": b.encrypted} for b in self.blobs],
-            "files": [{"member": f.member, "size": f.size, "sha256": f.sha256}
-                      for f in self.files],
+            "blobs": [
+                {
+                    "type": b.type,
+                    "member": b.member,
+                    "size": b.size,
+                    "sha256": b.sha256,
+                    "encrypted": b.encrypted,
+                }
+                for b in self.blobs
+            ],
+            "files": [{"member": f.member, "size": f.size, "sha256": f.sha256} for f in self.files],
         }
 
     @classmethod
@@ -240,19 +267,22 @@ class Manifest:
         if not isinstance(obj, dict):
             raise _lie("it is not a JSON object")
         if obj.get("format") != FORMAT:
-            raise BundleError("this is not a vtpmctl migration bundle (manifest format "
-                              f"{obj.get('format')!r})")
+            raise BundleError(
+                f"this is not a vtpmctl migration bundle (manifest format {obj.get('format')!r})"
+            )
         version = obj.get("format_version")
         if version != FORMAT_VERSION:
-            raise BundleError(f"the bundle has format version {version!r}; this vtpmctl reads "
-                              f"version {FORMAT_VERSION} (upgrade vtpmctl on this host)")
-        expected = set(cls("", "", "", "", "", None, "", "", False, False, None, None)
-                       .to_json())
+            raise BundleError(
+                f"the bundle has format version {version!r}; this vtpmctl reads "
+                f"version {FORMAT_VERSION} (upgrade vtpmctl on this host)"
+            )
+        expected = set(cls("", "", "", "", "", None, "", "", False, False, None, None).to_json())
         if set(obj) != expected:
             extra, missing = sorted(set(obj) - expected), sorted(expected - set(obj))
             raise _lie(f"unexpected keys {extra}, missing keys {missing}")
         m = cls(
-            created=_typed(obj, "created", str), source_host=_typed(obj, "source_host", str),
+            created=_typed(obj, "created", str),
+            source_host=_typed(obj, "source_host", str),
             source_name=_typed(obj, "source_name", str),
             source_state=_choice(obj, "source_state", ("stopped", "running")),
             vtpmctl_version=_typed(obj, "vtpmctl_version", str),
@@ -262,39 +292,49 @@ class Manifest:
             encrypted_at_rest=_typed(obj, "encrypted_at_rest", bool),
             migration_key=_typed(obj, "migration_key", bool),
             migration_key_cipher=_typed(obj, "migration_key_cipher", str, nullable=True),
-            migration_key_fingerprint=_typed(obj, "migration_key_fingerprint", str,
-                                             nullable=True),
+            migration_key_fingerprint=_typed(obj, "migration_key_fingerprint", str, nullable=True),
             ek_fingerprints=_fingerprints(obj.get("ek_fingerprints")),
             blobs=[_blob_info(b) for b in _typed(obj, "blobs", list)],
-            files=[_member_info(f, {"member", "size", "sha256"}) for f in
-                   _typed(obj, "files", list)],
+            files=[
+                _member_info(f, {"member", "size", "sha256"}) for f in _typed(obj, "files", list)
+            ],
         )
-        if m.migration_key != (m.migration_key_cipher is not None) or \
-                m.migration_key != (m.migration_key_fingerprint is not None):
+        if m.migration_key != (m.migration_key_cipher is not None) or m.migration_key != (
+            m.migration_key_fingerprint is not None
+        ):
             raise _lie("the migration key fields contradict each other")
         if m.migration_key_cipher not in (None, "aes-128-cbc", "aes-256-cbc"):
             raise _lie(f"unknown cipher {m.migration_key_cipher!r}")
         types = [b.type for b in m.blobs]
-        if not types or types[0] != "permanent" or \
-                types != sorted(set(types), key=BLOB_TYPES.index):
-            raise _lie(f"the blob list {types} must start with the permanent state and name "
-                       "each type once, in order")
+        if (
+            not types
+            or types[0] != "permanent"
+            or types != sorted(set(types), key=BLOB_TYPES.index)
+        ):
+            raise _lie(
+                f"the blob list {types} must start with the permanent state and name "
+                "each type once, in order"
+            )
         if m.tpm_version == "2.0" and "savestate" in types:
             raise _lie("a TPM 2 has no savestate blob")
         for b in m.blobs:
             if b.member != f"{b.type}.blob":
                 raise _lie(f"blob {b.type} is stored as {b.member!r}, not {b.type}.blob")
             if b.encrypted != m.migration_key:
-                raise _lie(f"blob {b.type} is marked encrypted={b.encrypted} but the bundle "
-                           f"migration_key={m.migration_key}")
+                raise _lie(
+                    f"blob {b.type} is marked encrypted={b.encrypted} but the bundle "
+                    f"migration_key={m.migration_key}"
+                )
         if [f.member for f in m.files] not in ([], [EK_FILE]):
             raise _lie(f"unexpected files {[f.member for f in m.files]}")
         return m
 
 
 def _lie(what: str) -> BundleError:
-    return BundleError(f"the bundle manifest is invalid: {what}; the bundle was altered or "
-                       "made by an incompatible tool")
+    return BundleError(
+        f"the bundle manifest is invalid: {what}; the bundle was altered or "
+        "made by an incompatible tool"
+    )
 
 
 def _typed(obj: dict[str, Any], key: str, kind: type, nullable: bool = False) -> Any:
@@ -316,8 +356,8 @@ def _choice(obj: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
 
 def _fingerprints(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
-            for k, v in value.items()):
+        isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v) for k, v in value.items()
+    ):
         raise _lie("ek_fingerprints is not a map of algorithm to SHA-256 hex")
     return dict(value)
 
@@ -334,9 +374,13 @@ def _member_info(value: Any, keys: set[str]) -> MemberInfo:
 
 def _blob_info(value: Any) -> BlobInfo:
     base = _member_info(value, {"type", "member", "size", "sha256", "encrypted"})
-    return BlobInfo(base.member, base.size, base.sha256,
-                    type=_choice(value, "type", BLOB_TYPES),
-                    encrypted=_typed(value, "encrypted", bool))
+    return BlobInfo(
+        base.member,
+        base.size,
+        base.sha256,
+        type=_choice(value, "type", BLOB_TYPES),
+        encrypted=_typed(value, "encrypted", bool),
+    )
 
 
 # ---------------------------------------------------------------- manifest.sum
@@ -378,8 +422,9 @@ class Source:
     ek_fingerprints: dict[str, str] = field(default_factory=dict)
 
 
-def build_bundle(plain: dict[str, bytes], source: Source, *, ek_json: bytes | None,
-                 migration_key: AesKey | None) -> bytes:
+def build_bundle(
+    plain: dict[str, bytes], source: Source, *, ek_json: bytes | None, migration_key: AesKey | None
+) -> bytes:
     """A bundle of the plaintext blobs ``plain`` (keys: BLOB_TYPES; permanent required)."""
     from vtpmctl.store.keys import key_fingerprint
 
@@ -391,10 +436,12 @@ def build_bundle(plain: dict[str, bytes], source: Source, *, ek_json: bytes | No
         data = plain.get(kind)
         if not data:
             continue
-        blob, _ = wrap_transfer(data, state_key=None, keep_state_encryption=False,
-                                migration_key=migration_key)
-        info = BlobInfo(f"{kind}.blob", len(blob), _sha256(blob), type=kind,
-                        encrypted=migration_key is not None)
+        blob, _ = wrap_transfer(
+            data, state_key=None, keep_state_encryption=False, migration_key=migration_key
+        )
+        info = BlobInfo(
+            f"{kind}.blob", len(blob), _sha256(blob), type=kind, encrypted=migration_key is not None
+        )
         blobs.append(info)
         members.append((info.member, blob))
     files = []
@@ -402,14 +449,22 @@ def build_bundle(plain: dict[str, bytes], source: Source, *, ek_json: bytes | No
         files.append(MemberInfo(EK_FILE, len(ek_json), _sha256(ek_json)))
         members.insert(0, (EK_FILE, ek_json))
     manifest = Manifest(
-        created=source.created, source_host=source.host, source_name=source.name,
-        source_state=source.state, vtpmctl_version=source.vtpmctl_version,
-        libtpms_version=source.libtpms_version, tpm_version=source.tpm_version,
-        transport=source.transport, encrypted_at_rest=source.encrypted_at_rest,
+        created=source.created,
+        source_host=source.host,
+        source_name=source.name,
+        source_state=source.state,
+        vtpmctl_version=source.vtpmctl_version,
+        libtpms_version=source.libtpms_version,
+        tpm_version=source.tpm_version,
+        transport=source.transport,
+        encrypted_at_rest=source.encrypted_at_rest,
         migration_key=migration_key is not None,
         migration_key_cipher=migration_key.cipher if migration_key else None,
         migration_key_fingerprint=key_fingerprint(migration_key) if migration_key else None,
-        ek_fingerprints=dict(source.ek_fingerprints), blobs=blobs, files=files)
+        ek_fingerprints=dict(source.ek_fingerprints),
+        blobs=blobs,
+        files=files,
+    )
     text = canonical_json(manifest.to_json())
     return write_tar([(MANIFEST, text), (SUM, manifest_sum(text, migration_key)), *members])
 
@@ -439,8 +494,9 @@ def read_capped(stream: BinaryIO, what: str, cap: int = MAX_BUNDLE_SIZE) -> byte
         chunks.append(chunk)
         size += len(chunk)
     if size > cap:
-        raise BundleError(f"{what} is larger than {cap // (1024 * 1024)} MiB; that is not a "
-                          "vtpmctl bundle")
+        raise BundleError(
+            f"{what} is larger than {cap // (1024 * 1024)} MiB; that is not a vtpmctl bundle"
+        )
     return b"".join(chunks)
 
 
@@ -456,20 +512,27 @@ def open_bundle(data: bytes, migration_key: AesKey | None) -> Bundle:
     if not data:
         raise BundleError("the bundle is empty (did the export fail?)")
     if len(data) > MAX_BUNDLE_SIZE:
-        raise BundleError(f"the bundle is larger than {MAX_BUNDLE_SIZE // (1024 * 1024)} MiB; "
-                          "that is not a vtpmctl bundle")
+        raise BundleError(
+            f"the bundle is larger than {MAX_BUNDLE_SIZE // (1024 * 1024)} MiB; "
+            "that is not a vtpmctl bundle"
+        )
     members = read_tar(data)
     names = [n for n, _ in members]
-    if names[:2] != [MANIFEST, SUM] or len(set(names)) != len(names) or \
-            names != [n for n in MEMBER_ORDER if n in names]:
-        raise BundleError(f"the bundle has unexpected members {names}; it was altered or is "
-                          "not a vtpmctl bundle")
+    if (
+        names[:2] != [MANIFEST, SUM]
+        or len(set(names)) != len(names)
+        or names != [n for n in MEMBER_ORDER if n in names]
+    ):
+        raise BundleError(
+            f"the bundle has unexpected members {names}; it was altered or is not a vtpmctl bundle"
+        )
     content = dict(members)
     text = content[MANIFEST]
     sums = content[SUM].decode("ascii", "replace").splitlines()
     if not sums or sums[0] != f"sha256 {_sha256(text)}  {MANIFEST}":
-        raise BundleError("the bundle is corrupted: manifest.json does not match its checksum "
-                          "in manifest.sum")
+        raise BundleError(
+            "the bundle is corrupted: manifest.json does not match its checksum in manifest.sum"
+        )
     try:
         obj = json.loads(text)
     except ValueError:
@@ -488,33 +551,39 @@ def open_bundle(data: bytes, migration_key: AesKey | None) -> Bundle:
         if migration_key is None:
             raise MigrationKeyError(
                 f"the bundle is encrypted with a migration key ({cipher}, fingerprint {fp}); "
-                "give that key with --migration-key-file")
+                "give that key with --migration-key-file"
+            )
         if content[SUM] != manifest_sum(text, migration_key):
             if key_fingerprint(migration_key) != fp:
                 raise MigrationKeyError(
                     f"wrong migration key: the bundle was encrypted with key {fp}, the key "
                     f"given is {key_fingerprint(migration_key)}; give the right key with "
-                    "--migration-key-file")
-            raise BundleError("the bundle's manifest fails authentication with the migration "
-                              "key: it was altered or corrupted")
+                    "--migration-key-file"
+                )
+            raise BundleError(
+                "the bundle's manifest fails authentication with the migration "
+                "key: it was altered or corrupted"
+            )
         authenticated = True
     elif migration_key is not None:
         raise MigrationKeyError(
             "the bundle is not encrypted, but a migration key was given; it may have been "
-            "replaced by an unprotected one. Drop --migration-key-file to import it as is")
+            "replaced by an unprotected one. Drop --migration-key-file to import it as is"
+        )
     elif content[SUM] != manifest_sum(text, None):
         raise BundleError("the bundle is corrupted: manifest.sum is not in canonical form")
 
     manifest = Manifest.from_json(obj)
     listed = [f.member for f in manifest.files] + [b.member for b in manifest.blobs]
     if sorted(listed) != sorted(names[2:]):
-        raise _lie(f"it lists members {sorted(listed)} but the bundle holds "
-                   f"{sorted(names[2:])}")
+        raise _lie(f"it lists members {sorted(listed)} but the bundle holds {sorted(names[2:])}")
     for info in [*manifest.files, *manifest.blobs]:
         data_ = content[info.member]
         if len(data_) != info.size or _sha256(data_) != info.sha256:
-            raise BundleError(f"the bundle is corrupted: {info.member} does not match the size "
-                              "and SHA-256 in the manifest")
+            raise BundleError(
+                f"the bundle is corrupted: {info.member} does not match the size "
+                "and SHA-256 in the manifest"
+            )
 
     blobs: dict[str, bytes] = {}
     plain: dict[str, bytes] = {}
@@ -522,14 +591,19 @@ def open_bundle(data: bytes, migration_key: AesKey | None) -> Bundle:
         blob = content[info.member]
         try:
             flags = parse_header(blob).flags
-            if not flags & FLAG_MIGRATION_DATA or flags & FLAG_ENCRYPTED or \
-                    bool(flags & FLAG_MIGRATION_ENCRYPTED) != manifest.migration_key:
+            if (
+                not flags & FLAG_MIGRATION_DATA
+                or flags & FLAG_ENCRYPTED
+                or bool(flags & FLAG_MIGRATION_ENCRYPTED) != manifest.migration_key
+            ):
                 raise BlobError(0, f"unexpected blob header flags 0x{flags:02x}")
-            state = unwrap_transfer(blob, state_flags=0, state_key=None,
-                                    migration_key=migration_key)
+            state = unwrap_transfer(
+                blob, state_flags=0, state_key=None, migration_key=migration_key
+            )
         except BlobError as exc:
-            raise BundleError(f"the {info.type} blob in the bundle is unusable: "
-                              f"{exc.message}") from None
+            raise BundleError(
+                f"the {info.type} blob in the bundle is unusable: {exc.message}"
+            ) from None
         if not state:
             raise BundleError(f"the {info.type} blob in the bundle is empty")
         blobs[info.type] = blob

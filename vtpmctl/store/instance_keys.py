@@ -66,15 +66,19 @@ def load_state_key(inst: Instance) -> AesKey | None:
         return None
     path = inst.paths.state_key
     if not path.exists():
-        raise KeyFileError(f"the state key of {inst.name} ({path}) is missing; restore it "
-                           "(the state cannot be opened without it)")
+        raise KeyFileError(
+            f"the state key of {inst.name} ({path}) is missing; restore it "
+            "(the state cannot be opened without it)"
+        )
     check_secret_file_mode(path)
     key = load_key(path, kind="hex")
     want = inst.meta.key_fingerprint
     if want and key_fingerprint(key) != want:
-        raise KeyFileError(f"{path} is not the key {inst.name}'s state was encrypted with "
-                           f"(fingerprint {key_fingerprint(key)}, expected {want}); restore "
-                           "the right key")
+        raise KeyFileError(
+            f"{path} is not the key {inst.name}'s state was encrypted with "
+            f"(fingerprint {key_fingerprint(key)}, expected {want}); restore "
+            "the right key"
+        )
     return key
 
 
@@ -92,8 +96,10 @@ def check_state(inst: Instance, key: AesKey | None) -> None:
     """Every state file opens with ``key``; permall must exist (no silent new TPM)."""
     sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=key)
     if not sd.exists("permall"):
-        raise StateDirError(f"{sd.file('permall')} is missing: the TPM of {inst.name} is "
-                            "gone; restore it from a backup (vtpmctl will not make a new one)")
+        raise StateDirError(
+            f"{sd.file('permall')} is missing: the TPM of {inst.name} is "
+            "gone; restore it from a backup (vtpmctl will not make a new one)"
+        )
     for name in STATE_NAMES:
         sd.load(name)
 
@@ -117,8 +123,9 @@ def rotate(inst: Instance, new_key: AesKey, key_source: str) -> None:
     store_key(_new_key_file(paths), new_key)
     for name, plain in plains.items():
         target = old.file(name)
-        write_atomic(target.with_name(target.name + ROTATE_SUFFIX), wrap_file(plain, new_key),
-                     0o600)
+        write_atomic(
+            target.with_name(target.name + ROTATE_SUFFIX), wrap_file(plain, new_key), 0o600
+        )
     meta = inst.meta
     meta.cipher = new_key.cipher
     meta.key_source = key_source
@@ -148,8 +155,9 @@ def finish(paths: InstancePaths, tpm2: bool) -> None:
     if not config.encrypted:
         config.encrypted = True
         write_json(paths.config_file, config.to_json())
-    write_json(paths.meta_file,
-               InstanceMeta.from_json(decision.get("meta", {}), paths.meta_file).to_json())
+    write_json(
+        paths.meta_file, InstanceMeta.from_json(decision.get("meta", {}), paths.meta_file).to_json()
+    )
     fingerprint = decision.get("meta", {}).get("key_fingerprint")
     SnapshotStore(snapshots_dir(paths), None).commit_rekey(fingerprint)
     _marker(paths).unlink()
@@ -162,8 +170,9 @@ def recover(paths: InstancePaths, tpm2: bool) -> str | None:
         try:
             finish(paths, tpm2)
         except (OSError, InstanceError) as exc:
-            raise InstanceError(f"cannot complete the interrupted key rotation of {paths.name}: "
-                                f"{exc}") from None
+            raise InstanceError(
+                f"cannot complete the interrupted key rotation of {paths.name}: {exc}"
+            ) from None
         return "completed"
     sd = StateDir(paths.state_dir, tpm2=tpm2)
     staged = [sd.file(n).with_name(sd.file(n).name + ROTATE_SUFFIX) for n in STATE_NAMES]

@@ -54,7 +54,8 @@ def validate_name(name: str) -> str:
     if not name or len(name) > MAX_NAME or not _NAME.fullmatch(name):
         raise InstanceError(
             f"invalid instance name {name!r}: use 1-{MAX_NAME} letters, digits, '.', '_' or "
-            "'-', starting with a letter or digit")
+            "'-', starting with a letter or digit"
+        )
     return name
 
 
@@ -148,7 +149,8 @@ class InstancePaths:
             if size > UNIX_PATH_MAX:
                 raise InstanceError(
                     f"socket path {path} would be {size} bytes, over the {UNIX_PATH_MAX}-byte "
-                    "limit; use a shorter name or a shorter VTPMCTL_HOME")
+                    "limit; use a shorter name or a shorter VTPMCTL_HOME"
+                )
 
 
 # ---------------------------------------------------------------- records
@@ -157,8 +159,9 @@ class InstancePaths:
 def _require(data: dict[str, Any], key: str, kinds: tuple[type, ...], where: Path) -> Any:
     value = data.get(key)
     if not isinstance(value, kinds):
-        raise InstanceError(f"{where}: field {key!r} is missing or invalid; restore the file "
-                            "from a backup")
+        raise InstanceError(
+            f"{where}: field {key!r} is missing or invalid; restore the file from a backup"
+        )
     return value
 
 
@@ -182,11 +185,14 @@ class InstanceConfig:
         transport = _require(data, "transport", (str,), where)
         if tpm not in ("2.0", "1.2") or transport not in ("socket", "cuse"):
             raise InstanceError(f"{where}: unknown tpm {tpm!r} or transport {transport!r}")
-        return cls(name=_require(data, "name", (str,), where),
-                   tpm=cast(TpmVersion, tpm), transport=cast(TransportKind, transport),
-                   encrypted=bool(data.get("encrypted", False)),
-                   migration_key=bool(data.get("migration_key", False)),
-                   ek=bool(data.get("ek", False)))
+        return cls(
+            name=_require(data, "name", (str,), where),
+            tpm=cast(TpmVersion, tpm),
+            transport=cast(TransportKind, transport),
+            encrypted=bool(data.get("encrypted", False)),
+            migration_key=bool(data.get("migration_key", False)),
+            ek=bool(data.get("ek", False)),
+        )
 
     @property
     def tpm2(self) -> bool:
@@ -216,8 +222,9 @@ class InstanceMeta:
         try:
             return cls(**values)
         except TypeError:
-            raise InstanceError(f"{where} is not valid metadata; restore it from a backup"
-                                ) from None
+            raise InstanceError(
+                f"{where} is not valid metadata; restore it from a backup"
+            ) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -233,8 +240,10 @@ def read_json(path: Path) -> dict[str, Any]:
         raise InstanceError(f"{path} does not hold a JSON object; restore it from a backup")
     version = data.get("format_version", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise InstanceError(f"{path} has format_version {version!r}, newer than this vtpmctl "
-                            "understands; upgrade vtpmctl")
+        raise InstanceError(
+            f"{path} has format_version {version!r}, newer than this vtpmctl "
+            "understands; upgrade vtpmctl"
+        )
     return data
 
 
@@ -284,8 +293,11 @@ class Registry:
             entries = os.listdir(self.instances_dir)
         except FileNotFoundError:
             return []
-        return sorted(n for n in entries
-                      if _NAME.fullmatch(n) and (self.instances_dir / n / "config.json").is_file())
+        return sorted(
+            n
+            for n in entries
+            if _NAME.fullmatch(n) and (self.instances_dir / n / "config.json").is_file()
+        )
 
     def exists(self, name: str) -> bool:
         return self.paths(name).config_file.is_file()
@@ -326,11 +338,14 @@ class Registry:
             paths.base.mkdir(mode=0o700)
         except FileExistsError:
             if paths.config_file.exists():
-                raise InstanceExists(f"an instance named {name} exists already; pick another "
-                                     f"name or remove it (vtpmctl rm {name})") from None
+                raise InstanceExists(
+                    f"an instance named {name} exists already; pick another "
+                    f"name or remove it (vtpmctl rm {name})"
+                ) from None
             raise InstanceExists(
                 f"{paths.base} is left from an interrupted create (or one is running); "
-                f"clean it up with: vtpmctl rm {name} --yes") from None
+                f"clean it up with: vtpmctl rm {name} --yes"
+            ) from None
         fd = os.open(paths.creating_lock, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.lockf(fd, fcntl.LOCK_EX)
         try:
@@ -373,8 +388,9 @@ class Registry:
         if not paths.base.exists():
             raise NoSuchInstance(f"no instance named {name}; see vtpmctl list")
         if self.creation_in_progress(paths):
-            raise InstanceError(f"{name} is being created right now; try again when that "
-                                "create has finished")
+            raise InstanceError(
+                f"{name} is being created right now; try again when that create has finished"
+            )
         paths.config_file.unlink(missing_ok=True)
         self._remove_files(paths)
 

@@ -201,8 +201,7 @@ def write_secret_file(path: Path, data: bytes) -> None:
         write_atomic(path, data, 0o600)
     except OSError as exc:
         raise KeyFileError(
-            f"cannot write {path}: {exc.strerror}; check that {path.parent} exists and is "
-            "writable"
+            f"cannot write {path}: {exc.strerror}; check that {path.parent} exists and is writable"
         ) from None
 
 

@@ -50,16 +50,22 @@ def store_roots(env: Mapping[str, str] | None = None, euid: int | None = None) -
         base = Path(home).expanduser().absolute()
         return Roots(base / "etc", base / "lib", base / "run", base / "log", "home")
     if (os.geteuid() if euid is None else euid) == 0:
-        dirs = {"config": Path("/etc") / APP, "state": Path("/var/lib") / APP,
-                "runtime": Path("/run") / APP, "logs": Path("/var/log") / APP}
+        dirs = {
+            "config": Path("/etc") / APP,
+            "state": Path("/var/lib") / APP,
+            "runtime": Path("/run") / APP,
+            "logs": Path("/var/log") / APP,
+        }
         origin = "system"
     else:
         import platformdirs
 
-        dirs = {"config": Path(platformdirs.user_config_dir(APP)),
-                "state": Path(platformdirs.user_state_dir(APP)),
-                "runtime": Path(platformdirs.user_runtime_dir(APP)),
-                "logs": Path(platformdirs.user_log_dir(APP))}
+        dirs = {
+            "config": Path(platformdirs.user_config_dir(APP)),
+            "state": Path(platformdirs.user_state_dir(APP)),
+            "runtime": Path(platformdirs.user_runtime_dir(APP)),
+            "logs": Path(platformdirs.user_log_dir(APP)),
+        }
         origin = "user"
     for key, var in _SYSTEMD.items():
         override = _systemd_dir(env, var)

@@ -79,18 +79,29 @@ class Snapshot:
 
     def to_json(self) -> dict[str, Any]:
         """The record ``snapshot list --json`` shows (stable keys)."""
-        return {"id": self.id, "label": self.label,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
-                "blobs": {k: self.blobs.get(k) for k in BLOB_KINDS},
-                "sizes": {k: self.sizes.get(k) for k in BLOB_KINDS}}
+        return {
+            "id": self.id,
+            "label": self.label,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
+            "blobs": {k: self.blobs.get(k) for k in BLOB_KINDS},
+            "sizes": {k: self.sizes.get(k) for k in BLOB_KINDS},
+        }
 
 
 def check_label(label: str) -> str:
     """Labels are refs on the command line: printable, no '/', not a bare number."""
-    if (not label or len(label) > _MAX_LABEL or label.strip() != label or "/" in label
-            or not label.isprintable() or label.isdigit()):
-        raise SnapshotError(f"bad snapshot label {label!r}: use 1-{_MAX_LABEL} printable "
-                            "characters, no '/', no surrounding spaces, not only digits")
+    if (
+        not label
+        or len(label) > _MAX_LABEL
+        or label.strip() != label
+        or "/" in label
+        or not label.isprintable()
+        or label.isdigit()
+    ):
+        raise SnapshotError(
+            f"bad snapshot label {label!r}: use 1-{_MAX_LABEL} printable "
+            "characters, no '/', no surrounding spaces, not only digits"
+        )
     return label
 
 
@@ -107,15 +118,25 @@ class _Index:
         return cls(1, key, None, {}, [])
 
     def to_bytes(self) -> bytes:
-        doc = {"format_version": INDEX_VERSION, "next": self.next_id, "key": self.key,
-               "pending_key": self.pending_key, "states": self.states, "snapshots": self.snaps}
+        doc = {
+            "format_version": INDEX_VERSION,
+            "next": self.next_id,
+            "key": self.key,
+            "pending_key": self.pending_key,
+            "states": self.states,
+            "snapshots": self.snaps,
+        }
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
     def snapshot(self, row: list[Any]) -> Snapshot:
         state = self.states[row[2]]
-        return Snapshot(id=row[0], created=row[1], label=row[3] if len(row) > 3 else None,
-                        blobs={k: v[0] for k, v in state.items()},
-                        sizes={k: v[1] for k, v in state.items()})
+        return Snapshot(
+            id=row[0],
+            created=row[1],
+            label=row[3] if len(row) > 3 else None,
+            blobs={k: v[0] for k, v in state.items()},
+            sizes={k: v[1] for k, v in state.items()},
+        )
 
 
 def _parse_index(raw: bytes) -> _Index:
@@ -133,18 +154,23 @@ def _parse_index(raw: bytes) -> _Index:
         if not isinstance(state, dict) or not state:
             raise ValueError(f"state {sid} is empty")
         for kind, (digest, size) in state.items():
-            if kind not in BLOB_KINDS or not _DIGEST.fullmatch(digest) or not isinstance(
-                    size, int):
+            if kind not in BLOB_KINDS or not _DIGEST.fullmatch(digest) or not isinstance(size, int):
                 raise ValueError(f"state {sid} has a bad {kind} entry")
     for row in snaps:
-        if (not isinstance(row, list) or len(row) not in (3, 4) or not isinstance(row[0], int)
-                or not isinstance(row[1], int) or row[2] not in states
-                or (len(row) == 4 and not isinstance(row[3], str))):
+        if (
+            not isinstance(row, list)
+            or len(row) not in (3, 4)
+            or not isinstance(row[0], int)
+            or not isinstance(row[1], int)
+            or row[2] not in states
+            or (len(row) == 4 and not isinstance(row[3], str))
+        ):
             raise ValueError(f"bad snapshot entry {row!r}")
     next_id = doc["next"]
     key, pending = doc.get("key"), doc.get("pending_key")
-    if not isinstance(next_id, int) or not all(k is None or isinstance(k, str)
-                                               for k in (key, pending)):
+    if not isinstance(next_id, int) or not all(
+        k is None or isinstance(k, str) for k in (key, pending)
+    ):
         raise ValueError("bad next id or key fingerprint")
     return _Index(next_id, key, pending, states, snaps)
 
@@ -201,20 +227,25 @@ class SnapshotStore:
         try:
             return _parse_index(raw)
         except (ValueError, KeyError, TypeError, IndexError) as exc:
-            raise SnapshotError(f"{self.index_path} is corrupt ({exc}); restore it from a "
-                                "backup, or remove the snapshots dir to start afresh") from None
+            raise SnapshotError(
+                f"{self.index_path} is corrupt ({exc}); restore it from a "
+                "backup, or remove the snapshots dir to start afresh"
+            ) from None
 
     def _write_index(self, index: _Index) -> None:
         write_atomic(self.index_path, index.to_bytes(), 0o600)
 
     def _check_key(self, index: _Index) -> None:
         if index.pending_key is not None:
-            raise SnapshotError("a key rotation of this instance was interrupted; run "
-                                "`vtpmctl key rotate` again or start the instance to settle it")
+            raise SnapshotError(
+                "a key rotation of this instance was interrupted; run "
+                "`vtpmctl key rotate` again or start the instance to settle it"
+            )
         if index.key != self.fingerprint:
             raise SnapshotError(
                 f"the snapshots are encrypted with key {index.key or '(none)'} but the "
-                f"instance's key is {self.fingerprint or '(none)'}; restore the right key")
+                f"instance's key is {self.fingerprint or '(none)'}; restore the right key"
+            )
 
     def all(self) -> list[Snapshot]:
         """Every snapshot, oldest first."""
@@ -256,16 +287,19 @@ class SnapshotStore:
         except FileNotFoundError:
             raise SnapshotError(f"snapshot object {digest[:12]} is missing") from None
         except OSError as exc:
-            raise SnapshotError(f"cannot read snapshot object {digest[:12]}: "
-                                f"{exc.strerror}") from None
+            raise SnapshotError(
+                f"cannot read snapshot object {digest[:12]}: {exc.strerror}"
+            ) from None
         try:
             plain = unwrap_file(data, self.key)
         except BlobError as exc:
-            raise SnapshotError(f"snapshot object {digest[:12]} is unreadable "
-                                f"({exc.message})") from None
+            raise SnapshotError(
+                f"snapshot object {digest[:12]} is unreadable ({exc.message})"
+            ) from None
         if hashlib.sha256(plain).hexdigest() != digest:
-            raise SnapshotError(f"snapshot object {digest[:12]} is corrupt (its content does "
-                                "not match its name)")
+            raise SnapshotError(
+                f"snapshot object {digest[:12]} is corrupt (its content does not match its name)"
+            )
         return plain
 
     def read_blobs(self, snap: Snapshot) -> dict[str, bytes]:
@@ -285,8 +319,9 @@ class SnapshotStore:
 
     # ------------------------------------------------------------ operations
 
-    def create(self, blobs: dict[str, bytes], label: str | None = None,
-               now: float | None = None) -> Snapshot:
+    def create(
+        self, blobs: dict[str, bytes], label: str | None = None, now: float | None = None
+    ) -> Snapshot:
         """Record ``blobs`` (kind -> plaintext) as a new snapshot."""
         blobs = {k: v for k, v in blobs.items() if v}
         if "permanent" not in blobs or set(blobs) - set(BLOB_KINDS):
@@ -297,8 +332,10 @@ class SnapshotStore:
             index = self._read_index()
             self._check_key(index)
             if label is not None and any(len(r) > 3 and r[3] == label for r in index.snaps):
-                raise SnapshotError(f"a snapshot labelled {label!r} exists already; pick "
-                                    "another label or remove that one")
+                raise SnapshotError(
+                    f"a snapshot labelled {label!r} exists already; pick "
+                    "another label or remove that one"
+                )
             state = {kind: [self._put(data), len(data)] for kind, data in sorted(blobs.items())}
             sid = next((s for s, v in index.states.items() if v == state), None)
             if sid is None:
@@ -362,17 +399,21 @@ class SnapshotStore:
         with self.locked():
             index = self._read_index()
             if index.key != self.fingerprint and index.pending_key is None:
-                raise SnapshotError(f"the snapshots are not encrypted with the current key "
-                                    f"({index.key or '(none)'}); cannot re-encrypt them")
+                raise SnapshotError(
+                    f"the snapshots are not encrypted with the current key "
+                    f"({index.key or '(none)'}); cannot re-encrypt them"
+                )
             for digest in sorted({v[0] for st in index.states.values() for v in st.values()}):
                 try:
                     plain = self.read_object(digest)
                 except SnapshotError as exc:
-                    raise SnapshotError(f"cannot re-encrypt the snapshots: {exc}; remove the "
-                                        "snapshots that use it (vtpmctl verify lists them)"
-                                        ) from None
-                write_atomic(self.objects_dir / (digest + REKEY_SUFFIX),
-                             wrap_file(plain, new_key), 0o600)
+                    raise SnapshotError(
+                        f"cannot re-encrypt the snapshots: {exc}; remove the "
+                        "snapshots that use it (vtpmctl verify lists them)"
+                    ) from None
+                write_atomic(
+                    self.objects_dir / (digest + REKEY_SUFFIX), wrap_file(plain, new_key), 0o600
+                )
             index.pending_key = key_fingerprint(new_key) if new_key is not None else ""
             self._write_index(index)
 
@@ -384,8 +425,9 @@ class SnapshotStore:
             index = self._read_index()
             for name in os.listdir(self.objects_dir) if self.objects_dir.is_dir() else []:
                 if name.endswith(REKEY_SUFFIX):
-                    os.rename(self.objects_dir / name,
-                              self.objects_dir / name.removesuffix(REKEY_SUFFIX))
+                    os.rename(
+                        self.objects_dir / name, self.objects_dir / name.removesuffix(REKEY_SUFFIX)
+                    )
             if self.objects_dir.is_dir():
                 fsync_dir(self.objects_dir)
             index.key = new_fingerprint
@@ -447,8 +489,7 @@ def replace_state(sd: StateDir, blobs: dict[str, bytes], note: str) -> None:
         path = target.with_name(target.name + RESTORE_SUFFIX)
         write_atomic(path, wrap_file(plain, sd.key), sd.mode)
         staged[kind] = path
-    write_atomic(marker, json.dumps({"snapshot": note, "kinds": sorted(staged)}).encode(),
-                 0o600)
+    write_atomic(marker, json.dumps({"snapshot": note, "kinds": sorted(staged)}).encode(), 0o600)
     finish_restore(sd)
 
 
@@ -460,8 +501,10 @@ def finish_restore(sd: StateDir) -> bool:
     except FileNotFoundError:
         return False
     except (OSError, ValueError) as exc:
-        raise SnapshotError(f"{marker} is unreadable ({exc}); remove it after checking the "
-                            "state with `vtpmctl verify`") from None
+        raise SnapshotError(
+            f"{marker} is unreadable ({exc}); remove it after checking the "
+            "state with `vtpmctl verify`"
+        ) from None
     kinds = set(decision.get("kinds", []))
     # 1. no volatile state of the old boot may survive next to the new permanent state
     for kind in ("volatile", "savestate"):

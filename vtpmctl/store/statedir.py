@@ -28,8 +28,14 @@ class StateDirError(Exception):
 class StateDir:
     """One TPM's state files. Holds at most one fd on ``.lock`` (gotcha 20)."""
 
-    def __init__(self, path: Path, tpm2: bool = True, key: AesKey | None = None,
-                 mode: int = 0o600, durable: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        tpm2: bool = True,
+        key: AesKey | None = None,
+        mode: int = 0o600,
+        durable: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.tpm2 = tpm2
         self.key = key
@@ -78,8 +84,11 @@ class StateDir:
         try:
             return unwrap_file(raw, self.key)
         except BlobError as exc:
-            hint = ("check the state key" if self.key is not None or raw[4:6] != b"\0\0"
-                    else "restore it from a snapshot or backup")
+            hint = (
+                "check the state key"
+                if self.key is not None or raw[4:6] != b"\0\0"
+                else "restore it from a snapshot or backup"
+            )
             raise StateDirError(f"{self.file(name)} is unusable ({exc}); {hint}") from exc
 
     def store(self, name: str, plain: bytes) -> None:
@@ -87,8 +96,7 @@ class StateDir:
 
     def write_raw(self, name: str, data: bytes) -> None:
         target = self.file(name)
-        write_atomic(target, data, self.mode, tmp_name=self.tmp_prefix + name,
-                     durable=self.durable)
+        write_atomic(target, data, self.mode, tmp_name=self.tmp_prefix + name, durable=self.durable)
 
     def delete(self, name: str) -> None:
         try:
@@ -119,8 +127,9 @@ class StateDir:
             return True
         self.ensure()
         path = self.path / ".lock"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o660)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660
+        )
         for attempt in range(retries + 1):
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -56,8 +56,13 @@ class Finding:
     path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"level": self.level, "check": self.check, "what": self.what, "fix": self.fix,
-                "path": self.path}
+        return {
+            "level": self.level,
+            "check": self.check,
+            "what": self.what,
+            "fix": self.fix,
+            "path": self.path,
+        }
 
     def line(self) -> str:
         return f"{self.level:<5}  {self.what}" + (f"; fix: {self.fix}" if self.fix else "")
@@ -72,27 +77,47 @@ def _mode(path: Path) -> int | None:
 
 def _dir_checks(inst: Instance) -> Iterator[Finding]:
     p = inst.paths
-    private = [("dir.instance", p.base), ("dir.state", p.state_dir),
-               ("dir.secrets", p.secrets_dir), ("dir.snapshots", snapshots_dir(p)),
-               ("dir.run", p.run_dir)]
+    private = [
+        ("dir.instance", p.base),
+        ("dir.state", p.state_dir),
+        ("dir.secrets", p.secrets_dir),
+        ("dir.snapshots", snapshots_dir(p)),
+        ("dir.run", p.run_dir),
+    ]
     for check, path in private:
         mode = _mode(path)
         if mode is None:
             if check in ("dir.instance", "dir.state"):
-                yield Finding("error", check, f"{path} is missing",
-                              "restore it from a backup", str(path))
+                yield Finding(
+                    "error", check, f"{path} is missing", "restore it from a backup", str(path)
+                )
             continue
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             yield Finding("error", check, f"{path} is not a directory", None, str(path))
         elif mode & 0o022:
-            yield Finding("error", check, f"{path} is writable by group or others "
-                          f"(mode {mode:04o})", f"chmod 700 {path}", str(path))
+            yield Finding(
+                "error",
+                check,
+                f"{path} is writable by group or others (mode {mode:04o})",
+                f"chmod 700 {path}",
+                str(path),
+            )
         elif mode & 0o077 and check in ("dir.secrets", "dir.state", "dir.snapshots"):
-            yield Finding("warn", check, f"{path} is readable by group or others "
-                          f"(mode {mode:04o})", f"chmod 700 {path}", str(path))
+            yield Finding(
+                "warn",
+                check,
+                f"{path} is readable by group or others (mode {mode:04o})",
+                f"chmod 700 {path}",
+                str(path),
+            )
         elif os.lstat(path).st_uid != os.geteuid():
-            yield Finding("warn", check, f"{path} is owned by uid {os.lstat(path).st_uid}",
-                          f"chown {os.geteuid()} {path}", str(path))
+            yield Finding(
+                "warn",
+                check,
+                f"{path} is owned by uid {os.lstat(path).st_uid}",
+                f"chown {os.geteuid()} {path}",
+                str(path),
+            )
         else:
             yield Finding("ok", check, f"{path}: mode {mode:04o}", None, str(path))
 
@@ -105,27 +130,35 @@ def _key_checks(inst: Instance) -> tuple[list[Finding], AesKey | None, bool]:
     if inst.config.encrypted:
         try:
             key = instance_keys.load_state_key(inst)
-            out.append(Finding("ok", "key.state", f"state key {inst.paths.state_key}: mode "
-                               "0600, matches the recorded fingerprint", None,
-                               str(inst.paths.state_key)))
+            out.append(
+                Finding(
+                    "ok",
+                    "key.state",
+                    f"state key {inst.paths.state_key}: mode "
+                    "0600, matches the recorded fingerprint",
+                    None,
+                    str(inst.paths.state_key),
+                )
+            )
         except KeyFileError as exc:
             usable = False
-            out.append(Finding("error", "key.state", str(exc), None,
-                               str(inst.paths.state_key)))
+            out.append(Finding("error", "key.state", str(exc), None, str(inst.paths.state_key)))
     if inst.config.migration_key:
         path = inst.paths.migration_key
         try:
             check_secret_file_mode(path)
             instance_keys.load_migration_key(inst)
-            out.append(Finding("ok", "key.migration", f"migration key {path}: mode 0600",
-                               None, str(path)))
+            out.append(
+                Finding("ok", "key.migration", f"migration key {path}: mode 0600", None, str(path))
+            )
         except KeyFileError as exc:
             out.append(Finding("error", "key.migration", str(exc), None, str(path)))
     return out, key, usable
 
 
-def _state_file_checks(inst: Instance, key: AesKey | None, key_usable: bool,
-                       validate: Validator | None) -> Iterator[Finding]:
+def _state_file_checks(
+    inst: Instance, key: AesKey | None, key_usable: bool, validate: Validator | None
+) -> Iterator[Finding]:
     sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=key)
     plains: dict[str, bytes] = {}
     for name in STATE_NAMES:
@@ -134,57 +167,96 @@ def _state_file_checks(inst: Instance, key: AesKey | None, key_usable: bool,
         raw = sd.read_raw(name)
         if raw is None:
             if name == "permall":
-                yield Finding("error", check, f"{path} is missing: the TPM is gone",
-                              "restore it from a snapshot (vtpmctl snapshot restore) or a "
-                              "backup", str(path))
+                yield Finding(
+                    "error",
+                    check,
+                    f"{path} is missing: the TPM is gone",
+                    "restore it from a snapshot (vtpmctl snapshot restore) or a backup",
+                    str(path),
+                )
             continue
         mode = _mode(path) or 0
         if mode & 0o137:
-            yield Finding("error" if mode & 0o006 else "warn", f"{check}.mode",
-                          f"{path} has mode {mode:04o} (expected 0600 or 0640)",
-                          f"chmod 600 {path}", str(path))
+            yield Finding(
+                "error" if mode & 0o006 else "warn",
+                f"{check}.mode",
+                f"{path} has mode {mode:04o} (expected 0600 or 0640)",
+                f"chmod 600 {path}",
+                str(path),
+            )
         try:
             header = parse_header(raw)
             if header.version >= 2:
                 parse_tlvs(raw[HEADER_SIZE:])
         except BlobError as exc:
-            yield Finding("error", f"{check}.format", f"{path}: {exc.message}",
-                          "restore it from a snapshot or backup", str(path))
+            yield Finding(
+                "error",
+                f"{check}.format",
+                f"{path}: {exc.message}",
+                "restore it from a snapshot or backup",
+                str(path),
+            )
             continue
         encrypted = bool(header.flags & FLAG_ENCRYPTED)
         if encrypted != inst.config.encrypted:
-            yield Finding("error", f"{check}.format",
-                          f"{path} is {'' if encrypted else 'not '}encrypted but the instance "
-                          f"is configured {'with' if inst.config.encrypted else 'without'} a "
-                          "state key", "restore the matching file or key", str(path))
+            yield Finding(
+                "error",
+                f"{check}.format",
+                f"{path} is {'' if encrypted else 'not '}encrypted but the instance "
+                f"is configured {'with' if inst.config.encrypted else 'without'} a "
+                "state key",
+                "restore the matching file or key",
+                str(path),
+            )
             continue
         if not key_usable:
             continue
         try:
             plains[_KINDS[name]] = unwrap_file(raw, key)
         except BlobError as exc:
-            yield Finding("error", f"{check}.hmac", f"{path}: {exc.message}",
-                          "restore the right state key, or the file from a snapshot",
-                          str(path))
+            yield Finding(
+                "error",
+                f"{check}.hmac",
+                f"{path}: {exc.message}",
+                "restore the right state key, or the file from a snapshot",
+                str(path),
+            )
             continue
         how = "HMAC and decryption" if encrypted else "header and TLVs"
-        yield Finding("ok", f"{check}.format", f"{path}: {how} good "
-                      f"({len(plains[_KINDS[name]])} bytes of state)", None, str(path))
+        yield Finding(
+            "ok",
+            f"{check}.format",
+            f"{path}: {how} good ({len(plains[_KINDS[name]])} bytes of state)",
+            None,
+            str(path),
+        )
     if validate is not None and "permanent" in plains:
         rcs, error = validate(plains, inst.config.tpm2)
         if error and not rcs:
-            yield Finding("error", "state.validate", f"libtpms could not check the state: "
-                          f"{error}", None, str(sd.path))
+            yield Finding(
+                "error",
+                "state.validate",
+                f"libtpms could not check the state: {error}",
+                None,
+                str(sd.path),
+            )
         for kind, rc in sorted(rcs.items()):
             if rc:
-                yield Finding("error", f"state.{FILE_NAMES[kind]}.validate",
-                              f"libtpms rejects the {kind} state (TPMLIB_ValidateState "
-                              f"0x{rc:x})", "restore it from a snapshot (vtpmctl snapshot "
-                              "restore) or a backup", str(sd.file(FILE_NAMES[kind])))
+                yield Finding(
+                    "error",
+                    f"state.{FILE_NAMES[kind]}.validate",
+                    f"libtpms rejects the {kind} state (TPMLIB_ValidateState 0x{rc:x})",
+                    "restore it from a snapshot (vtpmctl snapshot restore) or a backup",
+                    str(sd.file(FILE_NAMES[kind])),
+                )
             else:
-                yield Finding("ok", f"state.{FILE_NAMES[kind]}.validate",
-                              f"libtpms accepts the {kind} state", None,
-                              str(sd.file(FILE_NAMES[kind])))
+                yield Finding(
+                    "ok",
+                    f"state.{FILE_NAMES[kind]}.validate",
+                    f"libtpms accepts the {kind} state",
+                    None,
+                    str(sd.file(FILE_NAMES[kind])),
+                )
 
 
 def _leftover_checks(inst: Instance) -> Iterator[Finding]:
@@ -192,24 +264,41 @@ def _leftover_checks(inst: Instance) -> Iterator[Finding]:
     p = inst.paths
     marker = restore_marker(p.state_dir)
     if marker.exists():
-        yield Finding("error", "state.restore", "a snapshot restore was interrupted",
-                      f"run the restore again (vtpmctl snapshot restore {inst.name} REF)",
-                      str(marker))
+        yield Finding(
+            "error",
+            "state.restore",
+            "a snapshot restore was interrupted",
+            f"run the restore again (vtpmctl snapshot restore {inst.name} REF)",
+            str(marker),
+        )
     if (p.secrets_dir / "rotate.commit").exists():
-        yield Finding("warn", "key.rotation", "a key rotation was interrupted after its "
-                      "commit", f"vtpmctl start {inst.name} (or key rotate) completes it",
-                      str(p.secrets_dir / "rotate.commit"))
+        yield Finding(
+            "warn",
+            "key.rotation",
+            "a key rotation was interrupted after its commit",
+            f"vtpmctl start {inst.name} (or key rotate) completes it",
+            str(p.secrets_dir / "rotate.commit"),
+        )
     for name in STATE_NAMES:
         for suffix in (instance_keys.ROTATE_SUFFIX, RESTORE_SUFFIX):
             path = sd.file(name).with_name(sd.file(name).name + suffix)
             if path.exists() and not marker.exists():
-                yield Finding("warn", "state.leftover", f"{path} is left from an interrupted "
-                              "key rotation or restore", f"vtpmctl start {inst.name} removes "
-                              "it, or remove it by hand", str(path))
+                yield Finding(
+                    "warn",
+                    "state.leftover",
+                    f"{path} is left from an interrupted key rotation or restore",
+                    f"vtpmctl start {inst.name} removes it, or remove it by hand",
+                    str(path),
+                )
         tmp = sd.path / (sd.tmp_prefix + name)
         if tmp.exists():
-            yield Finding("warn", "state.leftover", f"{tmp} is left from an interrupted write",
-                          f"rm {tmp}", str(tmp))
+            yield Finding(
+                "warn",
+                "state.leftover",
+                f"{tmp} is left from an interrupted write",
+                f"rm {tmp}",
+                str(tmp),
+            )
 
 
 def _runtime_checks(inst: Instance, holder_info: HolderInfo | None) -> Iterator[Finding]:
@@ -219,33 +308,57 @@ def _runtime_checks(inst: Instance, holder_info: HolderInfo | None) -> Iterator[
     if holder is not None:
         ours, desc = holder_info(holder) if holder_info else (True, "?")
         if ours:
-            yield Finding("ok", "lock", f"running: the state lock is held by pid {holder} "
-                          f"({desc})", None, str(p.state_dir / ".lock"))
+            yield Finding(
+                "ok",
+                "lock",
+                f"running: the state lock is held by pid {holder} ({desc})",
+                None,
+                str(p.state_dir / ".lock"),
+            )
         else:
-            yield Finding("warn", "lock", f"the state lock is held by pid {holder} ({desc}), "
-                          "which is not this instance's vtpmctl daemon",
-                          f"stop pid {holder} if it should not use this state", str(
-                              p.state_dir / ".lock"))
+            yield Finding(
+                "warn",
+                "lock",
+                f"the state lock is held by pid {holder} ({desc}), "
+                "which is not this instance's vtpmctl daemon",
+                f"stop pid {holder} if it should not use this state",
+                str(p.state_dir / ".lock"),
+            )
         try:
             recorded = int(p.pid_file.read_text().strip())
         except (OSError, ValueError):
             recorded = None
         if ours and recorded is not None and recorded != holder:
-            yield Finding("warn", "pidfile", f"{p.pid_file} says {recorded}, but pid {holder} "
-                          "holds the lock", f"vtpmctl restart {inst.name}", str(p.pid_file))
+            yield Finding(
+                "warn",
+                "pidfile",
+                f"{p.pid_file} says {recorded}, but pid {holder} holds the lock",
+                f"vtpmctl restart {inst.name}",
+                str(p.pid_file),
+            )
     else:
-        yield Finding("ok", "lock", "stopped: nobody holds the state lock", None,
-                      str(p.state_dir / ".lock"))
+        yield Finding(
+            "ok", "lock", "stopped: nobody holds the state lock", None, str(p.state_dir / ".lock")
+        )
         for path in leftovers:
-            yield Finding("warn", "stale", f"{path} is left from a daemon that is gone",
-                          f"vtpmctl start {inst.name} cleans it up (or rm {path})", str(path))
+            yield Finding(
+                "warn",
+                "stale",
+                f"{path} is left from a daemon that is gone",
+                f"vtpmctl start {inst.name} cleans it up (or rm {path})",
+                str(path),
+            )
     if inst.config.transport == "socket":
         for path in (p.ctrl_socket, p.data_socket):
             size = len(os.fsencode(path))
             if size > UNIX_PATH_MAX:
-                yield Finding("error", "socket.path", f"socket path {path} is {size} bytes, "
-                              f"over the {UNIX_PATH_MAX}-byte limit",
-                              "use a shorter name or VTPMCTL_HOME", str(path))
+                yield Finding(
+                    "error",
+                    "socket.path",
+                    f"socket path {path} is {size} bytes, over the {UNIX_PATH_MAX}-byte limit",
+                    "use a shorter name or VTPMCTL_HOME",
+                    str(path),
+                )
 
 
 def _snapshot_checks(inst: Instance, key: AesKey | None, key_usable: bool) -> Iterator[Finding]:
@@ -267,27 +380,45 @@ def _snapshot_checks(inst: Instance, key: AesKey | None, key_usable: bool) -> It
         except SnapshotError as exc:
             bad += 1
             users = ", ".join(s.describe() for s in snaps if digest in s.blobs.values())
-            yield Finding("error", "snapshots.object", f"{exc} (used by snapshot {users})",
-                          f"vtpmctl snapshot rm {inst.name} REF for the snapshots that use it",
-                          str(store.object_path(digest)))
+            yield Finding(
+                "error",
+                "snapshots.object",
+                f"{exc} (used by snapshot {users})",
+                f"vtpmctl snapshot rm {inst.name} REF for the snapshots that use it",
+                str(store.object_path(digest)),
+            )
     present = store.object_names()
     for digest in sorted(set(present) - referenced):
-        yield Finding("warn", "snapshots.orphan", f"snapshot object {digest[:12]} is used by "
-                      "no snapshot", "it is removed with the next snapshot rm",
-                      str(store.object_path(digest)))
+        yield Finding(
+            "warn",
+            "snapshots.orphan",
+            f"snapshot object {digest[:12]} is used by no snapshot",
+            "it is removed with the next snapshot rm",
+            str(store.object_path(digest)),
+        )
     for name in sorted(os.listdir(store.objects_dir)) if store.objects_dir.is_dir() else []:
         if name.endswith(REKEY_SUFFIX):
-            yield Finding("warn", "snapshots.leftover", f"{name} is left from an interrupted "
-                          "key rotation", f"vtpmctl start {inst.name} settles it",
-                          str(store.objects_dir / name))
+            yield Finding(
+                "warn",
+                "snapshots.leftover",
+                f"{name} is left from an interrupted key rotation",
+                f"vtpmctl start {inst.name} settles it",
+                str(store.objects_dir / name),
+            )
     if not bad:
-        yield Finding("ok", "snapshots", f"{len(snaps)} snapshot(s), {len(referenced)} "
-                      "object(s): all readable and matching their hashes", None,
-                      str(store.root))
+        yield Finding(
+            "ok",
+            "snapshots",
+            f"{len(snaps)} snapshot(s), {len(referenced)} "
+            "object(s): all readable and matching their hashes",
+            None,
+            str(store.root),
+        )
 
 
-def verify_instance(inst: Instance, *, validate: Validator | None = None,
-                    holder_info: HolderInfo | None = None) -> list[Finding]:
+def verify_instance(
+    inst: Instance, *, validate: Validator | None = None, holder_info: HolderInfo | None = None
+) -> list[Finding]:
     """Every finding about ``inst``; nothing on disk is changed."""
     findings = list(_dir_checks(inst))
     key_findings, key, usable = _key_checks(inst)

@@ -58,8 +58,9 @@ def _user_key(path: Path, kind: str, what: str) -> AesKey:
 def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Instance:
     ek = opts.tpm == "2.0" if opts.ek is None else opts.ek
     if ek and opts.tpm != "2.0":
-        raise LifecycleError("EK provisioning is implemented for TPM 2.0 only; "
-                             "use --no-ek with --tpm 1.2")
+        raise LifecycleError(
+            "EK provisioning is implemented for TPM 2.0 only; use --no-ek with --tpm 1.2"
+        )
     encrypt = opts.encrypt or opts.key_file is not None
     key: AesKey | None = None
     key_source: str | None = None
@@ -72,35 +73,66 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
     if opts.migration_key_file is not None:
         mkey = _user_key(opts.migration_key_file, opts.migration_key_format, "migration key")
 
-    config = InstanceConfig(name=name, tpm=opts.tpm, transport=opts.transport,
-                            encrypted=encrypt, migration_key=mkey is not None, ek=ek)
+    config = InstanceConfig(
+        name=name,
+        tpm=opts.tpm,
+        transport=opts.transport,
+        encrypted=encrypt,
+        migration_key=mkey is not None,
+        ek=ek,
+    )
     with registry.reserve(name) as paths:
         registry.ensure_dirs(paths)
         if key is not None:
             store_key(paths.state_key, key)
         if mkey is not None:
             store_key(paths.migration_key, mkey)
-        made = _manufacture(paths.state_dir, paths.log_file, tpm2=opts.tpm == "2.0",
-                            key_file=paths.state_key if key is not None else None,
-                            ca_dir=paths.ca_dir if ek else None, ecc_curve=opts.ecc_curve)
+        made = _manufacture(
+            paths.state_dir,
+            paths.log_file,
+            tpm2=opts.tpm == "2.0",
+            key_file=paths.state_key if key is not None else None,
+            ca_dir=paths.ca_dir if ek else None,
+            ecc_curve=opts.ecc_curve,
+        )
         ek_info = made.get("ek")
         meta = InstanceMeta(
-            vtpmctl_version=__version__, libtpms_version=made.get("libtpms_version"),
-            cipher=key.cipher if key else None, key_source=key_source,
+            vtpmctl_version=__version__,
+            libtpms_version=made.get("libtpms_version"),
+            cipher=key.cipher if key else None,
+            key_source=key_source,
             key_fingerprint=key_fingerprint(key) if key else None,
             migration_key_fingerprint=key_fingerprint(mkey) if mkey else None,
-            ek_fingerprints={e["algorithm"]: e["fingerprint_sha256"]
-                             for e in (ek_info or {}).get("eks", [])})
+            ek_fingerprints={
+                e["algorithm"]: e["fingerprint_sha256"] for e in (ek_info or {}).get("eks", [])
+            },
+        )
         if ek_info is not None:
             write_json(paths.ek_file, ek_info)
         registry.commit(paths, config, meta)
     return registry.get(name)
 
 
-def _manufacture(state_dir: Path, log_file: Path, *, tpm2: bool, key_file: Path | None,
-                 ca_dir: Path | None, ecc_curve: str) -> dict[str, Any]:
-    argv = [sys.executable, "-m", MANUFACTURE_MODULE, "--state", str(state_dir),
-            "--tpm", "2" if tpm2 else "1.2", "--log-file", str(log_file)]
+def _manufacture(
+    state_dir: Path,
+    log_file: Path,
+    *,
+    tpm2: bool,
+    key_file: Path | None,
+    ca_dir: Path | None,
+    ecc_curve: str,
+) -> dict[str, Any]:
+    argv = [
+        sys.executable,
+        "-m",
+        MANUFACTURE_MODULE,
+        "--state",
+        str(state_dir),
+        "--tpm",
+        "2" if tpm2 else "1.2",
+        "--log-file",
+        str(log_file),
+    ]
     if key_file is not None:
         argv += ["--key-file", str(key_file)]
     if ca_dir is not None:
@@ -108,11 +140,18 @@ def _manufacture(state_dir: Path, log_file: Path, *, tpm2: bool, key_file: Path 
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=MANUFACTURE_TIMEOUT, env=env, check=False)
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=MANUFACTURE_TIMEOUT,
+            env=env,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
-        raise LifecycleError(f"making the TPM took over {MANUFACTURE_TIMEOUT:.0f}s; "
-                             f"see {log_file}") from None
+        raise LifecycleError(
+            f"making the TPM took over {MANUFACTURE_TIMEOUT:.0f}s; see {log_file}"
+        ) from None
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").splitlines()
         raise LifecycleError(f"cannot make the TPM: {failure_reason(lines)}")

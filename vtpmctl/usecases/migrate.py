@@ -115,8 +115,9 @@ def _stopped_state(registry: Registry, inst: Instance) -> tuple[Instance, dict[s
     except (KeyFileError, StateDirError) as exc:
         raise MigrateError(f"cannot export {inst.name}: {exc}") from None
     if "permanent" not in plain:
-        raise MigrateError(f"cannot export {inst.name}: {sd.file('permall')} is missing; "
-                           "restore it from a backup")
+        raise MigrateError(
+            f"cannot export {inst.name}: {sd.file('permall')} is missing; restore it from a backup"
+        )
     return inst, plain
 
 
@@ -153,13 +154,19 @@ def _running_state(inst: Instance) -> dict[str, bytes]:
     try:
         plain = unwrap_transfer(blob, state_flags=0, state_key=None, migration_key=daemon_key)
     except BlobError as exc:
-        raise MigrateError(f"the permanent state of running {inst.name} is unusable: "
-                           f"{exc.message}") from None
+        raise MigrateError(
+            f"the permanent state of running {inst.name} is unusable: {exc.message}"
+        ) from None
     return {"permanent": plain}
 
 
-def export_instance(registry: Registry, name: str, *, migration_key: AesKey | None = None,
-                    allow_running: bool = False) -> Exported:
+def export_instance(
+    registry: Registry,
+    name: str,
+    *,
+    migration_key: AesKey | None = None,
+    allow_running: bool = False,
+) -> Exported:
     """A bundle of NAME; ``migration_key`` overrides the instance's own."""
     from vtpmctl.store.instance_keys import load_migration_key
     from vtpmctl.store.keys import KeyFileError
@@ -179,10 +186,13 @@ def export_instance(registry: Registry, name: str, *, migration_key: AesKey | No
             raise MigrateError(
                 f"{name} is running (pid {status.pid}); stop it first (vtpmctl stop {name}) so "
                 "the bundle holds its final state, or add --allow-running for a copy of its "
-                "permanent state (for a running VM, use QEMU live migration)")
+                "permanent state (for a running VM, use QEMU live migration)"
+            )
         if not status.ours:
-            raise MigrateError(f"the state dir of {name} is locked by pid {status.pid}, which is "
-                               "not its vtpmctl daemon; stop that process first")
+            raise MigrateError(
+                f"the state dir of {name} is locked by pid {status.pid}, which is "
+                "not its vtpmctl daemon; stop that process first"
+            )
         plain = _running_state(inst)
         state = "running"
     if migration_key is None:
@@ -191,11 +201,17 @@ def export_instance(registry: Registry, name: str, *, migration_key: AesKey | No
         except KeyFileError as exc:
             raise MigrateError(f"cannot export {name}: {exc}") from None
     source = Source(
-        name=name, host=socket.gethostname(), state=state, created=now_utc(),
+        name=name,
+        host=socket.gethostname(),
+        state=state,
+        created=now_utc(),
         vtpmctl_version=__version__,
         libtpms_version=libtpms_version() or inst.meta.libtpms_version,
-        tpm_version=inst.config.tpm, transport=inst.config.transport,
-        encrypted_at_rest=inst.config.encrypted, ek_fingerprints=inst.meta.ek_fingerprints)
+        tpm_version=inst.config.tpm,
+        transport=inst.config.transport,
+        encrypted_at_rest=inst.config.encrypted,
+        ek_fingerprints=inst.meta.ek_fingerprints,
+    )
     data = build_bundle(plain, source, ek_json=_ek_file(inst), migration_key=migration_key)
     return Exported(data, open_bundle(data, migration_key).manifest)
 
@@ -227,8 +243,9 @@ def _check_ek(bundle: Bundle, persistent: dict[str, str] | None) -> None:
     m = bundle.manifest
     if bundle.ek_json is None:
         if m.ek_fingerprints:
-            raise BundleError("the bundle manifest is invalid: it lists EK fingerprints but "
-                              "has no ek.json")
+            raise BundleError(
+                "the bundle manifest is invalid: it lists EK fingerprints but has no ek.json"
+            )
         return
     try:
         info = json.loads(bundle.ek_json)
@@ -238,15 +255,18 @@ def _check_ek(bundle: Bundle, persistent: dict[str, str] | None) -> None:
     except (ValueError, KeyError, TypeError):
         raise BundleError("ek.json in the bundle is not an EK description") from None
     if found != m.ek_fingerprints:
-        raise BundleError("the bundle manifest's EK fingerprints do not match its ek.json; "
-                          "the bundle was altered")
+        raise BundleError(
+            "the bundle manifest's EK fingerprints do not match its ek.json; the bundle was altered"
+        )
     _check_ek_keys(eks)
     if persistent is None:
         return
     for handle, name in handles.items():
         if persistent.get(handle) != name:
-            raise BundleError(f"the EK at {handle} described in the bundle is not the one in "
-                              "its TPM state; the bundle was altered")
+            raise BundleError(
+                f"the EK at {handle} described in the bundle is not the one in "
+                "its TPM state; the bundle was altered"
+            )
 
 
 def _check_ek_keys(eks: list[dict[str, object]]) -> None:
@@ -260,11 +280,14 @@ def _check_ek_keys(eks: list[dict[str, object]]) -> None:
             key = serialization.load_pem_public_key(str(ek["public_key_pem"]).encode())
         except (KeyError, ValueError, TypeError):
             raise BundleError("ek.json in the bundle holds an unreadable public key") from None
-        spki = key.public_bytes(serialization.Encoding.DER,
-                                serialization.PublicFormat.SubjectPublicKeyInfo)
+        spki = key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         if hashlib.sha256(spki).hexdigest() != ek.get("fingerprint_sha256"):
-            raise BundleError("ek.json in the bundle has a fingerprint that does not match its "
-                              "public key; the bundle was altered")
+            raise BundleError(
+                "ek.json in the bundle has a fingerprint that does not match its "
+                "public key; the bundle was altered"
+            )
 
 
 def verify_bundle(data: bytes, migration_key: AesKey | None) -> tuple[Bundle, str | None]:
@@ -283,8 +306,12 @@ def verify_bundle(data: bytes, migration_key: AesKey | None) -> tuple[Bundle, st
         raise MigrateError(
             f"libtpms {here or '?'} on this host cannot load this TPM {m.tpm_version} state "
             f"(made with libtpms {m.libtpms_version or '?'}): {detail}; "
-            + ("upgrade libtpms here" if _version_tuple(m.libtpms_version)
-               > _version_tuple(here) else "the state is damaged or of another TPM version"))
+            + (
+                "upgrade libtpms here"
+                if _version_tuple(m.libtpms_version) > _version_tuple(here)
+                else "the state is damaged or of another TPM version"
+            )
+        )
     _check_ek(bundle, result.persistent if tpm2 else None)
     return bundle, here
 
@@ -301,14 +328,19 @@ def import_bundle(registry: Registry, data: bytes, opts: ImportOptions) -> Impor
     paths = registry.paths(name)
     paths.check_socket_paths()
     if paths.base.exists():
-        raise InstanceExists(f"an instance named {name} exists already; import under another "
-                             f"name with --name NEW, or remove it (vtpmctl rm {name})")
+        raise InstanceExists(
+            f"an instance named {name} exists already; import under another "
+            f"name with --name NEW, or remove it (vtpmctl rm {name})"
+        )
     notes: list[str] = []
     if m.source_state == "running":
-        notes.append(f"the bundle is a copy of running {m.source_name} taken on "
-                     f"{m.source_host}; do not run both")
-    encrypt = (m.encrypted_at_rest if opts.encrypt is None else opts.encrypt) \
-        or opts.state_key is not None
+        notes.append(
+            f"the bundle is a copy of running {m.source_name} taken on "
+            f"{m.source_host}; do not run both"
+        )
+    encrypt = (
+        m.encrypted_at_rest if opts.encrypt is None else opts.encrypt
+    ) or opts.state_key is not None
     state_key = opts.state_key
     key_source = opts.key_source
     if encrypt and state_key is None:
@@ -316,16 +348,23 @@ def import_bundle(registry: Registry, data: bytes, opts: ImportOptions) -> Impor
     if not encrypt:
         state_key = key_source = None
     mkey = opts.migration_key
-    config = InstanceConfig(name=name, tpm=_tpm(m.tpm_version),
-                            transport=opts.transport or _transport(m.transport),
-                            encrypted=state_key is not None, migration_key=mkey is not None,
-                            ek=bundle.ek_json is not None)
+    config = InstanceConfig(
+        name=name,
+        tpm=_tpm(m.tpm_version),
+        transport=opts.transport or _transport(m.transport),
+        encrypted=state_key is not None,
+        migration_key=mkey is not None,
+        ek=bundle.ek_json is not None,
+    )
     meta = InstanceMeta(
-        vtpmctl_version=__version__, libtpms_version=here or m.libtpms_version,
-        cipher=state_key.cipher if state_key else None, key_source=key_source,
+        vtpmctl_version=__version__,
+        libtpms_version=here or m.libtpms_version,
+        cipher=state_key.cipher if state_key else None,
+        key_source=key_source,
         key_fingerprint=key_fingerprint(state_key) if state_key else None,
         migration_key_fingerprint=key_fingerprint(mkey) if mkey else None,
-        ek_fingerprints=dict(m.ek_fingerprints))
+        ek_fingerprints=dict(m.ek_fingerprints),
+    )
     from vtpmctl.store.atomic import write_atomic
 
     with registry.reserve(name) as paths:
@@ -360,8 +399,9 @@ def read_bundle_file(source: str) -> bytes:
 
     if source == "-":
         if sys.stdin.isatty():
-            raise MigrateError("refusing to read a bundle from a terminal; give a FILE or "
-                               "pipe one in")
+            raise MigrateError(
+                "refusing to read a bundle from a terminal; give a FILE or pipe one in"
+            )
         return read_capped(sys.stdin.buffer, "the bundle on stdin")
     try:
         with open(Path(source), "rb") as f:
@@ -370,6 +410,14 @@ def read_bundle_file(source: str) -> bytes:
         raise MigrateError(f"cannot read {source}: {exc.strerror or exc}") from None
 
 
-__all__ = ["Exported", "ImportOptions", "Imported", "MigrateError",
-           "export_instance", "import_bundle", "libtpms_version", "read_bundle_file",
-           "verify_bundle"]
+__all__ = [
+    "Exported",
+    "ImportOptions",
+    "Imported",
+    "MigrateError",
+    "export_instance",
+    "import_bundle",
+    "libtpms_version",
+    "read_bundle_file",
+    "verify_bundle",
+]

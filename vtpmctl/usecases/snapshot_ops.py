@@ -80,23 +80,28 @@ def _client(inst: Instance, timeout: float) -> ControlClient:
     return ControlClient(SocketTransport(str(inst.paths.ctrl_socket), timeout=timeout))
 
 
-def _fetch(client: ControlClient, kind: str, state_key: AesKey | None,
-           migration_key: AesKey | None) -> bytes:
+def _fetch(
+    client: ControlClient, kind: str, state_key: AesKey | None, migration_key: AesKey | None
+) -> bytes:
     from vtpmctl.device.protocol import BlobType
 
     flags, blob = client.get_state(BlobType[kind.upper()], decrypted=True)
     if not blob:
         return b""
     try:
-        return unwrap_transfer(blob, state_flags=flags, state_key=state_key,
-                               migration_key=migration_key)
+        return unwrap_transfer(
+            blob, state_flags=flags, state_key=state_key, migration_key=migration_key
+        )
     except BlobError as exc:
-        raise SnapshotError(f"the {kind} state blob cannot be opened ({exc.message}); check "
-                            "the instance's migration key") from None
+        raise SnapshotError(
+            f"the {kind} state blob cannot be opened ({exc.message}); check "
+            "the instance's migration key"
+        ) from None
 
 
-def _from_control(inst: Instance, volatile: bool, state_key: AesKey | None,
-                  timeout: float) -> dict[str, bytes]:
+def _from_control(
+    inst: Instance, volatile: bool, state_key: AesKey | None, timeout: float
+) -> dict[str, bytes]:
     mkey = instance_keys.load_migration_key(inst)
     with _client(inst, timeout) as client:
         perm = _fetch(client, "permanent", state_key, mkey)
@@ -111,8 +116,10 @@ def _from_control(inst: Instance, volatile: bool, state_key: AesKey | None,
             if again == perm:
                 return {"permanent": perm, **{k: v for k, v in extra.items() if v}}
             perm = again  # the guest changed NV meanwhile: take the pair again
-    raise SnapshotError(f"the state of {inst.name} kept changing while it was read; retry, "
-                        "or snapshot without --volatile")
+    raise SnapshotError(
+        f"the state of {inst.name} kept changing while it was read; retry, "
+        "or snapshot without --volatile"
+    )
 
 
 def _from_dir(inst: Instance, sd: StateDir, volatile: bool) -> dict[str, bytes]:
@@ -125,8 +132,9 @@ def _from_dir(inst: Instance, sd: StateDir, volatile: bool) -> dict[str, bytes]:
         if data:
             blobs[kind] = data
     if "permanent" not in blobs:
-        raise SnapshotError(f"{sd.file('permall')} is missing: {inst.name} has no TPM state "
-                            "to snapshot")
+        raise SnapshotError(
+            f"{sd.file('permall')} is missing: {inst.name} has no TPM state to snapshot"
+        )
     return blobs
 
 
@@ -144,12 +152,13 @@ def capture(inst: Instance, store: SnapshotStore, *, volatile: bool) -> Captured
             sd.unlock()
     status = supervisor.probe(inst)
     if not status.ours:
-        raise SnapshotError(f"the state dir of {inst.name} is locked by pid {status.pid} "
-                            f"({supervisor.process_name(status.pid or 0)}), which is not its "
-                            "vtpmctl daemon; stop that process first")
+        raise SnapshotError(
+            f"the state dir of {inst.name} is locked by pid {status.pid} "
+            f"({supervisor.process_name(status.pid or 0)}), which is not its "
+            "vtpmctl daemon; stop that process first"
+        )
     try:
-        return Captured(_from_control(inst, volatile, store.key, BUSY_TIMEOUT),
-                        "control channel")
+        return Captured(_from_control(inst, volatile, store.key, BUSY_TIMEOUT), "control channel")
     except TargetError:
         why = "its control channel does not answer (is QEMU holding it?)"
     except ControlError as exc:
@@ -157,15 +166,21 @@ def capture(inst: Instance, store: SnapshotStore, *, volatile: bool) -> Captured
             raise SnapshotError(f"{inst.name} refused to hand out its state: {exc}") from None
         why = "its TPM is not initialised yet"
     if volatile:
-        raise SnapshotError(f"cannot read the volatile state of {inst.name}: {why}; snapshot "
-                            "without --volatile (the permanent state is read from disk then)")
-    return Captured(_from_dir(inst, sd, False), "state file",
-                    f"{why}, so the permanent state was read from its state file, which the "
-                    "daemon keeps current")
+        raise SnapshotError(
+            f"cannot read the volatile state of {inst.name}: {why}; snapshot "
+            "without --volatile (the permanent state is read from disk then)"
+        )
+    return Captured(
+        _from_dir(inst, sd, False),
+        "state file",
+        f"{why}, so the permanent state was read from its state file, which the "
+        "daemon keeps current",
+    )
 
 
-def create(inst: Instance, *, label: str | None = None, volatile: bool = False,
-           keep: int | None = None) -> tuple[Snapshot, Captured, list[Snapshot]]:
+def create(
+    inst: Instance, *, label: str | None = None, volatile: bool = False, keep: int | None = None
+) -> tuple[Snapshot, Captured, list[Snapshot]]:
     """Take a snapshot; with ``keep``, prune to the newest ``keep`` afterwards."""
     if keep is not None and keep < 1:
         raise SnapshotError("--keep must be 1 or more")
@@ -202,8 +217,7 @@ def check_blobs(inst: Instance, blobs: dict[str, bytes], what: str) -> None:
     res = inspect_blobs(blobs, tpm2=inst.config.tpm2)
     if not res.ok:
         bad = ", ".join(f"{k} 0x{v:x}" for k, v in res.validate.items() if v)
-        raise SnapshotError(f"{what} does not validate ({bad or res.error}); it was not "
-                            "restored")
+        raise SnapshotError(f"{what} does not validate ({bad or res.error}); it was not restored")
 
 
 def restore(inst: Instance, ref: str, *, force: bool = False) -> Restored:
@@ -216,8 +230,10 @@ def restore(inst: Instance, ref: str, *, force: bool = False) -> Restored:
     status = supervisor.probe(inst)
     if status.state == "running":
         if not force:
-            raise SnapshotError(f"{inst.name} is running; stop it first (vtpmctl stop "
-                                f"{inst.name}) or add --force to stop and restart it")
+            raise SnapshotError(
+                f"{inst.name} is running; stop it first (vtpmctl stop "
+                f"{inst.name}) or add --force to stop and restart it"
+            )
         # CMD_SHUTDOWN, then SIGTERM (a graceful stop in the daemon) if QEMU holds the channel
         supervisor.stop(inst, force=True)
         stopped = True
@@ -233,12 +249,14 @@ def restore(inst: Instance, ref: str, *, force: bool = False) -> Restored:
     return Restored(snap, safety, safety_error, stopped, stopped)
 
 
-def _replace(inst: Instance, store: SnapshotStore, snap: Snapshot,
-             blobs: dict[str, bytes]) -> tuple[Snapshot | None, str | None]:
+def _replace(
+    inst: Instance, store: SnapshotStore, snap: Snapshot, blobs: dict[str, bytes]
+) -> tuple[Snapshot | None, str | None]:
     sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=store.key)
     if not sd.lock(0):
-        raise SnapshotError(f"{inst.name} was started meanwhile (pid {sd.holder_pid()}); "
-                            "nothing was restored")
+        raise SnapshotError(
+            f"{inst.name} was started meanwhile (pid {sd.holder_pid()}); nothing was restored"
+        )
     try:
         instance_keys.recover(inst.paths, inst.config.tpm2)
         finish_restore(sd)  # an earlier restore that was interrupted
@@ -249,8 +267,9 @@ def _replace(inst: Instance, store: SnapshotStore, snap: Snapshot,
         sd.unlock()
 
 
-def _safety_snapshot(inst: Instance, sd: StateDir,
-                     store: SnapshotStore) -> tuple[Snapshot | None, str | None]:
+def _safety_snapshot(
+    inst: Instance, sd: StateDir, store: SnapshotStore
+) -> tuple[Snapshot | None, str | None]:
     """The current state, so a restore can be undone; None if it is unreadable or gone."""
     try:
         current = _from_dir(inst, sd, volatile=True)
@@ -270,11 +289,15 @@ def _changes(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, An
         if a[key] != b[key]:
             entry: dict[str, Any] = {"handle": key}
             if isinstance(a[key], dict):
-                entry["fields"] = sorted(f for f in set(a[key]) | set(b[key])
-                                         if a[key].get(f) != b[key].get(f))
+                entry["fields"] = sorted(
+                    f for f in set(a[key]) | set(b[key]) if a[key].get(f) != b[key].get(f)
+                )
             changed.append(entry)
-    return {"added": sorted(set(b) - set(a)), "removed": sorted(set(a) - set(b)),
-            "changed": changed}
+    return {
+        "added": sorted(set(b) - set(a)),
+        "removed": sorted(set(a) - set(b)),
+        "changed": changed,
+    }
 
 
 def diff(inst: Instance, ref_a: str, ref_b: str) -> dict[str, Any]:
@@ -286,14 +309,25 @@ def diff(inst: Instance, ref_a: str, ref_b: str) -> dict[str, Any]:
         da, db = a.blobs.get(kind), b.blobs.get(kind)
         if da is None and db is None:
             continue
-        blobs[kind] = ("same" if da == db else "added" if da is None
-                       else "removed" if db is None else "changed")
+        blobs[kind] = (
+            "same"
+            if da == db
+            else "added"
+            if da is None
+            else "removed"
+            if db is None
+            else "changed"
+        )
     ra, rb = (_describe(inst, store, s) for s in (a, b))
     errors = [f"snapshot {s.describe()}: {r.error}" for s, r in ((a, ra), (b, rb)) if r.error]
-    return {"a": a.to_json(), "b": b.to_json(), "blobs": blobs,
-            "persistent": _changes(ra.persistent, rb.persistent),
-            "nv": _changes(ra.nv, rb.nv),
-            "error": "; ".join(errors) or None}
+    return {
+        "a": a.to_json(),
+        "b": b.to_json(),
+        "blobs": blobs,
+        "persistent": _changes(ra.persistent, rb.persistent),
+        "nv": _changes(ra.nv, rb.nv),
+        "error": "; ".join(errors) or None,
+    }
 
 
 def _describe(inst: Instance, store: SnapshotStore, snap: Snapshot) -> InspectResult:

@@ -102,9 +102,20 @@ def clean_stale(inst: Instance) -> list[Path]:
 def daemon_argv(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False) -> list[str]:
     """The daemon's command line: paths only, never key material."""
     p = inst.paths
-    argv = [sys.executable, "-m", DAEMON_MODULE, "--state", str(p.state_dir),
-            "--tpm", "2" if inst.config.tpm2 else "1.2",
-            "--pid-file", str(p.pid_file), "--log-file", str(p.log_file), "--existing"]
+    argv = [
+        sys.executable,
+        "-m",
+        DAEMON_MODULE,
+        "--state",
+        str(p.state_dir),
+        "--tpm",
+        "2" if inst.config.tpm2 else "1.2",
+        "--pid-file",
+        str(p.pid_file),
+        "--log-file",
+        str(p.log_file),
+        "--existing",
+    ]
     if inst.config.transport == "cuse":
         argv += ["--cuse", p.cuse_name]
     else:
@@ -153,7 +164,7 @@ def failure_reason(log_lines: list[str]) -> str:
     """The most telling line of a daemon's last words."""
     for line in reversed(log_lines):
         if line.startswith("vtpmctl: "):
-            return line[len("vtpmctl: "):]
+            return line[len("vtpmctl: ") :]
     for line in reversed(log_lines):
         if " ERROR " in line:
             return line.split(": ", 1)[-1]
@@ -192,8 +203,9 @@ def preflight(inst: Instance, timeout: float = START_TIMEOUT) -> Started | None:
         time.sleep(POLL)  # another vtpmctl command holds it for a moment
     try:
         if recover(inst.paths, inst.config.tpm2) == "completed":
-            inst.meta = InstanceMeta.from_json(read_json(inst.paths.meta_file),
-                                               inst.paths.meta_file)
+            inst.meta = InstanceMeta.from_json(
+                read_json(inst.paths.meta_file), inst.paths.meta_file
+            )
             inst.config.encrypted = True
         check_state(inst, load_state_key(inst))
         load_migration_key(inst)
@@ -204,8 +216,13 @@ def preflight(inst: Instance, timeout: float = START_TIMEOUT) -> Started | None:
     return None
 
 
-def start(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False,
-          timeout: float = START_TIMEOUT) -> Started:
+def start(
+    inst: Instance,
+    *,
+    incoming: bool = False,
+    ctrl_only: bool = False,
+    timeout: float = START_TIMEOUT,
+) -> Started:
     """Launch the daemon detached; return once its control channel answers."""
     status = probe(inst)
     if status.state == "running":
@@ -217,14 +234,21 @@ def start(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False,
     inst.paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     inst.paths.log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     rotate_log(inst.paths.log_file)
-    log_fd = os.open(inst.paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                     0o600)
+    log_fd = os.open(
+        inst.paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+    )
     mark = os.lseek(log_fd, 0, os.SEEK_END)
     try:
         proc = subprocess.Popen(
-            daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=log_fd, close_fds=True, start_new_session=True,
-            env=_daemon_env(), cwd="/")
+            daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_fd,
+            close_fds=True,
+            start_new_session=True,
+            env=_daemon_env(),
+            cwd="/",
+        )
     finally:
         os.close(log_fd)
     started = _wait_ready(inst, proc, timeout, incoming=incoming)
@@ -234,8 +258,9 @@ def start(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False,
         _terminate(proc.pid, inst)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(TERM_TIMEOUT)
-        raise LifecycleError(f"{inst.name} did not become ready within {timeout:.0f}s; "
-                             f"see {inst.paths.log_file}")
+        raise LifecycleError(
+            f"{inst.name} did not become ready within {timeout:.0f}s; see {inst.paths.log_file}"
+        )
     # The daemon died. If another start won the race for the lock, that is success.
     reason = failure_reason(_log_since(inst.paths.log_file, mark))
     deadline = time.monotonic() + (timeout if "locked by another process" in reason else 0)
@@ -265,11 +290,13 @@ def _running_already(inst: Instance, status: Status) -> Started:
     raise LifecycleError(
         f"the state dir of {inst.name} is locked by pid {status.pid} "
         f"({process_name(status.pid or 0)}), which is not its vtpmctl daemon; stop that "
-        "process first")
+        "process first"
+    )
 
 
-def _wait_ready(inst: Instance, proc: subprocess.Popen[bytes], timeout: float,
-                incoming: bool = False) -> Started | None:
+def _wait_ready(
+    inst: Instance, proc: subprocess.Popen[bytes], timeout: float, incoming: bool = False
+) -> Started | None:
     """Started once our daemon answers; None if it died (or timed out).
 
     An answer may come from the daemon of a concurrent start that won the
@@ -419,19 +446,21 @@ def stop(inst: Instance, *, force: bool = False, timeout: float = STOP_TIMEOUT) 
     if not status.ours:
         raise LifecycleError(
             f"the state dir of {inst.name} is locked by pid {pid} ({process_name(pid)}), "
-            "which is not its vtpmctl daemon; stop that process yourself")
+            "which is not its vtpmctl daemon; stop that process yourself"
+        )
     try:
         _send_shutdown(inst, timeout=2.0 if force else timeout)
     except (TargetError, ControlError, OSError) as exc:
         if not force:
-            raise LifecycleError(f"{inst.name} (pid {pid}) did not accept CMD_SHUTDOWN ({exc}); "
-                                 f"retry with --force") from None
+            raise LifecycleError(
+                f"{inst.name} (pid {pid}) did not accept CMD_SHUTDOWN ({exc}); retry with --force"
+            ) from None
     if not wait_stopped(inst, pid, TERM_TIMEOUT if force else timeout):
         if not force:
-            raise LifecycleError(f"{inst.name} (pid {pid}) did not stop within {timeout:.0f}s; "
-                                 "retry with --force")
+            raise LifecycleError(
+                f"{inst.name} (pid {pid}) did not stop within {timeout:.0f}s; retry with --force"
+            )
         if not _terminate(pid, inst):
             raise LifecycleError(f"{inst.name} (pid {pid}) survived SIGKILL; check the process")
     clean_stale(inst)
     return pid
-

@@ -76,19 +76,22 @@ def _explain(cmd: Cmd, result: int, target: str) -> str:
     msg = MESSAGES[cmd]
     if result == Res.BAD_ORDINAL:
         if msg.needs_running:
-            return (f"the TPM is not running; initialise it first "
-                    f"(vtpmctl ctl {target} init)")
+            return f"the TPM is not running; initialise it first (vtpmctl ctl {target} init)"
         if msg.needs_running is False:
             return f"the TPM is running; stop it first (vtpmctl ctl {target} stop)"
         if cmd == Cmd.SET_BUFFERSIZE:
-            return f"the buffer size can only change while the TPM is stopped " \
-                   f"(vtpmctl ctl {target} stop)"
+            return (
+                f"the buffer size can only change while the TPM is stopped "
+                f"(vtpmctl ctl {target} stop)"
+            )
         return "the peer does not implement this command"
     if result == Res.TPM2_FAILURE and cmd == Cmd.INIT:
         return "the TPM could not load its state (wrong state key, or corrupt state?)"
     if result == Res.FAIL and cmd in (Cmd.INIT, Cmd.LOCK_STORAGE):
-        return "the storage lock could not be taken or the TPM failed to start " \
-               "(is another process using the same state?)"
+        return (
+            "the storage lock could not be taken or the TPM failed to start "
+            "(is another process using the same state?)"
+        )
     if result == Res.KEYNOTFOUND:
         return "the blob is encrypted with a key this TPM was not given"
     if result == Res.DECRYPT_ERROR:
@@ -152,8 +155,14 @@ class Transport(ABC):
     timeout: float = DEFAULT_TIMEOUT  # seconds per command unless a call says otherwise
 
     @abstractmethod
-    def call(self, cmd: Cmd, fields: Mapping[str, int] | None = None, data: bytes = b"",
-             *, timeout: float | None = None) -> Reply:
+    def call(
+        self,
+        cmd: Cmd,
+        fields: Mapping[str, int] | None = None,
+        data: bytes = b"",
+        *,
+        timeout: float | None = None,
+    ) -> Reply:
         """Send one command and return its reply, whatever the result."""
 
     @abstractmethod
@@ -177,8 +186,13 @@ class SocketTransport(Transport):
     the reply is read before the next request is sent.
     """
 
-    def __init__(self, address: str | tuple[str, int], *, timeout: float = DEFAULT_TIMEOUT,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str | tuple[str, int],
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        name: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
         if name is None:
@@ -211,8 +225,10 @@ class SocketTransport(Transport):
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise TargetError(f"{self.name}: cannot resolve host {host!r} ({exc.strerror}); "
-                              "check the host name", self.name) from exc
+            raise TargetError(
+                f"{self.name}: cannot resolve host {host!r} ({exc.strerror}); check the host name",
+                self.name,
+            ) from exc
         family, _, _, _, sockaddr = infos[0]
         self.address = (str(sockaddr[0]), int(sockaddr[1]))
         return socket.socket(family, socket.SOCK_STREAM)
@@ -220,33 +236,50 @@ class SocketTransport(Transport):
     def _connect_error(self, exc: OSError) -> TargetError:
         name = self.name
         if isinstance(exc, TimeoutError):
-            return TargetError(f"{name}: timed out connecting after {self.timeout:g} s; "
-                               "check the address and that the TPM process is alive", name)
+            return TargetError(
+                f"{name}: timed out connecting after {self.timeout:g} s; "
+                "check the address and that the TPM process is alive",
+                name,
+            )
         if isinstance(self.address, str):
             path = self.address
             try:
                 st = os.stat(path)
             except FileNotFoundError:
-                return TargetError(f"{name}: no such socket; is the TPM running? "
-                                   "(check the path, or start it)", name)
+                return TargetError(
+                    f"{name}: no such socket; is the TPM running? (check the path, or start it)",
+                    name,
+                )
             except PermissionError:
-                return TargetError(f"{name}: permission denied; run as a user who may "
-                                   "reach the socket (its directory and the socket itself)",
-                                   name)
+                return TargetError(
+                    f"{name}: permission denied; run as a user who may "
+                    "reach the socket (its directory and the socket itself)",
+                    name,
+                )
             except OSError as err:
                 return TargetError(f"{name}: {err.strerror}", name)
             if not stat.S_ISSOCK(st.st_mode):
-                return TargetError(f"{name}: {path} is not a socket; "
-                                   "give the TPM's control socket", name)
+                return TargetError(
+                    f"{name}: {path} is not a socket; give the TPM's control socket", name
+                )
             if exc.errno in (errno.EACCES, errno.EPERM):
-                return TargetError(f"{name}: permission denied; run as a user who may "
-                                   "write to the socket (owner, group or root)", name)
+                return TargetError(
+                    f"{name}: permission denied; run as a user who may "
+                    "write to the socket (owner, group or root)",
+                    name,
+                )
             if exc.errno == errno.ECONNREFUSED:
-                return TargetError(f"{name}: nothing is listening (a stale socket: the TPM "
-                                   "process has exited); start the TPM again", name)
+                return TargetError(
+                    f"{name}: nothing is listening (a stale socket: the TPM "
+                    "process has exited); start the TPM again",
+                    name,
+                )
         elif exc.errno == errno.ECONNREFUSED:
-            return TargetError(f"{name}: connection refused; check the port and that the "
-                               "TPM's control channel listens there", name)
+            return TargetError(
+                f"{name}: connection refused; check the port and that the "
+                "TPM's control channel listens there",
+                name,
+            )
         return TargetError(f"{name}: cannot connect: {exc.strerror or exc}", name)
 
     def close(self) -> None:
@@ -267,9 +300,11 @@ class SocketTransport(Transport):
             raise self._timeout_error() from exc
         except OSError as exc:
             self.close()
-            raise TargetError(f"{self.name}: the connection broke while sending "
-                              f"({exc.strerror or exc}); is the TPM process alive?",
-                              self.name) from exc
+            raise TargetError(
+                f"{self.name}: the connection broke while sending "
+                f"({exc.strerror or exc}); is the TPM process alive?",
+                self.name,
+            ) from exc
 
     def _recv_exact(self, n: int, deadline: float, cmd: Cmd) -> bytes:
         sock = self._require()
@@ -283,18 +318,24 @@ class SocketTransport(Transport):
                 raise self._timeout_error() from exc
             except OSError as exc:
                 self.close()
-                raise TargetError(f"{self.name}: the connection broke while reading the "
-                                  f"reply to CMD_{cmd.name} ({exc.strerror or exc})",
-                                  self.name) from exc
+                raise TargetError(
+                    f"{self.name}: the connection broke while reading the "
+                    f"reply to CMD_{cmd.name} ({exc.strerror or exc})",
+                    self.name,
+                ) from exc
             if not chunk:
                 self.close()
                 if not buf:
-                    raise TargetError(f"{self.name}: closed the connection without answering "
-                                      f"CMD_{cmd.name}; is it a TPM control channel?",
-                                      self.name)
-                raise TargetError(f"{self.name}: sent a short reply to CMD_{cmd.name} "
-                                  f"({len(buf)} of {n} bytes); not a TPM control channel?",
-                                  self.name)
+                    raise TargetError(
+                        f"{self.name}: closed the connection without answering "
+                        f"CMD_{cmd.name}; is it a TPM control channel?",
+                        self.name,
+                    )
+                raise TargetError(
+                    f"{self.name}: sent a short reply to CMD_{cmd.name} "
+                    f"({len(buf)} of {n} bytes); not a TPM control channel?",
+                    self.name,
+                )
             buf += chunk
         return bytes(buf)
 
@@ -307,9 +348,12 @@ class SocketTransport(Transport):
 
     def _timeout_error(self) -> TargetError:
         self.close()
-        return TargetError(f"{self.name}: no reply within {self.timeout:g} s; is it the "
-                           "control channel (not the data channel), and is another client "
-                           "(such as QEMU) holding it?", self.name)
+        return TargetError(
+            f"{self.name}: no reply within {self.timeout:g} s; is it the "
+            "control channel (not the data channel), and is another client "
+            "(such as QEMU) holding it?",
+            self.name,
+        )
 
     def _not_a_tpm(self, what: str) -> TargetError:
         self.close()
@@ -323,8 +367,14 @@ class SocketTransport(Transport):
 
     # -- commands
 
-    def call(self, cmd: Cmd, fields: Mapping[str, int] | None = None, data: bytes = b"",
-             *, timeout: float | None = None) -> Reply:
+    def call(
+        self,
+        cmd: Cmd,
+        fields: Mapping[str, int] | None = None,
+        data: bytes = b"",
+        *,
+        timeout: float | None = None,
+    ) -> Reply:
         msg = MESSAGES[cmd]
         request = encode_socket_request(cmd, dict(fields or {}), data)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -334,8 +384,9 @@ class SocketTransport(Transport):
         head = self._recv_exact(RESULT.size(), deadline, cmd)
         result = struct.unpack(">I", head)[0]
         if result > _MAX_RESULT:
-            raise self._not_a_tpm(f"answered CMD_{cmd.name} with {head.hex()}, "
-                                  "which is no TPM result")
+            raise self._not_a_tpm(
+                f"answered CMD_{cmd.name} with {head.hex()}, which is no TPM result"
+            )
         layout = msg.response if result == Res.SUCCESS else msg.error_response
         size = layout.size() if result == Res.SUCCESS else socket_error_size(cmd, result)
         if size > len(head):
@@ -355,20 +406,24 @@ class SocketTransport(Transport):
     def get_blob(self, blob_type: BlobType, state_flags: int) -> Reply:
         # A socket peer sends everything from the offset in one reply; asking
         # again would make it regenerate the blob (a fresh IV when encrypted).
-        reply = self.call(Cmd.GET_STATEBLOB,
-                          {"state_flags": state_flags, "type": blob_type, "offset": 0})
+        reply = self.call(
+            Cmd.GET_STATEBLOB, {"state_flags": state_flags, "type": blob_type, "offset": 0}
+        )
         if reply.result == Res.SUCCESS:
             total, length = reply.fields["totlength"], reply.fields["length"]
             if total != length:
-                raise self._not_a_tpm(f"sent {length} of {total} bytes of a state blob "
-                                      "in one reply")
+                raise self._not_a_tpm(
+                    f"sent {length} of {total} bytes of a state blob in one reply"
+                )
         return reply
 
     def set_blob(self, blob_type: BlobType, data: bytes, state_flags: int) -> Reply:
         # Header with the whole length, then the bytes, in one write.
-        return self.call(Cmd.SET_STATEBLOB,
-                         {"state_flags": state_flags, "type": blob_type, "length": len(data)},
-                         data)
+        return self.call(
+            Cmd.SET_STATEBLOB,
+            {"state_flags": state_flags, "type": blob_type, "length": len(data)},
+            data,
+        )
 
 
 def _tcp_name(host: str, port: int) -> str:
@@ -388,8 +443,14 @@ class IoctlTransport(Transport):
     def ioctl(self, request: int, buf: bytearray) -> bytes:
         """Issue one ioctl with the whole union buffer; return the buffer after it."""
 
-    def call(self, cmd: Cmd, fields: Mapping[str, int] | None = None, data: bytes = b"",
-             *, timeout: float | None = None) -> Reply:
+    def call(
+        self,
+        cmd: Cmd,
+        fields: Mapping[str, int] | None = None,
+        data: bytes = b"",
+        *,
+        timeout: float | None = None,
+    ) -> Reply:
         msg = MESSAGES[cmd]
         out = self.ioctl(msg.ioctl, encode_ioctl_request(cmd, dict(fields or {}), data))
         values = decode_ioctl_response(cmd, out)
@@ -397,15 +458,16 @@ class IoctlTransport(Transport):
         payload = b""
         if msg.data == "resp" and result == Res.SUCCESS:
             start = msg.ioctl_resp.size()
-            payload = bytes(out[start:start + min(values["length"], STATE_BLOB_CHUNK)])
+            payload = bytes(out[start : start + min(values["length"], STATE_BLOB_CHUNK)])
         return Reply(result, values, payload)
 
     def get_blob(self, blob_type: BlobType, state_flags: int) -> Reply:
         chunks: list[bytes] = []
         offset = 0
         while True:
-            reply = self.call(Cmd.GET_STATEBLOB,
-                              {"state_flags": state_flags, "type": blob_type, "offset": offset})
+            reply = self.call(
+                Cmd.GET_STATEBLOB, {"state_flags": state_flags, "type": blob_type, "offset": offset}
+            )
             if reply.result != Res.SUCCESS:
                 return reply
             chunks.append(reply.data)
@@ -424,10 +486,12 @@ class IoctlTransport(Transport):
             offsets.append(len(data))
         reply = Reply(Res.SUCCESS, {})
         for off in offsets:
-            chunk = data[off:off + STATE_BLOB_CHUNK]
-            reply = self.call(Cmd.SET_STATEBLOB,
-                              {"state_flags": state_flags, "type": blob_type,
-                               "length": len(chunk)}, chunk)
+            chunk = data[off : off + STATE_BLOB_CHUNK]
+            reply = self.call(
+                Cmd.SET_STATEBLOB,
+                {"state_flags": state_flags, "type": blob_type, "length": len(chunk)},
+                chunk,
+            )
             if reply.result != Res.SUCCESS:
                 break
         return reply
@@ -452,12 +516,22 @@ class ControlClient:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
-    def _call(self, cmd: Cmd, fields: Mapping[str, int] | None = None, data: bytes = b"",
-              *, timeout: float | None = None) -> Reply:
+    def _call(
+        self,
+        cmd: Cmd,
+        fields: Mapping[str, int] | None = None,
+        data: bytes = b"",
+        *,
+        timeout: float | None = None,
+    ) -> Reply:
         reply = self.transport.call(cmd, fields, data, timeout=timeout)
         if reply.result != Res.SUCCESS:
             raise ControlError(cmd, reply.result, self.name)
@@ -494,7 +568,7 @@ class ControlClient:
     def hash_data(self, data: bytes) -> None:
         """Feed the DRTM hash; sent in pieces that every transport accepts."""
         for off in range(0, len(data), HASH_DATA_MAX):
-            chunk = data[off:off + HASH_DATA_MAX]
+            chunk = data[off : off + HASH_DATA_MAX]
             self._call(Cmd.HASH_DATA, {"length": len(chunk)}, chunk)
 
     def hash_end(self) -> None:
@@ -530,8 +604,10 @@ class ControlClient:
             reply = self._call(Cmd.GET_INFO, {"flags": flags, "offset": offset})
             total = reply.fields["totlength"]
             if total > _MAX_REPLY_DATA:
-                raise TargetError(f"{self.name}: announced {total} bytes of info; "
-                                  "is it a TPM control channel?", self.name)
+                raise TargetError(
+                    f"{self.name}: announced {total} bytes of info; is it a TPM control channel?",
+                    self.name,
+                )
             parts.append(reply.data)
             offset += len(reply.data)
             if not reply.data or offset >= total:
@@ -540,11 +616,13 @@ class ControlClient:
         try:
             obj = json.loads(text) if text.strip() else {}
         except ValueError as exc:
-            raise TargetError(f"{self.name}: CMD_GET_INFO returned text that is not JSON "
-                              f"({exc})", self.name) from exc
+            raise TargetError(
+                f"{self.name}: CMD_GET_INFO returned text that is not JSON ({exc})", self.name
+            ) from exc
         if not isinstance(obj, dict):
-            raise TargetError(f"{self.name}: CMD_GET_INFO returned JSON that is not an "
-                              "object", self.name)
+            raise TargetError(
+                f"{self.name}: CMD_GET_INFO returned JSON that is not an object", self.name
+            )
         return obj
 
     def lock_storage(self, retries: int = 0) -> None:
@@ -576,8 +654,10 @@ class ControlClient:
         encrypted (the blob header says so too).
         """
         if len(data) > SET_STATEBLOB_MAX:
-            raise ValueError(f"state blob of {len(data)} bytes is larger than the "
-                             f"{SET_STATEBLOB_MAX} bytes a TPM accepts")
+            raise ValueError(
+                f"state blob of {len(data)} bytes is larger than the "
+                f"{SET_STATEBLOB_MAX} bytes a TPM accepts"
+            )
         reply = self.transport.set_blob(BlobType(blob_type), data, int(StateFlag(state_flags)))
         if reply.result != Res.SUCCESS:
             raise ControlError(Cmd.SET_STATEBLOB, reply.result, self.name)

@@ -24,8 +24,9 @@ from vtpmctl.device.protocol import IOCTL_TO_CMD
 class DeviceTransport(IoctlTransport):
     """One open file descriptor of a CUSE TPM, opened on first use."""
 
-    def __init__(self, path: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, path: str, *, timeout: float = DEFAULT_TIMEOUT, name: str | None = None
+    ) -> None:
         self.path = path
         self.name = name or path
         self.timeout = timeout
@@ -45,25 +46,34 @@ class DeviceTransport(IoctlTransport):
             is_chr = False
         if not is_chr:
             os.close(fd)
-            raise TargetError(f"{self.name}: not a character device; give a CUSE TPM such "
-                              "as /dev/vtpm-NAME", self.name)
+            raise TargetError(
+                f"{self.name}: not a character device; give a CUSE TPM such as /dev/vtpm-NAME",
+                self.name,
+            )
         self._fd = fd
 
     def _open_error(self, exc: OSError) -> TargetError:
         name = self.name
         if exc.errno == errno.ENOENT:
-            return TargetError(f"{name}: no such device; is the TPM served? "
-                               "(vtpmctl serve --cuse NAME creates /dev/vtpm-NAME)", name)
+            return TargetError(
+                f"{name}: no such device; is the TPM served? "
+                "(vtpmctl serve --cuse NAME creates /dev/vtpm-NAME)",
+                name,
+            )
         if exc.errno == errno.EBUSY:
-            return TargetError(f"{name}: busy; another program (such as QEMU or a TPM tool) "
-                               "has it open, and a CUSE TPM serves one opener at a time",
-                               name)
+            return TargetError(
+                f"{name}: busy; another program (such as QEMU or a TPM tool) "
+                "has it open, and a CUSE TPM serves one opener at a time",
+                name,
+            )
         if exc.errno in (errno.EACCES, errno.EPERM):
-            return TargetError(f"{name}: permission denied; run as root or as the device's "
-                               "owner", name)
+            return TargetError(
+                f"{name}: permission denied; run as root or as the device's owner", name
+            )
         if exc.errno in (errno.ENODEV, errno.ENXIO, errno.ECONNABORTED):
-            return TargetError(f"{name}: the device has no server any more; start the TPM "
-                               "again", name)
+            return TargetError(
+                f"{name}: the device has no server any more; start the TPM again", name
+            )
         return TargetError(f"{name}: cannot open: {exc.strerror or exc}", name)
 
     def close(self) -> None:
@@ -86,13 +96,20 @@ class DeviceTransport(IoctlTransport):
         cmd = IOCTL_TO_CMD.get(request)
         what = f"CMD_{cmd.name}" if cmd is not None else f"ioctl {request:#x}"
         if exc.errno == errno.ENOTTY:
-            return TargetError(f"{name}: does not understand {what}; is it a TPM device "
-                               "with the swtpm control interface?", name)
+            return TargetError(
+                f"{name}: does not understand {what}; is it a TPM device "
+                "with the swtpm control interface?",
+                name,
+            )
         if exc.errno == errno.EINVAL:
-            return TargetError(f"{name}: rejected {what} (EINVAL); the device speaks "
-                               "another layout of the control interface", name)
+            return TargetError(
+                f"{name}: rejected {what} (EINVAL); the device speaks "
+                "another layout of the control interface",
+                name,
+            )
         if exc.errno in (errno.ENODEV, errno.ECONNABORTED, errno.EIO, errno.ENOTCONN):
             self.close()
-            return TargetError(f"{name}: the TPM process went away during {what}; "
-                               "start it again", name)
+            return TargetError(
+                f"{name}: the TPM process went away during {what}; start it again", name
+            )
         return TargetError(f"{name}: {what} failed: {exc.strerror or exc}", name)

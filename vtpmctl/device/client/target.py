@@ -34,8 +34,9 @@ class Target:
 
     __slots__ = ("kind", "path", "host", "port")
 
-    def __init__(self, kind: Kind, path: str | None = None, host: str | None = None,
-                 port: int | None = None) -> None:
+    def __init__(
+        self, kind: Kind, path: str | None = None, host: str | None = None, port: int | None = None
+    ) -> None:
         self.kind: Kind = kind
         self.path = path
         self.host = host
@@ -45,8 +46,11 @@ class Target:
     def display(self) -> str:
         """The canonical TARGET spelling, as used in messages and --json output."""
         if self.kind == "tcp":
-            return f"tcp:[{self.host}]:{self.port}" if ":" in (self.host or "") \
+            return (
+                f"tcp:[{self.host}]:{self.port}"
+                if ":" in (self.host or "")
                 else f"tcp:{self.host}:{self.port}"
+            )
         if self.kind == "unix":
             return f"unix:{self.path}"
         return str(self.path)
@@ -54,8 +58,12 @@ class Target:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Target):
             return NotImplemented
-        return (self.kind, self.path, self.host, self.port) == \
-            (other.kind, other.path, other.host, other.port)
+        return (self.kind, self.path, self.host, self.port) == (
+            other.kind,
+            other.path,
+            other.host,
+            other.port,
+        )
 
     def __hash__(self) -> int:
         return hash((self.kind, self.path, self.host, self.port))
@@ -81,10 +89,12 @@ def parse_target(spec: str) -> Target:
         return Target("unix", path=spec)
     if "/" in spec:
         if os.path.exists(spec):
-            raise TargetError(f"{spec}: not a socket; give the TPM's control socket "
-                              "(or a /dev/ device)", spec)
-        raise TargetError(f"{spec}: no such socket; is the TPM running? "
-                          "(check the path, or start it)", spec)
+            raise TargetError(
+                f"{spec}: not a socket; give the TPM's control socket (or a /dev/ device)", spec
+            )
+        raise TargetError(
+            f"{spec}: no such socket; is the TPM running? (check the path, or start it)", spec
+        )
     if ":" in spec or spec.startswith("-"):
         raise TargetError(f"{spec!r}: not a target; {_FORMS}", spec)
     return resolve_instance(spec)
@@ -101,8 +111,7 @@ def _parse_tcp(spec: str) -> Target:
         if not sep or not host:
             raise TargetError(f"{spec!r}: missing host or port; use tcp:HOST:PORT", spec)
         if ":" in host:
-            raise TargetError(f"{spec!r}: put an IPv6 address in brackets: "
-                              "tcp:[ADDR]:PORT", spec)
+            raise TargetError(f"{spec!r}: put an IPv6 address in brackets: tcp:[ADDR]:PORT", spec)
     if not (port_s.isascii() and port_s.isdigit()) or not 0 < int(port_s) < 65536:
         raise TargetError(f"{spec!r}: port must be a number from 1 to 65535", spec)
     return Target("tcp", host=host, port=int(port_s))
@@ -148,8 +157,7 @@ def open_transport(target: Target | str, *, timeout: float = DEFAULT_TIMEOUT) ->
         return SocketTransport(target.path, timeout=timeout, name=target.display)
     if target.kind == "tcp":
         assert target.host is not None and target.port is not None
-        return SocketTransport((target.host, target.port), timeout=timeout,
-                               name=target.display)
+        return SocketTransport((target.host, target.port), timeout=timeout, name=target.display)
     assert target.path is not None
     return cuse_transport(target.path, timeout=timeout)
 

@@ -142,10 +142,12 @@ class ReplyError(Exception):
 
 def device_name(name: str) -> str:
     """The DEVNAME for ``--cuse NAME``: ``vtpm-NAME``, never ``vtpm-vtpm-NAME``."""
-    base = name[len(DEVNAME_PREFIX):] if name.startswith(DEVNAME_PREFIX) else name
+    base = name[len(DEVNAME_PREFIX) :] if name.startswith(DEVNAME_PREFIX) else name
     if not _NAME_RE.fullmatch(base):
-        raise CuseError(f"bad device name {name!r}: use 1-63 letters, digits, '.', '_', "
-                        "'+' or '-', starting with a letter or digit")
+        raise CuseError(
+            f"bad device name {name!r}: use 1-63 letters, digits, '.', '_', "
+            "'+' or '-', starting with a letter or digit"
+        )
     return DEVNAME_PREFIX + base
 
 
@@ -159,8 +161,10 @@ def encode_reply(unique: int, body: bytes = b"", error: int = 0) -> bytes:
 def encode_init_reply(unique: int, kernel_major: int, kernel_minor: int, devname: str) -> bytes:
     """The CUSE_INIT answer that registers DEVNAME (restricted ioctls, dynamic major)."""
     if kernel_major != FUSE_KERNEL_VERSION or kernel_minor < FUSE_MIN_MINOR:
-        raise CuseError(f"the kernel speaks FUSE {kernel_major}.{kernel_minor}; "
-                        f"need {FUSE_KERNEL_VERSION}.{FUSE_MIN_MINOR} or newer")
+        raise CuseError(
+            f"the kernel speaks FUSE {kernel_major}.{kernel_minor}; "
+            f"need {FUSE_KERNEL_VERSION}.{FUSE_MIN_MINOR} or newer"
+        )
     minor = min(kernel_minor, FUSE_OUR_MINOR)
     info = f"DEVNAME={devname}\0".encode()
     body = CUSE_INIT_OUT.pack(FUSE_KERNEL_VERSION, minor, 0, 0, MAX_READ, MAX_WRITE, 0, 0)
@@ -274,7 +278,7 @@ class BlobDownload:
     sent_all: bool = False
 
     def chunk(self, offset: int) -> bytes:
-        data = self.blob[offset:offset + STATE_BLOB_CHUNK]
+        data = self.blob[offset : offset + STATE_BLOB_CHUNK]
         end = offset + len(data)
         self.read_pos = end if end < len(self.blob) else None
         self._note_sent(end)
@@ -283,7 +287,7 @@ class BlobDownload:
     def read(self, size: int) -> bytes:
         """read() in blob mode; a short read ends the mode."""
         pos = self.read_pos or 0
-        data = self.blob[pos:pos + size]
+        data = self.blob[pos : pos + size]
         end = pos + len(data)
         self.read_pos = end if len(data) == size else None
         self._note_sent(end)
@@ -318,8 +322,9 @@ class CuseServer:
     channel to /dev/cuse is closed (close(), or the process ending).
     """
 
-    def __init__(self, engine: Engine, name: str, *, fd: int | None = None,
-                 wait_for_node: bool = True) -> None:
+    def __init__(
+        self, engine: Engine, name: str, *, fd: int | None = None, wait_for_node: bool = True
+    ) -> None:
         self.engine = engine
         self.devname = device_name(name)
         self.path = f"/dev/{self.devname}"
@@ -327,8 +332,9 @@ class CuseServer:
         self._stop = False  # request_exit() and CMD_SHUTDOWN set it
         self._mu = threading.Lock()
         self._tpm2 = engine.config.tpm2
-        self._short_response = (TPM2_SHORT_WRITE_RESPONSE if self._tpm2
-                                else TPM12_SHORT_WRITE_RESPONSE)
+        self._short_response = (
+            TPM2_SHORT_WRITE_RESPONSE if self._tpm2 else TPM12_SHORT_WRITE_RESPONSE
+        )
         self._rbuf = bytearray(READ_BUFSIZE)
         self._rview = memoryview(self._rbuf)
         self._cmdbuf = CommandBuffer()
@@ -370,16 +376,21 @@ class CuseServer:
 
     def _open_channel(self) -> int:
         if os.path.exists(self.path):
-            raise CuseError(f"{self.path} exists already; is another vtpmctl or swtpm "
-                            "serving that name? Choose another name or stop it")
+            raise CuseError(
+                f"{self.path} exists already; is another vtpmctl or swtpm "
+                "serving that name? Choose another name or stop it"
+            )
         try:
             return os.open(CUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise CuseError(f"{CUSE_DEVICE} does not exist: this kernel has no CUSE; load "
-                            "it with 'modprobe cuse', or use --ctrl for sockets") from None
+            raise CuseError(
+                f"{CUSE_DEVICE} does not exist: this kernel has no CUSE; load "
+                "it with 'modprobe cuse', or use --ctrl for sockets"
+            ) from None
         except PermissionError:
-            raise CuseError(f"no permission to open {CUSE_DEVICE}; creating a CUSE device "
-                            "needs root") from None
+            raise CuseError(
+                f"no permission to open {CUSE_DEVICE}; creating a CUSE device needs root"
+            ) from None
         except OSError as exc:
             raise CuseError(f"cannot open {CUSE_DEVICE}: {exc.strerror}") from None
 
@@ -392,8 +403,9 @@ class CuseServer:
         try:
             os.write(self._fd, encode_init_reply(unique, major, minor, self.devname))
         except OSError as exc:
-            raise CuseError(f"the kernel rejected the CUSE_INIT reply for {self.path}: "
-                            f"{exc.strerror}") from None
+            raise CuseError(
+                f"the kernel rejected the CUSE_INIT reply for {self.path}: {exc.strerror}"
+            ) from None
 
     def _wait_for_node(self) -> None:
         """Return once /dev/NAME exists; the kernel refuses a name already in use."""
@@ -404,8 +416,10 @@ class CuseServer:
         while True:
             for _fd, ev in poller.poll(0):
                 if ev & (select.POLLERR | select.POLLHUP):
-                    raise CuseError(f"the kernel refused to create {self.path}; is the "
-                                    "name in use by another CUSE device?")
+                    raise CuseError(
+                        f"the kernel refused to create {self.path}; is the "
+                        "name in use by another CUSE device?"
+                    )
             try:
                 if stat.S_ISCHR(os.stat(self.path).st_mode):
                     return
@@ -413,8 +427,9 @@ class CuseServer:
                 pass
             if time.monotonic() > deadline:
                 if os.path.exists(sysfs):
-                    log.warning("%s is registered but no node appeared in /dev "
-                                "(no devtmpfs?)", self.devname)
+                    log.warning(
+                        "%s is registered but no node appeared in /dev (no devtmpfs?)", self.devname
+                    )
                     return
                 raise CuseError(f"{self.path} did not appear within {NODE_TIMEOUT:g} s")
             time.sleep(0.01)
@@ -474,8 +489,7 @@ class CuseServer:
                     if self._stop:
                         break
                     if exc.errno == errno.ENODEV:
-                        self._fail(f"{self.path} was removed (the CUSE connection was "
-                                   "aborted)")
+                        self._fail(f"{self.path} was removed (the CUSE connection was aborted)")
                     else:
                         self._fail(f"reading {CUSE_DEVICE} failed: {exc.strerror}")
                     break
@@ -574,7 +588,7 @@ class CuseServer:
     def _on_write(self, unique: int, n: int) -> None:
         view = self._rview
         size = RW_IN.unpack_from(view, HDR)[2]
-        data = view[HDR + RW_IN.size:HDR + RW_IN.size + size]
+        data = view[HDR + RW_IN.size : HDR + RW_IN.size + size]
         with self._mu:
             if self._download is not None and self._download.read_pos is not None:
                 self._download.read_pos = None  # back to command mode
@@ -610,13 +624,14 @@ class CuseServer:
         with self._mu:
             self._inflight = True
             session = self._session
-        threading.Thread(target=self._run_long, args=(command, session), name="tpm-worker",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._run_long, args=(command, session), name="tpm-worker", daemon=True
+        ).start()
 
     def _run_long(self, command: bytes, session: int) -> None:
         """Worker: run one long command, then hand its response to the waiting reader."""
         buf = CommandBuffer()
-        buf.view[:len(command)] = command
+        buf.view[: len(command)] = command
         try:
             response = self.engine.process_buffer(buf, len(command))
         except FatalEngineError as exc:
@@ -646,8 +661,7 @@ class CuseServer:
         parked, self._parked_read = self._parked_read, None
         if parked is not None:
             unique, size = parked
-            self._sendv([self._read_header(unique, min(size, len(response))),
-                         response[:size]])
+            self._sendv([self._read_header(unique, min(size, len(response))), response[:size]])
             self._resp_pos = min(size, len(response))
         if kh is not None:
             self._notify_poll(kh)  # under the lock: close() cannot pull the fd away
@@ -668,7 +682,7 @@ class CuseServer:
                 data = download.read(size)
                 after = download.take_after_send()
             elif pos < len(self._response):
-                data = self._response[pos:pos + size]
+                data = self._response[pos : pos + size]
                 self._resp_pos = pos + len(data)
             elif flags & os.O_NONBLOCK:
                 raise ReplyError(errno.EAGAIN)
@@ -688,7 +702,8 @@ class CuseServer:
             revents = 0
             download = self._download
             if self._resp_pos < len(self._response) or (
-                    download is not None and download.read_pos is not None):
+                download is not None and download.read_pos is not None
+            ):
                 revents |= _POLLIN
             if not self._inflight:
                 revents |= _POLLOUT
@@ -721,7 +736,7 @@ class CuseServer:
         _fh, _flags, request, _arg, in_size, out_size = IOCTL_IN.unpack_from(view, HDR)
         cmd = lookup_ioctl(request, in_size, out_size)
         start = HDR + IOCTL_IN.size
-        data = bytes(view[start:start + in_size])
+        data = bytes(view[start : start + in_size])
         with self._mu:
             if self._inflight and cmd not in (Cmd.CANCEL_TPM_CMD, Cmd.GET_CAPABILITY):
                 # Wait for the TPM command, as swtpm does, without blocking the device.
@@ -775,7 +790,7 @@ class CuseServer:
             if length > HASH_DATA_MAX:
                 return ControlReply(Res.FAIL)
             start = MESSAGES[cmd].ioctl_request.size()
-            payload = data[start:start + length]
+            payload = data[start : start + length]
         if cmd in (Cmd.INIT, Cmd.STOP, Cmd.SHUTDOWN):
             with self._mu:
                 self._upload.reset()
@@ -786,23 +801,35 @@ class CuseServer:
         req = decode_ioctl_request(Cmd.GET_STATEBLOB, data)
         blob_type, flags, offset = req["type"], req["state_flags"], req["offset"]
         download = self._download
-        if (offset == 0 or download is None or download.blob_type != blob_type
-                or download.request_flags != flags):
-            reply = self.engine.control(Cmd.GET_STATEBLOB,
-                                        {"state_flags": flags, "type": blob_type, "offset": 0})
+        if (
+            offset == 0
+            or download is None
+            or download.blob_type != blob_type
+            or download.request_flags != flags
+        ):
+            reply = self.engine.control(
+                Cmd.GET_STATEBLOB, {"state_flags": flags, "type": blob_type, "offset": 0}
+            )
             if reply.result != Res.SUCCESS:
                 with self._mu:
                     self._download = None
                 return encode_ioctl_response(Cmd.GET_STATEBLOB, {"result": reply.result}), None
-            download = BlobDownload(blob_type, flags, reply.data,
-                                    reply.fields.get("state_flags", 0), reply.after_send)
+            download = BlobDownload(
+                blob_type, flags, reply.data, reply.fields.get("state_flags", 0), reply.after_send
+            )
         with self._mu:
             self._download = download
             chunk = download.chunk(offset)
         out = encode_ioctl_response(
             Cmd.GET_STATEBLOB,
-            {"result": Res.SUCCESS, "state_flags": download.state_flags,
-             "totlength": len(download.blob), "length": len(chunk)}, chunk)
+            {
+                "result": Res.SUCCESS,
+                "state_flags": download.state_flags,
+                "totlength": len(download.blob),
+                "length": len(chunk),
+            },
+            chunk,
+        )
         return out, download.take_after_send()
 
     def _set_stateblob(self, data: bytes) -> bytes:
@@ -820,12 +847,12 @@ class CuseServer:
             if length > STATE_BLOB_CHUNK or blob_type not in BlobType._value2member_map_:
                 self._upload.reset()
                 return result(Res.BAD_PARAMETER)
-            blob = self._upload.chunk(blob_type, flags, data[start:start + length])
+            blob = self._upload.chunk(blob_type, flags, data[start : start + length])
         if blob is None:
             return result(Res.SUCCESS)
         if len(blob) > SET_STATEBLOB_MAX:
             return result(Res.FAIL)
         reply = self.engine.control(
-            Cmd.SET_STATEBLOB, {"state_flags": flags, "type": blob_type, "length": len(blob)},
-            blob)
+            Cmd.SET_STATEBLOB, {"state_flags": flags, "type": blob_type, "length": len(blob)}, blob
+        )
         return result(reply.result)

@@ -71,7 +71,8 @@ def parse_flags(flags: list[str]) -> tuple[bool, Startup, bool]:
             else:
                 raise DaemonError(
                     f"unknown flag {flag!r}; use not-need-init, startup-clear, startup-state, "
-                    "startup-none or disable-auto-shutdown")
+                    "startup-none or disable-auto-shutdown"
+                )
     return not_need_init, startup, no_auto
 
 
@@ -140,10 +141,17 @@ def run(opts: DaemonOptions) -> int:
     except OSError as exc:
         raise DaemonError(f"cannot create state dir {opts.state_dir}: {exc.strerror}") from None
     config = EngineConfig(
-        tpm2=opts.tpm2, transport="cuse" if opts.cuse else "socket", state_key=state_key,
-        migration_key=migration_key, startup=startup, not_need_init=not_need_init,
-        disable_auto_shutdown=no_auto, incoming=opts.incoming,
-        allow_manufacture=opts.allow_manufacture, reject_locality_4=opts.reject_locality_4)
+        tpm2=opts.tpm2,
+        transport="cuse" if opts.cuse else "socket",
+        state_key=state_key,
+        migration_key=migration_key,
+        startup=startup,
+        not_need_init=not_need_init,
+        disable_auto_shutdown=no_auto,
+        incoming=opts.incoming,
+        allow_manufacture=opts.allow_manufacture,
+        reject_locality_4=opts.reject_locality_4,
+    )
     engine = Engine(statedir, config)
     if libtpms_fd is not None:
         engine.tpm.set_debug_fd(libtpms_fd)
@@ -165,8 +173,12 @@ def run(opts: DaemonOptions) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    log.info("serving %s (TPM %s) on %s", opts.state_dir, "2.0" if opts.tpm2 else "1.2",
-             getattr(server, "path", None) or opts.ctrl)
+    log.info(
+        "serving %s (TPM %s) on %s",
+        opts.state_dir,
+        "2.0" if opts.tpm2 else "1.2",
+        getattr(server, "path", None) or opts.ctrl,
+    )
     _notify("READY=1")
     try:
         server.serve_forever()
@@ -218,15 +230,23 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--tpm", choices=["2", "1.2"], default="2")
     p.add_argument("--flags", action="append", default=[])
     p.add_argument("--key-file", type=Path)
-    p.add_argument("--key-kind", "--key-format", dest="key_kind", default="auto",
-                   choices=["auto", "hex", "binary", "passphrase"])
+    p.add_argument(
+        "--key-kind",
+        "--key-format",
+        dest="key_kind",
+        default="auto",
+        choices=["auto", "hex", "binary", "passphrase"],
+    )
     p.add_argument("--migration-key-file", type=Path)
     p.add_argument("--pid-file", type=Path)
     p.add_argument("--log-file", type=Path)
     p.add_argument("--terminate", action="store_true")
     p.add_argument("--incoming", action="store_true")
-    p.add_argument("--existing", action="store_true",
-                   help="the TPM exists already: a missing state is an error")
+    p.add_argument(
+        "--existing",
+        action="store_true",
+        help="the TPM exists already: a missing state is an error",
+    )
     return p
 
 
@@ -247,11 +267,21 @@ def run_args(ns: argparse.Namespace) -> int:
 
 def options_from_args(ns: argparse.Namespace) -> DaemonOptions:
     return DaemonOptions(
-        state_dir=ns.state, ctrl=ns.ctrl, data=ns.data, cuse=ns.cuse, tpm2=ns.tpm == "2",
-        flags=ns.flags, key_file=ns.key_file, key_kind=ns.key_kind,
-        migration_key_file=ns.migration_key_file, pid_file=ns.pid_file, log_file=ns.log_file,
-        terminate=ns.terminate, incoming=ns.incoming,
-        allow_manufacture=False if ns.existing else None)
+        state_dir=ns.state,
+        ctrl=ns.ctrl,
+        data=ns.data,
+        cuse=ns.cuse,
+        tpm2=ns.tpm == "2",
+        flags=ns.flags,
+        key_file=ns.key_file,
+        key_kind=ns.key_kind,
+        migration_key_file=ns.migration_key_file,
+        pid_file=ns.pid_file,
+        log_file=ns.log_file,
+        terminate=ns.terminate,
+        incoming=ns.incoming,
+        allow_manufacture=False if ns.existing else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,8 +69,9 @@ def parse_endpoint(spec: str) -> Endpoint:
         raise EndpointError(f"bad endpoint {spec!r}; use unix:PATH or tcp:HOST:PORT")
     if kind == "unix":
         if len(os.fsencode(rest)) > UNIX_PATH_MAX:
-            raise EndpointError(f"socket path {rest!r} is longer than {UNIX_PATH_MAX} bytes; "
-                                "use a shorter path")
+            raise EndpointError(
+                f"socket path {rest!r} is longer than {UNIX_PATH_MAX} bytes; use a shorter path"
+            )
         return Endpoint("unix", path=rest)
     if kind == "tcp":
         host, _, port = rest.rpartition(":")
@@ -122,8 +123,13 @@ def listen(ep: Endpoint, backlog: int = 1) -> socket.socket:
 class DataChannel:
     """Serves raw TPM commands on one connected stream in its own thread."""
 
-    def __init__(self, engine: Engine, conn: socket.socket, on_close: Callable[[], None],
-                 on_fatal: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        conn: socket.socket,
+        on_close: Callable[[], None],
+        on_fatal: Callable[[str], None],
+    ) -> None:
         self.engine = engine
         self.conn = conn
         self.on_close = on_close
@@ -214,8 +220,11 @@ def _needed(data: bytes) -> int:
 
 def _blob_too_large(data: bytes) -> bool:
     """A SET_STATEBLOB header announcing more than 512 KiB (answered TPM_FAIL)."""
-    return (len(data) >= 16 and int.from_bytes(data[:4], "big") == Cmd.SET_STATEBLOB
-            and int.from_bytes(data[12:16], "big") > SET_STATEBLOB_MAX)
+    return (
+        len(data) >= 16
+        and int.from_bytes(data[:4], "big") == Cmd.SET_STATEBLOB
+        and int.from_bytes(data[12:16], "big") > SET_STATEBLOB_MAX
+    )
 
 
 class _Dropped(Exception):
@@ -240,8 +249,11 @@ class ControlConnection:
                 raise _Dropped("the server is stopping")
             timeout = (deadline if deadline is not None else silent_until) - time.monotonic()
             if timeout <= 0:
-                raise _Dropped("control message incomplete after 500 ms" if deadline is not None
-                               else "control message stalled")
+                raise _Dropped(
+                    "control message incomplete after 500 ms"
+                    if deadline is not None
+                    else "control message stalled"
+                )
             self.conn.settimeout(min(timeout, STOP_POLL))
             try:
                 chunk = self.conn.recv(min(want - len(data), 65536))
@@ -390,7 +402,7 @@ class ControlConnection:
             # Bytes beyond the declared length in the first packet are an error.
             if first_body - fixed > length or len(body) - fixed < length:
                 return short(Res.BAD_PARAMETER)
-            data = body[fixed:fixed + length]
+            data = body[fixed : fixed + length]
         reply = engine.control(cmd, fields, data)
         return self._encode(cmd, fields, reply), reply
 
@@ -399,9 +411,12 @@ class ControlConnection:
         if cmd == Cmd.GET_STATEBLOB:
             if reply.result in (Res.BAD_ORDINAL, Res.BAD_PARAMETER):
                 return encode_socket_response(Cmd.STOP, reply.result)
-            blob = reply.data[fields["offset"]:]
-            out = {"state_flags": reply.fields.get("state_flags", 0),
-                   "totlength": len(blob), "length": len(blob)}
+            blob = reply.data[fields["offset"] :]
+            out = {
+                "state_flags": reply.fields.get("state_flags", 0),
+                "totlength": len(blob),
+                "length": len(blob),
+            }
             if reply.result != Res.SUCCESS:
                 out = {"state_flags": 0, "totlength": 0, "length": 0}
                 blob = b""
@@ -412,8 +427,9 @@ class ControlConnection:
 class SocketServer:
     """The control listener plus the data listener/fd of one engine."""
 
-    def __init__(self, engine: Engine, ctrl: Endpoint, data: Endpoint | None = None,
-                 terminate: bool = False) -> None:
+    def __init__(
+        self, engine: Engine, ctrl: Endpoint, data: Endpoint | None = None, terminate: bool = False
+    ) -> None:
         self.engine = engine
         self.ctrl_ep = ctrl
         self.data_ep = data
@@ -499,8 +515,7 @@ class SocketServer:
 
     def serve_forever(self) -> None:
         if self._data_listener is not None:
-            threading.Thread(target=self._data_accept_loop, name="data-accept",
-                             daemon=True).start()
+            threading.Thread(target=self._data_accept_loop, name="data-accept", daemon=True).start()
         sel = self._sel
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         sel.register(self._ctrl_listener, selectors.EVENT_READ, "listen")
@@ -520,8 +535,9 @@ class SocketServer:
                         # One control client at a time: stop polling the listener.
                         sel.unregister(self._ctrl_listener)
                         sel.register(conn, selectors.EVENT_READ, "client")
-                    elif (key.data == "client" and client is not None
-                          and not client.handle_readable()):
+                    elif (
+                        key.data == "client" and client is not None and not client.handle_readable()
+                    ):
                         sel.unregister(client.conn)
                         client.conn.close()
                         client = None
