@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchlib import machine, median  # noqa: E402
 
-from vtpmctl.engine import tpm2cmd as t  # noqa: E402
+from vtpmctl.engine import tpm2 as t  # noqa: E402
 from vtpmctl.store.blob import AesKey  # noqa: E402
 from vtpmctl.store.bundle import Source, build_bundle, open_bundle  # noqa: E402
 

@@ -40,7 +40,7 @@ from benchlib import BenchError, machine, median, workdir
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from vtpmctl.engine import tpm2cmd as t  # noqa: E402
+from vtpmctl.engine import tpm2 as t  # noqa: E402
 from vtpmctl.store.snapshots import SnapshotStore, replace_state  # noqa: E402
 from vtpmctl.store.statedir import StateDir  # noqa: E402
 

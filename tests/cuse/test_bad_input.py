@@ -27,7 +27,7 @@ from cuselib import (
 )
 
 from vtpmctl.device.protocol import CAPS_CUSE, TPM2_SHORT_WRITE_RESPONSE, Cmd, Res
-from vtpmctl.engine import tpm2cmd
+from vtpmctl.engine import tpm2
 
 pytestmark = needs_cuse
 
@@ -41,29 +41,29 @@ def dev(guest_tmp: Path) -> Iterator[Served]:
     with served_cuse("bad", guest_tmp / "state", cli=True) as served:
         with opened(str(served.device)) as fd:
             assert ctl(fd, Cmd.INIT, {"init_flags": 0})["result"] == 0
-            assert rc_of(transact_fd(fd)(tpm2cmd.build_startup())) == 0
+            assert rc_of(transact_fd(fd)(tpm2.build_startup())) == 0
         yield served
 
 
 def _rsa_primary() -> bytes:
     """A command that runs for a while (RSA key generation) on the worker thread."""
     attrs = (
-        tpm2cmd.ObjAttr.FIXED_TPM
-        | tpm2cmd.ObjAttr.FIXED_PARENT
-        | tpm2cmd.ObjAttr.SENSITIVE_DATA_ORIGIN
-        | tpm2cmd.ObjAttr.USER_WITH_AUTH
-        | tpm2cmd.ObjAttr.RESTRICTED
-        | tpm2cmd.ObjAttr.DECRYPT
+        tpm2.ObjAttr.FIXED_TPM
+        | tpm2.ObjAttr.FIXED_PARENT
+        | tpm2.ObjAttr.SENSITIVE_DATA_ORIGIN
+        | tpm2.ObjAttr.USER_WITH_AUTH
+        | tpm2.ObjAttr.RESTRICTED
+        | tpm2.ObjAttr.DECRYPT
     )
-    template = tpm2cmd.Public(
-        type=tpm2cmd.Alg.RSA,
-        name_alg=tpm2cmd.Alg.SHA256,
+    template = tpm2.Public(
+        type=tpm2.Alg.RSA,
+        name_alg=tpm2.Alg.SHA256,
         attributes=attrs,
-        symmetric=tpm2cmd.SymDef(tpm2cmd.Alg.AES, 128, tpm2cmd.Alg.CFB),
+        symmetric=tpm2.SymDef(tpm2.Alg.AES, 128, tpm2.Alg.CFB),
         key_bits=2048,
         unique=os.urandom(8),
     )
-    return tpm2cmd.build_create_primary(tpm2cmd.RH_OWNER, template)
+    return tpm2.build_create_primary(tpm2.RH_OWNER, template)
 
 
 def _open_when_free(path: str, timeout: float = 120.0) -> int:
@@ -138,7 +138,7 @@ def test_reads_and_writes_out_of_turn(dev: Served) -> None:
             resp = read_response(fd)
             assert resp[:2] == b"\x80\x01" and rc_of(resp) != 0, (size, resp.hex())
         # Partial reads walk through one response.
-        assert os.write(fd, tpm2cmd.build_get_random(16)) == 12
+        assert os.write(fd, tpm2.build_get_random(16)) == 12
         head = os.read(fd, 4)
         rest = os.read(fd, 4096)
         assert len(head) == 4 and len(head + rest) == int.from_bytes((head + rest)[2:6], "big")
@@ -152,15 +152,15 @@ def test_busy_while_a_key_is_generated_and_cancel(dev: Served) -> None:
         for _ in range(3):
             assert os.write(fd, _rsa_primary()) > 0
             with pytest.raises(OSError) as info:
-                os.write(fd, tpm2cmd.build_get_random(8))
+                os.write(fd, tpm2.build_get_random(8))
             assert info.value.errno == errno.EBUSY
             assert ctl(fd, Cmd.GET_CAPABILITY) == {"caps": CAPS_CUSE}  # answered meanwhile
             assert ctl(fd, Cmd.CANCEL_TPM_CMD)["result"] == 0
             resp = read_response(fd)
             codes.append(rc_of(resp))
             if codes[-1] == TPM_RC_SUCCESS:
-                handle = tpm2cmd.parse_create_primary(resp).handle
-                tpm2cmd.flush_context(transact_fd(fd), handle)
+                handle = tpm2.parse_create_primary(resp).handle
+                tpm2.flush_context(transact_fd(fd), handle)
             else:
                 break
         # An ioctl that needs the TPM waits for the command, then runs.
@@ -199,7 +199,7 @@ def test_client_killed_mid_command(dev: Served) -> None:
     fd = _open_when_free(str(dev.device))
     try:
         ctl(fd, Cmd.CANCEL_TPM_CMD)  # cut the orphaned key generation short
-        _write_when_idle(fd, tpm2cmd.build_get_random(8))
+        _write_when_idle(fd, tpm2.build_get_random(8))
         assert rc_of(read_response(fd)) == 0
     finally:
         os.close(fd)

@@ -16,7 +16,7 @@ from cuselib import Served, needs_cuse, opened, served_cuse, transact_fd
 
 from vtpmctl.commands import state
 from vtpmctl.device.protocol import STATE_BLOB_CHUNK, BlobType
-from vtpmctl.engine import tpm2cmd
+from vtpmctl.engine import tpm2
 
 pytestmark = needs_cuse
 
@@ -54,10 +54,10 @@ def _permanent_size(dev: Served) -> int:
 def _grow_to(dev: Served, target: int, next_index: list[int]) -> None:
     """Define NV indexes until the permanent blob is exactly ``target`` bytes."""
     attrs = (
-        tpm2cmd.NvAttr.OWNERWRITE
-        | tpm2cmd.NvAttr.OWNERREAD
-        | tpm2cmd.NvAttr.AUTHREAD
-        | tpm2cmd.NvAttr.AUTHWRITE
+        tpm2.NvAttr.OWNERWRITE
+        | tpm2.NvAttr.OWNERREAD
+        | tpm2.NvAttr.AUTHREAD
+        | tpm2.NvAttr.AUTHWRITE
     )
     size = _permanent_size(dev)
     while size < target:
@@ -67,9 +67,9 @@ def _grow_to(dev: Served, target: int, next_index: list[int]) -> None:
             need = min(NV_MAX, target - size - 2 * NV_OVERHEAD - 1)
         assert need >= 1, (size, target)
         with opened(str(dev.device)) as fd:
-            tpm2cmd.nv_define_space(
+            tpm2.nv_define_space(
                 transact_fd(fd),
-                tpm2cmd.NvPublic(NV_BASE + next_index[0], tpm2cmd.Alg.SHA256, attrs, b"", need),
+                tpm2.NvPublic(NV_BASE + next_index[0], tpm2.Alg.SHA256, attrs, b"", need),
             )
         next_index[0] += 1
         new = _permanent_size(dev)
@@ -80,9 +80,7 @@ def _grow_to(dev: Served, target: int, next_index: list[int]) -> None:
 
 def _indexes(dev: Served) -> list[int]:
     with opened(str(dev.device)) as fd:
-        return [
-            h for h in tpm2cmd.get_handles(transact_fd(fd), tpm2cmd.HR_NV_INDEX) if h >= NV_BASE
-        ]
+        return [h for h in tpm2.get_handles(transact_fd(fd), tpm2.HR_NV_INDEX) if h >= NV_BASE]
 
 
 # Below, at and above multiples of the 3072-byte chunk; exact multiples need the

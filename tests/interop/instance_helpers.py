@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vtpmctl.engine import tpm2cmd as t
+from vtpmctl.engine import tpm2 as t
 from vtpmctl.store.instances import Registry
 from vtpmctl.store.paths import store_roots
 

@@ -25,7 +25,7 @@ import pytest
 from instance_helpers import VTPMCTL, DataClient, Home, home_at, nv_define, nv_read, nv_write_cmd
 from instance_helpers import rc as tpm_rc
 
-from vtpmctl.engine import tpm2cmd as t
+from vtpmctl.engine import tpm2 as t
 from vtpmctl.store.blob import AesKey, unwrap_transfer, wrap_transfer
 from vtpmctl.store.bundle import BundleError, canonical_json, manifest_sum, read_tar, write_tar
 from vtpmctl.usecases.migrate import ImportOptions, MigrateError, import_bundle

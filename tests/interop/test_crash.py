@@ -19,7 +19,7 @@ from pathlib import Path
 from instance_helpers import DataClient, home_at, nv_define, nv_read, nv_write_cmd, rc
 
 from vtpmctl.device.client.control import ControlClient, SocketTransport
-from vtpmctl.engine import tpm2cmd as t
+from vtpmctl.engine import tpm2 as t
 from vtpmctl.store.instances import Instance
 from vtpmctl.usecases import supervisor
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from tpm_factory import make_state
 
-from vtpmctl.engine import tpm2cmd as t
+from vtpmctl.engine import tpm2 as t
 from vtpmctl.engine.inspect import inspect_blobs
 
 NV_OWNER = 0x01500001

@@ -29,7 +29,7 @@ from instance_helpers import (
 )
 from swtpm_peer import swtpm_socket
 
-from vtpmctl.engine import tpm2cmd as t
+from vtpmctl.engine import tpm2 as t
 
 STATUS_KEYS = {
     "format_version",

@@ -31,7 +31,7 @@ from instance_helpers import VTPMCTL, DataClient, Home, home_at, nv_define, nv_r
 from instance_helpers import rc as tpm_rc
 from qemu_helpers import QEMU, QemuVm, launch_qemu
 
-from vtpmctl.engine import tpm2cmd as t
+from vtpmctl.engine import tpm2 as t
 
 pytestmark = [
     pytest.mark.qemu,

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from swtpm_peer import SwtpmPeer, swtpm_socket
 
-from vtpmctl.engine import tpm2cmd as t
+from vtpmctl.engine import tpm2 as t
 from vtpmctl.engine.provision import (
     EK_ECC_P256,
     EK_ECC_P384,

@@ -20,7 +20,7 @@ import pytest
 from cli_inproc import Cli, in_process_cli
 from instance_helpers import DataClient, Home, home_at, nv_define, nv_read, nv_write_cmd, rc
 
-from vtpmctl.engine import tpm2cmd as t
+from vtpmctl.engine import tpm2 as t
 from vtpmctl.store.blob import unwrap_file
 from vtpmctl.store.instance_keys import load_state_key
 from vtpmctl.store.snapshots import SnapshotStore, snapshots_dir

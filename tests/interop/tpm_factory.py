@@ -35,7 +35,7 @@ def make_state(spec: dict[str, Any] | None = None, timeout: float = 60) -> dict[
 
 def _main() -> None:
     sys.path.insert(0, str(ROOT))
-    from vtpmctl.engine import tpm2cmd as t
+    from vtpmctl.engine import tpm2 as t
     from vtpmctl.engine.libtpms import Libtpms, StateType, Storage, TpmVersion
 
     spec = json.loads(sys.stdin.read() or "{}")

@@ -47,7 +47,7 @@ from vtpmctl.device.server.cuse import (
     is_long_command,
     lookup_ioctl,
 )
-from vtpmctl.engine import tpm2cmd
+from vtpmctl.engine import tpm2
 
 # ---------------------------------------------------------------- pure parts
 
@@ -361,7 +361,7 @@ def _transact(k: FakeKernel, fh: int, cmd: bytes) -> bytes:
 def _init_and_startup(k: FakeKernel, fh: int) -> None:
     fields, _ = k.ctl(fh, Cmd.INIT, {"init_flags": 0})
     assert fields["result"] == 0
-    resp = _transact(k, fh, tpm2cmd.build_startup())
+    resp = _transact(k, fh, tpm2.build_startup())
     assert resp == bytes.fromhex("80010000000a00000000")
 
 
@@ -379,22 +379,22 @@ def test_one_opener_and_data_path(kernel: FakeKernel) -> None:
     assert k.read(fh) == (0, b"")
     assert k.poll(fh, kh=9) & 0x1 == 0  # no POLLIN
     # Before INIT the TPM answers every command with the fatal error.
-    assert _transact(k, fh, tpm2cmd.build_get_random(8)) == bytes.fromhex("80010000000a00000101")
+    assert _transact(k, fh, tpm2.build_get_random(8)) == bytes.fromhex("80010000000a00000101")
     assert k.notified == [9]  # the poller was woken by the response
     _init_and_startup(k, fh)
-    assert k.write(fh, tpm2cmd.build_get_random(16))[0] == 0
+    assert k.write(fh, tpm2.build_get_random(16))[0] == 0
     assert k.poll(fh) & 0x1
     # Partial reads walk through one response.
     err, head = k.read(fh, 10)
     assert err == 0 and head[:2] == b"\x80\x01" and len(head) == 10
     total = int.from_bytes(head[2:6], "big")
     err, rest = k.read(fh, 4096)
-    assert len(head + rest) == total and tpm2cmd.parse_get_random(head + rest)
+    assert len(head + rest) == total and tpm2.parse_get_random(head + rest)
     assert k.read(fh, flags=os.O_NONBLOCK)[0] == errno.EAGAIN
     # A write shorter than a header gets TPM_RC_INSUFFICIENT.
     assert _transact(k, fh, b"\x80\x01\x00") == TPM2_SHORT_WRITE_RESPONSE
     # Longer than the TPM buffer: truncated, the TPM rejects the size.
-    big = tpm2cmd.build_get_random(8)[:2] + (5000).to_bytes(4, "big") + b"\0" * 4994
+    big = tpm2.build_get_random(8)[:2] + (5000).to_bytes(4, "big") + b"\0" * 4994
     resp = _transact(k, fh, big)
     assert resp[:2] == b"\x80\x01" and int.from_bytes(resp[6:10], "big") != 0
     k.release(fh)
@@ -511,7 +511,7 @@ def test_state_blobs_by_ioctl_and_by_read_write(kernel: FakeKernel) -> None:
     assert k.ctl(fh, Cmd.INIT, {"init_flags": 0})[0]["result"] == 0
     # Resumed from the volatile state: Startup(STATE) would fail after a clear start,
     # a command works at once.
-    resp = _transact(k, fh, tpm2cmd.build_get_random(8))
+    resp = _transact(k, fh, tpm2.build_get_random(8))
     assert int.from_bytes(resp[6:10], "big") == 0
     assert _load(k, fh, BlobType.PERMANENT, b"garbage") == Res.BAD_ORDINAL  # running
     k.ctl(fh, Cmd.STOP)
@@ -522,22 +522,22 @@ def test_state_blobs_by_ioctl_and_by_read_write(kernel: FakeKernel) -> None:
 
 def _rsa_primary() -> bytes:
     attrs = (
-        tpm2cmd.ObjAttr.FIXED_TPM
-        | tpm2cmd.ObjAttr.FIXED_PARENT
-        | tpm2cmd.ObjAttr.SENSITIVE_DATA_ORIGIN
-        | tpm2cmd.ObjAttr.USER_WITH_AUTH
-        | tpm2cmd.ObjAttr.RESTRICTED
-        | tpm2cmd.ObjAttr.DECRYPT
+        tpm2.ObjAttr.FIXED_TPM
+        | tpm2.ObjAttr.FIXED_PARENT
+        | tpm2.ObjAttr.SENSITIVE_DATA_ORIGIN
+        | tpm2.ObjAttr.USER_WITH_AUTH
+        | tpm2.ObjAttr.RESTRICTED
+        | tpm2.ObjAttr.DECRYPT
     )
-    template = tpm2cmd.Public(
-        type=tpm2cmd.Alg.RSA,
-        name_alg=tpm2cmd.Alg.SHA256,
+    template = tpm2.Public(
+        type=tpm2.Alg.RSA,
+        name_alg=tpm2.Alg.SHA256,
         attributes=attrs,
-        symmetric=tpm2cmd.SymDef(tpm2cmd.Alg.AES, 128, tpm2cmd.Alg.CFB),
+        symmetric=tpm2.SymDef(tpm2.Alg.AES, 128, tpm2.Alg.CFB),
         key_bits=3072,
         unique=os.urandom(8),
     )
-    return tpm2cmd.build_create_primary(tpm2cmd.RH_OWNER, template)
+    return tpm2.build_create_primary(tpm2.RH_OWNER, template)
 
 
 def test_long_command_runs_on_the_worker(kernel: FakeKernel) -> None:
@@ -548,7 +548,7 @@ def test_long_command_runs_on_the_worker(kernel: FakeKernel) -> None:
     assert k.write(fh, cmd) == (0, len(cmd))
     # While it runs: capabilities answer, a second write is refused, reads wait.
     assert k.ctl(fh, Cmd.GET_CAPABILITY)[0] == {"caps": CAPS_CUSE}
-    assert k.write(fh, tpm2cmd.build_get_random(8))[0] == errno.EBUSY
+    assert k.write(fh, tpm2.build_get_random(8))[0] == errno.EBUSY
     assert k.poll(fh, kh=77) & 0x1 == 0
     # An ioctl that needs the TPM waits for the command, and is answered before
     # the response is handed out.
@@ -565,7 +565,7 @@ def test_long_command_runs_on_the_worker(kernel: FakeKernel) -> None:
     assert replies[ioctl_unique][0] == 0 and replies[ioctl_unique][1][16:20] == b"\0" * 4
     error, body = replies[unique]
     assert error == 0
-    created = tpm2cmd.parse_create_primary(body)
+    created = tpm2.parse_create_primary(body)
     assert created.handle >> 24 == 0x80
     assert k.ctl(fh, Cmd.GET_TPMESTABLISHED)[0]["result"] == 0
     assert k.notified == [77]  # the poller was woken too
@@ -586,7 +586,7 @@ def test_interrupt_answers_a_parked_read(kernel: FakeKernel) -> None:
     k.release(fh)
     _, fh = k.open()
     deadline = time.monotonic() + 60
-    while k.write(fh, tpm2cmd.build_get_random(8))[0] == errno.EBUSY:
+    while k.write(fh, tpm2.build_get_random(8))[0] == errno.EBUSY:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     err, resp = k.read(fh)
@@ -617,8 +617,8 @@ def test_cancel_stops_a_key_generation(kernel: FakeKernel) -> None:
         assert err == 0
         codes.append(int.from_bytes(resp[6:10], "big"))
         if codes[-1] == 0:
-            handle = tpm2cmd.parse_create_primary(resp).handle
-            assert _transact(k, fh, tpm2cmd.build_flush_context(handle))[6:10] == b"\0" * 4
+            handle = tpm2.parse_create_primary(resp).handle
+            assert _transact(k, fh, tpm2.build_flush_context(handle))[6:10] == b"\0" * 4
         else:
             break
     assert codes[-1] == 0x909, codes  # TPM_RC_CANCELED

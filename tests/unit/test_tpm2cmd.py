@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from vtpmctl.engine import tpm2cmd as t
+from vtpmctl.engine import tpm2 as t
 
 
 def h(text: str) -> bytes:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vtpmctl.engine.tpm2cmd import Transact
+    from vtpmctl.engine.tpm2 import Transact
 
 BLOB_KINDS = ("permanent", "volatile", "savestate")
 # The blob kinds as libtpms names them (and its TPMLIB_StateType bits).
@@ -200,7 +200,7 @@ def _run(request: dict[str, Any]) -> InspectResult:
 
 
 def _describe_tpm2(transact: Transact, result: InspectResult, *, resumed: bool) -> None:
-    from vtpmctl.engine import tpm2cmd as t
+    from vtpmctl.engine import tpm2 as t
 
     try:
         t.startup(transact, t.SU_CLEAR)
@@ -243,7 +243,7 @@ def _read_nv(transact: Transact, pub: Any, chunk: int) -> bytes | None:
     The index's own auth first (AUTHREAD), then the owner's (OWNERREAD); a
     policy-only or read-locked index stays unread.
     """
-    from vtpmctl.engine import tpm2cmd as t
+    from vtpmctl.engine import tpm2 as t
 
     attrs = pub.attributes
     if not attrs & t.NvAttr.WRITTEN or attrs & t.NvAttr.READLOCKED:

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
 
 from vtpmctl import __version__
-from vtpmctl.engine import tpm2cmd as t
-from vtpmctl.engine.tpm2cmd import Alg, NvAttr, ObjAttr, Public, Scheme, SymDef, Transact
+from vtpmctl.engine import tpm2 as t
+from vtpmctl.engine.tpm2 import Alg, NvAttr, ObjAttr, Public, Scheme, SymDef, Transact
 
 EkPublicKey = crypto_rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
