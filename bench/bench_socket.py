@@ -57,8 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--server",
         choices=["serve", "daemon"],
         default=None,
-        help="vtpmctl serve or python -m vtpmctl.device.server.daemon (default: serve "
-        "when available)",
+        help="vtpmctl serve or python -m vtpmctl _daemon (default: serve when available)",
     )
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument(

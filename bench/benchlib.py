@@ -32,9 +32,9 @@ class BenchError(Exception):
 
 
 def vtpmctl_server_argv(kind: str) -> list[str]:
-    """How to start vtpmctl's server: ``serve`` (the CLI) or ``daemon`` (the module)."""
+    """How to start vtpmctl's server: ``serve`` (the CLI) or ``daemon`` (its entry point)."""
     if kind == "daemon":
-        return [sys.executable, "-m", "vtpmctl.device.server.daemon"]
+        return [sys.executable, "-m", "vtpmctl", "_daemon"]
     exe = Path(sys.executable).parent / "vtpmctl"
     if not exe.exists():
         found = shutil.which("vtpmctl")

@@ -155,10 +155,10 @@ def _wait_until(ready: Callable[[], bool], served: Served, what: str) -> None:
         time.sleep(0.05)
 
 
-# The daemon module is what `vtpmctl serve` runs, without the command line's
+# The daemon entry point is what `vtpmctl serve` runs, without the command line's
 # start-up (typer costs tens of seconds in the guest); tests of the command
 # itself ask for it with cli=True.
-DAEMON = [sys.executable, "-m", "vtpmctl.device.server.daemon"]
+DAEMON = [sys.executable, "-m", "vtpmctl", "_daemon"]
 
 
 def serve_cuse(name: str, state: Path, *extra: str, cli: bool = False) -> Served:

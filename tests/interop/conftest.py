@@ -36,7 +36,7 @@ from swtpm_peer import (
 )
 
 # How our server is launched. VTPMCTL_SERVE overrides it (a command line, e.g.
-# "python -m vtpmctl.device.server.daemon", which takes the same options).
+# "python -m vtpmctl _daemon", which takes the same options).
 SERVE_COMMAND = shlex.split(os.environ.get("VTPMCTL_SERVE", "")) or [
     str(Path(sys.executable).with_name("vtpmctl")),
     "serve",

@@ -24,6 +24,7 @@ from typing import Any
 from vtpmctl.engine import tpm2 as t
 from vtpmctl.store.instances import Registry
 from vtpmctl.store.paths import store_roots
+from vtpmctl.usecases.supervisor import runs_daemon
 
 VTPMCTL = [str(Path(sys.executable).with_name("vtpmctl"))]  # the console script
 
@@ -135,7 +136,7 @@ def processes_serving(state_dir: Path) -> list[int]:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if needle in args and b"vtpmctl.device.server.daemon" in args:
+        if needle in args and runs_daemon(args):
             found.append(int(entry))
     return found
 

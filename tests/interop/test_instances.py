@@ -253,6 +253,38 @@ def test_concurrent_starts_make_one_daemon(home: Home) -> None:
         assert processes_serving(state_dir) == []
 
 
+@pytest.mark.parametrize("module", ["vtpmctl", "vtpmctl.device.server.daemon"])
+def test_status_and_stop_know_daemons_of_earlier_versions(home: Home, module: str) -> None:
+    """A daemon started as `python -m vtpmctl.device.server.daemon` (before the stable
+    `python -m vtpmctl _daemon`) is still this instance's daemon after an upgrade."""
+    from vtpmctl.usecases.supervisor import daemon_argv
+
+    home.run("create", "old", "--no-ek")
+    inst = home.registry().get("old")
+    argv = daemon_argv(inst)
+    at = argv.index("-m")
+    if module != "vtpmctl":
+        argv[at + 1 : at + 3] = [module]
+    proc = subprocess.Popen(
+        argv, env=home.env, stdin=subprocess.DEVNULL, start_new_session=True, cwd="/"
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while home.status("old")[0] != 0 and time.monotonic() < deadline:
+            assert proc.poll() is None, "the daemon exited"
+            time.sleep(0.05)
+        code, st = home.status("old")
+        assert code == 0 and st["owner"] == "vtpmctl" and st["pid"] == proc.pid
+        assert processes_serving(inst.paths.state_dir) == [proc.pid]
+        assert "stopped old" in home.run("stop", "old").stdout
+        assert proc.wait(10) == 0
+        assert home.status("old")[0] == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def home_cli() -> list[str]:
     from instance_helpers import VTPMCTL
 

@@ -2,7 +2,7 @@
 
 libtpms keeps one TPM in process globals and ``TPMLIB_ValidateState``
 overwrites them, so blobs are never examined in the caller's process:
-``inspect_blobs`` runs ``python -m vtpmctl.engine.inspect``, hands it the
+``inspect_blobs`` runs ``python -m vtpmctl _inspect``, hands it the
 plaintext blobs on stdin and reads one JSON object from stdout. The child
 serves the blobs to libtpms from memory and writes nothing to disk; it never
 manufactures (a missing permanent state is an error, not a new TPM).
@@ -36,7 +36,6 @@ BLOB_KINDS = ("permanent", "volatile", "savestate")
 # The blob kinds as libtpms names them (and its TPMLIB_StateType bits).
 _LIBTPMS_NAMES = {"permanent": "permall", "volatile": "volatilestate", "savestate": "savestate"}
 _STATE_TYPES = {"permanent": 1, "volatile": 2, "savestate": 4}
-MODULE = "vtpmctl.engine.inspect"
 DEFAULT_TIMEOUT = 30.0
 _MAX_LOG_LINES = 20
 
@@ -88,6 +87,8 @@ def inspect_blobs(
     state; empty or missing kinds are skipped. Never raises for bad blobs:
     the result says what is wrong.
     """
+    from vtpmctl.__main__ import entry_argv
+
     unknown = sorted(set(blobs) - set(BLOB_KINDS))
     if unknown:
         raise ValueError(f"unknown blob kinds {unknown}; use {', '.join(BLOB_KINDS)}")
@@ -98,7 +99,7 @@ def inspect_blobs(
     }
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", MODULE],
+            entry_argv("_inspect"),
             input=json.dumps(request).encode(),
             capture_output=True,
             timeout=timeout,
@@ -270,8 +271,8 @@ def _read_nv(transact: Transact, pub: Any, chunk: int) -> bytes | None:
     return None
 
 
-def main() -> int:
-    """Read one request from stdin, print one InspectResult as JSON."""
+def main(argv: list[str] | None = None) -> int:
+    """Read one request from stdin, print one InspectResult as JSON (takes no arguments)."""
     try:
         request = json.loads(sys.stdin.buffer.read())
         if not isinstance(request, dict):

@@ -1,6 +1,6 @@
 """Make a new TPM in an empty state dir: the one place a TPM may be born.
 
-``vtpmctl create`` execs this as ``python -m vtpmctl.engine.manufacture``
+``vtpmctl create`` execs this as ``python -m vtpmctl _manufacture``
 so the CLI never loads libtpms (and never forks a live TPM). It manufactures
 (INIT on a dir without permall), starts the TPM, optionally provisions EKs
 and certificates, shuts the TPM down so that permall is on disk, and prints

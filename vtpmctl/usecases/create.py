@@ -1,7 +1,7 @@
 """``vtpmctl create``: register a name and manufacture its TPM, or leave nothing.
 
 User key files are checked and read before anything is created; the TPM is
-made by the short-lived ``vtpmctl.engine.manufacture`` process (this one
+made by the short-lived ``python -m vtpmctl _manufacture`` process (this one
 never loads libtpms); the registry entry is committed only once the
 permanent state is on disk. Any failure removes every file made so far.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from vtpmctl.store.instances import (
 from vtpmctl.store.keys import KeyFileError, generate_key, key_fingerprint
 from vtpmctl.usecases.supervisor import LifecycleError, failure_reason
 
-MANUFACTURE_MODULE = "vtpmctl.engine.manufacture"
 MANUFACTURE_TIMEOUT = 120.0
 
 
@@ -122,10 +120,10 @@ def _manufacture(
     ca_dir: Path | None,
     ecc_curve: str,
 ) -> dict[str, Any]:
+    from vtpmctl.__main__ import entry_argv
+
     argv = [
-        sys.executable,
-        "-m",
-        MANUFACTURE_MODULE,
+        *entry_argv("_manufacture"),
         "--state",
         str(state_dir),
         "--tpm",

@@ -1,7 +1,7 @@
 """Start, stop and judge instance daemons from the outside.
 
-This module never loads libtpms: ``start`` execs ``python -m
-vtpmctl.device.server.daemon`` in a new session (never a fork of a live TPM) and
+This module never loads libtpms: ``start`` execs ``python -m vtpmctl
+_daemon`` in a new session (never a fork of a live TPM) and
 waits until the control channel answers (or the daemon dies, and then shows
 why from its log). Liveness is the state dir's ``.lock``: a pid file or a
 socket without a lock holder is stale, whatever the pid file says.
@@ -13,7 +13,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,9 @@ from typing import Literal
 from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
 
-DAEMON_MODULE = "vtpmctl.device.server.daemon"
-# Daemons started before the move ran under this module path; they are still ours.
-FORMER_DAEMON_MODULES = ("vtpmctl.engine.daemon",)
+DAEMON_ENTRY = "_daemon"  # python -m vtpmctl _daemon
+# Daemons started by earlier versions ran under these module paths; they are still ours.
+FORMER_DAEMON_MODULES = (b"vtpmctl.engine.daemon", b"vtpmctl.device.server.daemon")
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 TERM_TIMEOUT = 5.0
@@ -61,12 +60,21 @@ def _cmdline(pid: int) -> list[bytes]:
         return []
 
 
+def runs_daemon(args: list[bytes]) -> bool:
+    """A command line of a vtpmctl daemon, as this version or an earlier one starts it."""
+    for i, arg in enumerate(args):
+        if arg == b"-m" and i + 1 < len(args):
+            module = args[i + 1]
+            if module in FORMER_DAEMON_MODULES:
+                return True
+            return module == b"vtpmctl" and args[i + 2 : i + 3] == [DAEMON_ENTRY.encode()]
+    return False
+
+
 def is_our_daemon(pid: int, inst: Instance) -> bool:
     """The process is a vtpmctl daemon serving this instance's state dir."""
     args = _cmdline(pid)
-    modules = (DAEMON_MODULE, *FORMER_DAEMON_MODULES)
-    ours = any(m.encode() in args for m in modules)
-    return ours and os.fsencode(inst.paths.state_dir) in args
+    return runs_daemon(args) and os.fsencode(inst.paths.state_dir) in args
 
 
 def process_name(pid: int) -> str:
@@ -101,11 +109,11 @@ def clean_stale(inst: Instance) -> list[Path]:
 
 def daemon_argv(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False) -> list[str]:
     """The daemon's command line: paths only, never key material."""
+    from vtpmctl.__main__ import entry_argv
+
     p = inst.paths
     argv = [
-        sys.executable,
-        "-m",
-        DAEMON_MODULE,
+        *entry_argv(DAEMON_ENTRY),
         "--state",
         str(p.state_dir),
         "--tpm",

@@ -1,7 +1,7 @@
 """The per-vTPM process: lock, state, frontends, signals, readiness.
 
 Runs in the foreground (``vtpmctl serve``, systemd ``Type=notify``) or is
-exec'd detached by ``vtpmctl start`` as ``python -m vtpmctl.device.server.daemon``.
+exec'd detached by ``vtpmctl start`` as ``python -m vtpmctl _daemon``.
 It never forks once libtpms is loaded (a forked TPM clones its DRBG).
 """
 

@@ -1,0 +1,42 @@
+"""``python -m vtpmctl``: the command line, and the internal entry points of child processes.
+
+vtpmctl starts its own processes as ``python -m vtpmctl _daemon …``,
+``python -m vtpmctl _manufacture`` and ``python -m vtpmctl _inspect``: stable
+names, so that moving a module never changes a process's command line (which
+``status`` and ``stop`` read to recognise a daemon). Anything else is the
+ordinary command line. This module imports nothing but the one entry it
+runs: the daemon's start-up must not pay for typer, rich or cryptography.
+"""
+
+import sys
+
+# entry point name -> the module whose ``main(argv)`` runs it
+ENTRY_POINTS = {
+    "_daemon": "vtpmctl.device.server.daemon",
+    "_manufacture": "vtpmctl.engine.manufacture",
+    "_inspect": "vtpmctl.engine.inspect",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run an internal entry point, or the command line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ENTRY_POINTS:
+        import importlib
+
+        entry: int = importlib.import_module(ENTRY_POINTS[args[0]]).main(args[1:])
+        return entry
+    from vtpmctl.cli import main as cli_main
+
+    return cli_main(args)
+
+
+def entry_argv(name: str) -> list[str]:
+    """The command line that runs entry point ``name`` with this interpreter."""
+    if name not in ENTRY_POINTS:
+        raise ValueError(f"unknown entry point {name!r}")
+    return [sys.executable, "-m", "vtpmctl", name]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
