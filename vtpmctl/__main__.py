@@ -10,12 +10,7 @@ runs: the daemon's start-up must not pay for typer, rich or cryptography.
 
 import sys
 
-# entry point name -> the module whose ``main(argv)`` runs it
-ENTRY_POINTS = {
-    "_daemon": "vtpmctl.device.server.daemon",
-    "_manufacture": "vtpmctl.engine.manufacture",
-    "_inspect": "vtpmctl.engine.inspect",
-}
+from vtpmctl.childproc import ENTRY_POINTS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     from vtpmctl.cli import main as cli_main
 
     return cli_main(args)
-
-
-def entry_argv(name: str) -> list[str]:
-    """The command line that runs entry point ``name`` with this interpreter."""
-    if name not in ENTRY_POINTS:
-        raise ValueError(f"unknown entry point {name!r}")
-    return [sys.executable, "-m", "vtpmctl", name]
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ def test_daemon_command_lines_of_every_version_are_recognised(
 
 
 def test_entry_points_run_the_daemon_module() -> None:
-    from vtpmctl.__main__ import ENTRY_POINTS, entry_argv
+    from vtpmctl.__main__ import ENTRY_POINTS
+    from vtpmctl.childproc import entry_argv
 
     assert ENTRY_POINTS["_daemon"] == "vtpmctl.device.server.daemon"
     assert entry_argv("_daemon")[1:] == ["-m", "vtpmctl", "_daemon"]

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -69,15 +67,6 @@ class InspectResult:
 # ---------------------------------------------------------------- caller side
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)
-    # The child must import the same vtpmctl as this process, wherever it runs from.
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return env
-
-
 def inspect_blobs(
     blobs: dict[str, bytes], *, tpm2: bool, describe: bool = False, timeout: float = DEFAULT_TIMEOUT
 ) -> InspectResult:
@@ -87,7 +76,7 @@ def inspect_blobs(
     state; empty or missing kinds are skipped. Never raises for bad blobs:
     the result says what is wrong.
     """
-    from vtpmctl.__main__ import entry_argv
+    from vtpmctl.childproc import child_env, entry_argv
 
     unknown = sorted(set(blobs) - set(BLOB_KINDS))
     if unknown:
@@ -103,7 +92,7 @@ def inspect_blobs(
             input=json.dumps(request).encode(),
             capture_output=True,
             timeout=timeout,
-            env=_child_env(),
+            env=child_env(),
             cwd="/",
             check=False,
         )

@@ -120,7 +120,7 @@ def _manufacture(
     ca_dir: Path | None,
     ecc_curve: str,
 ) -> dict[str, Any]:
-    from vtpmctl.__main__ import entry_argv
+    from vtpmctl.childproc import entry_argv
 
     argv = [
         *entry_argv("_manufacture"),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from vtpmctl.childproc import child_env
 from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
 
@@ -109,7 +110,7 @@ def clean_stale(inst: Instance) -> list[Path]:
 
 def daemon_argv(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False) -> list[str]:
     """The daemon's command line: paths only, never key material."""
-    from vtpmctl.__main__ import entry_argv
+    from vtpmctl.childproc import entry_argv
 
     p = inst.paths
     argv = [
@@ -139,15 +140,6 @@ def daemon_argv(inst: Instance, *, incoming: bool = False, ctrl_only: bool = Fal
     if incoming:
         argv.append("--incoming")
     return argv
-
-
-def _daemon_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)  # a detached daemon must not talk to our service manager
-    # The child must import the same vtpmctl as this process, wherever it runs from.
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return env
 
 
 def rotate_log(path: Path, limit: int = LOG_LIMIT) -> None:
@@ -254,7 +246,7 @@ def start(
             stderr=log_fd,
             close_fds=True,
             start_new_session=True,
-            env=_daemon_env(),
+            env=child_env(),
             cwd="/",
         )
     finally:
@@ -376,7 +368,7 @@ def exec_foreground(inst: Instance, *, incoming: bool = False, ctrl_only: bool =
     clean_stale(inst)
     inst.paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     inst.paths.log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    env = _daemon_env()
+    env = child_env()
     if "NOTIFY_SOCKET" in os.environ:
         env["NOTIFY_SOCKET"] = os.environ["NOTIFY_SOCKET"]
     argv = daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only)
