@@ -1,0 +1,114 @@
+"""One error tree: every error vtpmctl reports is a ``VtpmctlError``.
+
+The message of an error is one line for the user: what failed and what to
+do. ``cli.run`` prints it and exits with the error's ``exit_code``; ``status``
+exits with its ``lsb_code``. Nothing else decides exit codes, so a new error
+only has to pick its branch. Branches are defined here; a leaf whose message
+needs a table of a higher layer (TPM command names, ptm result names) is
+defined next to that table and subclasses its branch here.
+
+::
+
+    VtpmctlError                 exit 1
+    ├── UsageError               exit 2: options that cannot go together; nothing was done
+    ├── DeviceError              the swtpm-compatible device on the other side of the wire
+    │   ├── TargetError          (device.client.control) TARGET cannot be reached, or is no TPM
+    │   └── ControlError         (device.client.control) a control command failed; .result
+    │                            is the ptm result code
+    ├── TpmResultError           a TPM answered with a non-zero return code; .rc carries it
+    │   ├── TpmError             (engine.tpm2cmd) a TPM 2.0 command's response code
+    │   └── LibtpmsError         (engine.libtpms) a libtpms call's TPM_RESULT
+    ├── EngineError              the TPM in this process cannot do what was asked
+    │   ├── FatalEngineError     (engine.tpm) the storage lock is lost; the process must end
+    │   ├── MalformedResponse    (engine.tpm2cmd) response bytes of the wrong shape; also a
+    │   │                        ValueError
+    │   ├── ManufactureError     (engine.manufacture) the TPM could not be made
+    │   ├── ProvisionError       (engine.provision) EKs/certificates cannot be provisioned
+    │   └── InspectError         (engine.inspect) state blobs cannot be decoded
+    ├── ServeError               a TPM cannot be served
+    │   ├── DaemonError          (device.server.daemon) the daemon cannot start
+    │   ├── EndpointError        (device.server.sockets) a --ctrl/--data spec cannot be used
+    │   └── CuseError            (device.server.cuse) the CUSE device cannot be created
+    ├── StoreError               bytes at rest cannot be used
+    │   ├── BlobError            (store.blob) a state blob; .rc is the ptm result to answer
+    │   ├── StateDirError        (store.statedir) a TPM state directory
+    │   ├── KeyFileError         (store.keys) a key or passphrase file
+    │   ├── CAError              (store.ca) the EK CA directory
+    │   ├── SnapshotError        (store.snapshots) a snapshot or the snapshot store
+    │   ├── StateFileError       (commands.state) a blob file given to state export/import
+    │   └── BundleError          (store.bundle) a migration bundle
+    │       └── MigrationKeyError    (store.bundle) its migration key is missing or wrong
+    └── InstanceError            a named vTPM; status exits 4 (LSB "unknown")
+        ├── NoSuchInstance       (store.instances) no instance of that name
+        ├── InstanceExists       (store.instances) the name is taken
+        ├── LifecycleError       (usecases.supervisor) start/stop/rm cannot be done
+        ├── MigrateError         (usecases.migrate) export/import cannot be done
+        ├── KeyCommandError      (commands.key) the state key cannot be rotated
+        └── EkExportError        (commands.ek) no EK data to export
+
+Private control-flow exceptions that never reach the user stay outside the
+tree (each says why where it is defined).
+
+This module is at the bottom of the layers: it imports nothing from vtpmctl,
+and nothing heavy (``cli.run`` imports it on every failure).
+"""
+
+# Exit codes of every command but `status` (see DESIGN: 0 ok, 1 failure, 2 usage).
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+# `status` exits with the LSB init-script status codes.
+LSB_RUNNING = 0
+LSB_DEAD = 1  # dead, but stale files (pid file, sockets) are left
+LSB_STOPPED = 3
+LSB_UNKNOWN = 4
+LSB_STATUS = {"running": LSB_RUNNING, "stale": LSB_DEAD, "stopped": LSB_STOPPED}
+
+
+class VtpmctlError(Exception):
+    """Root of every error vtpmctl reports; the message is one line for the user."""
+
+    exit_code: int = EXIT_FAILURE
+    lsb_code: int = LSB_UNKNOWN
+
+
+class UsageError(VtpmctlError):
+    """Options that cannot go together; nothing was done."""
+
+    exit_code = EXIT_USAGE
+
+
+class DeviceError(VtpmctlError):
+    """The swtpm-compatible device at TARGET cannot be reached or refused a command."""
+
+
+class TpmResultError(VtpmctlError):
+    """A TPM answered with a non-zero return code; ``.rc`` carries it."""
+
+    rc: int
+
+
+class EngineError(VtpmctlError):
+    """The TPM in this process cannot do what was asked."""
+
+
+class ServeError(VtpmctlError):
+    """A TPM cannot be served (daemon, endpoints, CUSE device)."""
+
+
+class StoreError(VtpmctlError):
+    """Bytes at rest (state, keys, CA, snapshots, bundles) cannot be used."""
+
+
+class InstanceError(VtpmctlError):
+    """An operation on a named vTPM failed; the message is one line naming the fix."""
+
+
+class NoSuchInstance(InstanceError):
+    """No instance of that name is registered."""
+
+
+class InstanceExists(InstanceError):
+    """The name is taken by another instance."""
