@@ -55,20 +55,26 @@ def run(args: list[str], fast: bool = True) -> int:
             return _execute(plan)
         return _run_typer(args)
     except KeyboardInterrupt:
+        from vtpmctl.errors import EXIT_INTERRUPTED
+
         sys.stderr.write("vtpmctl: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
+        from vtpmctl.errors import EXIT_FAILURE
+
         # The reader went away (`vtpmctl info X | head -1`): not worth a message.
         _silence_stdout()
-        return 1
+        return EXIT_FAILURE
     except Exception as exc:
+        from vtpmctl.errors import EXIT_FAILURE, VtpmctlError
+
         if debug:
             import traceback
 
             traceback.print_exc()
         else:
             sys.stderr.write(f"vtpmctl: {_one_line(exc)}\n")
-        return 1
+        return exc.exit_code if isinstance(exc, VtpmctlError) else EXIT_FAILURE
 
 
 def _take_debug(args: list[str]) -> bool:
@@ -82,8 +88,10 @@ def _take_debug(args: list[str]) -> bool:
 
 def _one_line(exc: BaseException) -> str:
     """Our errors (and ValueErrors) are sentences; anything else also needs its kind."""
+    from vtpmctl.errors import VtpmctlError
+
     text = " ".join(str(exc).split())
-    ours = type(exc).__module__.startswith("vtpmctl.") or type(exc) is ValueError
+    ours = isinstance(exc, VtpmctlError) or type(exc) is ValueError
     if ours and text:
         return text
     name = type(exc).__name__
@@ -294,6 +302,8 @@ def _run_typer(args: list[str]) -> int:
     except ImportError:  # pragma: no cover - older typer on the real click
         import click  # type: ignore[no-redef,import-not-found,unused-ignore]
 
+    from vtpmctl.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+
     command = typer.main.get_command(build_app())
     try:
         result = command.main(args=args, prog_name="vtpmctl", standalone_mode=False)
@@ -304,21 +314,21 @@ def _run_typer(args: list[str]) -> int:
             text = exc.format_message()
             if text.strip():
                 sys.stdout.write(text + "\n")
-            return 2
+            return EXIT_USAGE
         # typer shows required arguments as {NAME}; a plain path reads better.
         where = exc.ctx.command_path if exc.ctx is not None else "vtpmctl"
         where = where.replace("{", "").replace("}", "")
         sys.stderr.write(
             f"{where}: {_one_line_text(exc.format_message())} (see '{where} --help')\n"
         )
-        return 2
+        return EXIT_USAGE
     except click.exceptions.ClickException as exc:
         sys.stderr.write(f"vtpmctl: {_one_line_text(exc.format_message())}\n")
         return exc.exit_code
     except typer.Abort:
         sys.stderr.write("vtpmctl: aborted\n")
-        return 1
-    return result if isinstance(result, int) else 0
+        return EXIT_FAILURE
+    return result if isinstance(result, int) else EXIT_OK
 
 
 def _one_line_text(text: str) -> str:

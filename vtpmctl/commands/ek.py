@@ -9,13 +9,15 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from vtpmctl.errors import InstanceError
+
 if TYPE_CHECKING:
     import typer
 
 FORMAT_VERSION = 1
 
 
-class EkExportError(Exception):
+class EkExportError(InstanceError):
     """No EK data for the instance."""
 
 

@@ -5,12 +5,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vtpmctl.commands.choices import KeyFormat
+from vtpmctl.errors import InstanceError
 
 if TYPE_CHECKING:
     import typer
 
 
-class KeyCommandError(Exception):
+class KeyCommandError(InstanceError):
     """The key could not be changed; nothing on disk was."""
 
 

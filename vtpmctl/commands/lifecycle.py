@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     from vtpmctl.usecases.supervisor import Status
 
 FORMAT_VERSION = 1
-STATUS_CODES = {"running": 0, "stale": 1, "stopped": 3}
-STATUS_UNKNOWN = 4
 
 
 class EccCurve(StrEnum):
@@ -214,7 +212,7 @@ def rm(name: str, yes: bool = False) -> int:
     registry = _registry()
     paths = registry.paths(name)
     if not paths.base.exists():
-        from vtpmctl.store.instances import NoSuchInstance
+        from vtpmctl.errors import NoSuchInstance
 
         raise NoSuchInstance(f"no instance named {name}; see vtpmctl list")
     if not yes:
@@ -240,7 +238,7 @@ def rm(name: str, yes: bool = False) -> int:
 
 def list_(as_json: bool = False, quiet: bool = False) -> int:
     """Every instance with its state."""
-    from vtpmctl.store.instances import InstanceError
+    from vtpmctl.errors import InstanceError
     from vtpmctl.usecases.supervisor import probe
 
     registry = _registry()
@@ -280,7 +278,7 @@ def list_(as_json: bool = False, quiet: bool = False) -> int:
 
 def status(name: str, as_json: bool = False) -> int:
     """NAME's state; exit 0 running, 3 stopped, 1 stale, 4 unknown instance."""
-    from vtpmctl.store.instances import InstanceError
+    from vtpmctl.errors import LSB_STATUS, InstanceError
     from vtpmctl.usecases.supervisor import probe
 
     try:
@@ -289,12 +287,12 @@ def status(name: str, as_json: bool = False) -> int:
         if as_json:
             print_json({"format_version": FORMAT_VERSION, **_broken_record(name, str(exc))})
         _note(str(exc))
-        return STATUS_UNKNOWN
+        return exc.lsb_code
     st = probe(inst)
     record = instance_record(inst, st)
     if as_json:
         print_json({"format_version": FORMAT_VERSION, **record})
-        return STATUS_CODES[st.state]
+        return LSB_STATUS[st.state]
     state: str = st.state
     if st.state == "running":
         state += f" (pid {st.pid})" if st.ours else f" by pid {st.pid}, not a vtpmctl daemon"
@@ -314,7 +312,7 @@ def status(name: str, as_json: bool = False) -> int:
         ("log", record["log_file"]),
     ]
     print_rows(name, rows)
-    return STATUS_CODES[st.state]
+    return LSB_STATUS[st.state]
 
 
 # ---------------------------------------------------------------- command line

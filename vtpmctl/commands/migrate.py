@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from vtpmctl.commands.choices import KeyFormat, TransportKind
 from vtpmctl.commands.output import print_json
+from vtpmctl.errors import UsageError
 
 if TYPE_CHECKING:
     import typer
@@ -18,10 +19,6 @@ if TYPE_CHECKING:
     from vtpmctl.store.bundle import Manifest
 
 FORMAT_VERSION = 1
-
-
-class MigrateUsageError(Exception):
-    """Options that cannot go together; nothing was done."""
 
 
 def _key(path: Path | None, kind: str, what: str) -> "AesKey | None":
@@ -56,9 +53,7 @@ def export(
 
     if output == "-":
         if as_json:
-            raise MigrateUsageError(
-                "--json needs -o FILE: with -o - the bundle itself goes to stdout"
-            )
+            raise UsageError("--json needs -o FILE: with -o - the bundle itself goes to stdout")
         if sys.stdout.isatty():
             raise MigrateError(
                 "refusing to write a bundle to a terminal; use -o FILE or redirect stdout"
@@ -115,7 +110,7 @@ def import_(
     from vtpmctl.usecases.migrate import ImportOptions, import_bundle, read_bundle_file
 
     if encrypt is False and key_file is not None:
-        raise MigrateUsageError("--no-encrypt and --key-file contradict each other")
+        raise UsageError("--no-encrypt and --key-file contradict each other")
     if name is not None:
         validate_name(name)
     mkey = _key(migration_key_file, migration_key_format, "migration key")

@@ -13,6 +13,7 @@ from pathlib import Path
 from vtpmctl.device.client.control import DEFAULT_TIMEOUT
 from vtpmctl.device.client.target import open_client, parse_target
 from vtpmctl.device.protocol import BlobType
+from vtpmctl.errors import StoreError
 
 # `typing` costs more to import than a control round trip; annotations only.
 TYPE_CHECKING = False
@@ -33,7 +34,7 @@ _TYPES = {
 }
 
 
-class StateFileError(Exception):
+class StateFileError(StoreError):
     """The blob file (or stdin/stdout) cannot be used; nothing was sent to the TPM."""
 
 

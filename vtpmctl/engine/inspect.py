@@ -128,7 +128,11 @@ def _log_lines(stderr: bytes) -> list[str]:
 
 
 class _InspectError(Exception):
-    """Decoding failed; the message is one line."""
+    """Decoding failed; the message is one line.
+
+    Private control flow, outside the error tree: ``_run`` turns it into the
+    result's ``error`` field, so it never reaches the user as an exception.
+    """
 
 
 def _run(request: dict[str, Any]) -> InspectResult:

@@ -29,6 +29,8 @@ from ctypes import (
 from enum import IntEnum
 from typing import Any
 
+from vtpmctl.errors import TpmResultError
+
 log = logging.getLogger(__name__)
 
 TPM_SUCCESS = 0
@@ -52,7 +54,7 @@ class Property(IntEnum):
     BUFFER_MAX = 4
 
 
-class LibtpmsError(Exception):
+class LibtpmsError(TpmResultError):
     """A libtpms call failed; .rc is its TPM_RESULT."""
 
     def __init__(self, what: str, rc: int) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from vtpmctl.device.protocol import Cmd
 from vtpmctl.engine.tpm import Engine, EngineConfig
+from vtpmctl.errors import EngineError
 from vtpmctl.store.statedir import StateDir, StateDirError
 
 log = logging.getLogger("vtpmctl.manufacture")
@@ -28,7 +29,7 @@ TPM2_SHUTDOWN_CLEAR = bytes.fromhex("80010000000c000001450000")
 TPM12_STARTUP_CLEAR = bytes.fromhex("00c10000000c000000990001")
 
 
-class ManufactureError(Exception):
+class ManufactureError(EngineError):
     """The TPM could not be made; one line, no secrets."""
 
 

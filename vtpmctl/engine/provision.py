@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
 from vtpmctl import __version__
 from vtpmctl.engine import tpm2 as t
 from vtpmctl.engine.tpm2 import Alg, NvAttr, ObjAttr, Public, Scheme, SymDef, Transact
+from vtpmctl.errors import EngineError
 
 EkPublicKey = crypto_rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
@@ -150,7 +151,7 @@ TPM_INFO_KEYS = (
 )
 
 
-class ProvisionError(Exception):
+class ProvisionError(EngineError):
     """The TPM is not in a state that can be provisioned as asked."""
 
 

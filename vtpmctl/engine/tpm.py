@@ -30,6 +30,7 @@ from vtpmctl.device.protocol import (
     StateFlag,
 )
 from vtpmctl.engine.libtpms import CommandBuffer, Libtpms, StateType, Storage, TpmVersion
+from vtpmctl.errors import EngineError
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer, wrap_transfer
 from vtpmctl.store.statedir import STATE_NAMES, StateDir, StateDirError
 
@@ -68,7 +69,7 @@ def _tpm12_startup(st: int) -> bytes:
     return bytes.fromhex("00c10000000c00000099") + st.to_bytes(2, "big")
 
 
-class FatalEngineError(Exception):
+class FatalEngineError(EngineError):
     """The process must end (the storage lock was lost for good)."""
 
 

@@ -26,6 +26,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+from vtpmctl.errors import StoreError
+
 __all__ = [
     "AesKey",
     "BlobError",
@@ -77,7 +79,7 @@ _HMAC_SIZE = 32
 _AES_BLOCK = 16
 
 
-class BlobError(Exception):
+class BlobError(StoreError):
     """A blob that cannot be used; ``.rc`` is the control-channel result to report (spec §1.1)."""
 
     def __init__(self, rc: int, message: str) -> None:

@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from vtpmctl.errors import StoreError
 from vtpmctl.store.blob import (
     FLAG_ENCRYPTED,
     FLAG_MIGRATION_DATA,
@@ -62,7 +63,7 @@ _MAC_CONTEXT = b"vtpmctl migration bundle manifest v1"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-class BundleError(Exception):
+class BundleError(StoreError):
     """The bundle is unusable; one line that says what is wrong and what to do."""
 
 

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
+from vtpmctl.errors import StoreError
 from vtpmctl.store.atomic import write_atomic
 
 EkPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
@@ -47,7 +48,7 @@ OID_SUBJECT_DIRECTORY_ATTRIBUTES = x509.ObjectIdentifier("2.5.29.9")
 NOT_AFTER = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
 
 
-class CAError(Exception):
+class CAError(StoreError):
     """The CA directory is unusable (half-written, mismatched, unreadable)."""
 
 

@@ -16,12 +16,12 @@ import json
 import os
 from pathlib import Path
 
+from vtpmctl.errors import InstanceError
 from vtpmctl.store.atomic import fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, wrap_file
 from vtpmctl.store.instances import (
     Instance,
     InstanceConfig,
-    InstanceError,
     InstanceMeta,
     InstancePaths,
     read_json,

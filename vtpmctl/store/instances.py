@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from vtpmctl.errors import InstanceError, InstanceExists, NoSuchInstance
 from vtpmctl.store.atomic import write_atomic
 from vtpmctl.store.paths import Roots, store_roots
 from vtpmctl.store.statedir import StateDir
@@ -35,18 +36,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 TpmVersion = Literal["2.0", "1.2"]
 TransportKind = Literal["socket", "cuse"]
 KeyFormat = Literal["hex", "binary", "passphrase"]
-
-
-class InstanceError(Exception):
-    """A registry operation failed; the message is one line naming the fix."""
-
-
-class NoSuchInstance(InstanceError):
-    pass
-
-
-class InstanceExists(InstanceError):
-    pass
 
 
 def validate_name(name: str) -> str:

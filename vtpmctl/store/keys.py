@@ -15,6 +15,7 @@ import stat
 from pathlib import Path
 from typing import Literal
 
+from vtpmctl.errors import StoreError
 from vtpmctl.store.atomic import write_atomic
 from vtpmctl.store.blob import AesKey
 
@@ -41,7 +42,7 @@ _HEX_KEY = re.compile(rb"\A(?:0x)?([0-9A-Fa-f]{64}|[0-9A-Fa-f]{32})\s*\Z")
 _FINGERPRINT_DOMAIN = b"vtpmctl key fingerprint v1\x00"
 
 
-class KeyFileError(Exception):
+class KeyFileError(StoreError):
     """A key or passphrase file that cannot be used; the message says how to fix it."""
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vtpmctl.errors import StoreError
 from vtpmctl.store.atomic import fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_file, wrap_file
 from vtpmctl.store.instances import InstancePaths
@@ -51,7 +52,7 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 _MAX_LABEL = 64
 
 
-class SnapshotError(Exception):
+class SnapshotError(StoreError):
     """A snapshot operation failed; the message names the problem and the fix."""
 
 

@@ -14,6 +14,7 @@ import struct
 import time
 from pathlib import Path
 
+from vtpmctl.errors import StoreError
 from vtpmctl.store.atomic import fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_file, wrap_file
 
@@ -21,7 +22,7 @@ STATE_NAMES = ("permall", "volatilestate", "savestate")
 LOCK_RETRY_INTERVAL = 0.01
 
 
-class StateDirError(Exception):
+class StateDirError(StoreError):
     """The state dir cannot be used as asked; the message says why and what to do."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtpmctl import __version__
+from vtpmctl.errors import InstanceError, InstanceExists
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer
 from vtpmctl.store.bundle import (
     BLOB_TYPES,
@@ -36,7 +37,6 @@ from vtpmctl.store.bundle import (
 from vtpmctl.store.instances import (
     Instance,
     InstanceConfig,
-    InstanceExists,
     InstanceMeta,
     Registry,
     TpmVersion,
@@ -48,7 +48,7 @@ from vtpmctl.store.instances import (
 CONTROL_TIMEOUT = 5.0
 
 
-class MigrateError(Exception):
+class MigrateError(InstanceError):
     """An export or import could not be done; one line naming the cause and the fix."""
 
 

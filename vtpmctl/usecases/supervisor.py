@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from vtpmctl.childproc import child_env
+from vtpmctl.errors import InstanceError
 from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
 
@@ -34,7 +35,7 @@ LOG_LIMIT = 4 << 20  # bytes; beyond this a start moves the log to NAME.log.1
 State = Literal["running", "stopped", "stale"]
 
 
-class LifecycleError(Exception):
+class LifecycleError(InstanceError):
     """A start/stop could not be done; one line naming the cause and the fix."""
 
 
@@ -184,13 +185,14 @@ def preflight(inst: Instance, timeout: float = START_TIMEOUT) -> Started | None:
     first and must not race another one). Returns Started if the instance
     turned out to be running already.
     """
+    from vtpmctl.errors import InstanceError
     from vtpmctl.store.instance_keys import (
         check_state,
         load_migration_key,
         load_state_key,
         recover,
     )
-    from vtpmctl.store.instances import InstanceError, InstanceMeta, read_json
+    from vtpmctl.store.instances import InstanceMeta, read_json
     from vtpmctl.store.keys import KeyFileError
     from vtpmctl.store.statedir import StateDirError
 

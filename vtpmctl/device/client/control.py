@@ -39,6 +39,7 @@ from vtpmctl.device.protocol import (
     encode_socket_request,
     socket_error_size,
 )
+from vtpmctl.errors import DeviceError
 
 # `typing` costs more to import than a control round trip; annotations only.
 TYPE_CHECKING = False
@@ -107,7 +108,7 @@ def _explain(cmd: Cmd, result: int, target: str) -> str:
     return "see the TPM's log"
 
 
-class ControlError(Exception):
+class ControlError(DeviceError):
     """The TPM answered a control command with a non-zero result."""
 
     def __init__(self, cmd: Cmd, result: int, target: str = "the target") -> None:
@@ -120,7 +121,7 @@ class ControlError(Exception):
         )
 
 
-class TargetError(Exception):
+class TargetError(DeviceError):
     """The target could not be reached or does not speak the control protocol.
 
     Messages are one line that names the target and says what to do.

@@ -126,7 +126,8 @@ def _is_socket(path: str) -> bool:
 
 def resolve_instance(name: str) -> Target:
     """The control channel of the registered instance NAME."""
-    from vtpmctl.store.instances import InstanceError, Registry
+    from vtpmctl.errors import InstanceError
+    from vtpmctl.store.instances import Registry
 
     try:
         inst = Registry().get(name)

@@ -54,6 +54,7 @@ from vtpmctl.device.protocol import (
 )
 from vtpmctl.engine.libtpms import CommandBuffer
 from vtpmctl.engine.tpm import ControlReply, Engine, FatalEngineError
+from vtpmctl.errors import ServeError
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +126,16 @@ _LONG_TPM2 = frozenset({0x131, 0x153, 0x191})  # CreatePrimary, Create, CreateLo
 _LONG_TPM12 = frozenset({0x0D, 0x13, 0x1F, 0x78, 0x79, 0x7F})
 
 
-class CuseError(Exception):
+class CuseError(ServeError):
     """The device cannot be created; the message names the problem and the fix."""
 
 
 class ReplyError(Exception):
-    """Answer the current request with this errno."""
+    """Answer the current request with this errno.
+
+    Control flow inside the server, outside the error tree: the request loop
+    turns it into an errno reply to the kernel; it never reaches the user.
+    """
 
     def __init__(self, err: int) -> None:
         super().__init__(os.strerror(err))

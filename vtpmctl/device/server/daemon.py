@@ -19,6 +19,7 @@ from types import FrameType
 from typing import NoReturn
 
 from vtpmctl.engine.tpm import Engine, EngineConfig, Startup
+from vtpmctl.errors import ServeError
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.statedir import StateDir, StateDirError
 
@@ -28,7 +29,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 
-class DaemonError(Exception):
+class DaemonError(ServeError):
     """The daemon cannot start; one line that names the problem and the fix."""
 
 

@@ -35,6 +35,7 @@ from vtpmctl.device.protocol import (
 )
 from vtpmctl.engine.libtpms import CommandBuffer
 from vtpmctl.engine.tpm import ControlReply, Engine, FatalEngineError
+from vtpmctl.errors import ServeError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ STOP_POLL = 0.1  # how often a long control read looks whether the server is sto
 UNIX_PATH_MAX = 107
 
 
-class EndpointError(Exception):
+class EndpointError(ServeError):
     """An endpoint spec that cannot be used; the message names the fix."""
 
 
@@ -228,7 +229,11 @@ def _blob_too_large(data: bytes) -> bool:
 
 
 class _Dropped(Exception):
-    """The control connection is closed without a reply (spec §2.2)."""
+    """The control connection is closed without a reply (spec §2.2).
+
+    Private control flow, outside the error tree: the connection loop catches
+    it and closes the connection; it never reaches the user.
+    """
 
 
 class ControlConnection:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 from vtpmctl.engine.tpm2.constants import CC
+from vtpmctl.errors import EngineError, TpmResultError
 
 _FMT0_VER1 = {
     0x000: "INITIALIZE",
@@ -150,7 +151,7 @@ def decode_rc(rc: int) -> str:
     return "TPM_RC_" + table.get(rc & 0x7F, f"0x{rc:03x}")
 
 
-class TpmError(Exception):
+class TpmError(TpmResultError):
     """The TPM answered with a non-zero response code."""
 
     def __init__(self, rc: int, command: int | None = None) -> None:
@@ -170,5 +171,5 @@ class TpmError(Exception):
         return rc_base(self.rc)
 
 
-class MalformedResponse(ValueError):
+class MalformedResponse(EngineError, ValueError):
     """The response bytes do not have the shape the command promises."""
