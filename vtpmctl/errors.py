@@ -16,15 +16,14 @@ defined next to that table and subclasses its branch here.
     │   └── ControlError         (device.client.control) a control command failed; .result
     │                            is the ptm result code
     ├── TpmResultError           a TPM answered with a non-zero return code; .rc carries it
-    │   ├── TpmError             (engine.tpm2.rc)   a TPM 2.0 command's response code
+    │   ├── TpmError             (engine.tpm2.rc) a TPM 2.0 command's response code
     │   └── LibtpmsError         (engine.libtpms) a libtpms call's TPM_RESULT
     ├── EngineError              the TPM in this process cannot do what was asked
     │   ├── FatalEngineError     (engine.tpm) the storage lock is lost; the process must end
-    │   ├── MalformedResponse    (engine.tpm2.rc)   response bytes of the wrong shape; also a
+    │   ├── MalformedResponse    (engine.tpm2.rc) response bytes of the wrong shape; also a
     │   │                        ValueError
     │   ├── ManufactureError     (engine.manufacture) the TPM could not be made
-    │   ├── ProvisionError       (engine.provision) EKs/certificates cannot be provisioned
-    │   └── InspectError         (engine.inspect) state blobs cannot be decoded
+    │   └── ProvisionError       (engine.provision) EKs/certificates cannot be provisioned
     ├── ServeError               a TPM cannot be served
     │   ├── DaemonError          (device.server.daemon) the daemon cannot start
     │   ├── EndpointError        (device.server.sockets) a --ctrl/--data spec cannot be used
