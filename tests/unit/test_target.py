@@ -91,8 +91,19 @@ def test_refused(spec: str, message: str) -> None:
 def test_plain_socket_path(unix_socket: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_target(str(unix_socket)) == Target("unix", path=str(unix_socket))
     monkeypatch.chdir(unix_socket.parent)
-    # A bare name that is a socket in the current directory is that socket.
-    assert parse_target(unix_socket.name) == Target("unix", path=unix_socket.name)
+    # A relative path names the socket only with a slash (or unix:).
+    assert parse_target("./" + unix_socket.name) == Target("unix", path="./" + unix_socket.name)
+    assert parse_target("unix:" + unix_socket.name) == Target("unix", path=unix_socket.name)
+
+
+def test_bare_word_is_an_instance_even_if_a_socket_has_its_name(
+    unix_socket: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket planted in the current directory never stands in for an instance."""
+    monkeypatch.setenv("VTPMCTL_HOME", str(unix_socket.parent / "home"))
+    monkeypatch.chdir(unix_socket.parent)
+    with pytest.raises(TargetError, match=f"no instance named {unix_socket.name}"):
+        parse_target(unix_socket.name)
 
 
 def test_plain_path_that_is_not_a_socket(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """TARGET strings of the command line, turned into a transport.
 
 A TARGET names one TPM's control channel: ``unix:PATH``, ``tcp:HOST:PORT``
-(``tcp:[::1]:PORT`` for IPv6), a CUSE device ``/dev/NAME``, an existing
-socket path given as is, or the NAME of a registered instance.
+(``tcp:[::1]:PORT`` for IPv6), a CUSE device ``/dev/NAME``, a socket path
+with a slash in it (``./x.sock``), or the NAME of a registered instance.
+A bare word is always an instance name: a socket that happens to carry the
+name in the current directory (say, another user's in /tmp) never wins.
 """
 
 from __future__ import annotations
@@ -85,9 +87,9 @@ def parse_target(spec: str) -> Target:
         return _parse_tcp(spec)
     if spec.startswith("/dev/"):
         return Target("cuse", path=spec)
-    if _is_socket(spec):
-        return Target("unix", path=spec)
     if "/" in spec:
+        if _is_socket(spec):
+            return Target("unix", path=spec)
         if os.path.exists(spec):
             raise TargetError(
                 f"{spec}: not a socket; give the TPM's control socket (or a /dev/ device)", spec
