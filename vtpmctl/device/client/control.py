@@ -18,6 +18,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 import time
 from abc import ABC, abstractmethod
 
@@ -290,15 +291,15 @@ class SocketTransport(Transport):
 
     # -- I/O
 
-    def _send(self, buf: bytes, deadline: float) -> None:
+    def _send(self, buf: bytes, deadline: float, cmd: Cmd) -> None:
         sock = self._require()
-        sock.settimeout(self._remaining(deadline))
+        sock.settimeout(self._remaining(deadline, cmd))
         try:
             # MSG_NOSIGNAL: a peer that went away must not kill us with SIGPIPE
             # even when the process restored the default SIGPIPE handler.
             sock.sendall(buf, socket.MSG_NOSIGNAL)
         except TimeoutError as exc:
-            raise self._timeout_error() from exc
+            raise self._timeout_error(cmd) from exc
         except OSError as exc:
             self.close()
             raise TargetError(
@@ -311,12 +312,11 @@ class SocketTransport(Transport):
         sock = self._require()
         buf = bytearray()
         while len(buf) < n:
-            sock.settimeout(self._remaining(deadline))
+            sock.settimeout(self._remaining(deadline, cmd))
             try:
                 chunk = sock.recv(n - len(buf))
             except TimeoutError as exc:
-                self.close()
-                raise self._timeout_error() from exc
+                raise self._timeout_error(cmd) from exc
             except OSError as exc:
                 self.close()
                 raise TargetError(
@@ -340,21 +340,58 @@ class SocketTransport(Transport):
             buf += chunk
         return bytes(buf)
 
-    def _remaining(self, deadline: float) -> float:
+    def _remaining(self, deadline: float, cmd: Cmd) -> float:
         left = deadline - time.monotonic()
         if left <= 0:
-            self.close()
-            raise self._timeout_error()
+            raise self._timeout_error(cmd)
         return left
 
-    def _timeout_error(self) -> TargetError:
+    def _timeout_error(self, cmd: Cmd) -> TargetError:
+        """Hang up and say what became of the request.
+
+        A vtpmctl TPM drops a request whose client hung up before it was served,
+        so a request still unread is withdrawn for good; one the peer has read may
+        be running. On a unix socket the bytes the peer has not read yet are ours
+        to count (SIOCOUTQ); on TCP they cannot be told apart, and the connection
+        is reset rather than closed so that the peer sees the hang-up at once.
+        """
+        unread = self._unread_bytes()
+        if self._sock is not None and not isinstance(self.address, str):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close()
-        return TargetError(
-            f"{self.name}: no reply within {self.timeout:g} s; is it the "
-            "control channel (not the data channel), and is another client "
-            "(such as QEMU) holding it?",
-            self.name,
-        )
+        name, what, after = self.name, f"CMD_{cmd.name}", f"{self.timeout:g} s"
+        if unread:
+            text = (
+                f"{name}: another client (such as QEMU) holds the control channel, or "
+                f"the TPM process is hung; {what} was withdrawn unread after {after} "
+                "and not carried out (a swtpm may still run it once the channel is free)"
+            )
+        elif unread is None:
+            text = (
+                f"{name}: no reply to {what} within {after}; if another client (such as "
+                "QEMU) holds the control channel the request was withdrawn and not carried "
+                "out, otherwise the TPM may still be carrying it out"
+            )
+        else:
+            text = (
+                f"{name}: took {what} but sent no reply within {after}; it may still be "
+                "carrying it out (is it the control channel, not the data channel?)"
+            )
+        return TargetError(text, name)
+
+    def _unread_bytes(self) -> int | None:
+        """How much of what we sent the unix peer has not read; None if unknown."""
+        if self._sock is None or not isinstance(self.address, str):
+            return None
+        import fcntl
+        import termios
+
+        buf = bytearray(4)
+        try:
+            fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ, buf)
+        except OSError:
+            return None
+        return int.from_bytes(buf, sys.byteorder)
 
     def _not_a_tpm(self, what: str) -> TargetError:
         self.close()
@@ -380,7 +417,7 @@ class SocketTransport(Transport):
         request = encode_socket_request(cmd, dict(fields or {}), data)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         self._require()
-        self._send(request, deadline)
+        self._send(request, deadline, cmd)
         # The first 4 bytes decide how much follows: errors are short.
         head = self._recv_exact(RESULT.size(), deadline, cmd)
         result = struct.unpack(">I", head)[0]
