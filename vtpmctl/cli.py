@@ -187,45 +187,23 @@ def _fast_query(cmd: str, rest: list[str], timeout: float) -> "Plan | None":
     )
 
 
-# ctl action → (arguments it takes: 0 none, 1 required, 2 optional; largest value)
-_CTL_SHAPES = {
-    "init": (0, 0),
-    "stop": (0, 0),
-    "shutdown": (0, 0),
-    "cancel": (0, 0),
-    "store-volatile": (0, 0),
-    "locality": (1, 0xFF),
-    "reset-established": (2, 0xFF),
-    "lock-storage": (2, 0xFFFFFFFF),
-}
-
-
 def _fast_ctl(rest: list[str], timeout: float) -> "Plan | None":
-    if len(rest) < 2 or rest[0].startswith("-") or rest[1] not in _CTL_SHAPES:
+    if len(rest) < 2 or rest[0].startswith("-"):
         return None
-    target, action, extra = rest[0], rest[1], rest[2:]
-    shape, largest = _CTL_SHAPES[action]
-    delete_volatile = False
-    if action == "init" and extra == ["--delete-volatile"]:
-        delete_volatile, extra = True, []
-    value: int | None = None
-    if extra:
-        if shape == 0 or len(extra) != 1:
-            return None
-        word = extra[0]
-        if not (word.isascii() and word.isdigit()) or int(word) > largest:
-            return None
-        value = int(word)
-    elif shape == 1:
+    from vtpmctl.commands.ctl import parse_words
+
+    parsed = parse_words(rest[1], rest[2:])
+    if parsed is None:
         return None
+    value, switch = parsed
     return (
         "vtpmctl.commands.ctl",
         "ctl",
         {
-            "target": target,
-            "action": action,
+            "target": rest[0],
+            "action": rest[1],
             "value": value,
-            "delete_volatile": delete_volatile,
+            "delete_volatile": switch,
             "timeout": timeout,
         },
     )

@@ -194,3 +194,21 @@ def test_debug_anywhere(argv: list[str], remaining: list[str], found: bool) -> N
     args: list[Any] = list(argv)
     assert cli._take_debug(args) is found
     assert args == remaining
+
+
+def test_ctl_commands_are_the_rows_of_the_action_table() -> None:
+    """typer's ctl commands, their value and switch, come from commands.ctl.ACTIONS."""
+    import typer.main
+
+    from vtpmctl.commands.ctl import ACTIONS, NO_VALUE, REQUIRED
+
+    group = typer.main.get_group(cli.build_app()).commands["ctl"]
+    assert list(group.commands) == list(ACTIONS)  # type: ignore[attr-defined]
+    for name, spec in ACTIONS.items():
+        params = group.commands[name].params  # type: ignore[attr-defined]
+        args = [p for p in params if p.param_type_name == "argument"]
+        opts = [o for p in params if p.param_type_name == "option" for o in p.opts]
+        assert len(args) == (spec.value != NO_VALUE), name
+        if args:
+            assert args[0].required == (spec.value == REQUIRED), name
+        assert opts == ([spec.switch[0]] if spec.switch else []), name
