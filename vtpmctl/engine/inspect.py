@@ -24,8 +24,10 @@ import base64
 import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from vtpmctl.store import records
 
 if TYPE_CHECKING:
     from vtpmctl.engine.tpm2 import Transact
@@ -50,18 +52,12 @@ class InspectResult:
     log: list[str] = field(default_factory=list)  # libtpms' own messages, if any
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return records.to_json(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> InspectResult:
-        return cls(
-            ok=bool(data["ok"]),
-            validate={str(k): int(v) for k, v in data["validate"].items()},
-            persistent=data.get("persistent"),
-            nv=data.get("nv"),
-            error=data.get("error"),
-            log=list(data.get("log") or []),
-        )
+    def from_json(cls, data: object) -> InspectResult:
+        """The child's answer; ValueError when it is not one."""
+        return records.from_json(cls, data, ValueError)
 
 
 # ---------------------------------------------------------------- caller side
@@ -106,7 +102,7 @@ def inspect_blobs(
     if proc.returncode == 0:
         try:
             result = InspectResult.from_json(json.loads(proc.stdout))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except ValueError:
             pass
         else:
             result.log = log

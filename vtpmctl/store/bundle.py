@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from vtpmctl.errors import StoreError
+from vtpmctl.store import records
 from vtpmctl.store.blob import (
     FLAG_ENCRYPTED,
     FLAG_MIGRATION_DATA,
@@ -207,9 +208,14 @@ class MemberInfo:
 
 
 @dataclass(frozen=True)
-class BlobInfo(MemberInfo):
-    type: str = "permanent"
-    encrypted: bool = False
+class BlobInfo:
+    """A state blob the manifest lists; ``type`` first, as manifests have it."""
+
+    type: str = field(metadata=records.one_of(*BLOB_TYPES))
+    member: str
+    size: int
+    sha256: str
+    encrypted: bool
 
 
 @dataclass
@@ -219,11 +225,11 @@ class Manifest:
     created: str
     source_host: str
     source_name: str
-    source_state: str  # "stopped" (from the state dir) or "running" (control channel)
+    source_state: str = field(metadata=records.one_of("stopped", "running"))
     vtpmctl_version: str
     libtpms_version: str | None
-    tpm_version: str  # "2.0" | "1.2"
-    transport: str  # the source instance's: "socket" | "cuse"
+    tpm_version: str = field(metadata=records.one_of("2.0", "1.2"))
+    transport: str = field(metadata=records.one_of("socket", "cuse"))  # the source instance's
     encrypted_at_rest: bool  # the source instance's state was
     migration_key: bool  # blobs encrypted, manifest authenticated with a migration key
     migration_key_cipher: str | None
@@ -232,100 +238,24 @@ class Manifest:
     blobs: list[BlobInfo] = field(default_factory=list)
     files: list[MemberInfo] = field(default_factory=list)
 
+    @property
+    def members(self) -> list[MemberInfo | BlobInfo]:
+        """Every member the manifest lists: the files, then the blobs."""
+        return [*self.files, *self.blobs]
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": self.created,
-            "source_host": self.source_host,
-            "source_name": self.source_name,
-            "source_state": self.source_state,
-            "vtpmctl_version": self.vtpmctl_version,
-            "libtpms_version": self.libtpms_version,
-            "tpm_version": self.tpm_version,
-            "transport": self.transport,
-            "encrypted_at_rest": self.encrypted_at_rest,
-            "migration_key": self.migration_key,
-            "migration_key_cipher": self.migration_key_cipher,
-            "migration_key_fingerprint": self.migration_key_fingerprint,
-            "ek_fingerprints": dict(self.ek_fingerprints),
-            "blobs": [
-                {
-                    "type": b.type,
-                    "member": b.member,
-                    "size": b.size,
-                    "sha256": b.sha256,
-                    "encrypted": b.encrypted,
-                }
-                for b in self.blobs
-            ],
-            "files": [{"member": f.member, "size": f.size, "sha256": f.sha256} for f in self.files],
-        }
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **records.to_json(self)}
 
     @classmethod
     def from_json(cls, obj: Any) -> Manifest:
         """Strict: every key present with the right type, no unknown keys."""
         if not isinstance(obj, dict):
             raise _lie("it is not a JSON object")
-        if obj.get("format") != FORMAT:
-            raise BundleError(
-                f"this is not a vtpmctl migration bundle (manifest format {obj.get('format')!r})"
-            )
-        version = obj.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(
-                f"the bundle has format version {version!r}; this vtpmctl reads "
-                f"version {FORMAT_VERSION} (upgrade vtpmctl on this host)"
-            )
-        expected = set(cls("", "", "", "", "", None, "", "", False, False, None, None).to_json())
-        if set(obj) != expected:
-            extra, missing = sorted(set(obj) - expected), sorted(expected - set(obj))
-            raise _lie(f"unexpected keys {extra}, missing keys {missing}")
-        m = cls(
-            created=_typed(obj, "created", str),
-            source_host=_typed(obj, "source_host", str),
-            source_name=_typed(obj, "source_name", str),
-            source_state=_choice(obj, "source_state", ("stopped", "running")),
-            vtpmctl_version=_typed(obj, "vtpmctl_version", str),
-            libtpms_version=_typed(obj, "libtpms_version", str, nullable=True),
-            tpm_version=_choice(obj, "tpm_version", ("2.0", "1.2")),
-            transport=_choice(obj, "transport", ("socket", "cuse")),
-            encrypted_at_rest=_typed(obj, "encrypted_at_rest", bool),
-            migration_key=_typed(obj, "migration_key", bool),
-            migration_key_cipher=_typed(obj, "migration_key_cipher", str, nullable=True),
-            migration_key_fingerprint=_typed(obj, "migration_key_fingerprint", str, nullable=True),
-            ek_fingerprints=_fingerprints(obj.get("ek_fingerprints")),
-            blobs=[_blob_info(b) for b in _typed(obj, "blobs", list)],
-            files=[
-                _member_info(f, {"member", "size", "sha256"}) for f in _typed(obj, "files", list)
-            ],
-        )
-        if m.migration_key != (m.migration_key_cipher is not None) or m.migration_key != (
-            m.migration_key_fingerprint is not None
-        ):
-            raise _lie("the migration key fields contradict each other")
-        if m.migration_key_cipher not in (None, "aes-128-cbc", "aes-256-cbc"):
-            raise _lie(f"unknown cipher {m.migration_key_cipher!r}")
-        types = [b.type for b in m.blobs]
-        if (
-            not types
-            or types[0] != "permanent"
-            or types != sorted(set(types), key=BLOB_TYPES.index)
-        ):
-            raise _lie(
-                f"the blob list {types} must start with the permanent state and name "
-                "each type once, in order"
-            )
-        if m.tpm_version == "2.0" and "savestate" in types:
-            raise _lie("a TPM 2 has no savestate blob")
-        for b in m.blobs:
-            if b.member != f"{b.type}.blob":
-                raise _lie(f"blob {b.type} is stored as {b.member!r}, not {b.type}.blob")
-            if b.encrypted != m.migration_key:
-                raise _lie(
-                    f"blob {b.type} is marked encrypted={b.encrypted} but the bundle "
-                    f"migration_key={m.migration_key}"
-                )
+        _check_format(obj)
+        m = records.from_json(cls, obj, _lie, exact=True, handled=("format", "format_version"))
+        _check_digests(m)
+        _check_migration_key_fields(m)
+        _check_blob_list(m)
         if [f.member for f in m.files] not in ([], [EK_FILE]):
             raise _lie(f"unexpected files {[f.member for f in m.files]}")
         return m
@@ -338,50 +268,57 @@ def _lie(what: str) -> BundleError:
     )
 
 
-def _typed(obj: dict[str, Any], key: str, kind: type, nullable: bool = False) -> Any:
-    value = obj.get(key)
-    if value is None and nullable:
-        return None
-    # bool is an int in Python: never accept one for the other.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _lie(f"field {key!r} is {type(value).__name__}, not {kind.__name__}")
-    return value
+def _check_format(obj: dict[str, Any]) -> None:
+    """A manifest of this format and version; anything else is not ours to read."""
+    if obj.get("format") != FORMAT:
+        raise BundleError(
+            f"this is not a vtpmctl migration bundle (manifest format {obj.get('format')!r})"
+        )
+    version = obj.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"the bundle has format version {version!r}; this vtpmctl reads "
+            f"version {FORMAT_VERSION} (upgrade vtpmctl on this host)"
+        )
 
 
-def _choice(obj: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
-    value = obj.get(key)
-    if value not in allowed:
-        raise _lie(f"field {key!r} is {value!r}, not one of {', '.join(allowed)}")
-    return str(value)
-
-
-def _fingerprints(value: Any) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v) for k, v in value.items()
-    ):
+def _check_digests(m: Manifest) -> None:
+    """Fingerprints and member hashes are SHA-256 hex; sizes are not negative."""
+    if not all(_HEX64.fullmatch(v) for v in m.ek_fingerprints.values()):
         raise _lie("ek_fingerprints is not a map of algorithm to SHA-256 hex")
-    return dict(value)
+    for info in m.members:
+        if info.size < 0 or not _HEX64.fullmatch(info.sha256):
+            raise _lie(f"member entry {info.member!r} has a bad size or sha256")
 
 
-def _member_info(value: Any, keys: set[str]) -> MemberInfo:
-    if not isinstance(value, dict) or set(value) != keys:
-        raise _lie(f"a member entry must have exactly the keys {sorted(keys)}")
-    size = _typed(value, "size", int)
-    digest = _typed(value, "sha256", str)
-    if size < 0 or not _HEX64.fullmatch(digest):
-        raise _lie(f"member entry {value.get('member')!r} has a bad size or sha256")
-    return MemberInfo(_typed(value, "member", str), size, digest)
+def _check_migration_key_fields(m: Manifest) -> None:
+    """The key flag, cipher and fingerprint say the same thing; the cipher is known."""
+    if m.migration_key != (m.migration_key_cipher is not None) or m.migration_key != (
+        m.migration_key_fingerprint is not None
+    ):
+        raise _lie("the migration key fields contradict each other")
+    if m.migration_key_cipher not in (None, "aes-128-cbc", "aes-256-cbc"):
+        raise _lie(f"unknown cipher {m.migration_key_cipher!r}")
 
 
-def _blob_info(value: Any) -> BlobInfo:
-    base = _member_info(value, {"type", "member", "size", "sha256", "encrypted"})
-    return BlobInfo(
-        base.member,
-        base.size,
-        base.sha256,
-        type=_choice(value, "type", BLOB_TYPES),
-        encrypted=_typed(value, "encrypted", bool),
-    )
+def _check_blob_list(m: Manifest) -> None:
+    """Permanent first, each type once in order, stored under its name, encrypted as said."""
+    types = [b.type for b in m.blobs]
+    if not types or types[0] != "permanent" or types != sorted(set(types), key=BLOB_TYPES.index):
+        raise _lie(
+            f"the blob list {types} must start with the permanent state and name "
+            "each type once, in order"
+        )
+    if m.tpm_version == "2.0" and "savestate" in types:
+        raise _lie("a TPM 2 has no savestate blob")
+    for b in m.blobs:
+        if b.member != f"{b.type}.blob":
+            raise _lie(f"blob {b.type} is stored as {b.member!r}, not {b.type}.blob")
+        if b.encrypted != m.migration_key:
+            raise _lie(
+                f"blob {b.type} is marked encrypted={b.encrypted} but the bundle "
+                f"migration_key={m.migration_key}"
+            )
 
 
 # ---------------------------------------------------------------- manifest.sum
@@ -441,7 +378,11 @@ def build_bundle(
             data, state_key=None, keep_state_encryption=False, migration_key=migration_key
         )
         info = BlobInfo(
-            f"{kind}.blob", len(blob), _sha256(blob), type=kind, encrypted=migration_key is not None
+            type=kind,
+            member=f"{kind}.blob",
+            size=len(blob),
+            sha256=_sha256(blob),
+            encrypted=migration_key is not None,
         )
         blobs.append(info)
         members.append((info.member, blob))
@@ -575,10 +516,10 @@ def open_bundle(data: bytes, migration_key: AesKey | None) -> Bundle:
         raise BundleError("the bundle is corrupted: manifest.sum is not in canonical form")
 
     manifest = Manifest.from_json(obj)
-    listed = [f.member for f in manifest.files] + [b.member for b in manifest.blobs]
+    listed = [info.member for info in manifest.members]
     if sorted(listed) != sorted(names[2:]):
         raise _lie(f"it lists members {sorted(listed)} but the bundle holds {sorted(names[2:])}")
-    for info in [*manifest.files, *manifest.blobs]:
+    for info in manifest.members:
         data_ = content[info.member]
         if len(data_) != info.size or _sha256(data_) != info.sha256:
             raise BundleError(

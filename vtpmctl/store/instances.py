@@ -18,12 +18,13 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from vtpmctl.errors import InstanceError, InstanceExists, NoSuchInstance
+from vtpmctl.store import records
 from vtpmctl.store.atomic import write_atomic
 from vtpmctl.store.paths import Roots, store_roots
 from vtpmctl.store.statedir import StateDir
@@ -145,43 +146,24 @@ class InstancePaths:
 # ---------------------------------------------------------------- records
 
 
-def _require(data: dict[str, Any], key: str, kinds: tuple[type, ...], where: Path) -> Any:
-    value = data.get(key)
-    if not isinstance(value, kinds):
-        raise InstanceError(
-            f"{where}: field {key!r} is missing or invalid; restore the file from a backup"
-        )
-    return value
-
-
 @dataclass
 class InstanceConfig:
     """How to run the instance: what the user chose at create."""
 
     name: str
-    tpm: TpmVersion = "2.0"
-    transport: TransportKind = "socket"
+    tpm: TpmVersion = field(default="2.0", metadata=records.required())
+    transport: TransportKind = field(default="socket", metadata=records.required())
     encrypted: bool = False
     migration_key: bool = False
-    ek: bool = True
+    # A config without the key records no EK: never assume one was made.
+    ek: bool = field(default=True, metadata=records.when_absent(False))
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        return {"format_version": FORMAT_VERSION, **records.to_json(self)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: Path) -> InstanceConfig:
-        tpm = _require(data, "tpm", (str,), where)
-        transport = _require(data, "transport", (str,), where)
-        if tpm not in ("2.0", "1.2") or transport not in ("socket", "cuse"):
-            raise InstanceError(f"{where}: unknown tpm {tpm!r} or transport {transport!r}")
-        return cls(
-            name=_require(data, "name", (str,), where),
-            tpm=cast(TpmVersion, tpm),
-            transport=cast(TransportKind, transport),
-            encrypted=bool(data.get("encrypted", False)),
-            migration_key=bool(data.get("migration_key", False)),
-            ek=bool(data.get("ek", False)),
-        )
+        return records.from_json(cls, data, _restore(where))
 
     @property
     def tpm2(self) -> bool:
@@ -202,18 +184,16 @@ class InstanceMeta:
     ek_fingerprints: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        return {"format_version": FORMAT_VERSION, **records.to_json(self)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: Path) -> InstanceMeta:
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in data.items() if k in known}
-        try:
-            return cls(**values)
-        except TypeError:
-            raise InstanceError(
-                f"{where} is not valid metadata; restore it from a backup"
-            ) from None
+        return records.from_json(cls, data, _restore(where))
+
+
+def _restore(where: Path) -> Callable[[str], InstanceError]:
+    """How a bad record file is reported: the file, what is wrong, and the fix."""
+    return lambda what: InstanceError(f"{where}: {what}; restore it from a backup")
 
 
 def read_json(path: Path) -> dict[str, Any]:
