@@ -26,6 +26,7 @@ from vtpmctl.device.protocol import (
     Res,
     decode_ioctl_response,
     encode_ioctl_request,
+    ioctl_sizes,
 )
 from vtpmctl.device.server import cuse
 from vtpmctl.device.server.cuse import (
@@ -43,7 +44,6 @@ from vtpmctl.device.server.cuse import (
     ReplyError,
     device_name,
     encode_init_reply,
-    ioctl_sizes,
     is_long_command,
     lookup_ioctl,
 )
@@ -306,7 +306,7 @@ class FakeKernel:
     def ioctl(
         self, fh: int, request: int, buf: bytes | None = None, in_size: int | None = None
     ) -> tuple[int, bytes]:
-        size_in, size_out = cuse.ioctl_sizes(request)
+        size_in, size_out = ioctl_sizes(request)
         if in_size is not None:
             size_in = in_size
         data = (buf or b"")[:size_in].ljust(size_in, b"\0")
@@ -318,7 +318,7 @@ class FakeKernel:
         msg = MESSAGES[cmd]
         error, out = self.ioctl(fh, msg.ioctl, bytes(encode_ioctl_request(cmd, fields, data)))
         assert error == 0
-        assert len(out) == cuse.IOCTL_OUT.size + cuse.ioctl_sizes(msg.ioctl)[1]
+        assert len(out) == cuse.IOCTL_OUT.size + ioctl_sizes(msg.ioctl)[1]
         ioctl_out = cuse.IOCTL_OUT.unpack_from(out)
         assert ioctl_out == (0, 0, 0, 0)
         payload = out[16:]

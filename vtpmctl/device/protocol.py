@@ -142,14 +142,6 @@ SET_STATEBLOB_MAX = 512 * 1024
 CTRL_FIRST_READ = 4104  # 4-byte code + sizeof(ptm_hdata)
 CTRL_DEADLINE = 0.5  # seconds to receive the rest of a control message
 
-# Data channel constants.
-TPM2_FATAL_RESPONSE = bytes.fromhex("80010000000a00000101")  # TPM_RC_FAILURE
-TPM12_FATAL_RESPONSE = bytes.fromhex("00c40000000a00000009")  # TPM_FAIL
-TPM2_SHORT_WRITE_RESPONSE = bytes.fromhex("80010000000a0000009a")  # TPM_RC_INSUFFICIENT
-TPM12_SHORT_WRITE_RESPONSE = bytes.fromhex("00c40000000a00000019")  # TPM_BAD_PARAM_SIZE
-TPM_SEND_COMMAND = 8  # MS-simulator framing prefix (TPM 2 only)
-TPM_HEADER_SIZE = 10
-
 
 class _Record:
     """A small immutable value object (what a frozen dataclass would give)."""
@@ -204,6 +196,15 @@ class Layout(_Record):
     def size(self) -> int:
         return self._compiled("big")[0].size
 
+    def offset(self, name: str) -> int:
+        """Where field ``name`` starts (layouts have no implicit padding)."""
+        at = 0
+        for field, code in self.fields:
+            if field == name:
+                return at
+            at += struct.calcsize(">" + code)
+        raise KeyError(name)
+
     def pack(self, endian: Endian, values: dict[str, int]) -> bytes:
         packer, names = self._compiled(endian)
         return packer.pack(*[values.get(name, 0) for name in names])
@@ -222,6 +223,7 @@ def L(*fields: tuple[str, str]) -> Layout:  # noqa: N802 - a table constructor
 
 RESULT = L(("result", "I"))
 NONE = L()
+CODE = L(("code", "I"))  # what starts every socket request
 
 
 class Message(_Record):
@@ -230,7 +232,19 @@ class Message(_Record):
     ``req_rule`` is how the socket server checks the request body length
     (spec §1.2): ``("exact", n)``, ``("min", n)`` or ``None`` (not checked).
     ``data`` says whether variable bytes follow the fixed request ('req') or
-    response ('resp').
+    response ('resp'). The per-command rules every frontend and the engine
+    apply come from here too:
+
+    - ``needs_running``: True, the TPM must be running; False, it must not be
+      (the others answer TPM_BAD_ORDINAL); None, any state.
+    - ``stopped_to_set``: a request field that, when non-zero, changes a
+      setting only a stopped TPM may change (SET_BUFFERSIZE).
+    - ``await_body``: the socket server waits (within the deadline) for the
+      whole fixed request and any data it announces before it runs the
+      command; any other command runs with what the first read brought
+      (spec §2.2).
+    - ``while_busy``: answered at once, without the engine lock, even while
+      a TPM command runs.
     """
 
     __slots__ = (
@@ -245,6 +259,9 @@ class Message(_Record):
         "error_response",
         "needs_running",
         "data",
+        "stopped_to_set",
+        "await_body",
+        "while_busy",
     )
     cmd: Cmd
     request: Layout
@@ -257,6 +274,9 @@ class Message(_Record):
     error_response: Layout  # what a failure looks like on a socket
     needs_running: bool | None  # True: running, False: stopped, None: any
     data: str | None
+    stopped_to_set: str | None
+    await_body: bool
+    while_busy: bool
 
     def __init__(
         self,
@@ -271,6 +291,9 @@ class Message(_Record):
         error_response: Layout = RESULT,
         needs_running: bool | None = None,
         data: str | None = None,
+        stopped_to_set: str | None = None,
+        await_body: bool = False,
+        while_busy: bool = False,
     ) -> None:
         for name, value in (
             ("cmd", cmd),
@@ -284,16 +307,54 @@ class Message(_Record):
             ("error_response", error_response),
             ("needs_running", needs_running),
             ("data", data),
+            ("stopped_to_set", stopped_to_set),
+            ("await_body", await_body),
+            ("while_busy", while_busy),
         ):
             object.__setattr__(self, name, value)
 
+    def allowed(self, running: bool, fields: dict[str, int] | None = None) -> bool:
+        """Whether the TPM's running state allows this command (else TPM_BAD_ORDINAL).
+
+        Without ``fields`` only the state rule is checked, as a socket server
+        does before it looks at the request's length (spec §1.2).
+        """
+        if self.needs_running is not None and self.needs_running != running:
+            return False
+        if running and self.stopped_to_set is not None and fields is not None:
+            return not fields.get(self.stopped_to_set, 0)
+        return True
+
     @property
     def ioctl(self) -> int:
-        return (self.ioctl_dir << 30) | (self.ioctl_size << 16) | (0x50 << 8) | (self.cmd - 1)
+        return ioctl_number(self.ioctl_dir, self.ioctl_size, self.cmd)
 
     @property
     def ioctl_resp(self) -> Layout:
         return self.response if self.ioctl_response is None else self.ioctl_response
+
+
+# Linux ioctl numbers: direction (2 bits), size (14 bits), type (8 bits), nr (8 bits).
+IOC_WRITE = 1
+IOC_READ = 2
+IOC_RW = IOC_READ | IOC_WRITE
+PTM_IOCTL_TYPE = ord("P")  # 0x50
+
+
+def ioctl_number(direction: int, size: int, cmd: int) -> int:
+    """The PTM ioctl of a control command: its nr is the socket code - 1."""
+    return (direction << 30) | (size << 16) | (PTM_IOCTL_TYPE << 8) | (cmd - 1)
+
+
+def ioctl_fields(request: int) -> tuple[int, int, int]:
+    """(direction, size, type and nr) of any ioctl number."""
+    return request >> 30, (request >> 16) & 0x3FFF, request & 0xFFFF
+
+
+def ioctl_sizes(request: int) -> tuple[int, int]:
+    """(in, out) bytes the kernel copies for a restricted ioctl number."""
+    direction, size, _ = ioctl_fields(request)
+    return (size if direction & IOC_WRITE else 0), (size if direction & IOC_READ else 0)
 
 
 _BLOB_HDR = L(("result", "I"), ("state_flags", "I"), ("totlength", "I"), ("length", "I"))
@@ -306,26 +367,28 @@ MESSAGES: dict[Cmd, Message] = {
             NONE,
             L(("result", "I"), ("caps", "I")),
             None,
-            2,
+            IOC_READ,
             8,
             ioctl_response=L(("caps", "Q")),
+            while_busy=True,
         ),
         Message(
             Cmd.INIT,
             L(("init_flags", "I")),
             RESULT,
             ("exact", 4),
-            3,
+            IOC_RW,
             4,
             ioctl_request=L(("init_flags", "I")),
+            await_body=True,
         ),
-        Message(Cmd.SHUTDOWN, NONE, RESULT, ("exact", 0), 2, 4),
+        Message(Cmd.SHUTDOWN, NONE, RESULT, ("exact", 0), IOC_READ, 4),
         Message(
             Cmd.GET_TPMESTABLISHED,
             NONE,
             L(("result", "I"), ("bit", "B"), ("", "3x")),
             ("exact", 0),
-            2,
+            IOC_READ,
             8,
             needs_running=True,
         ),
@@ -334,76 +397,93 @@ MESSAGES: dict[Cmd, Message] = {
             L(("loc", "B")),
             RESULT,
             ("min", 1),
-            3,
+            IOC_RW,
             4,
             ioctl_request=L(("loc", "B"), ("", "3x")),
+            await_body=True,
         ),
-        Message(Cmd.HASH_START, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
+        Message(Cmd.HASH_START, NONE, RESULT, ("exact", 0), IOC_READ, 4, needs_running=True),
         Message(
             Cmd.HASH_DATA,
             L(("length", "I")),
             RESULT,
             ("min", 4),
-            3,
+            IOC_RW,
             4 + HASH_DATA_MAX,
             ioctl_request=L(("length", "I")),
             needs_running=True,
             data="req",
+            await_body=True,
         ),
-        Message(Cmd.HASH_END, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
-        Message(Cmd.CANCEL_TPM_CMD, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
-        Message(Cmd.STORE_VOLATILE, NONE, RESULT, ("exact", 0), 2, 4, needs_running=True),
+        Message(Cmd.HASH_END, NONE, RESULT, ("exact", 0), IOC_READ, 4, needs_running=True),
+        Message(
+            Cmd.CANCEL_TPM_CMD,
+            NONE,
+            RESULT,
+            ("exact", 0),
+            IOC_READ,
+            4,
+            needs_running=True,
+            while_busy=True,
+        ),
+        Message(Cmd.STORE_VOLATILE, NONE, RESULT, ("exact", 0), IOC_READ, 4, needs_running=True),
         Message(
             Cmd.RESET_TPMESTABLISHED,
             L(("loc", "B")),
             RESULT,
             ("min", 1),
-            3,
+            IOC_RW,
             4,
             ioctl_request=L(("loc", "B"), ("", "3x")),
             needs_running=True,
+            await_body=True,
         ),
         Message(
             Cmd.GET_STATEBLOB,
             L(("state_flags", "I"), ("type", "I"), ("offset", "I")),
             _BLOB_HDR,
             ("min", 12),
-            3,
+            IOC_RW,
             16 + STATE_BLOB_CHUNK,
             ioctl_request=L(("state_flags", "I"), ("type", "I"), ("offset", "I")),
             error_response=_BLOB_HDR,
             needs_running=True,
             data="resp",
+            await_body=True,
         ),
         Message(
             Cmd.SET_STATEBLOB,
             L(("state_flags", "I"), ("type", "I"), ("length", "I")),
             RESULT,
             ("min", 12),
-            3,
+            IOC_RW,
             12 + STATE_BLOB_CHUNK,
             ioctl_request=L(("state_flags", "I"), ("type", "I"), ("length", "I")),
             needs_running=False,
             data="req",
+            await_body=True,
         ),
-        Message(Cmd.STOP, NONE, RESULT, ("exact", 0), 2, 4),
-        Message(Cmd.GET_CONFIG, NONE, L(("result", "I"), ("flags", "I")), ("exact", 0), 2, 8),
-        Message(Cmd.SET_DATAFD, NONE, RESULT, None, 2, 4),
+        Message(Cmd.STOP, NONE, RESULT, ("exact", 0), IOC_READ, 4),
+        Message(
+            Cmd.GET_CONFIG, NONE, L(("result", "I"), ("flags", "I")), ("exact", 0), IOC_READ, 8
+        ),
+        Message(Cmd.SET_DATAFD, NONE, RESULT, None, IOC_READ, 4),
         Message(
             Cmd.SET_BUFFERSIZE,
             L(("buffersize", "I")),
             L(("result", "I"), ("buffersize", "I"), ("minsize", "I"), ("maxsize", "I")),
             ("min", 4),
-            3,
+            IOC_RW,
             16,
             ioctl_request=L(("buffersize", "I")),
+            stopped_to_set="buffersize",
         ),
         Message(
             Cmd.GET_INFO,
             L(("flags", "Q"), ("offset", "I"), ("", "4x")),
             L(("result", "I"), ("totlength", "I"), ("length", "I")),
             ("min", 16),
-            3,
+            IOC_RW,
             16 + STATE_BLOB_CHUNK,
             ioctl_request=L(("flags", "Q"), ("offset", "I"), ("", "4x")),
             data="resp",
@@ -413,13 +493,14 @@ MESSAGES: dict[Cmd, Message] = {
             L(("retries", "I")),
             RESULT,
             ("min", 4),
-            3,
+            IOC_RW,
             4,
             ioctl_request=L(("retries", "I")),
         ),
     )
 }
 
+_BY_CODE: dict[int, Message] = {int(cmd): msg for cmd, msg in MESSAGES.items()}
 IOCTL_TO_CMD: dict[int, Cmd] = {m.ioctl: m.cmd for m in MESSAGES.values()}
 
 
@@ -449,7 +530,37 @@ def encode_socket_request(
 ) -> bytes:
     """Code + body, as one buffer to send in a single write."""
     msg = MESSAGES[cmd]
-    return struct.pack(">I", cmd) + msg.request.pack("big", fields or {}) + data
+    return CODE.pack("big", {"code": cmd}) + msg.request.pack("big", fields or {}) + data
+
+
+def socket_request_code(data: bytes) -> int:
+    """The command code a socket request starts with (it need not be a Cmd)."""
+    code: int = _unpack_code(data)[0]
+    return code
+
+
+_unpack_code = CODE._compiled("big")[0].unpack_from  # per control request: kept cheap
+
+
+def socket_data_length(data: bytes) -> int | None:
+    """The data length a request's fixed part announces, once that part is in."""
+    msg = _BY_CODE.get(socket_request_code(data))
+    if msg is None or msg.data != "req":
+        return None
+    fixed = CODE.size() + msg.request.size()
+    if len(data) < fixed:
+        return None
+    return msg.request.unpack("big", data[CODE.size() : fixed])["length"]
+
+
+def socket_request_need(data: bytes) -> int:
+    """How many bytes of the request in ``data`` the server waits for (spec §2.2)."""
+    if len(data) < CODE.size():
+        return CODE.size()
+    msg = _BY_CODE.get(socket_request_code(data))
+    if msg is None or not msg.await_body:
+        return len(data)
+    return CODE.size() + msg.request.size() + (socket_data_length(data) or 0)
 
 
 def encode_socket_response(
@@ -499,3 +610,65 @@ def encode_ioctl_response(cmd: Cmd, fields: dict[str, Any], data: bytes = b"") -
 
 def decode_ioctl_response(cmd: Cmd, buf: bytes | bytearray | memoryview) -> dict[str, int]:
     return MESSAGES[cmd].ioctl_resp.unpack("native", buf)
+
+
+# ---------------------------------------------------------------- data channel
+
+# Every TPM command and response of both families starts with this header
+# (big-endian); ``code`` is a command's ordinal and a response's result.
+TPM_HEADER = L(("tag", "H"), ("size", "I"), ("code", "I"))
+TPM_HEADER_SIZE = TPM_HEADER.size()
+TPM_CODE_AT = TPM_HEADER.offset("code")
+TPM2_ST_NO_SESSIONS = 0x8001
+TPM12_TAG_RQU_COMMAND = 0x00C1
+TPM12_TAG_RSP_COMMAND = 0x00C4
+TPM2_RC_INSUFFICIENT = 0x09A
+TPM12_BAD_PARAM_SIZE = 0x19
+# The vendor SetLocality command (both families), which the data channel refuses.
+TPM_ORD_SET_LOCALITY = 0x20001000
+
+
+def tpm_code(buf: bytes | bytearray | memoryview) -> int:
+    """A command's ordinal or a response's result; -1 when shorter than a header."""
+    if len(buf) < TPM_HEADER_SIZE:
+        return -1
+    return TPM_HEADER.unpack("big", buf)["code"]
+
+
+def _tpm_message(tag: int, code: int, params: bytes = b"") -> bytes:
+    size = TPM_HEADER_SIZE + len(params)
+    return TPM_HEADER.pack("big", {"tag": tag, "size": size, "code": code}) + params
+
+
+# What the data channel answers when the TPM cannot run a command (spec §2.3).
+TPM2_FATAL_RESPONSE = _tpm_message(TPM2_ST_NO_SESSIONS, Res.TPM2_FAILURE)
+TPM12_FATAL_RESPONSE = _tpm_message(TPM12_TAG_RSP_COMMAND, Res.FAIL)
+# A CUSE write() shorter than a header.
+TPM2_SHORT_WRITE_RESPONSE = _tpm_message(TPM2_ST_NO_SESSIONS, TPM2_RC_INSUFFICIENT)
+TPM12_SHORT_WRITE_RESPONSE = _tpm_message(TPM12_TAG_RSP_COMMAND, TPM12_BAD_PARAM_SIZE)
+
+# TPM 1.2 commands vtpmctl sends or recognises itself (TPM 2 ones are built by
+# engine.tpm2, which this bottom-layer module does not import).
+TPM12_ORD_STARTUP = 0x99
+TPM12_ST_CLEAR = 1
+TPM12_ST_STATE = 2
+# TPM 1.2 commands that generate keys (seconds under emulation): TakeOwnership,
+# CMK_CreateKey, CreateWrapKey, CreateEndorsementKeyPair, MakeIdentity, CreateRevocableEK.
+TPM12_KEYGEN_ORDINALS = frozenset({0x0D, 0x13, 0x1F, 0x78, 0x79, 0x7F})
+_U16 = L(("value", "H"))
+
+
+def tpm12_startup(startup_type: int) -> bytes:
+    """TPM_Startup(ST_CLEAR or ST_STATE)."""
+    return _tpm_message(
+        TPM12_TAG_RQU_COMMAND, TPM12_ORD_STARTUP, _U16.pack("big", {"value": startup_type})
+    )
+
+
+# TCG simulator framing on a TPM 2 data socket (spec §2.4): this head, the command;
+# answered with the response's length, the response and a zero acknowledgement.
+TPM_SEND_COMMAND = 8
+SEND_COMMAND_HEAD = L(("command", "I"), ("locality", "B"), ("length", "I"))
+SEND_COMMAND_CODE = CODE.pack("big", {"code": TPM_SEND_COMMAND})
+SEND_COMMAND_LENGTH = L(("length", "I"))
+SEND_COMMAND_ACK = RESULT.pack("big", {"result": Res.SUCCESS})

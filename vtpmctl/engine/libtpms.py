@@ -29,13 +29,15 @@ from ctypes import (
 from enum import IntEnum
 from typing import Any
 
+from vtpmctl.device.protocol import Res
 from vtpmctl.errors import TpmResultError
 
 log = logging.getLogger(__name__)
 
-TPM_SUCCESS = 0
-TPM_FAIL = 0x09
-TPM_RETRY = 0x800
+# Plain ints (callbacks return them to C on every NV access and locality query).
+TPM_SUCCESS = int(Res.SUCCESS)
+TPM_FAIL = int(Res.FAIL)
+TPM_RETRY = int(Res.RETRY)
 STATE_NAMES = {1: "permall", 2: "volatilestate", 4: "savestate"}
 
 

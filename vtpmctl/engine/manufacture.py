@@ -17,24 +17,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vtpmctl.device.protocol import Cmd
+from vtpmctl.device.protocol import TPM12_ST_CLEAR, Cmd, tpm12_startup, tpm_code
 from vtpmctl.engine.tpm import Engine, EngineConfig
+from vtpmctl.engine.tpm2 import SU_CLEAR, build_shutdown, build_startup
 from vtpmctl.errors import EngineError
 from vtpmctl.store.statedir import StateDir, StateDirError
 
 log = logging.getLogger("vtpmctl.manufacture")
 
-TPM2_STARTUP_CLEAR = bytes.fromhex("80010000000c000001440000")
-TPM2_SHUTDOWN_CLEAR = bytes.fromhex("80010000000c000001450000")
-TPM12_STARTUP_CLEAR = bytes.fromhex("00c10000000c000000990001")
-
 
 class ManufactureError(EngineError):
     """The TPM could not be made; one line, no secrets."""
-
-
-def _rc(resp: bytes) -> int:
-    return int.from_bytes(resp[6:10], "big") if len(resp) >= 10 else -1
 
 
 def libtpms_version_string(version: int) -> str:
@@ -97,7 +90,8 @@ def manufacture(
             raise ManufactureError(str(exc)) from None
         if engine.control(Cmd.INIT, {"init_flags": 0}).result != 0:
             raise ManufactureError("the new TPM failed to initialise; see the log")
-        rc = _rc(engine.process(TPM2_STARTUP_CLEAR if tpm2 else TPM12_STARTUP_CLEAR))
+        startup = build_startup(SU_CLEAR) if tpm2 else tpm12_startup(TPM12_ST_CLEAR)
+        rc = tpm_code(engine.process(startup))
         if rc != 0:
             raise ManufactureError(f"the new TPM refused Startup (rc 0x{rc:x})")
         if ek:
@@ -105,7 +99,7 @@ def manufacture(
                 raise ManufactureError("EK certificates need a CA directory")
             result["ek"] = _provision(engine, ca_dir, ecc_curve)
         if tpm2:
-            rc = _rc(engine.process(TPM2_SHUTDOWN_CLEAR))
+            rc = tpm_code(engine.process(build_shutdown(SU_CLEAR)))
             if rc != 0:
                 raise ManufactureError(f"the new TPM refused Shutdown (rc 0x{rc:x})")
     finally:

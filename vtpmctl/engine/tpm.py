@@ -19,16 +19,25 @@ from vtpmctl.device.protocol import (
     CAPS_SOCKET_TPM2,
     CAPS_SOCKET_TPM12,
     HASH_DATA_MAX,
+    MESSAGES,
     STATE_BLOB_CHUNK,
     TPM2_FATAL_RESPONSE,
     TPM12_FATAL_RESPONSE,
+    TPM12_ST_CLEAR,
+    TPM12_ST_STATE,
+    TPM_CODE_AT,
+    TPM_HEADER_SIZE,
+    TPM_ORD_SET_LOCALITY,
     BlobType,
     Cmd,
     ConfigFlag,
     InitFlag,
     Res,
     StateFlag,
+    tpm12_startup,
+    tpm_code,
 )
+from vtpmctl.engine import tpm2
 from vtpmctl.engine.libtpms import CommandBuffer, Libtpms, StateType, Storage, TpmVersion
 from vtpmctl.errors import EngineError
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer, wrap_transfer
@@ -39,34 +48,20 @@ log = logging.getLogger(__name__)
 Transport = Literal["socket", "cuse"]
 Startup = Literal["none", "clear", "state"]
 
-_BLOB_NAME = {
-    BlobType.PERMANENT: "permall",
-    BlobType.VOLATILE: "volatilestate",
-    BlobType.SAVESTATE: "savestate",
-}
 _STATE_TYPE = {
     BlobType.PERMANENT: StateType.PERMANENT,
     BlobType.VOLATILE: StateType.VOLATILE,
     BlobType.SAVESTATE: StateType.SAVE_STATE,
 }
 
-TPM2_CC_SHUTDOWN = 0x145
-TPM2_RC_INITIALIZE = 0x100
-VENDOR_SET_LOCALITY = 0x20001000
 LOCK_RETRIES_AFTER_SAVESTATE = 300
-TPM_RETRY_MISSING = 0x800  # ValidateState: the blob does not exist
 
-
-def _tpm2_startup(su: int) -> bytes:
-    return bytes.fromhex("80010000000c00000144") + su.to_bytes(2, "big")
-
-
-def _tpm2_shutdown(su: int) -> bytes:
-    return bytes.fromhex("80010000000c00000145") + su.to_bytes(2, "big")
-
-
-def _tpm12_startup(st: int) -> bytes:
-    return bytes.fromhex("00c10000000c00000099") + st.to_bytes(2, "big")
+# The fast path looks at one byte of the ordinal for each command that needs the
+# slow path: the vendor SetLocality (its top byte) and TPM2_Shutdown (its low byte).
+_VENDOR_AT = TPM_CODE_AT
+_VENDOR_BYTE = TPM_ORD_SET_LOCALITY >> 24
+_SHUTDOWN_AT = TPM_HEADER_SIZE - 1
+_SHUTDOWN_BYTE = tpm2.CC.Shutdown & 0xFF
 
 
 class FatalEngineError(EngineError):
@@ -199,8 +194,11 @@ class Engine(Storage):
                     f"0x{reply.result:x}); see the log"
                 )
             if self.config.startup != "none":
-                st = 0 if self.config.startup == "clear" else 1
-                cmd = _tpm2_startup(st) if self.config.tpm2 else _tpm12_startup(st + 1)
+                clear = self.config.startup == "clear"
+                if self.config.tpm2:
+                    cmd = tpm2.build_startup(tpm2.SU_CLEAR if clear else tpm2.SU_STATE)
+                else:
+                    cmd = tpm12_startup(TPM12_ST_CLEAR if clear else TPM12_ST_STATE)
                 self.process(cmd)
 
     def _validate_existing(self) -> None:
@@ -212,7 +210,7 @@ class Engine(Storage):
             kinds |= StateType.VOLATILE
         with self.lock:
             rc = self.tpm.validate_state(kinds)
-        if rc == TPM_RETRY_MISSING:
+        if rc == Res.RETRY:  # the blob does not exist
             raise StateDirError(
                 f"{self.statedir.file('permall')} is missing; restore it "
                 "from a snapshot or backup (a new TPM is never made in its place)"
@@ -238,10 +236,9 @@ class Engine(Storage):
             or not self.running
         ):
             return
-        for su in (1, 0):  # SU_STATE, then SU_CLEAR
-            resp = self.tpm.process(_tpm2_shutdown(su))
-            rc = int.from_bytes(resp[6:10], "big") if len(resp) >= 10 else -1
-            if rc in (0, TPM2_RC_INITIALIZE):
+        for su in (tpm2.SU_STATE, tpm2.SU_CLEAR):
+            rc = tpm_code(self.tpm.process(tpm2.build_shutdown(su)))
+            if rc in (tpm2.RC.SUCCESS, tpm2.RC.INITIALIZE):
                 break
 
     def _stop_locked(self) -> None:
@@ -274,7 +271,11 @@ class Engine(Storage):
         """Run the command a frontend received into ``buf``; the hot path."""
         with self.lock:
             view = buf.view
-            if not self.ready or view[6] == 0x20 or view[9] == 0x45:
+            if (
+                not self.ready
+                or view[_VENDOR_AT] == _VENDOR_BYTE
+                or view[_SHUTDOWN_AT] == _SHUTDOWN_BYTE
+            ):
                 # not running, lock to re-take, vendor SetLocality or TPM2_Shutdown
                 return bytes(self._process_slow(buf, length))
             return bytes(self.tpm.process_in_place(length, buf.raw))
@@ -296,10 +297,16 @@ class Engine(Storage):
         view = buf.view
         run_tpm = self.tpm.runner(buf.raw)
         slow = self._process_slow
+        vendor_at, vendor, shutdown_at, shutdown = (
+            _VENDOR_AT,
+            _VENDOR_BYTE,
+            _SHUTDOWN_AT,
+            _SHUTDOWN_BYTE,
+        )
 
         def run(length: int) -> bytes:
             with lock:
-                if not self.ready or view[6] == 0x20 or view[9] == 0x45:
+                if not self.ready or view[vendor_at] == vendor or view[shutdown_at] == shutdown:
                     return bytes(slow(buf, length))
                 resp = run_tpm(length)
                 try:
@@ -311,10 +318,10 @@ class Engine(Storage):
         return run
 
     def _process_slow(self, buf: CommandBuffer, length: int) -> memoryview | bytes:
-        if not self.running or length < 10:
+        if not self.running or length < TPM_HEADER_SIZE:
             return self.fatal_response
-        ordinal = int.from_bytes(buf.view[6:10], "big")
-        if ordinal == VENDOR_SET_LOCALITY:
+        ordinal = tpm_code(buf.view)
+        if ordinal == TPM_ORD_SET_LOCALITY:
             return self.fatal_response
         if not self.statedir.locked and not self._ensure_storage_lock(self._lock_retries):
             raise FatalEngineError(
@@ -322,10 +329,7 @@ class Engine(Storage):
             )
         resp = self.tpm.process_in_place(length, buf.raw)
         self._last_was_shutdown = (
-            self.config.tpm2
-            and ordinal == TPM2_CC_SHUTDOWN
-            and len(resp) >= 10
-            and bytes(resp[6:10]) == b"\0\0\0\0"
+            self.config.tpm2 and ordinal == tpm2.CC.Shutdown and tpm_code(resp) == tpm2.RC.SUCCESS
         )
         # After a TPM2_Shutdown the next command must come here to clear the mark.
         self.ready = self.running and self.statedir.locked and not self._last_was_shutdown
@@ -343,16 +347,22 @@ class Engine(Storage):
         return CAPS_SOCKET_TPM2 if self.config.tpm2 else CAPS_SOCKET_TPM12
 
     def control(self, cmd: Cmd, req: dict[str, int], data: bytes = b"") -> ControlReply:
-        """Execute one control command with swtpm's semantics (spec §1.3)."""
-        if cmd == Cmd.CANCEL_TPM_CMD:
-            if not self.running:
-                return ControlReply(Res.BAD_ORDINAL)
-            # swtpm passes libtpms' result on: TPM_FAIL on a TPM 1.2.
-            return ControlReply(self.cancel())
+        """Execute one control command with swtpm's semantics (spec §1.3).
+
+        The running-state rule of every command comes from the protocol table;
+        a command the table marks ``while_busy`` runs without the engine lock.
+        """
         handler = self._handlers.get(cmd)
         if handler is None:
             return ControlReply(Res.BAD_ORDINAL)
+        msg = MESSAGES[cmd]
+        if msg.while_busy:
+            if not msg.allowed(self.running, req):
+                return ControlReply(Res.BAD_ORDINAL)
+            return handler(self, req, data)
         with self.lock:
+            if not msg.allowed(self.running, req):
+                return ControlReply(Res.BAD_ORDINAL)
             try:
                 return handler(self, req, data)
             except FatalEngineError:
@@ -363,6 +373,10 @@ class Engine(Storage):
 
     def _c_caps(self, req: dict[str, int], data: bytes) -> ControlReply:
         return ControlReply(Res.SUCCESS, {"caps": self.capabilities()})
+
+    def _c_cancel(self, req: dict[str, int], data: bytes) -> ControlReply:
+        # Without the lock (gotcha 14); swtpm passes libtpms' result on: TPM_FAIL on a TPM 1.2.
+        return ControlReply(self.cancel())
 
     def _c_init(self, req: dict[str, int], data: bytes) -> ControlReply:
         self._stop_locked()
@@ -396,8 +410,6 @@ class Engine(Storage):
         return ControlReply(Res.SUCCESS)
 
     def _c_established(self, req: dict[str, int], data: bytes) -> ControlReply:
-        if not self.running:
-            return ControlReply(Res.BAD_ORDINAL)
         rc, bit = self.tpm.established()
         return ControlReply(rc, {"bit": int(bit)})
 
@@ -408,17 +420,10 @@ class Engine(Storage):
         self._set_locality(loc)
         return ControlReply(Res.SUCCESS)
 
-    def _running_only(self, fn: Callable[[], int]) -> ControlReply:
-        if not self.running:
-            return ControlReply(Res.BAD_ORDINAL)
-        return ControlReply(fn())
-
     def _c_hash_start(self, req: dict[str, int], data: bytes) -> ControlReply:
-        return self._running_only(self.tpm.hash_start)
+        return ControlReply(self.tpm.hash_start())
 
     def _c_hash_data(self, req: dict[str, int], data: bytes) -> ControlReply:
-        if not self.running:
-            return ControlReply(Res.BAD_ORDINAL)
         for off in range(0, len(data), HASH_DATA_MAX):
             rc = self.tpm.hash_data(data[off : off + HASH_DATA_MAX])
             if rc:
@@ -426,17 +431,13 @@ class Engine(Storage):
         return ControlReply(Res.SUCCESS)
 
     def _c_hash_end(self, req: dict[str, int], data: bytes) -> ControlReply:
-        return self._running_only(self.tpm.hash_end)
+        return ControlReply(self.tpm.hash_end())
 
     def _c_store_volatile(self, req: dict[str, int], data: bytes) -> ControlReply:
-        if not self.running:
-            return ControlReply(Res.BAD_ORDINAL)
         self.statedir.store("volatilestate", self.tpm.volatile_all_store())
         return ControlReply(Res.SUCCESS)
 
     def _c_reset_established(self, req: dict[str, int], data: bytes) -> ControlReply:
-        if not self.running:
-            return ControlReply(Res.BAD_ORDINAL)
         loc = req["loc"]
         if loc > 4:
             return ControlReply(Res.BAD_LOCALITY)
@@ -456,10 +457,7 @@ class Engine(Storage):
         return ControlReply(Res.SUCCESS, {"flags": flags})
 
     def _c_set_buffersize(self, req: dict[str, int], data: bytes) -> ControlReply:
-        wanted = req["buffersize"]
-        if wanted and self.running:
-            return ControlReply(Res.BAD_ORDINAL)
-        cur, lo, hi = self.tpm.set_buffer_size(wanted)
+        cur, lo, hi = self.tpm.set_buffer_size(req["buffersize"])
         return ControlReply(Res.SUCCESS, {"buffersize": cur, "minsize": lo, "maxsize": hi})
 
     def _c_get_info(self, req: dict[str, int], data: bytes) -> ControlReply:
@@ -494,8 +492,6 @@ class Engine(Storage):
         return None
 
     def _c_get_stateblob(self, req: dict[str, int], data: bytes) -> ControlReply:
-        if not self.running:
-            return ControlReply(Res.BAD_ORDINAL)
         try:
             kind = BlobType(req["type"])
         except ValueError:
@@ -524,8 +520,6 @@ class Engine(Storage):
             self.ready = False
 
     def _c_set_stateblob(self, req: dict[str, int], data: bytes) -> ControlReply:
-        if self.running:
-            return ControlReply(Res.BAD_ORDINAL)
         if not self._ensure_storage_lock(self._lock_retries):
             raise FatalEngineError(f"{self.statedir.path} is locked by another process")
         try:
@@ -564,6 +558,7 @@ class Engine(Storage):
         Cmd.HASH_START: _c_hash_start,
         Cmd.HASH_DATA: _c_hash_data,
         Cmd.HASH_END: _c_hash_end,
+        Cmd.CANCEL_TPM_CMD: _c_cancel,
         Cmd.STORE_VOLATILE: _c_store_volatile,
         Cmd.RESET_TPMESTABLISHED: _c_reset_established,
         Cmd.GET_STATEBLOB: _c_get_stateblob,

@@ -26,6 +26,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+# The protocol table sits below the store: a BlobError carries the control result.
+from vtpmctl.device.protocol import Res
 from vtpmctl.errors import StoreError
 
 __all__ = [
@@ -39,16 +41,6 @@ __all__ = [
     "wrap_file",
     "wrap_transfer",
 ]
-
-# Control-channel result codes (spec §1.1). Kept local: the store layer must not import
-# the device layer.
-RC_BAD_PARAMETER = 0x03
-RC_FAIL = 0x09
-RC_KEYNOTFOUND = 0x0D
-RC_DECRYPT_ERROR = 0x21
-RC_BAD_KEY_PROPERTY = 0x28
-RC_BAD_DATASIZE = 0x2B
-RC_BAD_VERSION = 0x2E
 
 HEADER_SIZE = 10
 HEADER_VERSION = 2
@@ -154,35 +146,35 @@ def parse_header(data: bytes) -> BlobHeader:
     """Validate the header the way swtpm does, so SET_STATEBLOB reports the same codes."""
     if len(data) < HEADER_SIZE:
         raise BlobError(
-            RC_BAD_PARAMETER, f"blob is {len(data)} bytes, shorter than its 10-byte header"
+            Res.BAD_PARAMETER, f"blob is {len(data)} bytes, shorter than its 10-byte header"
         )
     version, min_version, hdrsize, flags, totlen = _HEADER.unpack_from(data)
     header = BlobHeader(version, min_version, hdrsize, flags, totlen)
     if totlen != len(data):
         raise BlobError(
-            RC_BAD_PARAMETER,
+            Res.BAD_PARAMETER,
             f"blob header says {totlen} bytes but the blob has {len(data)} (truncated or padded)",
         )
     if min_version > HEADER_VERSION:
         raise BlobError(
-            RC_BAD_VERSION,
+            Res.BAD_VERSION,
             f"blob needs a reader of format version {min_version}; this one reads up to "
             f"{HEADER_VERSION}",
         )
     if hdrsize != HEADER_SIZE:
-        raise BlobError(RC_BAD_DATASIZE, f"blob header size is {hdrsize}, expected 10")
+        raise BlobError(Res.BAD_DATASIZE, f"blob header size is {hdrsize}, expected 10")
     # Beyond this point swtpm would carry on; see the module docstring for why we do not.
     if version not in (1, 2) or min_version < 1 or min_version > version:
         raise BlobError(
-            RC_BAD_VERSION,
+            Res.BAD_VERSION,
             f"unsupported blob format version {version} (minimum {min_version}); expected 1 or 2",
         )
     if flags & ~_KNOWN_FLAGS:
-        raise BlobError(RC_BAD_PARAMETER, f"blob header has unknown flags 0x{flags:04x}")
+        raise BlobError(Res.BAD_PARAMETER, f"blob header has unknown flags 0x{flags:04x}")
     if flags & FLAG_ENCRYPTED_256BIT_KEY and not flags & FLAG_ENCRYPTED:
-        raise BlobError(RC_BAD_PARAMETER, "blob header has the 256-bit flag 0x08 without 0x01")
+        raise BlobError(Res.BAD_PARAMETER, "blob header has the 256-bit flag 0x08 without 0x01")
     if flags & FLAG_MIGRATION_256BIT_KEY and not flags & FLAG_MIGRATION_ENCRYPTED:
-        raise BlobError(RC_BAD_PARAMETER, "blob header has the 256-bit flag 0x10 without 0x02")
+        raise BlobError(Res.BAD_PARAMETER, "blob header has the 256-bit flag 0x10 without 0x02")
     return header
 
 
@@ -193,12 +185,12 @@ def parse_tlvs(body: bytes) -> dict[int, bytes]:
     view = memoryview(body)
     while offset < len(body):
         if len(body) - offset < _TLV.size:
-            raise BlobError(RC_FAIL, f"truncated TLV record header at offset {offset}")
+            raise BlobError(Res.FAIL, f"truncated TLV record header at offset {offset}")
         tag, length = _TLV.unpack_from(body, offset)
         offset += _TLV.size
         if length > len(body) - offset:
             raise BlobError(
-                RC_FAIL,
+                Res.FAIL,
                 f"TLV record with tag {tag} claims {length} bytes but only "
                 f"{len(body) - offset} remain",
             )
@@ -227,7 +219,7 @@ def _cbc_decrypt(key: AesKey, iv: bytes, ciphertext: bytes, what: str) -> bytes:
     k = key.material
     if not ciphertext or len(ciphertext) % _AES_BLOCK:
         raise BlobError(
-            RC_DECRYPT_ERROR, f"{what}: ciphertext length {len(ciphertext)} is not a whole block"
+            Res.DECRYPT_ERROR, f"{what}: ciphertext length {len(ciphertext)} is not a whole block"
         )
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # 8 MiB: lazily
 
@@ -237,7 +229,7 @@ def _cbc_decrypt(key: AesKey, iv: bytes, ciphertext: bytes, what: str) -> bytes:
     # output); anything else means a wrong key or corruption.
     pad = padded[-1]
     if not 1 <= pad <= len(k) or padded[-pad:] != bytes([pad]) * pad:
-        raise BlobError(RC_DECRYPT_ERROR, f"{what}: bad padding after decryption (wrong key?)")
+        raise BlobError(Res.DECRYPT_ERROR, f"{what}: bad padding after decryption (wrong key?)")
     return padded[:-pad]
 
 
@@ -245,7 +237,7 @@ def _check_key_size(key: AesKey, flags: int, flag_256: int, what: str) -> None:
     wants = 32 if flags & flag_256 else 16
     if len(key.material) != wants:
         raise BlobError(
-            RC_BAD_KEY_PROPERTY,
+            Res.BAD_KEY_PROPERTY,
             f"{what} was encrypted with a {wants * 8}-bit key but the configured key is "
             f"{key.bits}-bit",
         )
@@ -257,20 +249,20 @@ def _decrypt_v2(
     ciphertext = records.get(data_tag)
     mac = records.get(TAG_HMAC)
     if ciphertext is None:
-        raise BlobError(RC_FAIL, f"{what}: no encrypted-data record (tag {data_tag})")
+        raise BlobError(Res.FAIL, f"{what}: no encrypted-data record (tag {data_tag})")
     if mac is None or len(mac) < _HMAC_SIZE:
-        raise BlobError(RC_FAIL, f"{what}: HMAC record (tag {TAG_HMAC}) missing or short")
+        raise BlobError(Res.FAIL, f"{what}: HMAC record (tag {TAG_HMAC}) missing or short")
     iv_full = records.get(iv_tag)
     if iv_full is None:
         # Pre-IV swtpm: zero IV, MAC over the ciphertext alone.
         iv_full, iv = b"", bytes(_AES_BLOCK)
     elif len(iv_full) < _AES_BLOCK:
-        raise BlobError(RC_DECRYPT_ERROR, f"{what}: IV record is only {len(iv_full)} bytes")
+        raise BlobError(Res.DECRYPT_ERROR, f"{what}: IV record is only {len(iv_full)} bytes")
     else:
         iv = iv_full[:_AES_BLOCK]
     expected = hmac.new(key.material, ciphertext + iv_full, hashlib.sha256).digest()
     if not hmac.compare_digest(expected, mac[:_HMAC_SIZE]):
-        raise BlobError(RC_DECRYPT_ERROR, f"{what}: HMAC mismatch (wrong key or corrupted)")
+        raise BlobError(Res.DECRYPT_ERROR, f"{what}: HMAC mismatch (wrong key or corrupted)")
     return _cbc_decrypt(key, iv, ciphertext, what)
 
 
@@ -279,14 +271,14 @@ def _decrypt_v1(key: AesKey, body: bytes, what: str) -> bytes:
     plain = _cbc_decrypt(key, bytes(_AES_BLOCK), body, what)
     digest, state = plain[:32], plain[32:]
     if len(digest) < 32 or not hmac.compare_digest(digest, hashlib.sha256(state).digest()):
-        raise BlobError(RC_FAIL, f"{what}: checksum mismatch (wrong key or corrupted)")
+        raise BlobError(Res.FAIL, f"{what}: checksum mismatch (wrong key or corrupted)")
     return state
 
 
 def _plain_v2(records: dict[int, bytes], tag: int, what: str) -> bytes:
     value = records.get(tag)
     if value is None:
-        raise BlobError(RC_FAIL, f"{what}: no record with tag {tag}")
+        raise BlobError(Res.FAIL, f"{what}: no record with tag {tag}")
     return value
 
 
@@ -313,15 +305,15 @@ def unwrap_file(data: bytes, key: AesKey | None) -> bytes:
     body = data[HEADER_SIZE:]
     if header.flags & (FLAG_MIGRATION_DATA | FLAG_MIGRATION_ENCRYPTED):
         raise BlobError(
-            RC_FAIL,
+            Res.FAIL,
             "this is a state transfer blob (CMD_GET_STATEBLOB output), not a state file",
         )
     encrypted = bool(header.flags & FLAG_ENCRYPTED)
     if encrypted and key is None:
-        raise BlobError(RC_KEYNOTFOUND, "state file is encrypted but no state key is configured")
+        raise BlobError(Res.KEYNOTFOUND, "state file is encrypted but no state key is configured")
     if key is not None and not encrypted:
         raise BlobError(
-            RC_FAIL,
+            Res.FAIL,
             "state file is not encrypted but a state key is configured; "
             "import it through a state transfer to encrypt it",
         )
@@ -389,7 +381,7 @@ def unwrap_transfer(
     legacy = header.version == 1
     if not legacy and not header.flags & FLAG_MIGRATION_DATA:
         raise BlobError(
-            RC_FAIL,
+            Res.FAIL,
             "not a state transfer blob (header flag 0x04 missing); a state file such as "
             "tpm2-00.permall cannot be sent through SET_STATEBLOB",
         )
@@ -397,7 +389,7 @@ def unwrap_transfer(
     if header.flags & FLAG_MIGRATION_ENCRYPTED:
         if migration_key is None:
             raise BlobError(
-                RC_KEYNOTFOUND, "blob is encrypted with a migration key but none is configured"
+                Res.KEYNOTFOUND, "blob is encrypted with a migration key but none is configured"
             )
         if legacy:
             inner = _decrypt_v1(migration_key, body, "migration blob")
@@ -420,7 +412,7 @@ def unwrap_transfer(
     if state_flags & STATE_FLAG_ENCRYPTED or header.flags & FLAG_ENCRYPTED:
         if state_key is None:
             raise BlobError(
-                RC_KEYNOTFOUND, "blob is encrypted with a state key but none is configured"
+                Res.KEYNOTFOUND, "blob is encrypted with a state key but none is configured"
             )
         if legacy:
             return _decrypt_v1(state_key, inner, "state-key encrypted blob")

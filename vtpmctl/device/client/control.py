@@ -81,7 +81,7 @@ def _explain(cmd: Cmd, result: int, target: str) -> str:
             return f"the TPM is not running; initialise it first (vtpmctl ctl {target} init)"
         if msg.needs_running is False:
             return f"the TPM is running; stop it first (vtpmctl ctl {target} stop)"
-        if cmd == Cmd.SET_BUFFERSIZE:
+        if msg.stopped_to_set is not None:
             return (
                 f"the buffer size can only change while the TPM is stopped "
                 f"(vtpmctl ctl {target} stop)"
@@ -420,7 +420,7 @@ class SocketTransport(Transport):
         self._send(request, deadline, cmd)
         # The first 4 bytes decide how much follows: errors are short.
         head = self._recv_exact(RESULT.size(), deadline, cmd)
-        result = struct.unpack(">I", head)[0]
+        result = RESULT.unpack("big", head)["result"]
         if result > _MAX_RESULT:
             raise self._not_a_tpm(
                 f"answered CMD_{cmd.name} with {head.hex()}, which is no TPM result"

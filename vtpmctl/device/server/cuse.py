@@ -44,6 +44,7 @@ from vtpmctl.device.protocol import (
     SET_STATEBLOB_MAX,
     STATE_BLOB_CHUNK,
     TPM2_SHORT_WRITE_RESPONSE,
+    TPM12_KEYGEN_ORDINALS,
     TPM12_SHORT_WRITE_RESPONSE,
     TPM_HEADER_SIZE,
     BlobType,
@@ -51,6 +52,9 @@ from vtpmctl.device.protocol import (
     Res,
     decode_ioctl_request,
     encode_ioctl_response,
+    ioctl_fields,
+    ioctl_sizes,
+    tpm_code,
 )
 from vtpmctl.engine.libtpms import CommandBuffer
 from vtpmctl.engine.tpm import ControlReply, Engine, FatalEngineError
@@ -121,9 +125,7 @@ _POLLOUT = select.POLLOUT | select.POLLWRNORM
 
 # TPM commands that generate keys: worth a thread, and the ones libtpms can cancel.
 _LONG_TPM2 = frozenset({0x131, 0x153, 0x191})  # CreatePrimary, Create, CreateLoaded
-# TakeOwnership, CMK_CreateKey, CreateWrapKey, CreateEndorsementKeyPair,
-# MakeIdentity, CreateRevocableEK
-_LONG_TPM12 = frozenset({0x0D, 0x13, 0x1F, 0x78, 0x79, 0x7F})
+_LONG_TPM12 = TPM12_KEYGEN_ORDINALS
 
 
 class CuseError(ServeError):
@@ -176,13 +178,6 @@ def encode_init_reply(unique: int, kernel_major: int, kernel_minor: int, devname
     return encode_reply(unique, body + info)
 
 
-def ioctl_sizes(request: int) -> tuple[int, int]:
-    """(in_size, out_size) the kernel uses for a restricted ioctl number."""
-    size = (request >> 16) & 0x3FFF
-    direction = request >> 30
-    return (size if direction & 1 else 0), (size if direction & 2 else 0)
-
-
 def lookup_ioctl(request: int, in_size: int, out_size: int) -> Cmd:
     """The control command of a PTM ioctl; ReplyError for anything else.
 
@@ -192,9 +187,9 @@ def lookup_ioctl(request: int, in_size: int, out_size: int) -> Cmd:
     """
     cmd = IOCTL_TO_CMD.get(request)
     if cmd is None:
-        nr_type = request & 0xFFFF
+        nr_type = ioctl_fields(request)[2]
         for known in IOCTL_TO_CMD:
-            if known & 0xFFFF == nr_type:
+            if ioctl_fields(known)[2] == nr_type:
                 raise ReplyError(errno.EINVAL)
         raise ReplyError(errno.ENOTTY)
     if cmd == Cmd.SET_DATAFD:
@@ -206,10 +201,7 @@ def lookup_ioctl(request: int, in_size: int, out_size: int) -> Cmd:
 
 def is_long_command(cmd: bytes | bytearray | memoryview, tpm2: bool) -> bool:
     """Whether a TPM command generates a key (runs on the worker thread)."""
-    if len(cmd) < TPM_HEADER_SIZE:
-        return False
-    ordinal = int.from_bytes(cmd[6:10], "big")
-    return ordinal in (_LONG_TPM2 if tpm2 else _LONG_TPM12)
+    return tpm_code(cmd) in (_LONG_TPM2 if tpm2 else _LONG_TPM12)
 
 
 class BlobUpload:
@@ -743,7 +735,7 @@ class CuseServer:
         start = HDR + IOCTL_IN.size
         data = bytes(view[start : start + in_size])
         with self._mu:
-            if self._inflight and cmd not in (Cmd.CANCEL_TPM_CMD, Cmd.GET_CAPABILITY):
+            if self._inflight and not MESSAGES[cmd].while_busy:
                 # Wait for the TPM command, as swtpm does, without blocking the device.
                 self._deferred.append(_Deferred(unique, cmd, data))
                 return
@@ -785,9 +777,6 @@ class CuseServer:
             self.request_exit()
 
     def _engine_control(self, cmd: Cmd, data: bytes) -> ControlReply:
-        if cmd == Cmd.GET_CAPABILITY:
-            # Lock-free, so it answers while a TPM command runs.
-            return ControlReply(Res.SUCCESS, {"caps": self.engine.capabilities()})
         fields = decode_ioctl_request(cmd, data) if MESSAGES[cmd].ioctl_request.fields else {}
         payload = b""
         if cmd == Cmd.HASH_DATA:
@@ -846,7 +835,7 @@ class CuseServer:
 
         start = MESSAGES[Cmd.SET_STATEBLOB].ioctl_request.size()
         with self._mu:
-            if self.engine.running:
+            if not MESSAGES[Cmd.SET_STATEBLOB].allowed(self.engine.running):
                 self._upload.reset()
                 return result(Res.BAD_ORDINAL)
             if length > STATE_BLOB_CHUNK or blob_type not in BlobType._value2member_map_:

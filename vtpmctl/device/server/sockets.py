@@ -24,15 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtpmctl.device.protocol import (
+    CODE,
     CTRL_DEADLINE,
     CTRL_FIRST_READ,
     HASH_DATA_MAX,
     MESSAGES,
+    SEND_COMMAND_ACK,
+    SEND_COMMAND_CODE,
+    SEND_COMMAND_HEAD,
+    SEND_COMMAND_LENGTH,
     SET_STATEBLOB_MAX,
     TPM_HEADER_SIZE,
     Cmd,
     Res,
     encode_socket_response,
+    socket_data_length,
+    socket_request_code,
+    socket_request_need,
 )
 from vtpmctl.engine.libtpms import CommandBuffer
 from vtpmctl.engine.tpm import ControlReply, Engine, FatalEngineError
@@ -164,6 +172,7 @@ class DataChannel:
         # blocking; whatever the socket does not take at once is sent after.
         run = self.engine.bind(buf, self.conn.send, socket.MSG_DONTWAIT)
         tpm2 = self.engine.config.tpm2
+        framed = SEND_COMMAND_CODE
         while True:
             n = recv_into(view)
             if not n:
@@ -173,7 +182,7 @@ class DataChannel:
                 if not more:
                     return
                 n += more
-            if tpm2 and view[0] == 0 and view[1] == 0 and view[3] == 8 and view[2] == 0:
+            if tpm2 and view[0] == 0 and view[:4] == framed:
                 sendall(self._send_command_framed(buf, n))
                 continue
             rest = run(n)
@@ -183,11 +192,11 @@ class DataChannel:
     def _send_command_framed(self, buf: CommandBuffer, n: int) -> bytes:
         """TCG simulator TPM_SEND_COMMAND framing (spec §2.4)."""
         view = buf.view
-        self.engine.set_locality_raw(view[4])
-        inner = bytes(view[9:n])
+        self.engine.set_locality_raw(SEND_COMMAND_HEAD.unpack("big", view)["locality"])
+        inner = bytes(view[SEND_COMMAND_HEAD.size() : n])
         view[: len(inner)] = inner
         resp = self.engine.process_buffer(buf, len(inner))
-        return len(resp).to_bytes(4, "big") + resp + b"\0\0\0\0"
+        return SEND_COMMAND_LENGTH.pack("big", {"length": len(resp)}) + resp + SEND_COMMAND_ACK
 
 
 # ---------------------------------------------------------------- control channel
@@ -202,31 +211,12 @@ def _recv_with_fds(conn: socket.socket, size: int) -> tuple[bytes, list[int]]:
     return msg, list(fds)
 
 
-def _needed(data: bytes) -> int:
-    """How many bytes the command in ``data`` needs before it can run."""
-    if len(data) < 4:
-        return 4
-    cmd = int.from_bytes(data[:4], "big")
-    if cmd == Cmd.INIT:
-        return 8
-    if cmd in (Cmd.SET_LOCALITY, Cmd.RESET_TPMESTABLISHED):
-        return 5
-    if cmd == Cmd.GET_STATEBLOB:
-        return 16
-    if cmd == Cmd.HASH_DATA:
-        return 8 if len(data) < 8 else 8 + int.from_bytes(data[4:8], "big")
-    if cmd == Cmd.SET_STATEBLOB:
-        return 16 if len(data) < 16 else 16 + int.from_bytes(data[12:16], "big")
-    return len(data)
-
-
 def _blob_too_large(data: bytes) -> bool:
     """A SET_STATEBLOB header announcing more than 512 KiB (answered TPM_FAIL)."""
-    return (
-        len(data) >= 16
-        and int.from_bytes(data[:4], "big") == Cmd.SET_STATEBLOB
-        and int.from_bytes(data[12:16], "big") > SET_STATEBLOB_MAX
-    )
+    if len(data) < CODE.size() or socket_request_code(data) != Cmd.SET_STATEBLOB:
+        return False
+    length = socket_data_length(data)
+    return length is not None and length > SET_STATEBLOB_MAX
 
 
 class _Dropped(Exception):
@@ -329,7 +319,7 @@ class ControlConnection:
         What a message needs is known only once its header is in, so it is
         re-evaluated after every read: a header split over several writes works.
         """
-        while len(data) < (want := min(_needed(data), CTRL_FIRST_READ)):
+        while len(data) < (want := min(socket_request_need(data), CTRL_FIRST_READ)):
             if _blob_too_large(data):
                 break  # refused at once, not after the deadline
             data = self._read_more(data, want, deadline)
@@ -338,8 +328,8 @@ class ControlConnection:
     def _dispatch(self, data: bytes, fds: list[int]) -> tuple[bytes, ControlReply | None]:
         data = self._gather(data, time.monotonic() + CTRL_DEADLINE)
         first_len = len(data)
-        want = _needed(data)
-        code = int.from_bytes(data[:4], "big")
+        want = socket_request_need(data)
+        code = socket_request_code(data)
         if _blob_too_large(data):
             # Reply at once without draining; the stream is unusable afterwards.
             self.conn.sendall(encode_socket_response(Cmd.SET_STATEBLOB, Res.FAIL))
@@ -363,7 +353,7 @@ class ControlConnection:
             return self._set_datafd(fds), None
         for fd in fds:
             os.close(fd)
-        return self._run(cmd, data[4:], first_len - 4)
+        return self._run(cmd, data[CODE.size() :], first_len - CODE.size())
 
     def _hash_data(self, data: bytes) -> bytes:
         """HASH_DATA hashed as it arrives, a piece at a time, as swtpm does.
@@ -373,10 +363,12 @@ class ControlConnection:
         refused) is answered and then the connection is dropped: what is left of the
         stream would otherwise be read as commands.
         """
-        length = int.from_bytes(data[4:8], "big")
-        present = data[8:]
+        msg = MESSAGES[Cmd.HASH_DATA]
+        fixed = CODE.size() + msg.request.size()
+        length = msg.request.unpack("big", data[CODE.size() : fixed])["length"]
+        present = data[fixed:]
         rc: int = Res.SUCCESS
-        if not self.engine.running:
+        if not msg.allowed(self.engine.running):
             rc = Res.BAD_ORDINAL
         elif len(present) > length:
             rc = Res.BAD_PARAMETER
@@ -416,9 +408,7 @@ class ControlConnection:
         def short(result: int) -> tuple[bytes, None]:
             return encode_socket_response(Cmd.STOP, result), None
 
-        if msg.needs_running is True and not engine.running:
-            return short(Res.BAD_ORDINAL)
-        if msg.needs_running is False and engine.running:
+        if not msg.allowed(engine.running):  # before the length check, as swtpm (spec §1.2)
             return short(Res.BAD_ORDINAL)
         if msg.req_rule is not None:
             rule, n = msg.req_rule
