@@ -300,7 +300,7 @@ def test_state_locked_by_swtpm(home: Home) -> None:
         code, st = home.status("busy")
         assert code == 0 and st["owner"] == "other" and st["pid"] == peer.proc.pid
         one_line_error(home.run("stop", "busy", check=False), "not its vtpmctl daemon")
-        one_line_error(home.run("rm", "busy", "--yes", check=False), "stop it first")
+        one_line_error(home.run("rm", "busy", "--yes", check=False), "stop that process yourself")
         assert peer.running
         peer.shutdown()
     home.run("start", "busy")

@@ -207,7 +207,7 @@ def restart(name: str, force: bool = False) -> int:
 def rm(name: str, yes: bool = False) -> int:
     """Delete NAME and its TPM state for good (it must be stopped)."""
     from vtpmctl.store.statedir import StateDir
-    from vtpmctl.usecases.supervisor import LifecycleError
+    from vtpmctl.usecases.supervisor import LifecycleError, busy_error
 
     registry = _registry()
     paths = registry.paths(name)
@@ -225,9 +225,7 @@ def rm(name: str, yes: bool = False) -> int:
             return 1
     sd = StateDir(paths.state_dir)
     if paths.state_dir.exists() and not sd.lock(0):
-        raise LifecycleError(
-            f"{name} is running (pid {sd.holder_pid()}); stop it first: vtpmctl stop {name}"
-        )
+        raise busy_error(name, paths.state_dir)
     try:
         registry.remove(name)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from vtpmctl.childproc import child_env
-from vtpmctl.errors import InstanceError
+from vtpmctl.errors import InstanceError, NoSuchInstance
 from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
 
@@ -75,8 +76,12 @@ def runs_daemon(args: list[bytes]) -> bool:
 
 def is_our_daemon(pid: int, inst: Instance) -> bool:
     """The process is a vtpmctl daemon serving this instance's state dir."""
+    return _serves(pid, inst.paths.state_dir)
+
+
+def _serves(pid: int, state_dir: Path) -> bool:
     args = _cmdline(pid)
-    return runs_daemon(args) and os.fsencode(inst.paths.state_dir) in args
+    return runs_daemon(args) and os.fsencode(state_dir) in args
 
 
 def process_name(pid: int) -> str:
@@ -84,6 +89,24 @@ def process_name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return "?"
+
+
+def foreign_holder_error(name: str, pid: int) -> LifecycleError:
+    """Another program (a swtpm) holds the state: what start, stop and rm all say."""
+    return LifecycleError(
+        f"the state dir of {name} is locked by pid {pid} ({process_name(pid)}), "
+        "which is not its vtpmctl daemon; stop that process yourself"
+    )
+
+
+def busy_error(name: str, state_dir: Path) -> LifecycleError:
+    """Why the state lock of NAME could not be taken, and what to do about it."""
+    pid = StateDir(state_dir).holder_pid()
+    if pid is None:
+        return LifecycleError(f"{name} is busy (another vtpmctl command holds it); try again")
+    if _serves(pid, state_dir):
+        return LifecycleError(f"{name} is running (pid {pid}); stop it first: vtpmctl stop {name}")
+    return foreign_holder_error(name, pid)
 
 
 def probe(inst: Instance) -> Status:
@@ -198,11 +221,18 @@ def preflight(inst: Instance, timeout: float = START_TIMEOUT) -> Started | None:
 
     sd = inst.statedir()
     deadline = time.monotonic() + timeout
-    while not sd.lock(0):
+    while True:
+        if not inst.paths.config_file.exists():
+            raise _vanished(inst)
+        if sd.lock(0):
+            break
         status = probe(inst)
         if status.state == "running" and (status.ours or time.monotonic() > deadline):
             return _running_already(inst, status)
         time.sleep(POLL)  # another vtpmctl command holds it for a moment
+    if not inst.paths.config_file.exists():  # an rm finished just before the lock was ours
+        sd.unlock()
+        raise _vanished(inst)
     try:
         if recover(inst.paths, inst.config.tpm2) == "completed":
             inst.meta = InstanceMeta.from_json(
@@ -264,6 +294,8 @@ def start(
             f"{inst.name} did not become ready within {timeout:.0f}s; see {inst.paths.log_file}"
         )
     # The daemon died. If another start won the race for the lock, that is success.
+    if not inst.paths.config_file.exists():
+        raise _vanished(inst)  # an rm ran between the checks and the launch
     reason = failure_reason(_log_since(inst.paths.log_file, mark))
     deadline = time.monotonic() + (timeout if "locked by another process" in reason else 0)
     while True:
@@ -274,6 +306,32 @@ def start(
             break
         time.sleep(POLL)
     raise LifecycleError(f"{inst.name} failed to start: {reason} (log: {inst.paths.log_file})")
+
+
+def _vanished(inst: Instance) -> NoSuchInstance:
+    """An rm won the race with this start: take back what the start made, say so.
+
+    The run dir, the log and a state dir holding nothing but ``.lock`` would
+    otherwise outlive the instance and block ``create NAME``. Nothing is touched
+    while someone holds the lock or a create of the same name is under way.
+    """
+    from vtpmctl.store.instances import Registry
+
+    p = inst.paths
+    gone = NoSuchInstance(f"no instance named {inst.name}; see vtpmctl list")
+    if p.config_file.exists() or Registry(p.roots).creation_in_progress(p):
+        return gone
+    if inst.statedir().holder_pid() is not None:
+        return gone
+    shutil.rmtree(p.run_dir, ignore_errors=True)
+    for log in (p.log_file, p.log_file.with_name(p.log_file.name + ".1")):
+        log.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        if set(os.listdir(p.state_dir)) <= {".lock"}:
+            (p.state_dir / ".lock").unlink(missing_ok=True)
+            p.state_dir.rmdir()
+        p.base.rmdir()  # only if empty
+    return gone
 
 
 def _log_since(path: Path, offset: int) -> list[str]:
@@ -289,11 +347,7 @@ def _log_since(path: Path, offset: int) -> list[str]:
 def _running_already(inst: Instance, status: Status) -> Started:
     if status.ours:
         return Started(status.pid or 0, True)
-    raise LifecycleError(
-        f"the state dir of {inst.name} is locked by pid {status.pid} "
-        f"({process_name(status.pid or 0)}), which is not its vtpmctl daemon; stop that "
-        "process first"
-    )
+    raise foreign_holder_error(inst.name, status.pid or 0)
 
 
 def _wait_ready(
@@ -446,13 +500,17 @@ def stop(inst: Instance, *, force: bool = False, timeout: float = STOP_TIMEOUT) 
         return None
     pid = status.pid or 0
     if not status.ours:
-        raise LifecycleError(
-            f"the state dir of {inst.name} is locked by pid {pid} ({process_name(pid)}), "
-            "which is not its vtpmctl daemon; stop that process yourself"
-        )
+        raise foreign_holder_error(inst.name, pid)
     try:
         _send_shutdown(inst, timeout=2.0 if force else timeout)
     except (TargetError, ControlError, OSError) as exc:
+        # A connection that breaks (or a socket that is gone) most often means the
+        # daemon is ending: another stop's CMD_SHUTDOWN won. Judge by the lock.
+        timed_out = isinstance(exc.__cause__, TimeoutError)
+        broke = not timed_out and not isinstance(exc, ControlError)
+        if broke and wait_stopped(inst, pid, TERM_TIMEOUT):
+            clean_stale(inst)
+            return pid
         if not force:
             raise LifecycleError(
                 f"{inst.name} (pid {pid}) did not accept CMD_SHUTDOWN ({exc}); retry with --force"

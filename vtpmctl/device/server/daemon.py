@@ -137,6 +137,10 @@ def run(opts: DaemonOptions) -> int:
     libtpms_fd = _setup_logging(opts.log_file)
 
     statedir = StateDir(opts.state_dir, tpm2=opts.tpm2, key=state_key)
+    if opts.allow_manufacture is False and not opts.state_dir.is_dir():
+        # An instance removed while it was being started: recreating its dir (and
+        # .lock) would leave files behind that block a new instance of that name.
+        raise DaemonError(f"no TPM state dir {opts.state_dir}; is the instance removed?")
     try:
         statedir.ensure()
     except OSError as exc:
