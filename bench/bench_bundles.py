@@ -198,6 +198,74 @@ def alternate(rounds: int, *fns: Callable[[int], float]) -> list[tuple[list[floa
     return out
 
 
+def check_tools(*tools: str) -> None:
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} is not installed")
+
+
+def time_parts(state: Path, rounds: int, reps: int) -> dict[str, float]:
+    """Median seconds of the parts of an import, without the CLI's start-up."""
+    from vtpmctl.engine.inspect import inspect_blobs
+    from vtpmctl.store.statedir import StateDir
+
+    plain = {"permanent": StateDir(state).load("permall") or b""}
+    source = Source(
+        name="vm",
+        host="h",
+        state="stopped",
+        created="",
+        vtpmctl_version="",
+        libtpms_version=None,
+        tpm_version="2.0",
+        transport="socket",
+        encrypted_at_rest=False,
+    )
+    key = AesKey(MKEY)
+    build = [
+        timed(lambda: build_bundle(plain, source, ek_json=None, migration_key=key))
+        for _ in range(reps)
+    ]
+    data = build_bundle(plain, source, ek_json=None, migration_key=key)
+    opened = [timed(lambda: open_bundle(data, key)) for _ in range(reps)]
+    inspected = [
+        timed(lambda: inspect_blobs(plain, tpm2=True, describe=True)) for _ in range(rounds)
+    ]
+    validated = [timed(lambda: inspect_blobs(plain, tpm2=True)) for _ in range(rounds)]
+    return {
+        "build_bundle": median(build),
+        "open_bundle": median(opened),
+        "validate": median(validated),
+        "describe": median(inspected),
+    }
+
+
+Timings = tuple[list[float], list[float]]
+"""Wall and CPU seconds of each round."""
+Row = tuple[str, str, Timings, str, Timings, str, Timings]
+
+
+def report_rows(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """Print one line per row (vtpmctl, a plain copy, swtpm_ioctl); their medians."""
+    results: dict[str, dict[str, float]] = {}
+    for label, an, a, bn, b, cn, c in rows:
+        (ma, ca), (mb, cb), (mc, cc) = ((median(w), median(u)) for w, u in (a, b, c))
+        print(
+            f"{label:7} {an:>28} {ma * 1e3:6.0f} / {ca * 1e3:4.0f}   "
+            f"{bn:>16} {mb * 1e3:5.1f} / {cb * 1e3:4.1f}  x{ma / mb:<5.0f} "
+            f"{cn:>30} {mc * 1e3:5.1f} / {cc * 1e3:4.1f}  x{ma / mc:.0f}"
+        )
+        results[label] = {
+            "vtpmctl": ma,
+            "vtpmctl_cpu": ca,
+            "copy": mb,
+            "copy_cpu": cb,
+            "swtpm_ioctl": mc,
+            "swtpm_ioctl_cpu": cc,
+        }
+    return results
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -207,9 +275,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     ns = p.parse_args()
     rounds = 1 if ns.smoke else ns.rounds
-    for tool in ("swtpm", "swtpm_ioctl", "tar"):
-        if shutil.which(tool) is None:
-            raise BenchError(f"{tool} is not installed")
+    check_tools("swtpm", "swtpm_ioctl", "tar")
 
     with workdir("vbb-") as wd:
         src_home = wd / "src"
@@ -341,36 +407,9 @@ def main() -> int:
             sw_src.stop()
             sw_dst.stop()
 
-        # The parts of an import, without the CLI's start-up.
-        from vtpmctl.engine.inspect import inspect_blobs
-        from vtpmctl.store.statedir import StateDir
+        parts = time_parts(state, rounds, 5 if ns.smoke else 50)
 
-        plain = {"permanent": StateDir(state).load("permall") or b""}
-        source = Source(
-            name="vm",
-            host="h",
-            state="stopped",
-            created="",
-            vtpmctl_version="",
-            libtpms_version=None,
-            tpm_version="2.0",
-            transport="socket",
-            encrypted_at_rest=False,
-        )
-        key = AesKey(MKEY)
-        reps = 5 if ns.smoke else 50
-        build = [
-            timed(lambda: build_bundle(plain, source, ek_json=None, migration_key=key))
-            for _ in range(reps)
-        ]
-        data = build_bundle(plain, source, ek_json=None, migration_key=key)
-        opened = [timed(lambda: open_bundle(data, key)) for _ in range(reps)]
-        inspected = [
-            timed(lambda: inspect_blobs(plain, tpm2=True, describe=True)) for _ in range(rounds)
-        ]
-        validated = [timed(lambda: inspect_blobs(plain, tpm2=True)) for _ in range(rounds)]
-
-    rows = [
+    rows: list[Row] = [
         (
             "export",
             "vtpmctl migrate export -o F",
@@ -405,38 +444,19 @@ def main() -> int:
         f"{sizes['swtpm_ioctl']}); {rounds} rounds; {machine()}"
     )
     print("medians, wall / CPU ms; ratio = vtpmctl / the other (wall)")
-    for label, an, a, bn, b, cn, c in rows:
-        (ma, ca), (mb, cb), (mc, cc) = ((median(w), median(u)) for w, u in (a, b, c))
-        print(
-            f"{label:7} {an:>28} {ma * 1e3:6.0f} / {ca * 1e3:4.0f}   "
-            f"{bn:>16} {mb * 1e3:5.1f} / {cb * 1e3:4.1f}  x{ma / mb:<5.0f} "
-            f"{cn:>30} {mc * 1e3:5.1f} / {cc * 1e3:4.1f}  x{ma / mc:.0f}"
-        )
-        results[label] = {
-            "vtpmctl": ma,
-            "vtpmctl_cpu": ca,
-            "copy": mb,
-            "copy_cpu": cb,
-            "swtpm_ioctl": mc,
-            "swtpm_ioctl_cpu": cc,
-        }
+    results.update(report_rows(rows))
     print(
         f"keyed   export {median(kexp) * 1e3:.1f} ms, import {median(kimp) * 1e3:.1f} ms "
         "(migration key: AES-256-CBC + HMAC)"
     )
     print(
-        f"parts   build_bundle {median(build) * 1e3:.2f} ms, open_bundle "
-        f"{median(opened) * 1e3:.2f} ms (in process, keyed); inspect_blobs: ValidateState "
-        f"{median(validated) * 1e3:.0f} ms, + power-on and listing "
-        f"{median(inspected) * 1e3:.0f} ms (fresh process)"
+        f"parts   build_bundle {parts['build_bundle'] * 1e3:.2f} ms, open_bundle "
+        f"{parts['open_bundle'] * 1e3:.2f} ms (in process, keyed); inspect_blobs: ValidateState "
+        f"{parts['validate'] * 1e3:.0f} ms, + power-on and listing "
+        f"{parts['describe'] * 1e3:.0f} ms (fresh process)"
     )
     results["keyed"] = {"export": median(kexp), "import": median(kimp)}
-    results["parts"] = {
-        "build_bundle": median(build),
-        "open_bundle": median(opened),
-        "validate": median(validated),
-        "describe": median(inspected),
-    }
+    results["parts"] = parts
     if ns.json is not None:
         ns.json.write_text(
             json.dumps(

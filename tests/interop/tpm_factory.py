@@ -62,6 +62,20 @@ def _main() -> None:
     assert tpm.main_init() == 0
     tr = tpm.process
     t.startup(tr)
+    _make_persistent(tr, spec.get("persistent", []))
+    _define_nv(tr, spec.get("nv", []))
+    if spec.get("fill_nv"):
+        _fill_nv(tr)
+    out = {"permanent": tpm.get_state(StateType.PERMANENT)}
+    if spec.get("volatile"):
+        out["volatile"] = tpm.get_state(StateType.VOLATILE)
+    json.dump({k: base64.b64encode(v).decode() for k, v in out.items()}, sys.stdout)
+
+
+def _make_persistent(tr: Any, handles: list[int]) -> None:
+    """An ECC P-256 storage primary at each handle."""
+    from vtpmctl.engine import tpm2 as t
+
     srk = t.Public(
         type=t.Alg.ECC,
         name_alg=t.Alg.SHA256,
@@ -74,30 +88,37 @@ def _main() -> None:
         symmetric=t.SymDef(t.Alg.AES, 128, t.Alg.CFB),
         curve=t.Curve.NIST_P256,
     )
-    for handle in spec.get("persistent", []):
+    for handle in handles:
         made = t.create_primary(tr, t.RH_OWNER, srk)
         t.evict_control(tr, made.handle, handle)
         t.flush_context(tr, made.handle)
 
-    def retry(fn: Any) -> None:
-        for _ in range(3):
-            try:
-                fn()
-                return
-            except t.TpmError as exc:
-                if exc.base != t.RC.RETRY:
-                    raise
 
-    default_attrs = t.NvAttr.OWNERWRITE | t.NvAttr.OWNERREAD | t.NvAttr.NO_DA
-    for nv in spec.get("nv", []):
-        attrs = nv.get("attrs", default_attrs)
+def _retry(fn: Any) -> None:
+    """The first DA-protected use after a start may say RETRY."""
+    from vtpmctl.engine import tpm2 as t
+
+    for _ in range(3):
+        try:
+            fn()
+            return
+        except t.TpmError as exc:
+            if exc.base != t.RC.RETRY:
+                raise
+
+
+def _define_nv(tr: Any, specs: list[dict[str, Any]]) -> None:
+    from vtpmctl.engine import tpm2 as t
+
+    for nv in specs:
+        attrs = nv.get("attrs", _default_nv_attrs())
         auth = bytes.fromhex(nv.get("auth", ""))
         t.nv_define_space(
             tr, t.NvPublic(nv["index"], t.Alg.SHA256, attrs, b"", nv["size"]), index_auth=auth
         )
         if nv.get("data"):
             owner = bool(attrs & t.NvAttr.OWNERWRITE)
-            retry(
+            _retry(
                 lambda nv=nv, owner=owner, auth=auth: t.nv_write(
                     tr,
                     nv["index"],
@@ -106,21 +127,28 @@ def _main() -> None:
                     auth=b"" if owner else auth,
                 )
             )
-    if spec.get("fill_nv"):
-        index = 0x01600000
-        while True:
-            try:
-                t.nv_define_space(tr, t.NvPublic(index, t.Alg.SHA256, default_attrs, b"", 2048))
-            except t.TpmError as exc:
-                if exc.base == t.RC.NV_SPACE:
-                    break
-                raise
-            t.nv_write(tr, index, bytes([index & 0xFF]) * 2048, auth_handle=t.RH_OWNER)
-            index += 1
-    out = {"permanent": tpm.get_state(StateType.PERMANENT)}
-    if spec.get("volatile"):
-        out["volatile"] = tpm.get_state(StateType.VOLATILE)
-    json.dump({k: base64.b64encode(v).decode() for k, v in out.items()}, sys.stdout)
+
+
+def _fill_nv(tr: Any) -> None:
+    """2 KiB indexes until the TPM has no NV space left."""
+    from vtpmctl.engine import tpm2 as t
+
+    index = 0x01600000
+    while True:
+        try:
+            t.nv_define_space(tr, t.NvPublic(index, t.Alg.SHA256, _default_nv_attrs(), b"", 2048))
+        except t.TpmError as exc:
+            if exc.base == t.RC.NV_SPACE:
+                break
+            raise
+        t.nv_write(tr, index, bytes([index & 0xFF]) * 2048, auth_handle=t.RH_OWNER)
+        index += 1
+
+
+def _default_nv_attrs() -> int:
+    from vtpmctl.engine import tpm2 as t
+
+    return t.NvAttr.OWNERWRITE | t.NvAttr.OWNERREAD | t.NvAttr.NO_DA
 
 
 if __name__ == "__main__":

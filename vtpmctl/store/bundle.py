@@ -449,8 +449,25 @@ def open_bundle(data: bytes, migration_key: AesKey | None) -> Bundle:
     manifest MAC, manifest fields, member sizes and hashes, blob headers and
     decryption.
     """
-    from vtpmctl.store.keys import key_fingerprint
+    _check_bundle_size(data)
+    members = read_tar(data)
+    names = [n for n, _ in members]
+    _check_member_names(names)
+    content = dict(members)
+    obj = _read_manifest(content[MANIFEST], content[SUM])
+    authenticated = _check_migration_key(obj, content, migration_key)
+    manifest = Manifest.from_json(obj)
+    _check_listed_members(manifest, content, names[2:])
+    blobs: dict[str, bytes] = {}
+    plain: dict[str, bytes] = {}
+    for info in manifest.blobs:
+        blobs[info.type] = content[info.member]
+        plain[info.type] = _open_blob(info, content[info.member], manifest, migration_key)
+    return Bundle(manifest, blobs, plain, content.get(EK_FILE), authenticated)
 
+
+def _check_bundle_size(data: bytes) -> None:
+    """Not empty (a failed export) and not larger than any bundle vtpmctl writes."""
     if not data:
         raise BundleError("the bundle is empty (did the export fail?)")
     if len(data) > MAX_BUNDLE_SIZE:
@@ -458,8 +475,10 @@ def open_bundle(data: bytes, migration_key: AesKey | None) -> Bundle:
             f"the bundle is larger than {MAX_BUNDLE_SIZE // (1024 * 1024)} MiB; "
             "that is not a vtpmctl bundle"
         )
-    members = read_tar(data)
-    names = [n for n, _ in members]
+
+
+def _check_member_names(names: list[str]) -> None:
+    """The manifest and its sum first, then known members, each once, in their order."""
     if (
         names[:2] != [MANIFEST, SUM]
         or len(set(names)) != len(names)
@@ -468,10 +487,12 @@ def open_bundle(data: bytes, migration_key: AesKey | None) -> Bundle:
         raise BundleError(
             f"the bundle has unexpected members {names}; it was altered or is not a vtpmctl bundle"
         )
-    content = dict(members)
-    text = content[MANIFEST]
-    sums = content[SUM].decode("ascii", "replace").splitlines()
-    if not sums or sums[0] != f"sha256 {_sha256(text)}  {MANIFEST}":
+
+
+def _read_manifest(text: bytes, sums: bytes) -> dict[str, Any]:
+    """The manifest as a JSON object, after its SHA-256 line in manifest.sum matched."""
+    lines = sums.decode("ascii", "replace").splitlines()
+    if not lines or lines[0] != f"sha256 {_sha256(text)}  {MANIFEST}":
         raise BundleError(
             "the bundle is corrupted: manifest.json does not match its checksum in manifest.sum"
         )
@@ -481,73 +502,83 @@ def open_bundle(data: bytes, migration_key: AesKey | None) -> Bundle:
         raise _lie("it is not valid JSON") from None
     if not isinstance(obj, dict) or canonical_json(obj) != text:
         raise _lie("it is not in canonical form")
-    keyed = len(sums) > 1
+    return obj
+
+
+def _check_migration_key(
+    obj: dict[str, Any], content: dict[str, bytes], migration_key: AesKey | None
+) -> bool:
+    """A keyed bundle needs its key and a MAC that matches; a plain one takes no key.
+
+    True when the manifest was authenticated with the key.
+    """
+    from vtpmctl.store.keys import key_fingerprint
+
+    text, sums = content[MANIFEST], content[SUM]
     claims_key = obj.get("migration_key") is True
+    keyed = len(sums.decode("ascii", "replace").splitlines()) > 1
     if keyed != claims_key:
         raise _lie("it disagrees with manifest.sum about the migration key")
-
-    authenticated = False
-    if claims_key:
-        fp = obj.get("migration_key_fingerprint")
-        cipher = obj.get("migration_key_cipher")
-        if migration_key is None:
+    if not claims_key:
+        if migration_key is not None:
             raise MigrationKeyError(
-                f"the bundle is encrypted with a migration key ({cipher}, fingerprint {fp}); "
-                "give that key with --migration-key-file"
+                "the bundle is not encrypted, but a migration key was given; it may have been "
+                "replaced by an unprotected one. Drop --migration-key-file to import it as is"
             )
-        if content[SUM] != manifest_sum(text, migration_key):
-            if key_fingerprint(migration_key) != fp:
-                raise MigrationKeyError(
-                    f"wrong migration key: the bundle was encrypted with key {fp}, the key "
-                    f"given is {key_fingerprint(migration_key)}; give the right key with "
-                    "--migration-key-file"
-                )
-            raise BundleError(
-                "the bundle's manifest fails authentication with the migration "
-                "key: it was altered or corrupted"
-            )
-        authenticated = True
-    elif migration_key is not None:
+        if sums != manifest_sum(text, None):
+            raise BundleError("the bundle is corrupted: manifest.sum is not in canonical form")
+        return False
+    fp = obj.get("migration_key_fingerprint")
+    if migration_key is None:
         raise MigrationKeyError(
-            "the bundle is not encrypted, but a migration key was given; it may have been "
-            "replaced by an unprotected one. Drop --migration-key-file to import it as is"
+            f"the bundle is encrypted with a migration key ({obj.get('migration_key_cipher')}, "
+            f"fingerprint {fp}); give that key with --migration-key-file"
         )
-    elif content[SUM] != manifest_sum(text, None):
-        raise BundleError("the bundle is corrupted: manifest.sum is not in canonical form")
+    if sums == manifest_sum(text, migration_key):
+        return True
+    if key_fingerprint(migration_key) != fp:
+        raise MigrationKeyError(
+            f"wrong migration key: the bundle was encrypted with key {fp}, the key "
+            f"given is {key_fingerprint(migration_key)}; give the right key with "
+            "--migration-key-file"
+        )
+    raise BundleError(
+        "the bundle's manifest fails authentication with the migration "
+        "key: it was altered or corrupted"
+    )
 
-    manifest = Manifest.from_json(obj)
+
+def _check_listed_members(manifest: Manifest, content: dict[str, bytes], held: list[str]) -> None:
+    """The manifest lists exactly the members the bundle holds, with their sizes and hashes."""
     listed = [info.member for info in manifest.members]
-    if sorted(listed) != sorted(names[2:]):
-        raise _lie(f"it lists members {sorted(listed)} but the bundle holds {sorted(names[2:])}")
+    if sorted(listed) != sorted(held):
+        raise _lie(f"it lists members {sorted(listed)} but the bundle holds {sorted(held)}")
     for info in manifest.members:
-        data_ = content[info.member]
-        if len(data_) != info.size or _sha256(data_) != info.sha256:
+        data = content[info.member]
+        if len(data) != info.size or _sha256(data) != info.sha256:
             raise BundleError(
                 f"the bundle is corrupted: {info.member} does not match the size "
                 "and SHA-256 in the manifest"
             )
 
-    blobs: dict[str, bytes] = {}
-    plain: dict[str, bytes] = {}
-    for info in manifest.blobs:
-        blob = content[info.member]
-        try:
-            flags = parse_header(blob).flags
-            if (
-                not flags & FLAG_MIGRATION_DATA
-                or flags & FLAG_ENCRYPTED
-                or bool(flags & FLAG_MIGRATION_ENCRYPTED) != manifest.migration_key
-            ):
-                raise BlobError(0, f"unexpected blob header flags 0x{flags:02x}")
-            state = unwrap_transfer(
-                blob, state_flags=0, state_key=None, migration_key=migration_key
-            )
-        except BlobError as exc:
-            raise BundleError(
-                f"the {info.type} blob in the bundle is unusable: {exc.message}"
-            ) from None
-        if not state:
-            raise BundleError(f"the {info.type} blob in the bundle is empty")
-        blobs[info.type] = blob
-        plain[info.type] = state
-    return Bundle(manifest, blobs, plain, content.get(EK_FILE), authenticated)
+
+def _open_blob(
+    info: BlobInfo, blob: bytes, manifest: Manifest, migration_key: AesKey | None
+) -> bytes:
+    """The plaintext state of one blob, whose header flags must say what the manifest says."""
+    try:
+        flags = parse_header(blob).flags
+        if (
+            not flags & FLAG_MIGRATION_DATA
+            or flags & FLAG_ENCRYPTED
+            or bool(flags & FLAG_MIGRATION_ENCRYPTED) != manifest.migration_key
+        ):
+            raise BlobError(0, f"unexpected blob header flags 0x{flags:02x}")
+        state = unwrap_transfer(blob, state_flags=0, state_key=None, migration_key=migration_key)
+    except BlobError as exc:
+        raise BundleError(
+            f"the {info.type} blob in the bundle is unusable: {exc.message}"
+        ) from None
+    if not state:
+        raise BundleError(f"the {info.type} blob in the bundle is empty")
+    return state
