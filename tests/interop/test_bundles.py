@@ -406,7 +406,12 @@ def test_lying_manifests(source: Source, target: Home) -> None:
             migration_key=None,
         )[0]
 
+    def nested_ek(content: dict[str, bytes]) -> None:
+        content["ek.json"] = b"[" * 100_000 + b"]" * 100_000
+
     cases: list[tuple[str, bytes, AesKey | None, str]] = [
+        # nested past the recursion limit: malformed JSON like any other
+        ("ek-nested", reforge(plain, members=nested_ek), None, "ek.json"),
         # the state of another TPM, hashes made to agree: its EKs are not the listed ones
         ("other-state", reforge(plain, members=swap_state), None, "not the one in its TPM"),
         # another TPM's EK description, consistently: not the EKs in the state

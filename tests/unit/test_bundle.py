@@ -322,6 +322,16 @@ def test_manifest_must_be_canonical_json() -> None:
         open_bundle(forged, None)
 
 
+def test_deeply_nested_manifest_is_a_bundle_error() -> None:
+    """Checksums made to agree over JSON nested past Python's recursion limit."""
+    content = dict(read_tar(bundle()))
+    text = b"[" * 100_000 + b"]" * 100_000
+    content["manifest.json"] = text
+    content["manifest.sum"] = manifest_sum(text, None)
+    with pytest.raises(BundleError, match="not valid JSON"):
+        open_bundle(write_tar(list(content.items())), None)
+
+
 def test_swapped_blob_with_matching_hash_is_refused_by_header_check() -> None:
     """A plain blob in a bundle that says it is encrypted (hashes made to agree)."""
     plain_blob = wrap_transfer(

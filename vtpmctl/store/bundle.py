@@ -498,7 +498,7 @@ def _read_manifest(text: bytes, sums: bytes) -> dict[str, Any]:
         )
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the recursion limit: malformed too
         raise _lie("it is not valid JSON") from None
     if not isinstance(obj, dict) or canonical_json(obj) != text:
         raise _lie("it is not in canonical form")

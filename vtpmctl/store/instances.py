@@ -202,7 +202,7 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
         raise InstanceError(f"cannot read {path}: {reason}; restore it from a backup") from None
     if not isinstance(data, dict):

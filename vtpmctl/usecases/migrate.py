@@ -252,7 +252,7 @@ def _check_ek(bundle: Bundle, persistent: dict[str, str] | None) -> None:
         eks = info["eks"]
         found = {str(e["algorithm"]): str(e["fingerprint_sha256"]) for e in eks}
         handles = {str(e["handle"]): str(e["name"]) for e in eks}
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise BundleError("ek.json in the bundle is not an EK description") from None
     if found != m.ek_fingerprints:
         raise BundleError(

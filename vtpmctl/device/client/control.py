@@ -653,7 +653,7 @@ class ControlClient:
         text = b"".join(parts).split(b"\0", 1)[0]
         try:
             obj = json.loads(text) if text.strip() else {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise TargetError(
                 f"{self.name}: CMD_GET_INFO returned text that is not JSON ({exc})", self.name
             ) from exc
