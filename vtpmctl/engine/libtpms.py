@@ -160,17 +160,21 @@ _libc.malloc.argtypes = [c_size_t]
 
 
 class Libtpms:
-    """The process's one TPM. Not thread-safe: the engine serialises calls."""
+    """The process's one TPM. Not thread-safe: the engine serialises calls.
+
+    One binding serves one engine at a time; a process that makes several
+    engines in turn (unit tests) hands the same binding to each (``attach``).
+    """
 
     _instance: Libtpms | None = None
 
-    def __init__(self, storage: Storage, library: str = "libtpms.so.0") -> None:
+    def __init__(self, storage: Storage | None = None, library: str = "libtpms.so.0") -> None:
         if Libtpms._instance is not None:
             raise RuntimeError("libtpms holds one TPM per process; one Libtpms only")
         Libtpms._instance = self
         self.lib = _load_library(library)
         _declare(self.lib)
-        self.storage = storage
+        self.storage = storage if storage is not None else Storage()
         self.version = int(self.lib.TPMLIB_GetVersion())
         # Response buffer owned by libtpms (realloc'd), reused for every command.
         self._resp = _U8P()
@@ -213,14 +217,19 @@ class Libtpms:
 
         return wrapper
 
+    def attach(self, storage: Storage) -> None:
+        """Serve another storage from now on (the TPM must not be running)."""
+        self.storage = storage
+
     def _make_callbacks(self) -> _Callbacks:
-        storage = self.storage
+        binding = self  # the storage is looked up at each call: attach() replaces it
 
         def nvram_init() -> int:
             return TPM_SUCCESS
 
         def loaddata(pdata: Any, plen: Any, tpm_number: int, name: bytes) -> int:
             sname = name.decode()
+            storage = binding.storage
             data = storage.load(sname)
             if data is None:
                 pdata[0] = _U8P()
@@ -236,18 +245,18 @@ class Libtpms:
             return TPM_SUCCESS
 
         def storedata(data: Any, length: int, tpm_number: int, name: bytes) -> int:
-            storage.store(name.decode(), ctypes.string_at(data, length))
+            binding.storage.store(name.decode(), ctypes.string_at(data, length))
             return TPM_SUCCESS
 
         def deletename(tpm_number: int, name: bytes, must_exist: int) -> int:
-            storage.delete(name.decode(), bool(must_exist))
+            binding.storage.delete(name.decode(), bool(must_exist))
             return TPM_SUCCESS
 
         def io_init() -> int:
             return TPM_SUCCESS
 
         def getlocality(ploc: Any, tpm_number: int) -> int:
-            ploc[0] = storage.locality()
+            ploc[0] = binding.storage.locality()
             return TPM_SUCCESS
 
         def getpp(ppp: Any, tpm_number: int) -> int:

@@ -99,9 +99,17 @@ class ControlReply:
 
 
 class Engine(Storage):
-    """One vTPM. Thread-safe: libtpms calls are serialised by ``self.lock``."""
+    """One vTPM. Thread-safe: libtpms calls are serialised by ``self.lock``.
 
-    def __init__(self, statedir: StateDir, config: EngineConfig) -> None:
+    ``tpm`` is the libtpms binding to drive; by default the engine loads the
+    library itself. A process can make only one binding, so one that makes
+    engines in turn (the unit tests) passes the same binding to each, after
+    closing the previous engine.
+    """
+
+    def __init__(
+        self, statedir: StateDir, config: EngineConfig, tpm: Libtpms | None = None
+    ) -> None:
         self.statedir = statedir
         self.config = config
         self.lock = threading.Lock()
@@ -118,7 +126,11 @@ class Engine(Storage):
             self._may_manufacture = not any(statedir.exists(n) for n in STATE_NAMES)
         else:
             self._may_manufacture = config.allow_manufacture
-        self.tpm = Libtpms(self)
+        if tpm is None:
+            tpm = Libtpms(self)
+        else:
+            tpm.attach(self)
+        self.tpm = tpm
         self.tpm.choose(TpmVersion.TPM2 if config.tpm2 else TpmVersion.TPM12)
         self.tpm.use_locality_callback(self._locality != 0)
         self.fatal_response = TPM2_FATAL_RESPONSE if config.tpm2 else TPM12_FATAL_RESPONSE
