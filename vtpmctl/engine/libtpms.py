@@ -52,10 +52,6 @@ class StateType(IntEnum):
     SAVE_STATE = 4
 
 
-class Property(IntEnum):
-    BUFFER_MAX = 4
-
-
 class LibtpmsError(TpmResultError):
     """A libtpms call failed; .rc is its TPM_RESULT."""
 
@@ -133,7 +129,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         ),
         "TPMLIB_VolatileAll_Store": ([POINTER(_U8P), POINTER(c_uint32)], c_uint32),
         "TPMLIB_CancelCommand": ([], c_uint32),
-        "TPMLIB_GetTPMProperty": ([c_int, POINTER(c_int)], c_uint32),
         "TPMLIB_GetInfo": ([c_int], c_void_p),
         "TPMLIB_SetDebugFD": ([c_int], None),
         "TPMLIB_SetDebugLevel": ([c_uint], None),
@@ -337,14 +332,10 @@ class Libtpms:
 
     # ------------------------------------------------------------ commands
 
-    def command_buffer(self) -> memoryview:
-        """A mutable buffer that frontends receive commands into (gotcha 7)."""
-        return self._cmdview
-
     def process_in_place(
         self, length: int, cmdbuf: ctypes.Array[c_ubyte] | None = None
     ) -> memoryview:
-        """Run the command in ``cmdbuf`` (default: command_buffer()) up to
+        """Run the command in ``cmdbuf`` (default: the binding's own buffer) up to
         ``length``; the response view stays valid until the next call.
         No allocation on the hot path but the returned slice.
 

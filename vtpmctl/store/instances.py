@@ -236,9 +236,6 @@ class Instance:
         """The state dir without a key: enough for locking and liveness."""
         return StateDir(self.paths.state_dir, tpm2=self.config.tpm2)
 
-    def save_meta(self) -> None:
-        write_json(self.paths.meta_file, self.meta.to_json())
-
 
 # ---------------------------------------------------------------- the registry
 

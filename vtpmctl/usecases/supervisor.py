@@ -173,17 +173,6 @@ def rotate_log(path: Path, limit: int = LOG_LIMIT) -> None:
             os.replace(path, path.with_name(path.name + ".1"))
 
 
-def log_tail(path: Path, lines: int = 20) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return []
-    return [line for line in text.splitlines() if line.strip()][-lines:]
-
-
 def failure_reason(log_lines: list[str]) -> str:
     """The most telling line of a daemon's last words."""
     for line in reversed(log_lines):

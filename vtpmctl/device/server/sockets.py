@@ -484,11 +484,6 @@ class SocketServer:
         self.exit_message = message
         self.request_exit()
 
-    @property
-    def wakeup_fd(self) -> int:
-        """For signal.set_wakeup_fd: a signal interrupts the main loop."""
-        return self._wake_w.fileno()
-
     def has_data_channel(self) -> bool:
         """A data listener is configured or a SET_DATAFD channel is live."""
         with self._lock:

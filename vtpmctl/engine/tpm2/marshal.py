@@ -64,9 +64,6 @@ class Reader:
     def u32(self) -> int:
         return int.from_bytes(self.take(4), "big")
 
-    def u64(self) -> int:
-        return int.from_bytes(self.take(8), "big")
-
     def tpm2b(self) -> bytes:
         return self.take(self.u16())
 
