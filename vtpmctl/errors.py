@@ -34,6 +34,7 @@ defined next to that table and subclasses its branch here.
     │   ├── KeyFileError         (store.keys) a key or passphrase file
     │   ├── CAError              (store.ca) the EK CA directory
     │   ├── SnapshotError        (store.snapshots) a snapshot or the snapshot store
+    │   │   └── RestorePendingError  (store.snapshots) an interrupted restore needs the user
     │   ├── StateFileError       (commands.state) a blob file given to state export/import
     │   └── BundleError          (store.bundle) a migration bundle
     │       └── MigrationKeyError    (store.bundle) its migration key is missing or wrong

@@ -9,18 +9,20 @@ from typing import Any
 
 import pytest
 
-from vtpmctl.store import instance_keys
+from vtpmctl.store import instance_keys, snapshots
 from vtpmctl.store.atomic import write_atomic
 from vtpmctl.store.blob import AesKey, unwrap_file, wrap_file
 from vtpmctl.store.instances import Instance, InstanceConfig, InstanceMeta, Registry
 from vtpmctl.store.keys import key_fingerprint
 from vtpmctl.store.snapshots import (
+    RestorePendingError,
     SnapshotError,
     SnapshotStore,
-    finish_restore,
     replace_state,
     restore_marker,
+    settle_restore,
     snapshots_dir,
+    staged_file,
 )
 from vtpmctl.store.statedir import StateDir
 
@@ -193,22 +195,62 @@ def test_replace_state_with_volatile(tmp_path: Path) -> None:
     assert os.stat(sd.file("permall")).st_mode & 0o777 == 0o600
 
 
-def test_interrupted_restore_rolls_forward(tmp_path: Path) -> None:
-    """Every point of a crash leaves a whole TPM; the next finish completes the restore."""
+def _decided(sd: StateDir, blobs: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore killed right after its marker was written: staged, decided, nothing replaced."""
+    with monkeypatch.context() as m:
+        m.setattr(snapshots, "_roll_forward", lambda sd, decision: None)
+        replace_state(sd, blobs, note="1")
+    assert restore_marker(sd.path).exists()
+
+
+def test_interrupted_restore_rolls_forward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every point of a crash leaves a whole TPM; settling completes the restore."""
     sd = _statedir(tmp_path)
     sd.store("permall", b"old perm")
     sd.store("volatilestate", b"old vol")
-    # staged and decided, then a crash after step 1 (old volatile removed)
-    for name, data in (("permall", b"new perm"), ("volatilestate", b"new vol")):
-        write_atomic(sd.file(name).with_name(sd.file(name).name + ".restore"), wrap_file(data, KEY))
-    restore_marker(sd.path).write_text(
-        json.dumps({"snapshot": "1", "kinds": ["permanent", "volatile"]})
-    )
-    sd.file("volatilestate").unlink()
+    _decided(sd, {"permanent": b"new perm", "volatile": b"new vol"}, monkeypatch)
+    sd.file("volatilestate").unlink()  # then a crash after step 1 (old volatile removed)
     assert sd.load("permall") == b"old perm"  # a whole (old) TPM, needing Startup
-    assert finish_restore(sd) is True
+    assert settle_restore(sd) == "finished the interrupted restore of snapshot 1"
     assert (sd.load("permall"), sd.load("volatilestate")) == (b"new perm", b"new vol")
-    assert finish_restore(sd) is False
+    assert settle_restore(sd) is None
+    assert sorted(os.listdir(sd.path)) == ["tpm2-00.permall", "tpm2-00.volatilestate"]
+
+
+def test_restore_never_rolls_over_a_newer_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state written after the marker (an older vtpmctl or a swtpm ran it) is kept."""
+    sd = _statedir(tmp_path)
+    sd.store("permall", b"old perm")
+    _decided(sd, {"permanent": b"new perm"}, monkeypatch)
+    sd.store("permall", b"later work")
+    note = settle_restore(sd)
+    assert note is not None and note.startswith("dropped the interrupted restore of snapshot 1")
+    assert sd.load("permall") == b"later work"
+    assert not restore_marker(sd.path).exists() and not staged_file(sd, "permall").exists()
+    # a marker of an older vtpmctl does not say what it replaces: never rolled forward
+    write_atomic(staged_file(sd, "permall"), wrap_file(b"new perm", KEY))
+    restore_marker(sd.path).write_text(json.dumps({"snapshot": "1", "kinds": ["permanent"]}))
+    assert (settle_restore(sd) or "").startswith("dropped")
+    assert sd.load("permall") == b"later work"
+
+
+def test_staged_files_without_a_marker_are_removed(tmp_path: Path) -> None:
+    sd = _statedir(tmp_path)
+    sd.store("permall", b"perm")
+    write_atomic(staged_file(sd, "permall"), wrap_file(b"staged", KEY))
+    assert settle_restore(sd) is None
+    assert sorted(os.listdir(sd.path)) == ["tpm2-00.permall"]
+
+
+def test_unreadable_marker_names_its_fix(tmp_path: Path) -> None:
+    sd = _statedir(tmp_path)
+    sd.store("permall", b"perm")
+    restore_marker(sd.path).write_text("{garbled")
+    with pytest.raises(RestorePendingError, match=r"unreadable .*; remove it .*: rm /"):
+        settle_restore(sd)
+    assert sd.load("permall") == b"perm"
 
 
 # ---------------------------------------------------------------- key rotation of an instance

@@ -20,6 +20,8 @@ def rotate(name: str, new_key_file: Path, key_format: str = "auto") -> int:
     from vtpmctl.store import instance_keys
     from vtpmctl.store.instances import Registry
     from vtpmctl.store.keys import KeyFileError, key_fingerprint
+    from vtpmctl.store.pending import settle
+    from vtpmctl.store.snapshots import SnapshotError
     from vtpmctl.store.statedir import StateDirError
 
     registry = Registry()
@@ -34,11 +36,15 @@ def rotate(name: str, new_key_file: Path, key_format: str = "auto") -> int:
             f"{name} is running (pid {sd.holder_pid()}); stop it first: vtpmctl stop {name}"
         )
     try:
-        if instance_keys.recover(inst.paths, inst.config.tpm2) is not None:
+        # a restore staged under the old key must be settled before the key changes
+        settled = settle(inst.paths, inst.config.tpm2)
+        for note in settled.notes:
+            sys.stderr.write(f"vtpmctl: {note}\n")
+        if settled.rotation is not None:
             inst = registry.get(name)
         source = "passphrase" if key_format == "passphrase" else "key-file"
         instance_keys.rotate(inst, new_key, source)
-    except (KeyFileError, StateDirError) as exc:
+    except (KeyFileError, StateDirError, SnapshotError) as exc:
         raise KeyCommandError(f"cannot rotate the key of {name}: {exc}") from None
     finally:
         sd.unlock()

@@ -178,6 +178,8 @@ def start(
         supervisor.exec_foreground(inst, incoming=incoming, ctrl_only=ctrl_only)
         return 1  # exec_foreground only returns by raising
     started = supervisor.start(inst, incoming=incoming, ctrl_only=ctrl_only)
+    for note in started.notes:
+        _note(note)
     if started.already:
         _out(f"{name} is already running (pid {started.pid})")
     else:

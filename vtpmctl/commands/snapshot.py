@@ -53,6 +53,8 @@ def create(
     snap, captured, pruned = snapshot_ops.create(
         _instance(name), label=label, volatile=volatile, keep=keep
     )
+    for note in captured.settled:
+        _note(note)
     if as_json:
         print_json(
             {
@@ -116,6 +118,8 @@ def restore(name: str, ref: str, force: bool = False, as_json: bool = False) -> 
     from vtpmctl.usecases import snapshot_ops
 
     res = snapshot_ops.restore(_instance(name), ref, force=force)
+    for note in res.settled:
+        _note(note)
     if as_json:
         print_json(
             {

@@ -39,10 +39,11 @@ from vtpmctl.store.snapshots import SnapshotStore, snapshots_dir
 from vtpmctl.store.statedir import STATE_NAMES, StateDir, StateDirError
 
 ROTATE_SUFFIX = ".rotate"
+COMMIT_MARKER = "rotate.commit"  # in the secrets dir: the rotation is decided
 
 
 def _marker(paths: InstancePaths) -> Path:
-    return paths.secrets_dir / "rotate.commit"
+    return paths.secrets_dir / COMMIT_MARKER
 
 
 def _new_key_file(paths: InstancePaths) -> Path:

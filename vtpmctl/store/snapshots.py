@@ -18,8 +18,9 @@ Restoring replaces the state dir's files so that every intermediate state is
 a whole TPM: the old volatile state is removed first, then permall is
 renamed into place, then the new volatile state. A crash in between leaves
 the old or the new permanent state without its volatile part (the TPM then
-needs Startup, as after a reboot), never a mix; a marker file lets the next
-restore or ``verify`` see and finish it.
+needs Startup, as after a reboot), never a mix. A marker file decides the
+restore; whatever takes the state lock next finishes it (see
+``settle_restore``), and ``verify`` reports it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from vtpmctl.store.atomic import fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_file, wrap_file
 from vtpmctl.store.instances import InstancePaths
 from vtpmctl.store.keys import key_fingerprint
-from vtpmctl.store.statedir import StateDir
+from vtpmctl.store.statedir import STATE_NAMES, StateDir
 
 INDEX_VERSION = 1
 BLOB_KINDS = ("permanent", "volatile", "savestate")
@@ -470,57 +472,128 @@ class SnapshotStore:
 # ---------------------------------------------------------------- restoring a state dir
 
 
+class RestorePendingError(SnapshotError):
+    """An interrupted restore that cannot be settled without the user."""
+
+
 def restore_marker(state_dir: Path) -> Path:
     """Present while a restore is replacing the files of ``state_dir``."""
     return state_dir.parent / "restore.pending"
+
+
+def staged_file(sd: StateDir, name: str) -> Path:
+    """Where a restore stages the new content of state file ``name``."""
+    target = sd.file(name)
+    return target.with_name(target.name + RESTORE_SUFFIX)
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def replace_state(sd: StateDir, blobs: dict[str, bytes], note: str) -> None:
     """Make ``blobs`` the state of ``sd`` (caller holds its lock), in a crash-safe order.
 
     Files of kinds absent from ``blobs`` are removed (a permanent-only
-    snapshot leaves no stale volatile state of another boot behind).
+    snapshot leaves no stale volatile state of another boot behind). The
+    marker records the digests of the files it replaces and of the staged
+    ones, so that settling it later can tell whether the state changed since.
     """
     if "permanent" not in blobs:
         raise SnapshotError("refusing to restore a snapshot without permanent state")
-    marker = restore_marker(sd.path)
     staged: dict[str, Path] = {}
     for kind, plain in blobs.items():
-        target = sd.file(FILE_NAMES[kind])
-        path = target.with_name(target.name + RESTORE_SUFFIX)
+        path = staged_file(sd, FILE_NAMES[kind])
         write_atomic(path, wrap_file(plain, sd.key), sd.mode)
         staged[kind] = path
-    write_atomic(marker, json.dumps({"snapshot": note, "kinds": sorted(staged)}).encode(), 0o600)
-    finish_restore(sd)
+    decision = {
+        "snapshot": note,
+        "kinds": sorted(staged),
+        "before": {name: _digest(sd.file(name)) for name in STATE_NAMES},
+        "after": {FILE_NAMES[k]: _digest(path) for k, path in staged.items()},
+    }
+    write_atomic(restore_marker(sd.path), json.dumps(decision).encode(), 0o600)
+    _roll_forward(sd, decision)
 
 
-def finish_restore(sd: StateDir) -> bool:
-    """Roll an interrupted restore forward (idempotent); False if none was pending."""
+def read_restore_marker(sd: StateDir) -> dict[str, Any] | None:
+    """The decision of an interrupted restore, None if there is none."""
     marker = restore_marker(sd.path)
     try:
         decision = json.loads(marker.read_bytes())
+        if not isinstance(decision, dict):
+            raise ValueError("not a JSON object")
     except FileNotFoundError:
-        return False
+        return None
     except (OSError, ValueError) as exc:
-        raise SnapshotError(
-            f"{marker} is unreadable ({exc}); remove it after checking the "
-            "state with `vtpmctl verify`"
+        raise RestorePendingError(
+            f"{marker} is unreadable ({exc}), so an interrupted snapshot restore cannot "
+            f"be finished; remove it to keep the state the instance has: "
+            f"rm {shlex.quote(str(marker))}"
         ) from None
+    return decision
+
+
+def unchanged_since(sd: StateDir, decision: dict[str, Any]) -> bool:
+    """Every state file is as the restore's marker found it, or as the restore left it."""
+    before, after = decision.get("before"), decision.get("after")
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return False  # a marker of an older vtpmctl: the state it expected is unknown
+    for name in STATE_NAMES:
+        allowed = {before.get(name), after.get(name)}
+        if name != "permall":
+            allowed.add(None)  # the restore removes the old volatile state first
+        if _digest(sd.file(name)) not in allowed:
+            return False
+    return True
+
+
+def settle_restore(sd: StateDir) -> str | None:
+    """Settle an interrupted restore (caller holds the state lock); a note, or None.
+
+    A restore whose marker is present is finished, unless a state file
+    changed after the marker was written: then that newer state is kept and
+    the restore is dropped. Staged files without a marker are left from a
+    restore that never decided, and are removed.
+    """
+    decision = read_restore_marker(sd)
+    if decision is not None and unchanged_since(sd, decision):
+        _roll_forward(sd, decision)
+        return f"finished the interrupted restore of snapshot {decision.get('snapshot')}"
+    leftovers = [p for p in (staged_file(sd, n) for n in STATE_NAMES) if p.exists()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    if leftovers:
+        fsync_dir(sd.path)
+    if decision is None:
+        return None
+    marker = restore_marker(sd.path)
+    marker.unlink()
+    fsync_dir(marker.parent)
+    return (
+        f"dropped the interrupted restore of snapshot {decision.get('snapshot')}: the "
+        "state changed after it was interrupted, and that newer state is kept (restore "
+        "the snapshot again if it is still wanted)"
+    )
+
+
+def _roll_forward(sd: StateDir, decision: dict[str, Any]) -> None:
+    """Replay a decided restore (idempotent)."""
     kinds = set(decision.get("kinds", []))
     # 1. no volatile state of the old boot may survive next to the new permanent state
     for kind in ("volatile", "savestate"):
-        target = sd.file(FILE_NAMES[kind])
-        staged = target.with_name(target.name + RESTORE_SUFFIX)
-        if kind not in kinds or staged.exists():
-            target.unlink(missing_ok=True)
+        if kind not in kinds or staged_file(sd, FILE_NAMES[kind]).exists():
+            sd.file(FILE_NAMES[kind]).unlink(missing_ok=True)
     fsync_dir(sd.path)
     # 2. the permanent state, then 3. the volatile parts that belong to it
     for kind in ("permanent", "volatile", "savestate"):
-        target = sd.file(FILE_NAMES[kind])
-        staged = target.with_name(target.name + RESTORE_SUFFIX)
+        staged = staged_file(sd, FILE_NAMES[kind])
         if staged.exists():
-            os.rename(staged, target)
+            os.rename(staged, sd.file(FILE_NAMES[kind]))
             fsync_dir(sd.path)
+    marker = restore_marker(sd.path)
     marker.unlink()
     fsync_dir(marker.parent)
-    return True

@@ -1,7 +1,9 @@
 """Offline health checks of one instance: files, keys, permissions, lock, snapshots.
 
 Every check yields findings (``ok``/``warn``/``error``, what was seen, how to
-fix it); nothing is changed. Checks that need the engine (libtpms'
+fix it); nothing is changed. A fix is a shell command when one exists, and
+none of them loses data: an operation a crash interrupted is finished by the
+command that settles it, never by removing its files. Checks that need the engine (libtpms'
 ``ValidateState``, who holds the lock) are passed in as callables so that the
 store layer stays free of it.
 """
@@ -9,6 +11,7 @@ store layer stays free of it.
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,8 +36,10 @@ from vtpmctl.store.snapshots import (
     RESTORE_SUFFIX,
     SnapshotError,
     SnapshotStore,
+    read_restore_marker,
     restore_marker,
     snapshots_dir,
+    unchanged_since,
 )
 from vtpmctl.store.statedir import STATE_NAMES, StateDir
 
@@ -259,35 +264,64 @@ def _state_file_checks(
                 )
 
 
+def _settle_fix(inst: Instance) -> str:
+    """The command that settles an interrupted operation: start does, before it runs the TPM."""
+    running = inst.statedir().holder_pid() is not None
+    return f"vtpmctl {'restart' if running else 'start'} {shlex.quote(inst.name)}"
+
+
+def _rotation_check(inst: Instance) -> Finding | None:
+    marker = inst.paths.secrets_dir / instance_keys.COMMIT_MARKER
+    if not marker.exists():
+        return None
+    return Finding(
+        "error",
+        "key.rotation",
+        "a key rotation was decided but not finished (the state, key and snapshots are "
+        "between the old key and the new)",
+        _settle_fix(inst),
+        str(marker),
+    )
+
+
+def _restore_check(inst: Instance) -> Iterator[Finding]:
+    sd = inst.statedir()
+    marker = restore_marker(sd.path)
+    try:
+        decision = read_restore_marker(sd)
+    except SnapshotError as exc:
+        yield Finding(
+            "error", "state.restore", str(exc), f"rm {shlex.quote(str(marker))}", str(marker)
+        )
+        return
+    if decision is None:
+        return
+    ref = decision.get("snapshot")
+    if unchanged_since(sd, decision):
+        what = f"a restore of snapshot {ref} was decided but not finished"
+    else:
+        what = (
+            f"an interrupted restore of snapshot {ref} is out of date (the state changed "
+            "after it); settling it keeps the current state"
+        )
+    yield Finding("error", "state.restore", what, _settle_fix(inst), str(marker))
+
+
 def _leftover_checks(inst: Instance) -> Iterator[Finding]:
     sd = inst.statedir()
-    p = inst.paths
-    marker = restore_marker(p.state_dir)
-    if marker.exists():
-        yield Finding(
-            "error",
-            "state.restore",
-            "a snapshot restore was interrupted",
-            f"run the restore again (vtpmctl snapshot restore {inst.name} REF)",
-            str(marker),
-        )
-    if (p.secrets_dir / "rotate.commit").exists():
-        yield Finding(
-            "warn",
-            "key.rotation",
-            "a key rotation was interrupted after its commit",
-            f"vtpmctl start {inst.name} (or key rotate) completes it",
-            str(p.secrets_dir / "rotate.commit"),
-        )
+    yield from _restore_check(inst)
+    marker = restore_marker(sd.path)
+    running = sd.holder_pid() is not None
     for name in STATE_NAMES:
         for suffix in (instance_keys.ROTATE_SUFFIX, RESTORE_SUFFIX):
             path = sd.file(name).with_name(sd.file(name).name + suffix)
             if path.exists() and not marker.exists():
+                # staged by a rotation or restore that never decided: safe to drop
                 yield Finding(
                     "warn",
                     "state.leftover",
                     f"{path} is left from an interrupted key rotation or restore",
-                    f"vtpmctl start {inst.name} removes it, or remove it by hand",
+                    f"rm {shlex.quote(str(path))}" if running else _settle_fix(inst),
                     str(path),
                 )
         tmp = sd.path / (sd.tmp_prefix + name)
@@ -296,7 +330,7 @@ def _leftover_checks(inst: Instance) -> Iterator[Finding]:
                 "warn",
                 "state.leftover",
                 f"{tmp} is left from an interrupted write",
-                f"rm {tmp}",
+                f"rm {shlex.quote(str(tmp))}",
                 str(tmp),
             )
 
@@ -345,7 +379,7 @@ def _runtime_checks(inst: Instance, holder_info: HolderInfo | None) -> Iterator[
                 "warn",
                 "stale",
                 f"{path} is left from a daemon that is gone",
-                f"vtpmctl start {inst.name} cleans it up (or rm {path})",
+                f"vtpmctl stop {shlex.quote(inst.name)}",  # removes what a dead daemon left
                 str(path),
             )
     if inst.config.transport == "socket":
@@ -379,12 +413,12 @@ def _snapshot_checks(inst: Instance, key: AesKey | None, key_usable: bool) -> It
             store.read_object(digest)
         except SnapshotError as exc:
             bad += 1
-            users = ", ".join(s.describe() for s in snaps if digest in s.blobs.values())
+            users = [s for s in snaps if digest in s.blobs.values()]
             yield Finding(
                 "error",
                 "snapshots.object",
-                f"{exc} (used by snapshot {users})",
-                f"vtpmctl snapshot rm {inst.name} REF for the snapshots that use it",
+                f"{exc} (used by snapshot {', '.join(s.describe() for s in users)})",
+                " && ".join(f"vtpmctl snapshot rm {shlex.quote(inst.name)} {s.id}" for s in users),
                 str(store.object_path(digest)),
             )
     present = store.object_names()
@@ -392,8 +426,9 @@ def _snapshot_checks(inst: Instance, key: AesKey | None, key_usable: bool) -> It
         yield Finding(
             "warn",
             "snapshots.orphan",
-            f"snapshot object {digest[:12]} is used by no snapshot",
-            "it is removed with the next snapshot rm",
+            f"snapshot object {digest[:12]} is used by no snapshot (the next snapshot rm "
+            "removes it)",
+            None,
             str(store.object_path(digest)),
         )
     for name in sorted(os.listdir(store.objects_dir)) if store.objects_dir.is_dir() else []:
@@ -402,7 +437,7 @@ def _snapshot_checks(inst: Instance, key: AesKey | None, key_usable: bool) -> It
                 "warn",
                 "snapshots.leftover",
                 f"{name} is left from an interrupted key rotation",
-                f"vtpmctl start {inst.name} settles it",
+                _settle_fix(inst),
                 str(store.objects_dir / name),
             )
     if not bad:
@@ -421,6 +456,11 @@ def verify_instance(
 ) -> list[Finding]:
     """Every finding about ``inst``; nothing on disk is changed."""
     findings = list(_dir_checks(inst))
+    rotation = _rotation_check(inst)
+    if rotation is not None:
+        # Keys, state files and snapshot objects are between two keys until the
+        # rotation is finished: what checks of them would say is explained by it.
+        return [*findings, rotation, *_runtime_checks(inst, holder_info)]
     key_findings, key, usable = _key_checks(inst)
     findings += key_findings
     findings += _state_file_checks(inst, key, usable, validate)

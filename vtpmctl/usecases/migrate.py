@@ -99,12 +99,14 @@ def _ek_file(inst: Instance) -> bytes | None:
 
 def _stopped_state(registry: Registry, inst: Instance) -> tuple[Instance, dict[str, bytes]]:
     """Plaintext blobs from the state dir; the caller holds the state lock."""
-    from vtpmctl.store.instance_keys import load_state_key, recover
+    from vtpmctl.store.instance_keys import load_state_key
     from vtpmctl.store.keys import KeyFileError
+    from vtpmctl.store.pending import settle
+    from vtpmctl.store.snapshots import SnapshotError
     from vtpmctl.store.statedir import StateDir, StateDirError
 
     try:
-        if recover(inst.paths, inst.config.tpm2) is not None:
+        if settle(inst.paths, inst.config.tpm2).rotation is not None:
             inst = registry.get(inst.name)  # a finished key rotation changed config and meta
         sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=load_state_key(inst))
         plain: dict[str, bytes] = {}
@@ -112,7 +114,7 @@ def _stopped_state(registry: Registry, inst: Instance) -> tuple[Instance, dict[s
             data = sd.load(STATE_NAME[kind])
             if data:
                 plain[kind] = data
-    except (KeyFileError, StateDirError) as exc:
+    except (KeyFileError, StateDirError, SnapshotError) as exc:
         raise MigrateError(f"cannot export {inst.name}: {exc}") from None
     if "permanent" not in plain:
         raise MigrateError(

@@ -22,20 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vtpmctl.engine.inspect import InspectResult, inspect_blobs
 from vtpmctl.store import instance_keys
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer
-from vtpmctl.store.instances import Instance, now_utc
+from vtpmctl.store.instances import Instance, Registry, now_utc
+from vtpmctl.store.pending import settle
 from vtpmctl.store.snapshots import (
     BLOB_KINDS,
     FILE_NAMES,
     Snapshot,
     SnapshotError,
     SnapshotStore,
-    finish_restore,
     replace_state,
     snapshots_dir,
 )
@@ -47,6 +47,24 @@ if TYPE_CHECKING:
 
 BUSY_TIMEOUT = 3.0  # a control channel that does not answer in this time is held by QEMU
 CONSISTENT_TRIES = 5
+
+
+def settle_if_stopped(inst: Instance) -> tuple[Instance, list[str]]:
+    """Settle what a crash interrupted (rotation, restore) if the state lock is free.
+
+    Returns the instance as it is afterwards (a completed rotation changes its
+    key) and what was settled. A running instance was settled when it started.
+    """
+    sd = inst.statedir()
+    if not sd.lock(0):
+        return inst, []
+    try:
+        settled = settle(inst.paths, inst.config.tpm2)
+    finally:
+        sd.unlock()
+    if settled.rotation is not None:
+        inst = Registry(inst.paths.roots).get(inst.name)
+    return inst, settled.notes
 
 
 def open_store(inst: Instance) -> SnapshotStore:
@@ -68,6 +86,7 @@ class Captured:
     blobs: dict[str, bytes]
     source: str  # "control channel", "state dir" or "state file"
     note: str | None = None  # why the state file was read instead of the control channel
+    settled: list[str] = field(default_factory=list)  # interrupted operations settled first
 
 
 def _client(inst: Instance, timeout: float) -> ControlClient:
@@ -146,8 +165,8 @@ def capture(inst: Instance, store: SnapshotStore, *, volatile: bool) -> Captured
     sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=store.key)
     if sd.lock(0):
         try:
-            instance_keys.recover(inst.paths, inst.config.tpm2)
-            return Captured(_from_dir(inst, sd, volatile), "state dir")
+            settled = settle(inst.paths, inst.config.tpm2)
+            return Captured(_from_dir(inst, sd, volatile), "state dir", settled=settled.notes)
         finally:
             sd.unlock()
     status = supervisor.probe(inst)
@@ -184,8 +203,10 @@ def create(
     """Take a snapshot; with ``keep``, prune to the newest ``keep`` afterwards."""
     if keep is not None and keep < 1:
         raise SnapshotError("--keep must be 1 or more")
+    inst, settled = settle_if_stopped(inst)
     store = open_store(inst)
     captured = capture(inst, store, volatile=volatile)
+    captured.settled[:0] = settled
     snap = store.create(captured.blobs, label=label)
     pruned = store.prune(keep) if keep is not None else []
     return snap, captured, pruned
@@ -201,6 +222,7 @@ class Restored:
     safety_error: str | None
     stopped: bool  # the instance was running and was stopped for the restore
     restarted: bool
+    settled: list[str] = field(default_factory=list)  # interrupted operations settled first
 
 
 def _safety_label(store: SnapshotStore) -> str:
@@ -222,6 +244,7 @@ def check_blobs(inst: Instance, blobs: dict[str, bytes], what: str) -> None:
 
 def restore(inst: Instance, ref: str, *, force: bool = False) -> Restored:
     """Make snapshot ``ref`` the instance's state; stops (and restarts) it only with force."""
+    inst, settled = settle_if_stopped(inst)
     store = open_store(inst)
     snap = store.find(ref)
     blobs = store.read_blobs(snap)  # every object verified before anything is touched
@@ -238,7 +261,7 @@ def restore(inst: Instance, ref: str, *, force: bool = False) -> Restored:
         supervisor.stop(inst, force=True)
         stopped = True
     try:
-        safety, safety_error = _replace(inst, store, snap, blobs)
+        safety, safety_error = _replace(inst, store, snap, blobs, settled)
     except BaseException:
         if stopped:  # back to work on whatever state is there; the restore's error counts
             with contextlib.suppress(Exception):
@@ -246,11 +269,15 @@ def restore(inst: Instance, ref: str, *, force: bool = False) -> Restored:
         raise
     if stopped:
         supervisor.start(inst)
-    return Restored(snap, safety, safety_error, stopped, stopped)
+    return Restored(snap, safety, safety_error, stopped, stopped, settled)
 
 
 def _replace(
-    inst: Instance, store: SnapshotStore, snap: Snapshot, blobs: dict[str, bytes]
+    inst: Instance,
+    store: SnapshotStore,
+    snap: Snapshot,
+    blobs: dict[str, bytes],
+    settled: list[str],
 ) -> tuple[Snapshot | None, str | None]:
     sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=store.key)
     if not sd.lock(0):
@@ -258,8 +285,9 @@ def _replace(
             f"{inst.name} was started meanwhile (pid {sd.holder_pid()}); nothing was restored"
         )
     try:
-        instance_keys.recover(inst.paths, inst.config.tpm2)
-        finish_restore(sd)  # an earlier restore that was interrupted
+        # An earlier rotation or restore that was interrupted is settled before the
+        # safety snapshot, which must hold what the instance runs on.
+        settled += settle(inst.paths, inst.config.tpm2).notes
         safety = _safety_snapshot(inst, sd, store)
         replace_state(sd, blobs, note=snap.ref)
         return safety

@@ -15,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -188,24 +188,25 @@ def failure_reason(log_lines: list[str]) -> str:
 class Started:
     pid: int
     already: bool
+    notes: list[str] = field(default_factory=list)  # what was settled before the start
 
 
-def preflight(inst: Instance, timeout: float = START_TIMEOUT) -> Started | None:
+def preflight(
+    inst: Instance, timeout: float = START_TIMEOUT, notes: list[str] | None = None
+) -> Started | None:
     """Check keys and state before a daemon is launched, so errors are clear and early.
 
-    Holds the state lock meanwhile (an interrupted key rotation is settled
-    first and must not race another one). Returns Started if the instance
-    turned out to be running already.
+    Holds the state lock meanwhile (an interrupted key rotation or restore is
+    settled first and must not race another one); what was settled is added
+    to ``notes``. Returns Started if the instance turned out to be running
+    already.
     """
     from vtpmctl.errors import InstanceError
-    from vtpmctl.store.instance_keys import (
-        check_state,
-        load_migration_key,
-        load_state_key,
-        recover,
-    )
+    from vtpmctl.store.instance_keys import check_state, load_migration_key, load_state_key
     from vtpmctl.store.instances import InstanceMeta, read_json
     from vtpmctl.store.keys import KeyFileError
+    from vtpmctl.store.pending import settle
+    from vtpmctl.store.snapshots import SnapshotError
     from vtpmctl.store.statedir import StateDirError
 
     sd = inst.statedir()
@@ -223,14 +224,17 @@ def preflight(inst: Instance, timeout: float = START_TIMEOUT) -> Started | None:
         sd.unlock()
         raise _vanished(inst)
     try:
-        if recover(inst.paths, inst.config.tpm2) == "completed":
+        settled = settle(inst.paths, inst.config.tpm2)
+        if notes is not None:
+            notes += settled.notes
+        if settled.rotation == "completed":
             inst.meta = InstanceMeta.from_json(
                 read_json(inst.paths.meta_file), inst.paths.meta_file
             )
             inst.config.encrypted = True
         check_state(inst, load_state_key(inst))
         load_migration_key(inst)
-    except (KeyFileError, StateDirError, InstanceError) as exc:
+    except (KeyFileError, StateDirError, InstanceError, SnapshotError) as exc:
         raise LifecycleError(f"cannot start {inst.name}: {exc}") from None
     finally:
         sd.unlock()
@@ -248,7 +252,8 @@ def start(
     status = probe(inst)
     if status.state == "running":
         return _running_already(inst, status)
-    running = preflight(inst, timeout)
+    notes: list[str] = []
+    running = preflight(inst, timeout, notes)
     if running is not None:
         return running
     clean_stale(inst)
@@ -274,6 +279,7 @@ def start(
         os.close(log_fd)
     started = _wait_ready(inst, proc, timeout, incoming=incoming)
     if started is not None:
+        started.notes = notes
         return started
     if proc.returncode is None:  # timed out: do not leave a half-started daemon behind
         _terminate(proc.pid, inst)
