@@ -1,13 +1,16 @@
 """`vtpmctl serve` has two parsers (typer for help and usage errors, the daemon's own for
-speed); they must accept the same options."""
+speed) and a command line built by `vtpmctl start`, all from one table of options;
+they must agree, and no option value that cannot be used may create anything."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import typer.main
 
 from vtpmctl.cli import _fast_plan, build_app
-from vtpmctl.device.server.daemon import build_parser
+from vtpmctl.device.server.options import SERVE_OPTIONS, build_parser, serve_argv
 from vtpmctl.usecases.supervisor import runs_daemon
 
 
@@ -32,7 +35,80 @@ def _daemon_options() -> set[str]:
 
 
 def test_both_parsers_know_the_same_options() -> None:
-    assert _typer_serve_options() <= _daemon_options()
+    aliases = {a for opt in SERVE_OPTIONS for a in opt.aliases}
+    assert _typer_serve_options() == _daemon_options() - aliases
+    assert _typer_serve_options() == {opt.flag for opt in SERVE_OPTIONS}
+
+
+def test_the_argv_builder_speaks_the_parser() -> None:
+    values = {
+        "state": Path("/s"),
+        "ctrl": "unix:/c",
+        "data": "tcp:127.0.0.1:2322",
+        "tpm": "1.2",
+        "flags": ["not-need-init", "startup-clear"],
+        "key_file": Path("/k"),
+        "key_kind": "hex",
+        "pid_file": Path("/p"),
+        "terminate": True,
+        "existing": True,
+    }
+    ns = vars(build_parser(quiet=True).parse_args(serve_argv(**values)))
+    assert {k: ns[k] for k in values} == values
+    untouched = {opt.dest: opt.default for opt in SERVE_OPTIONS if opt.dest not in values}
+    assert {k: ns[k] for k in untouched} == untouched
+    with pytest.raises(ValueError):
+        serve_argv(bogus=1)
+
+
+@pytest.mark.parametrize("transport", ["socket", "cuse"])
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_start_builds_a_line_the_daemon_parses(
+    tmp_path: Path, transport: str, encrypted: bool
+) -> None:
+    from vtpmctl.store.instances import Instance, InstanceConfig, InstanceMeta, Registry
+    from vtpmctl.store.paths import store_roots
+    from vtpmctl.usecases.supervisor import daemon_argv
+
+    paths = Registry(store_roots({"VTPMCTL_HOME": str(tmp_path)})).paths("vm")
+    config = InstanceConfig(name="vm", tpm="1.2", transport=transport, encrypted=encrypted)  # type: ignore[arg-type]
+    inst = Instance(paths, config, InstanceMeta())
+    argv = daemon_argv(inst, incoming=True)
+    assert argv[1:4] == ["-m", "vtpmctl", "_daemon"]
+    ns = build_parser(quiet=True).parse_args(argv[4:])
+    assert ns.state == inst.paths.state_dir and ns.tpm == "1.2" and ns.existing and ns.incoming
+    assert (ns.cuse is None) == (transport == "socket") and ns.data is None
+    assert ns.key_file == (inst.paths.state_key if encrypted else None)
+    assert ns.key_kind == ("hex" if encrypted else "auto")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [
+        (["--ctrl", "bogus"], "bad endpoint"),
+        (["--ctrl", "tcp:localhost:99999"], "out of range"),
+        (["--ctrl", "unix:/c", "--data", "udp:1"], "unknown endpoint type"),
+        (["--ctrl", "unix:" + "x" * 200], "longer than"),
+        (["--cuse", "no/slashes"], "bad device name"),
+        (["--ctrl", "unix:/c", "--flags", "not-need-init,bogus"], "unknown flag"),
+    ],
+)
+def test_option_values_are_usage_errors_that_create_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    option: list[str],
+    needle: str,
+    fast: bool,
+) -> None:
+    from vtpmctl.cli import run
+
+    state = tmp_path / "state"
+    log = tmp_path / "log"
+    args = ["serve", "--state", str(state), "--log-file", str(log), *option]
+    assert run(args, fast=fast) == 2
+    assert needle in capsys.readouterr().err
+    assert not state.exists() and not log.exists()
 
 
 @pytest.mark.parametrize(

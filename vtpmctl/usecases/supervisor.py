@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vtpmctl.childproc import child_env
+from vtpmctl.childproc import child_env, entry_argv
 from vtpmctl.errors import InstanceError, NoSuchInstance
+from vtpmctl.model import TpmFamily
 from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
 
@@ -134,36 +135,30 @@ def clean_stale(inst: Instance) -> list[Path]:
 
 def daemon_argv(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False) -> list[str]:
     """The daemon's command line: paths only, never key material."""
-    from vtpmctl.childproc import entry_argv
+    from vtpmctl.device.server.options import serve_argv
 
     p = inst.paths
-    argv = [
+    cuse = inst.config.transport == "cuse"
+    # QEMU brings the data channel itself (CMD_SET_DATAFD, refused while a data
+    # listener exists, as by swtpm): an incoming or QEMU-bound instance has none.
+    data = not (cuse or incoming or ctrl_only)
+    return [
         *entry_argv(DAEMON_ENTRY),
-        "--state",
-        str(p.state_dir),
-        "--tpm",
-        "2" if inst.config.tpm2 else "1.2",
-        "--pid-file",
-        str(p.pid_file),
-        "--log-file",
-        str(p.log_file),
-        "--existing",
+        *serve_argv(
+            state=p.state_dir,
+            tpm=TpmFamily.of(inst.config.tpm2),
+            pid_file=p.pid_file,
+            log_file=p.log_file,
+            existing=True,
+            cuse=p.cuse_name if cuse else None,
+            ctrl=None if cuse else f"unix:{p.ctrl_socket}",
+            data=f"unix:{p.data_socket}" if data else None,
+            key_file=p.state_key if inst.config.encrypted else None,
+            key_kind="hex" if inst.config.encrypted else None,
+            migration_key_file=p.migration_key if inst.config.migration_key else None,
+            incoming=incoming,
+        ),
     ]
-    if inst.config.transport == "cuse":
-        argv += ["--cuse", p.cuse_name]
-    else:
-        argv += ["--ctrl", f"unix:{p.ctrl_socket}"]
-        # QEMU brings the data channel itself (CMD_SET_DATAFD, refused while a data
-        # listener exists, as by swtpm): an incoming or QEMU-bound instance has none.
-        if not (incoming or ctrl_only):
-            argv += ["--data", f"unix:{p.data_socket}"]
-    if inst.config.encrypted:
-        argv += ["--key-file", str(p.state_key), "--key-kind", "hex"]
-    if inst.config.migration_key:
-        argv += ["--migration-key-file", str(p.migration_key)]
-    if incoming:
-        argv.append("--incoming")
-    return argv
 
 
 def rotate_log(path: Path, limit: int = LOG_LIMIT) -> None:

@@ -3,11 +3,20 @@
 Runs in the foreground (``vtpmctl serve``, systemd ``Type=notify``) or is
 exec'd detached by ``vtpmctl start`` as ``python -m vtpmctl _daemon``.
 It never forks once libtpms is loaded (a forked TPM clones its DRBG).
+Its options are declared once, in ``vtpmctl.device.server.options``.
+
+Every option is checked before anything is created (a bad ``--ctrl`` must
+not leave a new state dir behind); a value that cannot be used is a usage
+error (exit 2). A detached daemon reports a failed start the way a
+long-lived process can: one ``vtpmctl: …`` line on stderr, which ``vtpmctl
+start`` redirects to the instance's log and reads back
+(``usecases.supervisor.failure_reason``). A JSON answer on stdout, as the
+short-lived children give (``vtpmctl.childproc``), does not fit a process
+that answers nothing once it is up and whose stdout is /dev/null.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -16,12 +25,18 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any
 
 from vtpmctl.engine.tpm import Engine, EngineConfig, Startup
-from vtpmctl.errors import ServeError
+from vtpmctl.errors import ServeError, UsageError
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.statedir import StateDir, StateDirError
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Mapping
+
+    from vtpmctl.device.server.sockets import Endpoint
 
 log = logging.getLogger("vtpmctl.daemon")
 
@@ -31,6 +46,10 @@ EXIT_FAILURE = 1
 
 class DaemonError(ServeError):
     """The daemon cannot start; one line that names the problem and the fix."""
+
+
+class ServeOptionError(UsageError):
+    """An option's value cannot be used; nothing was created or started."""
 
 
 @dataclass
@@ -70,7 +89,7 @@ def parse_flags(flags: list[str]) -> tuple[bool, Startup, bool]:
             elif flag == "disable-auto-shutdown":
                 no_auto = True
             else:
-                raise DaemonError(
+                raise ServeOptionError(
                     f"unknown flag {flag!r}; use not-need-init, startup-clear, startup-state, "
                     "startup-none or disable-auto-shutdown"
                 )
@@ -127,10 +146,32 @@ def _notify(message: str) -> None:
             log.warning("cannot notify systemd: %s", exc.strerror)
 
 
+def check_options(opts: DaemonOptions) -> tuple[Endpoint | None, Endpoint | None]:
+    """Every option's value, before anything is created: the (ctrl, data) endpoints."""
+    if (opts.ctrl is None) == (opts.cuse is None):
+        raise ServeOptionError("give exactly one of --ctrl or --cuse")
+    parse_flags(opts.flags)
+    if opts.cuse is not None:
+        from vtpmctl.device.server.cuse import CuseError, device_name
+
+        try:
+            device_name(opts.cuse)
+        except CuseError as exc:
+            raise ServeOptionError(str(exc)) from None
+        return None, None
+    from vtpmctl.device.server.sockets import EndpointError, parse_endpoint
+
+    try:
+        ctrl = parse_endpoint(opts.ctrl or "")
+        data = parse_endpoint(opts.data) if opts.data else None
+    except EndpointError as exc:
+        raise ServeOptionError(str(exc)) from None
+    return ctrl, data
+
+
 def run(opts: DaemonOptions) -> int:
     """Serve until CMD_SHUTDOWN or SIGTERM; raises DaemonError on bad setup."""
-    if (opts.ctrl is None) == (opts.cuse is None):
-        raise DaemonError("give exactly one of --ctrl or --cuse")
+    ctrl, data = check_options(opts)
     not_need_init, startup, no_auto = parse_flags(opts.flags)
     state_key = _load_key(opts.key_file, opts.key_kind)
     migration_key = _load_key(opts.migration_key_file, "auto")
@@ -166,7 +207,7 @@ def run(opts: DaemonOptions) -> int:
         engine.close()
         raise DaemonError(str(exc)) from None
 
-    server = _make_frontend(opts, engine)
+    server = _make_frontend(opts, engine, ctrl, data)
     if opts.pid_file is not None:
         _write_pid_file(opts.pid_file)
 
@@ -197,7 +238,9 @@ def run(opts: DaemonOptions) -> int:
     return EXIT_FAILURE if message else EXIT_OK
 
 
-def _make_frontend(opts: DaemonOptions, engine: Engine):  # type: ignore[no-untyped-def]
+def _make_frontend(  # type: ignore[no-untyped-def]
+    opts: DaemonOptions, engine: Engine, ctrl: Endpoint | None, data: Endpoint | None
+):
     if opts.cuse is not None:
         from vtpmctl.device.server.cuse import CuseError, CuseServer
 
@@ -206,57 +249,20 @@ def _make_frontend(opts: DaemonOptions, engine: Engine):  # type: ignore[no-unty
         except CuseError as exc:
             engine.close()
             raise DaemonError(str(exc)) from None
-    from vtpmctl.device.server.sockets import EndpointError, SocketServer, parse_endpoint
+    from vtpmctl.device.server.sockets import EndpointError, SocketServer
 
+    assert ctrl is not None
     try:
-        ctrl = parse_endpoint(opts.ctrl or "")
-        data = parse_endpoint(opts.data) if opts.data else None
         return SocketServer(engine, ctrl, data, terminate=opts.terminate)
     except EndpointError as exc:
         engine.close()
         raise DaemonError(str(exc)) from None
 
 
-class _QuietParser(argparse.ArgumentParser):
-    """Raises instead of printing, so a caller can hand odd command lines to typer."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ValueError(message)
-
-
-def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
-    """The daemon's options: the same names and meaning as ``vtpmctl serve``."""
-    cls = _QuietParser if quiet else argparse.ArgumentParser
-    p = cls(prog="vtpmctl-daemon", description=__doc__, add_help=not quiet)
-    p.add_argument("--state", type=Path, required=True)
-    p.add_argument("--ctrl")
-    p.add_argument("--data")
-    p.add_argument("--cuse")
-    p.add_argument("--tpm", choices=["2", "1.2"], default="2")
-    p.add_argument("--flags", action="append", default=[])
-    p.add_argument("--key-file", type=Path)
-    p.add_argument(
-        "--key-kind",
-        "--key-format",
-        dest="key_kind",
-        default="auto",
-        choices=["auto", "hex", "binary", "passphrase"],
-    )
-    p.add_argument("--migration-key-file", type=Path)
-    p.add_argument("--pid-file", type=Path)
-    p.add_argument("--log-file", type=Path)
-    p.add_argument("--terminate", action="store_true")
-    p.add_argument("--incoming", action="store_true")
-    p.add_argument(
-        "--existing",
-        action="store_true",
-        help="the TPM exists already: a missing state is an error",
-    )
-    return p
-
-
 def parse_serve_args(args: list[str]) -> argparse.Namespace | None:
     """``vtpmctl serve`` arguments if they are well-formed, else None (typer explains)."""
+    from vtpmctl.device.server.options import build_parser
+
     try:
         ns = build_parser(quiet=True).parse_args(args)
     except ValueError:
@@ -267,35 +273,38 @@ def parse_serve_args(args: list[str]) -> argparse.Namespace | None:
 
 
 def run_args(ns: argparse.Namespace) -> int:
-    return run(options_from_args(ns))
+    return run(options_from_values(vars(ns)))
 
 
-def options_from_args(ns: argparse.Namespace) -> DaemonOptions:
+def options_from_values(values: Mapping[str, Any]) -> DaemonOptions:
+    """DaemonOptions from the values of ``options.SERVE_OPTIONS``, by dest."""
     return DaemonOptions(
-        state_dir=ns.state,
-        ctrl=ns.ctrl,
-        data=ns.data,
-        cuse=ns.cuse,
-        tpm2=ns.tpm == "2",
-        flags=ns.flags,
-        key_file=ns.key_file,
-        key_kind=ns.key_kind,
-        migration_key_file=ns.migration_key_file,
-        pid_file=ns.pid_file,
-        log_file=ns.log_file,
-        terminate=ns.terminate,
-        incoming=ns.incoming,
-        allow_manufacture=False if ns.existing else None,
+        state_dir=values["state"],
+        ctrl=values["ctrl"],
+        data=values["data"],
+        cuse=values["cuse"],
+        tpm2=values["tpm"] == "2",
+        flags=list(values["flags"]),
+        key_file=values["key_file"],
+        key_kind=values["key_kind"],
+        migration_key_file=values["migration_key_file"],
+        pid_file=values["pid_file"],
+        log_file=values["log_file"],
+        terminate=values["terminate"],
+        incoming=values["incoming"],
+        allow_manufacture=False if values["existing"] else None,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vtpmctl.device.server.options import build_parser
+
     ns = build_parser().parse_args(argv)
     try:
-        return run(options_from_args(ns))
-    except DaemonError as exc:
+        return run(options_from_values(vars(ns)))
+    except (DaemonError, ServeOptionError) as exc:
         print(f"vtpmctl: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return exc.exit_code
 
 
 if __name__ == "__main__":

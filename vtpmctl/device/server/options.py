@@ -1,0 +1,159 @@
+"""The options of ``vtpmctl serve``, declared once, as data.
+
+``SERVE_OPTIONS`` is the only list of them. From it come the daemon's
+argparse parser (``build_parser``: the fast route of ``vtpmctl serve`` and
+``python -m vtpmctl _daemon``), the typer command of ``vtpmctl serve``
+(``commands/serve.py``: help and usage errors) and the daemon's command line
+that ``vtpmctl start`` builds (``serve_argv``). Cheap to import: no typer,
+no dataclasses, no engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from vtpmctl.model import KeyFormat, TpmFamily
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from enum import StrEnum
+    from typing import Any, Literal
+
+    Kind = Literal["path", "text", "choice", "list", "switch"]
+
+_ENDPOINT = "unix:PATH|tcp:HOST:PORT"
+
+
+class ServeOption:
+    """One option: ``kind`` says how its value is read (and shown in --help)."""
+
+    __slots__ = ("flag", "dest", "kind", "help", "metavar", "choices", "required", "aliases")
+
+    def __init__(
+        self,
+        flag: str,
+        kind: Kind,
+        help: str | None = None,
+        *,
+        dest: str | None = None,
+        metavar: str | None = None,
+        choices: type[StrEnum] | None = None,
+        required: bool = False,
+        aliases: tuple[str, ...] = (),
+    ) -> None:
+        self.flag = flag
+        self.dest = dest or flag[2:].replace("-", "_")
+        self.kind: Kind = kind
+        self.help = help
+        self.metavar = metavar
+        self.choices = choices  # a "choice" takes one of these; the first is the default
+        self.required = required
+        self.aliases = aliases  # also accepted by the daemon's parser (earlier spellings)
+
+    @property
+    def default(self) -> Any:
+        """The value when the option is not given."""
+        if self.kind == "choice":
+            assert self.choices is not None
+            return next(iter(self.choices)).value
+        return {"list": [], "switch": False}.get(self.kind)
+
+
+SERVE_OPTIONS: tuple[ServeOption, ...] = (
+    ServeOption("--state", "path", "state directory (swtpm's --tpmstate dir=)", required=True),
+    ServeOption("--ctrl", "text", "control channel", metavar=_ENDPOINT),
+    ServeOption(
+        "--data",
+        "text",
+        "data channel (QEMU passes its own with CMD_SET_DATAFD)",
+        metavar=_ENDPOINT,
+    ),
+    ServeOption("--cuse", "text", "serve /dev/vtpm-NAME instead of sockets", metavar="NAME"),
+    ServeOption("--tpm", "choice", "TPM family", choices=TpmFamily),
+    ServeOption(
+        "--flags",
+        "list",
+        "not-need-init, startup-clear, startup-state, disable-auto-shutdown",
+        metavar="FLAG[,FLAG]",
+    ),
+    ServeOption("--key-file", "path", "state key file (0600): hex or binary AES key"),
+    ServeOption(
+        "--key-format",
+        "choice",
+        "how to read --key-file",
+        dest="key_kind",
+        choices=KeyFormat,
+        aliases=("--key-kind",),
+    ),
+    ServeOption("--migration-key-file", "path", "key that encrypts exported state blobs"),
+    ServeOption("--pid-file", "path"),
+    ServeOption("--log-file", "path", "log here instead of stderr"),
+    ServeOption("--terminate", "switch", "exit when the data connection is lost"),
+    ServeOption("--incoming", "switch", "wait for QEMU's state (incoming migration)"),
+    ServeOption("--existing", "switch", "refuse to create a TPM if the state is missing"),
+)
+
+BY_DEST = {opt.dest: opt for opt in SERVE_OPTIONS}
+
+
+class _QuietParser(argparse.ArgumentParser):
+    """Raises instead of printing, so a caller can hand odd command lines to typer."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
+
+
+def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
+    """The daemon's parser: the same options, names and meaning as ``vtpmctl serve``."""
+    cls = _QuietParser if quiet else argparse.ArgumentParser
+    p = cls(prog="vtpmctl-daemon", description=__doc__, add_help=not quiet)
+    for opt in SERVE_OPTIONS:
+        names = (opt.flag, *opt.aliases)
+        if opt.kind == "switch":
+            p.add_argument(*names, dest=opt.dest, action="store_true", help=opt.help)
+        elif opt.kind == "list":
+            p.add_argument(*names, dest=opt.dest, action="append", default=[], help=opt.help)
+        elif opt.kind == "choice":
+            assert opt.choices is not None
+            p.add_argument(
+                *names,
+                dest=opt.dest,
+                choices=[c.value for c in opt.choices],
+                default=opt.default,
+                help=opt.help,
+            )
+        else:
+            p.add_argument(
+                *names,
+                dest=opt.dest,
+                type=Path if opt.kind == "path" else str,
+                required=opt.required,
+                help=opt.help,
+            )
+    return p
+
+
+def serve_argv(**values: Any) -> list[str]:
+    """The options for ``values`` (by dest) as a command line; unset ones are left out."""
+    unknown = sorted(set(values) - set(BY_DEST))
+    if unknown:
+        raise ValueError(f"unknown serve options {unknown}")
+    argv: list[str] = []
+    for opt in SERVE_OPTIONS:
+        value = values.get(opt.dest)
+        if value is None or value is False:
+            continue
+        if opt.kind == "switch":
+            argv.append(opt.flag)
+        elif opt.kind == "list":
+            for item in _items(value):
+                argv += [opt.flag, str(item)]
+        else:
+            argv += [opt.flag, str(value)]
+    return argv
+
+
+def _items(value: Iterable[Any] | str) -> list[Any]:
+    return [value] if isinstance(value, str) else list(value)
