@@ -28,8 +28,8 @@ from vtpmctl.device.protocol import (
     encode_ioctl_request,
     ioctl_sizes,
 )
-from vtpmctl.device.server import cuse
-from vtpmctl.device.server.cuse import (
+from vtpmctl.device.server.cuse import server as cuse
+from vtpmctl.device.server.cuse.server import (
     CUSE_INIT_IN,
     CUSE_INIT_OUT,
     IN_HEADER,
@@ -221,7 +221,7 @@ def test_download_chunks_and_read_mode() -> None:
 _CHILD = """
 import sys
 from pathlib import Path
-from vtpmctl.device.server.cuse import CuseServer
+from vtpmctl.device.server.cuse.server import CuseServer
 from vtpmctl.engine.tpm import Engine, EngineConfig
 from vtpmctl.store.statedir import StateDir
 statedir = StateDir(Path(sys.argv[1]), tpm2=True)

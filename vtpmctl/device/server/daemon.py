@@ -242,7 +242,7 @@ def _make_frontend(  # type: ignore[no-untyped-def]
     opts: DaemonOptions, engine: Engine, ctrl: Endpoint | None, data: Endpoint | None
 ):
     if opts.cuse is not None:
-        from vtpmctl.device.server.cuse import CuseError, CuseServer
+        from vtpmctl.device.server.cuse.server import CuseError, CuseServer
 
         try:
             return CuseServer(engine, opts.cuse)

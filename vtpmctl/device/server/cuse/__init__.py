@@ -1,0 +1,1 @@
+"""The CUSE frontend: the TPM as the character device /dev/vtpm-NAME."""
