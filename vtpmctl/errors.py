@@ -28,7 +28,7 @@ defined next to that table and subclasses its branch here.
     ├── ServeError               a TPM cannot be served
     │   ├── DaemonError          (device.server.daemon) the daemon cannot start
     │   ├── EndpointError        (device.server.sockets) a --ctrl/--data spec cannot be used
-    │   └── CuseError            (device.server.cuse.server) the CUSE device cannot be created
+    │   └── CuseError            (device.server.cuse.wire) the CUSE device cannot be created
     ├── StoreError               bytes at rest cannot be used
     │   ├── BlobError            (store.blob) a state blob; .rc is the ptm result to answer
     │   ├── StateDirError        (store.statedir) a TPM state directory

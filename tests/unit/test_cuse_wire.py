@@ -28,8 +28,10 @@ from vtpmctl.device.protocol import (
     encode_ioctl_request,
     ioctl_sizes,
 )
-from vtpmctl.device.server.cuse import server as cuse
-from vtpmctl.device.server.cuse.server import (
+from vtpmctl.device.server.cuse import wire
+from vtpmctl.device.server.cuse.blobs import BlobDownload, BlobUpload
+from vtpmctl.device.server.cuse.server import is_long_command
+from vtpmctl.device.server.cuse.wire import (
     CUSE_INIT_IN,
     CUSE_INIT_OUT,
     IN_HEADER,
@@ -37,14 +39,11 @@ from vtpmctl.device.server.cuse.server import (
     OUT_HEADER,
     POLL_IN,
     RW_IN,
-    BlobDownload,
-    BlobUpload,
     CuseError,
     Op,
     ReplyError,
     device_name,
     encode_init_reply,
-    is_long_command,
     lookup_ioctl,
 )
 from vtpmctl.engine import tpm2
@@ -54,7 +53,7 @@ from vtpmctl.engine import tpm2
 
 def test_struct_sizes_match_the_kernel() -> None:
     sizes = {
-        n: getattr(cuse, n).size
+        n: getattr(wire, n).size
         for n in (
             "IN_HEADER",
             "OUT_HEADER",
@@ -318,8 +317,8 @@ class FakeKernel:
         msg = MESSAGES[cmd]
         error, out = self.ioctl(fh, msg.ioctl, bytes(encode_ioctl_request(cmd, fields, data)))
         assert error == 0
-        assert len(out) == cuse.IOCTL_OUT.size + ioctl_sizes(msg.ioctl)[1]
-        ioctl_out = cuse.IOCTL_OUT.unpack_from(out)
+        assert len(out) == wire.IOCTL_OUT.size + ioctl_sizes(msg.ioctl)[1]
+        ioctl_out = wire.IOCTL_OUT.unpack_from(out)
         assert ioctl_out == (0, 0, 0, 0)
         payload = out[16:]
         return decode_ioctl_response(cmd, payload), payload[msg.ioctl_resp.size() :]

@@ -242,7 +242,8 @@ def _make_frontend(  # type: ignore[no-untyped-def]
     opts: DaemonOptions, engine: Engine, ctrl: Endpoint | None, data: Endpoint | None
 ):
     if opts.cuse is not None:
-        from vtpmctl.device.server.cuse.server import CuseError, CuseServer
+        from vtpmctl.device.server.cuse.server import CuseServer
+        from vtpmctl.device.server.cuse.wire import CuseError
 
         try:
             return CuseServer(engine, opts.cuse)
