@@ -156,6 +156,8 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
+    from vtpmctl.commands import args
+
     group = typer.Typer(
         name="ctl",
         no_args_is_help=True,
@@ -164,14 +166,7 @@ def register(app: "typer.Typer") -> None:
 
     @group.callback()
     def ctl_target(
-        target: Annotated[
-            str,
-            typer.Argument(
-                metavar="TARGET",
-                show_default=False,
-                help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name",
-            ),
-        ],
+        target: Annotated[str, args.TARGET],
     ) -> None:
         """Send one control command to a TPM (like swtpm_ioctl)."""
 

@@ -88,16 +88,16 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
+    from vtpmctl.commands import args
+
     group = typer.Typer(
         name="ek", no_args_is_help=True, help="Endorsement keys and their certificates."
     )
 
     @group.command("export")
     def export_cmd(
-        name: Annotated[
-            str, typer.Argument(metavar="NAME", show_default=False, help="instance name")
-        ],
-        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+        name: Annotated[str, args.NAME],
+        as_json: Annotated[bool, args.JSON] = False,
         pem: Annotated[
             bool,
             typer.Option(

@@ -61,15 +61,15 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
+    from vtpmctl.commands import args
+
     group = typer.Typer(
         name="key", no_args_is_help=True, help="Manage an instance's state encryption key."
     )
 
     @group.command("rotate")
     def rotate_cmd(
-        name: Annotated[
-            str, typer.Argument(metavar="NAME", show_default=False, help="instance name")
-        ],
+        name: Annotated[str, args.NAME],
         new_key_file: Annotated[
             Path,
             typer.Option(

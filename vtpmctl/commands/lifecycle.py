@@ -324,12 +324,11 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
-    name_arg = typer.Argument(metavar="NAME", show_default=False, help="instance name")
-    json_opt = typer.Option("--json", help="one JSON object on stdout")
+    from vtpmctl.commands import args
 
     @app.command("create")
     def create_cmd(
-        name: Annotated[str, name_arg],
+        name: Annotated[str, args.NAME],
         tpm: Annotated[TpmFamily, typer.Option("--tpm", help="TPM family")] = TpmFamily.TPM2,
         transport: Annotated[
             TransportKind,
@@ -398,7 +397,7 @@ def register(app: "typer.Typer") -> None:
 
     @app.command("start")
     def start_cmd(
-        name: Annotated[str, name_arg],
+        name: Annotated[str, args.NAME],
         incoming: Annotated[
             bool, typer.Option("--incoming", help="wait for QEMU's state (incoming migration)")
         ] = False,
@@ -421,7 +420,7 @@ def register(app: "typer.Typer") -> None:
 
     @app.command("stop")
     def stop_cmd(
-        name: Annotated[str, name_arg],
+        name: Annotated[str, args.NAME],
         force: Annotated[
             bool, typer.Option("--force", help="if it does not stop cleanly: SIGTERM, then SIGKILL")
         ] = False,
@@ -431,7 +430,7 @@ def register(app: "typer.Typer") -> None:
 
     @app.command("restart")
     def restart_cmd(
-        name: Annotated[str, name_arg],
+        name: Annotated[str, args.NAME],
         force: Annotated[bool, typer.Option("--force", help="as for stop")] = False,
     ) -> None:
         """Stop and start a vTPM's daemon."""
@@ -439,7 +438,7 @@ def register(app: "typer.Typer") -> None:
 
     @app.command("rm")
     def rm_cmd(
-        name: Annotated[str, name_arg],
+        name: Annotated[str, args.NAME],
         yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
     ) -> None:
         """Delete a stopped vTPM and its state, keys and logs."""
@@ -447,7 +446,7 @@ def register(app: "typer.Typer") -> None:
 
     @app.command("list")
     def list_cmd(
-        as_json: Annotated[bool, json_opt] = False,
+        as_json: Annotated[bool, args.JSON] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="names only")] = False,
     ) -> None:
         """List the vTPMs and their state."""
@@ -455,8 +454,8 @@ def register(app: "typer.Typer") -> None:
 
     @app.command("status")
     def status_cmd(
-        name: Annotated[str, name_arg],
-        as_json: Annotated[bool, json_opt] = False,
+        name: Annotated[str, args.NAME],
+        as_json: Annotated[bool, args.JSON] = False,
     ) -> None:
         """Show a vTPM's state and endpoints; exit 0 running, 3 stopped, 1 stale."""
         raise typer.Exit(status(name, as_json=as_json))

@@ -168,6 +168,8 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
+    from vtpmctl.commands import args
+
     group = typer.Typer(
         name="migrate",
         no_args_is_help=True,
@@ -179,13 +181,10 @@ def register(app: "typer.Typer") -> None:
         help="migration key (0600) the bundle is, or is to be, encrypted with",
     )
     mkey_fmt = typer.Option("--migration-key-format", help="how to read --migration-key-file")
-    json_opt = typer.Option("--json", help="one JSON object on stdout")
 
     @group.command("export")
     def export_cmd(
-        name: Annotated[
-            str, typer.Argument(metavar="NAME", show_default=False, help="instance name")
-        ],
+        name: Annotated[str, args.NAME],
         destination: Annotated[
             str | None, typer.Argument(metavar="[FILE|-]", show_default=False, help="same as -o")
         ] = None,
@@ -209,7 +208,7 @@ def register(app: "typer.Typer") -> None:
                 "of refusing (the copy and the original then diverge)",
             ),
         ] = False,
-        as_json: Annotated[bool, json_opt] = False,
+        as_json: Annotated[bool, args.JSON] = False,
     ) -> None:
         """Write a stopped vTPM's state, EK data and manifest as a bundle.
 
@@ -271,7 +270,7 @@ def register(app: "typer.Typer") -> None:
                 "--transport", show_default=False, help="socket or cuse [default: the source's]"
             ),
         ] = None,
-        as_json: Annotated[bool, json_opt] = False,
+        as_json: Annotated[bool, args.JSON] = False,
     ) -> None:
         """Create a vTPM from a bundle; everything is checked before anything is written."""
         if encrypt is False and key_file is not None:

@@ -199,17 +199,13 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
-    target_arg = typer.Argument(
-        metavar="TARGET",
-        show_default=False,
-        help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name",
-    )
+    from vtpmctl.commands import args
 
     @app.command("caps")
     def caps_cmd(
         ctx: typer.Context,
-        target: Annotated[str, target_arg],
-        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+        target: Annotated[str, args.TARGET],
+        as_json: Annotated[bool, args.JSON] = False,
     ) -> None:
         """Show the control-channel capabilities of a TPM (CMD_GET_CAPABILITY)."""
         caps(target, as_json=as_json, timeout=ctx.find_root().params["timeout"])
@@ -217,8 +213,8 @@ def register(app: "typer.Typer") -> None:
     @app.command("info")
     def info_cmd(
         ctx: typer.Context,
-        target: Annotated[str, target_arg],
-        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+        target: Annotated[str, args.TARGET],
+        as_json: Annotated[bool, args.JSON] = False,
     ) -> None:
         """Show what a TPM reports: version, keys in use, buffer size, established bit."""
         info(target, as_json=as_json, timeout=ctx.find_root().params["timeout"])

@@ -190,18 +190,18 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
+    from vtpmctl.commands import args
+
     group = typer.Typer(
         name="snapshot",
         no_args_is_help=True,
         help="Take, list, restore and compare snapshots of a vTPM's state.",
     )
-    name_arg = typer.Argument(metavar="NAME", show_default=False, help="instance name")
     ref_help = "snapshot id or label"
-    json_opt = typer.Option("--json", help="one JSON object on stdout")
 
     @group.command("create")
     def create_cmd(
-        name: Annotated[str, name_arg],
+        name: Annotated[str, args.NAME],
         label: Annotated[str | None, typer.Option("--label", help="a name to restore by")] = None,
         volatile: Annotated[
             bool,
@@ -216,46 +216,46 @@ def register(app: "typer.Typer") -> None:
                 "--keep", min=1, metavar="N", help="then keep only the newest N snapshots"
             ),
         ] = None,
-        as_json: Annotated[bool, json_opt] = False,
+        as_json: Annotated[bool, args.JSON] = False,
     ) -> None:
         """Snapshot a vTPM, running (without stopping it) or stopped."""
         raise typer.Exit(create(name, label, volatile, keep, as_json))
 
     @group.command("list")
     def list_cmd(
-        name: Annotated[str, name_arg], as_json: Annotated[bool, json_opt] = False
+        name: Annotated[str, args.NAME], as_json: Annotated[bool, args.JSON] = False
     ) -> None:
         """List a vTPM's snapshots, oldest first."""
         raise typer.Exit(list_(name, as_json))
 
     @group.command("restore")
     def restore_cmd(
-        name: Annotated[str, name_arg],
+        name: Annotated[str, args.NAME],
         ref: Annotated[str, typer.Argument(metavar="REF", show_default=False, help=ref_help)],
         force: Annotated[
             bool,
             typer.Option("--force", help="stop the running vTPM first (and start it again after)"),
         ] = False,
-        as_json: Annotated[bool, json_opt] = False,
+        as_json: Annotated[bool, args.JSON] = False,
     ) -> None:
         """Put a snapshot back as the vTPM's state (the current state is kept as a snapshot)."""
         raise typer.Exit(restore(name, ref, force, as_json))
 
     @group.command("rm")
     def rm_cmd(
-        name: Annotated[str, name_arg],
+        name: Annotated[str, args.NAME],
         ref: Annotated[str, typer.Argument(metavar="REF", show_default=False, help=ref_help)],
-        as_json: Annotated[bool, json_opt] = False,
+        as_json: Annotated[bool, args.JSON] = False,
     ) -> None:
         """Delete a snapshot."""
         raise typer.Exit(rm(name, ref, as_json))
 
     @group.command("diff")
     def diff_cmd(
-        name: Annotated[str, name_arg],
+        name: Annotated[str, args.NAME],
         ref_a: Annotated[str, typer.Argument(metavar="A", show_default=False, help=ref_help)],
         ref_b: Annotated[str, typer.Argument(metavar="B", show_default=False, help=ref_help)],
-        as_json: Annotated[bool, json_opt] = False,
+        as_json: Annotated[bool, args.JSON] = False,
     ) -> None:
         """Show which blobs, persistent handles and NV indexes changed from A to B."""
         raise typer.Exit(diff(name, ref_a, ref_b, as_json))

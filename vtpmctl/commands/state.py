@@ -147,22 +147,19 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
+    from vtpmctl.commands import args
+
     group = typer.Typer(
         name="state",
         no_args_is_help=True,
         help="Export or import one raw state blob (swtpm_ioctl --save/--load).",
-    )
-    target_arg = typer.Argument(
-        metavar="TARGET",
-        show_default=False,
-        help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name",
     )
     type_opt = typer.Option("--type", "-t", help="which blob", case_sensitive=False)
 
     @group.command("export")
     def export_cmd(
         ctx: typer.Context,
-        target: Annotated[str, target_arg],
+        target: Annotated[str, args.TARGET],
         output: Annotated[
             str,
             typer.Option(
@@ -194,7 +191,7 @@ def register(app: "typer.Typer") -> None:
     @group.command("import")
     def import_cmd(
         ctx: typer.Context,
-        target: Annotated[str, target_arg],
+        target: Annotated[str, args.TARGET],
         source: Annotated[
             str,
             typer.Argument(metavar="FILE|-", show_default=False, help="the blob ('-' for stdin)"),

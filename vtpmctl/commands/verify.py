@@ -65,12 +65,12 @@ def register(app: "typer.Typer") -> None:
 
     import typer
 
+    from vtpmctl.commands import args
+
     @app.command("verify")
     def verify_cmd(
-        name: Annotated[
-            str, typer.Argument(metavar="NAME", show_default=False, help="instance name")
-        ],
-        as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+        name: Annotated[str, args.NAME],
+        as_json: Annotated[bool, args.JSON] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only problems")] = False,
     ) -> None:
         """Check a vTPM's state files, keys, permissions, lock and snapshots (offline)."""

@@ -1,0 +1,19 @@
+"""The arguments and options that many commands share, declared once.
+
+Import it only inside a ``register()``: it imports typer, which the fast
+route of the command line never loads.
+"""
+
+import typer
+
+# A registered instance.
+NAME = typer.Argument(metavar="NAME", show_default=False, help="instance name")
+
+# Any TPM's control channel (vtpmctl.device.client.target parses it).
+TARGET = typer.Argument(
+    metavar="TARGET",
+    show_default=False,
+    help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name",
+)
+
+JSON = typer.Option("--json", help="one JSON object on stdout")
