@@ -441,3 +441,72 @@ def test_lying_manifests(source: Source, target: Home) -> None:
     for label, forged, key, needle in cases:
         message = refuse(target, forged, key)
         assert needle in message, (label, message)
+
+
+def edit_ek(data: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
+    """Change the bundle's ek.json and make the manifest's EK fingerprints and every hash agree."""
+    members = dict(read_tar(data))
+    info = json.loads(members["ek.json"])
+    change(info)
+    text = json.dumps(info, indent=2).encode()
+    fps = {e["algorithm"]: e["fingerprint_sha256"] for e in info["eks"] if isinstance(e, dict)}
+
+    def put(content: dict[str, bytes]) -> None:
+        content["ek.json"] = text
+
+    return reforge(data, lambda m: m.update(ek_fingerprints=fps), members=put)
+
+
+def test_ek_json_fields_are_checked_and_match_the_state(source: Source, target: Home) -> None:
+    """Every field of ek.json is checked, and the certificates must be those in the TPM's NV."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    plain = source.plain.read_bytes()
+    theirs = json.loads(dict(read_tar(source.keyed.read_bytes()))["ek.json"])
+    ours = json.loads(dict(read_tar(plain))["ek.json"])
+    assert all(e["certificate_pem"] for e in ours["eks"]) and ours["platform_certificate_pem"]
+    other_key = ec.generate_private_key(ec.SECP384R1()).public_key()
+    other_pem = other_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    other_fp = hashlib.sha256(
+        other_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    ).hexdigest()
+
+    def ek0(**fields: Any) -> Callable[[dict[str, Any]], None]:
+        return lambda info: info["eks"][0].update(fields)
+
+    cases: dict[str, Callable[[dict[str, Any]], None]] = {
+        "certificate-garbage": ek0(certificate_pem="-----BEGIN CERTIFICATE-----\nxx\n"),
+        "certificate-type": ek0(certificate_pem=5),
+        "certificate-of-another-tpm": ek0(certificate_pem=theirs["eks"][0]["certificate_pem"]),
+        "certificate-dropped": ek0(certificate_pem=None, cert_nv_index=None),
+        "cert-index-type": ek0(cert_nv_index=5),
+        "cert-index-other": ek0(cert_nv_index="0x01c0000a"),
+        "handle-type": ek0(handle=0x81010001),
+        "name-type": ek0(name=None),
+        "public-key-of-another-key": ek0(public_key_pem=other_pem, fingerprint_sha256=other_fp),
+        "platform-certificate-of-another-tpm": lambda i: i.update(
+            platform_certificate_pem=theirs["platform_certificate_pem"]
+        ),
+        "platform-certificate-garbage": lambda i: i.update(platform_certificate_pem="x"),
+        "locked-as-string": lambda i: i.update(locked="no"),
+        "locked-flipped": lambda i: i.update(locked=not i["locked"]),
+        "extra-key": lambda i: i.update(note="hi"),
+        "eks-not-a-list": lambda i: i.update(eks={}),
+        "ek-not-an-object": lambda i: i["eks"].append("rsa"),
+        "duplicate-ek": lambda i: i["eks"].append(dict(i["eks"][0])),
+    }
+    for label, change in cases.items():
+        message = refuse(target, edit_ek(plain, change))
+        assert "ek.json" in message or "not the one in its TPM" in message, (label, message)
+    # the unaltered ek.json, re-serialised, is fine and `ek export` reads it back
+    fine = target.path.parent / "fine.bundle"
+    fine.write_bytes(edit_ek(plain, lambda i: None))
+    target.run("migrate", "import", str(fine))
+    exported = target.json("ek", "export", "src")
+    assert exported["eks"] == ours["eks"]
+    assert exported["platform_certificate_pem"] == ours["platform_certificate_pem"]

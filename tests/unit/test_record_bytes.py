@@ -196,11 +196,11 @@ INSPECT_FULL = (
     '{"ok": false, "validate": {"permanent": 0, "volatile": 257}, '
     '"persistent": {"0x81010001": "000b' + "d" * 64 + '"}, '
     '"nv": {"0x01c00002": {"attributes": 1645150210, "size": 1200, "sha256": null}}, '
-    '"error": "the TPM does not start", "log": ["libtpms: x"]}'
+    '"ek": null, "error": "the TPM does not start", "log": ["libtpms: x"]}'
 )
 INSPECT_GOOD = (
     '{"ok": true, "validate": {"permanent": 0}, "persistent": null, "nv": null, '
-    '"error": null, "log": []}'
+    '"ek": null, "error": null, "log": []}'
 )
 
 
@@ -221,3 +221,7 @@ def test_inspect_result_bytes() -> None:
     assert json.dumps(good.to_json()) == INSPECT_GOOD
     assert InspectResult.from_json(json.loads(INSPECT_FULL)) == full_inspect()
     assert InspectResult.from_json(json.loads(INSPECT_GOOD)) == good
+    # an answer from before the "ek" field reads as one without EKs
+    older = json.loads(INSPECT_GOOD)
+    del older["ek"]
+    assert InspectResult.from_json(older) == good

@@ -16,6 +16,8 @@ What it reports:
   decoded), started unless the volatile state resumed it, and its persistent
   handles (with their Names) and NV indexes (attributes, size and a sha256 of
   the contents where the index can be read with an empty password) listed.
+* with ``ek`` too: its EKs and certificates, as ``ek.json`` describes them
+  (an import compares a bundle's ek.json with this).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class InspectResult:
     validate: dict[str, int]  # blob kind -> TPMLIB_ValidateState rc (0 good)
     persistent: dict[str, str] | None = None  # "0x81010001" -> Name hex
     nv: dict[str, dict[str, object]] | None = None  # "0x01c00002" -> attributes/size/sha256
+    ek: dict[str, Any] | None = None  # the EKs in the state, in ek.json's form
     error: str | None = None
     log: list[str] = field(default_factory=list)  # libtpms' own messages, if any
 
@@ -64,7 +67,12 @@ class InspectResult:
 
 
 def inspect_blobs(
-    blobs: dict[str, bytes], *, tpm2: bool, describe: bool = False, timeout: float = DEFAULT_TIMEOUT
+    blobs: dict[str, bytes],
+    *,
+    tpm2: bool,
+    describe: bool = False,
+    ek: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> InspectResult:
     """Validate (and optionally decode) plaintext state blobs in a fresh process.
 
@@ -80,6 +88,7 @@ def inspect_blobs(
     request = {
         "tpm2": tpm2,
         "describe": describe,
+        "ek": ek,
         "blobs": {k: base64.b64encode(v).decode() for k, v in blobs.items() if v},
     }
     try:
@@ -180,6 +189,8 @@ def _run(request: dict[str, Any]) -> InspectResult:
             )
         if tpm2:
             _describe_tpm2(tpm.process, result, resumed="volatile" in blobs)
+            if request.get("ek"):
+                _read_eks(tpm.process, result)
     except _InspectError as exc:
         result.ok = False
         result.error = str(exc)
@@ -219,6 +230,21 @@ def _describe_tpm2(transact: Transact, result: InspectResult, *, resumed: bool) 
         raise _InspectError(f"cannot list the TPM's objects ({exc})") from None
     result.persistent = persistent
     result.nv = nv
+
+
+def _read_eks(transact: Transact, result: InspectResult) -> None:
+    from vtpmctl.engine import tpm2 as t
+    from vtpmctl.engine.provision import ProvisionError, read_ek_info
+
+    for attempt in range(3):  # the first DA-protected use after a start may say RETRY
+        try:
+            result.ek = read_ek_info(transact).as_dict()
+            return
+        except t.TpmError as exc:
+            if exc.base != t.RC.RETRY or attempt == 2:
+                raise _InspectError(f"cannot read the TPM's EKs ({exc})") from None
+        except (t.MalformedResponse, ProvisionError) as exc:
+            raise _InspectError(f"cannot read the TPM's EKs ({exc})") from None
 
 
 def _sha256(data: bytes) -> str:

@@ -16,10 +16,10 @@ point leaves the store as it was.
 
 from __future__ import annotations
 
-import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vtpmctl import __version__
 from vtpmctl.errors import InstanceError, InstanceExists
@@ -44,6 +44,9 @@ from vtpmctl.store.instances import (
     now_utc,
     validate_name,
 )
+
+if TYPE_CHECKING:
+    from vtpmctl.engine.inspect import InspectResult
 
 CONTROL_TIMEOUT = 5.0
 
@@ -240,8 +243,17 @@ class Imported:
     notes: list[str]
 
 
-def _check_ek(bundle: Bundle, persistent: dict[str, str] | None) -> None:
-    """The EKs the bundle describes are the ones in its TPM state (same handle, same Name)."""
+def _check_ek(bundle: Bundle, state: InspectResult | None) -> None:
+    """ek.json is well-formed and describes the EKs of the bundle's TPM state exactly.
+
+    Without ``state`` only the file itself is checked (and against the manifest).
+    With it, every field must be what the state holds: the EKs at their
+    handles with their Names, each certificate byte for byte as in its NV
+    index, the platform certificate and the lock, so that ``ek export`` of the
+    imported instance shows what its TPM really holds.
+    """
+    from vtpmctl.store.ekfile import ek_file_from_json, read_ek_file
+
     m = bundle.manifest
     if bundle.ek_json is None:
         if m.ek_fingerprints:
@@ -249,47 +261,49 @@ def _check_ek(bundle: Bundle, persistent: dict[str, str] | None) -> None:
                 "the bundle manifest is invalid: it lists EK fingerprints but has no ek.json"
             )
         return
-    try:
-        info = json.loads(bundle.ek_json)
-        eks = info["eks"]
-        found = {str(e["algorithm"]): str(e["fingerprint_sha256"]) for e in eks}
-        handles = {str(e["handle"]): str(e["name"]) for e in eks}
-    except (ValueError, KeyError, TypeError, RecursionError):
-        raise BundleError("ek.json in the bundle is not an EK description") from None
-    if found != m.ek_fingerprints:
+
+    def bad(what: str) -> BundleError:
+        return BundleError(f"ek.json in the bundle is not an EK description: {what}")
+
+    info = read_ek_file(bundle.ek_json, bad)
+    if {e.algorithm: e.fingerprint_sha256 for e in info.eks} != m.ek_fingerprints:
         raise BundleError(
             "the bundle manifest's EK fingerprints do not match its ek.json; the bundle was altered"
         )
-    _check_ek_keys(eks)
-    if persistent is None:
+    if state is None:
         return
-    for handle, name in handles.items():
-        if persistent.get(handle) != name:
+    if m.tpm_version != "2.0":
+        raise BundleError("a TPM 1.2 bundle has no ek.json; the bundle was altered")
+    if state.persistent is None or state.ek is None:
+        raise BundleError("the EKs of the bundle's TPM state could not be read")
+    for e in info.eks:
+        if state.persistent.get(e.handle) != e.name:
             raise BundleError(
-                f"the EK at {handle} described in the bundle is not the one in "
+                f"the EK at {e.handle} described in the bundle is not the one in "
                 "its TPM state; the bundle was altered"
             )
-
-
-def _check_ek_keys(eks: list[dict[str, object]]) -> None:
-    """Each recorded fingerprint is the SHA-256 of the recorded public key."""
-    import hashlib
-
-    from cryptography.hazmat.primitives import serialization
-
-    for ek in eks:
-        try:
-            key = serialization.load_pem_public_key(str(ek["public_key_pem"]).encode())
-        except (KeyError, ValueError, TypeError):
-            raise BundleError("ek.json in the bundle holds an unreadable public key") from None
-        spki = key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        if hashlib.sha256(spki).hexdigest() != ek.get("fingerprint_sha256"):
+    held = ek_file_from_json(state.ek, bad)
+    for e in info.eks:
+        twin = next((h for h in held.eks if h.handle == e.handle), None)
+        if twin is None or twin != e:
             raise BundleError(
-                "ek.json in the bundle has a fingerprint that does not match its "
-                "public key; the bundle was altered"
+                f"the EK or certificate at {e.handle} in the bundle's ek.json is not the one "
+                "in its TPM state; the bundle was altered"
             )
+    if len(held.eks) != len(info.eks):
+        raise BundleError(
+            "the bundle's ek.json leaves out EKs that its TPM state holds; the bundle was altered"
+        )
+    if held.platform_certificate_pem != info.platform_certificate_pem:
+        raise BundleError(
+            "the platform certificate in the bundle's ek.json is not the one in its TPM "
+            "state; the bundle was altered"
+        )
+    if held.locked != info.locked:
+        raise BundleError(
+            f"the bundle's ek.json says locked={str(info.locked).lower()} but the certificates "
+            f"in its TPM state have locked={str(held.locked).lower()}; the bundle was altered"
+        )
 
 
 def verify_bundle(data: bytes, migration_key: AesKey | None) -> tuple[Bundle, str | None]:
@@ -301,7 +315,7 @@ def verify_bundle(data: bytes, migration_key: AesKey | None) -> tuple[Bundle, st
     tpm2 = m.tpm_version == "2.0"
     _check_ek(bundle, None)
     here = libtpms_version()
-    result = inspect_blobs(bundle.plain, tpm2=tpm2, describe=True)
+    result = inspect_blobs(bundle.plain, tpm2=tpm2, describe=True, ek=bundle.ek_json is not None)
     if not result.ok:
         bad = ", ".join(f"{k} 0x{rc:x}" for k, rc in result.validate.items() if rc)
         detail = f"TPMLIB_ValidateState failed ({bad})" if bad else (result.error or "failed")
@@ -314,7 +328,7 @@ def verify_bundle(data: bytes, migration_key: AesKey | None) -> tuple[Bundle, st
                 else "the state is damaged or of another TPM version"
             )
         )
-    _check_ek(bundle, result.persistent if tpm2 else None)
+    _check_ek(bundle, result)
     return bundle, here
 
 
