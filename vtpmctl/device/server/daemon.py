@@ -152,7 +152,7 @@ def check_options(opts: DaemonOptions) -> tuple[Endpoint | None, Endpoint | None
         raise ServeOptionError("give exactly one of --ctrl or --cuse")
     parse_flags(opts.flags)
     if opts.cuse is not None:
-        from vtpmctl.device.server.cuse import CuseError, device_name
+        from vtpmctl.device.server.cuse.wire import CuseError, device_name
 
         try:
             device_name(opts.cuse)
