@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 GETRANDOM16 = bytes.fromhex("80010000000c0000017b0010")
 GET_CAPABILITY = b"\0\0\0\1"
 START_TIMEOUT = 15.0

@@ -23,7 +23,6 @@ from rawsock import connect, exchange, h, read_exact
 GET_RANDOM = h("80 01 00 00 00 0c 00 00 01 7b 00 08")
 TPM2_STARTUP_CLEAR = h("80 01 00 00 00 0c 00 00 01 44 00 00")
 TPM2_FATAL = h("80 01 00 00 00 0a 00 00 01 01")
-TPM12_FATAL = h("00 c4 00 00 00 0a 00 00 00 09")
 INIT_FAILED = {
     True: b"TPM result from PTM_INIT: 0x101\n",  # TPM_RC_FAILURE
     False: b"TPM result from PTM_INIT: 0x9\n",
