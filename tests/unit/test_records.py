@@ -164,3 +164,12 @@ def test_inspect_answer_types_are_checked() -> None:
             InspectResult.from_json({**good, **bad})
     with pytest.raises(ValueError, match="field 'ok' is missing"):
         InspectResult.from_json({"validate": {}})
+
+
+def test_unsupported_annotations_are_a_programming_error() -> None:
+    @dataclass
+    class Odd:
+        either: int | str
+
+    with pytest.raises(TypeError, match="records cannot read 'either'"):
+        records.from_json(Odd, {"either": 1}, Bad)

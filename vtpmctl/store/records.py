@@ -131,7 +131,10 @@ def _value(
     if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
-        (hint,) = (a for a in args if a is not type(None))
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"records cannot read {key!r} of type {hint!r}")
+        hint = rest[0]
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     choices = meta.get(_CHOICES) or (args if origin is typing.Literal else None)
     if choices is not None:
