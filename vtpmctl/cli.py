@@ -73,7 +73,9 @@ def run(args: list[str], fast: bool = True) -> int:
 
             traceback.print_exc()
         else:
-            sys.stderr.write(f"vtpmctl: {_one_line(exc)}\n")
+            from vtpmctl.commands.output import safe
+
+            sys.stderr.write(f"vtpmctl: {safe(_one_line(exc))}\n")
         return exc.exit_code if isinstance(exc, VtpmctlError) else EXIT_FAILURE
 
 
@@ -280,6 +282,7 @@ def _run_typer(args: list[str]) -> int:
     except ImportError:  # pragma: no cover - older typer on the real click
         import click  # type: ignore[no-redef,import-not-found,unused-ignore]
 
+    from vtpmctl.commands.output import safe
     from vtpmctl.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
     command = typer.main.get_command(build_app())
@@ -297,11 +300,11 @@ def _run_typer(args: list[str]) -> int:
         where = exc.ctx.command_path if exc.ctx is not None else "vtpmctl"
         where = where.replace("{", "").replace("}", "")
         sys.stderr.write(
-            f"{where}: {_one_line_text(exc.format_message())} (see '{where} --help')\n"
+            f"{where}: {safe(_one_line_text(exc.format_message()))} (see '{where} --help')\n"
         )
         return EXIT_USAGE
     except click.exceptions.ClickException as exc:
-        sys.stderr.write(f"vtpmctl: {_one_line_text(exc.format_message())}\n")
+        sys.stderr.write(f"vtpmctl: {safe(_one_line_text(exc.format_message()))}\n")
         return exc.exit_code
     except typer.Abort:
         sys.stderr.write("vtpmctl: aborted\n")

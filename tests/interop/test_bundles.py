@@ -510,3 +510,23 @@ def test_ek_json_fields_are_checked_and_match_the_state(source: Source, target: 
     exported = target.json("ek", "export", "src")
     assert exported["eks"] == ours["eks"]
     assert exported["platform_certificate_pem"] == ours["platform_certificate_pem"]
+
+
+def test_text_from_the_manifest_is_escaped(source: Source, target: Home, tmp_path: Path) -> None:
+    """source_host and source_name come from the bundle: never raw control characters."""
+    hostile = "h\x1b]0;pwned\x07\x1b[2J\u202e"
+    forged = tmp_path / "hostile.bundle"
+    forged.write_bytes(
+        reforge(
+            source.plain.read_bytes(),
+            lambda m: m.update(source_host=hostile, source_name="n" + hostile),
+        )
+    )
+    result = target.run("migrate", "import", str(forged), "--name", "fine")
+    for stream in (result.stdout, result.stderr):
+        assert not any(c in stream for c in "\x1b\x07\u202e"), stream
+    assert "\\x1b]0;pwned\\x07" in result.stdout
+    # without --name, the hostile source name is refused, escaped too
+    refused = target.run("migrate", "import", str(forged), check=False)
+    assert refused.returncode != 0
+    assert not any(c in refused.stderr for c in "\x1b\x07\u202e"), refused.stderr

@@ -9,6 +9,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from vtpmctl.commands.output import safe
 from vtpmctl.errors import InstanceError
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def _print_human(data: dict[str, Any]) -> None:
     if data["platform_certificate_pem"]:
         lines.append("platform certificate  present")
     lines.append(f"NV locked  {'yes' if data['locked'] else 'no'}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write("".join(safe(line) + "\n" for line in lines))
 
 
 def register(app: "typer.Typer") -> None:

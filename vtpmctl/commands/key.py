@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vtpmctl.commands.choices import KeyFormat
+from vtpmctl.commands.output import safe
 from vtpmctl.errors import InstanceError
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def rotate(name: str, new_key_file: Path, key_format: str = "auto") -> int:
         # a restore staged under the old key must be settled before the key changes
         settled = settle(inst.paths, inst.config.tpm2)
         for note in settled.notes:
-            sys.stderr.write(f"vtpmctl: {note}\n")
+            sys.stderr.write(f"vtpmctl: {safe(note)}\n")
         if settled.rotation is not None:
             inst = registry.get(name)
         source = "passphrase" if key_format == "passphrase" else "key-file"

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vtpmctl.commands.choices import KeyFormat, TpmFamily, TransportKind
-from vtpmctl.commands.output import print_json, print_rows
+from vtpmctl.commands.output import note as _note
+from vtpmctl.commands.output import out as _out
+from vtpmctl.commands.output import print_json, print_rows, safe
 
 if TYPE_CHECKING:
     import typer
@@ -100,17 +102,11 @@ def _broken_record(name: str, error: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- output
 
 
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
-
-
-def _note(text: str) -> None:
-    sys.stderr.write(f"vtpmctl: {text}\n")
-
-
 def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    rows = [[safe(c) for c in row] for row in rows]
     if sys.stdout.isatty():
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(box=None, header_style="bold")
@@ -119,7 +115,10 @@ def _print_table(headers: list[str], rows: list[list[str]]) -> None:
         styles = {"running": "green", "stale": "red", "unknown": "red"}
         for row in rows:
             style = styles.get(row[1])
-            table.add_row(*(row[:1] + [f"[{style}]{row[1]}[/]" if style else row[1]] + row[2:]))
+            cells = [escape(c) for c in row]
+            table.add_row(
+                *(cells[:1] + [f"[{style}]{cells[1]}[/]" if style else cells[1]] + cells[2:])
+            )
         Console().print(table)
         return
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]

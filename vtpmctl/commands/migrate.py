@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vtpmctl.commands.choices import KeyFormat, TransportKind
-from vtpmctl.commands.output import print_json
+from vtpmctl.commands.output import print_json, safe
 from vtpmctl.errors import UsageError
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def import_(
         )
         return 0
     for note in done.notes:
-        sys.stderr.write(f"vtpmctl: note: {note}\n")
+        sys.stderr.write(f"vtpmctl: note: {safe(note)}\n")
     details = [
         f"TPM {m.tpm_version}",
         f"libtpms {m.libtpms_version or '?'} -> {done.libtpms_version or '?'}",
@@ -156,8 +156,11 @@ def import_(
         else "not encrypted at rest"
     )
     sys.stdout.write(
-        f"imported {inst.name} from {m.source_name} on {m.source_host} "
-        f"({'; '.join(details)}); start it with: vtpmctl start {inst.name}\n"
+        safe(
+            f"imported {inst.name} from {m.source_name} on {m.source_host} "
+            f"({'; '.join(details)}); start it with: vtpmctl start {inst.name}"
+        )
+        + "\n"
     )
     return 0
 

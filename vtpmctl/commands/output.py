@@ -10,6 +10,36 @@ from typing import Any
 FORMAT_VERSION = 1
 
 
+def safe(text: str) -> str:
+    """``text`` with every character a terminal could act on written as an escape.
+
+    Text from files (a bundle's manifest, ek.json, config, logs, a peer's info)
+    is printed through this: control characters (ESC, BEL, CR, newlines, C1),
+    bidi overrides and other unprintables become ``\\xNN``/``\\uNNNN``, so a
+    crafted host name cannot retitle, clear or rewrite the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def out(text: str) -> None:
+    """One line of human output on stdout."""
+    sys.stdout.write(safe(text) + "\n")
+
+
+def note(text: str) -> None:
+    """One diagnostic line on stderr."""
+    sys.stderr.write(f"vtpmctl: {safe(text)}\n")
+
+
 def print_json(data: dict[str, Any]) -> None:
     """One object on stdout; ``format_version`` first unless the caller set it."""
     import json
@@ -19,15 +49,18 @@ def print_json(data: dict[str, Any]) -> None:
 
 def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
     """Two aligned columns; a rich table when a person is looking."""
+    title = safe(title)
+    rows = [(safe(k), safe(v)) for k, v in rows]
     if sys.stdout.isatty():
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=title, show_header=False, box=None, title_justify="left")
+        table = Table(title=escape(title), show_header=False, box=None, title_justify="left")
         table.add_column(style="bold")
         table.add_column()
         for key, value in rows:
-            table.add_row(key, value)
+            table.add_row(escape(key), escape(value))
         Console().print(table)
         return
     width = max(len(k) for k, _ in rows)

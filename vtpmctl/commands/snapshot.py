@@ -4,10 +4,11 @@ Plain functions do the work and return the exit code; ``register`` adds the
 typer front ends. ``--json`` prints one object with ``format_version``.
 """
 
-import sys
 from typing import TYPE_CHECKING, Any
 
-from vtpmctl.commands.output import print_json
+from vtpmctl.commands.output import note as _note
+from vtpmctl.commands.output import out as _out
+from vtpmctl.commands.output import print_json, safe
 
 if TYPE_CHECKING:
     import typer
@@ -16,14 +17,6 @@ if TYPE_CHECKING:
     from vtpmctl.store.snapshots import Snapshot
 
 FORMAT_VERSION = 1
-
-
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
-
-
-def _note(text: str) -> None:
-    sys.stderr.write(f"vtpmctl: {text}\n")
 
 
 def _instance(name: str) -> "Instance":
@@ -101,7 +94,7 @@ def list_(name: str, as_json: bool = False) -> int:
             [
                 str(s.id),
                 snapshot_ops.timestamp(s.created),
-                s.label or "",
+                safe(s.label or ""),
                 kinds,
                 _size(sum(s.sizes.values())),
             ]

@@ -8,6 +8,8 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
+from vtpmctl.commands.output import safe
+
 if TYPE_CHECKING:
     import typer
 
@@ -53,7 +55,7 @@ def verify(name: str, as_json: bool = False, quiet: bool = False) -> int:
     for f in findings:
         if quiet and f.level == "ok":
             continue
-        sys.stdout.write(f.line() + "\n")
+        sys.stdout.write(safe(f.line()) + "\n")
     summary = f"{name}: {errors} error(s), {warnings} warning(s)"
     sys.stderr.write(("vtpmctl: " + summary if errors else summary) + "\n")
     return 1 if errors else 0
