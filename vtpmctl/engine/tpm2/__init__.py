@@ -69,6 +69,7 @@ from vtpmctl.engine.tpm2.constants import (
     HR_PCR,
     HR_PERSISTENT,
     HR_TRANSIENT,
+    KEYGEN_COMMANDS,
     PT,
     RH_ENDORSEMENT,
     RH_LOCKOUT,
@@ -121,6 +122,7 @@ from vtpmctl.engine.tpm2.structures import (
 __all__ = [
     "Alg",
     "CC",
+    "KEYGEN_COMMANDS",
     "Cap",
     "Capability",
     "CreatePrimaryResult",

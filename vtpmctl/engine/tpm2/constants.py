@@ -170,7 +170,7 @@ class PT(IntEnum):
 
 
 class CC(IntEnum):
-    """TPM_CC values of the commands built here."""
+    """TPM_CC values of the commands built or recognised here."""
 
     NV_UndefineSpace = 0x122
     EvictControl = 0x120
@@ -182,12 +182,18 @@ class CC(IntEnum):
     Startup = 0x144
     Shutdown = 0x145
     NV_Read = 0x14E
+    Create = 0x153
     FlushContext = 0x165
     NV_ReadPublic = 0x169
     ReadPublic = 0x173
     GetCapability = 0x17A
     GetRandom = 0x17B
     PCR_Read = 0x17E
+    CreateLoaded = 0x191
+
+
+# Commands that generate keys: seconds under emulation, and the ones libtpms can cancel.
+KEYGEN_COMMANDS = frozenset({CC.CreatePrimary, CC.Create, CC.CreateLoaded})
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ from vtpmctl.device.server.cuse.wire import (
 )
 from vtpmctl.engine.libtpms import CommandBuffer
 from vtpmctl.engine.tpm import ControlReply, Engine, FatalEngineError
+from vtpmctl.engine.tpm2 import KEYGEN_COMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ TPM_COMMAND_MAX = 4096  # a longer write() is truncated, as swtpm does
 NODE_TIMEOUT = 10.0  # seconds for devtmpfs to show the node
 
 # TPM commands that generate keys: worth a thread, and the ones libtpms can cancel.
-_LONG_TPM2 = frozenset({0x131, 0x153, 0x191})  # CreatePrimary, Create, CreateLoaded
+_LONG_TPM2 = KEYGEN_COMMANDS
 _LONG_TPM12 = TPM12_KEYGEN_ORDINALS
 
 
