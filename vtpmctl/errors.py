@@ -54,7 +54,7 @@ This module is at the bottom of the layers: it imports nothing from vtpmctl,
 and nothing heavy (``cli.run`` imports it on every failure).
 """
 
-# Exit codes of every command but `status` (see DESIGN: 0 ok, 1 failure, 2 usage).
+# Exit codes of every command but `status` (README.md: 0 ok, 1 failure, 2 usage).
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

@@ -1,7 +1,7 @@
 """Raw bytes on a control or data socket, for byte-exact comparisons.
 
 No protocol knowledge here on purpose: tests spell requests as hex so that what is
-sent is exactly what the spec tables show.
+sent is exactly what the tables of docs/protocol.md show.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ CAPS_REPLY = bytes.fromhex("00000000 0001ffff")
 GET_RANDOM = bytes.fromhex("80010000000c0000017b0010")  # TPM2_GetRandom(16)
 TPM2_STARTUP_CLEAR = bytes.fromhex("80010000000c000001440000")
 
-# Success reply sizes per control code (spec §1.2); None: variable (header says).
+# Success reply sizes per control code (docs/protocol.md#control-commands);
+# None: variable (the header says).
 SUCCESS_SIZE: dict[int, int | None] = {
     0x01: 8,
     0x02: 4,
@@ -48,7 +49,7 @@ SUCCESS_SIZE: dict[int, int | None] = {
     0x12: None,
     0x13: 4,
 }
-# Request bytes after the code that the server waits for (spec §2.2).
+# Request bytes after the code that the server waits for (docs/protocol.md#socket-framing).
 WAITS_FOR = {0x02: 4, 0x05: 1, 0x0B: 1, 0x0C: 12, 0x07: 4, 0x0D: 12}
 SHUTDOWN = 0x03
 

@@ -342,7 +342,7 @@ def test_swtpm_ioctl_parity_tcp(
     compare(ours, theirs)
 
 
-# ---------------------------------------------------------------- raw bytes (spec §9)
+# ------------------------------------------------- raw bytes (docs/protocol.md#socket-framing)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""vtpmctl.store.blob against the byte layouts of spec §4.2-§4.5, checked independently."""
+"""vtpmctl.store.blob against the byte layouts of docs/protocol.md#blob-layout, checked
+independently."""
 
 from __future__ import annotations
 
@@ -78,13 +79,16 @@ def encrypted_tlvs(key: AesKey, padded: bytes, data_tag: int, iv_tag: int) -> by
 
 
 def legacy_encrypt(key: AesKey, state: bytes) -> bytes:
-    """Version-1 body: zero IV, SHA-256 prefix, padded (spec §4.4 last bullet)."""
+    """Version-1 body: zero IV, SHA-256 prefix, padded (docs/protocol.md#blob-layout, version 1)."""
     k = key.material
     return aes_cbc(k, bytes(16), swtpm_pad(hashlib.sha256(state).digest() + state, len(k)))
 
 
 def check_encrypted_part(key: AesKey, body: bytes, tags: tuple[int, int, int]) -> bytes:
-    """Verify order, IV length, padding and HMAC per §4.5; return the plaintext."""
+    """Verify order, IV length, padding and HMAC; return the plaintext.
+
+    The rules: docs/protocol.md#state-files-and-encryption.
+    """
     k = key.material
     records = tlv_list(body)
     assert [tag for tag, _ in records] == list(tags)

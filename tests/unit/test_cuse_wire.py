@@ -129,7 +129,7 @@ def test_init_reply_layout() -> None:
 
 
 def test_ioctl_numbers_and_sizes() -> None:
-    # Numbers from the spec (§1.2, x86-64), sizes from the _IOC encoding.
+    # Numbers from docs/protocol.md#cuse (x86-64), sizes from the _IOC encoding.
     assert MESSAGES[Cmd.GET_CAPABILITY].ioctl == 0x80085000
     assert ioctl_sizes(0x80085000) == (0, 8)
     assert ioctl_sizes(0xC0045001) == (4, 4)

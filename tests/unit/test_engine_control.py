@@ -44,7 +44,8 @@ REQUESTS: dict[Cmd, dict[str, int]] = {
     Cmd.GET_INFO: {"flags": 1, "offset": 0},
     Cmd.LOCK_STORAGE: {"retries": 0},
 }
-# swtpm's rule (spec §1.2), written out here so that the table is checked too.
+# swtpm's rule (docs/protocol.md#control-commands), written out here so that the table is
+# checked too.
 NEEDS_RUNNING = {
     Cmd.GET_TPMESTABLISHED,
     Cmd.HASH_START,

@@ -1,4 +1,4 @@
-"""vtpmctl.store.keys: swtpm's key-file syntax (spec §4.6) and safe secret files."""
+"""vtpmctl.store.keys: swtpm's key-file syntax (docs/protocol.md#keys) and safe secret files."""
 
 from __future__ import annotations
 

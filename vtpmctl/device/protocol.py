@@ -89,7 +89,7 @@ class Cap(IntFlag):
     LOCK_STORAGE = 1 << 16
 
 
-# What swtpm reports, and therefore what we report (spec §1.4).
+# What swtpm reports, and therefore what we report (docs/protocol.md#capabilities).
 CAPS_SOCKET_TPM2 = 0x0001FFFF
 CAPS_SOCKET_TPM12 = 0x00017FFF
 CAPS_CUSE = 0x00016FFF
@@ -230,7 +230,7 @@ class Message(_Record):
     """One control command: its socket and ioctl layouts.
 
     ``req_rule`` is how the socket server checks the request body length
-    (spec §1.2): ``("exact", n)``, ``("min", n)`` or ``None`` (not checked).
+    (docs/protocol.md#control-commands): ``("exact", n)``, ``("min", n)`` or ``None`` (not checked).
     ``data`` says whether variable bytes follow the fixed request ('req') or
     response ('resp'). The per-command rules every frontend and the engine
     apply come from here too:
@@ -242,7 +242,7 @@ class Message(_Record):
     - ``await_body``: the socket server waits (within the deadline) for the
       whole fixed request and any data it announces before it runs the
       command; any other command runs with what the first read brought
-      (spec §2.2).
+      (docs/protocol.md#socket-framing).
     - ``while_busy``: answered at once, without the engine lock, even while
       a TPM command runs.
     """
@@ -317,7 +317,7 @@ class Message(_Record):
         """Whether the TPM's running state allows this command (else TPM_BAD_ORDINAL).
 
         Without ``fields`` only the state rule is checked, as a socket server
-        does before it looks at the request's length (spec §1.2).
+        does before it looks at the request's length (docs/protocol.md#control-commands).
         """
         if self.needs_running is not None and self.needs_running != running:
             return False
@@ -514,7 +514,7 @@ def socket_error_size(cmd: Cmd, result: int) -> int:
 
     GET_STATEBLOB answers most failures with its 16-byte header, but swtpm
     checks "running" before it builds that header, so "not running" (0x0a) is
-    the bare 4-byte result (spec §3.2). A client that always waited for 16
+    the bare 4-byte result (docs/protocol.md#state-blobs). A client that always waited for 16
     bytes would hang there.
     """
     if cmd == Cmd.GET_STATEBLOB and result == Res.BAD_ORDINAL:
@@ -554,7 +554,10 @@ def socket_data_length(data: bytes) -> int | None:
 
 
 def socket_request_need(data: bytes) -> int:
-    """How many bytes of the request in ``data`` the server waits for (spec §2.2)."""
+    """How many bytes of the request in ``data`` the server waits for.
+
+    See docs/protocol.md#socket-framing.
+    """
     if len(data) < CODE.size():
         return CODE.size()
     msg = _BY_CODE.get(socket_request_code(data))
@@ -640,7 +643,8 @@ def _tpm_message(tag: int, code: int, params: bytes = b"") -> bytes:
     return TPM_HEADER.pack("big", {"tag": tag, "size": size, "code": code}) + params
 
 
-# What the data channel answers when the TPM cannot run a command (spec §2.3).
+# What the data channel answers when the TPM cannot run a command
+# (docs/protocol.md#the-data-channel).
 TPM2_FATAL_RESPONSE = _tpm_message(TPM2_ST_NO_SESSIONS, Res.TPM2_FAILURE)
 TPM12_FATAL_RESPONSE = _tpm_message(TPM12_TAG_RSP_COMMAND, Res.FAIL)
 # A CUSE write() shorter than a header.
@@ -665,8 +669,8 @@ def tpm12_startup(startup_type: int) -> bytes:
     )
 
 
-# TCG simulator framing on a TPM 2 data socket (spec §2.4): this head, the command;
-# answered with the response's length, the response and a zero acknowledgement.
+# TCG simulator framing on a TPM 2 data socket (docs/protocol.md#the-data-channel): this
+# head, the command; answered with the response's length, the response and a zero acknowledgement.
 TPM_SEND_COMMAND = 8
 SEND_COMMAND_HEAD = L(("command", "I"), ("locality", "B"), ("length", "I"))
 SEND_COMMAND_CODE = CODE.pack("big", {"code": TPM_SEND_COMMAND})

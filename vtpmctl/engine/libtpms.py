@@ -2,7 +2,7 @@
 
 libtpms keeps one TPM in process globals, calls back into Python for every
 NV access and owns some buffers while we own others. This module pins all of
-that down (see spec/libtpms-engine.md): argtypes on every function, callbacks
+that down (see docs/libtpms.md): argtypes on every function, callbacks
 that can never raise into C and are kept alive for the life of the process,
 mutable command buffers, and a reused response buffer.
 """
@@ -88,7 +88,7 @@ class Storage:
 
     ``load`` returns the plaintext blob, ``None`` when it does not exist,
     and raises when it exists but cannot be used. It also decides whether
-    a missing permanent state may be manufactured (gotcha 3).
+    a missing permanent state may be manufactured (docs/libtpms.md, pitfall 3).
     """
 
     def load(self, name: str) -> bytes | None:
@@ -201,7 +201,10 @@ class Libtpms:
     # ------------------------------------------------------------ callbacks
 
     def _guard(self, what: str, fn: Callable[..., int]) -> Callable[..., int]:
-        """Never let a Python exception reach C: it would see garbage (gotcha 2)."""
+        """Never let a Python exception reach C: it would see garbage.
+
+        See docs/libtpms.md, pitfall 1.
+        """
 
         def wrapper(*args: Any) -> int:
             try:
@@ -230,7 +233,8 @@ class Libtpms:
                 pdata[0] = _U8P()
                 plen[0] = 0
                 return TPM_RETRY if storage.missing_ok(sname) else TPM_FAIL
-            # libtpms free()s this buffer; TPM_Malloc is capped at 128 KiB (gotcha 17).
+            # libtpms free()s this buffer; TPM_Malloc is capped at 128 KiB
+            # (docs/libtpms.md, pitfall 9).
             ptr = _libc.malloc(max(len(data), 1))
             if not ptr:
                 return TPM_FAIL

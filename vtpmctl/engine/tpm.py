@@ -348,7 +348,7 @@ class Engine(Storage):
         return resp
 
     def cancel(self) -> int:
-        """Safe from any thread, without the lock (gotcha 14); libtpms' result."""
+        """Safe from any thread, without the lock (docs/libtpms.md, pitfall 14); libtpms' result."""
         return self.tpm.cancel()
 
     # ------------------------------------------------------------ control channel
@@ -359,7 +359,7 @@ class Engine(Storage):
         return CAPS_SOCKET_TPM2 if self.config.tpm2 else CAPS_SOCKET_TPM12
 
     def control(self, cmd: Cmd, req: dict[str, int], data: bytes = b"") -> ControlReply:
-        """Execute one control command with swtpm's semantics (spec §1.3).
+        """Execute one control command with swtpm's semantics (docs/protocol.md#control-commands).
 
         The running-state rule of every command comes from the protocol table;
         a command the table marks ``while_busy`` runs without the engine lock.
@@ -387,7 +387,8 @@ class Engine(Storage):
         return ControlReply(Res.SUCCESS, {"caps": self.capabilities()})
 
     def _c_cancel(self, req: dict[str, int], data: bytes) -> ControlReply:
-        # Without the lock (gotcha 14); swtpm passes libtpms' result on: TPM_FAIL on a TPM 1.2.
+        # Without the lock (docs/libtpms.md, pitfall 14); swtpm passes libtpms' result on:
+        # TPM_FAIL on a TPM 1.2.
         return ControlReply(self.cancel())
 
     def _c_init(self, req: dict[str, int], data: bytes) -> ControlReply:

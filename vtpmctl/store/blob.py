@@ -1,6 +1,6 @@
 """swtpm-compatible state blobs: the 10-byte header, TLV bodies and AES-CBC + HMAC.
 
-Two shapes share the header (spec §4.2-§4.5):
+Two shapes share the header (docs/protocol.md#blob-layout):
 
 * state *files* (``tpm2-00.permall`` …): ``hdr [1 plain]`` or ``hdr [2 ct][3 mac][6 iv]``;
 * state *transfer* blobs (CMD_GET_STATEBLOB / CMD_SET_STATEBLOB): ``hdr(0x04|…)`` plus an
@@ -8,7 +8,7 @@ Two shapes share the header (spec §4.2-§4.5):
 
 Everything here is pure bytes-in, bytes-out so that the engine, the control channel and
 the blob store all agree on one implementation. Result codes are the control-channel
-values (spec §1.1) because a failed SET_STATEBLOB has to report exactly those.
+values (docs/protocol.md#result-codes) because a failed SET_STATEBLOB has to report exactly those.
 
 Deliberately stricter than swtpm on input that swtpm itself never produces (so that any
 corruption of an encrypted blob is caught, the header not being covered by the HMAC):
@@ -63,7 +63,7 @@ TAG_ENCRYPTED_MIGRATION_DATA = 5
 TAG_IVEC_ENCRYPTED_DATA = 6
 TAG_IVEC_ENCRYPTED_MIGRATION_DATA = 7
 
-# CMD_GET/SET_STATEBLOB state_flags (spec §3.1).
+# CMD_GET/SET_STATEBLOB state_flags (docs/protocol.md#state-blobs).
 STATE_FLAG_DECRYPTED = 1
 STATE_FLAG_ENCRYPTED = 2
 
@@ -72,7 +72,10 @@ _AES_BLOCK = 16
 
 
 class BlobError(StoreError):
-    """A blob that cannot be used; ``.rc`` is the control-channel result to report (spec §1.1)."""
+    """A blob that cannot be used; ``.rc`` is the control-channel result to report.
+
+    See docs/protocol.md#result-codes.
+    """
 
     def __init__(self, rc: int, message: str) -> None:
         super().__init__(message)
@@ -123,7 +126,10 @@ class AesKey:
 
 @dataclass(frozen=True)
 class BlobHeader:
-    """The packed big-endian header shared by state files and transfer blobs (spec §4.2)."""
+    """The packed big-endian header shared by state files and transfer blobs.
+
+    See docs/protocol.md#blob-layout.
+    """
 
     version: int
     min_version: int
@@ -199,7 +205,7 @@ def parse_tlvs(body: bytes) -> dict[int, bytes]:
     return records
 
 
-# --- AES-CBC + HMAC-SHA256 (spec §4.5) -------------------------------------------------
+# --- AES-CBC + HMAC-SHA256 (docs/protocol.md#state-files-and-encryption) -------------
 
 
 def _encrypt(key: AesKey, plain: bytes, data_tag: int, iv_tag: int) -> bytes:
@@ -267,7 +273,7 @@ def _decrypt_v2(
 
 
 def _decrypt_v1(key: AesKey, body: bytes, what: str) -> bytes:
-    """Legacy format: zero IV, plaintext prefixed by its own SHA-256 (spec §4.4)."""
+    """Legacy format: zero IV, plaintext prefixed by its own SHA-256 (docs/protocol.md)."""
     plain = _cbc_decrypt(key, bytes(_AES_BLOCK), body, what)
     digest, state = plain[:32], plain[32:]
     if len(digest) < 32 or not hmac.compare_digest(digest, hashlib.sha256(state).digest()):
@@ -336,7 +342,9 @@ def wrap_transfer(
     keep_state_encryption: bool,
     migration_key: AesKey | None,
 ) -> tuple[bytes, int]:
-    """Build the GET_STATEBLOB blob and the response state_flags, as swtpm does (spec §3.4).
+    """Build the GET_STATEBLOB blob and the response state_flags, as swtpm does.
+
+    The layout: docs/protocol.md#blob-layout.
 
     ``keep_state_encryption`` is "the client did not ask for DECRYPTED"; it only has an
     effect when a state key is configured.

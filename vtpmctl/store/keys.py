@@ -1,6 +1,6 @@
 """Key files: read them exactly as swtpm's ``--key``/``--migration-key`` do, write them safely.
 
-Sharing swtpm's parsing (spec §4.6) means a key file or passphrase file written for one
+Sharing swtpm's parsing (docs/protocol.md#keys) means a key file or passphrase file written for one
 tool opens the same state with the other. Errors are one line that names the file, the
 problem and the fix, and never include any of the file's content.
 """

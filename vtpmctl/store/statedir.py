@@ -27,7 +27,7 @@ class StateDirError(StoreError):
 
 
 class StateDir:
-    """One TPM's state files. Holds at most one fd on ``.lock`` (gotcha 20)."""
+    """One TPM's state files. Holds at most one fd on ``.lock`` (docs/libtpms.md, pitfall 16)."""
 
     def __init__(
         self,

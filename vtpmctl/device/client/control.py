@@ -472,7 +472,7 @@ class IoctlTransport(Transport):
     """A CUSE character device: native-endian ioctls on an open file descriptor.
 
     A subclass supplies ``ioctl``; this class owns the encoding and the CUSE
-    chunking rules (spec §3.2/§3.3): GET loops on the offset in 3072-byte
+    chunking rules (docs/protocol.md#state-blobs): GET loops on the offset in 3072-byte
     chunks, SET sends 3072-byte chunks where a shorter one (possibly empty)
     ends the blob.
     """

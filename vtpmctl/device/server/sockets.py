@@ -190,7 +190,7 @@ class DataChannel:
                 sendall(rest)
 
     def _send_command_framed(self, buf: CommandBuffer, n: int) -> bytes:
-        """TCG simulator TPM_SEND_COMMAND framing (spec §2.4)."""
+        """TCG simulator TPM_SEND_COMMAND framing (docs/protocol.md#the-data-channel)."""
         view = buf.view
         self.engine.set_locality_raw(SEND_COMMAND_HEAD.unpack("big", view)["locality"])
         inner = bytes(view[SEND_COMMAND_HEAD.size() : n])
@@ -220,7 +220,7 @@ def _blob_too_large(data: bytes) -> bool:
 
 
 class _Dropped(Exception):
-    """The control connection is closed without a reply (spec §2.2).
+    """The control connection is closed without a reply (docs/protocol.md#socket-framing).
 
     Private control flow, outside the error tree: the connection loop catches
     it and closes the connection; it never reaches the user.
@@ -314,7 +314,9 @@ class ControlConnection:
         return True
 
     def _gather(self, data: bytes, deadline: float) -> bytes:
-        """Up to CTRL_FIRST_READ bytes of the message within the deadline (spec §2.2).
+        """Up to CTRL_FIRST_READ bytes of the message within the deadline.
+
+        See docs/protocol.md#socket-framing.
 
         What a message needs is known only once its header is in, so it is
         re-evaluated after every read: a header split over several writes works.
@@ -408,7 +410,8 @@ class ControlConnection:
         def short(result: int) -> tuple[bytes, None]:
             return encode_socket_response(Cmd.STOP, result), None
 
-        if not msg.allowed(engine.running):  # before the length check, as swtpm (spec §1.2)
+        # The state before the length check, as swtpm (docs/protocol.md#control-commands).
+        if not msg.allowed(engine.running):
             return short(Res.BAD_ORDINAL)
         if msg.req_rule is not None:
             rule, n = msg.req_rule

@@ -1,4 +1,4 @@
-"""State blobs over CUSE: chunked PTM_GET/SET_STATEBLOB ioctls (spec §3.2, §3.3).
+"""State blobs over CUSE: chunked PTM_GET/SET_STATEBLOB ioctls (docs/protocol.md#state-blobs).
 
 A blob moves in 3072-byte ioctl chunks, or, in blob mode, through read()
 and write() on the device between the ioctls that open and close it.
@@ -24,7 +24,7 @@ from vtpmctl.engine.tpm import Engine
 
 
 class BlobUpload:
-    """SET_STATEBLOB over CUSE (spec §3.3), reassembled.
+    """SET_STATEBLOB over CUSE (docs/protocol.md#state-blobs), reassembled.
 
     Chunks of exactly 3072 bytes say "more follows"; a shorter one (even
     empty) ends the blob. An empty first chunk of a new transfer opens the
@@ -78,7 +78,9 @@ class BlobUpload:
 
 @dataclass
 class BlobDownload:
-    """One GET_STATEBLOB blob, generated once and handed out in pieces (spec §3.2).
+    """One GET_STATEBLOB blob, generated once and handed out in pieces.
+
+    See docs/protocol.md#state-blobs.
 
     A transfer that starts at offset 0 generates a fresh blob; the chunks of
     one transfer therefore all come from the same bytes (one IV when
