@@ -36,7 +36,8 @@ def make_state(spec: dict[str, Any] | None = None, timeout: float = 60) -> dict[
 def _main() -> None:
     sys.path.insert(0, str(ROOT))
     from vtpmctl.engine import tpm2 as t
-    from vtpmctl.engine.libtpms import Libtpms, StateType, Storage, TpmVersion
+    from vtpmctl.engine.libtpms import Libtpms, Storage
+    from vtpmctl.model import BlobKind, TpmFamily
 
     spec = json.loads(sys.stdin.read() or "{}")
     files: dict[str, bytes] = {}
@@ -58,7 +59,7 @@ def _main() -> None:
             return 0
 
     tpm = Libtpms(Mem())
-    tpm.choose(TpmVersion.TPM2)
+    tpm.choose(TpmFamily.TPM2)
     assert tpm.main_init() == 0
     tr = tpm.process
     t.startup(tr)
@@ -66,9 +67,9 @@ def _main() -> None:
     _define_nv(tr, spec.get("nv", []))
     if spec.get("fill_nv"):
         _fill_nv(tr)
-    out = {"permanent": tpm.get_state(StateType.PERMANENT)}
+    out = {"permanent": tpm.get_state(BlobKind.PERMANENT)}
     if spec.get("volatile"):
-        out["volatile"] = tpm.get_state(StateType.VOLATILE)
+        out["volatile"] = tpm.get_state(BlobKind.VOLATILE)
     json.dump({k: base64.b64encode(v).decode() for k, v in out.items()}, sys.stdout)
 
 

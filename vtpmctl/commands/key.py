@@ -4,9 +4,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vtpmctl.commands.choices import KeyFormat
 from vtpmctl.commands.output import safe
 from vtpmctl.errors import InstanceError
+from vtpmctl.model import KeyFormat
 
 if TYPE_CHECKING:
     import typer

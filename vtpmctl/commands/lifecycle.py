@@ -10,10 +10,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vtpmctl.commands.choices import KeyFormat, TpmFamily, TransportKind
 from vtpmctl.commands.output import note as _note
 from vtpmctl.commands.output import out as _out
 from vtpmctl.commands.output import print_json, print_rows, safe
+from vtpmctl.model import KeyFormat, TpmFamily, Transport
 
 if TYPE_CHECKING:
     import typer
@@ -145,14 +145,14 @@ def create(
     from vtpmctl.usecases.create import CreateOptions, create_instance
 
     opts = CreateOptions(
-        tpm="2.0" if tpm == "2" else "1.2",
-        transport=transport,  # type: ignore[arg-type]
+        tpm=TpmFamily(tpm),
+        transport=Transport(transport),
         ek=ek,
         encrypt=encrypt,
         key_file=key_file,
-        key_format=key_format,
+        key_format=KeyFormat(key_format),
         migration_key_file=migration_key_file,
-        migration_key_format=migration_key_format,
+        migration_key_format=KeyFormat(migration_key_format),
         ecc_curve=ecc_curve,
     )
     inst = create_instance(_registry(), name, opts)
@@ -330,11 +330,11 @@ def register(app: "typer.Typer") -> None:
         name: Annotated[str, args.NAME],
         tpm: Annotated[TpmFamily, typer.Option("--tpm", help="TPM family")] = TpmFamily.TPM2,
         transport: Annotated[
-            TransportKind,
+            Transport,
             typer.Option(
                 "--transport", help="control/data sockets, or a CUSE device /dev/vtpm-NAME"
             ),
-        ] = TransportKind.SOCKET,
+        ] = Transport.SOCKET,
         ek: Annotated[
             bool | None,
             typer.Option(

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vtpmctl.commands.choices import KeyFormat, TransportKind
 from vtpmctl.commands.output import print_json, safe
 from vtpmctl.errors import UsageError
+from vtpmctl.model import KeyFormat, Transport
 
 if TYPE_CHECKING:
     import typer
@@ -123,8 +123,8 @@ def import_(
         state_key=state_key,
         key_source=None
         if key_file is None
-        else ("passphrase" if key_format == "passphrase" else "key-file"),
-        transport=transport,  # type: ignore[arg-type]
+        else ("passphrase" if key_format == KeyFormat.PASSPHRASE else "key-file"),
+        transport=None if transport is None else Transport(transport),
     )
     done = import_bundle(Registry(), data, opts)
     inst, m = done.instance, done.manifest
@@ -268,7 +268,7 @@ def register(app: "typer.Typer") -> None:
             KeyFormat, typer.Option("--key-format", help="how to read --key-file")
         ] = KeyFormat.AUTO,
         transport: Annotated[
-            TransportKind | None,
+            Transport | None,
             typer.Option(
                 "--transport", show_default=False, help="socket or cuse [default: the source's]"
             ),

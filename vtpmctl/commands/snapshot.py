@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from vtpmctl.commands.output import note as _note
 from vtpmctl.commands.output import out as _out
 from vtpmctl.commands.output import print_json, safe
+from vtpmctl.model import BlobKind
 
 if TYPE_CHECKING:
     import typer
@@ -59,7 +60,7 @@ def create(
             }
         )
         return 0
-    kinds = " + ".join(k for k in ("permanent", "volatile", "savestate") if k in snap.blobs)
+    kinds = " + ".join(k for k in BlobKind if k in snap.blobs)
     _out(f"snapshot {snap.describe()} of {name}: {kinds} state, from the {captured.source}")
     if captured.note:
         _note(captured.note)
@@ -89,7 +90,7 @@ def list_(name: str, as_json: bool = False) -> int:
         return 0
     rows = [["ID", "CREATED", "LABEL", "STATE", "SIZE"]]
     for s in snaps:
-        kinds = "+".join(k[:3] for k in ("permanent", "volatile", "savestate") if k in s.blobs)
+        kinds = "+".join(k[:3] for k in BlobKind if k in s.blobs)
         rows.append(
             [
                 str(s.id),

@@ -7,31 +7,18 @@ so the two tools can be mixed.
 import os
 import stat
 import sys
-from enum import StrEnum
 from pathlib import Path
 
 from vtpmctl.device.client.control import DEFAULT_TIMEOUT
 from vtpmctl.device.client.target import open_client, parse_target
 from vtpmctl.device.protocol import BlobType
 from vtpmctl.errors import StoreError
+from vtpmctl.model import BlobKind
 
 # `typing` costs more to import than a control round trip; annotations only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import typer
-
-
-class BlobKind(StrEnum):
-    PERMANENT = "permanent"
-    VOLATILE = "volatile"
-    SAVESTATE = "savestate"
-
-
-_TYPES = {
-    BlobKind.PERMANENT: BlobType.PERMANENT,
-    BlobKind.VOLATILE: BlobType.VOLATILE,
-    BlobKind.SAVESTATE: BlobType.SAVESTATE,
-}
 
 
 class StateFileError(StoreError):
@@ -46,7 +33,7 @@ def export(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> int:
     """Write one state blob of TARGET to OUTPUT ('-' = stdout)."""
-    kind = _TYPES[BlobKind(blob_type)]
+    kind = BlobType.of(BlobKind(blob_type))
     where = parse_target(target)
     # Check the destination first: reading some blobs has side effects on the
     # TPM (a savestate read releases swtpm's storage lock).
@@ -123,7 +110,7 @@ def import_(
     target: str, source: str, blob_type: str = "permanent", timeout: float = DEFAULT_TIMEOUT
 ) -> int:
     """Stage one state blob from SOURCE ('-' = stdin) in the stopped TPM TARGET."""
-    kind = _TYPES[BlobKind(blob_type)]
+    kind = BlobType.of(BlobKind(blob_type))
     where = parse_target(target)
     if source == "-":
         if sys.stdin.isatty():

@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 from enum import IntEnum, IntFlag
 
+from vtpmctl.model import BlobKind
+
 # Every vtpmctl command imports this module, so it stays off `typing` and
 # `dataclasses` at run time (together they cost more than a control round trip).
 TYPE_CHECKING = False
@@ -99,16 +101,19 @@ CAPS_QEMU_REQUIRED_TPM2 = 0x348F
 
 
 class BlobType(IntEnum):
+    """The ptm numbers of the blob kinds; member names are BlobKind's."""
+
     PERMANENT = 1
     VOLATILE = 2
     SAVESTATE = 3
 
+    @classmethod
+    def of(cls, kind: BlobKind) -> BlobType:
+        return cls[kind.name]
 
-BLOB_TYPE_NAMES = {
-    BlobType.PERMANENT: "permanent",
-    BlobType.VOLATILE: "volatile",
-    BlobType.SAVESTATE: "savestate",
-}
+    @property
+    def kind(self) -> BlobKind:
+        return BlobKind[self.name]
 
 
 class StateFlag(IntFlag):

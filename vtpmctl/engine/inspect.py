@@ -29,15 +29,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vtpmctl.model import BlobKind, TpmFamily
 from vtpmctl.store import records
 
 if TYPE_CHECKING:
     from vtpmctl.engine.tpm2 import Transact
 
-BLOB_KINDS = ("permanent", "volatile", "savestate")
-# The blob kinds as libtpms names them (and its TPMLIB_StateType bits).
-_LIBTPMS_NAMES = {"permanent": "permall", "volatile": "volatilestate", "savestate": "savestate"}
-_STATE_TYPES = {"permanent": 1, "volatile": 2, "savestate": 4}
 DEFAULT_TIMEOUT = 30.0
 _MAX_LOG_LINES = 20
 
@@ -82,9 +79,9 @@ def inspect_blobs(
     """
     from vtpmctl.childproc import child_env, entry_argv
 
-    unknown = sorted(set(blobs) - set(BLOB_KINDS))
+    unknown = sorted(set(blobs) - set(BlobKind))
     if unknown:
-        raise ValueError(f"unknown blob kinds {unknown}; use {', '.join(BLOB_KINDS)}")
+        raise ValueError(f"unknown blob kinds {unknown}; use {', '.join(BlobKind)}")
     request = {
         "tpm2": tpm2,
         "describe": describe,
@@ -142,13 +139,13 @@ class _InspectError(Exception):
 
 def _run(request: dict[str, Any]) -> InspectResult:
     """The child's work: load libtpms here (this process is thrown away afterwards)."""
-    from vtpmctl.engine.libtpms import Libtpms, Storage, TpmVersion
+    from vtpmctl.engine.libtpms import Libtpms, Storage
 
     tpm2 = bool(request.get("tpm2", True))
     describe = bool(request.get("describe", False))
     raw = request.get("blobs") or {}
-    blobs = {kind: base64.b64decode(raw[kind]) for kind in BLOB_KINDS if raw.get(kind)}
-    files = {_LIBTPMS_NAMES[k]: v for k, v in blobs.items()}
+    blobs = {kind: base64.b64decode(raw[kind]) for kind in BlobKind if raw.get(kind)}
+    files = {k.file_name: v for k, v in blobs.items()}
 
     class MemoryStorage(Storage):
         """The blobs, served from memory; nothing is written anywhere."""
@@ -157,7 +154,8 @@ def _run(request: dict[str, Any]) -> InspectResult:
             return files.get(name)
 
         def missing_ok(self, name: str) -> bool:
-            return name != "permall"  # never manufacture a TPM in place of a missing one
+            # never manufacture a TPM in place of a missing one
+            return name != BlobKind.PERMANENT.file_name
 
         def store(self, name: str, data: bytes) -> None:
             files[name] = data
@@ -170,13 +168,13 @@ def _run(request: dict[str, Any]) -> InspectResult:
 
     tpm = Libtpms(MemoryStorage())
     tpm.set_debug_fd(sys.stderr.fileno())
-    tpm.choose(TpmVersion.TPM2 if tpm2 else TpmVersion.TPM12)
+    tpm.choose(TpmFamily.of(tpm2))
     # ValidateState only before MainInit: it overwrites libtpms' NV globals.
-    validate = {kind: tpm.validate_state(_STATE_TYPES[kind]) for kind in blobs}
+    validate = {str(kind): tpm.validate_state([kind]) for kind in blobs}
     result = InspectResult(ok=bool(validate) and not any(validate.values()), validate=validate)
     if not blobs:
         result.error = "no state blobs given"
-    elif "permanent" not in blobs:
+    elif BlobKind.PERMANENT not in blobs:
         result.ok = False
         result.error = "no permanent state: there is no TPM to inspect"
     if not describe or result.error is not None:
@@ -188,7 +186,7 @@ def _run(request: dict[str, Any]) -> InspectResult:
                 f"the TPM does not power on from these blobs (TPMLIB_MainInit 0x{rc:x})"
             )
         if tpm2:
-            _describe_tpm2(tpm.process, result, resumed="volatile" in blobs)
+            _describe_tpm2(tpm.process, result, resumed=BlobKind.VOLATILE in blobs)
             if request.get("ek"):
                 _read_eks(tpm.process, result)
     except _InspectError as exc:

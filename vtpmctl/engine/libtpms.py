@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from ctypes import (
     CFUNCTYPE,
     POINTER,
@@ -31,6 +31,7 @@ from typing import Any
 
 from vtpmctl.device.protocol import Res
 from vtpmctl.errors import TpmResultError
+from vtpmctl.model import BlobKind, TpmFamily
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,23 @@ log = logging.getLogger(__name__)
 TPM_SUCCESS = int(Res.SUCCESS)
 TPM_FAIL = int(Res.FAIL)
 TPM_RETRY = int(Res.RETRY)
-STATE_NAMES = {1: "permall", 2: "volatilestate", 4: "savestate"}
-
-
-class TpmVersion(IntEnum):
-    TPM12 = 0
-    TPM2 = 1
+# TPMLIB_TPMVersion
+_TPM_VERSION = {TpmFamily.TPM12: 0, TpmFamily.TPM2: 1}
 
 
 class StateType(IntEnum):
+    """TPMLIB_StateType: one bit per blob kind."""
+
     PERMANENT = 1
     VOLATILE = 2
     SAVE_STATE = 4
+
+
+STATE_TYPE = {
+    BlobKind.PERMANENT: StateType.PERMANENT,
+    BlobKind.VOLATILE: StateType.VOLATILE,
+    BlobKind.SAVESTATE: StateType.SAVE_STATE,
+}
 
 
 class LibtpmsError(TpmResultError):
@@ -286,11 +292,11 @@ class Libtpms:
 
     # ------------------------------------------------------------ lifecycle
 
-    def choose(self, version: TpmVersion) -> None:
-        rc = self.lib.TPMLIB_ChooseTPMVersion(int(version))
+    def choose(self, family: TpmFamily) -> None:
+        rc = self.lib.TPMLIB_ChooseTPMVersion(_TPM_VERSION[family])
         if rc:
             raise LibtpmsError("TPMLIB_ChooseTPMVersion", rc)
-        self._tpm2 = version == TpmVersion.TPM2
+        self._tpm2 = family.tpm2
         if not self._registered:
             self._register(with_locality=True)
 
@@ -408,13 +414,14 @@ class Libtpms:
             if ptr:
                 self.lib.TPM_Free(ctypes.cast(ptr, c_void_p))
 
-    def get_state(self, kind: StateType) -> bytes:
+    def get_state(self, kind: BlobKind) -> bytes:
         ptr = _U8P()
         n = c_uint32(0)
-        rc = self.lib.TPMLIB_GetState(int(kind), byref(ptr), byref(n))
+        state_type = STATE_TYPE[kind]
+        rc = self.lib.TPMLIB_GetState(int(state_type), byref(ptr), byref(n))
         data = self._take(ptr, n.value)
         if rc:
-            raise LibtpmsError(f"TPMLIB_GetState({kind.name})", rc)
+            raise LibtpmsError(f"TPMLIB_GetState({state_type.name})", rc)
         return data
 
     def volatile_all_store(self) -> bytes:
@@ -426,14 +433,18 @@ class Libtpms:
             raise LibtpmsError("TPMLIB_VolatileAll_Store", rc)
         return data
 
-    def set_state(self, kind: StateType, data: bytes | None) -> int:
+    def set_state(self, kind: BlobKind, data: bytes | None) -> int:
+        state_type = int(STATE_TYPE[kind])
         if not data:
-            return int(self.lib.TPMLIB_SetState(int(kind), None, 0))
+            return int(self.lib.TPMLIB_SetState(state_type, None, 0))
         buf = (c_ubyte * len(data)).from_buffer_copy(data)
-        return int(self.lib.TPMLIB_SetState(int(kind), buf, len(data)))
+        return int(self.lib.TPMLIB_SetState(state_type, buf, len(data)))
 
-    def validate_state(self, kinds: int) -> int:
-        return int(self.lib.TPMLIB_ValidateState(kinds, 0))
+    def validate_state(self, kinds: Iterable[BlobKind]) -> int:
+        mask = 0
+        for kind in kinds:
+            mask |= STATE_TYPE[kind]
+        return int(self.lib.TPMLIB_ValidateState(mask, 0))
 
     def set_buffer_size(self, wanted: int) -> tuple[int, int, int]:
         lo = c_uint32(0)

@@ -21,6 +21,7 @@ from vtpmctl.device.protocol import TPM12_ST_CLEAR, Cmd, tpm12_startup, tpm_code
 from vtpmctl.engine.tpm import Engine, EngineConfig
 from vtpmctl.engine.tpm2 import SU_CLEAR, build_shutdown, build_startup
 from vtpmctl.errors import EngineError
+from vtpmctl.model import KeyFormat, TpmFamily
 from vtpmctl.store.statedir import StateDir, StateDirError
 
 log = logging.getLogger("vtpmctl.manufacture")
@@ -68,7 +69,7 @@ def manufacture(
         from vtpmctl.store.keys import KeyFileError, load_key
 
         try:
-            key = load_key(key_file, kind="hex")
+            key = load_key(key_file, kind=KeyFormat.HEX)
         except KeyFileError as exc:
             raise ManufactureError(str(exc)) from None
     statedir = StateDir(state_dir, tpm2=tpm2, key=key)
@@ -112,7 +113,7 @@ def manufacture(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vtpmctl-manufacture", description=__doc__)
     p.add_argument("--state", type=Path, required=True)
-    p.add_argument("--tpm", choices=["2", "1.2"], default="2")
+    p.add_argument("--tpm", choices=[str(f) for f in TpmFamily], default=str(TpmFamily.TPM2))
     p.add_argument("--key-file", type=Path)
     p.add_argument("--ek", action="store_true")
     p.add_argument("--ca-dir", type=Path)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = manufacture(
             ns.state,
-            tpm2=ns.tpm == "2",
+            tpm2=TpmFamily(ns.tpm).tpm2,
             key_file=ns.key_file,
             ek=ns.ek,
             ca_dir=ns.ca_dir,

@@ -38,21 +38,20 @@ from vtpmctl.device.protocol import (
     tpm_code,
 )
 from vtpmctl.engine import tpm2
-from vtpmctl.engine.libtpms import CommandBuffer, Libtpms, StateType, Storage, TpmVersion
+from vtpmctl.engine.libtpms import CommandBuffer, Libtpms, Storage
 from vtpmctl.errors import EngineError
+from vtpmctl.model import STATE_FILE_NAMES, BlobKind, TpmFamily, Transport
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer, wrap_transfer
-from vtpmctl.store.statedir import STATE_NAMES, StateDir, StateDirError
+from vtpmctl.store.statedir import StateDir, StateDirError
 
 log = logging.getLogger(__name__)
 
-Transport = Literal["socket", "cuse"]
 Startup = Literal["none", "clear", "state"]
 
-_STATE_TYPE = {
-    BlobType.PERMANENT: StateType.PERMANENT,
-    BlobType.VOLATILE: StateType.VOLATILE,
-    BlobType.SAVESTATE: StateType.SAVE_STATE,
-}
+# libtpms' names of the blobs, as the Storage callbacks get them
+_PERMALL = BlobKind.PERMANENT.file_name
+_VOLATILESTATE = BlobKind.VOLATILE.file_name
+_SAVESTATE = BlobKind.SAVESTATE.file_name
 
 LOCK_RETRIES_AFTER_SAVESTATE = 300
 
@@ -71,7 +70,7 @@ class FatalEngineError(EngineError):
 @dataclass
 class EngineConfig:
     tpm2: bool = True
-    transport: Transport = "socket"
+    transport: Transport = Transport.SOCKET
     state_key: AesKey | None = None
     migration_key: AesKey | None = None
     startup: Startup = "none"
@@ -123,7 +122,7 @@ class Engine(Storage):
         if config.allow_manufacture is None:
             # Only an empty dir gets a new TPM: a volatile or save state without its
             # permall is what is left of an existing TPM, not room for a new one.
-            self._may_manufacture = not any(statedir.exists(n) for n in STATE_NAMES)
+            self._may_manufacture = not any(statedir.exists(n) for n in STATE_FILE_NAMES)
         else:
             self._may_manufacture = config.allow_manufacture
         if tpm is None:
@@ -131,7 +130,7 @@ class Engine(Storage):
         else:
             tpm.attach(self)
         self.tpm = tpm
-        self.tpm.choose(TpmVersion.TPM2 if config.tpm2 else TpmVersion.TPM12)
+        self.tpm.choose(TpmFamily.of(config.tpm2))
         self.tpm.use_locality_callback(self._locality != 0)
         self.fatal_response = TPM2_FATAL_RESPONSE if config.tpm2 else TPM12_FATAL_RESPONSE
         # The fast path reads this without the lock: True only while commands may run.
@@ -149,10 +148,10 @@ class Engine(Storage):
             log.error("%s", exc)
             raise
         if data is not None:
-            if name == "permall":
+            if name == _PERMALL:
                 self._may_manufacture = False
                 self._cache[name] = data
-        elif name == "permall" and not self._may_manufacture and not self._staged_permanent:
+        elif name == _PERMALL and not self._may_manufacture and not self._staged_permanent:
             # With a blob staged by SET_STATEBLOB (incoming migration) libtpms still asks
             # for the file at MainInit, then uses the staged blob: no file is expected.
             log.error(
@@ -161,11 +160,11 @@ class Engine(Storage):
         return data
 
     def missing_ok(self, name: str) -> bool:
-        return name != "permall" or self._may_manufacture
+        return name != _PERMALL or self._may_manufacture
 
     def store(self, name: str, data: bytes) -> None:
         self.statedir.store(name, data)
-        if name == "permall":
+        if name == _PERMALL:
             self._cache[name] = data
             self._may_manufacture = False
             self._staged_permanent = False
@@ -217,9 +216,9 @@ class Engine(Storage):
         """An existing TPM whose state libtpms rejects fails here, at start, with a
         message, not later as a TPM in failure mode. ValidateState is only safe
         before the first MainInit (it overwrites libtpms' NV globals), as here."""
-        kinds = int(StateType.PERMANENT)
-        if self.statedir.exists("volatilestate"):
-            kinds |= StateType.VOLATILE
+        kinds = [BlobKind.PERMANENT]
+        if self.statedir.exists(_VOLATILESTATE):
+            kinds.append(BlobKind.VOLATILE)
         with self.lock:
             rc = self.tpm.validate_state(kinds)
         if rc == Res.RETRY:  # the blob does not exist
@@ -397,7 +396,7 @@ class Engine(Storage):
         if must_lock and not self._ensure_storage_lock(0):
             log.error("CMD_INIT: %s is locked by another process", self.statedir.path)
             return ControlReply(Res.FAIL)
-        self._cache.pop("volatilestate", None)
+        self._cache.pop(_VOLATILESTATE, None)
         rc = self.tpm.main_init()
         if rc != 0:
             log.error("TPMLIB_MainInit failed with 0x%x", rc)
@@ -407,7 +406,7 @@ class Engine(Storage):
         self._last_was_shutdown = False
         self._staged_permanent = False
         if req.get("init_flags", 0) & InitFlag.DELETE_VOLATILE:
-            self.delete("volatilestate", False)
+            self.delete(_VOLATILESTATE, False)
         self.ready = self.statedir.locked
         return ControlReply(Res.SUCCESS)
 
@@ -447,7 +446,7 @@ class Engine(Storage):
         return ControlReply(self.tpm.hash_end())
 
     def _c_store_volatile(self, req: dict[str, int], data: bytes) -> ControlReply:
-        self.statedir.store("volatilestate", self.tpm.volatile_all_store())
+        self.statedir.store(_VOLATILESTATE, self.tpm.volatile_all_store())
         return ControlReply(Res.SUCCESS)
 
     def _c_reset_established(self, req: dict[str, int], data: bytes) -> ControlReply:
@@ -494,14 +493,14 @@ class Engine(Storage):
     def plain_state(self, kind: BlobType) -> bytes | None:
         """Plaintext of one blob as GET_STATEBLOB would send it (caller holds the lock)."""
         if kind == BlobType.PERMANENT:
-            return self.load("permall")
+            return self.load(_PERMALL)
         if kind == BlobType.VOLATILE:
             data = self.tpm.volatile_all_store()
             # swtpm writes the live volatile state to the file and removes it again.
-            self.delete("volatilestate", False)
+            self.delete(_VOLATILESTATE, False)
             return data
         if not self.config.tpm2:
-            return self.statedir.load("savestate")
+            return self.statedir.load(_SAVESTATE)
         return None
 
     def _c_get_stateblob(self, req: dict[str, int], data: bytes) -> ControlReply:
@@ -549,14 +548,14 @@ class Engine(Storage):
         except BlobError as exc:
             log.error("SET_STATEBLOB(%s): %s", kind.name, exc)
             return ControlReply(exc.rc)
-        rc = self.tpm.set_state(_STATE_TYPE[kind], plain or None)
+        rc = self.tpm.set_state(kind.kind, plain or None)
         if rc:
             log.error("SET_STATEBLOB(%s): libtpms refused the blob (0x%x)", kind.name, rc)
             self._staged_permanent = False
             return ControlReply(rc)
         if kind == BlobType.PERMANENT:
             self._staged_permanent = bool(plain)
-            self._cache.pop("permall", None)
+            self._cache.pop(_PERMALL, None)
             if plain:
                 # The staged blob replaces whatever is on disk at the next INIT.
                 self._may_manufacture = False

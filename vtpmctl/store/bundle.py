@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from vtpmctl.errors import StoreError
+from vtpmctl.model import BlobKind, TpmFamily, Transport
 from vtpmctl.store import records
 from vtpmctl.store.blob import (
     FLAG_ENCRYPTED,
@@ -51,12 +52,10 @@ FORMAT = "vtpmctl-migration-bundle"
 FORMAT_VERSION = 1
 MAX_BUNDLE_SIZE = 64 * 1024 * 1024  # a full-NV TPM 2 is ~150 KiB; anything this big is not ours
 
-BLOB_TYPES = ("permanent", "volatile", "savestate")
-STATE_NAME = {"permanent": "permall", "volatile": "volatilestate", "savestate": "savestate"}
 MANIFEST = "manifest.json"
 SUM = "manifest.sum"
 EK_FILE = "ek.json"
-MEMBER_ORDER = (MANIFEST, SUM, EK_FILE, *(f"{t}.blob" for t in BLOB_TYPES))
+MEMBER_ORDER = (MANIFEST, SUM, EK_FILE, *(f"{kind}.blob" for kind in BlobKind))
 
 _BLOCK = 512
 _MODE = 0o600
@@ -211,7 +210,7 @@ class MemberInfo:
 class BlobInfo:
     """A state blob the manifest lists; ``type`` first, as manifests have it."""
 
-    type: str = field(metadata=records.one_of(*BLOB_TYPES))
+    type: str = field(metadata=records.one_of(*(k.value for k in BlobKind)))
     member: str
     size: int
     sha256: str
@@ -228,8 +227,8 @@ class Manifest:
     source_state: str = field(metadata=records.one_of("stopped", "running"))
     vtpmctl_version: str
     libtpms_version: str | None
-    tpm_version: str = field(metadata=records.one_of("2.0", "1.2"))
-    transport: str = field(metadata=records.one_of("socket", "cuse"))  # the source instance's
+    tpm_version: str = field(metadata=records.one_of(*(f.version for f in TpmFamily)))
+    transport: str = field(metadata=records.one_of(*(t.value for t in Transport)))  # the source's
     encrypted_at_rest: bool  # the source instance's state was
     migration_key: bool  # blobs encrypted, manifest authenticated with a migration key
     migration_key_cipher: str | None
@@ -304,12 +303,13 @@ def _check_migration_key_fields(m: Manifest) -> None:
 def _check_blob_list(m: Manifest) -> None:
     """Permanent first, each type once in order, stored under its name, encrypted as said."""
     types = [b.type for b in m.blobs]
-    if not types or types[0] != "permanent" or types != sorted(set(types), key=BLOB_TYPES.index):
+    order = [k.value for k in BlobKind]
+    if not types or types[0] != BlobKind.PERMANENT or types != sorted(set(types), key=order.index):
         raise _lie(
             f"the blob list {types} must start with the permanent state and name "
             "each type once, in order"
         )
-    if m.tpm_version == "2.0" and "savestate" in types:
+    if m.tpm_version == TpmFamily.TPM2.version and BlobKind.SAVESTATE in types:
         raise _lie("a TPM 2 has no savestate blob")
     for b in m.blobs:
         if b.member != f"{b.type}.blob":
@@ -363,14 +363,14 @@ class Source:
 def build_bundle(
     plain: dict[str, bytes], source: Source, *, ek_json: bytes | None, migration_key: AesKey | None
 ) -> bytes:
-    """A bundle of the plaintext blobs ``plain`` (keys: BLOB_TYPES; permanent required)."""
+    """A bundle of the plaintext blobs ``plain`` (keys: BlobKind words; permanent required)."""
     from vtpmctl.store.keys import key_fingerprint
 
-    if not plain.get("permanent"):
+    if not plain.get(BlobKind.PERMANENT):
         raise BundleError("there is no permanent state to export")
     blobs: list[BlobInfo] = []
     members: list[tuple[str, bytes]] = []
-    for kind in BLOB_TYPES:
+    for kind in BlobKind:
         data = plain.get(kind)
         if not data:
             continue
@@ -378,7 +378,7 @@ def build_bundle(
             data, state_key=None, keep_state_encryption=False, migration_key=migration_key
         )
         info = BlobInfo(
-            type=kind,
+            type=kind.value,
             member=f"{kind}.blob",
             size=len(blob),
             sha256=_sha256(blob),

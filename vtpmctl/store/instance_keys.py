@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from vtpmctl.errors import InstanceError
+from vtpmctl.model import STATE_FILE_NAMES, BlobKind, KeyFormat
 from vtpmctl.store.atomic import fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, wrap_file
 from vtpmctl.store.instances import (
@@ -36,7 +37,7 @@ from vtpmctl.store.keys import (
     write_secret_file,
 )
 from vtpmctl.store.snapshots import SnapshotStore, snapshots_dir
-from vtpmctl.store.statedir import STATE_NAMES, StateDir, StateDirError
+from vtpmctl.store.statedir import StateDir, StateDirError
 
 ROTATE_SUFFIX = ".rotate"
 COMMIT_MARKER = "rotate.commit"  # in the secrets dir: the rotation is decided
@@ -58,7 +59,7 @@ def store_key(path: Path, key: AesKey) -> None:
 def read_user_key(path: Path, kind: str) -> AesKey:
     """A key the user points at: must be private (0600, owned) and well-formed."""
     check_secret_file_mode(path)
-    return load_key(path, kind=kind)  # type: ignore[arg-type]
+    return load_key(path, kind=KeyFormat(kind))
 
 
 def load_state_key(inst: Instance) -> AesKey | None:
@@ -72,7 +73,7 @@ def load_state_key(inst: Instance) -> AesKey | None:
             "(the state cannot be opened without it)"
         )
     check_secret_file_mode(path)
-    key = load_key(path, kind="hex")
+    key = load_key(path, kind=KeyFormat.HEX)
     want = inst.meta.key_fingerprint
     if want and key_fingerprint(key) != want:
         raise KeyFileError(
@@ -90,18 +91,19 @@ def load_migration_key(inst: Instance) -> AesKey | None:
     if not path.exists():
         raise KeyFileError(f"the migration key of {inst.name} ({path}) is missing; restore it")
     check_secret_file_mode(path)
-    return load_key(path, kind="hex")
+    return load_key(path, kind=KeyFormat.HEX)
 
 
 def check_state(inst: Instance, key: AesKey | None) -> None:
     """Every state file opens with ``key``; permall must exist (no silent new TPM)."""
     sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=key)
-    if not sd.exists("permall"):
+    permall = BlobKind.PERMANENT.file_name
+    if not sd.exists(permall):
         raise StateDirError(
-            f"{sd.file('permall')} is missing: the TPM of {inst.name} is "
+            f"{sd.file(permall)} is missing: the TPM of {inst.name} is "
             "gone; restore it from a backup (vtpmctl will not make a new one)"
         )
-    for name in STATE_NAMES:
+    for name in STATE_FILE_NAMES:
         sd.load(name)
 
 
@@ -114,12 +116,13 @@ def rotate(inst: Instance, new_key: AesKey, key_source: str) -> None:
     old_key = load_state_key(inst)
     old = StateDir(paths.state_dir, tpm2=inst.config.tpm2, key=old_key)
     plains = {}
-    for name in STATE_NAMES:
+    for name in STATE_FILE_NAMES:
         data = old.load(name)
         if data is not None:
             plains[name] = data
-    if "permall" not in plains:
-        raise StateDirError(f"{old.file('permall')} is missing; nothing to re-encrypt")
+    permall = BlobKind.PERMANENT.file_name
+    if permall not in plains:
+        raise StateDirError(f"{old.file(permall)} is missing; nothing to re-encrypt")
     # Phase 1: everything new is written beside the old; a crash here rolls back.
     store_key(_new_key_file(paths), new_key)
     for name, plain in plains.items():
@@ -176,7 +179,7 @@ def recover(paths: InstancePaths, tpm2: bool) -> str | None:
             ) from None
         return "completed"
     sd = StateDir(paths.state_dir, tpm2=tpm2)
-    staged = [sd.file(n).with_name(sd.file(n).name + ROTATE_SUFFIX) for n in STATE_NAMES]
+    staged = [sd.file(n).with_name(sd.file(n).name + ROTATE_SUFFIX) for n in STATE_FILE_NAMES]
     leftovers = [p for p in [*staged, _new_key_file(paths)] if p.exists()]
     for path in leftovers:
         with contextlib.suppress(FileNotFoundError):

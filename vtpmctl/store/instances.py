@@ -21,9 +21,10 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from vtpmctl.errors import InstanceError, InstanceExists, NoSuchInstance
+from vtpmctl.model import TpmFamily, Transport
 from vtpmctl.store import records
 from vtpmctl.store.atomic import write_atomic
 from vtpmctl.store.paths import Roots, store_roots
@@ -34,9 +35,6 @@ MAX_NAME = 64
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
-TpmVersion = Literal["2.0", "1.2"]
-TransportKind = Literal["socket", "cuse"]
-KeyFormat = Literal["hex", "binary", "passphrase"]
 
 
 def validate_name(name: str) -> str:
@@ -151,8 +149,12 @@ class InstanceConfig:
     """How to run the instance: what the user chose at create."""
 
     name: str
-    tpm: TpmVersion = field(default="2.0", metadata=records.required())
-    transport: TransportKind = field(default="socket", metadata=records.required())
+    # as config.json spells it: TpmFamily.version, "2.0" or "1.2"
+    tpm: str = field(
+        default=TpmFamily.TPM2.version,
+        metadata={**records.required(), **records.one_of(*(f.version for f in TpmFamily))},
+    )
+    transport: Transport = field(default=Transport.SOCKET, metadata=records.required())
     encrypted: bool = False
     migration_key: bool = False
     # A config without the key records no EK: never assume one was made.
@@ -166,8 +168,12 @@ class InstanceConfig:
         return records.from_json(cls, data, _restore(where))
 
     @property
+    def family(self) -> TpmFamily:
+        return TpmFamily.from_version(self.tpm)
+
+    @property
     def tpm2(self) -> bool:
-        return self.tpm == "2.0"
+        return self.family.tpm2
 
 
 @dataclass

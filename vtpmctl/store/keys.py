@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from vtpmctl.errors import StoreError
+from vtpmctl.model import KeyFormat
 from vtpmctl.store.atomic import write_atomic
 from vtpmctl.store.blob import AesKey
 
@@ -29,7 +30,6 @@ __all__ = [
     "write_secret_file",
 ]
 
-KeyKind = Literal["auto", "hex", "binary", "passphrase"]
 CipherName = Literal["aes-128-cbc", "aes-256-cbc"]
 Kdf = Literal["pbkdf2", "sha512"]
 
@@ -121,7 +121,7 @@ def _parse_binary(path: Path, data: bytes, want: int | None) -> AesKey:
 def load_key(
     path: Path,
     *,
-    kind: KeyKind = "auto",
+    kind: KeyFormat = KeyFormat.AUTO,
     cipher: CipherName | None = None,
     kdf: Kdf = "pbkdf2",
 ) -> AesKey:
@@ -133,7 +133,7 @@ def load_key(
     """
     path = Path(path)
     want = _cipher_bytes(cipher)
-    if kind == "passphrase":
+    if kind == KeyFormat.PASSPHRASE:
         password = _read_secret(path, "passphrase file")
         if not password:
             raise KeyFileError(f"passphrase file {path} is empty; write the passphrase into it")
@@ -149,7 +149,7 @@ def load_key(
         return AesKey(material)
 
     data = _read_secret(path, "key file")
-    if kind == "hex":
+    if kind == KeyFormat.HEX:
         key = _parse_hex(path, data, want)
         if key is None:
             raise KeyFileError(
@@ -157,9 +157,9 @@ def load_key(
                 "optionally prefixed by 0x and followed by a newline"
             )
         return key
-    if kind == "binary":
+    if kind == KeyFormat.BINARY:
         return _parse_binary(path, data, want)
-    if kind == "auto":
+    if kind == KeyFormat.AUTO:
         key = _parse_hex(path, data, want)
         if key is not None:
             return key

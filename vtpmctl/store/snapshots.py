@@ -39,15 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from vtpmctl.errors import StoreError
+from vtpmctl.model import STATE_FILE_NAMES, BlobKind
 from vtpmctl.store.atomic import fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_file, wrap_file
 from vtpmctl.store.instances import InstancePaths
 from vtpmctl.store.keys import key_fingerprint
-from vtpmctl.store.statedir import STATE_NAMES, StateDir
+from vtpmctl.store.statedir import StateDir
 
 INDEX_VERSION = 1
-BLOB_KINDS = ("permanent", "volatile", "savestate")
-FILE_NAMES = {"permanent": "permall", "volatile": "volatilestate", "savestate": "savestate"}
 REKEY_SUFFIX = ".rekey"
 RESTORE_SUFFIX = ".restore"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -86,8 +85,8 @@ class Snapshot:
             "id": self.id,
             "label": self.label,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
-            "blobs": {k: self.blobs.get(k) for k in BLOB_KINDS},
-            "sizes": {k: self.sizes.get(k) for k in BLOB_KINDS},
+            "blobs": {str(k): self.blobs.get(k) for k in BlobKind},
+            "sizes": {str(k): self.sizes.get(k) for k in BlobKind},
         }
 
 
@@ -157,7 +156,7 @@ def _parse_index(raw: bytes) -> _Index:
         if not isinstance(state, dict) or not state:
             raise ValueError(f"state {sid} is empty")
         for kind, (digest, size) in state.items():
-            if kind not in BLOB_KINDS or not _DIGEST.fullmatch(digest) or not isinstance(size, int):
+            if kind not in tuple(BlobKind) or not _DIGEST.fullmatch(digest) or not isinstance(size, int):
                 raise ValueError(f"state {sid} has a bad {kind} entry")
     for row in snaps:
         if (
@@ -327,7 +326,7 @@ class SnapshotStore:
     ) -> Snapshot:
         """Record ``blobs`` (kind -> plaintext) as a new snapshot."""
         blobs = {k: v for k, v in blobs.items() if v}
-        if "permanent" not in blobs or set(blobs) - set(BLOB_KINDS):
+        if BlobKind.PERMANENT not in blobs or set(blobs) - set(BlobKind):
             raise SnapshotError("a snapshot needs the permanent state (and known kinds only)")
         if label is not None:
             check_label(label)
@@ -502,18 +501,18 @@ def replace_state(sd: StateDir, blobs: dict[str, bytes], note: str) -> None:
     marker records the digests of the files it replaces and of the staged
     ones, so that settling it later can tell whether the state changed since.
     """
-    if "permanent" not in blobs:
+    if BlobKind.PERMANENT not in blobs:
         raise SnapshotError("refusing to restore a snapshot without permanent state")
     staged: dict[str, Path] = {}
     for kind, plain in blobs.items():
-        path = staged_file(sd, FILE_NAMES[kind])
+        path = staged_file(sd, BlobKind(kind).file_name)
         write_atomic(path, wrap_file(plain, sd.key), sd.mode)
         staged[kind] = path
     decision = {
         "snapshot": note,
         "kinds": sorted(staged),
-        "before": {name: _digest(sd.file(name)) for name in STATE_NAMES},
-        "after": {FILE_NAMES[k]: _digest(path) for k, path in staged.items()},
+        "before": {name: _digest(sd.file(name)) for name in STATE_FILE_NAMES},
+        "after": {BlobKind(k).file_name: _digest(path) for k, path in staged.items()},
     }
     write_atomic(restore_marker(sd.path), json.dumps(decision).encode(), 0o600)
     _roll_forward(sd, decision)
@@ -542,9 +541,9 @@ def unchanged_since(sd: StateDir, decision: dict[str, Any]) -> bool:
     before, after = decision.get("before"), decision.get("after")
     if not isinstance(before, dict) or not isinstance(after, dict):
         return False  # a marker of an older vtpmctl: the state it expected is unknown
-    for name in STATE_NAMES:
+    for name in STATE_FILE_NAMES:
         allowed = {before.get(name), after.get(name)}
-        if name != "permall":
+        if name != BlobKind.PERMANENT.file_name:
             allowed.add(None)  # the restore removes the old volatile state first
         if _digest(sd.file(name)) not in allowed:
             return False
@@ -563,7 +562,7 @@ def settle_restore(sd: StateDir) -> str | None:
     if decision is not None and unchanged_since(sd, decision):
         _roll_forward(sd, decision)
         return f"finished the interrupted restore of snapshot {decision.get('snapshot')}"
-    leftovers = [p for p in (staged_file(sd, n) for n in STATE_NAMES) if p.exists()]
+    leftovers = [p for p in (staged_file(sd, n) for n in STATE_FILE_NAMES) if p.exists()]
     for path in leftovers:
         path.unlink(missing_ok=True)
     if leftovers:
@@ -584,15 +583,15 @@ def _roll_forward(sd: StateDir, decision: dict[str, Any]) -> None:
     """Replay a decided restore (idempotent)."""
     kinds = set(decision.get("kinds", []))
     # 1. no volatile state of the old boot may survive next to the new permanent state
-    for kind in ("volatile", "savestate"):
-        if kind not in kinds or staged_file(sd, FILE_NAMES[kind]).exists():
-            sd.file(FILE_NAMES[kind]).unlink(missing_ok=True)
+    for kind in (BlobKind.VOLATILE, BlobKind.SAVESTATE):
+        if kind not in kinds or staged_file(sd, kind.file_name).exists():
+            sd.file(kind.file_name).unlink(missing_ok=True)
     fsync_dir(sd.path)
     # 2. the permanent state, then 3. the volatile parts that belong to it
-    for kind in ("permanent", "volatile", "savestate"):
-        staged = staged_file(sd, FILE_NAMES[kind])
+    for kind in BlobKind:
+        staged = staged_file(sd, kind.file_name)
         if staged.exists():
-            os.rename(staged, sd.file(FILE_NAMES[kind]))
+            os.rename(staged, sd.file(kind.file_name))
             fsync_dir(sd.path)
     marker = restore_marker(sd.path)
     marker.unlink()

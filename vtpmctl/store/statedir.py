@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from vtpmctl.errors import StoreError
+from vtpmctl.model import STATE_FILE_NAMES, TpmFamily
 from vtpmctl.store.atomic import fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_file, wrap_file
 
-STATE_NAMES = ("permall", "volatilestate", "savestate")
 LOCK_RETRY_INTERVAL = 0.01
 
 
@@ -48,14 +48,14 @@ class StateDir:
 
     @property
     def prefix(self) -> str:
-        return "tpm2-00." if self.tpm2 else "tpm-00."
+        return TpmFamily.of(self.tpm2).state_prefix
 
     @property
     def tmp_prefix(self) -> str:
-        return "TMP2-00." if self.tpm2 else "TMP-00."
+        return TpmFamily.of(self.tpm2).temp_prefix
 
     def file(self, name: str) -> Path:
-        if name not in STATE_NAMES:
+        if name not in STATE_FILE_NAMES:
             raise ValueError(f"unknown state name {name!r}")
         return self.path / (self.prefix + name)
 
@@ -109,7 +109,7 @@ class StateDir:
 
     def sizes(self) -> dict[str, int]:
         out = {}
-        for name in STATE_NAMES:
+        for name in STATE_FILE_NAMES:
             try:
                 out[name] = self.file(name).stat().st_size
             except FileNotFoundError:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from vtpmctl.model import STATE_FILE_NAMES, BlobKind
 from vtpmctl.store import instance_keys
 from vtpmctl.store.blob import (
     FLAG_ENCRYPTED,
@@ -31,7 +32,6 @@ from vtpmctl.store.blob import (
 from vtpmctl.store.instances import UNIX_PATH_MAX, Instance
 from vtpmctl.store.keys import KeyFileError, check_secret_file_mode
 from vtpmctl.store.snapshots import (
-    FILE_NAMES,
     REKEY_SUFFIX,
     RESTORE_SUFFIX,
     SnapshotError,
@@ -41,7 +41,7 @@ from vtpmctl.store.snapshots import (
     snapshots_dir,
     unchanged_since,
 )
-from vtpmctl.store.statedir import STATE_NAMES, StateDir
+from vtpmctl.store.statedir import StateDir
 
 Level = Literal["ok", "warn", "error"]
 # plaintext blobs (kind -> bytes), tpm2 -> ({kind: ValidateState rc}, error or None)
@@ -49,7 +49,6 @@ Validator = Callable[[dict[str, bytes], bool], tuple[dict[str, int], str | None]
 # pid -> (is it this instance's daemon, a short description)
 HolderInfo = Callable[[int], tuple[bool, str]]
 
-_KINDS = {v: k for k, v in FILE_NAMES.items()}  # permall -> permanent
 
 
 @dataclass(frozen=True)
@@ -166,12 +165,13 @@ def _state_file_checks(
 ) -> Iterator[Finding]:
     sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=key)
     plains: dict[str, bytes] = {}
-    for name in STATE_NAMES:
+    for kind in BlobKind:
+        name = kind.file_name
         path = sd.file(name)
         check = f"state.{name}"
         raw = sd.read_raw(name)
         if raw is None:
-            if name == "permall":
+            if kind is BlobKind.PERMANENT:
                 yield Finding(
                     "error",
                     check,
@@ -217,7 +217,7 @@ def _state_file_checks(
         if not key_usable:
             continue
         try:
-            plains[_KINDS[name]] = unwrap_file(raw, key)
+            plains[kind] = unwrap_file(raw, key)
         except BlobError as exc:
             yield Finding(
                 "error",
@@ -231,11 +231,11 @@ def _state_file_checks(
         yield Finding(
             "ok",
             f"{check}.format",
-            f"{path}: {how} good ({len(plains[_KINDS[name]])} bytes of state)",
+            f"{path}: {how} good ({len(plains[kind])} bytes of state)",
             None,
             str(path),
         )
-    if validate is not None and "permanent" in plains:
+    if validate is not None and BlobKind.PERMANENT in plains:
         rcs, error = validate(plains, inst.config.tpm2)
         if error and not rcs:
             yield Finding(
@@ -245,22 +245,22 @@ def _state_file_checks(
                 None,
                 str(sd.path),
             )
-        for kind, rc in sorted(rcs.items()):
+        for word, rc in sorted(rcs.items()):
             if rc:
                 yield Finding(
                     "error",
-                    f"state.{FILE_NAMES[kind]}.validate",
-                    f"libtpms rejects the {kind} state (TPMLIB_ValidateState 0x{rc:x})",
+                    f"state.{BlobKind(word).file_name}.validate",
+                    f"libtpms rejects the {word} state (TPMLIB_ValidateState 0x{rc:x})",
                     "restore it from a snapshot (vtpmctl snapshot restore) or a backup",
-                    str(sd.file(FILE_NAMES[kind])),
+                    str(sd.file(BlobKind(word).file_name)),
                 )
             else:
                 yield Finding(
                     "ok",
-                    f"state.{FILE_NAMES[kind]}.validate",
-                    f"libtpms accepts the {kind} state",
+                    f"state.{BlobKind(word).file_name}.validate",
+                    f"libtpms accepts the {word} state",
                     None,
-                    str(sd.file(FILE_NAMES[kind])),
+                    str(sd.file(BlobKind(word).file_name)),
                 )
 
 
@@ -312,7 +312,7 @@ def _leftover_checks(inst: Instance) -> Iterator[Finding]:
     yield from _restore_check(inst)
     marker = restore_marker(sd.path)
     running = sd.holder_pid() is not None
-    for name in STATE_NAMES:
+    for name in STATE_FILE_NAMES:
         for suffix in (instance_keys.ROTATE_SUFFIX, RESTORE_SUFFIX):
             path = sd.file(name).with_name(sd.file(name).name + suffix)
             if path.exists() and not marker.exists():

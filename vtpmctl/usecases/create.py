@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vtpmctl import __version__
+from vtpmctl.model import KeyFormat, TpmFamily, Transport
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.instance_keys import read_user_key, store_key
 from vtpmctl.store.instances import (
@@ -23,8 +24,6 @@ from vtpmctl.store.instances import (
     InstanceConfig,
     InstanceMeta,
     Registry,
-    TpmVersion,
-    TransportKind,
     write_json,
 )
 from vtpmctl.store.keys import KeyFileError, generate_key, key_fingerprint
@@ -35,14 +34,14 @@ MANUFACTURE_TIMEOUT = 120.0
 
 @dataclass
 class CreateOptions:
-    tpm: TpmVersion = "2.0"
-    transport: TransportKind = "socket"
+    tpm: TpmFamily = TpmFamily.TPM2
+    transport: Transport = Transport.SOCKET
     ek: bool | None = None  # None: yes for TPM 2.0, no for 1.2
     encrypt: bool = False
     key_file: Path | None = None
-    key_format: str = "auto"
+    key_format: KeyFormat = KeyFormat.AUTO
     migration_key_file: Path | None = None
-    migration_key_format: str = "auto"
+    migration_key_format: KeyFormat = KeyFormat.AUTO
     ecc_curve: str = "p384"
 
 
@@ -54,8 +53,9 @@ def _user_key(path: Path, kind: str, what: str) -> AesKey:
 
 
 def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Instance:
-    ek = opts.tpm == "2.0" if opts.ek is None else opts.ek
-    if ek and opts.tpm != "2.0":
+    tpm = TpmFamily(opts.tpm)
+    ek = tpm.tpm2 if opts.ek is None else opts.ek
+    if ek and not tpm.tpm2:
         raise LifecycleError(
             "EK provisioning is implemented for TPM 2.0 only; use --no-ek with --tpm 1.2"
         )
@@ -64,7 +64,7 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
     key_source: str | None = None
     if opts.key_file is not None:
         key = _user_key(opts.key_file, opts.key_format, "state key")
-        key_source = "passphrase" if opts.key_format == "passphrase" else "key-file"
+        key_source = "passphrase" if opts.key_format == KeyFormat.PASSPHRASE else "key-file"
     elif encrypt:
         key, key_source = generate_key(256), "generated"
     mkey = None
@@ -73,8 +73,8 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
 
     config = InstanceConfig(
         name=name,
-        tpm=opts.tpm,
-        transport=opts.transport,
+        tpm=tpm.version,
+        transport=Transport(opts.transport),
         encrypted=encrypt,
         migration_key=mkey is not None,
         ek=ek,
@@ -88,7 +88,7 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
         made = _manufacture(
             paths.state_dir,
             paths.log_file,
-            tpm2=opts.tpm == "2.0",
+            tpm2=tpm.tpm2,
             key_file=paths.state_key if key is not None else None,
             ca_dir=paths.ca_dir if ek else None,
             ecc_curve=opts.ecc_curve,
@@ -127,7 +127,7 @@ def _manufacture(
         "--state",
         str(state_dir),
         "--tpm",
-        "2" if tpm2 else "1.2",
+        str(TpmFamily.of(tpm2)),
         "--log-file",
         str(log_file),
     ]

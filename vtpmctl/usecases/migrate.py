@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING
 
 from vtpmctl import __version__
 from vtpmctl.errors import InstanceError, InstanceExists
+from vtpmctl.model import BlobKind, TpmFamily, Transport
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer
 from vtpmctl.store.bundle import (
-    BLOB_TYPES,
-    STATE_NAME,
     Bundle,
     BundleError,
     Manifest,
@@ -39,8 +38,6 @@ from vtpmctl.store.instances import (
     InstanceConfig,
     InstanceMeta,
     Registry,
-    TpmVersion,
-    TransportKind,
     now_utc,
     validate_name,
 )
@@ -113,15 +110,16 @@ def _stopped_state(registry: Registry, inst: Instance) -> tuple[Instance, dict[s
             inst = registry.get(inst.name)  # a finished key rotation changed config and meta
         sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=load_state_key(inst))
         plain: dict[str, bytes] = {}
-        for kind in BLOB_TYPES:
-            data = sd.load(STATE_NAME[kind])
+        for kind in BlobKind:
+            data = sd.load(kind.file_name)
             if data:
                 plain[kind] = data
     except (KeyFileError, StateDirError, SnapshotError) as exc:
         raise MigrateError(f"cannot export {inst.name}: {exc}") from None
-    if "permanent" not in plain:
+    if BlobKind.PERMANENT not in plain:
         raise MigrateError(
-            f"cannot export {inst.name}: {sd.file('permall')} is missing; restore it from a backup"
+            f"cannot export {inst.name}: {sd.file(BlobKind.PERMANENT.file_name)} is "
+            "missing; restore it from a backup"
         )
     return inst, plain
 
@@ -162,7 +160,7 @@ def _running_state(inst: Instance) -> dict[str, bytes]:
         raise MigrateError(
             f"the permanent state of running {inst.name} is unusable: {exc.message}"
         ) from None
-    return {"permanent": plain}
+    return {BlobKind.PERMANENT: plain}
 
 
 def export_instance(
@@ -232,7 +230,7 @@ class ImportOptions:
     encrypt: bool | None = None
     state_key: AesKey | None = None
     key_source: str | None = None
-    transport: TransportKind | None = None
+    transport: Transport | None = None
 
 
 @dataclass
@@ -312,7 +310,7 @@ def verify_bundle(data: bytes, migration_key: AesKey | None) -> tuple[Bundle, st
 
     bundle = open_bundle(data, migration_key)
     m = bundle.manifest
-    tpm2 = m.tpm_version == "2.0"
+    tpm2 = TpmFamily.from_version(m.tpm_version).tpm2
     _check_ek(bundle, None)
     here = libtpms_version()
     result = inspect_blobs(bundle.plain, tpm2=tpm2, describe=True, ek=bundle.ek_json is not None)
@@ -366,8 +364,8 @@ def import_bundle(registry: Registry, data: bytes, opts: ImportOptions) -> Impor
     mkey = opts.migration_key
     config = InstanceConfig(
         name=name,
-        tpm=_tpm(m.tpm_version),
-        transport=opts.transport or _transport(m.transport),
+        tpm=TpmFamily.from_version(m.tpm_version).version,
+        transport=opts.transport or Transport(m.transport),
         encrypted=state_key is not None,
         migration_key=mkey is not None,
         ek=bundle.ek_json is not None,
@@ -392,19 +390,11 @@ def import_bundle(registry: Registry, data: bytes, opts: ImportOptions) -> Impor
         sd = StateDir(paths.state_dir, tpm2=config.tpm2, key=state_key)
         sd.ensure()
         for kind, plain in bundle.plain.items():
-            sd.store(STATE_NAME[kind], plain)
+            sd.store(BlobKind(kind).file_name, plain)
         if bundle.ek_json is not None:
             write_atomic(paths.ek_file, bundle.ek_json, 0o644)
         registry.commit(paths, config, meta)
     return Imported(registry.get(name), m, here, notes)
-
-
-def _tpm(value: str) -> TpmVersion:
-    return "2.0" if value == "2.0" else "1.2"
-
-
-def _transport(value: str) -> TransportKind:
-    return "cuse" if value == "cuse" else "socket"
 
 
 def read_bundle_file(source: str) -> bytes:

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vtpmctl.engine.inspect import InspectResult, inspect_blobs
+from vtpmctl.model import BlobKind
 from vtpmctl.store import instance_keys
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer
 from vtpmctl.store.instances import Instance, Registry, now_utc
 from vtpmctl.store.pending import settle
 from vtpmctl.store.snapshots import (
-    BLOB_KINDS,
-    FILE_NAMES,
     Snapshot,
     SnapshotError,
     SnapshotStore,
@@ -100,11 +99,11 @@ def _client(inst: Instance, timeout: float) -> ControlClient:
 
 
 def _fetch(
-    client: ControlClient, kind: str, state_key: AesKey | None, migration_key: AesKey | None
+    client: ControlClient, kind: BlobKind, state_key: AesKey | None, migration_key: AesKey | None
 ) -> bytes:
     from vtpmctl.device.protocol import BlobType
 
-    flags, blob = client.get_state(BlobType[kind.upper()], decrypted=True)
+    flags, blob = client.get_state(BlobType.of(kind), decrypted=True)
     if not blob:
         return b""
     try:
@@ -123,17 +122,17 @@ def _from_control(
 ) -> dict[str, bytes]:
     mkey = instance_keys.load_migration_key(inst)
     with _client(inst, timeout) as client:
-        perm = _fetch(client, "permanent", state_key, mkey)
+        perm = _fetch(client, BlobKind.PERMANENT, state_key, mkey)
         if not perm:
             raise SnapshotError(f"{inst.name} has no permanent state to snapshot")
         if not volatile:
-            return {"permanent": perm}
-        kinds = ["volatile"] + ([] if inst.config.tpm2 else ["savestate"])
+            return {BlobKind.PERMANENT: perm}
+        kinds = [BlobKind.VOLATILE] + ([] if inst.config.tpm2 else [BlobKind.SAVESTATE])
         for _ in range(CONSISTENT_TRIES):
             extra = {k: _fetch(client, k, state_key, mkey) for k in kinds}
-            again = _fetch(client, "permanent", state_key, mkey)
+            again = _fetch(client, BlobKind.PERMANENT, state_key, mkey)
             if again == perm:
-                return {"permanent": perm, **{k: v for k, v in extra.items() if v}}
+                return {BlobKind.PERMANENT: perm, **{k: v for k, v in extra.items() if v}}
             perm = again  # the guest changed NV meanwhile: take the pair again
     raise SnapshotError(
         f"the state of {inst.name} kept changing while it was read; retry, "
@@ -143,9 +142,9 @@ def _from_control(
 
 def _from_dir(inst: Instance, sd: StateDir, volatile: bool) -> dict[str, bytes]:
     blobs: dict[str, bytes] = {}
-    for kind in BLOB_KINDS if volatile else ("permanent",):
+    for kind in list(BlobKind) if volatile else [BlobKind.PERMANENT]:
         try:
-            data = sd.load(FILE_NAMES[kind])
+            data = sd.load(kind.file_name)
         except StateDirError as exc:
             raise SnapshotError(str(exc)) from None
         if data:
@@ -333,7 +332,7 @@ def diff(inst: Instance, ref_a: str, ref_b: str) -> dict[str, Any]:
     store = open_store(inst)
     a, b = store.find(ref_a), store.find(ref_b)
     blobs: dict[str, str] = {}
-    for kind in BLOB_KINDS:
+    for kind in BlobKind:
         da, db = a.blobs.get(kind), b.blobs.get(kind)
         if da is None and db is None:
             continue

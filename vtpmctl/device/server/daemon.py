@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from vtpmctl.engine.tpm import Engine, EngineConfig, Startup
 from vtpmctl.errors import ServeError, UsageError
+from vtpmctl.model import KeyFormat, TpmFamily, Transport
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.statedir import StateDir, StateDirError
 
@@ -61,7 +62,7 @@ class DaemonOptions:
     tpm2: bool = True
     flags: list[str] = field(default_factory=list)
     key_file: Path | None = None
-    key_kind: str = "auto"
+    key_kind: str = KeyFormat.AUTO
     migration_key_file: Path | None = None
     pid_file: Path | None = None
     log_file: Path | None = None
@@ -103,7 +104,7 @@ def _load_key(path: Path | None, kind: str) -> AesKey | None:
 
     try:
         check_secret_file_mode(path)
-        return load_key(path, kind=kind)  # type: ignore[arg-type]
+        return load_key(path, kind=KeyFormat(kind))
     except KeyFileError as exc:
         raise DaemonError(str(exc)) from None
 
@@ -174,7 +175,7 @@ def run(opts: DaemonOptions) -> int:
     ctrl, data = check_options(opts)
     not_need_init, startup, no_auto = parse_flags(opts.flags)
     state_key = _load_key(opts.key_file, opts.key_kind)
-    migration_key = _load_key(opts.migration_key_file, "auto")
+    migration_key = _load_key(opts.migration_key_file, KeyFormat.AUTO)
     libtpms_fd = _setup_logging(opts.log_file)
 
     statedir = StateDir(opts.state_dir, tpm2=opts.tpm2, key=state_key)
@@ -188,7 +189,7 @@ def run(opts: DaemonOptions) -> int:
         raise DaemonError(f"cannot create state dir {opts.state_dir}: {exc.strerror}") from None
     config = EngineConfig(
         tpm2=opts.tpm2,
-        transport="cuse" if opts.cuse else "socket",
+        transport=Transport.CUSE if opts.cuse else Transport.SOCKET,
         state_key=state_key,
         migration_key=migration_key,
         startup=startup,
@@ -222,7 +223,7 @@ def run(opts: DaemonOptions) -> int:
     log.info(
         "serving %s (TPM %s) on %s",
         opts.state_dir,
-        "2.0" if opts.tpm2 else "1.2",
+        TpmFamily.of(opts.tpm2).version,
         getattr(server, "path", None) or opts.ctrl,
     )
     _notify("READY=1")
@@ -284,7 +285,7 @@ def options_from_values(values: Mapping[str, Any]) -> DaemonOptions:
         ctrl=values["ctrl"],
         data=values["data"],
         cuse=values["cuse"],
-        tpm2=values["tpm"] == "2",
+        tpm2=TpmFamily(values["tpm"]).tpm2,
         flags=list(values["flags"]),
         key_file=values["key_file"],
         key_kind=values["key_kind"],
