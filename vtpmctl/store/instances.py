@@ -36,7 +36,6 @@ UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-
 def validate_name(name: str) -> str:
     """Names become file names, socket paths and /dev/vtpm-NAME: keep them plain."""
     if not name or len(name) > MAX_NAME or not _NAME.fullmatch(name):
