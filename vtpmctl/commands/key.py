@@ -43,7 +43,7 @@ def rotate(name: str, new_key_file: Path, key_format: str = "auto") -> int:
             sys.stderr.write(f"vtpmctl: {safe(note)}\n")
         if settled.rotation is not None:
             inst = registry.get(name)
-        source = "passphrase" if key_format == "passphrase" else "key-file"
+        source = "passphrase" if key_format == KeyFormat.PASSPHRASE else "key-file"
         instance_keys.rotate(inst, new_key, source)
     except (KeyFileError, StateDirError, SnapshotError) as exc:
         raise KeyCommandError(f"cannot rotate the key of {name}: {exc}") from None

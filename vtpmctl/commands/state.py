@@ -28,7 +28,7 @@ class StateFileError(StoreError):
 def export(
     target: str,
     output: str,
-    blob_type: str = "permanent",
+    blob_type: str = BlobKind.PERMANENT,
     decrypted: bool = True,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> int:
@@ -107,7 +107,7 @@ def _write_stream(fd: int, blob: bytes, output: str) -> None:
 
 
 def import_(
-    target: str, source: str, blob_type: str = "permanent", timeout: float = DEFAULT_TIMEOUT
+    target: str, source: str, blob_type: str = BlobKind.PERMANENT, timeout: float = DEFAULT_TIMEOUT
 ) -> int:
     """Stage one state blob from SOURCE ('-' = stdin) in the stopped TPM TARGET."""
     kind = BlobType.of(BlobKind(blob_type))

@@ -21,7 +21,7 @@ from vtpmctl.device.protocol import TPM12_ST_CLEAR, Cmd, tpm12_startup, tpm_code
 from vtpmctl.engine.tpm import Engine, EngineConfig
 from vtpmctl.engine.tpm2 import SU_CLEAR, build_shutdown, build_startup
 from vtpmctl.errors import EngineError
-from vtpmctl.model import KeyFormat, TpmFamily
+from vtpmctl.model import BlobKind, KeyFormat, TpmFamily
 from vtpmctl.store.statedir import StateDir, StateDirError
 
 log = logging.getLogger("vtpmctl.manufacture")
@@ -74,7 +74,7 @@ def manufacture(
             raise ManufactureError(str(exc)) from None
     statedir = StateDir(state_dir, tpm2=tpm2, key=key)
     statedir.ensure()
-    if statedir.exists("permall"):
+    if statedir.exists(BlobKind.PERMANENT.file_name):
         raise ManufactureError(f"{state_dir} already holds a TPM; refusing to replace it")
     engine = Engine(
         statedir,
@@ -105,7 +105,7 @@ def manufacture(
                 raise ManufactureError(f"the new TPM refused Shutdown (rc 0x{rc:x})")
     finally:
         engine.close()
-    if not statedir.exists("permall"):
+    if not statedir.exists(BlobKind.PERMANENT.file_name):
         raise ManufactureError(f"libtpms wrote no permanent state into {state_dir}")
     return result
 

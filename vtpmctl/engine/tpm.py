@@ -223,7 +223,7 @@ class Engine(Storage):
             rc = self.tpm.validate_state(kinds)
         if rc == Res.RETRY:  # the blob does not exist
             raise StateDirError(
-                f"{self.statedir.file('permall')} is missing; restore it "
+                f"{self.statedir.file(_PERMALL)} is missing; restore it "
                 "from a snapshot or backup (a new TPM is never made in its place)"
             )
         if rc != 0:

@@ -149,9 +149,10 @@ def _from_dir(inst: Instance, sd: StateDir, volatile: bool) -> dict[str, bytes]:
             raise SnapshotError(str(exc)) from None
         if data:
             blobs[kind] = data
-    if "permanent" not in blobs:
+    if BlobKind.PERMANENT not in blobs:
         raise SnapshotError(
-            f"{sd.file('permall')} is missing: {inst.name} has no TPM state to snapshot"
+            f"{sd.file(BlobKind.PERMANENT.file_name)} is missing: {inst.name} has no TPM "
+            "state to snapshot"
         )
     return blobs
 
