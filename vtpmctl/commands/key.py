@@ -16,7 +16,7 @@ class KeyCommandError(InstanceError):
     """The key could not be changed; nothing on disk was."""
 
 
-def rotate(name: str, new_key_file: Path, key_format: str = "auto") -> int:
+def rotate(name: str, new_key_file: Path, key_format: str = KeyFormat.AUTO) -> int:
     """Switch NAME to the key in NEW_KEY_FILE (all or nothing, even across a crash)."""
     from vtpmctl.store import instance_keys
     from vtpmctl.store.instances import Registry

@@ -136,9 +136,9 @@ def create(
     ek: bool | None = None,
     encrypt: bool = False,
     key_file: Path | None = None,
-    key_format: str = "auto",
+    key_format: str = KeyFormat.AUTO,
     migration_key_file: Path | None = None,
-    migration_key_format: str = "auto",
+    migration_key_format: str = KeyFormat.AUTO,
     ecc_curve: str = "p384",
 ) -> int:
     """Register NAME and manufacture its TPM."""

@@ -42,7 +42,7 @@ def export(
     name: str,
     output: str,
     migration_key_file: Path | None = None,
-    migration_key_format: str = "auto",
+    migration_key_format: str = KeyFormat.AUTO,
     allow_running: bool = False,
     as_json: bool = False,
 ) -> int:
@@ -98,10 +98,10 @@ def import_(
     source: str,
     name: str | None = None,
     migration_key_file: Path | None = None,
-    migration_key_format: str = "auto",
+    migration_key_format: str = KeyFormat.AUTO,
     encrypt: bool | None = None,
     key_file: Path | None = None,
-    key_format: str = "auto",
+    key_format: str = KeyFormat.AUTO,
     transport: str | None = None,
     as_json: bool = False,
 ) -> int:
