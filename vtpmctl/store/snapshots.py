@@ -156,7 +156,11 @@ def _parse_index(raw: bytes) -> _Index:
         if not isinstance(state, dict) or not state:
             raise ValueError(f"state {sid} is empty")
         for kind, (digest, size) in state.items():
-            if kind not in tuple(BlobKind) or not _DIGEST.fullmatch(digest) or not isinstance(size, int):
+            if (
+                kind not in tuple(BlobKind)
+                or not _DIGEST.fullmatch(digest)
+                or not isinstance(size, int)
+            ):
                 raise ValueError(f"state {sid} has a bad {kind} entry")
     for row in snaps:
         if (

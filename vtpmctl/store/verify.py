@@ -50,7 +50,6 @@ Validator = Callable[[dict[str, bytes], bool], tuple[dict[str, int], str | None]
 HolderInfo = Callable[[int], tuple[bool, str]]
 
 
-
 @dataclass(frozen=True)
 class Finding:
     level: Level
