@@ -4,6 +4,7 @@
 instance ``a``; the bundle format is described in ``vtpmctl.store.bundle``.
 """
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,7 @@ def export(
     as_json: bool = False,
 ) -> int:
     """Write a bundle of NAME to OUTPUT ('-' = stdout)."""
-    from vtpmctl.store.atomic import write_atomic
+    from vtpmctl.store.atomic import open_output, write_atomic, write_fd
     from vtpmctl.store.instances import Registry
     from vtpmctl.usecases.migrate import MigrateError, export_instance
 
@@ -63,15 +64,34 @@ def export(
         if not parent.is_dir():
             raise MigrateError(f"cannot write {output}: directory {parent} does not exist")
     mkey = _key(migration_key_file, migration_key_format, "migration key")
-    exported = export_instance(Registry(), name, migration_key=mkey, allow_running=allow_running)
-    if output == "-":
-        sys.stdout.buffer.write(exported.data)
-        sys.stdout.buffer.flush()
-        return 0
+    # A FIFO or device named directly is written into; a link is refused before any work.
+    fd: int | None = None
+    if output != "-":
+        try:
+            fd = open_output(Path(output).absolute())
+        except OSError as exc:
+            raise MigrateError(f"cannot write {output}: {exc.strerror or exc}") from None
+        if fd is not None and os.isatty(fd):
+            os.close(fd)
+            raise MigrateError(f"refusing to write a bundle to the terminal {output}")
     try:
-        write_atomic(Path(output).absolute(), exported.data, 0o600)
-    except OSError as exc:
-        raise MigrateError(f"cannot write {output}: {exc.strerror or exc}") from None
+        exported = export_instance(
+            Registry(), name, migration_key=mkey, allow_running=allow_running
+        )
+        if output == "-":
+            sys.stdout.buffer.write(exported.data)
+            sys.stdout.buffer.flush()
+            return 0
+        try:
+            if fd is None:
+                write_atomic(Path(output).absolute(), exported.data, 0o600)
+            else:
+                write_fd(fd, exported.data)
+        except OSError as exc:
+            raise MigrateError(f"cannot write {output}: {exc.strerror or exc}") from None
+    finally:
+        if fd is not None:
+            os.close(fd)
     m = exported.manifest
     if as_json:
         print_json(

@@ -5,7 +5,6 @@ so the two tools can be mixed.
 """
 
 import os
-import stat
 import sys
 from pathlib import Path
 
@@ -69,26 +68,17 @@ def _destination(output: str) -> Path | int | None:
                 "refusing to write a state blob to a terminal; use -o FILE or redirect stdout"
             )
         return None
-    real = Path(os.path.realpath(output))
+    from vtpmctl.store.atomic import open_output
+
+    dest = Path(output).absolute()
+    if not dest.parent.is_dir():
+        raise StateFileError(f"cannot write {output}: directory {dest.parent} does not exist")
     try:
-        st = os.stat(real)
-    except FileNotFoundError:
-        if not real.parent.is_dir():
-            raise StateFileError(
-                f"cannot write {output}: directory {real.parent} does not exist"
-            ) from None
-        return real
+        fd = open_output(dest)
     except OSError as exc:
         raise StateFileError(f"cannot write {output}: {exc.strerror}") from exc
-    if stat.S_ISREG(st.st_mode):
-        return real
-    if stat.S_ISDIR(st.st_mode):
-        raise StateFileError(f"cannot write {output}: it is a directory")
-    # A FIFO or a device such as /dev/stdout: write into it, never replace it.
-    try:
-        fd = os.open(real, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise StateFileError(f"cannot write {output}: {exc.strerror}") from exc
+    if fd is None:
+        return dest
     if os.isatty(fd):
         os.close(fd)
         raise StateFileError(f"refusing to write a state blob to the terminal {output}")
@@ -96,10 +86,10 @@ def _destination(output: str) -> Path | int | None:
 
 
 def _write_stream(fd: int, blob: bytes, output: str) -> None:
+    from vtpmctl.store.atomic import write_fd
+
     try:
-        view = memoryview(blob)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_fd(fd, blob)
     except OSError as exc:
         raise StateFileError(f"cannot write {output}: {exc.strerror}") from exc
     finally:

@@ -121,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-file", type=Path)
     ns = p.parse_args(argv)
     if ns.log_file is not None:
-        fd = os.open(ns.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        from vtpmctl.store.atomic import open_log
+
+        try:
+            fd = open_log(ns.log_file)
+        except OSError as exc:
+            print(f"vtpmctl: cannot open log file {ns.log_file}: {exc.strerror}", file=sys.stderr)
+            return 1
         logging.basicConfig(
             stream=os.fdopen(fd, "a", buffering=1),
             level=logging.INFO,

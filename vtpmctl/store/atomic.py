@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 
 
@@ -53,3 +55,90 @@ def write_atomic(
         raise
     if durable:
         fsync_dir(directory)
+
+
+def _refuse_link(path: Path) -> OSError:
+    return OSError(
+        errno.ELOOP,
+        "it is a symbolic link, which vtpmctl never writes through; "
+        "name the file itself or remove the link",
+        str(path),
+    )
+
+
+def open_output(path: Path) -> int | None:
+    """An fd for a FIFO or device that ``path`` names directly, else None.
+
+    None means: write ``path`` with :func:`write_atomic` (it is a regular file
+    or absent). The last component is never followed, so a link another user
+    planted in a shared directory cannot turn an export into a write to
+    whatever it points at; such a link is refused (replacing it could as well
+    clobber a system link such as ``/dev/stdout``).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise _refuse_link(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "it is a directory", str(path))
+    if stat.S_ISREG(st.st_mode):
+        return None
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):  # swapped for a file since the lstat: replace it instead
+        os.close(fd)
+        return None
+    return fd
+
+
+def write_fd(fd: int, data: bytes) -> None:
+    """All of ``data`` into ``fd`` (a pipe or device may take it in pieces)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def write_output(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """A file the user named: written into if it is a FIFO or device, else replaced."""
+    fd = open_output(path)
+    if fd is None:
+        write_atomic(path, data, mode)
+        return
+    try:
+        write_fd(fd, data)
+    finally:
+        os.close(fd)
+
+
+def open_log(path: Path, mode: int = 0o600) -> int:
+    """Open a log for appending without following a link or appending to another's file.
+
+    A log outlives one process and may sit in a shared directory (``--log-file
+    /tmp/x.log``), so it is opened ``O_NOFOLLOW`` and must be a regular file of
+    this user with a single name: a hard link to e.g. ``/etc/shadow`` is refused.
+    """
+    try:
+        fd = os.open(
+            path,
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC,
+            mode,
+        )
+    except OSError:
+        # ELOOP, or EACCES where a sticky dir forbids opening another user's link.
+        if os.path.islink(path):
+            raise _refuse_link(path) from None
+        raise
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        pass  # a FIFO or device named directly (e.g. /dev/null) is written into
+    elif st.st_uid != os.geteuid():
+        problem = f"it belongs to uid {st.st_uid}; remove it or choose another path"
+    elif st.st_nlink != 1:
+        problem = "it has other hard links; remove it or choose another path"
+    if problem is not None:
+        os.close(fd)
+        raise OSError(errno.EPERM, problem, str(path))
+    return fd

@@ -97,7 +97,9 @@ def tpm_specification_attributes(family: str, level: int, revision: int) -> byte
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Serialise CA creation between processes provisioning at the same time."""
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(
+        directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -317,7 +317,9 @@ class Registry:
                 f"{paths.base} is left from an interrupted create (or one is running); "
                 f"clean it up with: vtpmctl rm {name} --yes"
             ) from None
-        fd = os.open(paths.creating_lock, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            paths.creating_lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         fcntl.lockf(fd, fcntl.LOCK_EX)
         try:
             yield paths
@@ -336,7 +338,7 @@ class Registry:
 
     def creation_in_progress(self, paths: InstancePaths) -> bool:
         try:
-            fd = os.open(paths.creating_lock, os.O_WRONLY | os.O_CLOEXEC)
+            fd = os.open(paths.creating_lock, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
         try:

@@ -214,7 +214,9 @@ class SnapshotStore:
     def locked(self) -> Iterator[None]:
         """Serialise writers (two `snapshot create` at once must not lose one)."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -168,6 +168,15 @@ def rotate_log(path: Path, limit: int = LOG_LIMIT) -> None:
             os.replace(path, path.with_name(path.name + ".1"))
 
 
+def _open_log(path: Path) -> int:
+    from vtpmctl.store.atomic import open_log
+
+    try:
+        return open_log(path)
+    except OSError as exc:
+        raise LifecycleError(f"cannot open log file {path}: {exc.strerror}") from None
+
+
 def failure_reason(log_lines: list[str]) -> str:
     """The most telling line of a daemon's last words."""
     for line in reversed(log_lines):
@@ -255,9 +264,7 @@ def start(
     inst.paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     inst.paths.log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     rotate_log(inst.paths.log_file)
-    log_fd = os.open(
-        inst.paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
-    )
+    log_fd = _open_log(inst.paths.log_file)
     mark = os.lseek(log_fd, 0, os.SEEK_END)
     try:
         proc = subprocess.Popen(

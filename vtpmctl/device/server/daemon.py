@@ -113,7 +113,12 @@ def _setup_logging(log_file: Path | None) -> int | None:
     """Log to the file (0600) or stderr; returns the fd libtpms should use."""
     handler: logging.Handler
     if log_file is not None:
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        from vtpmctl.store.atomic import open_log
+
+        try:
+            fd = open_log(log_file)
+        except OSError as exc:
+            raise DaemonError(f"cannot open log file {log_file}: {exc.strerror}") from None
         handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
         libtpms_fd: int | None = fd
     else:

@@ -112,8 +112,7 @@ def listen(ep: Endpoint, backlog: int = 1) -> socket.socket:
             sock.close()
             raise EndpointError(f"cannot listen on {ep}: {exc.strerror}") from exc
         finally:
-            os.umask(old)
-        os.chmod(ep.path, ep.mode)
+            os.umask(old)  # the umask gave the socket its mode: no chmod through a swapped link
     else:
         family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
