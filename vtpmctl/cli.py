@@ -17,6 +17,7 @@ import sys
 # `typing` costs more to import than a control round trip; annotations only.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import contextlib
     from typing import Any
 
     import typer
@@ -49,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: list[str], fast: bool = True) -> int:
     """Run one command line; ``fast=False`` forces the typer route (for tests)."""
     debug = _take_debug(args)
+    if not _stdout_open():
+        # `vtpmctl … >&-`: like a broken pipe. A command whose output is its point
+        # does nothing; any other does its work and its report goes nowhere.
+        if _output_is_the_point(args):
+            from vtpmctl.errors import EXIT_FAILURE
+
+            with _suppress_os_errors():
+                sys.stderr.write("vtpmctl: stdout is closed; nothing was done\n")
+            return EXIT_FAILURE
+        _stdout_to_devnull()
     try:
         plan = _fast_plan(args) if fast else None
         if plan is not None:
@@ -98,6 +109,66 @@ def _one_line(exc: BaseException) -> str:
         return text
     name = type(exc).__name__
     return f"{name}: {text} (rerun with --debug for a traceback)" if text else name
+
+
+def _stdout_open() -> bool:
+    """Descriptor 1 is open (Python sets sys.stdout to None when it was not)."""
+    import os
+
+    if sys.stdout is None:
+        return False
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):
+        return True  # no descriptor behind it (captured in a test): writable anyway
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _stdout_to_devnull() -> None:
+    """Point descriptor 1 and sys.stdout at /dev/null.
+
+    Besides keeping writes from failing, this takes descriptor 1, so that no
+    file this process opens (a state file, a log) can land on it and receive
+    what was meant for stdout.
+    """
+    import os
+
+    fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    if fd != 1:
+        os.dup2(fd, 1, inheritable=False)
+        os.close(fd)
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
+
+
+def _suppress_os_errors() -> "contextlib.AbstractContextManager[None]":
+    import contextlib
+
+    return contextlib.suppress(OSError, AttributeError)
+
+
+# The commands that exist to print (or to write to '-'): with stdout closed there
+# is no point in running them.
+_OUTPUT_COMMANDS = frozenset({"list", "caps", "info", "ek", "--version", "--help", "-h"})
+_OUTPUT_SUBCOMMANDS = frozenset({("snapshot", "list"), ("snapshot", "diff")})
+_EXPORTS = frozenset({("state", "export"), ("migrate", "export")})
+
+
+def _output_is_the_point(args: list[str]) -> bool:
+    i = 0
+    while i < len(args) and args[i].startswith("--timeout"):
+        i += 1 if "=" in args[i] else 2
+    words = args[i:]
+    if not words or "--help" in words or "-h" in words:
+        return True
+    if words[0] in _OUTPUT_COMMANDS or tuple(words[:2]) in _OUTPUT_SUBCOMMANDS:
+        return True
+    if tuple(words[:2]) in _EXPORTS:
+        return "-" in words or "-o-" in words or "--output=-" in words
+    return False
 
 
 def _silence_stdout() -> None:
