@@ -58,6 +58,10 @@ class Transport(StrEnum):
     CUSE = "cuse"
 
 
+# The kernel takes a CUSE DEVNAME of vtpm- and at most this many more characters.
+CUSE_NAME_MAX = 63
+
+
 class BlobKind(StrEnum):
     """A TPM state blob: the value is the word of ``--type``, JSON records and bundles."""
 

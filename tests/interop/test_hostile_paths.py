@@ -9,8 +9,10 @@ FIFO or device is written only when the path names it directly.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -203,3 +205,35 @@ def test_start_and_create_never_log_through_a_link(home: Home, victim: Path) -> 
     one_line_error(vt("start", "a", env=home.env), "symbolic link")
     untouched(victim)
     assert home.status("a")[0] == 3
+
+
+# ---------------------------------------------------------------- names CUSE cannot take
+
+
+@pytest.fixture
+def short_home() -> Iterator[Home]:
+    """A store whose socket paths leave room for 64-character names."""
+    base = Path(tempfile.mkdtemp(prefix="h", dir="/tmp"))
+    try:
+        with home_at(base) as h:
+            yield h
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_cuse_instance_name_fits_the_device_name(short_home: Home, tmp_path: Path) -> None:
+    """CUSE takes 63 characters after vtpm-: a longer name is refused before anything is made."""
+    home = short_home
+    long = "n" * 64
+    one_line_error(vt("create", long, "--no-ek", "--transport", "cuse", env=home.env), "63")
+    assert not home.registry().paths(long).base.exists()
+    home.run("create", "m", "--no-ek")
+    bundle = tmp_path / "m.bundle"
+    home.run("migrate", "export", "m", "-o", str(bundle))
+    one_line_error(
+        vt("migrate", "import", str(bundle), "--name", long, "--transport", "cuse", env=home.env),
+        "63",
+    )
+    assert not home.registry().paths(long).base.exists()
+    home.run("create", "n" * 63, "--no-ek", "--transport", "cuse")
+    home.run("create", long, "--no-ek")  # a socket instance may have the full 64

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vtpmctl.errors import InstanceError, InstanceExists, NoSuchInstance
-from vtpmctl.model import TpmFamily, Transport
+from vtpmctl.model import CUSE_NAME_MAX, TpmFamily, Transport
 from vtpmctl.store import records
 from vtpmctl.store.atomic import write_atomic
 from vtpmctl.store.paths import Roots, store_roots
@@ -138,6 +138,14 @@ class InstancePaths:
                     f"socket path {path} would be {size} bytes, over the {UNIX_PATH_MAX}-byte "
                     "limit; use a shorter name or a shorter VTPMCTL_HOME"
                 )
+
+    def check_transport(self, transport: Transport) -> None:
+        """A name the transport cannot carry would make an instance that never starts."""
+        if transport == Transport.CUSE and len(self.name) > CUSE_NAME_MAX:
+            raise InstanceError(
+                f"a CUSE device name takes at most {CUSE_NAME_MAX} characters after vtpm-, "
+                f"and {self.name} has {len(self.name)}; use a shorter name or --transport socket"
+            )
 
 
 # ---------------------------------------------------------------- records

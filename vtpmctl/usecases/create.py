@@ -79,6 +79,7 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
         migration_key=mkey is not None,
         ek=ek,
     )
+    registry.paths(name).check_transport(config.transport)
     with registry.reserve(name) as paths:
         registry.ensure_dirs(paths)
         if key is not None:

@@ -381,6 +381,7 @@ def import_bundle(registry: Registry, data: bytes, opts: ImportOptions) -> Impor
     )
     from vtpmctl.store.atomic import write_atomic
 
+    paths.check_transport(config.transport)
     with registry.reserve(name) as paths:
         registry.ensure_dirs(paths)
         if state_key is not None:

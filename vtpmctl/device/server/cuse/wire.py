@@ -23,6 +23,7 @@ from enum import IntEnum
 
 from vtpmctl.device.protocol import IOCTL_TO_CMD, Cmd, ioctl_fields, ioctl_sizes
 from vtpmctl.errors import ServeError
+from vtpmctl.model import CUSE_NAME_MAX
 
 CUSE_DEVICE = "/dev/cuse"
 DEVNAME_PREFIX = "vtpm-"
@@ -35,7 +36,7 @@ MAX_WRITE = 128 * 1024
 MAX_READ = 128 * 1024
 READ_BUFSIZE = MAX_WRITE + 4096  # kernel minimum: header + fuse_write_in + max_write
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,62}")
+_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+-]{{0,{CUSE_NAME_MAX - 1}}}")
 
 
 class Op(IntEnum):
@@ -105,7 +106,7 @@ def device_name(name: str) -> str:
     base = name[len(DEVNAME_PREFIX) :] if name.startswith(DEVNAME_PREFIX) else name
     if not _NAME_RE.fullmatch(base):
         raise CuseError(
-            f"bad device name {name!r}: use 1-63 letters, digits, '.', '_', "
+            f"bad device name {name!r}: use 1-{CUSE_NAME_MAX} letters, digits, '.', '_', "
             "'+' or '-', starting with a letter or digit"
         )
     return DEVNAME_PREFIX + base
