@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from vtpmctl import __version__
 from vtpmctl.errors import InstanceError, InstanceExists
 from vtpmctl.model import BlobKind, TpmFamily, Transport
-from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer
+from vtpmctl.store.blob import AesKey, BlobError
 from vtpmctl.store.bundle import (
     Bundle,
     BundleError,
@@ -126,40 +126,28 @@ def _stopped_state(registry: Registry, inst: Instance) -> tuple[Instance, dict[s
 
 def _running_state(inst: Instance) -> dict[str, bytes]:
     """The permanent state of a running instance, over its control channel."""
-    from vtpmctl.device.client.control import (
-        ControlClient,
-        ControlError,
-        SocketTransport,
-        TargetError,
-    )
-    from vtpmctl.device.client.target import cuse_transport
-    from vtpmctl.device.protocol import BlobType
+    from vtpmctl.device.client.control import ControlError, TargetError
     from vtpmctl.store.instance_keys import load_migration_key
     from vtpmctl.store.keys import KeyFileError
+    from vtpmctl.usecases.live import instance_client, read_state
 
     try:
         daemon_key = load_migration_key(inst)
     except KeyFileError as exc:
         raise MigrateError(f"cannot export {inst.name}: {exc}") from None
-    if inst.config.transport == "cuse":
-        transport = cuse_transport(str(inst.paths.device), timeout=CONTROL_TIMEOUT)
-    else:
-        transport = SocketTransport(str(inst.paths.ctrl_socket), timeout=CONTROL_TIMEOUT)
     try:
-        with ControlClient(transport) as client:
-            _, blob = client.get_state(BlobType.PERMANENT, decrypted=True)
+        with instance_client(inst, timeout=CONTROL_TIMEOUT) as client:
+            plain = read_state(client, BlobKind.PERMANENT, state_key=None, migration_key=daemon_key)
     except ControlError as exc:
         raise MigrateError(f"cannot read the state of running {inst.name}: {exc}") from None
     except (TargetError, OSError) as exc:
         raise MigrateError(f"cannot reach running {inst.name}: {exc}") from None
-    if not blob:
-        raise MigrateError(f"running {inst.name} returned no permanent state")
-    try:
-        plain = unwrap_transfer(blob, state_flags=0, state_key=None, migration_key=daemon_key)
     except BlobError as exc:
         raise MigrateError(
             f"the permanent state of running {inst.name} is unusable: {exc.message}"
         ) from None
+    if not plain:
+        raise MigrateError(f"running {inst.name} returned no permanent state")
     return {BlobKind.PERMANENT: plain}
 
 

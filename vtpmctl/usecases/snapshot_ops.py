@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from vtpmctl.engine.inspect import InspectResult, inspect_blobs
 from vtpmctl.model import BlobKind
 from vtpmctl.store import instance_keys
-from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer
+from vtpmctl.store.blob import AesKey, BlobError
 from vtpmctl.store.instances import Instance, Registry, now_utc
 from vtpmctl.store.pending import settle
 from vtpmctl.store.snapshots import (
@@ -88,28 +88,13 @@ class Captured:
     settled: list[str] = field(default_factory=list)  # interrupted operations settled first
 
 
-def _client(inst: Instance, timeout: float) -> ControlClient:
-    from vtpmctl.device.client.control import ControlClient, SocketTransport
-
-    if inst.config.transport == "cuse":
-        from vtpmctl.device.client.target import cuse_transport
-
-        return ControlClient(cuse_transport(str(inst.paths.device), timeout=timeout))
-    return ControlClient(SocketTransport(str(inst.paths.ctrl_socket), timeout=timeout))
-
-
 def _fetch(
     client: ControlClient, kind: BlobKind, state_key: AesKey | None, migration_key: AesKey | None
 ) -> bytes:
-    from vtpmctl.device.protocol import BlobType
+    from vtpmctl.usecases.live import read_state
 
-    flags, blob = client.get_state(BlobType.of(kind), decrypted=True)
-    if not blob:
-        return b""
     try:
-        return unwrap_transfer(
-            blob, state_flags=flags, state_key=state_key, migration_key=migration_key
-        )
+        return read_state(client, kind, state_key=state_key, migration_key=migration_key)
     except BlobError as exc:
         raise SnapshotError(
             f"the {kind} state blob cannot be opened ({exc.message}); check "
@@ -121,7 +106,9 @@ def _from_control(
     inst: Instance, volatile: bool, state_key: AesKey | None, timeout: float
 ) -> dict[str, bytes]:
     mkey = instance_keys.load_migration_key(inst)
-    with _client(inst, timeout) as client:
+    from vtpmctl.usecases.live import instance_client
+
+    with instance_client(inst, timeout=timeout) as client:
         perm = _fetch(client, BlobKind.PERMANENT, state_key, mkey)
         if not perm:
             raise SnapshotError(f"{inst.name} has no permanent state to snapshot")

@@ -372,25 +372,13 @@ def _claim_storage(inst: Instance) -> None:
     """CMD_LOCK_STORAGE to an incoming daemon, which otherwise locks only when QEMU's
     state arrives (swtpm's rule, for a state dir shared with the source). A named
     instance's state dir is its own, and the lock is how it is seen to be running."""
-    from vtpmctl.device.client.control import (
-        ControlClient,
-        ControlError,
-        SocketTransport,
-        TargetError,
-    )
+    from vtpmctl.device.client.control import ControlError, TargetError
+    from vtpmctl.usecases.live import control_path, instance_client
 
+    if not os.path.exists(control_path(inst)):
+        return
     try:
-        if inst.config.transport == "cuse":
-            if not inst.paths.device.exists():
-                return
-            from vtpmctl.device.client.target import cuse_transport
-
-            transport = cuse_transport(str(inst.paths.device), timeout=2.0)
-        elif inst.paths.ctrl_socket.exists():
-            transport = SocketTransport(str(inst.paths.ctrl_socket), timeout=2.0)
-        else:
-            return
-        with ControlClient(transport) as client:
+        with instance_client(inst, timeout=2.0) as client:
             client.lock_storage(0)
     except (TargetError, ControlError, OSError):
         pass  # not up yet, or the dir is locked by another process: the wait goes on
@@ -400,12 +388,13 @@ def _answers(inst: Instance) -> bool:
     """CMD_GET_CAPABILITY on the control channel (for CUSE: the device exists)."""
     if inst.config.transport == "cuse":
         return inst.paths.device.exists() and probe(inst).state == "running"
-    from vtpmctl.device.client.control import ControlClient, SocketTransport, TargetError
+    from vtpmctl.device.client.control import TargetError
+    from vtpmctl.usecases.live import instance_client
 
     if not inst.paths.ctrl_socket.exists():
         return False
     try:
-        with ControlClient(SocketTransport(str(inst.paths.ctrl_socket), timeout=2.0)) as c:
+        with instance_client(inst, timeout=2.0) as c:
             c.caps()
     except (TargetError, OSError):
         return False
@@ -472,15 +461,9 @@ def _terminate(pid: int, inst: Instance) -> bool:
 
 
 def _send_shutdown(inst: Instance, timeout: float) -> None:
-    from vtpmctl.device.client.control import ControlClient, SocketTransport
+    from vtpmctl.usecases.live import instance_client
 
-    if inst.config.transport == "cuse":
-        from vtpmctl.device.client.target import cuse_transport
-
-        transport = cuse_transport(str(inst.paths.device), timeout=timeout)
-    else:
-        transport = SocketTransport(str(inst.paths.ctrl_socket), timeout=timeout)
-    with ControlClient(transport) as client:
+    with instance_client(inst, timeout=timeout) as client:
         client.shutdown()
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from typing import Literal
 
     from vtpmctl.device.client.control import Transport
+    from vtpmctl.store.instances import Instance
 
     Kind = Literal["unix", "tcp", "cuse"]
 
@@ -135,13 +136,17 @@ def resolve_instance(name: str) -> Target:
         inst = Registry().get(name)
     except InstanceError as exc:
         raise TargetError(str(exc), name) from None
-    if inst.config.transport == "cuse":
-        path = str(inst.paths.device)
-    else:
-        path = str(inst.paths.ctrl_socket)
-    if not os.path.exists(path):
+    target = instance_target(inst)
+    if not os.path.exists(target.path or ""):
         raise TargetError(f"{name} is not running; start it with: vtpmctl start {name}", name)
-    return Target("cuse" if inst.config.transport == "cuse" else "unix", path=path)
+    return target
+
+
+def instance_target(inst: Instance) -> Target:
+    """Where an instance's control channel is (its CUSE device or control socket)."""
+    if inst.config.transport == "cuse":
+        return Target("cuse", path=str(inst.paths.device))
+    return Target("unix", path=str(inst.paths.ctrl_socket))
 
 
 def cuse_transport(path: str, *, timeout: float = DEFAULT_TIMEOUT) -> Transport:
