@@ -206,8 +206,8 @@ def check_tools(*tools: str) -> None:
 
 def time_parts(state: Path, rounds: int, reps: int) -> dict[str, float]:
     """Median seconds of the parts of an import, without the CLI's start-up."""
-    from vtpmctl.engine.inspect import inspect_blobs
     from vtpmctl.store.statedir import StateDir
+    from vtpmctl.usecases.inspect import inspect_blobs
 
     plain = {"permanent": StateDir(state).load("permall") or b""}
     source = Source(

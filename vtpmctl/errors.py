@@ -25,6 +25,8 @@ defined next to that table and subclasses its branch here.
     │   │                        ValueError
     │   ├── ManufactureError     (engine.manufacture) the TPM could not be made
     │   └── ProvisionError       (engine.provision) EKs/certificates cannot be provisioned
+    ├── ChildError               (childproc) a child process failed; takes the exit code of
+    │                            the branch its error belongs to
     ├── ServeError               a TPM cannot be served
     │   ├── DaemonError          (device.server.daemon) the daemon cannot start
     │   ├── EndpointError        (device.server.sockets) a --ctrl/--data spec cannot be used

@@ -1,4 +1,4 @@
-"""vtpmctl.engine.inspect against real libtpms: validation and decoding in a child process."""
+"""The state inspector against real libtpms: validation and decoding in a child process."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from tpm_factory import make_state
 
 from vtpmctl.engine import tpm2 as t
-from vtpmctl.engine.inspect import inspect_blobs
+from vtpmctl.usecases.inspect import inspect_blobs
 
 NV_OWNER = 0x01500001
 NV_AUTH = 0x01500002
@@ -45,7 +45,7 @@ def test_caller_never_loads_libtpms(state: dict[str, bytes]) -> None:
     import subprocess
 
     code = (
-        "import sys; from vtpmctl.engine.inspect import inspect_blobs; "
+        "import sys; from vtpmctl.usecases.inspect import inspect_blobs; "
         "r = inspect_blobs({'permanent': sys.stdin.buffer.read()}, tpm2=True, "
         "describe=True); assert r.ok, r; "
         "assert 'libtpms' not in open('/proc/self/maps').read(); print('fine')"

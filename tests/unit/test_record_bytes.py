@@ -12,7 +12,6 @@ import hashlib
 import json
 from pathlib import Path
 
-from vtpmctl.engine.inspect import InspectResult
 from vtpmctl.store.bundle import (
     BlobInfo,
     Manifest,
@@ -23,6 +22,7 @@ from vtpmctl.store.bundle import (
     read_tar,
 )
 from vtpmctl.store.instances import InstanceConfig, InstanceMeta, write_json
+from vtpmctl.usecases.inspect import InspectResult
 
 
 def written(tmp_path: Path, record: dict[str, object]) -> bytes:

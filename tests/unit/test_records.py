@@ -10,9 +10,9 @@ from typing import Any, Literal
 
 import pytest
 
-from vtpmctl.engine.inspect import InspectResult
 from vtpmctl.store import records
 from vtpmctl.store.instances import InstanceConfig, InstanceError, InstanceMeta
+from vtpmctl.usecases.inspect import InspectResult
 
 
 class Bad(Exception):

@@ -17,7 +17,7 @@ FORMAT_VERSION = 1
 
 
 def _validate(blobs: dict[str, bytes], tpm2: bool) -> tuple[dict[str, int], str | None]:
-    from vtpmctl.engine.inspect import inspect_blobs
+    from vtpmctl.usecases.inspect import inspect_blobs
 
     res = inspect_blobs(blobs, tpm2=tpm2)
     return res.validate, res.error

@@ -2,9 +2,10 @@
 
 libtpms keeps one TPM in process globals and ``TPMLIB_ValidateState``
 overwrites them, so blobs are never examined in the caller's process:
-``inspect_blobs`` runs ``python -m vtpmctl _inspect``, hands it the
-plaintext blobs on stdin and reads one JSON object from stdout. The child
-serves the blobs to libtpms from memory and writes nothing to disk; it never
+``vtpmctl.usecases.inspect.inspect_blobs`` runs ``python -m vtpmctl
+_inspect``, which is this module: it takes the plaintext blobs in a JSON
+request and answers with an ``InspectResult`` as JSON (``vtpmctl.childproc``).
+It serves the blobs to libtpms from memory and writes nothing to disk; it never
 manufactures (a missing permanent state is an error, not a new TPM).
 
 What it reports:
@@ -23,107 +24,13 @@ What it reports:
 from __future__ import annotations
 
 import base64
-import json
-import subprocess
 import sys
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vtpmctl.model import BlobKind, TpmFamily
-from vtpmctl.store import records
 
 if TYPE_CHECKING:
     from vtpmctl.engine.tpm2 import Transact
-
-DEFAULT_TIMEOUT = 30.0
-_MAX_LOG_LINES = 20
-
-
-@dataclass
-class InspectResult:
-    """What the child found; ``ok`` is False when a blob is bad or could not be decoded."""
-
-    ok: bool
-    validate: dict[str, int]  # blob kind -> TPMLIB_ValidateState rc (0 good)
-    persistent: dict[str, str] | None = None  # "0x81010001" -> Name hex
-    nv: dict[str, dict[str, object]] | None = None  # "0x01c00002" -> attributes/size/sha256
-    ek: dict[str, Any] | None = None  # the EKs in the state, in ek.json's form
-    error: str | None = None
-    log: list[str] = field(default_factory=list)  # libtpms' own messages, if any
-
-    def to_json(self) -> dict[str, Any]:
-        return records.to_json(self)
-
-    @classmethod
-    def from_json(cls, data: object) -> InspectResult:
-        """The child's answer; ValueError when it is not one."""
-        return records.from_json(cls, data, ValueError)
-
-
-# ---------------------------------------------------------------- caller side
-
-
-def inspect_blobs(
-    blobs: dict[str, bytes],
-    *,
-    tpm2: bool,
-    describe: bool = False,
-    ek: bool = False,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> InspectResult:
-    """Validate (and optionally decode) plaintext state blobs in a fresh process.
-
-    ``blobs`` maps "permanent", "volatile" and "savestate" to plaintext libtpms
-    state; empty or missing kinds are skipped. Never raises for bad blobs:
-    the result says what is wrong.
-    """
-    from vtpmctl.childproc import child_env, entry_argv
-
-    unknown = sorted(set(blobs) - set(BlobKind))
-    if unknown:
-        raise ValueError(f"unknown blob kinds {unknown}; use {', '.join(BlobKind)}")
-    request = {
-        "tpm2": tpm2,
-        "describe": describe,
-        "ek": ek,
-        "blobs": {k: base64.b64encode(v).decode() for k, v in blobs.items() if v},
-    }
-    try:
-        proc = subprocess.run(
-            entry_argv("_inspect"),
-            input=json.dumps(request).encode(),
-            capture_output=True,
-            timeout=timeout,
-            env=child_env(),
-            cwd="/",
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return InspectResult(
-            False, {}, error=f"the state inspector did not finish within {timeout:g}s"
-        )
-    except OSError as exc:
-        return InspectResult(False, {}, error=f"cannot run the state inspector: {exc.strerror}")
-    log = _log_lines(proc.stderr)
-    if proc.returncode == 0:
-        try:
-            result = InspectResult.from_json(json.loads(proc.stdout))
-        except ValueError:
-            pass
-        else:
-            result.log = log
-            return result
-    reason = next(
-        (line[len("vtpmctl: ") :] for line in reversed(log) if line.startswith("vtpmctl: ")), None
-    )
-    if reason is None:
-        reason = f"exit status {proc.returncode}" + (f": {log[-1]}" if log else "")
-    return InspectResult(False, {}, error=f"the state inspector failed ({reason})", log=log)
-
-
-def _log_lines(stderr: bytes) -> list[str]:
-    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
-    return lines[-_MAX_LOG_LINES:]
 
 
 # ---------------------------------------------------------------- child side
@@ -137,7 +44,7 @@ class _InspectError(Exception):
     """
 
 
-def _run(request: dict[str, Any]) -> InspectResult:
+def _run(request: dict[str, Any]) -> dict[str, Any]:
     """The child's work: load libtpms here (this process is thrown away afterwards)."""
     from vtpmctl.engine.libtpms import Libtpms, Storage
 
@@ -171,13 +78,21 @@ def _run(request: dict[str, Any]) -> InspectResult:
     tpm.choose(TpmFamily.of(tpm2))
     # ValidateState only before MainInit: it overwrites libtpms' NV globals.
     validate = {str(kind): tpm.validate_state([kind]) for kind in blobs}
-    result = InspectResult(ok=bool(validate) and not any(validate.values()), validate=validate)
+    # The fields of usecases.inspect.InspectResult (but its log, which is stderr).
+    result: dict[str, Any] = {
+        "ok": bool(validate) and not any(validate.values()),
+        "validate": validate,
+        "persistent": None,
+        "nv": None,
+        "ek": None,
+        "error": None,
+    }
     if not blobs:
-        result.error = "no state blobs given"
+        result["error"] = "no state blobs given"
     elif BlobKind.PERMANENT not in blobs:
-        result.ok = False
-        result.error = "no permanent state: there is no TPM to inspect"
-    if not describe or result.error is not None:
+        result["ok"] = False
+        result["error"] = "no permanent state: there is no TPM to inspect"
+    if not describe or result["error"] is not None:
         return result
     rc = tpm.main_init()
     try:
@@ -190,15 +105,15 @@ def _run(request: dict[str, Any]) -> InspectResult:
             if request.get("ek"):
                 _read_eks(tpm.process, result)
     except _InspectError as exc:
-        result.ok = False
-        result.error = str(exc)
+        result["ok"] = False
+        result["error"] = str(exc)
     finally:
         tpm.terminate()
         tpm.free_response_buffer()
     return result
 
 
-def _describe_tpm2(transact: Transact, result: InspectResult, *, resumed: bool) -> None:
+def _describe_tpm2(transact: Transact, result: dict[str, Any], *, resumed: bool) -> None:
     from vtpmctl.engine import tpm2 as t
 
     try:
@@ -226,17 +141,17 @@ def _describe_tpm2(transact: Transact, result: InspectResult, *, resumed: bool) 
             }
     except (t.TpmError, t.MalformedResponse) as exc:
         raise _InspectError(f"cannot list the TPM's objects ({exc})") from None
-    result.persistent = persistent
-    result.nv = nv
+    result["persistent"] = persistent
+    result["nv"] = nv
 
 
-def _read_eks(transact: Transact, result: InspectResult) -> None:
+def _read_eks(transact: Transact, result: dict[str, Any]) -> None:
     from vtpmctl.engine import tpm2 as t
     from vtpmctl.engine.provision import ProvisionError, read_ek_info
 
     for attempt in range(3):  # the first DA-protected use after a start may say RETRY
         try:
-            result.ek = read_ek_info(transact).as_dict()
+            result["ek"] = read_ek_info(transact).as_dict()
             return
         except t.TpmError as exc:
             if exc.base != t.RC.RETRY or attempt == 2:
@@ -285,17 +200,10 @@ def _read_nv(transact: Transact, pub: Any, chunk: int) -> bytes | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Read one request from stdin, print one InspectResult as JSON (takes no arguments)."""
-    try:
-        request = json.loads(sys.stdin.buffer.read())
-        if not isinstance(request, dict):
-            raise ValueError("request is not a JSON object")
-        result = _run(request)
-    except Exception as exc:  # noqa: BLE001 - report one line, never a traceback with state
-        sys.stderr.write(f"vtpmctl: {type(exc).__name__}: {exc}\n")
-        return 1
-    sys.stdout.write(json.dumps(result.to_json()) + "\n")
-    return 0
+    """One JSON request on stdin, one InspectResult as JSON on stdout (no arguments)."""
+    from vtpmctl.childproc import serve_child
+
+    return serve_child(_run)
 
 
 if __name__ == "__main__":

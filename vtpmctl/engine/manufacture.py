@@ -3,14 +3,13 @@
 ``vtpmctl create`` execs this as ``python -m vtpmctl _manufacture``
 so the CLI never loads libtpms (and never forks a live TPM). It manufactures
 (INIT on a dir without permall), starts the TPM, optionally provisions EKs
-and certificates, shuts the TPM down so that permall is on disk, and prints
-one JSON object with what it made. Every later start is ``--existing``.
+and certificates, shuts the TPM down so that permall is on disk, and answers
+with what it made (``vtpmctl.childproc``: a JSON request in, a JSON answer or
+error out). Every later start is ``--existing``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import sys
@@ -21,7 +20,7 @@ from vtpmctl.device.protocol import TPM12_ST_CLEAR, Cmd, tpm12_startup, tpm_code
 from vtpmctl.engine.tpm import Engine, EngineConfig
 from vtpmctl.engine.tpm2 import SU_CLEAR, build_shutdown, build_startup
 from vtpmctl.errors import EngineError
-from vtpmctl.model import BlobKind, KeyFormat, TpmFamily
+from vtpmctl.model import BlobKind, KeyFormat
 from vtpmctl.store.statedir import StateDir, StateDirError
 
 log = logging.getLogger("vtpmctl.manufacture")
@@ -110,43 +109,44 @@ def manufacture(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vtpmctl-manufacture", description=__doc__)
-    p.add_argument("--state", type=Path, required=True)
-    p.add_argument("--tpm", choices=[str(f) for f in TpmFamily], default=str(TpmFamily.TPM2))
-    p.add_argument("--key-file", type=Path)
-    p.add_argument("--ek", action="store_true")
-    p.add_argument("--ca-dir", type=Path)
-    p.add_argument("--ecc-curve", choices=["p256", "p384"], default="p384")
-    p.add_argument("--log-file", type=Path)
-    ns = p.parse_args(argv)
-    if ns.log_file is not None:
+def _handle(request: dict[str, Any]) -> dict[str, Any]:
+    """The request ``usecases.create`` sends (paths as strings; no key material)."""
+
+    def path(key: str) -> Path | None:
+        value = request.get(key)
+        return None if value is None else Path(value)
+
+    log_file = path("log_file")
+    if log_file is not None:
         from vtpmctl.store.atomic import open_log
 
         try:
-            fd = open_log(ns.log_file)
+            fd = open_log(log_file)
         except OSError as exc:
-            print(f"vtpmctl: cannot open log file {ns.log_file}: {exc.strerror}", file=sys.stderr)
-            return 1
+            raise ManufactureError(f"cannot open log file {log_file}: {exc.strerror}") from None
         logging.basicConfig(
             stream=os.fdopen(fd, "a", buffering=1),
             level=logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-    try:
-        result = manufacture(
-            ns.state,
-            tpm2=TpmFamily(ns.tpm).tpm2,
-            key_file=ns.key_file,
-            ek=ns.ek,
-            ca_dir=ns.ca_dir,
-            ecc_curve=ns.ecc_curve,
-        )
-    except ManufactureError as exc:
-        print(f"vtpmctl: {exc}", file=sys.stderr)
-        return 1
-    json.dump(result, sys.stdout)
-    return 0
+    state_dir = path("state_dir")
+    if state_dir is None:
+        raise ManufactureError("no state dir in the request")
+    return manufacture(
+        state_dir,
+        tpm2=bool(request.get("tpm2", True)),
+        key_file=path("key_file"),
+        ek=bool(request.get("ek", False)),
+        ca_dir=path("ca_dir"),
+        ecc_curve=str(request.get("ecc_curve", "p384")),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One JSON request on stdin, one JSON answer or error on stdout (no arguments)."""
+    from vtpmctl.childproc import serve_child
+
+    return serve_child(_handle)
 
 
 if __name__ == "__main__":

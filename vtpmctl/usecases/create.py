@@ -8,9 +8,6 @@ permanent state is on disk. Any failure removes every file made so far.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ from vtpmctl.store.instances import (
     write_json,
 )
 from vtpmctl.store.keys import KeyFileError, generate_key, key_fingerprint
-from vtpmctl.usecases.supervisor import LifecycleError, failure_reason
+from vtpmctl.usecases.supervisor import LifecycleError
 
 MANUFACTURE_TIMEOUT = 120.0
 
@@ -121,43 +118,25 @@ def _manufacture(
     ca_dir: Path | None,
     ecc_curve: str,
 ) -> dict[str, Any]:
-    from vtpmctl.childproc import entry_argv
+    from vtpmctl.childproc import ChildError, run_child
 
-    argv = [
-        *entry_argv("_manufacture"),
-        "--state",
-        str(state_dir),
-        "--tpm",
-        str(TpmFamily.of(tpm2)),
-        "--log-file",
-        str(log_file),
-    ]
-    if key_file is not None:
-        argv += ["--key-file", str(key_file)]
-    if ca_dir is not None:
-        argv += ["--ek", "--ca-dir", str(ca_dir), "--ecc-curve", ecc_curve]
-    env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)
+    request = {
+        "state_dir": str(state_dir),
+        "tpm2": tpm2,
+        "log_file": str(log_file),
+        "key_file": None if key_file is None else str(key_file),
+        "ek": ca_dir is not None,
+        "ca_dir": None if ca_dir is None else str(ca_dir),
+        "ecc_curve": ecc_curve,
+    }
     try:
-        proc = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=MANUFACTURE_TIMEOUT,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise LifecycleError(
-            f"making the TPM took over {MANUFACTURE_TIMEOUT:.0f}s; see {log_file}"
-        ) from None
-    if proc.returncode != 0:
-        lines = proc.stderr.decode(errors="replace").splitlines()
-        raise LifecycleError(f"cannot make the TPM: {failure_reason(lines)}")
-    try:
-        result = json.loads(proc.stdout)
-    except ValueError:
-        raise LifecycleError("the TPM maker printed no result; see " + str(log_file)) from None
-    if not isinstance(result, dict):
-        raise LifecycleError("the TPM maker printed an unexpected result")
-    return result
+        return run_child("_manufacture", request, timeout=MANUFACTURE_TIMEOUT, cwd=None).answer
+    except ChildError as exc:
+        if exc.kind == "TimeoutExpired":
+            raise LifecycleError(
+                f"making the TPM took over {MANUFACTURE_TIMEOUT:.0f}s; see {log_file}"
+            ) from None
+        if not exc.kind:
+            raise LifecycleError(f"the TPM maker gave {exc}; see {log_file}") from None
+        reason = str(exc) if exc.branch else f"{exc.kind}: {exc}"
+        raise LifecycleError(f"cannot make the TPM: {reason}") from None

@@ -43,7 +43,7 @@ from vtpmctl.store.instances import (
 )
 
 if TYPE_CHECKING:
-    from vtpmctl.engine.inspect import InspectResult
+    from vtpmctl.usecases.inspect import InspectResult
 
 CONTROL_TIMEOUT = 5.0
 
@@ -294,7 +294,7 @@ def _check_ek(bundle: Bundle, state: InspectResult | None) -> None:
 
 def verify_bundle(data: bytes, migration_key: AesKey | None) -> tuple[Bundle, str | None]:
     """Everything short of writing: bytes, keys, libtpms here, EKs. Returns libtpms' version."""
-    from vtpmctl.engine.inspect import inspect_blobs
+    from vtpmctl.usecases.inspect import inspect_blobs
 
     bundle = open_bundle(data, migration_key)
     m = bundle.manifest

@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vtpmctl.engine.inspect import InspectResult, inspect_blobs
 from vtpmctl.model import BlobKind
 from vtpmctl.store import instance_keys
 from vtpmctl.store.blob import AesKey, BlobError
@@ -40,6 +39,7 @@ from vtpmctl.store.snapshots import (
 )
 from vtpmctl.store.statedir import StateDir, StateDirError
 from vtpmctl.usecases import supervisor
+from vtpmctl.usecases.inspect import InspectResult, inspect_blobs
 
 if TYPE_CHECKING:
     from vtpmctl.device.client.control import ControlClient
