@@ -20,7 +20,7 @@ def test_unit_runs_start_in_the_foreground_as_a_notify_service() -> None:
     service = unit["Service"]
     assert service["Type"] == "notify"
     argv = shlex.split(service["ExecStart"])
-    assert argv == ["vtpmctl", "start", "--foreground", "%i"]
+    assert argv == ["/usr/local/bin/vtpmctl", "start", "--foreground", "%i"]
     start = typer.main.get_command(build_app()).commands["start"]  # type: ignore[attr-defined]
     assert "--foreground" in {o for p in start.params for o in getattr(p, "opts", [])}
     assert service["RuntimeDirectoryPreserve"] == "yes"  # instances share /run/vtpmctl
