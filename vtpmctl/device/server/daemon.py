@@ -28,7 +28,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from vtpmctl.engine.tpm import Engine, EngineConfig, Startup
-from vtpmctl.errors import ServeError, UsageError
+from vtpmctl.errors import EXIT_FAILURE, EXIT_OK, ServeError, StoreError, UsageError
 from vtpmctl.model import KeyFormat, TpmFamily, Transport
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.statedir import StateDir, StateDirError
@@ -40,9 +40,6 @@ if TYPE_CHECKING:
     from vtpmctl.device.server.sockets import Endpoint
 
 log = logging.getLogger("vtpmctl.daemon")
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
 
 
 class DaemonError(ServeError):
@@ -100,13 +97,10 @@ def parse_flags(flags: list[str]) -> tuple[bool, Startup, bool]:
 def _load_key(path: Path | None, kind: str) -> AesKey | None:
     if path is None:
         return None
-    from vtpmctl.store.keys import KeyFileError, check_secret_file_mode, load_key
+    from vtpmctl.store.keys import check_secret_file_mode, load_key
 
-    try:
-        check_secret_file_mode(path)
-        return load_key(path, kind=KeyFormat(kind))
-    except KeyFileError as exc:
-        raise DaemonError(str(exc)) from None
+    check_secret_file_mode(path)
+    return load_key(path, kind=KeyFormat(kind))
 
 
 def _setup_logging(log_file: Path | None) -> int | None:
@@ -176,7 +170,7 @@ def check_options(opts: DaemonOptions) -> tuple[Endpoint | None, Endpoint | None
 
 
 def run(opts: DaemonOptions) -> int:
-    """Serve until CMD_SHUTDOWN or SIGTERM; raises DaemonError on bad setup."""
+    """Serve until CMD_SHUTDOWN or SIGTERM; bad setup raises ServeError, StoreError, UsageError."""
     ctrl, data = check_options(opts)
     not_need_init, startup, no_auto = parse_flags(opts.flags)
     state_key = _load_key(opts.key_file, opts.key_kind)
@@ -209,9 +203,9 @@ def run(opts: DaemonOptions) -> int:
         engine.tpm.set_debug_fd(libtpms_fd)
     try:
         engine.start()
-    except StateDirError as exc:
+    except StateDirError:
         engine.close()
-        raise DaemonError(str(exc)) from None
+        raise
 
     server = _make_frontend(opts, engine, ctrl, data)
     if opts.pid_file is not None:
@@ -253,17 +247,17 @@ def _make_frontend(  # type: ignore[no-untyped-def]
 
         try:
             return CuseServer(engine, opts.cuse)
-        except CuseError as exc:
+        except CuseError:
             engine.close()
-            raise DaemonError(str(exc)) from None
+            raise
     from vtpmctl.device.server.sockets import EndpointError, SocketServer
 
     assert ctrl is not None
     try:
         return SocketServer(engine, ctrl, data, terminate=opts.terminate)
-    except EndpointError as exc:
+    except EndpointError:
         engine.close()
-        raise DaemonError(str(exc)) from None
+        raise
 
 
 def parse_serve_args(args: list[str]) -> argparse.Namespace | None:
@@ -309,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return run(options_from_values(vars(ns)))
-    except (DaemonError, ServeOptionError) as exc:
+    except (ServeError, StoreError, UsageError) as exc:  # bad setup; anything else is a bug
         print(f"vtpmctl: {exc}", file=sys.stderr)
         return exc.exit_code
 
