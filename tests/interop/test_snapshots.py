@@ -140,6 +140,22 @@ def test_stopped_instance_and_state_dir_after_restore(cli: Cli) -> None:
     assert cli.run("verify", "vm")[0] == 0
 
 
+def test_volatile_snapshot_of_a_stopped_instance_is_refused(cli: Cli) -> None:
+    """A stopped TPM has no boot to save: --volatile says so instead of saving less."""
+    cli.run("create", "vm", "--no-ek")
+    code, out, err = cli.run("snapshot", "create", "vm", "--volatile", check=False)
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "no saved volatile state" in err and "without --volatile" in err
+    assert cli.json("snapshot", "list", "vm")["snapshots"] == []
+    # a volatile state stored before the stop is what a stopped instance can give
+    cli.run("start", "vm")
+    boot(cli, "vm").close()
+    cli.run("ctl", "vm", "store-volatile")
+    cli.run("stop", "vm")
+    made = snap(cli, "vm", "--volatile")
+    assert made["source"] == "state dir" and made["snapshot"]["blobs"]["volatile"] is not None
+
+
 def test_busy_control_channel_reads_the_state_file(cli: Cli) -> None:
     cli.run("create", "vm", "--no-ek")
     cli.run("start", "vm")

@@ -153,9 +153,16 @@ def capture(inst: Instance, store: SnapshotStore, *, volatile: bool) -> Captured
     if sd.lock(0):
         try:
             settled = settle(inst.paths, inst.config.tpm2)
-            return Captured(_from_dir(inst, sd, volatile), "state dir", settled=settled.notes)
+            blobs = _from_dir(inst, sd, volatile)
         finally:
             sd.unlock()
+        if volatile and set(blobs) == {"permanent"}:
+            raise SnapshotError(
+                f"{inst.name} is stopped and has no saved volatile state, so a --volatile "
+                "snapshot would hold the permanent state only; snapshot it without "
+                "--volatile, or while it runs"
+            )
+        return Captured(blobs, "state dir", settled=settled.notes)
     status = supervisor.probe(inst)
     if not status.ours:
         raise SnapshotError(
