@@ -50,6 +50,7 @@ complete -c vtpmctl -n '__fish_seen_subcommand_from create' -l help -s h -d 'sho
 complete -c vtpmctl -n '__fish_seen_subcommand_from start' -l incoming -d 'wait for QEMU\'s state (incoming migration)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from start' -l foreground -d 'run the daemon in this process (systemd Type=notify)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from start' -l ctrl-only -d 'no data socket: for QEMU -tpmdev emulator, which passes its own data channel'
+complete -c vtpmctl -n '__fish_seen_subcommand_from start' -l delete-volatile -d 'first delete the saved volatile state: the TPM starts as after a reboot, NV data kept'
 complete -c vtpmctl -n '__fish_seen_subcommand_from start' -l help -s h -d 'show help and exit'
 complete -c vtpmctl -n '__fish_seen_subcommand_from start; and test (__vtpmctl_npos start) -lt 1' -a '(__vtpmctl_instances)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from stop' -l force -d 'if it does not stop cleanly: SIGTERM, then SIGKILL'

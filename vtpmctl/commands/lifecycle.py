@@ -167,16 +167,24 @@ def create(
 
 
 def start(
-    name: str, incoming: bool = False, foreground: bool = False, ctrl_only: bool = False
+    name: str,
+    incoming: bool = False,
+    foreground: bool = False,
+    ctrl_only: bool = False,
+    delete_volatile: bool = False,
 ) -> int:
     """Start NAME's daemon and return when its control channel answers."""
     from vtpmctl.usecases import supervisor
 
     inst = _registry().get(name)
     if foreground:
-        supervisor.exec_foreground(inst, incoming=incoming, ctrl_only=ctrl_only)
+        supervisor.exec_foreground(
+            inst, incoming=incoming, ctrl_only=ctrl_only, delete_volatile=delete_volatile
+        )
         return 1  # exec_foreground only returns by raising
-    started = supervisor.start(inst, incoming=incoming, ctrl_only=ctrl_only)
+    started = supervisor.start(
+        inst, incoming=incoming, ctrl_only=ctrl_only, delete_volatile=delete_volatile
+    )
     for note in started.notes:
         _note(note)
     if started.already:
@@ -413,9 +421,25 @@ def register(app: "typer.Typer") -> None:
                 help="no data socket: for QEMU -tpmdev emulator, which passes its own data channel",
             ),
         ] = False,
+        delete_volatile: Annotated[
+            bool,
+            typer.Option(
+                "--delete-volatile",
+                help="first delete the saved volatile state: the TPM starts as after a reboot, "
+                "NV data kept",
+            ),
+        ] = False,
     ) -> None:
         """Start a vTPM's daemon; returns when its control channel answers."""
-        raise typer.Exit(start(name, incoming=incoming, foreground=foreground, ctrl_only=ctrl_only))
+        raise typer.Exit(
+            start(
+                name,
+                incoming=incoming,
+                foreground=foreground,
+                ctrl_only=ctrl_only,
+                delete_volatile=delete_volatile,
+            )
+        )
 
     @app.command("stop")
     def stop_cmd(

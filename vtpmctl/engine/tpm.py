@@ -216,15 +216,23 @@ class Engine(Storage):
         """An existing TPM whose state libtpms rejects fails here, at start, with a
         message, not later as a TPM in failure mode. ValidateState is only safe
         before the first MainInit (it overwrites libtpms' NV globals), as here."""
-        kinds = [BlobKind.PERMANENT]
-        if self.statedir.exists(_VOLATILESTATE):
-            kinds.append(BlobKind.VOLATILE)
         with self.lock:
-            rc = self.tpm.validate_state(kinds)
+            rc = self.tpm.validate_state([BlobKind.PERMANENT])
+            volatile = self.statedir.exists(_VOLATILESTATE)
+            if rc == 0 and volatile:
+                rc = self.tpm.validate_state([BlobKind.PERMANENT, BlobKind.VOLATILE])
+            else:
+                volatile = False
         if rc == Res.RETRY:  # the blob does not exist
             raise StateDirError(
                 f"{self.statedir.file(_PERMALL)} is missing; restore it "
                 "from a snapshot or backup (a new TPM is never made in its place)"
+            )
+        if rc != 0 and volatile:  # the permanent state alone is good: keep it
+            raise StateDirError(
+                f"the volatile state {self.statedir.file(_VOLATILESTATE)} is corrupt "
+                f"(libtpms rejects it: 0x{rc:x}); remove it to start as after a reboot "
+                "(NV data is kept)"
             )
         if rc != 0:
             raise StateDirError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 from pathlib import Path
 
 from vtpmctl.errors import InstanceError
@@ -94,6 +95,16 @@ def load_migration_key(inst: Instance) -> AesKey | None:
     return load_key(path, kind=KeyFormat.HEX)
 
 
+# what `start --delete-volatile` removes
+VOLATILE_NAMES = (BlobKind.VOLATILE.file_name, BlobKind.SAVESTATE.file_name)
+
+
+def delete_volatile_fix(inst: Instance, running: bool = False) -> str:
+    """The fix for a bad volatile state that keeps the permanent one: a reboot to the guest."""
+    start = f"vtpmctl start {shlex.quote(inst.name)} --delete-volatile"
+    return f"vtpmctl stop {shlex.quote(inst.name)} && {start}" if running else start
+
+
 def check_state(inst: Instance, key: AesKey | None) -> None:
     """Every state file opens with ``key``; permall must exist (no silent new TPM)."""
     sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=key)
@@ -103,8 +114,16 @@ def check_state(inst: Instance, key: AesKey | None) -> None:
             f"{sd.file(permall)} is missing: the TPM of {inst.name} is "
             "gone; restore it from a backup (vtpmctl will not make a new one)"
         )
-    for name in STATE_FILE_NAMES:
-        sd.load(name)
+    sd.load(permall)
+    for name in VOLATILE_NAMES:
+        try:
+            sd.load(name)
+        except StateDirError as exc:
+            detail = f" ({exc.__cause__})" if exc.__cause__ else ""
+            raise StateDirError(
+                f"{sd.file(name)} is unusable{detail}; start without the volatile state "
+                "(the guest sees a reboot, NV data is kept): " + delete_volatile_fix(inst)
+            ) from None
 
 
 # ---------------------------------------------------------------- rotation

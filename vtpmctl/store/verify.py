@@ -159,11 +159,23 @@ def _key_checks(inst: Instance) -> tuple[list[Finding], AesKey | None, bool]:
     return out, key, usable
 
 
+def _damaged_fix(inst: Instance, name: str, running: bool, otherwise: str) -> str:
+    """A bad volatile state is dropped (a reboot to the guest), never the NV data."""
+    if name in instance_keys.VOLATILE_NAMES:
+        return instance_keys.delete_volatile_fix(inst, running)
+    return otherwise
+
+
 def _state_file_checks(
     inst: Instance, key: AesKey | None, key_usable: bool, validate: Validator | None
 ) -> Iterator[Finding]:
     sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=key)
     plains: dict[str, bytes] = {}
+    running = sd.holder_pid() is not None
+
+    def restore_fix(name: str, otherwise: str) -> str:
+        return _damaged_fix(inst, name, running, otherwise)
+
     for kind in BlobKind:
         name = kind.file_name
         path = sd.file(name)
@@ -197,7 +209,7 @@ def _state_file_checks(
                 "error",
                 f"{check}.format",
                 f"{path}: {exc.message}",
-                "restore it from a snapshot or backup",
+                restore_fix(name, "restore it from a snapshot or backup"),
                 str(path),
             )
             continue
@@ -222,7 +234,7 @@ def _state_file_checks(
                 "error",
                 f"{check}.hmac",
                 f"{path}: {exc.message}",
-                "restore the right state key, or the file from a snapshot",
+                restore_fix(name, "restore the right state key, or the file from a snapshot"),
                 str(path),
             )
             continue
@@ -250,7 +262,10 @@ def _state_file_checks(
                     "error",
                     f"state.{BlobKind(word).file_name}.validate",
                     f"libtpms rejects the {word} state (TPMLIB_ValidateState 0x{rc:x})",
-                    "restore it from a snapshot (vtpmctl snapshot restore) or a backup",
+                    restore_fix(
+                        BlobKind(word).file_name,
+                        "restore it from a snapshot (vtpmctl snapshot restore) or a backup",
+                    ),
                     str(sd.file(BlobKind(word).file_name)),
                 )
             else:

@@ -33,6 +33,7 @@ STOP_TIMEOUT = 10.0
 TERM_TIMEOUT = 5.0
 POLL = 0.01
 LOG_LIMIT = 4 << 20  # bytes; beyond this a start moves the log to NAME.log.1
+VOLATILE_REJECTED = "the volatile state "  # how the daemon's message begins (engine.tpm)
 
 State = Literal["running", "stopped", "stale"]
 
@@ -196,17 +197,26 @@ class Started:
 
 
 def preflight(
-    inst: Instance, timeout: float = START_TIMEOUT, notes: list[str] | None = None
+    inst: Instance,
+    timeout: float = START_TIMEOUT,
+    notes: list[str] | None = None,
+    delete_volatile: bool = False,
 ) -> Started | None:
     """Check keys and state before a daemon is launched, so errors are clear and early.
 
     Holds the state lock meanwhile (an interrupted key rotation or restore is
     settled first and must not race another one); what was settled is added
-    to ``notes``. Returns Started if the instance turned out to be running
-    already.
+    to ``notes``. ``delete_volatile`` drops the saved volatile state first
+    (the TPM starts as after a reboot; the permanent state, NV included, is
+    kept). Returns Started if the instance turned out to be running already.
     """
     from vtpmctl.errors import InstanceError
-    from vtpmctl.store.instance_keys import check_state, load_migration_key, load_state_key
+    from vtpmctl.store.instance_keys import (
+        VOLATILE_NAMES,
+        check_state,
+        load_migration_key,
+        load_state_key,
+    )
     from vtpmctl.store.instances import InstanceMeta, read_json
     from vtpmctl.store.keys import KeyFileError
     from vtpmctl.store.pending import settle
@@ -236,6 +246,14 @@ def preflight(
                 read_json(inst.paths.meta_file), inst.paths.meta_file
             )
             inst.config.encrypted = True
+        if delete_volatile and any(sd.exists(name) for name in VOLATILE_NAMES):
+            for name in VOLATILE_NAMES:
+                sd.delete(name)
+            if notes is not None:
+                notes.append(
+                    f"deleted the volatile state of {inst.name}: its TPM starts as after a "
+                    "reboot, NV data kept"
+                )
         check_state(inst, load_state_key(inst))
         load_migration_key(inst)
     except (KeyFileError, StateDirError, InstanceError, SnapshotError) as exc:
@@ -251,13 +269,14 @@ def start(
     incoming: bool = False,
     ctrl_only: bool = False,
     timeout: float = START_TIMEOUT,
+    delete_volatile: bool = False,
 ) -> Started:
     """Launch the daemon detached; return once its control channel answers."""
     status = probe(inst)
     if status.state == "running":
         return _running_already(inst, status)
     notes: list[str] = []
-    running = preflight(inst, timeout, notes)
+    running = preflight(inst, timeout, notes, delete_volatile)
     if running is not None:
         return running
     clean_stale(inst)
@@ -302,7 +321,15 @@ def start(
         if time.monotonic() >= deadline:
             break
         time.sleep(POLL)
-    raise LifecycleError(f"{inst.name} failed to start: {reason} (log: {inst.paths.log_file})")
+    log = f"(log: {inst.paths.log_file})"
+    if reason.startswith(VOLATILE_REJECTED):  # the daemon's libtpms check: offer the fix
+        from vtpmctl.store.instance_keys import delete_volatile_fix
+
+        raise LifecycleError(
+            f"{inst.name} failed to start: {reason.split(';')[0]} {log}; start without it "
+            "(the guest sees a reboot, NV data is kept): " + delete_volatile_fix(inst)
+        )
+    raise LifecycleError(f"{inst.name} failed to start: {reason} {log}")
 
 
 def _vanished(inst: Instance) -> NoSuchInstance:
@@ -401,10 +428,16 @@ def _answers(inst: Instance) -> bool:
     return True
 
 
-def exec_foreground(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False) -> None:
+def exec_foreground(
+    inst: Instance,
+    *,
+    incoming: bool = False,
+    ctrl_only: bool = False,
+    delete_volatile: bool = False,
+) -> None:
     """Become the daemon (systemd Type=notify keeps $NOTIFY_SOCKET for it)."""
     status = probe(inst)
-    if status.state == "running" or preflight(inst, 0) is not None:
+    if status.state == "running" or preflight(inst, 0, None, delete_volatile) is not None:
         _running_already(inst, probe(inst))
         raise LifecycleError(f"{inst.name} is already running (pid {status.pid})")
     clean_stale(inst)
