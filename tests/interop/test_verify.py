@@ -5,14 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_inproc import Cli, in_process_cli
-from instance_helpers import Home, home_at
+from instance_helpers import DataClient, Home, home_at, nv_define, nv_read, nv_write_cmd, rc
 
+from vtpmctl.engine import tpm2 as t
 from vtpmctl.store.blob import AesKey, unwrap_file, wrap_file
 from vtpmctl.store.verify import Finding, verify_instance
 
@@ -158,3 +162,46 @@ def test_checks_in_process_with_fakes(cli: Cli) -> None:
     assert [f.check for f in bad] == ["state.permall.validate"] and "0x9a" in bad[0].what
     assert isinstance(bad[0], Finding) and bad[0].line().startswith("error")
     assert os.path.isdir(inst.paths.state_dir)
+
+
+def test_every_fix_printed_is_a_command_that_loses_nothing(home: Home) -> None:
+    """Leftovers of interrupted work, loose modes, stale files and a damaged snapshot: each
+    fix verify prints is run as a shell command; then verify is clean and NV is intact."""
+    home.run("create", "vm", "--no-ek")
+    home.run("start", "vm")
+    home.run("ctl", "vm", "init")
+    with DataClient(home.registry().paths("vm").data_socket) as tpm:
+        assert rc(tpm.transact(t.build_startup(t.SU_CLEAR))) == 0
+        nv_define(tpm.transact)
+        assert rc(tpm.transact(nv_write_cmd(b"keep-me!"))) == 0
+    home.run("stop", "vm")
+    home.run("snapshot", "create", "vm", "--label", "damaged")
+    paths = home.registry().paths("vm")
+    sd = paths.state_dir
+    (sd / "tpm2-00.permall").chmod(0o644)
+    for leftover in ("tpm2-00.permall.rotate", "tpm2-00.permall.restore", "TMP2-00.permall"):
+        (sd / leftover).write_bytes(b"half-done")
+    (obj,) = (paths.base / "snapshots" / "objects").iterdir()
+    obj.with_name(obj.name + ".rekey").write_bytes(b"half-done")
+    obj.write_bytes(obj.read_bytes()[:-16])
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    paths.pid_file.write_text("999999\n")
+
+    env = dict(home.env, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    _, data = process_findings(home, "vm")
+    fixed = []
+    for f in data["findings"]:
+        if f["level"] == "ok":
+            continue
+        assert re.match(r"(vtpmctl|rm|chmod) ", f["fix"] or ""), f
+        done = subprocess.run(f["fix"], shell=True, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, (f, done.stderr)
+        fixed.append(f["check"])
+    assert {"state.permall.mode", "state.leftover", "snapshots.object", "stale"} <= set(fixed)
+    code, data = process_findings(home, "vm")
+    assert code == 0 and data["warnings"] == 0, data
+    home.run("start", "vm")
+    home.run("ctl", "vm", "init")
+    with DataClient(paths.data_socket) as tpm:
+        assert rc(tpm.transact(t.build_startup(t.SU_CLEAR))) in (0, 0x100)
+        assert nv_read(tpm.transact) == b"keep-me!"
