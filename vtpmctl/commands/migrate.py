@@ -48,7 +48,7 @@ def export(
     as_json: bool = False,
 ) -> int:
     """Write a bundle of NAME to OUTPUT ('-' = stdout)."""
-    from vtpmctl.store.atomic import open_output, write_atomic, write_fd
+    from vtpmctl.store.atomic import NoSpaceError, no_space, open_output, write_atomic, write_fd
     from vtpmctl.store.instances import Registry
     from vtpmctl.usecases.migrate import MigrateError, export_instance
 
@@ -88,6 +88,9 @@ def export(
             else:
                 write_fd(fd, exported.data)
         except OSError as exc:
+            full = no_space(exc, output)
+            if isinstance(full, NoSpaceError):
+                raise full from None
             raise MigrateError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         if fd is not None:

@@ -48,10 +48,12 @@ def export(
         sys.stdout.buffer.write(blob)
         sys.stdout.buffer.flush()
     elif isinstance(dest, Path):
-        from vtpmctl.store.atomic import write_atomic
+        from vtpmctl.store.atomic import NoSpaceError, write_atomic
 
         try:
             write_atomic(dest, blob, mode=0o600)
+        except NoSpaceError:
+            raise
         except OSError as exc:
             raise StateFileError(f"cannot write {output}: {exc.strerror or exc}") from exc
     else:

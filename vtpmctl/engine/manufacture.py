@@ -30,6 +30,12 @@ class ManufactureError(EngineError):
     """The TPM could not be made; one line, no secrets."""
 
 
+def _storage_failed(engine: Engine) -> None:
+    """A TPM that failed because its state could not be written says so, with the file."""
+    if engine.storage_error is not None:
+        raise ManufactureError(str(engine.storage_error)) from None
+
+
 def libtpms_version_string(version: int) -> str:
     return f"{version >> 16}.{(version >> 8) & 0xFF}.{version & 0xFF}"
 
@@ -89,10 +95,12 @@ def manufacture(
         except StateDirError as exc:
             raise ManufactureError(str(exc)) from None
         if engine.control(Cmd.INIT, {"init_flags": 0}).result != 0:
+            _storage_failed(engine)
             raise ManufactureError("the new TPM failed to initialise; see the log")
         startup = build_startup(SU_CLEAR) if tpm2 else tpm12_startup(TPM12_ST_CLEAR)
         rc = tpm_code(engine.process(startup))
         if rc != 0:
+            _storage_failed(engine)
             raise ManufactureError(f"the new TPM refused Startup (rc 0x{rc:x})")
         if ek:
             if ca_dir is None:
@@ -101,6 +109,7 @@ def manufacture(
         if tpm2:
             rc = tpm_code(engine.process(build_shutdown(SU_CLEAR)))
             if rc != 0:
+                _storage_failed(engine)
                 raise ManufactureError(f"the new TPM refused Shutdown (rc 0x{rc:x})")
     finally:
         engine.close()

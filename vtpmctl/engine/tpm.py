@@ -119,6 +119,9 @@ class Engine(Storage):
         self._lock_retries = 0
         self._staged_permanent = False
         self.shutdown_requested = threading.Event()
+        # The last state write that failed (libtpms only learns "TPM_FAIL"): lets a
+        # caller say "no space left on device writing FILE" instead of a TPM code.
+        self.storage_error: OSError | None = None
         if config.allow_manufacture is None:
             # Only an empty dir gets a new TPM: a volatile or save state without its
             # permall is what is left of an existing TPM, not room for a new one.
@@ -163,7 +166,11 @@ class Engine(Storage):
         return name != _PERMALL or self._may_manufacture
 
     def store(self, name: str, data: bytes) -> None:
-        self.statedir.store(name, data)
+        try:
+            self.statedir.store(name, data)
+        except OSError as exc:
+            self.storage_error = exc
+            raise
         if name == _PERMALL:
             self._cache[name] = data
             self._may_manufacture = False

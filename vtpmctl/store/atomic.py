@@ -8,6 +8,34 @@ import secrets
 import stat
 from pathlib import Path
 
+from vtpmctl.errors import StoreError
+
+# A full file system, or a spent quota: one message for both, naming the file.
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+class NoSpaceError(StoreError, OSError):
+    """The disk filled up while ``filename`` was written; nothing of it was kept.
+
+    Still an OSError (errno ENOSPC/EDQUOT), so that code which handles a failed
+    write goes on handling this one; its message names the file and the fix.
+    """
+
+    def __init__(self, code: int, path: Path | str) -> None:
+        OSError.__init__(
+            self, code, f"{_NO_SPACE[code]} writing {path}; free some space and retry", str(path)
+        )
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def no_space(exc: OSError, path: Path | str) -> OSError:
+    """``exc`` as a NoSpaceError naming ``path`` when the disk is full, else as it is."""
+    if exc.errno in _NO_SPACE and not isinstance(exc, NoSpaceError):
+        return NoSpaceError(exc.errno, path)
+    return exc
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -34,7 +62,10 @@ def write_atomic(
     else:
         tmp = directory / tmp_name
         flags |= os.O_TRUNC
-    fd = os.open(tmp, flags, mode)
+    try:
+        fd = os.open(tmp, flags, mode)
+    except OSError as exc:
+        raise no_space(exc, path) from None
     try:
         os.fchmod(fd, mode)  # the umask may have dropped bits we want
         view = memoryview(data)
@@ -43,15 +74,19 @@ def write_atomic(
             view = view[n:]
         if durable:
             os.fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise no_space(exc, path) from None
         raise
     os.close(fd)
     try:
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise no_space(exc, path) from None
         raise
     if durable:
         fsync_dir(directory)
@@ -108,6 +143,8 @@ def write_output(path: Path, data: bytes, mode: int = 0o600) -> None:
         return
     try:
         write_fd(fd, data)
+    except OSError as exc:
+        raise no_space(exc, path) from None
     finally:
         os.close(fd)
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 from vtpmctl.errors import StoreError
 from vtpmctl.model import KeyFormat
-from vtpmctl.store.atomic import write_atomic
+from vtpmctl.store.atomic import NoSpaceError, write_atomic
 from vtpmctl.store.blob import AesKey
 
 __all__ = [
@@ -200,6 +200,8 @@ def write_secret_file(path: Path, data: bytes) -> None:
     path = Path(path)
     try:
         write_atomic(path, data, 0o600)
+    except NoSpaceError:
+        raise
     except OSError as exc:
         raise KeyFileError(
             f"cannot write {path}: {exc.strerror}; check that {path.parent} exists and is writable"

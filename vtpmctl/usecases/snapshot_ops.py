@@ -21,6 +21,7 @@ decides where the bytes come from and when they may replace the live state.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -198,10 +199,17 @@ def create(
     if keep is not None and keep < 1:
         raise SnapshotError("--keep must be 1 or more")
     inst, settled = settle_if_stopped(inst)
+    fresh = not snapshots_dir(inst.paths).exists()
     store = open_store(inst)
-    captured = capture(inst, store, volatile=volatile)
-    captured.settled[:0] = settled
-    snap = store.create(captured.blobs, label=label)
+    try:
+        captured = capture(inst, store, volatile=volatile)
+        captured.settled[:0] = settled
+        snap = store.create(captured.blobs, label=label)
+    except OSError:
+        # The first snapshot failed (a full disk): take back the empty store it made.
+        if fresh and not store.index_path.exists():
+            shutil.rmtree(store.root, ignore_errors=True)
+        raise
     pruned = store.prune(keep) if keep is not None else []
     return snap, captured, pruned
 

@@ -10,6 +10,7 @@ socket without a lock holder is stale, whatever the pid file says.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from typing import Literal
 
 from vtpmctl.childproc import child_env, entry_argv
 from vtpmctl.errors import InstanceError, NoSuchInstance
-from vtpmctl.model import TpmFamily
+from vtpmctl.model import BlobKind, TpmFamily
 from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
 
@@ -312,7 +313,8 @@ def start(
     # The daemon died. If another start won the race for the lock, that is success.
     if not inst.paths.config_file.exists():
         raise _vanished(inst)  # an rm ran between the checks and the launch
-    reason = failure_reason(_log_since(inst.paths.log_file, mark))
+    lines = _log_since(inst.paths.log_file, mark)
+    reason = failure_reason(lines) if lines else _silent_failure(inst)
     deadline = time.monotonic() + (timeout if "locked by another process" in reason else 0)
     while True:
         status = probe(inst)
@@ -356,6 +358,22 @@ def _vanished(inst: Instance) -> NoSuchInstance:
             p.state_dir.rmdir()
         p.base.rmdir()  # only if empty
     return gone
+
+
+def _silent_failure(inst: Instance) -> str:
+    """Why a daemon that could not even write its log died: most often a full disk."""
+    from vtpmctl.store.atomic import NoSpaceError
+
+    p = inst.paths
+    # In the order the daemon writes: its pid file, then the state, then the log.
+    for path in (p.pid_file, p.state_dir / BlobKind.PERMANENT.file_name, p.log_file):
+        try:
+            st = os.statvfs(path.parent)
+        except OSError:
+            continue
+        if (st.f_bfree if os.geteuid() == 0 else st.f_bavail) == 0:
+            return str(NoSpaceError(errno.ENOSPC, path))
+    return "no message"
 
 
 def _log_since(path: Path, offset: int) -> list[str]:

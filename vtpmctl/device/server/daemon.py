@@ -209,7 +209,12 @@ def run(opts: DaemonOptions) -> int:
 
     server = _make_frontend(opts, engine, ctrl, data)
     if opts.pid_file is not None:
-        _write_pid_file(opts.pid_file)
+        try:
+            _write_pid_file(opts.pid_file)
+        except OSError as exc:  # a full disk, most likely: leave no socket behind
+            server.close()
+            engine.close()
+            raise DaemonError(f"cannot write the pid file: {exc}") from None
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)
