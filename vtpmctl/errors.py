@@ -32,6 +32,8 @@ defined next to that table and subclasses its branch here.
     │   ├── EndpointError        (device.server.sockets) a --ctrl/--data spec cannot be used
     │   └── CuseError            (device.server.cuse.wire) the CUSE device cannot be created
     ├── StoreError               bytes at rest cannot be used
+    │   ├── NoSpaceError         (store.atomic) the disk filled up writing a file; also an
+    │   │                        OSError (ENOSPC/EDQUOT), so write failures stay handled
     │   ├── BlobError            (store.blob) a state blob; .rc is the ptm result to answer
     │   ├── StateDirError        (store.statedir) a TPM state directory
     │   ├── KeyFileError         (store.keys) a key or passphrase file
