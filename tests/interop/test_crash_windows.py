@@ -363,3 +363,31 @@ def test_staging_leftovers_and_an_unreadable_marker(
     problems = verify_and_fix(server, home)
     assert [f["check"] for f in problems] == ["state.restore"] and not marker.exists()
     assert nv_value(server, home) == AFTER
+
+
+def test_rotate_and_export_settle_a_pending_restore_first(
+    tmp_path: Path, server: Server, template: tuple[Path, dict[str, bytes | None]]
+) -> None:
+    """A restore staged under the old key is finished before the key changes, and before
+    an export reads the state."""
+    home = crash_after_decision(tmp_path, server, template[0])
+    new_key = key_file(tmp_path / "k2", b"two")
+    code, _, err, _ = server.run(home, "key", "rotate", NAME, "--new-key-file", str(new_key))
+    assert code == 0 and "finished the interrupted restore of snapshot" in err, err
+    assert verify_and_fix(server, home) == []
+    assert nv_value(server, home) == BEFORE
+    shutil.rmtree(home)
+
+    home = crash_after_decision(tmp_path, server, template[0])
+    bundle = tmp_path / "vm.bundle"
+    code, _, err, _ = server.run(home, "migrate", "export", NAME, "-o", str(bundle))
+    assert code == 0 and "finished the interrupted restore of snapshot" in err, err
+    assert not restore_marker(registry(home).paths(NAME).state_dir).exists()
+    server.ok(home, "migrate", "import", str(bundle), "--name", "copy")
+    server.ok(home, "start", "copy")
+    copy = registry(home).paths("copy")
+    with ControlClient(SocketTransport(str(copy.ctrl_socket))) as ctrl:
+        ctrl.init()
+    with DataClient(copy.data_socket) as tpm:
+        assert rc(tpm.transact(t.build_startup(t.SU_CLEAR))) in (0, 0x100)
+        assert nv_read(tpm.transact) == BEFORE

@@ -78,6 +78,8 @@ def export(
         exported = export_instance(
             Registry(), name, migration_key=mkey, allow_running=allow_running
         )
+        for note in exported.settled:
+            sys.stderr.write(f"vtpmctl: {note}\n")
         if output == "-":
             sys.stdout.buffer.write(exported.data)
             sys.stdout.buffer.flush()

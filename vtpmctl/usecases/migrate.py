@@ -17,7 +17,7 @@ point leaves the store as it was.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -86,6 +86,7 @@ def _version_tuple(text: str | None) -> tuple[int, ...]:
 class Exported:
     data: bytes
     manifest: Manifest
+    settled: list[str] = field(default_factory=list)  # interrupted operations settled first
 
 
 def _ek_file(inst: Instance) -> bytes | None:
@@ -97,7 +98,9 @@ def _ek_file(inst: Instance) -> bytes | None:
         raise MigrateError(f"cannot read {inst.paths.ek_file}: {exc.strerror}") from None
 
 
-def _stopped_state(registry: Registry, inst: Instance) -> tuple[Instance, dict[str, bytes]]:
+def _stopped_state(
+    registry: Registry, inst: Instance, settled: list[str]
+) -> tuple[Instance, dict[str, bytes]]:
     """Plaintext blobs from the state dir; the caller holds the state lock."""
     from vtpmctl.store.instance_keys import load_state_key
     from vtpmctl.store.keys import KeyFileError
@@ -106,7 +109,9 @@ def _stopped_state(registry: Registry, inst: Instance) -> tuple[Instance, dict[s
     from vtpmctl.store.statedir import StateDir, StateDirError
 
     try:
-        if settle(inst.paths, inst.config.tpm2).rotation is not None:
+        pending = settle(inst.paths, inst.config.tpm2)
+        settled += pending.notes
+        if pending.rotation is not None:
             inst = registry.get(inst.name)  # a finished key rotation changed config and meta
         sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=load_state_key(inst))
         plain: dict[str, bytes] = {}
@@ -165,9 +170,10 @@ def export_instance(
 
     inst = registry.get(name)
     sd = inst.statedir()
+    settled: list[str] = []
     if sd.lock(0):
         try:
-            inst, plain = _stopped_state(registry, inst)
+            inst, plain = _stopped_state(registry, inst, settled)
         finally:
             sd.unlock()
         state = "stopped"
@@ -204,7 +210,7 @@ def export_instance(
         ek_fingerprints=inst.meta.ek_fingerprints,
     )
     data = build_bundle(plain, source, ek_json=_ek_file(inst), migration_key=migration_key)
-    return Exported(data, open_bundle(data, migration_key).manifest)
+    return Exported(data, open_bundle(data, migration_key).manifest, settled)
 
 
 # ---------------------------------------------------------------- import

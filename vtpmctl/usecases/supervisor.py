@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,7 +456,8 @@ def exec_foreground(
 ) -> None:
     """Become the daemon (systemd Type=notify keeps $NOTIFY_SOCKET for it)."""
     status = probe(inst)
-    if status.state == "running" or preflight(inst, 0, None, delete_volatile) is not None:
+    notes: list[str] = []
+    if status.state == "running" or preflight(inst, 0, notes, delete_volatile) is not None:
         _running_already(inst, probe(inst))
         raise LifecycleError(f"{inst.name} is already running (pid {status.pid})")
     clean_stale(inst)
@@ -465,6 +467,9 @@ def exec_foreground(
     if "NOTIFY_SOCKET" in os.environ:
         env["NOTIFY_SOCKET"] = os.environ["NOTIFY_SOCKET"]
     argv = daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only)
+    for note in notes:  # the journal keeps what was settled before the daemon took over
+        sys.stderr.write(f"vtpmctl: {note}\n")
+    sys.stderr.flush()
     os.execve(argv[0], argv, env)
 
 
