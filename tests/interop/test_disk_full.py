@@ -84,3 +84,38 @@ def test_disk_full(full: tuple[Home, Path], tmp_path: Path) -> None:
     home.run("stop", "a")
     home.run("key", "rotate", "b", "--new-key-file", str(key))
     home.run("snapshot", "create", "b")
+
+
+def test_rotation_that_runs_out_of_space_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up half-way through writing the re-encrypted files: the files
+    written so far are taken back at once (not left for the next start to find)."""
+    import errno
+
+    from vtpmctl.store import instance_keys
+    from vtpmctl.store.atomic import NoSpaceError, write_atomic
+    from vtpmctl.store.keys import generate_key
+
+    with home_at(tmp_path / "h") as home:
+        home.run("create", "r", "--no-ek", "--encrypt")
+        inst = home.registry().get("r")
+        before = files(home)
+
+        def full_at_rotate(path: Path, *args: object, **kwargs: object) -> None:
+            if path.name.endswith(instance_keys.ROTATE_SUFFIX):
+                raise NoSpaceError(errno.ENOSPC, path)
+            write_atomic(path, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(instance_keys, "write_atomic", full_at_rotate)
+        sd = inst.statedir()
+        assert sd.lock(0)
+        try:
+            with pytest.raises(NoSpaceError, match="no space left on device writing"):
+                instance_keys.rotate(inst, generate_key(), "key-file")
+        finally:
+            sd.unlock()
+        assert set(files(home)) ^ set(before) == set()
+        monkeypatch.undo()
+        home.run("start", "r")  # the old key still opens it
+        home.run("stop", "r")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vtpmctl.errors import InstanceError
 from vtpmctl.model import STATE_FILE_NAMES, BlobKind, KeyFormat
-from vtpmctl.store.atomic import fsync_dir, write_atomic
+from vtpmctl.store.atomic import NoSpaceError, fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, wrap_file
 from vtpmctl.store.instances import (
     Instance,
@@ -143,20 +143,28 @@ def rotate(inst: Instance, new_key: AesKey, key_source: str) -> None:
     if permall not in plains:
         raise StateDirError(f"{old.file(permall)} is missing; nothing to re-encrypt")
     # Phase 1: everything new is written beside the old; a crash here rolls back.
-    store_key(_new_key_file(paths), new_key)
-    for name, plain in plains.items():
-        target = old.file(name)
-        write_atomic(
-            target.with_name(target.name + ROTATE_SUFFIX), wrap_file(plain, new_key), 0o600
-        )
-    meta = inst.meta
-    meta.cipher = new_key.cipher
-    meta.key_source = key_source
-    meta.key_fingerprint = key_fingerprint(new_key)
-    SnapshotStore(snapshots_dir(paths), old_key).stage_rekey(new_key)
-    decision = {"files": sorted(plains), "meta": meta.to_json()}
-    # Phase 2: the marker decides; finish() can be replayed until the marker is gone.
-    write_atomic(_marker(paths), json.dumps(decision).encode(), 0o600)
+    try:
+        store_key(_new_key_file(paths), new_key)
+        for name, plain in plains.items():
+            target = old.file(name)
+            write_atomic(
+                target.with_name(target.name + ROTATE_SUFFIX), wrap_file(plain, new_key), 0o600
+            )
+        meta = inst.meta
+        meta.cipher = new_key.cipher
+        meta.key_source = key_source
+        meta.key_fingerprint = key_fingerprint(new_key)
+        SnapshotStore(snapshots_dir(paths), old_key).stage_rekey(new_key)
+        decision = {"files": sorted(plains), "meta": meta.to_json()}
+        # Phase 2: the marker decides; finish() can be replayed until the marker is gone.
+        write_atomic(_marker(paths), json.dumps(decision).encode(), 0o600)
+    except NoSpaceError:
+        # Undecided, and the disk is full: take back what phase 1 wrote now, as
+        # the next start would, so that nothing is left over taking up space.
+        if not _marker(paths).exists():
+            with contextlib.suppress(OSError, InstanceError):
+                recover(paths, inst.config.tpm2)
+        raise
     finish(paths, inst.config.tpm2)
 
 
