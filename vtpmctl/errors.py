@@ -41,6 +41,7 @@ defined next to that table and subclasses its branch here.
     │   ├── SnapshotError        (store.snapshots) a snapshot or the snapshot store
     │   │   └── RestorePendingError  (store.snapshots) an interrupted restore needs the user
     │   ├── StateFileError       (commands.state) a blob file given to state export/import
+    │   ├── UnsafeDirError       (store.dirs) a store dir another user owns or may write
     │   └── BundleError          (store.bundle) a migration bundle
     │       └── MigrationKeyError    (store.bundle) its migration key is missing or wrong
     └── InstanceError            a named vTPM; status exits 4 (LSB "unknown")

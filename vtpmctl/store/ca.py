@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 
 from vtpmctl.errors import StoreError
 from vtpmctl.store.atomic import write_atomic
+from vtpmctl.store.dirs import PRIVATE_MODE, ensure_dir
 
 EkPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
@@ -140,7 +141,7 @@ class LocalCA:
         self, directory: str | os.PathLike[str], *, common_name: str = "vtpmctl local CA"
     ) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_dir(self.directory, PRIVATE_MODE, parent_mode=PRIVATE_MODE)
         key_path = self.directory / KEY_FILE
         cert_path = self.directory / CERT_FILE
         with _locked(self.directory):

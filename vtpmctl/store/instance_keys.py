@@ -21,6 +21,7 @@ from vtpmctl.errors import InstanceError
 from vtpmctl.model import STATE_FILE_NAMES, BlobKind, KeyFormat
 from vtpmctl.store.atomic import NoSpaceError, fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, wrap_file
+from vtpmctl.store.dirs import PRIVATE_MODE, ensure_dir
 from vtpmctl.store.instances import (
     Instance,
     InstanceConfig,
@@ -53,7 +54,7 @@ def _new_key_file(paths: InstancePaths) -> Path:
 
 
 def store_key(path: Path, key: AesKey) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_dir(path.parent, PRIVATE_MODE, parent_mode=PRIVATE_MODE)
     write_secret_file(path, encode_hex_key(key))
 
 

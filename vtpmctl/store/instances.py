@@ -27,6 +27,15 @@ from vtpmctl.errors import InstanceError, InstanceExists, NoSuchInstance
 from vtpmctl.model import CUSE_NAME_MAX, TpmFamily, Transport
 from vtpmctl.store import records
 from vtpmctl.store.atomic import write_atomic
+from vtpmctl.store.dirs import (
+    CONFIG_MODE,
+    LOGS_MODE,
+    PRIVATE_MODE,
+    RUNTIME_MODE,
+    STATE_MODE,
+    check_dir,
+    ensure_dir,
+)
 from vtpmctl.store.paths import Roots, store_roots
 from vtpmctl.store.statedir import StateDir
 
@@ -138,6 +147,15 @@ class InstancePaths:
                     f"socket path {path} would be {size} bytes, over the {UNIX_PATH_MAX}-byte "
                     "limit; use a shorter name or a shorter VTPMCTL_HOME"
                 )
+
+    def ensure_run_dirs(self) -> None:
+        """What a daemon writes (run dir, log dir), made or checked, after checking the
+        instance's own dirs: none may be another user's or writable by others."""
+        for directory in (self.roots.state, self.base, self.state_dir, self.secrets_dir):
+            check_dir(directory)
+        ensure_dir(self.roots.runtime, RUNTIME_MODE)
+        ensure_dir(self.run_dir, PRIVATE_MODE)
+        ensure_dir(self.roots.logs, LOGS_MODE)
 
     def check_transport(self, transport: Transport) -> None:
         """A name the transport cannot carry would make an instance that never starts."""
@@ -312,7 +330,8 @@ class Registry:
         """
         paths = self.paths(name)
         paths.check_socket_paths()
-        self.instances_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        ensure_dir(self.roots.state, STATE_MODE)
+        ensure_dir(self.instances_dir, STATE_MODE)
         try:
             paths.base.mkdir(mode=0o700)
         except FileExistsError:
@@ -384,6 +403,6 @@ class Registry:
 
     def ensure_dirs(self, paths: InstancePaths) -> None:
         """Runtime, log and secrets dirs (private; created on demand)."""
-        for directory in (paths.run_dir, paths.secrets_dir):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        paths.log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        ensure_dir(self.roots.config, CONFIG_MODE)
+        ensure_dir(paths.secrets_dir, PRIVATE_MODE, parent_mode=PRIVATE_MODE)
+        paths.ensure_run_dirs()

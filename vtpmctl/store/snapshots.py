@@ -42,6 +42,7 @@ from vtpmctl.errors import StoreError
 from vtpmctl.model import STATE_FILE_NAMES, BlobKind
 from vtpmctl.store.atomic import fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_file, wrap_file
+from vtpmctl.store.dirs import PRIVATE_MODE, ensure_dir
 from vtpmctl.store.instances import InstancePaths
 from vtpmctl.store.keys import key_fingerprint
 from vtpmctl.store.statedir import StateDir
@@ -213,7 +214,7 @@ class SnapshotStore:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Serialise writers (two `snapshot create` at once must not lose one)."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_dir(self.root, PRIVATE_MODE, parent_mode=PRIVATE_MODE)
         fd = os.open(
             self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
@@ -283,7 +284,7 @@ class SnapshotStore:
                 return digest
             except SnapshotError:
                 pass  # damaged or under another key: replace it with a good copy
-        self.objects_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_dir(self.objects_dir, PRIVATE_MODE, parent_mode=PRIVATE_MODE)
         write_atomic(path, wrap_file(plain, self.key), 0o600)
         return digest
 

@@ -18,6 +18,7 @@ from vtpmctl.errors import StoreError
 from vtpmctl.model import STATE_FILE_NAMES, TpmFamily
 from vtpmctl.store.atomic import fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_file, wrap_file
+from vtpmctl.store.dirs import ensure_dir
 
 LOCK_RETRY_INTERVAL = 0.01
 
@@ -63,7 +64,7 @@ class StateDir:
 
     def ensure(self) -> None:
         """Create the directory (0700) if needed."""
-        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ensure_dir(self.path, 0o700, check=False)
 
     def exists(self, name: str) -> bool:
         return self.file(name).is_file()
@@ -129,7 +130,7 @@ class StateDir:
         self.ensure()
         path = self.path / ".lock"
         fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o660
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
         )
         for attempt in range(retries + 1):
             try:

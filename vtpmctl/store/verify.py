@@ -29,6 +29,7 @@ from vtpmctl.store.blob import (
     parse_tlvs,
     unwrap_file,
 )
+from vtpmctl.store.dirs import dir_problem
 from vtpmctl.store.instances import UNIX_PATH_MAX, Instance
 from vtpmctl.store.keys import KeyFileError, check_secret_file_mode
 from vtpmctl.store.snapshots import (
@@ -80,6 +81,13 @@ def _mode(path: Path) -> int | None:
 
 def _dir_checks(inst: Instance) -> Iterator[Finding]:
     p = inst.paths
+    roots = [
+        ("dir.root.config", p.roots.config),
+        ("dir.root.state", p.roots.state),
+        ("dir.root.runtime", p.roots.runtime),
+        ("dir.root.logs", p.roots.logs),
+        ("dir.instances", p.base.parent),
+    ]
     private = [
         ("dir.instance", p.base),
         ("dir.state", p.state_dir),
@@ -87,7 +95,7 @@ def _dir_checks(inst: Instance) -> Iterator[Finding]:
         ("dir.snapshots", snapshots_dir(p)),
         ("dir.run", p.run_dir),
     ]
-    for check, path in private:
+    for check, path in roots + private:
         mode = _mode(path)
         if mode is None:
             if check in ("dir.instance", "dir.state"):
@@ -95,30 +103,16 @@ def _dir_checks(inst: Instance) -> Iterator[Finding]:
                     "error", check, f"{path} is missing", "restore it from a backup", str(path)
                 )
             continue
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
-            yield Finding("error", check, f"{path} is not a directory", None, str(path))
-        elif mode & 0o022:
-            yield Finding(
-                "error",
-                check,
-                f"{path} is writable by group or others (mode {mode:04o})",
-                f"chmod 700 {path}",
-                str(path),
-            )
+        problem = dir_problem(path)
+        if problem is not None:
+            # start refuses such a dir: another user could swap what vtpmctl puts there
+            yield Finding("error", check, problem[0], problem[1], str(path))
         elif mode & 0o077 and check in ("dir.secrets", "dir.state", "dir.snapshots"):
             yield Finding(
                 "warn",
                 check,
                 f"{path} is readable by group or others (mode {mode:04o})",
                 f"chmod 700 {path}",
-                str(path),
-            )
-        elif os.lstat(path).st_uid != os.geteuid():
-            yield Finding(
-                "warn",
-                check,
-                f"{path} is owned by uid {os.lstat(path).st_uid}",
-                f"chown {os.geteuid()} {path}",
                 str(path),
             )
         else:

@@ -277,13 +277,12 @@ def start(
     status = probe(inst)
     if status.state == "running":
         return _running_already(inst, status)
+    inst.paths.ensure_run_dirs()
     notes: list[str] = []
     running = preflight(inst, timeout, notes, delete_volatile)
     if running is not None:
         return running
     clean_stale(inst)
-    inst.paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    inst.paths.log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     rotate_log(inst.paths.log_file)
     log_fd = _open_log(inst.paths.log_file)
     mark = os.lseek(log_fd, 0, os.SEEK_END)
@@ -456,13 +455,13 @@ def exec_foreground(
 ) -> None:
     """Become the daemon (systemd Type=notify keeps $NOTIFY_SOCKET for it)."""
     status = probe(inst)
+    if status.state != "running":
+        inst.paths.ensure_run_dirs()
     notes: list[str] = []
     if status.state == "running" or preflight(inst, 0, notes, delete_volatile) is not None:
         _running_already(inst, probe(inst))
         raise LifecycleError(f"{inst.name} is already running (pid {status.pid})")
     clean_stale(inst)
-    inst.paths.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    inst.paths.log_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     env = child_env()
     if "NOTIFY_SOCKET" in os.environ:
         env["NOTIFY_SOCKET"] = os.environ["NOTIFY_SOCKET"]
