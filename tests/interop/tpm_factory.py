@@ -1,8 +1,9 @@
 """Make real libtpms state blobs for tests, in a throwaway process.
 
-libtpms holds one TPM per process, so the pytest process never loads it:
-``make_state(spec)`` runs this file as a script, which manufactures a TPM in
-memory, applies ``spec`` and prints the plaintext blobs as JSON.
+libtpms holds one TPM per process (the unit tests may hold it in the pytest
+process), so ``make_state(spec)`` runs this file as a script, which
+manufactures a TPM in memory, applies ``spec`` and prints the plaintext blobs
+as JSON.
 
 spec keys: ``persistent`` (list of handles to hold an ECC P-256 primary),
 ``nv`` (list of {"index", "size", "data" hex, "attrs", "auth" hex}),
