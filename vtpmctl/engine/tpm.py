@@ -19,6 +19,7 @@ from vtpmctl.device.protocol import (
     CAPS_SOCKET_TPM2,
     CAPS_SOCKET_TPM12,
     HASH_DATA_MAX,
+    LOCALITY_MAX,
     MESSAGES,
     STATE_BLOB_CHUNK,
     TPM2_FATAL_RESPONSE,
@@ -442,7 +443,7 @@ class Engine(Storage):
 
     def _c_locality(self, req: dict[str, int], data: bytes) -> ControlReply:
         loc = req["loc"]
-        if loc > 4 or (loc == 4 and self.config.reject_locality_4):
+        if loc > LOCALITY_MAX or (loc == LOCALITY_MAX and self.config.reject_locality_4):
             return ControlReply(Res.BAD_LOCALITY)
         self._set_locality(loc)
         return ControlReply(Res.SUCCESS)
@@ -466,7 +467,7 @@ class Engine(Storage):
 
     def _c_reset_established(self, req: dict[str, int], data: bytes) -> ControlReply:
         loc = req["loc"]
-        if loc > 4:
+        if loc > LOCALITY_MAX:
             return ControlReply(Res.BAD_LOCALITY)
         saved = self._locality
         self._set_locality(loc)
