@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from vtpmctl.commands.output import note as _note
 from vtpmctl.commands.output import out as _out
 from vtpmctl.commands.output import print_json, print_rows, safe
+from vtpmctl.errors import EXIT_FAILURE, LSB_STATUS, InstanceError, NoSuchInstance
 from vtpmctl.model import KeyFormat, TpmFamily, Transport
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ def start(
         supervisor.exec_foreground(
             inst, incoming=incoming, ctrl_only=ctrl_only, delete_volatile=delete_volatile
         )
-        return 1  # exec_foreground only returns by raising
+        return EXIT_FAILURE  # exec_foreground only returns by raising
     started = supervisor.start(
         inst, incoming=incoming, ctrl_only=ctrl_only, delete_volatile=delete_volatile
     )
@@ -221,8 +222,6 @@ def rm(name: str, yes: bool = False) -> int:
     registry = _registry()
     paths = registry.paths(name)
     if not paths.base.exists():
-        from vtpmctl.errors import NoSuchInstance
-
         raise NoSuchInstance(f"no instance named {name}; see vtpmctl list")
     if not yes:
         if not sys.stdin.isatty():
@@ -231,7 +230,7 @@ def rm(name: str, yes: bool = False) -> int:
         sys.stderr.flush()
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             _note("not removed")
-            return 1
+            return EXIT_FAILURE
     sd = StateDir(paths.state_dir)
     if paths.state_dir.exists() and not sd.lock(0):
         raise busy_error(name, paths.state_dir)
@@ -245,7 +244,6 @@ def rm(name: str, yes: bool = False) -> int:
 
 def list_(as_json: bool = False, quiet: bool = False) -> int:
     """Every instance with its state."""
-    from vtpmctl.errors import InstanceError
     from vtpmctl.usecases.supervisor import probe
 
     registry = _registry()
@@ -285,7 +283,6 @@ def list_(as_json: bool = False, quiet: bool = False) -> int:
 
 def status(name: str, as_json: bool = False) -> int:
     """NAME's state; exit 0 running, 3 stopped, 1 stale, 4 unknown instance."""
-    from vtpmctl.errors import LSB_STATUS, InstanceError
     from vtpmctl.usecases.supervisor import probe
 
     try:

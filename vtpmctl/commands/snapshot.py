@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from vtpmctl.commands.output import note as _note
 from vtpmctl.commands.output import out as _out
 from vtpmctl.commands.output import print_json, safe
+from vtpmctl.errors import EXIT_FAILURE, EXIT_OK
 from vtpmctl.model import BlobKind
 
 if TYPE_CHECKING:
@@ -155,7 +156,7 @@ def diff(name: str, ref_a: str, ref_b: str, as_json: bool = False) -> int:
     result = snapshot_ops.diff(_instance(name), ref_a, ref_b)
     if as_json:
         print_json({"instance": name, **result})
-        return 1 if result["error"] else 0
+        return EXIT_FAILURE if result["error"] else EXIT_OK
     for kind, change in result["blobs"].items():
         _out(f"{kind:<10} {change}")
     for what in ("persistent", "nv"):
@@ -174,8 +175,8 @@ def diff(name: str, ref_a: str, ref_b: str, as_json: bool = False) -> int:
             )
     if result["error"]:
         _note(result["error"])
-        return 1
-    return 0
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def register(app: "typer.Typer") -> None:

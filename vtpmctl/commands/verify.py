@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from vtpmctl.commands.output import safe
+from vtpmctl.errors import EXIT_FAILURE, EXIT_OK
 
 if TYPE_CHECKING:
     import typer
@@ -51,14 +52,14 @@ def verify(name: str, as_json: bool = False, quiet: bool = False) -> int:
             )
             + "\n"
         )
-        return 1 if errors else 0
+        return EXIT_FAILURE if errors else EXIT_OK
     for f in findings:
         if quiet and f.level == "ok":
             continue
         sys.stdout.write(safe(f.line()) + "\n")
     summary = f"{name}: {errors} error(s), {warnings} warning(s)"
     sys.stderr.write(("vtpmctl: " + summary if errors else summary) + "\n")
-    return 1 if errors else 0
+    return EXIT_FAILURE if errors else EXIT_OK
 
 
 def register(app: "typer.Typer") -> None:
