@@ -12,10 +12,11 @@ import fcntl
 import os
 import struct
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from vtpmctl.errors import StoreError
-from vtpmctl.model import STATE_FILE_NAMES, TpmFamily
+from vtpmctl.model import STATE_FILE_NAMES, BlobKind, TpmFamily
 from vtpmctl.store.atomic import fsync_dir, write_atomic
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_file, wrap_file
 from vtpmctl.store.dirs import ensure_dir
@@ -92,6 +93,11 @@ class StateDir:
                 else "restore it from a snapshot or backup"
             )
             raise StateDirError(f"{self.file(name)} is unusable ({exc}); {hint}") from exc
+
+    def load_blobs(self, kinds: Iterable[BlobKind]) -> dict[str, bytes]:
+        """The plaintext state of each kind (the keys) that is present and not empty."""
+        blobs = {kind: self.load(kind.file_name) for kind in kinds}
+        return {kind: data for kind, data in blobs.items() if data}
 
     def store(self, name: str, plain: bytes) -> None:
         self.write_raw(name, wrap_file(plain, self.key))

@@ -114,11 +114,7 @@ def _stopped_state(
         if pending.rotation is not None:
             inst = registry.get(inst.name)  # a finished key rotation changed config and meta
         sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=load_state_key(inst))
-        plain: dict[str, bytes] = {}
-        for kind in BlobKind:
-            data = sd.load(kind.file_name)
-            if data:
-                plain[kind] = data
+        plain = sd.load_blobs(BlobKind)
     except (KeyFileError, StateDirError, SnapshotError) as exc:
         raise MigrateError(f"cannot export {inst.name}: {exc}") from None
     if BlobKind.PERMANENT not in plain:

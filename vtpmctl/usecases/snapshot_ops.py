@@ -129,14 +129,10 @@ def _from_control(
 
 
 def _from_dir(inst: Instance, sd: StateDir, volatile: bool) -> dict[str, bytes]:
-    blobs: dict[str, bytes] = {}
-    for kind in list(BlobKind) if volatile else [BlobKind.PERMANENT]:
-        try:
-            data = sd.load(kind.file_name)
-        except StateDirError as exc:
-            raise SnapshotError(str(exc)) from None
-        if data:
-            blobs[kind] = data
+    try:
+        blobs = sd.load_blobs(BlobKind if volatile else [BlobKind.PERMANENT])
+    except StateDirError as exc:
+        raise SnapshotError(str(exc)) from None
     if BlobKind.PERMANENT not in blobs:
         raise SnapshotError(
             f"{sd.file(BlobKind.PERMANENT.file_name)} is missing: {inst.name} has no TPM "
