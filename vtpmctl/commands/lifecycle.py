@@ -41,7 +41,7 @@ def _registry() -> Any:
 
 def _endpoints(inst: "Instance") -> dict[str, str | None]:
     p = inst.paths
-    if inst.config.transport == "cuse":
+    if inst.config.transport == Transport.CUSE:
         return {"ctrl": None, "data": None, "device": str(p.device)}
     # A --ctrl-only or --incoming daemon has no data socket (QEMU passes its own).
     data = f"unix:{p.data_socket}" if p.data_socket.exists() or not p.ctrl_socket.exists() else None
@@ -51,7 +51,7 @@ def _endpoints(inst: "Instance") -> dict[str, str | None]:
 def instance_record(inst: "Instance", st: "Status") -> dict[str, Any]:
     """One instance as status --json and list --json show it (stable keys)."""
     p = inst.paths
-    socket = inst.config.transport == "socket"
+    socket = inst.config.transport == Transport.SOCKET
     return {
         "name": inst.name,
         "state": st.state,

@@ -369,7 +369,7 @@ class Engine(Storage):
     # ------------------------------------------------------------ control channel
 
     def capabilities(self) -> int:
-        if self.config.transport == "cuse":
+        if self.config.transport == Transport.CUSE:
             return CAPS_CUSE
         return CAPS_SOCKET_TPM2 if self.config.tpm2 else CAPS_SOCKET_TPM12
 
@@ -523,7 +523,7 @@ class Engine(Storage):
         try:
             kind = BlobType(req["type"])
         except ValueError:
-            bad = Res.BAD_PARAMETER if self.config.transport == "cuse" else Res.FAIL
+            bad = Res.BAD_PARAMETER if self.config.transport == Transport.CUSE else Res.FAIL
             return ControlReply(bad)
         try:
             plain = self.plain_state(kind)

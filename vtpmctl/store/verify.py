@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from vtpmctl.model import STATE_FILE_NAMES, BlobKind
+from vtpmctl.model import STATE_FILE_NAMES, BlobKind, Transport
 from vtpmctl.store import instance_keys
 from vtpmctl.store.blob import (
     FLAG_ENCRYPTED,
@@ -390,7 +390,7 @@ def _runtime_checks(inst: Instance, holder_info: HolderInfo | None) -> Iterator[
                 f"vtpmctl stop {shlex.quote(inst.name)}",  # removes what a dead daemon left
                 str(path),
             )
-    if inst.config.transport == "socket":
+    if inst.config.transport == Transport.SOCKET:
         for path in (p.ctrl_socket, p.data_socket):
             size = len(os.fsencode(path))
             if size > UNIX_PATH_MAX:

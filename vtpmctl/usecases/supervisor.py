@@ -23,7 +23,7 @@ from typing import Literal
 
 from vtpmctl.childproc import child_env, entry_argv
 from vtpmctl.errors import InstanceError, NoSuchInstance
-from vtpmctl.model import BlobKind, TpmFamily
+from vtpmctl.model import BlobKind, TpmFamily, Transport
 from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
 
@@ -141,7 +141,7 @@ def daemon_argv(inst: Instance, *, incoming: bool = False, ctrl_only: bool = Fal
     from vtpmctl.device.server.options import serve_argv
 
     p = inst.paths
-    cuse = inst.config.transport == "cuse"
+    cuse = inst.config.transport == Transport.CUSE
     # QEMU brings the data channel itself (CMD_SET_DATAFD, refused while a data
     # listener exists, as by swtpm): an incoming or QEMU-bound instance has none.
     data = not (cuse or incoming or ctrl_only)
@@ -431,7 +431,7 @@ def _claim_storage(inst: Instance) -> None:
 
 def _answers(inst: Instance) -> bool:
     """CMD_GET_CAPABILITY on the control channel (for CUSE: the device exists)."""
-    if inst.config.transport == "cuse":
+    if inst.config.transport == Transport.CUSE:
         return inst.paths.device.exists() and probe(inst).state == "running"
     from vtpmctl.device.client.control import TargetError
     from vtpmctl.usecases.live import instance_client

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 
+from vtpmctl import model
 from vtpmctl.device.client.control import (
     DEFAULT_TIMEOUT,
     ControlClient,
@@ -144,7 +145,7 @@ def resolve_instance(name: str) -> Target:
 
 def instance_target(inst: Instance) -> Target:
     """Where an instance's control channel is (its CUSE device or control socket)."""
-    if inst.config.transport == "cuse":
+    if inst.config.transport == model.Transport.CUSE:
         return Target("cuse", path=str(inst.paths.device))
     return Target("unix", path=str(inst.paths.ctrl_socket))
 
