@@ -4,6 +4,9 @@ Import it only inside a ``register()``: it imports typer, which the fast
 route of the command line never loads.
 """
 
+import inspect
+from collections.abc import Callable
+
 import typer
 
 # A registered instance.
@@ -17,3 +20,9 @@ TARGET = typer.Argument(
 )
 
 JSON = typer.Option("--json", help="one JSON object on stdout")
+
+
+def with_parameters(func: Callable[..., None], params: list[inspect.Parameter]) -> None:
+    """Give ``func(**params)`` the signature typer reads, for commands built from a table."""
+    func.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    func.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}

@@ -182,6 +182,8 @@ def _typer_command(spec: CtlAction) -> "Callable[..., None]":
 
     import typer
 
+    from vtpmctl.commands import args
+
     def command(ctx: typer.Context, **params: Any) -> None:
         assert ctx.parent is not None
         value = params.get(spec.arg[0]) if spec.arg else None
@@ -217,8 +219,7 @@ def _typer_command(spec: CtlAction) -> "Callable[..., None]":
             params.append(
                 inspect.Parameter(name, kind, annotation=Annotated[int | None, info], default=None)
             )
-    command.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    args.with_parameters(command, params)
     command.__name__ = command.__qualname__ = f"{spec.name.replace('-', '_')}_cmd"
     return command
 

@@ -36,6 +36,7 @@ def _typer_command() -> "Callable[..., None]":
 
     import typer
 
+    from vtpmctl.commands import args
     from vtpmctl.device.server.options import SERVE_OPTIONS
 
     def serve_cmd(**params: Any) -> None:
@@ -50,8 +51,7 @@ def _typer_command() -> "Callable[..., None]":
         inspect.Parameter(opt.dest, kind, annotation=_annotation(opt), default=_default(opt))
         for opt in SERVE_OPTIONS
     ]
-    serve_cmd.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
-    serve_cmd.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    args.with_parameters(serve_cmd, params)
     return serve_cmd
 
 
