@@ -26,3 +26,10 @@ def with_parameters(func: Callable[..., None], params: list[inspect.Parameter]) 
     """Give ``func(**params)`` the signature typer reads, for commands built from a table."""
     func.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
     func.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+
+
+# How a key file given with --key-file / --migration-key-file is read (KeyFormat).
+KEY_FORMAT = typer.Option("--key-format", help="how to read --key-file")
+MIGRATION_KEY_FORMAT = typer.Option(
+    "--migration-key-format", help="how to read --migration-key-file"
+)

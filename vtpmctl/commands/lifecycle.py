@@ -362,19 +362,14 @@ def register(app: "typer.Typer") -> None:
                 "file with --key-format passphrase; implies --encrypt",
             ),
         ] = None,
-        key_format: Annotated[
-            KeyFormat, typer.Option("--key-format", help="how to read --key-file")
-        ] = KeyFormat.AUTO,
+        key_format: Annotated[KeyFormat, args.KEY_FORMAT] = KeyFormat.AUTO,
         migration_key_file: Annotated[
             Path | None,
             typer.Option(
                 "--migration-key-file", help="key (0600) that encrypts exported state blobs"
             ),
         ] = None,
-        migration_key_format: Annotated[
-            KeyFormat,
-            typer.Option("--migration-key-format", help="how to read --migration-key-file"),
-        ] = KeyFormat.AUTO,
+        migration_key_format: Annotated[KeyFormat, args.MIGRATION_KEY_FORMAT] = KeyFormat.AUTO,
         ecc_curve: Annotated[
             EccCurve,
             typer.Option(

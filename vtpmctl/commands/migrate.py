@@ -208,7 +208,6 @@ def register(app: "typer.Typer") -> None:
         show_default=False,
         help="migration key (0600) the bundle is, or is to be, encrypted with",
     )
-    mkey_fmt = typer.Option("--migration-key-format", help="how to read --migration-key-file")
 
     @group.command("export")
     def export_cmd(
@@ -227,7 +226,7 @@ def register(app: "typer.Typer") -> None:
             ),
         ] = None,
         migration_key_file: Annotated[Path | None, mkey_opt] = None,
-        migration_key_format: Annotated[KeyFormat, mkey_fmt] = KeyFormat.AUTO,
+        migration_key_format: Annotated[KeyFormat, args.MIGRATION_KEY_FORMAT] = KeyFormat.AUTO,
         allow_running: Annotated[
             bool,
             typer.Option(
@@ -271,7 +270,7 @@ def register(app: "typer.Typer") -> None:
             ),
         ] = None,
         migration_key_file: Annotated[Path | None, mkey_opt] = None,
-        migration_key_format: Annotated[KeyFormat, mkey_fmt] = KeyFormat.AUTO,
+        migration_key_format: Annotated[KeyFormat, args.MIGRATION_KEY_FORMAT] = KeyFormat.AUTO,
         encrypt: Annotated[
             bool | None,
             typer.Option(
@@ -289,9 +288,7 @@ def register(app: "typer.Typer") -> None:
                 help="state key (0600) for encryption at rest; implies --encrypt",
             ),
         ] = None,
-        key_format: Annotated[
-            KeyFormat, typer.Option("--key-format", help="how to read --key-file")
-        ] = KeyFormat.AUTO,
+        key_format: Annotated[KeyFormat, args.KEY_FORMAT] = KeyFormat.AUTO,
         transport: Annotated[
             Transport | None,
             typer.Option(
