@@ -205,3 +205,24 @@ def test_every_fix_printed_is_a_command_that_loses_nothing(home: Home) -> None:
     with DataClient(paths.data_socket) as tpm:
         assert rc(tpm.transact(t.build_startup(t.SU_CLEAR))) in (0, 0x100)
         assert nv_read(tpm.transact) == b"keep-me!"
+
+
+def test_snapshots_under_another_key_are_not_offered_for_removal(cli: Cli, tmp_path: Path) -> None:
+    """Snapshots a key rotation never re-encrypted (a copy put back) are intact under their
+    key: verify names the key, and suggests no `snapshot rm` that would lose them."""
+    keys = []
+    for seed in (b"one", b"two"):
+        keys.append(tmp_path / seed.decode())
+        keys[-1].write_text(hashlib.sha256(seed).hexdigest())
+        keys[-1].chmod(0o600)
+    cli.run("create", "vm", "--no-ek", "--key-file", str(keys[0]))
+    cli.run("snapshot", "create", "vm")
+    snapshots = cli.home.registry().paths("vm").base / "snapshots"
+    old = {p: p.read_bytes() for p in snapshots.rglob("*") if p.is_file()}
+    cli.run("key", "rotate", "vm", "--new-key-file", str(keys[1]))
+    for path, data in old.items():
+        path.write_bytes(data)
+    code, data = findings(cli, "vm")
+    bad = [f for f in data["findings"] if f["level"] != "ok"]
+    assert code == 1 and [f["check"] for f in bad] == ["snapshots.key"], bad
+    assert "snapshot rm" not in (bad[0]["fix"] or "")

@@ -256,6 +256,16 @@ class SnapshotStore:
                 f"instance's key is {self.fingerprint or '(none)'}; restore the right key"
             )
 
+    def key_mismatch(self) -> str | None:
+        """Why the objects are not under this store's key (whatever a rotation left), or None."""
+        index = self._read_index()
+        if not index.snaps or index.key == self.fingerprint:
+            return None
+        return (
+            f"the snapshots are encrypted with key {index.key or '(none)'} but the "
+            f"instance's key is {self.fingerprint or '(none)'}"
+        )
+
     def all(self) -> list[Snapshot]:
         """Every snapshot, oldest first."""
         index = self._read_index()

@@ -410,10 +410,16 @@ def _snapshot_checks(inst: Instance, key: AesKey | None, key_usable: bool) -> It
     try:
         snaps = store.all()
         referenced = store.referenced()
+        mismatch = store.key_mismatch()
     except SnapshotError as exc:
         yield Finding("error", "snapshots.index", str(exc), None, str(store.index_path))
         return
     if not key_usable:
+        return
+    if mismatch is not None:  # objects that fail to open are fine under that key: keep them
+        yield Finding(
+            "error", "snapshots.key", mismatch, "restore the right key", str(store.index_path)
+        )
         return
     bad = 0
     for digest in sorted(referenced):
