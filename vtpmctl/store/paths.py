@@ -1,6 +1,7 @@
 """Where vtpmctl keeps things: the four store roots.
 
-root uses the FHS dirs, other users their XDG dirs (platformdirs), so an
+root uses the FHS dirs, other users their XDG dirs (platformdirs; the runtime
+dir is judged here, see _user_runtime_root), so an
 unprivileged user can run vTPMs without touching the system store. systemd's
 ``$STATE_DIRECTORY`` & co. win over the defaults so a unit's sandboxed dirs are
 used, and ``$VTPMCTL_HOME`` wins over everything (one tree, for tests and
@@ -10,6 +11,7 @@ for side-by-side stores).
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,27 @@ def _systemd_dir(env: Mapping[str, str], var: str) -> Path | None:
     return Path(first) if first and os.path.isabs(first) else None
 
 
+def _private_dir_of(path: str, euid: int) -> bool:
+    """A real dir (no link) of this user that no one else may enter, as XDG requires."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == euid and not st.st_mode & 0o077
+
+
+def _user_runtime_root(env: Mapping[str, str], euid: int, dirs: dict[str, Path]) -> Path:
+    """$XDG_RUNTIME_DIR, else /run/user/UID, when private to this user; else the state root's run/.
+
+    Judged here rather than by platformdirs, whose versions differ (some warn on
+    stderr, in two lines, on every command, or fall back to a shared /tmp path).
+    """
+    for candidate in (env.get("XDG_RUNTIME_DIR", ""), f"/run/user/{euid}"):
+        if os.path.isabs(candidate) and _private_dir_of(candidate, euid):
+            return Path(candidate) / APP
+    return dirs["state"] / "run"
+
+
 def store_roots(env: Mapping[str, str] | None = None, euid: int | None = None) -> Roots:
     """The roots for this process (``env``/``euid`` let tests ask for another)."""
     env = os.environ if env is None else env
@@ -63,9 +86,9 @@ def store_roots(env: Mapping[str, str] | None = None, euid: int | None = None) -
         dirs = {
             "config": Path(platformdirs.user_config_dir(APP)),
             "state": Path(platformdirs.user_state_dir(APP)),
-            "runtime": Path(platformdirs.user_runtime_dir(APP)),
             "logs": Path(platformdirs.user_log_dir(APP)),
         }
+        dirs["runtime"] = _user_runtime_root(env, os.geteuid() if euid is None else euid, dirs)
         origin = "user"
     for key, var in _SYSTEMD.items():
         override = _systemd_dir(env, var)
