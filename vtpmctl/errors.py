@@ -47,6 +47,8 @@ defined next to that table and subclasses its branch here.
     └── InstanceError            a named vTPM; status exits 4 (LSB "unknown")
         ├── NoSuchInstance       (store.instances) no instance of that name
         ├── InstanceExists       (store.instances) the name is taken
+        ├── InstanceUnreadable   (store.instances) its files are not this user's to read;
+        │                        status exits 1
         ├── LifecycleError       (usecases.supervisor) start/stop/rm cannot be done
         ├── MigrateError         (usecases.migrate) export/import cannot be done
         ├── KeyCommandError      (commands.key) the state key cannot be rotated

@@ -93,3 +93,36 @@ def test_verify_checks_the_roots(home: Home) -> None:
     roots.state.chmod(0o755)
     os.chown(roots.logs, 0, 0)
     assert home.run("verify", "m", check=False).returncode == 0
+
+
+def without_dac_override(home: Home, *args: str) -> subprocess.CompletedProcess[str]:
+    """vtpmctl as root without CAP_DAC_OVERRIDE: another user's 0700 dir is unreadable."""
+    return subprocess.run(
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *VTPMCTL, *args],
+        env=home.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_an_unreadable_instance_is_listed_and_named_not_missing(home: Home) -> None:
+    home.run("create", "a", "--no-ek")
+    home.run("create", "b", "--no-ek")
+    base = home.registry().paths("a").base
+    for directory, _, files in os.walk(base):
+        os.chown(directory, NOBODY, NOBODY)
+        for name in files:
+            os.chown(os.path.join(directory, name), NOBODY, NOBODY)
+    listed = without_dac_override(home, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    records = {r["name"]: r for r in json.loads(listed.stdout)["instances"]}
+    assert records["b"]["state"] == "stopped"
+    assert records["a"]["state"] == "unknown" and "permission denied" in records["a"]["error"]
+    text = without_dac_override(home, "list")
+    assert text.returncode == 0 and "a" in text.stdout and "b" in text.stdout
+    status = without_dac_override(home, "status", "a")
+    one_line_error(status, "permission denied", f"uid {NOBODY}")
+    assert "no instance" not in status.stderr and "backup" not in status.stderr
+    assert without_dac_override(home, "status", "b").returncode == 3

@@ -18,12 +18,13 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vtpmctl.errors import InstanceError, InstanceExists, NoSuchInstance
+from vtpmctl.errors import EXIT_FAILURE, InstanceError, InstanceExists, NoSuchInstance
 from vtpmctl.model import CUSE_NAME_MAX, TpmFamily, Transport
 from vtpmctl.store import records
 from vtpmctl.store.atomic import write_atomic
@@ -227,12 +228,33 @@ def _restore(where: Path) -> Callable[[str], InstanceError]:
     return lambda what: InstanceError(f"{where}: {what}; restore it from a backup")
 
 
+class InstanceUnreadable(InstanceError):
+    """An instance's files exist but this user may not read them (not a missing instance)."""
+
+    lsb_code = EXIT_FAILURE
+
+
+def _owner(path: Path) -> int | None:
+    """The owner of ``path`` or of the nearest parent this user may look at."""
+    for p in (path, *path.parents):
+        try:
+            return os.stat(p).st_uid
+        except OSError:
+            continue
+    return None
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from disk; InstanceError (one line) if it is not one."""
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise
+    except PermissionError:
+        raise InstanceUnreadable(
+            f"cannot read {path}: permission denied (the files belong to uid {_owner(path)}); "
+            "run vtpmctl as that user or as root"
+        ) from None
     except (OSError, ValueError, RecursionError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not valid JSON"
         raise InstanceError(f"cannot read {path}: {reason}; restore it from a backup") from None
@@ -271,6 +293,16 @@ class Instance:
 # ---------------------------------------------------------------- the registry
 
 
+def _registered(base: Path) -> bool:
+    """``config.json`` is there; an instance dir this user may not read counts (list marks it)."""
+    try:
+        return stat.S_ISREG(os.stat(base / "config.json").st_mode)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+
+
 class Registry:
     """Instances under one set of roots."""
 
@@ -291,13 +323,11 @@ class Registry:
         except FileNotFoundError:
             return []
         return sorted(
-            n
-            for n in entries
-            if _NAME.fullmatch(n) and (self.instances_dir / n / "config.json").is_file()
+            n for n in entries if _NAME.fullmatch(n) and _registered(self.instances_dir / n)
         )
 
     def exists(self, name: str) -> bool:
-        return self.paths(name).config_file.is_file()
+        return _registered(self.paths(name).base)
 
     def get(self, name: str) -> Instance:
         paths = self.paths(name)
