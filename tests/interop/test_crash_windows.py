@@ -255,6 +255,9 @@ def test_crash_at_every_step_of_a_key_rotation(
     argv = ["key", "rotate", NAME, "--new-key-file", str(new_key)]
     for step, home, _ in crash_loop(tmp_path, server, home_t, argv):
         decided = (registry(home).paths(NAME).secrets_dir / "rotate.commit").exists()
+        if decided:  # what does not settle it names what does, not a wrong key
+            code, _, err, _ = server.run(home, "snapshot", "list", NAME)
+            assert code == 1 and err.rstrip().endswith(f"vtpmctl start {NAME}"), err
         value, first = settle_and_read(server, home)
         assert value == AFTER, f"step {step}: NV holds {value!r}"
         if decided:  # one finding, and its fix finishes the rotation

@@ -66,6 +66,11 @@ def read_user_key(path: Path, kind: str) -> AesKey:
 
 def load_state_key(inst: Instance) -> AesKey | None:
     """The instance's state key, checked against what its state was encrypted with."""
+    if _marker(inst.paths).exists():  # neither key opens everything until it is finished
+        raise KeyFileError(
+            f"a key rotation of {inst.name} was decided but not finished; finish it "
+            f"with: vtpmctl start {shlex.quote(inst.name)}"
+        )
     if not inst.config.encrypted:
         return None
     path = inst.paths.state_key
