@@ -126,3 +126,17 @@ def test_an_unreadable_instance_is_listed_and_named_not_missing(home: Home) -> N
     one_line_error(status, "permission denied", f"uid {NOBODY}")
     assert "no instance" not in status.stderr and "backup" not in status.stderr
     assert without_dac_override(home, "status", "b").returncode == 3
+
+
+def test_start_refuses_a_state_dir_an_uninitialised_swtpm_serves(home: Home) -> None:
+    """swtpm 0.7.1 takes .lock only at CMD_INIT: the lock alone cannot show it."""
+    from swtpm_peer import swtpm_socket
+
+    home.run("create", "m", "--no-ek")
+    state_dir = home.registry().paths("m").state_dir
+    with swtpm_socket(state_dir, flags=None) as peer:
+        result = home.run("start", "m", check=False)
+        one_line_error(result, "swtpm", str(peer.proc.pid), "stop that process")
+        assert home.status("m")[0] == 3
+    home.run("start", "m")
+    home.run("stop", "m")

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -111,6 +112,50 @@ def busy_error(name: str, state_dir: Path) -> LifecycleError:
     if _serves(pid, state_dir):
         return LifecycleError(f"{name} is running (pid {pid}); stop it first: vtpmctl stop {name}")
     return foreign_holder_error(name, pid)
+
+
+def _tpmstate_dirs(args: list[bytes]) -> Iterator[bytes]:
+    """The dirs of swtpm's ``--tpmstate dir=D`` / ``backend-uri=dir://D`` in a command line."""
+    for i, arg in enumerate(args):
+        if arg == b"--tpmstate" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(b"--tpmstate="):
+            value = arg[len(b"--tpmstate=") :]
+        else:
+            continue
+        for option in value.split(b","):
+            for prefix in (b"dir=", b"backend-uri=dir://"):
+                if option.startswith(prefix):
+                    yield option[len(prefix) :]
+
+
+def tpmstate_users(state_dir: Path) -> list[int]:
+    """Processes that name ``state_dir`` as their ``--tpmstate`` (a swtpm, as far as /proc shows).
+
+    swtpm 0.7.1 takes ``.lock`` only at CMD_INIT, so an uninitialised one is
+    invisible to the lock; its command line is not. Processes of other users
+    are seen only where /proc lets this user read them.
+    """
+    try:
+        want = os.stat(state_dir)
+    except OSError:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        for raw in _tpmstate_dirs(_cmdline(int(entry))):
+            path = os.fsdecode(raw)
+            try:
+                if not os.path.isabs(path):
+                    path = os.path.join(os.readlink(f"/proc/{entry}/cwd"), path)
+                st = os.stat(path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+                found.append(int(entry))
+                break
+    return found
 
 
 def probe(inst: Instance) -> Status:
@@ -239,6 +284,13 @@ def preflight(
     if not inst.paths.config_file.exists():  # an rm finished just before the lock was ours
         sd.unlock()
         raise _vanished(inst)
+    users = tpmstate_users(inst.paths.state_dir)
+    if users:
+        sd.unlock()
+        raise LifecycleError(
+            f"cannot start {inst.name}: {process_name(users[0])} (pid {users[0]}) serves its "
+            "state dir and takes the lock only at CMD_INIT; stop that process first"
+        )
     try:
         settled = settle(inst.paths, inst.config.tpm2)
         if notes is not None:
