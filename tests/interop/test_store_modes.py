@@ -75,6 +75,10 @@ def test_start_refuses_a_run_dir_another_user_made(home: Home) -> None:
     run_dir.chmod(0o777)
     one_line_error(home.run("start", "m", check=False), "writable by group or others")
     run_dir.chmod(0o700)
+    config_root = home.registry().roots.config
+    os.chown(config_root, NOBODY, NOBODY)  # keys another user could swap
+    one_line_error(home.run("start", "m", check=False), str(config_root), "chown")
+    os.chown(config_root, 0, 0)
     home.run("start", "m")
     home.run("stop", "m")
 

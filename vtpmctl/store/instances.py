@@ -152,7 +152,14 @@ class InstancePaths:
     def ensure_run_dirs(self) -> None:
         """What a daemon writes (run dir, log dir), made or checked, after checking the
         instance's own dirs: none may be another user's or writable by others."""
-        for directory in (self.roots.state, self.base, self.state_dir, self.secrets_dir):
+        for directory in (
+            self.roots.config,
+            self.secrets_dir,
+            self.roots.state,
+            self.base.parent,
+            self.base,
+            self.state_dir,
+        ):
             check_dir(directory)
         ensure_dir(self.roots.runtime, RUNTIME_MODE)
         ensure_dir(self.run_dir, PRIVATE_MODE)
