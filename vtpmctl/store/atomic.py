@@ -92,11 +92,11 @@ def write_atomic(
         fsync_dir(directory)
 
 
-def _refuse_link(path: Path) -> OSError:
+def _refuse_link(path: Path, alternative: str = "") -> OSError:
     return OSError(
         errno.ELOOP,
         "it is a symbolic link, which vtpmctl never writes through; "
-        "name the file itself or remove the link",
+        f"name the file itself{alternative} or remove the link",
         str(path),
     )
 
@@ -115,7 +115,7 @@ def open_output(path: Path) -> int | None:
     except FileNotFoundError:
         return None
     if stat.S_ISLNK(st.st_mode):
-        raise _refuse_link(path)
+        raise _refuse_link(path, ", use - for stdout,")
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "it is a directory", str(path))
     if stat.S_ISREG(st.st_mode):
