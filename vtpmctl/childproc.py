@@ -35,6 +35,7 @@ ENTRY_POINTS = {
     "_daemon": "vtpmctl.device.server.daemon",
     "_manufacture": "vtpmctl.engine.manufacture",
     "_inspect": "vtpmctl.engine.inspect",
+    "_libtpms_version": "vtpmctl.engine.libtpms",
 }
 
 

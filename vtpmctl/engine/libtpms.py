@@ -122,6 +122,27 @@ def _load_library(name: str = "libtpms.so.0") -> ctypes.CDLL:
         ) from exc
 
 
+def version_text(version: int) -> str:
+    """TPMLIB_GetVersion's number as text: 0x000902 is "0.9.2"."""
+    return f"{version >> 16}.{(version >> 8) & 0xFF}.{version & 0xFF}"
+
+
+def installed_version() -> str:
+    """The version of the libtpms this process loads (dlopen only: no TPM is made)."""
+    get_version = _load_library().TPMLIB_GetVersion
+    get_version.argtypes = []
+    get_version.restype = c_uint32
+    return version_text(int(get_version()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vtpmctl _libtpms_version``: the installed version, for a parent that
+    must not load libtpms itself (one JSON answer through vtpmctl.childproc)."""
+    from vtpmctl.childproc import serve_child
+
+    return serve_child(lambda request: {"libtpms_version": installed_version()})
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     sigs: dict[str, tuple[list[Any], Any]] = {
         "TPMLIB_GetVersion": ([], c_uint32),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vtpmctl.device.protocol import TPM12_ST_CLEAR, Cmd, tpm12_startup, tpm_code
+from vtpmctl.engine.libtpms import version_text
 from vtpmctl.engine.tpm import Engine, EngineConfig
 from vtpmctl.engine.tpm2 import SU_CLEAR, build_shutdown, build_startup
 from vtpmctl.errors import EngineError
@@ -34,10 +35,6 @@ def _storage_failed(engine: Engine) -> None:
     """A TPM that failed because its state could not be written says so, with the file."""
     if engine.storage_error is not None:
         raise ManufactureError(str(engine.storage_error)) from None
-
-
-def libtpms_version_string(version: int) -> str:
-    return f"{version >> 16}.{(version >> 8) & 0xFF}.{version & 0xFF}"
 
 
 def _provision(engine: Engine, ca_dir: Path, ecc_curve: str) -> dict[str, Any]:
@@ -86,7 +83,7 @@ def manufacture(
         EngineConfig(tpm2=tpm2, state_key=key, allow_manufacture=True, disable_auto_shutdown=True),
     )
     result: dict[str, Any] = {
-        "libtpms_version": libtpms_version_string(engine.tpm.version),
+        "libtpms_version": version_text(engine.tpm.version),
         "ek": None,
     }
     try:

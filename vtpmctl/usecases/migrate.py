@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from vtpmctl.usecases.inspect import InspectResult
 
 CONTROL_TIMEOUT = 5.0
+VERSION_TIMEOUT = 30.0  # seconds for the child that reads libtpms' version
 
 
 class MigrateError(InstanceError):
@@ -56,20 +57,19 @@ class MigrateError(InstanceError):
 
 
 def libtpms_version() -> str | None:
-    """The libtpms installed here, as "0.9.2" (dlopen only: no TPM is made here)."""
-    from ctypes import c_uint32
+    """The libtpms installed here, as "0.9.2"; None when it cannot be loaded.
 
-    from vtpmctl.engine.libtpms import LibtpmsError, _load_library
+    Asked of a child process (``python -m vtpmctl _libtpms_version``): the CLI
+    process never loads libtpms, not even to read its version.
+    """
+    from vtpmctl.childproc import ChildError, run_child
 
     try:
-        lib = _load_library()
-    except LibtpmsError:
+        answer = run_child("_libtpms_version", {}, timeout=VERSION_TIMEOUT).answer
+    except ChildError:
         return None
-    get_version = lib.TPMLIB_GetVersion
-    get_version.argtypes = []
-    get_version.restype = c_uint32
-    version = int(get_version())  # 0x000902 is 0.9.2
-    return f"{version >> 16}.{(version >> 8) & 0xFF}.{version & 0xFF}"
+    version = answer.get("libtpms_version")
+    return version if isinstance(version, str) else None
 
 
 def _version_tuple(text: str | None) -> tuple[int, ...]:
