@@ -107,3 +107,22 @@ def test_the_typer_route_is_seen(home: Path) -> None:
         timeout=60,
     )
     assert "typer" in imported(done.stderr)
+
+
+def test_libtpms_version_comes_from_a_child() -> None:
+    """A bundle records libtpms' version; the process that asks never maps the library."""
+    code = (
+        "import sys\n"
+        "from vtpmctl.usecases.migrate import libtpms_version\n"
+        "version = libtpms_version()\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "engine = [m for m in sys.modules if m.startswith('vtpmctl.engine')]\n"
+        "print(version, 'libtpms' in maps, engine)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    version, mapped, engine = done.stdout.split(" ", 2)
+    assert version.count(".") == 2, done.stdout
+    assert mapped == "False"
+    assert engine.strip() == "[]"
