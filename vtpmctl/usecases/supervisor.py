@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -540,15 +541,36 @@ def _gone(pid: int) -> bool:
         return False
 
 
+def _wait_exit(pid: int, timeout: float) -> None:
+    """Block until ``pid`` has exited or ``timeout`` passed: one poll on a pidfd.
+
+    A pidfd becomes readable when the process ends, whoever its parent is; the
+    kernel has released the process's locks by then. Without pidfds (Linux
+    before 5.3) the caller's polling loop does the waiting.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return  # gone already (ESRCH), or no pidfds here
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.poll(max(0, int(timeout * 1000)))
+    finally:
+        os.close(fd)
+
+
 def wait_stopped(inst: Instance, pid: int, timeout: float) -> bool:
     """The lock is free and ``pid`` has exited (reaped here if it is our child)."""
     sd: StateDir = inst.statedir()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    _wait_exit(pid, timeout)
+    while True:
         if sd.holder_pid() is None and _gone(pid):
             return True
-        time.sleep(POLL)
-    return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL)  # the lock passed to another process: rare, not worth a pidfd
 
 
 def _terminate(pid: int, inst: Instance) -> bool:
