@@ -5,6 +5,10 @@ of the test), ``swtpm_server`` does the same for a real ``swtpm socket`` through
 ``swtpm_peer.swtpm_socket``. Both factories take the same arguments and return objects with
 the same helpers (``ioctl_target``, ``ioctl()``, ``tpm2()``, ``tcti``, ``shutdown()``, ``ctrl``,
 ``data``), so a test can run one scenario against either.
+
+``s3`` is one real S3-compatible server (SeaweedFS, ``s3_server.S3Server``)
+started once per session, on first use, and stopped at the end; ``s3_bucket``
+is a fresh empty bucket on it for each test.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from s3_server import S3Server
+from s3_server import s3_server as _s3_server
 from swtpm_peer import (
     LOCALHOST,
     SWTPM_IOCTL,
@@ -372,3 +378,16 @@ def manufactured(tmp_path_factory: pytest.TempPathFactory) -> Callable[[bool, Pa
         return state_dir
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One SeaweedFS S3 server for the session (do not kill it: start your own for that)."""
+    with _s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3: S3Server) -> str:
+    """A fresh empty bucket on the session's server."""
+    return s3.make_bucket()
