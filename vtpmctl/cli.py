@@ -36,6 +36,7 @@ GROUPS = (
     "vtpmctl.commands.snapshot",
     "vtpmctl.commands.verify",
     "vtpmctl.commands.migrate",
+    "vtpmctl.commands.remote",
 )
 
 DEFAULT_TIMEOUT = 10.0  # same as vtpmctl.device.client.control.DEFAULT_TIMEOUT

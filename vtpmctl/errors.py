@@ -44,6 +44,14 @@ defined next to that table and subclasses its branch here.
     │   ├── UnsafeDirError       (store.dirs) a store dir another user owns or may write
     │   └── BundleError          (store.bundle) a migration bundle
     │       └── MigrationKeyError    (store.bundle) its migration key is missing or wrong
+    ├── RemoteError              an S3-compatible remote (docs/remotes.md); the message names
+    │   │                        the bucket, the key and the fix
+    │   ├── RemoteConfigError    (store.remote.config) no such remote, a bad URL, a fleet key
+    │   ├── RemoteAuthError      exit 77: no credentials, wrong ones, or access denied
+    │   ├── RemoteUnreachable    exit 75: the endpoint does not answer; try again later
+    │   ├── NoSuchBucket         (store.remote.client) the bucket does not exist
+    │   ├── RemoteConflict       (store.remote.client) a conditional write lost (412/409)
+    │   └── RemoteDataError      (store.remote.layout) an object is missing, corrupt or forged
     └── InstanceError            a named vTPM; status exits 4 (LSB "unknown")
         ├── NoSuchInstance       (store.instances) no instance of that name
         ├── InstanceExists       (store.instances) the name is taken
@@ -66,6 +74,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+# Remotes (sysexits.h): a script retries EX_TEMPFAIL, and asks a person on EX_NOPERM.
+EXIT_TEMPFAIL = 75
+EXIT_NOPERM = 77
 
 # `status` exits with the LSB init-script status codes.
 LSB_RUNNING = 0
@@ -108,6 +119,22 @@ class ServeError(VtpmctlError):
 
 class StoreError(VtpmctlError):
     """Bytes at rest (state, keys, CA, snapshots, bundles) cannot be used."""
+
+
+class RemoteError(VtpmctlError):
+    """An S3-compatible remote cannot be used; one line naming the bucket, key and fix."""
+
+
+class RemoteAuthError(RemoteError):
+    """No credentials were found, they are wrong, or they may not do this."""
+
+    exit_code = EXIT_NOPERM
+
+
+class RemoteUnreachable(RemoteError):
+    """The endpoint did not answer (network, DNS, server down); retrying may help."""
+
+    exit_code = EXIT_TEMPFAIL
 
 
 class InstanceError(VtpmctlError):

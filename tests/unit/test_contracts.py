@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = "each layer imports only the layers below it"
 NO_ENGINE = "the CLI never loads libtpms"
+ONE_BOTO3 = "only the remote client imports boto3"
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
@@ -56,6 +57,13 @@ def test_the_tree_keeps_its_contracts() -> None:
             "def _up() -> None:\n    import vtpmctl.commands.output",
             LAYERS,
             "vtpmctl.store.atomic -> vtpmctl.commands.output",
+        ),
+        # A use case calling boto3 itself, past the client that maps its errors.
+        (
+            "usecases/remote.py",
+            "def _s3() -> None:\n    import boto3",
+            ONE_BOTO3,
+            "vtpmctl.usecases.remote -> boto3",
         ),
     ],
 )

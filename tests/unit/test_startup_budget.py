@@ -17,7 +17,7 @@ from vtpmctl.store.instances import InstanceConfig, InstanceMeta, Registry
 from vtpmctl.store.keys import key_fingerprint
 
 # Top-level packages the fast route must not import, and the engine (libtpms).
-HEAVY = ("typer", "click", "rich", "cryptography")
+HEAVY = ("typer", "click", "rich", "cryptography", "boto3", "botocore")
 ENGINE = "vtpmctl.engine"
 MAIN = "import sys; from vtpmctl.cli import main; sys.exit(main())"
 NOWHERE = "unix:/nonexistent/vtpmctl-budget.ctrl"

@@ -65,3 +65,24 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
         return
     width = max(len(k) for k, _ in rows)
     sys.stdout.write("".join(f"{k:<{width}}  {v}\n" for k, v in rows))
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """Columns under headers; a rich table when a person is looking."""
+    rows = [[safe(c) for c in row] for row in rows]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold")
+        for h in headers:
+            table.add_column(h)
+        for row in rows:
+            table.add_row(*(escape(c) for c in row))
+        Console().print(table)
+        return
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    for row in [headers, *rows]:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        sys.stdout.write("\n")

@@ -27,6 +27,7 @@ __all__ = [
     "generate_key",
     "key_fingerprint",
     "load_key",
+    "parse_key_bytes",
     "write_secret_file",
 ]
 
@@ -170,6 +171,19 @@ def load_key(
             f"32-byte key ({len(data)} bytes); if it holds a passphrase, say so"
         )
     raise ValueError(f"unknown key kind {kind!r}")
+
+
+def parse_key_bytes(data: bytes, what: str) -> AesKey:
+    """A key handed over as bytes (a descriptor, not a file): hex or raw, as ``auto`` reads."""
+    key = _parse_hex(Path(what), data, None)
+    if key is not None:
+        return key
+    if len(data) in (16, 32):
+        return AesKey(data)
+    raise KeyFileError(
+        f"{what} is neither a hex key (32 or 64 hex digits) nor a raw 16- or 32-byte key "
+        f"({len(data)} bytes)"
+    )
 
 
 def check_secret_file_mode(path: Path) -> None:
