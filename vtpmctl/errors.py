@@ -14,8 +14,9 @@ defined next to that table and subclasses its branch here.
     │   └── ServeOptionError     (device.server.daemon) a `serve` option's value cannot be used
     ├── DeviceError              the swtpm-compatible device on the other side of the wire
     │   ├── TargetError          (device.client.control) TARGET cannot be reached, or is no TPM
-    │   └── ControlError         (device.client.control) a control command failed; .result
-    │                            is the ptm result code
+    │   ├── ControlError         (device.client.control) a control command failed; .result
+    │   │                        is the ptm result code
+    │   └── SwtpmIoctlError      (compat.swtpm_ioctl) what swtpm_ioctl 0.7.1 would report
     ├── TpmResultError           a TPM answered with a non-zero return code; .rc carries it
     │   ├── TpmError             (engine.tpm2.rc) a TPM 2.0 command's response code
     │   └── LibtpmsError         (engine.libtpms) a libtpms call's TPM_RESULT
