@@ -100,3 +100,12 @@ class KeyFormat(StrEnum):
     HEX = "hex"
     BINARY = "binary"
     PASSPHRASE = "passphrase"
+
+
+# swtpm's --key/--migration-key value (file=, fd=, pwdfile=, pwdfd= and options),
+# which vtpmctl's --key/--migration-key take too; parsed by vtpmctl.store.keys.
+KEY_SPEC_METAVAR = "file=F|fd=N|pwdfile=F|pwdfd=N[,format=,mode=,kdf=,remove]"
+KEY_SPEC_HELP = (
+    "as swtpm's --key: a hex or binary key, or a passphrase (pwdfile=/pwdfd=), from a file "
+    "or an inherited descriptor; mode=aes-128-cbc|aes-256-cbc, kdf=pbkdf2|sha512"
+)

@@ -70,6 +70,7 @@ class VtpmServer:
     ctrl_kind: Transport
     data_kind: Transport | None
     options: list[str]  # --flags, --key-file, ... as given
+    pass_fds: tuple[int, ...] = ()  # descriptors the server inherits (--key fd=N)
     ctrl: Endpoint = field(init=False)
     data: Endpoint | None = field(init=False)
     proc: subprocess.Popen[bytes] = field(init=False)
@@ -103,6 +104,7 @@ class VtpmServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parents[2],
+                pass_fds=self.pass_fds,
             )
 
     @property
@@ -261,6 +263,7 @@ def launch_vtpm(
     extra_args: Sequence[str] = (),
     wait: bool = True,
     startup_timeout: float = 10.0,
+    pass_fds: Sequence[int] = (),
 ) -> VtpmServer:
     """Start our server; with ``wait``, return once the control channel answers
     (without, call ``wait_ready()`` before using it: lets a test start ours while it
@@ -276,7 +279,9 @@ def launch_vtpm(
     if migration_key_file is not None:
         options += ["--migration-key-file", str(migration_key_file)]
     options += list(extra_args)
-    server = VtpmServer(state_dir or run_dir / "state", run_dir, tpm2, ctrl, data, options)
+    server = VtpmServer(
+        state_dir or run_dir / "state", run_dir, tpm2, ctrl, data, options, tuple(pass_fds)
+    )
     if wait:
         server.wait_ready(startup_timeout)
     return server

@@ -526,3 +526,11 @@ def test_blob_error_carries_rc() -> None:
     err = BlobError(0x21, "HMAC mismatch")
     assert (err.rc, str(err)) == (0x21, "HMAC mismatch")
     assert "0x21" in repr(err)
+
+
+def test_state_file_without_a_header_is_its_payload() -> None:
+    """swtpm loads a file with no valid header as the bare (version 1) payload."""
+    payload = b"\x00\x03" + STATE
+    assert unwrap_file(payload, None) == payload
+    with pytest.raises(BlobError):
+        unwrap_file(payload, K256)  # not a legacy ciphertext of this key

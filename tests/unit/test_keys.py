@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from vtpmctl.store.blob import AesKey
+from vtpmctl.store.blob import AesKey, unwrap_file, wrap_file
 from vtpmctl.store.keys import (
     KeyFileError,
     check_secret_file_mode,
+    choose_passphrase_key,
+    derive_passphrase_key,
     encode_hex_key,
     generate_key,
     key_fingerprint,
     load_key,
+    parse_key_spec,
     write_secret_file,
 )
 
@@ -320,3 +323,78 @@ def test_key_fingerprint() -> None:
     assert fp != key_fingerprint(AesKey(RAW16))
     assert fp not in hashlib.sha256(RAW32).hexdigest()  # domain separated
     assert fp not in RAW32.hex()
+
+
+# --- swtpm's --key syntax (KeySource) --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "fields"),
+    [
+        ("file=/k", {"path": Path("/k"), "kind": "auto", "cipher": None, "kdf": None}),
+        ("fd=3,format=binary,mode=aes-cbc", {"fd": 3, "kind": "binary", "cipher": "aes-128-cbc"}),
+        ("pwdfd=31,mode=aes-256-cbc", {"fd": 31, "kind": "passphrase", "cipher": "aes-256-cbc"}),
+        ("pwdfile=/p,kdf=sha512,remove", {"path": Path("/p"), "kdf": "sha512", "remove": True}),
+        ("file=/k,format=hex,remove=false", {"kind": "hex", "remove": False}),
+    ],
+)
+def test_key_spec_parses_swtpm_spellings(spec: str, fields: dict[str, object]) -> None:
+    source = parse_key_spec(spec)
+    for name, value in fields.items():
+        assert getattr(source, name) == value, name
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("", "empty"),
+        ("mode=aes-256-cbc", "exactly one of"),
+        ("file=/a,fd=3", "exactly one of"),
+        ("fd=x", "descriptor number"),
+        ("file=/k,kdf=sha512", "kdf= applies"),
+        ("pwdfd=3,format=hex", "format= applies"),
+        ("fd=3,remove", "remove applies"),
+        ("file=/k,mode=aes-512", "unknown mode"),
+        ("pwdfile=/k,kdf=md5", "unknown kdf"),
+        ("file=/k,bogus=1", "unknown option"),
+        ("file=/k,mode=aes-cbc,mode=aes-cbc", "twice"),
+    ],
+)
+def test_key_spec_errors_name_the_problem(spec: str, needle: str) -> None:
+    with pytest.raises(KeyFileError, match=needle) as info:
+        parse_key_spec(spec)
+    assert "file=F|fd=N" in str(info.value)
+
+
+def test_key_from_a_descriptor_is_read_to_its_end_and_closed() -> None:
+    r, w = os.pipe()
+    os.write(w, RAW32.hex().encode() + b"\n")
+    os.close(w)
+    key = parse_key_spec(f"fd={r}").resolve()
+    assert key.material == RAW32
+    with pytest.raises(OSError):
+        os.fstat(r)
+    with pytest.raises(KeyFileError, match="not open"):
+        parse_key_spec(f"fd={r}").resolve()
+
+
+@pytest.mark.parametrize("bits", [128, 256])
+@pytest.mark.parametrize("kdf", ["pbkdf2", "sha512"])
+def test_passphrase_derivation_is_found_from_the_state(bits: int, kdf: str) -> None:
+    """swtpm does not record kdf or key size: the one that opens the state is chosen."""
+    key = derive_passphrase_key(b"pw\n", bits // 8, kdf)  # type: ignore[arg-type]
+    state = wrap_file(b"\0state", key)
+    assert choose_passphrase_key(b"pw\n", probe=state) == key
+    assert choose_passphrase_key(b"pw\n").bits == 128  # swtpm's default with no state
+    assert unwrap_file(state, choose_passphrase_key(b"pw\n", probe=state)) == b"\0state"
+
+
+def test_swtpm_test_vector_kdfs() -> None:
+    """docs/protocol.md#keys: sha512 is a SHA-512 prefix; pbkdf2 uses salt "swtpm", 1000."""
+    assert (
+        derive_passphrase_key(b"mypassword", 16, "sha512").material
+        == (hashlib.sha512(b"mypassword").digest()[:16])
+    )
+    assert derive_passphrase_key(b"mypassword", 32, "pbkdf2").material == hashlib.pbkdf2_hmac(
+        "sha512", b"mypassword", b"swtpm", 1000, 32
+    )

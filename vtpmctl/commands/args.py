@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import typer
 
+from vtpmctl.model import KEY_SPEC_HELP, KEY_SPEC_METAVAR
+
 # A registered instance.
 NAME = typer.Argument(metavar="NAME", show_default=False, help="instance name")
 
@@ -32,4 +34,14 @@ def with_parameters(func: Callable[..., None], params: list[inspect.Parameter]) 
 KEY_FORMAT = typer.Option("--key-format", help="how to read --key-file")
 MIGRATION_KEY_FORMAT = typer.Option(
     "--migration-key-format", help="how to read --migration-key-file"
+)
+
+# swtpm's --key / --migration-key syntax (vtpmctl.store.keys.parse_key_spec): a key
+# or passphrase from a file or an inherited descriptor.
+KEY = typer.Option("--key", metavar=KEY_SPEC_METAVAR, help=KEY_SPEC_HELP, show_default=False)
+MIGRATION_KEY = typer.Option(
+    "--migration-key",
+    metavar=KEY_SPEC_METAVAR,
+    help="the migration key, as --key",
+    show_default=False,
 )

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import typer
 
     from vtpmctl.store.instances import Instance
+    from vtpmctl.store.keys import KeySource
     from vtpmctl.usecases.supervisor import Status
 
 FORMAT_VERSION = 1
@@ -141,9 +142,13 @@ def create(
     migration_key_file: Path | None = None,
     migration_key_format: str = KeyFormat.AUTO,
     ecc_curve: str = "p384",
+    key: str | None = None,
+    migration_key: str | None = None,
 ) -> int:
     """Register NAME and manufacture its TPM."""
     from vtpmctl.usecases.create import CreateOptions, create_instance
+
+    state_source, migration_source = _key_sources(key, key_file, migration_key, migration_key_file)
 
     opts = CreateOptions(
         tpm=TpmFamily(tpm),
@@ -155,6 +160,8 @@ def create(
         migration_key_file=migration_key_file,
         migration_key_format=KeyFormat(migration_key_format),
         ecc_curve=ecc_curve,
+        key_source=state_source,
+        migration_key_source=migration_source,
     )
     inst = create_instance(_registry(), name, opts)
     extras = []
@@ -167,24 +174,56 @@ def create(
     return 0
 
 
+def _key_sources(
+    key: str | None,
+    key_file: Path | None,
+    migration_key: str | None,
+    migration_key_file: Path | None,
+) -> "tuple[KeySource | None, KeySource | None]":
+    """The --key / --migration-key values (swtpm's syntax), parsed; nothing is read yet."""
+    from vtpmctl.errors import UsageError
+    from vtpmctl.store.keys import KeyFileError, parse_key_spec
+
+    sources: list[KeySource | None] = []
+    for flag, spec, path in (
+        ("--key", key, key_file),
+        ("--migration-key", migration_key, migration_key_file),
+    ):
+        if spec is not None and path is not None:
+            raise UsageError(f"give {flag} or {flag}-file, not both")
+        try:
+            sources.append(None if spec is None else parse_key_spec(spec, flag))
+        except KeyFileError as exc:
+            raise UsageError(str(exc)) from None
+    return sources[0], sources[1]
+
+
 def start(
     name: str,
     incoming: bool = False,
     foreground: bool = False,
     ctrl_only: bool = False,
     delete_volatile: bool = False,
+    key: str | None = None,
+    migration_key: str | None = None,
 ) -> int:
     """Start NAME's daemon and return when its control channel answers."""
     from vtpmctl.usecases import supervisor
 
+    state_source, migration_source = _key_sources(key, None, migration_key, None)
+    keys = supervisor.DaemonKeys(state_source, migration_source)
     inst = _registry().get(name)
     if foreground:
         supervisor.exec_foreground(
-            inst, incoming=incoming, ctrl_only=ctrl_only, delete_volatile=delete_volatile
+            inst,
+            incoming=incoming,
+            ctrl_only=ctrl_only,
+            delete_volatile=delete_volatile,
+            keys=keys,
         )
         return EXIT_FAILURE  # exec_foreground only returns by raising
     started = supervisor.start(
-        inst, incoming=incoming, ctrl_only=ctrl_only, delete_volatile=delete_volatile
+        inst, incoming=incoming, ctrl_only=ctrl_only, delete_volatile=delete_volatile, keys=keys
     )
     for note in started.notes:
         _note(note)
@@ -377,6 +416,8 @@ def register(app: "typer.Typer") -> None:
                 help="curve of the ECC EK (p384 at 0x81010016 as swtpm_setup; p256 at 0x8101000a)",
             ),
         ] = EccCurve.P384,
+        key: Annotated[str | None, args.KEY] = None,
+        migration_key: Annotated[str | None, args.MIGRATION_KEY] = None,
     ) -> None:
         """Create a named vTPM: manufacture it, provision EKs, keep its state."""
         raise typer.Exit(
@@ -391,6 +432,8 @@ def register(app: "typer.Typer") -> None:
                 migration_key_file,
                 migration_key_format.value,
                 ecc_curve.value,
+                key,
+                migration_key,
             )
         )
 
@@ -421,6 +464,8 @@ def register(app: "typer.Typer") -> None:
                 "NV data kept",
             ),
         ] = False,
+        key: Annotated[str | None, args.KEY] = None,
+        migration_key: Annotated[str | None, args.MIGRATION_KEY] = None,
     ) -> None:
         """Start a vTPM's daemon; returns when its control channel answers."""
         raise typer.Exit(
@@ -430,6 +475,8 @@ def register(app: "typer.Typer") -> None:
                 foreground=foreground,
                 ctrl_only=ctrl_only,
                 delete_volatile=delete_volatile,
+                key=key,
+                migration_key=migration_key,
             )
         )
 

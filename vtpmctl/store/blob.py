@@ -20,6 +20,7 @@ given. Everything swtpm 0.7.1-0.11 writes is accepted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -34,6 +35,9 @@ __all__ = [
     "AesKey",
     "BlobError",
     "BlobHeader",
+    "file_key_bits",
+    "file_key_matches",
+    "has_header",
     "parse_header",
     "parse_tlvs",
     "unwrap_file",
@@ -47,6 +51,7 @@ HEADER_VERSION = 2
 HEADER_MIN_VERSION = 1
 _HEADER = struct.Struct(">BBHHI")
 _TLV = struct.Struct(">HI")
+_HEADER_TAIL = bytes([HEADER_MIN_VERSION]) + HEADER_SIZE.to_bytes(2, "big")
 
 FLAG_ENCRYPTED = 0x01
 FLAG_MIGRATION_ENCRYPTED = 0x02
@@ -300,14 +305,41 @@ def wrap_file(plain: bytes, key: AesKey | None) -> bytes:
     return _header(flags, len(body)) + body
 
 
+def has_header(data: bytes) -> bool:
+    """The state file starts like a blob header (else it is a headerless payload).
+
+    swtpm reads a file whose header does not validate as a payload without a header
+    (older swtpm wrote them, docs/protocol.md#blob-layout). Here a file that starts
+    with a header version (1 or 2), or with the fixed bytes after it (min_version 1,
+    hdrsize 10), keeps its header's errors, so a damaged file is reported as such
+    rather than handed to libtpms. A libtpms state starts with a zero byte and then
+    a u16 version or magic, so no real payload is mistaken for a header.
+    """
+    return len(data) >= HEADER_SIZE and (data[0] in (1, 2) or data[1:4] == _HEADER_TAIL)
+
+
 def unwrap_file(data: bytes, key: AesKey | None) -> bytes:
     """Plain libtpms state from a state file.
 
     As in swtpm, whether a key is configured decides how the file is read; a header that
     disagrees is reported clearly instead of as a failed decryption (0x0d for a missing
-    key, where swtpm's file loader only says TPM_FAIL).
+    key, where swtpm's file loader only says TPM_FAIL). A file without a header is the
+    payload itself, or with a key its legacy (version 1) encryption.
     """
-    header = parse_header(data)
+    if len(data) < HEADER_SIZE:
+        raise BlobError(
+            Res.BAD_PARAMETER, f"state file is {len(data)} bytes, too short for a TPM state"
+        )
+    if not has_header(data):
+        return data if key is None else _decrypt_v1(key, data, "state file without a header")
+    try:
+        header = parse_header(data)
+    except BlobError:
+        # Legacy ciphertext without a header starts with 1 or 2 one time in 128.
+        if key is not None:
+            with contextlib.suppress(BlobError):
+                return _decrypt_v1(key, data, "state file without a header")
+        raise
     body = data[HEADER_SIZE:]
     if header.flags & (FLAG_MIGRATION_DATA | FLAG_MIGRATION_ENCRYPTED):
         raise BlobError(
@@ -330,6 +362,29 @@ def unwrap_file(data: bytes, key: AesKey | None) -> bytes:
         return _plain_v2(records, TAG_DATA, "state file")
     _check_key_size(key, header.flags, FLAG_ENCRYPTED_256BIT_KEY, "state file")
     return _decrypt_v2(key, records, TAG_ENCRYPTED_DATA, TAG_IVEC_ENCRYPTED_DATA, "state file")
+
+
+def file_key_bits(data: bytes) -> int | None:
+    """The key size an encrypted state file names in its header; None if it names none."""
+    if not has_header(data):
+        return None
+    flags = _HEADER.unpack_from(data)[3]
+    if data[0] != 2 or not flags & FLAG_ENCRYPTED:
+        return None
+    return 256 if flags & FLAG_ENCRYPTED_256BIT_KEY else 128
+
+
+def file_key_matches(data: bytes, key: AesKey) -> bool:
+    """``key`` opens this encrypted state file (its HMAC or legacy checksum agrees).
+
+    Used to find which derivation of a passphrase (kdf, key size) swtpm used, which
+    the file does not record.
+    """
+    try:
+        unwrap_file(data, key)
+    except BlobError:
+        return False
+    return True
 
 
 # --- state transfer blobs (CMD_GET_STATEBLOB / CMD_SET_STATEBLOB) ----------------------

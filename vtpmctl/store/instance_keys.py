@@ -64,34 +64,52 @@ def read_user_key(path: Path, kind: str) -> AesKey:
     return load_key(path, kind=KeyFormat(kind))
 
 
-def load_state_key(inst: Instance) -> AesKey | None:
-    """The instance's state key, checked against what its state was encrypted with."""
+def load_state_key(inst: Instance, given: AesKey | None = None) -> AesKey | None:
+    """The instance's state key, checked against what its state was encrypted with.
+
+    ``given`` is a key the caller brought (``start --key``): it is used instead of
+    the stored one, which then need not exist, once it is known to be the right key.
+    """
     if _marker(inst.paths).exists():  # neither key opens everything until it is finished
         raise KeyFileError(
             f"a key rotation of {inst.name} was decided but not finished; finish it "
             f"with: vtpmctl start {shlex.quote(inst.name)}"
         )
     if not inst.config.encrypted:
+        if given is not None:
+            raise KeyFileError(f"{inst.name} is not encrypted; start it without a state key")
         return None
     path = inst.paths.state_key
-    if not path.exists():
+    if given is not None:
+        key, where = given, "the state key given"
+    elif not path.exists():
         raise KeyFileError(
-            f"the state key of {inst.name} ({path}) is missing; restore it "
-            "(the state cannot be opened without it)"
+            f"the state key of {inst.name} ({path}) is missing; restore it, or give it "
+            "with --key (the state cannot be opened without it)"
         )
-    check_secret_file_mode(path)
-    key = load_key(path, kind=KeyFormat.HEX)
+    else:
+        check_secret_file_mode(path)
+        key, where = load_key(path, kind=KeyFormat.HEX), str(path)
     want = inst.meta.key_fingerprint
     if want and key_fingerprint(key) != want:
         raise KeyFileError(
-            f"{path} is not the key {inst.name}'s state was encrypted with "
-            f"(fingerprint {key_fingerprint(key)}, expected {want}); restore "
-            "the right key"
+            f"{where} is not the key {inst.name}'s state was encrypted with "
+            f"(fingerprint {key_fingerprint(key)}, expected {want}); "
+            + ("give the right key" if given is not None else "restore the right key")
         )
     return key
 
 
-def load_migration_key(inst: Instance) -> AesKey | None:
+def load_migration_key(inst: Instance, given: AesKey | None = None) -> AesKey | None:
+    """The instance's migration key; ``given`` (``start --migration-key``) wins."""
+    if given is not None:
+        want = inst.meta.migration_key_fingerprint
+        if want and key_fingerprint(given) != want:
+            raise KeyFileError(
+                f"the migration key given is not {inst.name}'s (fingerprint "
+                f"{key_fingerprint(given)}, expected {want}); give the right key"
+            )
+        return given
     if not inst.config.migration_key:
         return None
     path = inst.paths.migration_key

@@ -1,8 +1,12 @@
 """Key files: read them exactly as swtpm's ``--key``/``--migration-key`` do, write them safely.
 
 Sharing swtpm's parsing (docs/protocol.md#keys) means a key file or passphrase file written for one
-tool opens the same state with the other. Errors are one line that names the file, the
-problem and the fix, and never include any of the file's content.
+tool opens the same state with the other. The API every program uses: ``parse_key_spec``
+(swtpm's ``--key file=|fd=|pwdfile=|pwdfd=,…`` value) gives a ``KeySource``, whose
+``resolve`` reads it and returns the ``AesKey``; ``load_key``/``parse_key_bytes`` read
+vtpmctl's ``--key-file`` forms; ``derive_passphrase_key`` is swtpm's derivation.
+Errors are one line that names the file, the problem and the fix, and never include
+any of the file's content.
 """
 
 from __future__ import annotations
@@ -12,27 +16,39 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from vtpmctl.errors import StoreError
-from vtpmctl.model import KeyFormat
+from vtpmctl.model import KEY_SPEC_METAVAR, KeyFormat
 from vtpmctl.store.atomic import NoSpaceError, write_atomic
-from vtpmctl.store.blob import AesKey
+from vtpmctl.store.blob import AesKey, file_key_bits, file_key_matches
 
 __all__ = [
+    "OWN_PASSPHRASE_BITS",
+    "SWTPM_PASSPHRASE_BITS",
     "KeyFileError",
+    "KeySource",
     "check_secret_file_mode",
+    "choose_passphrase_key",
+    "derive_passphrase_key",
     "encode_hex_key",
     "generate_key",
     "key_fingerprint",
+    "key_pipe",
+    "key_pipe_spec",
     "load_key",
     "parse_key_bytes",
+    "parse_key_spec",
+    "read_secret_fd",
     "write_secret_file",
 ]
 
 CipherName = Literal["aes-128-cbc", "aes-256-cbc"]
 Kdf = Literal["pbkdf2", "sha512"]
+T = TypeVar("T")
 
 _CIPHER_BYTES: dict[str, int] = {"aes-128-cbc": 16, "aes-256-cbc": 32}
 _PBKDF2_SALT = b"swtpm"
@@ -41,6 +57,11 @@ _PBKDF2_ITERATIONS = 1000
 _MAX_FILE_BYTES = 64 * 1024
 _HEX_KEY = re.compile(rb"\A(?:0x)?([0-9A-Fa-f]{64}|[0-9A-Fa-f]{32})\s*\Z")
 _FINGERPRINT_DOMAIN = b"vtpmctl key fingerprint v1\x00"
+# The key a passphrase makes when no mode is given and no state tells the size:
+# vtpmctl's own --key-format passphrase has always made 256-bit keys; swtpm's
+# --key syntax (KeySource) follows swtpm, aes-128-cbc.
+OWN_PASSPHRASE_BITS = 256
+SWTPM_PASSPHRASE_BITS = 128
 
 
 class KeyFileError(StoreError):
@@ -91,32 +112,88 @@ def _cipher_bytes(cipher: str | None) -> int | None:
         raise ValueError(f"unknown cipher {cipher!r}; use aes-128-cbc or aes-256-cbc") from None
 
 
-def _parse_hex(path: Path, data: bytes, want: int | None) -> AesKey | None:
+def _parse_hex(what: str, data: bytes, want: int | None) -> AesKey | None:
     match = _HEX_KEY.match(data)
     if match is None:
         return None
     material = bytes.fromhex(match.group(1).decode("ascii"))
     if want is not None and len(material) != want:
         raise KeyFileError(
-            f"key file {path} holds a {len(material) * 8}-bit hex key but the cipher needs "
+            f"{what} holds a {len(material) * 8}-bit hex key but the cipher needs "
             f"{want * 8} bits; use a {want * 2}-digit key or change the cipher"
         )
     return AesKey(material)
 
 
-def _parse_binary(path: Path, data: bytes, want: int | None) -> AesKey:
+def _parse_binary(what: str, data: bytes, want: int | None) -> AesKey:
     if len(data) not in (16, 32):
         raise KeyFileError(
-            f"key file {path} has {len(data)} bytes; a binary key must be exactly 16 or 32 bytes"
+            f"{what} has {len(data)} bytes; a binary key must be exactly 16 or 32 bytes"
         )
     if want is not None and len(data) > want:
         raise KeyFileError(
-            f"key file {path} holds a {len(data) * 8}-bit binary key but the cipher is "
+            f"{what} holds a {len(data) * 8}-bit binary key but the cipher is "
             f"aes-{want * 8}-cbc; use a {want}-byte key or aes-256-cbc"
         )
     # A 16-byte file with aes-256-cbc is used as AES-128, as swtpm does, so that state
     # written by swtpm with such a file still opens.
     return AesKey(data)
+
+
+def derive_passphrase_key(password: bytes, length: int = 32, kdf: Kdf = "pbkdf2") -> AesKey:
+    """swtpm's ``pwdfile=``/``pwdfd=`` derivation: PBKDF2-HMAC-SHA512 or a SHA-512 prefix."""
+    if length not in (16, 32):
+        raise ValueError(f"key length must be 16 or 32 bytes, not {length}")
+    if kdf == "pbkdf2":
+        return AesKey(
+            hashlib.pbkdf2_hmac("sha512", password, _PBKDF2_SALT, _PBKDF2_ITERATIONS, length)
+        )
+    if kdf == "sha512":
+        return AesKey(hashlib.sha512(password).digest()[:length])
+    raise ValueError(f"unknown kdf {kdf!r}; use pbkdf2 or sha512")
+
+
+def parse_key_bytes(
+    data: bytes,
+    what: str,
+    *,
+    kind: KeyFormat = KeyFormat.AUTO,
+    cipher: CipherName | None = None,
+    kdf: Kdf = "pbkdf2",
+) -> AesKey:
+    """A key from the bytes of a key or passphrase (``what`` names them in errors:
+    "key file PATH", "the key on descriptor N").
+
+    ``auto`` means hex if the whole content is an optional ``0x``, 32 or 64 hex digits
+    and optional whitespace, else binary if it is 16 or 32 bytes; passphrases are never
+    guessed. A passphrase without a cipher gives an OWN_PASSPHRASE_BITS key.
+    """
+    want = _cipher_bytes(cipher)
+    if kind == KeyFormat.PASSPHRASE:
+        if not data:
+            raise KeyFileError(f"{what} is empty; write the passphrase into it")
+        return derive_passphrase_key(data, want or OWN_PASSPHRASE_BITS // 8, kdf)
+    if kind == KeyFormat.HEX:
+        key = _parse_hex(what, data, want)
+        if key is None:
+            raise KeyFileError(
+                f"{what} is not a hex key; it must hold 32 or 64 hex digits, "
+                "optionally prefixed by 0x and followed by a newline"
+            )
+        return key
+    if kind == KeyFormat.BINARY:
+        return _parse_binary(what, data, want)
+    if kind == KeyFormat.AUTO:
+        key = _parse_hex(what, data, want)
+        if key is not None:
+            return key
+        if len(data) in (16, 32):
+            return _parse_binary(what, data, want)
+        raise KeyFileError(
+            f"{what} is neither a hex key (32 or 64 hex digits) nor a raw 16- or "
+            f"32-byte key ({len(data)} bytes); if it holds a passphrase, say so"
+        )
+    raise ValueError(f"unknown key kind {kind!r}")
 
 
 def load_key(
@@ -128,62 +205,13 @@ def load_key(
 ) -> AesKey:
     """Read a key the way swtpm reads ``file=…,format=hex|binary`` or ``pwdfile=…,kdf=…``.
 
-    ``auto`` means hex if the whole file is an optional ``0x``, 32 or 64 hex digits and
-    optional whitespace, else binary if it is 16 or 32 bytes; passphrases are never
-    guessed. File permissions are not checked here (see check_secret_file_mode).
+    See parse_key_bytes for the formats. File permissions are not checked here (see
+    check_secret_file_mode).
     """
     path = Path(path)
-    want = _cipher_bytes(cipher)
-    if kind == KeyFormat.PASSPHRASE:
-        password = _read_secret(path, "passphrase file")
-        if not password:
-            raise KeyFileError(f"passphrase file {path} is empty; write the passphrase into it")
-        length = want if want is not None else 32
-        if kdf == "pbkdf2":
-            material = hashlib.pbkdf2_hmac(
-                "sha512", password, _PBKDF2_SALT, _PBKDF2_ITERATIONS, length
-            )
-        elif kdf == "sha512":
-            material = hashlib.sha512(password).digest()[:length]
-        else:
-            raise ValueError(f"unknown kdf {kdf!r}; use pbkdf2 or sha512")
-        return AesKey(material)
-
-    data = _read_secret(path, "key file")
-    if kind == KeyFormat.HEX:
-        key = _parse_hex(path, data, want)
-        if key is None:
-            raise KeyFileError(
-                f"key file {path} is not a hex key; it must hold 32 or 64 hex digits, "
-                "optionally prefixed by 0x and followed by a newline"
-            )
-        return key
-    if kind == KeyFormat.BINARY:
-        return _parse_binary(path, data, want)
-    if kind == KeyFormat.AUTO:
-        key = _parse_hex(path, data, want)
-        if key is not None:
-            return key
-        if len(data) in (16, 32):
-            return _parse_binary(path, data, want)
-        raise KeyFileError(
-            f"key file {path} is neither a hex key (32 or 64 hex digits) nor a raw 16- or "
-            f"32-byte key ({len(data)} bytes); if it holds a passphrase, say so"
-        )
-    raise ValueError(f"unknown key kind {kind!r}")
-
-
-def parse_key_bytes(data: bytes, what: str) -> AesKey:
-    """A key handed over as bytes (a descriptor, not a file): hex or raw, as ``auto`` reads."""
-    key = _parse_hex(Path(what), data, None)
-    if key is not None:
-        return key
-    if len(data) in (16, 32):
-        return AesKey(data)
-    raise KeyFileError(
-        f"{what} is neither a hex key (32 or 64 hex digits) nor a raw 16- or 32-byte key "
-        f"({len(data)} bytes)"
-    )
+    what = "passphrase file" if kind == KeyFormat.PASSPHRASE else "key file"
+    data = _read_secret(path, what)
+    return parse_key_bytes(data, f"{what} {path}", kind=kind, cipher=cipher, kdf=kdf)
 
 
 def check_secret_file_mode(path: Path) -> None:
@@ -240,3 +268,222 @@ def key_fingerprint(key: AesKey) -> str:
     Domain-separated so it cannot be confused with any other hash of the key material.
     """
     return hashlib.sha256(_FINGERPRINT_DOMAIN + key.material).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- key sources
+#
+# swtpm's ``--key``/``--migration-key`` value, which vtpmctl's ``--key`` and
+# ``--migration-key`` take too (docs/protocol.md#keys):
+#   file=PATH | fd=N | pwdfile=PATH | pwdfd=N
+#   [,format=hex|binary] [,mode=aes-cbc|aes-128-cbc|aes-256-cbc] [,kdf=sha512|pbkdf2] [,remove]
+
+_MODES: dict[str, CipherName] = {
+    "aes-cbc": "aes-128-cbc",
+    "aes-128-cbc": "aes-128-cbc",
+    "aes-256-cbc": "aes-256-cbc",
+}
+_SOURCES = ("file", "fd", "pwdfile", "pwdfd")
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where a key comes from and how to read it; holds no secret.
+
+    ``cipher`` and ``kdf`` are None when not given: a passphrase's key size and
+    derivation are then taken from the state it must open (``resolve``'s probe),
+    else ``default_bits`` and pbkdf2 (swtpm's defaults).
+    """
+
+    path: Path | None = None
+    fd: int | None = None
+    kind: KeyFormat = KeyFormat.AUTO
+    cipher: CipherName | None = None
+    kdf: Kdf | None = None
+    remove: bool = False
+
+    @property
+    def where(self) -> str:
+        """How errors name it: "key file PATH", "the passphrase on descriptor N"."""
+        what = "passphrase" if self.kind == KeyFormat.PASSPHRASE else "key"
+        if self.fd is not None:
+            return f"the {what} on descriptor {self.fd}"
+        return f"{what} file {self.path}"
+
+    def read(self) -> bytes:
+        """The secret bytes (key or passphrase); a descriptor is read to its end and closed."""
+        what = "passphrase" if self.kind == KeyFormat.PASSPHRASE else "key"
+        if self.fd is not None:
+            data = read_secret_fd(self.fd, what)
+        else:
+            assert self.path is not None
+            data = _read_secret(self.path, f"{what} file")
+            if self.remove:
+                try:
+                    self.path.unlink()
+                except OSError as exc:
+                    raise KeyFileError(
+                        f"cannot remove {what} file {self.path} (remove was asked): {exc.strerror}"
+                    ) from None
+        return data
+
+    def resolve(
+        self, probe: bytes | None = None, default_bits: int = SWTPM_PASSPHRASE_BITS
+    ) -> AesKey:
+        """Read and parse the key; ``probe`` is a state file it must open, if any.
+
+        For a passphrase whose mode or kdf is not given, the derivation that opens
+        ``probe`` is chosen (swtpm does not record it); with no probe, or none that
+        opens it, ``default_bits`` and pbkdf2.
+        """
+        data = self.read()
+        if self.kind != KeyFormat.PASSPHRASE:
+            return parse_key_bytes(data, self.where, kind=self.kind, cipher=self.cipher)
+        if not data:
+            raise KeyFileError(f"{self.where} is empty; give the passphrase")
+        return choose_passphrase_key(
+            data, cipher=self.cipher, kdf=self.kdf, probe=probe, default_bits=default_bits
+        )
+
+
+def choose_passphrase_key(
+    password: bytes,
+    *,
+    cipher: CipherName | None = None,
+    kdf: Kdf | None = None,
+    probe: bytes | None = None,
+    default_bits: int = SWTPM_PASSPHRASE_BITS,
+) -> AesKey:
+    """The derivation of ``password`` that opens ``probe``, or the defaults."""
+
+    want = _cipher_bytes(cipher)
+    default = derive_passphrase_key(password, want or default_bits // 8, kdf or "pbkdf2")
+    if probe is None or (want is not None and kdf is not None):
+        return default
+    named = file_key_bits(probe)
+    lengths = [want] if want else ([named // 8] if named else [16, 32])
+    kdfs: list[Kdf] = [kdf] if kdf else ["pbkdf2", "sha512"]
+    for length in lengths:
+        for name in kdfs:
+            key = derive_passphrase_key(password, length, name)
+            if file_key_matches(probe, key):
+                return key
+    return default
+
+
+def parse_key_spec(text: str, option: str = "--key") -> KeySource:
+    """swtpm's ``--key`` value as a KeySource; KeyFileError names what is wrong."""
+
+    def bad(problem: str) -> KeyFileError:
+        return KeyFileError(f"{option} {text!r}: {problem}; use {KEY_SPEC_METAVAR}")
+
+    fields = _spec_fields(text, bad)
+    sources = [name for name in _SOURCES if name in fields]
+    if len(sources) != 1:
+        raise bad("give exactly one of file=, fd=, pwdfile=, pwdfd=")
+    source = sources[0]
+    password = source.startswith("pwd")
+    if "kdf" in fields and not password:
+        raise bad("kdf= applies to pwdfile= and pwdfd= only")
+    if "format" in fields and password:
+        raise bad("format= applies to file= and fd= only")
+    fd = path = None
+    if source.endswith("fd"):
+        value = fields[source]
+        if not value.isdigit() or int(value) > 65535:
+            raise bad(f"{source}= needs a descriptor number, not {value!r}")
+        fd = int(value)
+        if "remove" in fields:
+            raise bad("remove applies to file= and pwdfile= only")
+    else:
+        path = Path(fields[source])
+    kind = _spec_choice(fields, "format", _FORMATS, bad)
+    if kind is None:
+        kind = KeyFormat.PASSPHRASE if password else KeyFormat.AUTO
+    return KeySource(
+        path=path,
+        fd=fd,
+        kind=kind,
+        cipher=_spec_choice(fields, "mode", _MODES, bad),
+        kdf=_spec_choice(fields, "kdf", _KDFS, bad),
+        remove=fields.get("remove", "false") == "true",
+    )
+
+
+_FORMATS = {"hex": KeyFormat.HEX, "binary": KeyFormat.BINARY}
+_KDFS: dict[str, Kdf] = {"pbkdf2": "pbkdf2", "sha512": "sha512"}
+
+
+def _spec_fields(text: str, bad: Callable[[str], KeyFileError]) -> dict[str, str]:
+    items = [item for item in text.split(",") if item]
+    if not items:
+        raise bad("empty")
+    fields: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if name == "remove" and value in ("", "true", "false"):
+            value = value or "true"
+        elif not sep or not value:
+            raise bad(f"{item!r} has no value")
+        if name in fields:
+            raise bad(f"{name}= given twice")
+        fields[name] = value
+    unknown = sorted(set(fields) - {*_SOURCES, "format", "mode", "kdf", "remove"})
+    if unknown:
+        raise bad(f"unknown option {unknown[0]}=")
+    return fields
+
+
+def _spec_choice(
+    fields: dict[str, str], name: str, table: dict[str, T], bad: Callable[[str], KeyFileError]
+) -> T | None:
+    if name not in fields:
+        return None
+    try:
+        return table[fields[name]]
+    except KeyError:
+        raise bad(f"unknown {name} {fields[name]!r} ({' or '.join(table)})") from None
+
+
+def read_secret_fd(fd: int, what: str = "key") -> bytes:
+    """All bytes of an inherited descriptor (pipe or file), which is then closed."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        raise KeyFileError(
+            f"{what} descriptor {fd} is not open; pass it to this process (e.g. {fd}<FILE)"
+        ) from None
+    if stat.S_ISDIR(st.st_mode):
+        os.close(fd)
+        raise KeyFileError(f"{what} descriptor {fd} is a directory; pass a file or a pipe")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size <= _MAX_FILE_BYTES:
+            chunk = os.read(fd, _MAX_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise KeyFileError(f"{what} descriptor {fd} cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > _MAX_FILE_BYTES:
+        raise KeyFileError(f"{what} descriptor {fd} gave more than {_MAX_FILE_BYTES} bytes")
+    return b"".join(chunks)
+
+
+def key_pipe(key: AesKey) -> int:
+    """A pipe's read end that yields ``key`` in binary, for a child to read with
+    ``fd=N,format=binary``: the key reaches it without a file or its command line."""
+    r, w = os.pipe()
+    try:
+        os.write(w, key.material)  # 16 or 32 bytes: always fits the pipe buffer
+    finally:
+        os.close(w)
+    return r
+
+
+def key_pipe_spec(fd: int, key: AesKey) -> str:
+    """The ``--key`` value for a key_pipe descriptor."""
+    return f"fd={fd},format=binary,mode={key.cipher}"

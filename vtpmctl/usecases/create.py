@@ -23,7 +23,13 @@ from vtpmctl.store.instances import (
     Registry,
     write_json,
 )
-from vtpmctl.store.keys import KeyFileError, generate_key, key_fingerprint
+from vtpmctl.store.keys import (
+    KeyFileError,
+    KeySource,
+    check_secret_file_mode,
+    generate_key,
+    key_fingerprint,
+)
 from vtpmctl.usecases.supervisor import LifecycleError
 
 MANUFACTURE_TIMEOUT = 120.0
@@ -40,11 +46,23 @@ class CreateOptions:
     migration_key_file: Path | None = None
     migration_key_format: KeyFormat = KeyFormat.AUTO
     ecc_curve: str = "p384"
+    key_source: KeySource | None = None  # --key (swtpm's syntax), instead of key_file
+    migration_key_source: KeySource | None = None
 
 
 def _user_key(path: Path, kind: str, what: str) -> AesKey:
     try:
         return read_user_key(path, kind)
+    except KeyFileError as exc:
+        raise LifecycleError(f"{what}: {exc}") from None
+
+
+def _given_key(source: KeySource, what: str) -> AesKey:
+    """A --key value: a file named there must be private, as for --key-file."""
+    try:
+        if source.path is not None:
+            check_secret_file_mode(source.path)
+        return source.resolve()
     except KeyFileError as exc:
         raise LifecycleError(f"{what}: {exc}") from None
 
@@ -56,16 +74,21 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
         raise LifecycleError(
             "EK provisioning is implemented for TPM 2.0 only; use --no-ek with --tpm 1.2"
         )
-    encrypt = opts.encrypt or opts.key_file is not None
+    encrypt = opts.encrypt or opts.key_file is not None or opts.key_source is not None
     key: AesKey | None = None
     key_source: str | None = None
-    if opts.key_file is not None:
+    if opts.key_source is not None:
+        key = _given_key(opts.key_source, "state key")
+        key_source = "passphrase" if opts.key_source.kind == KeyFormat.PASSPHRASE else "key-file"
+    elif opts.key_file is not None:
         key = _user_key(opts.key_file, opts.key_format, "state key")
         key_source = "passphrase" if opts.key_format == KeyFormat.PASSPHRASE else "key-file"
     elif encrypt:
         key, key_source = generate_key(256), "generated"
     mkey = None
-    if opts.migration_key_file is not None:
+    if opts.migration_key_source is not None:
+        mkey = _given_key(opts.migration_key_source, "migration key")
+    elif opts.migration_key_file is not None:
         mkey = _user_key(opts.migration_key_file, opts.migration_key_format, "migration key")
 
     config = InstanceConfig(

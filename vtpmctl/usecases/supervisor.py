@@ -21,13 +21,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from vtpmctl.childproc import child_env, entry_argv
 from vtpmctl.errors import InstanceError, NoSuchInstance
 from vtpmctl.model import BlobKind, TpmFamily, Transport
 from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
+
+if TYPE_CHECKING:
+    from vtpmctl.store.blob import AesKey
+    from vtpmctl.store.keys import KeySource
 
 DAEMON_ENTRY = "_daemon"  # python -m vtpmctl _daemon
 # Daemons started by earlier versions ran under these module paths; they are still ours.
@@ -182,8 +186,46 @@ def clean_stale(inst: Instance) -> list[Path]:
 # ---------------------------------------------------------------- start
 
 
-def daemon_argv(inst: Instance, *, incoming: bool = False, ctrl_only: bool = False) -> list[str]:
-    """The daemon's command line: paths only, never key material."""
+@dataclass
+class DaemonKeys:
+    """The keys a daemon starts with. Keys the caller brought (``start --key``) are
+    read once, under the state lock, by preflight, which fills in the keys."""
+
+    state_source: KeySource | None = None
+    migration_source: KeySource | None = None
+    state: AesKey | None = None
+    migration: AesKey | None = None
+
+    def pipes(self) -> tuple[dict[str, str], list[int]]:
+        """The daemon's --key/--migration-key values and the pipes behind them.
+
+        Each key goes to the daemon through a pipe it inherits: never a file, never
+        its command line. The caller closes the descriptors once it has started it.
+        """
+        from vtpmctl.store.keys import key_pipe, key_pipe_spec
+
+        specs: dict[str, str] = {}
+        fds: list[int] = []
+        for dest, key in (("key", self.state), ("migration_key", self.migration)):
+            if key is not None:
+                fd = key_pipe(key)
+                fds.append(fd)
+                specs[dest] = key_pipe_spec(fd, key)
+        return specs, fds
+
+
+def daemon_argv(
+    inst: Instance,
+    *,
+    incoming: bool = False,
+    ctrl_only: bool = False,
+    key_specs: dict[str, str] | None = None,
+) -> list[str]:
+    """The daemon's command line: paths and descriptor numbers, never key material.
+
+    ``key_specs`` (from DaemonKeys.pipes) hands the keys over on descriptors;
+    without it the daemon reads the instance's key files itself.
+    """
     from vtpmctl.device.server.options import serve_argv
 
     p = inst.paths
@@ -202,9 +244,15 @@ def daemon_argv(inst: Instance, *, incoming: bool = False, ctrl_only: bool = Fal
             cuse=p.cuse_name if cuse else None,
             ctrl=None if cuse else f"unix:{p.ctrl_socket}",
             data=f"unix:{p.data_socket}" if data else None,
-            key_file=p.state_key if inst.config.encrypted else None,
-            key_kind="hex" if inst.config.encrypted else None,
-            migration_key_file=p.migration_key if inst.config.migration_key else None,
+            **(
+                key_specs
+                if key_specs is not None
+                else {
+                    "key_file": p.state_key if inst.config.encrypted else None,
+                    "key_kind": "hex" if inst.config.encrypted else None,
+                    "migration_key_file": p.migration_key if inst.config.migration_key else None,
+                }
+            ),
             incoming=incoming,
         ),
     ]
@@ -249,6 +297,7 @@ def preflight(
     timeout: float = START_TIMEOUT,
     notes: list[str] | None = None,
     delete_volatile: bool = False,
+    keys: DaemonKeys | None = None,
 ) -> Started | None:
     """Check keys and state before a daemon is launched, so errors are clear and early.
 
@@ -256,7 +305,8 @@ def preflight(
     settled first and must not race another one); what was settled is added
     to ``notes``. ``delete_volatile`` drops the saved volatile state first
     (the TPM starts as after a reboot; the permanent state, NV included, is
-    kept). Returns Started if the instance turned out to be running already.
+    kept). The keys the daemon needs are put in ``keys``, if given. Returns
+    Started if the instance turned out to be running already.
     """
     from vtpmctl.errors import InstanceError
     from vtpmctl.store.instance_keys import (
@@ -309,8 +359,15 @@ def preflight(
                     f"deleted the volatile state of {inst.name}: its TPM starts as after a "
                     "reboot, NV data kept"
                 )
-        check_state(inst, load_state_key(inst))
-        load_migration_key(inst)
+        keys = keys or DaemonKeys()
+        if keys.state_source is not None:
+            permall = sd.read_raw(BlobKind.PERMANENT.file_name)
+            keys.state = keys.state_source.resolve(permall)
+        if keys.migration_source is not None:
+            keys.migration = keys.migration_source.resolve()
+        keys.state = load_state_key(inst, keys.state)
+        check_state(inst, keys.state)
+        keys.migration = load_migration_key(inst, keys.migration)
     except (KeyFileError, StateDirError, InstanceError, SnapshotError) as exc:
         raise LifecycleError(f"cannot start {inst.name}: {exc}") from None
     finally:
@@ -325,6 +382,7 @@ def start(
     ctrl_only: bool = False,
     timeout: float = START_TIMEOUT,
     delete_volatile: bool = False,
+    keys: DaemonKeys | None = None,
 ) -> Started:
     """Launch the daemon detached; return once its control channel answers."""
     status = probe(inst)
@@ -332,26 +390,31 @@ def start(
         return _running_already(inst, status)
     inst.paths.ensure_run_dirs()
     notes: list[str] = []
-    running = preflight(inst, timeout, notes, delete_volatile)
+    keys = keys or DaemonKeys()
+    running = preflight(inst, timeout, notes, delete_volatile, keys)
     if running is not None:
         return running
     clean_stale(inst)
     rotate_log(inst.paths.log_file)
     log_fd = _open_log(inst.paths.log_file)
     mark = os.lseek(log_fd, 0, os.SEEK_END)
+    specs, key_fds = keys.pipes()
     try:
         proc = subprocess.Popen(
-            daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only),
+            daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only, key_specs=specs),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log_fd,
             close_fds=True,
+            pass_fds=key_fds,
             start_new_session=True,
             env=child_env(),
             cwd="/",
         )
     finally:
         os.close(log_fd)
+        for fd in key_fds:
+            os.close(fd)
     started = _wait_ready(inst, proc, timeout, incoming=incoming)
     if started is not None:
         started.notes = notes
@@ -505,20 +568,25 @@ def exec_foreground(
     incoming: bool = False,
     ctrl_only: bool = False,
     delete_volatile: bool = False,
+    keys: DaemonKeys | None = None,
 ) -> None:
     """Become the daemon (systemd Type=notify keeps $NOTIFY_SOCKET for it)."""
     status = probe(inst)
     if status.state != "running":
         inst.paths.ensure_run_dirs()
     notes: list[str] = []
-    if status.state == "running" or preflight(inst, 0, notes, delete_volatile) is not None:
+    keys = keys or DaemonKeys()
+    if status.state == "running" or preflight(inst, 0, notes, delete_volatile, keys) is not None:
         _running_already(inst, probe(inst))
         raise LifecycleError(f"{inst.name} is already running (pid {status.pid})")
     clean_stale(inst)
     env = child_env()
     if "NOTIFY_SOCKET" in os.environ:
         env["NOTIFY_SOCKET"] = os.environ["NOTIFY_SOCKET"]
-    argv = daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only)
+    specs, key_fds = keys.pipes()
+    for fd in key_fds:
+        os.set_inheritable(fd, True)
+    argv = daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only, key_specs=specs)
     for note in notes:  # the journal keeps what was settled before the daemon took over
         sys.stderr.write(f"vtpmctl: {note}\n")
     sys.stderr.flush()

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from vtpmctl.engine.tpm import Engine, EngineConfig, Startup
 from vtpmctl.errors import EXIT_FAILURE, EXIT_OK, ServeError, StoreError, UsageError
-from vtpmctl.model import KeyFormat, TpmFamily, Transport
+from vtpmctl.model import BlobKind, KeyFormat, TpmFamily, Transport
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.statedir import StateDir, StateDirError
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from vtpmctl.device.server.sockets import Endpoint
+    from vtpmctl.store.keys import KeySource
 
 log = logging.getLogger("vtpmctl.daemon")
 
@@ -60,7 +61,10 @@ class DaemonOptions:
     flags: list[str] = field(default_factory=list)
     key_file: Path | None = None
     key_kind: str = KeyFormat.AUTO
+    key: str | None = None  # swtpm's --key syntax (file=, fd=, pwdfile=, pwdfd=)
     migration_key_file: Path | None = None
+    migration_key_kind: str = KeyFormat.AUTO
+    migration_key: str | None = None
     pid_file: Path | None = None
     log_file: Path | None = None
     terminate: bool = False
@@ -94,13 +98,43 @@ def parse_flags(flags: list[str]) -> tuple[bool, Startup, bool]:
     return not_need_init, startup, no_auto
 
 
-def _load_key(path: Path | None, kind: str) -> AesKey | None:
-    if path is None:
-        return None
-    from vtpmctl.store.keys import check_secret_file_mode, load_key
+def key_sources(opts: DaemonOptions) -> tuple[KeySource | None, KeySource | None]:
+    """Where the state and migration keys come from (nothing is read yet)."""
+    from vtpmctl.store.keys import KeyFileError, KeySource, parse_key_spec
 
-    check_secret_file_mode(path)
-    return load_key(path, kind=KeyFormat(kind))
+    found: list[KeySource | None] = []
+    for flag, path, kind, spec in (
+        ("--key", opts.key_file, opts.key_kind, opts.key),
+        ("--migration-key", opts.migration_key_file, opts.migration_key_kind, opts.migration_key),
+    ):
+        if path is not None and spec is not None:
+            raise ServeOptionError(f"give {flag}-file or {flag}, not both")
+        if spec is not None:
+            try:
+                found.append(parse_key_spec(spec, flag))
+            except KeyFileError as exc:
+                raise ServeOptionError(str(exc)) from None
+        elif path is not None:
+            found.append(KeySource(path=path, kind=KeyFormat(kind)))
+        else:
+            found.append(None)
+    return found[0], found[1]
+
+
+def _load_key(source: KeySource | None, own: bool, probe: bytes | None = None) -> AesKey | None:
+    """Read a key; a file named on the command line must be private, as vtpmctl wants."""
+    if source is None:
+        return None
+    from vtpmctl.store.keys import (
+        OWN_PASSPHRASE_BITS,
+        SWTPM_PASSPHRASE_BITS,
+        check_secret_file_mode,
+    )
+
+    if source.path is not None:
+        check_secret_file_mode(source.path)
+    # --key-file with --key-format passphrase keeps vtpmctl's size; --key is swtpm's.
+    return source.resolve(probe, OWN_PASSPHRASE_BITS if own else SWTPM_PASSPHRASE_BITS)
 
 
 def _setup_logging(log_file: Path | None) -> int | None:
@@ -151,6 +185,7 @@ def check_options(opts: DaemonOptions) -> tuple[Endpoint | None, Endpoint | None
     if (opts.ctrl is None) == (opts.cuse is None):
         raise ServeOptionError("give exactly one of --ctrl or --cuse")
     parse_flags(opts.flags)
+    key_sources(opts)
     if opts.cuse is not None:
         from vtpmctl.device.server.cuse.wire import CuseError, device_name
 
@@ -173,8 +208,10 @@ def run(opts: DaemonOptions) -> int:
     """Serve until CMD_SHUTDOWN or SIGTERM; bad setup raises ServeError, StoreError, UsageError."""
     ctrl, data = check_options(opts)
     not_need_init, startup, no_auto = parse_flags(opts.flags)
-    state_key = _load_key(opts.key_file, opts.key_kind)
-    migration_key = _load_key(opts.migration_key_file, KeyFormat.AUTO)
+    state_source, migration_source = key_sources(opts)
+    permall = StateDir(opts.state_dir, tpm2=opts.tpm2).read_raw(BlobKind.PERMANENT.file_name)
+    state_key = _load_key(state_source, opts.key is None, permall)
+    migration_key = _load_key(migration_source, opts.migration_key is None)
     libtpms_fd = _setup_logging(opts.log_file)
 
     statedir = StateDir(opts.state_dir, tpm2=opts.tpm2, key=state_key)
@@ -293,7 +330,10 @@ def options_from_values(values: Mapping[str, Any]) -> DaemonOptions:
         flags=list(values["flags"]),
         key_file=values["key_file"],
         key_kind=values["key_kind"],
+        key=values["key"],
         migration_key_file=values["migration_key_file"],
+        migration_key_kind=values["migration_key_kind"],
+        migration_key=values["migration_key"],
         pid_file=values["pid_file"],
         log_file=values["log_file"],
         terminate=values["terminate"],

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from vtpmctl.model import KeyFormat, TpmFamily
+from vtpmctl.model import KEY_SPEC_HELP, KEY_SPEC_METAVAR, KeyFormat, TpmFamily
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -87,7 +87,21 @@ SERVE_OPTIONS: tuple[ServeOption, ...] = (
         choices=KeyFormat,
         aliases=("--key-kind",),
     ),
+    ServeOption("--key", "text", KEY_SPEC_HELP, metavar=KEY_SPEC_METAVAR),
     ServeOption("--migration-key-file", "path", "key that encrypts exported state blobs"),
+    ServeOption(
+        "--migration-key-format",
+        "choice",
+        "how to read --migration-key-file",
+        dest="migration_key_kind",
+        choices=KeyFormat,
+    ),
+    ServeOption(
+        "--migration-key",
+        "text",
+        "the migration key, as --key",
+        metavar=KEY_SPEC_METAVAR,
+    ),
     ServeOption("--pid-file", "path"),
     ServeOption("--log-file", "path", "log here instead of stderr"),
     ServeOption("--terminate", "switch", "exit when the data connection is lost"),
