@@ -34,6 +34,7 @@ complete -c vtpmctl -n '__fish_use_subcommand' -a ek -d 'Endorsement keys and th
 complete -c vtpmctl -n '__fish_use_subcommand' -a snapshot -d 'Take, list, restore and compare snapshots of a vTPM\'s state'
 complete -c vtpmctl -n '__fish_use_subcommand' -a migrate -d 'Move a vTPM to another store or host as a verified bundle'
 complete -c vtpmctl -n '__fish_use_subcommand' -a remote -d 'S3-compatible remotes that hosts of a fleet share (docs/remotes.md)'
+complete -c vtpmctl -n '__fish_use_subcommand' -a swtpm-compat -d 'Install or remove the swtpm, swtpm_setup and swtpm_ioctl launchers'
 complete -c vtpmctl -n '__fish_use_subcommand' -l debug -d 'show a traceback when a command fails'
 complete -c vtpmctl -n '__fish_use_subcommand' -l timeout -x -d 'how long to wait for each control reply'
 complete -c vtpmctl -n '__fish_use_subcommand' -l version -d 'print the version and exit'
@@ -203,3 +204,10 @@ complete -c vtpmctl -n '__fish_seen_subcommand_from remote; and __fish_seen_subc
 complete -c vtpmctl -n '__fish_seen_subcommand_from remote; and __fish_seen_subcommand_from rm' -l json -d 'one JSON object on stdout'
 complete -c vtpmctl -n '__fish_seen_subcommand_from remote; and __fish_seen_subcommand_from rm' -l help -s h -d 'show help and exit'
 complete -c vtpmctl -n '__fish_seen_subcommand_from remote; and __fish_seen_subcommand_from rm; and test (__vtpmctl_npos rm) -lt 1' -a '(__vtpmctl_instances)'
+complete -c vtpmctl -n '__fish_seen_subcommand_from swtpm-compat; and not __fish_seen_subcommand_from install uninstall' -a install -d 'Write swtpm, swtpm_setup and swtpm_ioctl launchers into DIR'
+complete -c vtpmctl -n '__fish_seen_subcommand_from swtpm-compat; and not __fish_seen_subcommand_from install uninstall' -a uninstall -d 'Remove vtpmctl\'s launchers from DIR'
+complete -c vtpmctl -n '__fish_seen_subcommand_from swtpm-compat; and not __fish_seen_subcommand_from install uninstall' -l help -s h -d 'show help and exit'
+complete -c vtpmctl -n '__fish_seen_subcommand_from swtpm-compat; and __fish_seen_subcommand_from install' -l help -s h -d 'show help and exit'
+complete -c vtpmctl -n '__fish_seen_subcommand_from swtpm-compat; and __fish_seen_subcommand_from install; and test (__vtpmctl_npos install) -lt 1' -F
+complete -c vtpmctl -n '__fish_seen_subcommand_from swtpm-compat; and __fish_seen_subcommand_from uninstall' -l help -s h -d 'show help and exit'
+complete -c vtpmctl -n '__fish_seen_subcommand_from swtpm-compat; and __fish_seen_subcommand_from uninstall; and test (__vtpmctl_npos uninstall) -lt 1' -F

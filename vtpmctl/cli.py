@@ -37,6 +37,7 @@ GROUPS = (
     "vtpmctl.commands.verify",
     "vtpmctl.commands.migrate",
     "vtpmctl.commands.remote",
+    "vtpmctl.commands.swtpm_compat",
 )
 
 DEFAULT_TIMEOUT = 10.0  # same as vtpmctl.device.client.control.DEFAULT_TIMEOUT

@@ -43,6 +43,8 @@ defined next to that table and subclasses its branch here.
     │   │   └── RestorePendingError  (store.snapshots) an interrupted restore needs the user
     │   ├── StateFileError       (commands.state) a blob file given to state export/import
     │   ├── UnsafeDirError       (store.dirs) a store dir another user owns or may write
+    │   ├── LauncherError        (usecases.swtpm_compat) a swtpm-compat launcher cannot be
+    │   │                        installed or removed
     │   └── BundleError          (store.bundle) a migration bundle
     │       └── MigrationKeyError    (store.bundle) its migration key is missing or wrong
     ├── RemoteError              an S3-compatible remote (docs/remotes.md); the message names

@@ -93,6 +93,19 @@ _FILE_NAMES = {
 STATE_FILE_NAMES = tuple(kind.file_name for kind in BlobKind)
 
 
+class SwtpmProgram(StrEnum):
+    """swtpm's programs that vtpmctl answers as: the value is the program's name.
+
+    One multi-call entry point (``vtpmctl.compat``) serves them all and picks
+    the program by the name it was started as; ``vtpmctl swtpm-compat
+    install`` writes one launcher per name.
+    """
+
+    SWTPM = "swtpm"
+    SWTPM_SETUP = "swtpm_setup"
+    SWTPM_IOCTL = "swtpm_ioctl"
+
+
 class KeyFormat(StrEnum):
     """How a key file is read: ``auto`` guesses between hex and binary."""
 
