@@ -36,6 +36,7 @@ ENTRY_POINTS = {
     "_manufacture": "vtpmctl.engine.manufacture",
     "_inspect": "vtpmctl.engine.inspect",
     "_libtpms_version": "vtpmctl.engine.libtpms",
+    "_swtpm_setup": "vtpmctl.engine.setup",
 }
 
 

@@ -26,6 +26,7 @@ defined next to that table and subclasses its branch here.
     │   │                        ValueError
     │   ├── ManufactureError     (engine.manufacture) the TPM could not be made
     │   └── ProvisionError       (engine.provision) EKs/certificates cannot be provisioned
+    ├── SwtpmSetupError          (compat.swtpm_setup) what swtpm_setup 0.7.1 would report
     ├── ChildError               (childproc) a child process failed; takes the exit code of
     │                            the branch its error belongs to
     ├── ServeError               a TPM cannot be served

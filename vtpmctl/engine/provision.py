@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
@@ -109,20 +109,79 @@ EK_TEMPLATE_ECC_P384 = Public(  # TCG template H-3, as swtpm_setup 0.7.1 uses it
 )
 
 
+EK_TEMPLATE_RSA3072 = Public(  # TCG template H-2, as swtpm_setup 0.7.1 uses it
+    type=Alg.RSA,
+    name_alg=Alg.SHA384,
+    attributes=_EK_ATTRS | ObjAttr.USER_WITH_AUTH,
+    auth_policy=POLICY_B_SHA384,
+    symmetric=SymDef(Alg.AES, 256, Alg.CFB),
+    scheme=Scheme(Alg.NULL),
+    key_bits=3072,
+    exponent=0,
+)
+
+
 @dataclass(frozen=True)
 class EkSpec:
-    """Where one kind of EK and its certificate live."""
+    """Where one kind of EK, its certificate and (for a non-standard EK) its template live."""
 
     algorithm: str
     template: Public
     handle: int
     cert_index: int
+    template_index: int
 
 
-EK_RSA2048 = EkSpec("rsa2048", EK_TEMPLATE_RSA2048, 0x81010001, 0x01C00002)
-EK_ECC_P256 = EkSpec("ecc-nist-p256", EK_TEMPLATE_ECC_P256, 0x8101000A, 0x01C0000A)
-EK_ECC_P384 = EkSpec("ecc-nist-p384", EK_TEMPLATE_ECC_P384, 0x81010016, 0x01C00016)
-EK_SPECS: tuple[EkSpec, ...] = (EK_RSA2048, EK_ECC_P256, EK_ECC_P384)
+EK_RSA2048 = EkSpec("rsa2048", EK_TEMPLATE_RSA2048, 0x81010001, 0x01C00002, 0x01C00004)
+EK_RSA3072 = EkSpec("rsa3072", EK_TEMPLATE_RSA3072, 0x8101001C, 0x01C0001C, 0x01C0001D)
+EK_ECC_P256 = EkSpec("ecc-nist-p256", EK_TEMPLATE_ECC_P256, 0x8101000A, 0x01C0000A, 0x01C0000B)
+EK_ECC_P384 = EkSpec("ecc-nist-p384", EK_TEMPLATE_ECC_P384, 0x81010016, 0x01C00016, 0x01C00017)
+EK_SPECS: tuple[EkSpec, ...] = (EK_RSA2048, EK_RSA3072, EK_ECC_P256, EK_ECC_P384)
+RSA_SPECS: dict[int, EkSpec] = {2048: EK_RSA2048, 3072: EK_RSA3072}
+
+
+def ek_template(spec: EkSpec, *, sign: bool, decrypt: bool) -> Public:
+    """The EK template with swtpm_setup's ``--allow-signing``/``--decryption`` applied.
+
+    A decryption-only EK is the TCG one (restricted, with its symmetric key); an EK
+    that may sign is unrestricted, has no symmetric key and its template is written
+    into NV next to its certificate, since tools cannot derive it.
+    """
+    if not sign:
+        return spec.template
+    attributes = spec.template.attributes & ~(ObjAttr.RESTRICTED | ObjAttr.DECRYPT)
+    attributes |= ObjAttr.SIGN_ENCRYPT | (ObjAttr.DECRYPT if decrypt else 0)
+    return replace(spec.template, attributes=attributes, symmetric=SymDef(Alg.NULL))
+
+
+SPK_HANDLE = 0x81000001
+_SPK_ATTRS = (
+    ObjAttr.FIXED_TPM
+    | ObjAttr.FIXED_PARENT
+    | ObjAttr.SENSITIVE_DATA_ORIGIN
+    | ObjAttr.USER_WITH_AUTH
+    | ObjAttr.NO_DA
+    | ObjAttr.RESTRICTED
+    | ObjAttr.DECRYPT
+)
+SPK_TEMPLATE_RSA = Public(  # swtpm_setup 0.7.1 --create-spk
+    type=Alg.RSA,
+    name_alg=Alg.SHA256,
+    attributes=_SPK_ATTRS,
+    symmetric=SymDef(Alg.AES, 128, Alg.CFB),
+    scheme=Scheme(Alg.NULL),
+    key_bits=2048,
+    exponent=0,
+)
+SPK_TEMPLATE_ECC = Public(  # swtpm_setup 0.7.1 --create-spk --ecc
+    type=Alg.ECC,
+    name_alg=Alg.SHA384,
+    attributes=_SPK_ATTRS,
+    symmetric=SymDef(Alg.AES, 256, Alg.CFB),
+    scheme=Scheme(Alg.NULL),
+    curve=t.Curve.NIST_P384,
+    kdf=Scheme(Alg.NULL),
+)
 ECC_SPECS: dict[str, EkSpec] = {"p256": EK_ECC_P256, "p384": EK_ECC_P384}
 
 PLATFORM_CERT_INDEX = 0x01C08000
@@ -267,13 +326,27 @@ def _clear_index(transact: Transact, index: int, overwrite: bool) -> None:
     t.nv_undefine_space(transact, index, auth_handle=t.RH_PLATFORM)
 
 
-def _create_ek(transact: Transact, spec: EkSpec) -> tuple[Public, bytes]:
-    created = t.create_primary(transact, t.RH_ENDORSEMENT, spec.template)
+def _create_ek(
+    transact: Transact, spec: EkSpec, template: Public | None = None
+) -> tuple[Public, bytes]:
+    return create_persistent(transact, t.RH_ENDORSEMENT, template or spec.template, spec.handle)
+
+
+def create_persistent(
+    transact: Transact, hierarchy: int, template: Public, handle: int
+) -> tuple[Public, bytes]:
+    """A primary key made persistent at ``handle``: its public area and Name."""
+    created = t.create_primary(transact, hierarchy, template)
     try:
-        t.evict_control(transact, created.handle, spec.handle)
+        t.evict_control(transact, created.handle, handle)
     finally:
         t.flush_context(transact, created.handle)
     return created.area, created.name
+
+
+def write_nv_blob(transact: Transact, index: int, data: bytes) -> None:
+    """Define a platform NV index as swtpm_setup does for certificates and templates."""
+    _write_cert(transact, index, data)
 
 
 def _write_cert(transact: Transact, index: int, der: bytes) -> None:

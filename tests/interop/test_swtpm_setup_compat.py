@@ -1,0 +1,217 @@
+"""vtpmctl's ``swtpm_setup`` against the real one, checked by a real swtpm and tpm2-tools.
+
+Each case runs the same command line through both programs into two state dirs; a real
+``swtpm socket`` then opens each state and the TPMs must hold the same persistent keys
+(the same templates: the keys differ because each TPM has its own seeds), the same NV
+indexes with the same attributes, certificates that chain to swtpm_localca's issuer, and
+the same active PCR banks. Progress output must match line by line except timestamps,
+the certificate tool's temp dir and the keys themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from compat_bin import install
+from swtpm_peer import swtpm_socket
+
+REAL = "swtpm_setup"
+LOCALCA_ISSUER = Path("/var/lib/swtpm-localca/issuercert.pem")
+LIBVIRT = ["--createek", "--create-ek-cert", "--create-platform-cert", "--lock-nvram"]
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(install(tmp_path_factory.mktemp("bin")) / "swtpm_setup")
+
+
+def run(
+    exe: str, args: list[str], pass_fds: tuple[int, ...] = ()
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([exe, *args], capture_output=True, timeout=120, pass_fds=pass_fds)
+
+
+def normal(text: bytes) -> list[str]:
+    """Progress lines without what differs by design (time, temp dir, key bytes)."""
+    out = []
+    for line in text.decode().splitlines():
+        if line == "TPM is listening on Unix socket.":
+            continue  # vtpmctl runs no swtpm to listen
+        line = re.sub(r" @ .*", " @ TIME", line)
+        line = re.sub(r"--ek \S+", "--ek KEY", line)
+        line = re.sub(r"--dir \S+", "--dir DIR", line)
+        out.append(line)
+    return out
+
+
+def inspect(state: Path, key_args: list[str]) -> dict[str, object]:
+    """What a real swtpm reports about a state: handles, templates, NV attributes, banks."""
+    with swtpm_socket(state, ctrl="tcp", data="tcp", extra_args=key_args) as tpm:
+        persistent = tpm.tpm2("getcap", "handles-persistent").stdout.decode().split()
+        indexes = tpm.tpm2("getcap", "handles-nv-index").stdout.decode().split()
+        templates = {}
+        for handle in persistent[1::2]:
+            text = tpm.tpm2("readpublic", "-c", handle).stdout.decode()
+            keep = [
+                ln
+                for ln in text.splitlines()
+                if not re.match(r"^(name|qualified name|rsa|x|y):", ln)
+            ]
+            templates[handle] = keep
+        nv = {}
+        certs = {}
+        for index in indexes[1::2]:
+            pub = tpm.tpm2("nvreadpublic", index).stdout.decode()
+            value = re.findall(r"value: (0x[0-9A-F]+)", pub)
+            nv[index] = value
+            if index.lower() in ("0x1c00002", "0x1c00016", "0x1c08000", "0x1c0001c"):
+                certs[index] = tpm.tpm2("nvread", index).stdout
+        banks = tpm.tpm2("getcap", "pcrs").stdout.decode()
+    return {
+        "persistent": persistent,
+        "templates": templates,
+        "nv": nv,
+        "banks": banks,
+        "certs": certs,
+    }
+
+
+def chain_ok(der: bytes) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    cert = x509.load_der_x509_certificate(der)
+    issuer = x509.load_pem_x509_certificate(LOCALCA_ISSUER.read_bytes())
+    assert cert.issuer == issuer.subject
+    key = issuer.public_key()
+    assert isinstance(key, rsa.RSAPublicKey)
+    assert cert.signature_hash_algorithm is not None
+    key.verify(
+        cert.signature,
+        cert.tbs_certificate_bytes,
+        padding.PKCS1v15(),
+        cert.signature_hash_algorithm,
+    )
+
+
+CASES = {
+    "libvirt": ["--tpm2", "--vmid", "dom:0000", *LIBVIRT, "--not-overwrite"],
+    "signing-3072-spk-ecc": [
+        "--tpm2",
+        "--createek",
+        "--allow-signing",
+        "--rsa-keysize",
+        "3072",
+        "--create-spk",
+        "--ecc",
+        "--create-ek-cert",
+        "--lock-nvram",
+        "--pcr-banks",
+        "sha1,sha256",
+    ],
+    "sign-and-decrypt-spk": [
+        "--tpm2",
+        "--createek",
+        "--allow-signing",
+        "--decryption",
+        "--create-spk",
+        "--pcr-banks",
+        "-",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_manufacture_like_swtpm_setup(name: str, ours: str, tmp_path: Path) -> None:
+    args = CASES[name]
+    results = {}
+    for who, exe in (("ours", ours), ("real", REAL)):
+        state = tmp_path / who
+        state.mkdir()
+        res = run(exe, [*args, "--tpm-state", str(state)])
+        assert res.returncode == 0, res.stderr
+        results[who] = (
+            normal(res.stdout),
+            res.stderr,
+            inspect(state, []),
+            (state / "tpm2-00.permall").stat().st_mode & 0o777,
+        )
+    assert results["ours"][:2] == results["real"][:2]
+    mine, theirs = results["ours"][2], results["real"][2]
+    for key in ("persistent", "templates", "nv", "banks"):
+        assert mine[key] == theirs[key], key  # type: ignore[index]
+    assert results["ours"][3] == results["real"][3]
+    for der in mine["certs"].values():  # type: ignore[attr-defined]
+        chain_ok(der)
+
+
+def test_encrypted_states_open_both_ways(
+    ours: str, tmp_path: Path, vtpm_server: Callable[..., Any]
+) -> None:
+    """--pwdfile-fd as libvirt passes it, and --keyfile: each state opens in the other."""
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"a libvirt secret")
+    pw.chmod(0o600)
+    key = tmp_path / "key"
+    key.write_bytes(b"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n")
+    key.chmod(0o600)
+    variants = [
+        (["--pwdfile-fd", "{fd}", "--cipher", "aes-256-cbc"], f"pwdfile={pw},mode=aes-256-cbc"),
+        (["--pwdfile", str(pw)], f"pwdfile={pw}"),
+        (["--keyfile", str(key), "--cipher", "aes-256-cbc"], f"file={key},mode=aes-256-cbc"),
+    ]
+    for i, (opts, swtpm_key) in enumerate(variants):
+        for who, exe in (("ours", ours), ("real", REAL)):
+            state = tmp_path / f"{who}{i}"
+            state.mkdir()
+            fd = os.open(pw, os.O_RDONLY)
+            try:
+                args = [a.format(fd=fd) for a in opts]
+                res = run(
+                    exe, ["--tpm2", "--createek", "--tpm-state", str(state), *args], pass_fds=(fd,)
+                )
+            finally:
+                os.close(fd)
+            assert res.returncode == 0, (who, opts, res.stdout, res.stderr)
+            # the real swtpm opens both, with the key swtpm_setup would have given it
+            found = inspect(state, ["--key", swtpm_key])
+            assert "0x81010001" in found["persistent"]  # type: ignore[operator]
+            if who == "real":  # and vtpmctl's daemon opens the real one's
+                server = vtpm_server(
+                    state,
+                    ctrl="tcp",
+                    data="tcp",
+                    flags="not-need-init,startup-clear",
+                    extra_args=["--key", swtpm_key],
+                )
+                handles = server.tpm2("getcap", "handles-persistent").stdout
+                assert b"0x81010001" in handles
+
+
+def test_refusals_and_capabilities(ours: str, tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    state.mkdir()
+    assert run(ours, ["--tpm2", "--tpm-state", str(state)]).returncode == 0
+    cases = [
+        ["--tpm2"],
+        ["--tpm2", "--tpm-state", str(state)],
+        ["--tpm2", "--tpm-state", str(state), "--not-overwrite"],
+        ["--tpm2", "--tpm-state", str(tmp_path / "missing")],
+        ["--print-capabilities"],
+    ]
+    for args in cases:
+        mine, real = run(ours, args), run(REAL, args)
+        assert (mine.returncode, mine.stdout, mine.stderr) == (
+            real.returncode,
+            real.stdout,
+            real.stderr,
+        ), args
+    bogus = run(ours, ["--bogus"])
+    assert bogus.returncode == 1
+    assert bogus.stderr.endswith(b"unrecognized option '--bogus'\n")

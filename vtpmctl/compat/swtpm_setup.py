@@ -1,0 +1,684 @@
+"""``swtpm_setup``: swtpm 0.7.1's TPM manufacturing tool, served by vtpmctl's engine.
+
+libvirt runs ``swtpm_setup --tpm2 --tpm-state DIR --vmid NAME:UUID --logfile LOG
+--createek --create-ek-cert --create-platform-cert --lock-nvram --not-overwrite
+[--pwdfile-fd N --cipher aes-256-cbc]`` before a domain's first start, and
+``--print-capabilities`` to learn what it may ask; Proxmox adds ``--config``,
+``--runas 0`` and ``--tpmstate file://``. This program accepts swtpm_setup
+0.7.1's options and prints its progress lines to stdout (or ``--logfile``),
+with its exit codes. The TPM is made by the ``_swtpm_setup`` child process
+(vtpmctl.engine.setup), which leaves the same keys, NV indexes and state file
+as swtpm_setup does. Certificates come from the ``create_certs_tool`` that
+swtpm_setup.conf names (normally swtpm_localca, called with the arguments
+swtpm_setup passes it), or from vtpmctl's own CA when the configuration names
+``vtpmctl`` or no tool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import grp
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from vtpmctl import __version__
+from vtpmctl.compat.getopt import NO_ARG, OPTIONAL, REQUIRED, GetoptLong, Opt
+from vtpmctl.errors import UsageError, VtpmctlError
+
+SETUP_TIMEOUT = 120.0
+DEFAULT_PCR_BANKS = "sha256"
+RSA_KEYSIZES = (2048, 3072)
+CIPHERS = {"aes-cbc": 16, "aes-128-cbc": 16, "aes-256-cbc": 32}
+STATE_FILES = {True: "tpm2-00.permall", False: "tpm-00.permall"}
+OTHER_STATE_FILES = {
+    True: ("tpm2-00.volatilestate", "tpm2-00.savestate"),
+    False: ("tpm-00.volatilestate", "tpm-00.savestate"),
+}
+SYSTEM_CONFIG = Path("/etc/swtpm_setup.conf")
+OWN_CA = "vtpmctl"  # create_certs_tool value that picks vtpmctl's CA
+PLATFORM_INDEX = 0x01C08000
+
+# What swtpm_setup 0.7.1 prints for --print-capabilities, for what vtpmctl really does.
+FEATURES = (
+    "tpm-1.2",
+    "tpm-2.0",
+    "cmdarg-keyfile-fd",
+    "cmdarg-pwdfile-fd",
+    "tpm12-not-need-root",
+    "cmdarg-write-ek-cert-files",
+    "cmdarg-create-config-files",
+    "cmdarg-reconfigure-pcr-banks",
+    *(f"tpm2-rsa-keysize-{n}" for n in RSA_KEYSIZES),
+)
+
+OPTIONS = [
+    Opt("runas", REQUIRED),
+    Opt("config", REQUIRED),
+    Opt("tpm-state", REQUIRED),
+    Opt("tpmstate", REQUIRED),
+    Opt("tpm", REQUIRED),
+    Opt("swtpm_ioctl", REQUIRED),
+    Opt("tpm2"),
+    Opt("createek"),
+    Opt("create-spk"),
+    Opt("allow-signing"),
+    Opt("decryption"),
+    Opt("ecc"),
+    Opt("take-ownership"),
+    Opt("ownerpass", REQUIRED),
+    Opt("owner-well-known"),
+    Opt("srkpass", REQUIRED),
+    Opt("srk-well-known"),
+    Opt("create-ek-cert"),
+    Opt("create-platform-cert"),
+    Opt("lock-nvram"),
+    Opt("display"),
+    Opt("logfile", REQUIRED),
+    Opt("keyfile", REQUIRED),
+    Opt("keyfile-fd", REQUIRED),
+    Opt("pwdfile", REQUIRED),
+    Opt("pwdfile-fd", REQUIRED),
+    Opt("cipher", REQUIRED),
+    Opt("overwrite"),
+    Opt("not-overwrite"),
+    Opt("pcr-banks", REQUIRED),
+    Opt("rsa-keysize", REQUIRED),
+    Opt("write-ek-cert-files", REQUIRED),
+    Opt("tcsd-system-ps-file", REQUIRED),
+    Opt("print-capabilities"),
+    Opt("create-config-files", OPTIONAL),
+    Opt("reconfigure"),
+    Opt("vmid", REQUIRED),
+    Opt("version", NO_ARG),
+    Opt("help", NO_ARG),
+]
+
+USAGE = f"""\
+swtpm_setup (vtpmctl {__version__}): manufacture a TPM's initial state
+
+Usage: swtpm_setup [options]
+
+--tpm-state DIR, --tpmstate DIR
+                   where the state goes (required); dir://DIR or file://FILE
+--tpm2             make a TPM 2.0 (default: TPM 1.2)
+--createek         create the EKs (TPM 2.0: RSA and ECC NIST P-384)
+--create-ek-cert   also an EK certificate for each (implies --createek)
+--create-platform-cert
+                   also a platform certificate (implies --create-ek-cert)
+--lock-nvram       write-lock the NV indexes that were written
+--create-spk       create a storage primary key (RSA 2048, or ECC P-384 with --ecc)
+--ecc              make the storage primary key an ECC key
+--allow-signing    EKs that can sign (non-standard; their templates go into NV)
+--decryption       EKs that can decrypt (the default without --allow-signing)
+--rsa-keysize N    size of the RSA EK: {", ".join(map(str, RSA_KEYSIZES))} or max
+--pcr-banks LIST   PCR banks to activate, e.g. sha1,sha256; '-' keeps all
+                   (default: active_pcr_banks of the configuration, else {DEFAULT_PCR_BANKS})
+--reconfigure      change the PCR banks of an existing TPM 2.0; no new keys
+--overwrite        replace an existing state
+--not-overwrite    leave an existing state alone and succeed
+--keyfile FILE, --keyfile-fd FD
+                   encrypt the state with this hex key
+--pwdfile FILE, --pwdfile-fd FD
+                   encrypt the state with a key derived from this passphrase
+--cipher NAME      aes-128-cbc (default) or aes-256-cbc
+--config FILE      configuration (default: $XDG_CONFIG_HOME, $HOME or /etc swtpm_setup.conf)
+--vmid ID          passed to the certificate tool
+--logfile FILE     append progress and errors to FILE instead of stdout/stderr
+--write-ek-cert-files DIR
+                   also write the EK certificates to DIR as ek-<type>.crt
+--create-config-files [overwrite][,root][,skip-if-exist]
+                   write per-user swtpm_setup and swtpm-localca configuration files
+--runas USER       run as USER (root only)
+--display          show what was made at the end
+--take-ownership, --ownerpass P, --owner-well-known, --srkpass P, --srk-well-known
+                   TPM 1.2 ownership (not available in vtpmctl)
+--tpm PATH, --swtpm_ioctl PATH, --tcsd-system-ps-file FILE
+                   accepted for compatibility; vtpmctl serves the TPM itself
+--print-capabilities
+                   print the supported features as JSON
+--version          print the version
+--help, -h         print this help
+"""
+VERSION = f"swtpm_setup (vtpmctl {__version__}), compatible with swtpm_setup 0.7.1\n"
+
+
+class SwtpmSetupError(VtpmctlError):
+    """A failure swtpm_setup reports before it exits with 1; the text is its message."""
+
+
+@dataclass
+class Setup:
+    """The parsed command line."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    flags: set[str] = field(default_factory=set)
+
+    def has(self, name: str) -> bool:
+        return name in self.flags or name in self.values
+
+
+class Output:
+    """Where progress and errors go: the log file when given, else stdout and stderr."""
+
+    def __init__(self) -> None:
+        self.log: TextIO | None = None
+
+    def open(self, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise SwtpmSetupError(f"Cannot write to logfile {path}: {exc.strerror}") from None
+        self.log = os.fdopen(fd, "a", buffering=1)
+
+    def info(self, line: str) -> None:
+        (self.log or sys.stdout).write(line + "\n")
+
+    def error(self, line: str) -> None:
+        (self.log or sys.stderr).write(line + "\n")
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def config_path(given: str | None, env: dict[str, str]) -> Path:
+    """--config, else the first of $XDG_CONFIG_HOME, $HOME and /etc that has the file."""
+    if given:
+        return Path(given)
+    candidates = []
+    if env.get("XDG_CONFIG_HOME"):
+        candidates.append(Path(env["XDG_CONFIG_HOME"]) / "swtpm_setup.conf")
+    if env.get("HOME"):
+        candidates.append(Path(env["HOME"]) / ".config" / "swtpm_setup.conf")
+        candidates.append(Path(env["HOME"]) / "swtpm_setup.conf")
+    return next((c for c in candidates if c.is_file()), SYSTEM_CONFIG)
+
+
+def read_config(path: Path) -> dict[str, str]:
+    """``key = value`` lines; ``#`` starts a comment. A missing file is an empty one."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise SwtpmSetupError(f"Could not read config file {path}: {exc.strerror}") from None
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        name, sep, value = line.partition("=")
+        if sep and name.strip():
+            values[name.strip()] = value.strip()
+    return values
+
+
+def capabilities() -> str:
+    features = ", ".join(f'"{f}"' for f in FEATURES)
+    return f'{{ "type": "swtpm_setup", "features": [ {features} ], "version": "0.7.1" }}\n'
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse(argv: list[str], prog: str) -> Setup:
+    args = ["--help" if a == "-h" else a for a in argv]
+    parsed = GetoptLong(prog, OPTIONS, long_only=False).parse(args)
+    if parsed.errors:
+        for message in parsed.errors:
+            sys.stderr.write(message + "\n")
+        sys.stdout.write(USAGE)
+        raise SystemExit(1)
+    setup = Setup()
+    for name, value, _, _ in parsed.options:
+        if value is None:
+            setup.flags.add(name)
+        else:
+            setup.values["tpm-state" if name == "tpmstate" else name] = value
+    return setup
+
+
+def _state_dir(spec: str, user: str) -> Path:
+    if spec.startswith("file://"):
+        raise SwtpmSetupError(
+            f"The linear file backend ({spec}) is not available in this vtpmctl; "
+            "give a directory (dir://DIR)"
+        )
+    path = Path(spec.removeprefix("dir://"))
+    if not (path.is_dir() and os.access(path, os.R_OK | os.W_OK | os.X_OK)):
+        raise SwtpmSetupError(
+            f"User {user} cannot access directory {path}. Make sure it exists and is a directory."
+        )
+    return path
+
+
+# swtpm_setup's key options and the ``--key`` source each hands to swtpm.
+KEY_OPTIONS = {"keyfile": "file", "keyfile-fd": "fd", "pwdfile": "pwdfile", "pwdfile-fd": "pwdfd"}
+
+
+def state_key(setup: Setup) -> tuple[bytes | None, str | None]:
+    """The state key and how it was given ("key" or "passphrase"), or (None, None).
+
+    The options become the ``--key`` value swtpm_setup would give swtpm (default
+    cipher aes-128-cbc, a passphrase through PBKDF2), read by vtpmctl's key parser.
+    """
+    from vtpmctl.store.keys import KeyFileError, parse_key_spec
+
+    cipher = setup.values.get("cipher", "aes-128-cbc")
+    if cipher not in CIPHERS:
+        raise SwtpmSetupError(f"Unsupported cipher {cipher}.")
+    given = [name for name in KEY_OPTIONS if name in setup.values]
+    if not given:
+        return None, None
+    name = given[0]
+    source = KEY_OPTIONS[name]
+    spec = f"{source}={setup.values[name]},mode={cipher}"
+    if source.startswith("pwd"):
+        spec += ",kdf=pbkdf2"
+    else:
+        spec += ",format=hex"
+    try:
+        key = parse_key_spec(spec, f"--{name}").resolve()
+    except KeyFileError as exc:
+        raise SwtpmSetupError(str(exc)) from None
+    return key.material, "passphrase" if source.startswith("pwd") else "key"
+
+
+# ---------------------------------------------------------------- certificates
+
+
+def _now() -> str:
+    return dt.datetime.now().astimezone().strftime("%a %d %b %Y %I:%M:%S %p %Z")
+
+
+def _who() -> str:
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    try:
+        group = grp.getgrgid(os.getegid()).gr_name
+    except KeyError:
+        group = str(os.getegid())
+    return f"{user}:{group}"
+
+
+@dataclass
+class CertTool:
+    """swtpm_setup.conf's create_certs_tool with its configuration and options files."""
+
+    tool: str
+    config: str | None
+    options: str | None
+    vmid: str | None
+    out: Output
+
+    def issue(self, kind: str, ek: dict[str, Any], info: dict[str, str], workdir: Path) -> bytes:
+        key = ek["modulus"] if "modulus" in ek else f"x={ek['x']},y={ek['y']},id=secp384r1"
+        argv = [self.tool, "--type", kind, "--ek", key, "--dir", str(workdir)]
+        if self.vmid:
+            argv += ["--vmid", self.vmid]
+        argv += [
+            "--tpm-spec-family",
+            info["spec_family"],
+            "--tpm-spec-level",
+            info["spec_level"],
+            "--tpm-spec-revision",
+            info["spec_revision"],
+            "--tpm-manufacturer",
+            info["manufacturer"],
+            "--tpm-model",
+            info["model"],
+            "--tpm-version",
+            info["version"],
+            "--tpm2",
+        ]
+        if self.config:
+            argv += ["--configfile", self.config]
+        if self.options:
+            argv += ["--optsfile", self.options]
+        self.out.info("  Invoking " + " ".join(argv))
+        try:
+            proc = subprocess.run(argv, capture_output=True, timeout=SETUP_TIMEOUT, check=False)
+        except OSError as exc:
+            raise SwtpmSetupError(f"Could not run {self.tool}: {exc.strerror}") from None
+        prefix = os.path.basename(self.tool) + ": "
+        for line in (proc.stdout + proc.stderr).decode(errors="replace").splitlines():
+            self.out.info(prefix + line)
+        name = "ek.cert" if kind == "ek" else "platform.cert"
+        cert = workdir / name
+        if proc.returncode != 0 or not cert.exists():
+            raise SwtpmSetupError(f"{self.tool} exit with status {proc.returncode}")
+        data = cert.read_bytes()
+        cert.unlink()
+        return data
+
+
+@dataclass
+class OwnCA:
+    """vtpmctl's local CA (the one ``vtpmctl create`` uses) in swtpm_localca's place."""
+
+    out: Output
+
+    def issue(self, kind: str, ek: dict[str, Any], info: dict[str, str], workdir: Path) -> bytes:
+        from vtpmctl import __version__ as version
+        from vtpmctl.store.ca import CAError, LocalCA
+        from vtpmctl.store.paths import store_roots
+
+        del workdir
+        key = _public_key(ek)
+        details = {
+            "platform_manufacturer": "vtpmctl",
+            "platform_model": "vtpmctl",
+            "platform_version": version,
+            **info,
+        }
+        try:
+            ca = LocalCA(store_roots().config / "ca")
+        except (CAError, OSError) as exc:
+            raise SwtpmSetupError(f"vtpmctl's CA cannot be used: {exc}") from None
+        if kind == "ek":
+            return ca.issue_ek_cert(key, details)
+        return ca.issue_platform_cert(key, details)
+
+
+def _public_key(ek: dict[str, Any]) -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    if "modulus" in ek:
+        return rsa.RSAPublicNumbers(65537, int(ek["modulus"], 16)).public_key()
+    x, y = int(ek["x"], 16), int(ek["y"], 16)
+    return ec.EllipticCurvePublicNumbers(x, y, ec.SECP384R1()).public_key()
+
+
+# ---------------------------------------------------------------- the flow
+
+
+def _child(request: dict[str, Any]) -> dict[str, Any]:
+    from vtpmctl.childproc import ChildError, run_child
+
+    try:
+        return run_child("_swtpm_setup", request, timeout=SETUP_TIMEOUT, cwd=None).answer
+    except ChildError as exc:
+        raise SwtpmSetupError(f"Error: Could not setup the TPM: {exc}") from None
+
+
+def _ek_name(ek: dict[str, Any]) -> str:
+    return {"rsa2048": "RSA 2048", "rsa3072": "RSA 3072"}.get(ek["algorithm"], "ECC")
+
+
+def _cert_file_name(ek: dict[str, Any]) -> str:
+    return {"rsa2048": "ek-rsa2048.crt", "rsa3072": "ek-rsa3072.crt"}.get(
+        ek["algorithm"], "ek-secp384r1.crt"
+    )
+
+
+@contextlib.contextmanager
+def _workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="swtpm_setup.certs."))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_state(directory: Path, tpm2: bool) -> None:
+    for name in (STATE_FILES[tpm2], *OTHER_STATE_FILES[tpm2]):
+        with contextlib.suppress(FileNotFoundError):
+            (directory / name).unlink()
+
+
+def _pcr_banks(setup: Setup, config: dict[str, str]) -> list[str] | None:
+    text = setup.values.get("pcr-banks") or config.get("active_pcr_banks") or DEFAULT_PCR_BANKS
+    if text.strip() == "-":
+        return None
+    return [b.strip() for b in text.split(",") if b.strip()]
+
+
+def _rsa_keysize(setup: Setup) -> int:
+    text = setup.values.get("rsa-keysize", "2048")
+    size = max(RSA_KEYSIZES) if text == "max" else int(text) if text.isdigit() else 0
+    if size not in RSA_KEYSIZES:
+        raise SwtpmSetupError(f"Unsupported RSA key size {text}.")
+    return size
+
+
+def _check_options(setup: Setup, tpm2: bool) -> None:
+    for name in ("allow-signing", "decryption", "create-spk", "reconfigure"):
+        if setup.has(name) and not tpm2:
+            raise SwtpmSetupError(f"--{name} requires --tpm2.")
+    for name in ("take-ownership", "ownerpass", "owner-well-known", "srkpass", "srk-well-known"):
+        if setup.has(name):
+            if tpm2:
+                raise SwtpmSetupError(f"--{name} is only available for a TPM 1.2.")
+            raise SwtpmSetupError(f"--{name}: TPM 1.2 ownership is not available in vtpmctl.")
+    if not tpm2 and (setup.has("createek") or setup.has("create-ek-cert")):
+        raise SwtpmSetupError("TPM 1.2 EKs are not available in vtpmctl; use --tpm2.")
+
+
+def _issuer(setup: Setup, config: dict[str, str], out: Output) -> CertTool | OwnCA:
+    tool = config.get("create_certs_tool", "")
+    if not tool or tool == OWN_CA:
+        return OwnCA(out)
+    return CertTool(
+        tool,
+        config.get("create_certs_tool_config"),
+        config.get("create_certs_tool_options"),
+        setup.values.get("vmid"),
+        out,
+    )
+
+
+def manufacture(setup: Setup, out: Output) -> int:
+    """The whole run once options are known; 0, or 1 after an error line."""
+    env = dict(os.environ)
+    tpm2 = "tpm2" in setup.flags
+    _check_options(setup, tpm2)
+    config = read_config(config_path(setup.values.get("config"), env))
+    if "tpm-state" not in setup.values:
+        raise SwtpmSetupError("--tpm-state must be provided")
+    directory = _state_dir(setup.values["tpm-state"], _who().split(":")[0])
+    exists = (directory / STATE_FILES[tpm2]).exists()
+    reconfigure = "reconfigure" in setup.flags
+    if reconfigure and not exists:
+        raise SwtpmSetupError("Cannot reconfigure: no TPM state found.")
+    if exists and not reconfigure:
+        if "not-overwrite" in setup.flags:
+            out.info("Not overwriting existing state file.")
+            return 0
+        if "overwrite" not in setup.flags:
+            out.error("Found existing TPM state 'permall'.")
+            return 1
+        _remove_state(directory, tpm2)
+    key, key_kind = state_key(setup)
+    if key_kind == "passphrase":
+        out.info("  The TPM's state will be encrypted using a key derived from a passphrase.")
+    elif key_kind == "key":
+        out.info("  The TPM's state will be encrypted with a provided key.")
+    ek_cert = setup.has("create-ek-cert") or setup.has("create-platform-cert")
+    base = {"state_dir": str(directory), "tpm2": tpm2, "key": key.hex() if key else None}
+    out.info(
+        f"Starting vTPM {'reconfiguration' if reconfigure else 'manufacturing'} as "
+        f"{_who()} @ {_now()}"
+    )
+    made: dict[str, Any] = {"eks": [], "templates": []}
+    if not reconfigure:
+        made = _child(
+            {
+                **base,
+                "phase": "create",
+                "ek": ek_cert or setup.has("createek"),
+                "spk": setup.has("create-spk"),
+                "ecc": setup.has("ecc"),
+                "rsa_keysize": _rsa_keysize(setup),
+                "allow_signing": setup.has("allow-signing"),
+                "decryption": setup.has("decryption"),
+            }
+        )
+    try:
+        certs = _certificates(setup, config, made, out, ek_cert)
+        banks = _pcr_banks(setup, config) if tpm2 else None
+        done = _child(
+            {
+                **base,
+                "phase": "finish",
+                "certs": [[index, der.hex()] for index, der in certs],
+                "lock": made.get("templates", []),
+                "lock_nvram": setup.has("lock-nvram"),
+                "pcr_banks": banks,
+            }
+        )
+    except BaseException:
+        if not reconfigure:
+            _remove_state(directory, tpm2)
+        raise
+    if banks is not None and tpm2:
+        out.info(
+            f"Successfully activated PCR banks {','.join(done['active'])} "
+            f"among {','.join(done['available'])}."
+        )
+    _write_cert_files(setup, made, certs)
+    out.info("Successfully authored TPM state.")
+    out.info(f"Ending vTPM {'reconfiguration' if reconfigure else 'manufacturing'} @ {_now()}")
+    return 0
+
+
+def _certificates(
+    setup: Setup, config: dict[str, str], made: dict[str, Any], out: Output, ek_cert: bool
+) -> list[tuple[int, bytes]]:
+    """(NV index, DER) of each certificate, reported in swtpm_setup's order."""
+    if made.get("spk"):
+        out.info(f"Successfully created storage primary key with handle {made['spk']}.")
+    certs: list[tuple[int, bytes]] = []
+    issuer = _issuer(setup, config, out) if ek_cert else None
+    with _workdir() as workdir:
+        for ek in made.get("eks", []):
+            name = _ek_name(ek)
+            out.info(f"Successfully created {name} EK with handle 0x{ek['handle']:x}.")
+            if "template_index" in ek:
+                index = ek["template_index"]
+                out.info(f"Successfully created NVRAM area 0x{index:x} for {name} EK template.")
+            if issuer is None:
+                continue
+            info = made["tpm_info"]
+            pending = [(ek["cert_index"], issuer.issue("ek", ek, info, workdir), f"{name} EK")]
+            if setup.has("create-platform-cert") and all(i != PLATFORM_INDEX for i, _ in certs):
+                pder = issuer.issue("platform", ek, info, workdir)
+                pending.append((PLATFORM_INDEX, pder, "platform"))
+            for index, der, what in pending:
+                certs.append((index, der))
+                out.info(f"Successfully created NVRAM area 0x{index:x} for {what} certificate.")
+    return certs
+
+
+def _write_cert_files(setup: Setup, made: dict[str, Any], certs: list[tuple[int, bytes]]) -> None:
+    target = setup.values.get("write-ek-cert-files")
+    if not target:
+        return
+    by_index = dict(certs)
+    for ek in made.get("eks", []):
+        der = by_index.get(ek["cert_index"])
+        if der is not None:
+            path = Path(target) / _cert_file_name(ek)
+            try:
+                path.write_bytes(der)
+            except OSError as exc:
+                raise SwtpmSetupError(f"Could not write {path}: {exc.strerror}") from None
+
+
+def _runas(user: str) -> None:
+    if os.geteuid() != 0:
+        raise SwtpmSetupError("Need to be root to use --runas.")
+    try:
+        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise SwtpmSetupError(f"User '{user}' does not exist.") from None
+    os.initgroups(entry.pw_name, entry.pw_gid)
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+def create_config_files(option: str, out: Output) -> int:
+    """Per-user swtpm_setup.conf, swtpm-localca.conf and .options (swtpm_localca's layout)."""
+    words = {w for w in option.split(",") if w}
+    unknown = words - {"overwrite", "root", "skip-if-exist"}
+    if unknown:
+        raise SwtpmSetupError(f"Unknown option '{sorted(unknown)[0]}' for --create-config-files.")
+    if os.geteuid() == 0 and "root" not in words:
+        raise SwtpmSetupError(
+            "Requiring the 'root' flag since the configuration files will shadow those in /etc."
+        )
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    state = base / "var" / "lib" / "swtpm-localca"
+    files = {
+        base / "swtpm_setup.conf": (
+            f"create_certs_tool = {shutil.which('swtpm_localca') or '/usr/bin/swtpm_localca'}\n"
+            f"create_certs_tool_config = {base / 'swtpm-localca.conf'}\n"
+            f"create_certs_tool_options = {base / 'swtpm-localca.options'}\n"
+        ),
+        base / "swtpm-localca.conf": (
+            f"statedir = {state}\nsigningkey = {state / 'signkey.pem'}\n"
+            f"issuercert = {state / 'issuercert.pem'}\ncertserial = {state / 'certserial'}\n"
+        ),
+        base / "swtpm-localca.options": (
+            "--platform-manufacturer vtpmctl\n--platform-version 2.1\n--platform-model QEMU\n"
+        ),
+    }
+    existing = [p for p in files if p.exists()]
+    if existing and "overwrite" not in words:
+        if "skip-if-exist" in words:
+            return 0
+        raise SwtpmSetupError(f"File {existing[0]} already exists. Refusing to overwrite.")
+    from vtpmctl.store.atomic import write_atomic
+
+    base.mkdir(parents=True, exist_ok=True)
+    for path, text in files.items():
+        write_atomic(path, text.encode(), 0o644)
+        out.info(f"Writing {path}.")
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run one swtpm_setup command line; 0 on success, 1 on failure."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    name = prog or (sys.argv[0] if os.path.basename(sys.argv[0]) == "swtpm_setup" else "")
+    out = Output()
+    try:
+        setup = parse(args, name or "swtpm_setup")
+        if "help" in setup.flags:
+            sys.stdout.write(USAGE)
+            return 0
+        if "version" in setup.flags:
+            sys.stdout.write(VERSION)
+            return 0
+        if "print-capabilities" in setup.flags:
+            sys.stdout.write(capabilities())
+            return 0
+        if "runas" in setup.values:
+            _runas(setup.values["runas"])
+        if "logfile" in setup.values:
+            out.open(setup.values["logfile"])
+        if "create-config-files" in setup.values or "create-config-files" in setup.flags:
+            return create_config_files(setup.values.get("create-config-files", ""), out)
+        return manufacture(setup, out)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except (SwtpmSetupError, UsageError) as exc:
+        out.error(str(exc))
+        return 1
+    except VtpmctlError as exc:
+        out.error(f"Error: {exc}")
+        return 1
+    finally:
+        if out.log is not None:
+            out.log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
