@@ -134,6 +134,16 @@ def import_(
     from vtpmctl.store.instances import Registry, validate_name
     from vtpmctl.usecases.migrate import ImportOptions, import_bundle, read_bundle_file
 
+    if source.startswith("s3://"):
+        given = [migration_key_file, encrypt, key_file, transport]
+        if any(v is not None for v in given):
+            raise UsageError(
+                "an s3:// import takes the instance as pushed (its keys come from the "
+                "remote); drop --migration-key-file, --encrypt, --key-file and --transport"
+            )
+        from vtpmctl.commands.remote import pull_url
+
+        return pull_url(source, name, as_json)
     if encrypt is False and key_file is not None:
         raise UsageError("--no-encrypt and --key-file contradict each other")
     if name is not None:
@@ -260,7 +270,9 @@ def register(app: "typer.Typer") -> None:
         source: Annotated[
             str,
             typer.Argument(
-                metavar="BUNDLE|-", show_default=False, help="the bundle ('-' for stdin)"
+                metavar="BUNDLE|-|s3://BUCKET/PREFIX/NAME",
+                show_default=False,
+                help="the bundle ('-' for stdin), or an instance in a configured remote",
             ),
         ],
         name: Annotated[

@@ -5,8 +5,11 @@ the hosts of a fleet (docs/remotes.md). boto3 is imported only when one of
 these commands talks to a remote.
 """
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vtpmctl.commands.output import note, out, print_json, print_table
 
@@ -14,6 +17,7 @@ if TYPE_CHECKING:
     import typer
 
     from vtpmctl.store.blob import AesKey
+    from vtpmctl.usecases.remote import Progress, Pulled
 
 FORMAT_VERSION = 1
 
@@ -106,6 +110,185 @@ def rm(name: str, as_json: bool = False) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _progress(what: str, as_json: bool) -> "Iterator[Progress | None]":
+    """A transfer bar on stderr when a person watches it; nothing for scripts."""
+    if as_json or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _size(n: int) -> str:
+    """Bytes for people: B below a KiB, else KiB or MiB with one decimal."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+def push(
+    name: str, remote: str | None = None, allow_plaintext: bool = False, as_json: bool = False
+) -> int:
+    """Upload NAME to REMOTE (or the only remote): new objects, then its index."""
+    from vtpmctl.usecases import remote as uc
+
+    with _progress(f"push {name}", as_json) as progress:
+        done = uc.push(name, remote, allow_plaintext=allow_plaintext, progress=progress)
+    if as_json:
+        print_json(
+            {
+                "format_version": FORMAT_VERSION,
+                "name": done.name,
+                "remote": done.remote.name,
+                "url": done.remote.url,
+                "generation": done.generation,
+                "source_state": done.source_state,
+                "objects": done.objects,
+                "uploaded": done.uploaded,
+                "uploaded_bytes": done.uploaded_bytes,
+                "size": done.size,
+                "snapshots": done.snapshots,
+                "notes": done.notes,
+            }
+        )
+        return 0
+    for text in done.notes:
+        note(text)
+    out(
+        f"pushed {done.name} to {done.remote.name} ({done.remote.url}) as generation "
+        f"{done.generation}: {done.uploaded} of {done.objects} objects uploaded "
+        f"({_size(done.uploaded_bytes)} of {_size(done.size)}), {done.snapshots} snapshots"
+    )
+    return 0
+
+
+def _pulled(done: "Pulled", as_json: bool) -> int:
+    if as_json:
+        print_json(
+            {
+                "format_version": FORMAT_VERSION,
+                "name": done.name,
+                "source_name": done.source_name,
+                "remote": done.remote.name,
+                "url": done.remote.url,
+                "generation": done.generation,
+                "pushed": done.pushed,
+                "pushed_by": done.host,
+                "size": done.size,
+                "snapshots": done.snapshots,
+                "encrypted": done.encrypted,
+                "libtpms_version": done.libtpms_version,
+                "notes": done.notes,
+            }
+        )
+        return 0
+    for text in done.notes:
+        note(text)
+    out(
+        f"pulled {done.source_name} from {done.remote.name} (generation {done.generation}, "
+        f"pushed {done.pushed} by {done.host}) as {done.name}: {_size(done.size)}, "
+        f"{done.snapshots} snapshots, "
+        + ("encrypted at rest" if done.encrypted else "not encrypted at rest")
+        + f"; start it with: vtpmctl start {done.name}"
+    )
+    return 0
+
+
+def pull(
+    name: str, remote: str | None = None, new_name: str | None = None, as_json: bool = False
+) -> int:
+    """Register NAME from REMOTE after checking all of it."""
+    from vtpmctl.usecases import remote as uc
+
+    with _progress(f"pull {name}", as_json) as progress:
+        done = uc.pull(name, remote, new_name=new_name, progress=progress)
+    return _pulled(done, as_json)
+
+
+def pull_url(url: str, new_name: str | None = None, as_json: bool = False) -> int:
+    """`migrate import s3://BUCKET/PREFIX/NAME`: a pull from the remote of that bucket/prefix."""
+    from vtpmctl.store.remote.config import RemoteConfigError, RemoteRegistry, parse_url
+    from vtpmctl.usecases import remote as uc
+
+    bucket, path = parse_url(url)
+    prefix, _, name = path.rpartition("/")
+    if not name:
+        raise RemoteConfigError(f"{url} names no instance; write s3://BUCKET/PREFIX/NAME")
+    found = RemoteRegistry().find_url(bucket, prefix)
+    with _progress(f"pull {name}", as_json) as progress:
+        done = uc.pull(name, new_name=new_name, progress=progress, remote=found)
+    return _pulled(done, as_json)
+
+
+def ls(remote: str | None = None, as_json: bool = False) -> int:
+    """The instances in REMOTE: who pushed them, their lease, their size."""
+    from vtpmctl.usecases.remote import list_remote
+
+    where, found = list_remote(remote)
+    if as_json:
+        records: list[dict[str, Any]] = [
+            {
+                "name": x.name,
+                "generation": x.generation,
+                "pushed": x.pushed,
+                "pushed_by": x.host,
+                "tpm": x.tpm,
+                "encrypted": x.encrypted,
+                "snapshots": x.snapshots,
+                "size": x.size,
+                "lease": x.lease,
+            }
+            for x in found
+        ]
+        print_json(
+            {
+                "format_version": FORMAT_VERSION,
+                "remote": where.name,
+                "url": where.url,
+                "instances": records,
+            }
+        )
+        return 0
+    if not found:
+        note(f"no instances in {where.name} ({where.url}); push one with: vtpmctl push NAME")
+        return 0
+    rows = []
+    for x in found:
+        lease = x.lease
+        owner = str(lease.get("holder") or "-")
+        state = str(lease.get("state"))
+        if lease.get("expires"):
+            state += f" until {lease['expires']}"
+        rows.append([x.name, owner, state, x.host, x.pushed, str(x.snapshots), _size(x.size)])
+    print_table(["NAME", "OWNER", "LEASE", "PUSHED BY", "PUSHED", "SNAPSHOTS", "SIZE"], rows)
+    return 0
+
+
 def register(app: "typer.Typer") -> None:
     """Add the `remote` group and the `push`/`pull` commands."""
     from typing import Annotated
@@ -114,6 +297,7 @@ def register(app: "typer.Typer") -> None:
 
     from vtpmctl.commands import args
 
+    remote_help = "remote name [default: the only remote]"
     group = typer.Typer(
         name="remote",
         no_args_is_help=True,
@@ -182,4 +366,51 @@ def register(app: "typer.Typer") -> None:
         """Forget a remote and its fleet key on this host; the bucket is not touched."""
         raise typer.Exit(rm(name, as_json))
 
+    @group.command("ls")
+    def ls_cmd(
+        remote: Annotated[
+            str | None,
+            typer.Argument(metavar="[REMOTE]", show_default=False, help=remote_help),
+        ] = None,
+        as_json: Annotated[bool, args.JSON] = False,
+    ) -> None:
+        """List the instances in a remote with owner, lease state and size."""
+        raise typer.Exit(ls(remote, as_json))
+
     app.add_typer(group)
+
+    @app.command("push")
+    def push_cmd(
+        name: Annotated[str, args.NAME],
+        remote: Annotated[
+            str | None,
+            typer.Argument(metavar="[REMOTE]", show_default=False, help=remote_help),
+        ] = None,
+        allow_plaintext: Annotated[
+            bool,
+            typer.Option(
+                "--allow-plaintext",
+                help="push an instance that is not encrypted at rest (its TPM state "
+                "then lies in the bucket in plaintext)",
+            ),
+        ] = False,
+        as_json: Annotated[bool, args.JSON] = False,
+    ) -> None:
+        """Upload a vTPM (state, EK data, snapshots) to a remote; only new objects travel."""
+        raise typer.Exit(push(name, remote, allow_plaintext, as_json))
+
+    @app.command("pull")
+    def pull_cmd(
+        name: Annotated[str, args.NAME],
+        remote: Annotated[
+            str | None,
+            typer.Argument(metavar="[REMOTE]", show_default=False, help=remote_help),
+        ] = None,
+        new_name: Annotated[
+            str | None,
+            typer.Option("--name", show_default=False, help="local name [default: NAME]"),
+        ] = None,
+        as_json: Annotated[bool, args.JSON] = False,
+    ) -> None:
+        """Create a vTPM here from a remote; everything is checked before anything is written."""
+        raise typer.Exit(pull(name, remote, new_name, as_json))

@@ -336,6 +336,65 @@ class SnapshotStore:
         index = self._read_index()
         return {v[0] for state in index.states.values() for v in state.values()}
 
+    # ------------------------------------------------------------ copies (remotes)
+
+    def export_index(self) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+        """The index as a JSON object and every object it names, as stored (each checked).
+
+        None when there are no snapshots. Refused while a key rotation is pending or
+        when the objects are under another key than the store's.
+        """
+        with self.locked():
+            if not self.exists():
+                return None
+            index = self._read_index()
+            if not index.snaps:
+                return None
+            self._check_key(index)
+            names = {v[0] for state in index.states.values() for v in state.values()}
+            stored = {}
+            for digest in sorted(names):
+                self.read_object(digest)  # decrypts, checks the HMAC and the name
+                stored[digest] = self.object_path(digest).read_bytes()
+            return json.loads(index.to_bytes()), stored
+
+    def adopt(self, doc: dict[str, Any], stored: dict[str, bytes]) -> list[Snapshot]:
+        """Make an empty store hold the index ``doc`` and its ``stored`` objects.
+
+        The objects must be in this store's format under its key (what
+        ``export_index`` returned on a store with the same key); each is checked
+        before anything is written, and the index is written last.
+        """
+        try:
+            index = _parse_index(json.dumps(doc).encode())
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise SnapshotError(f"the snapshot index to adopt is invalid ({exc})") from None
+        if index.key != self.fingerprint or index.pending_key is not None:
+            raise SnapshotError(
+                f"the snapshots to adopt are under key {index.key or '(none)'}, not this "
+                f"store's {self.fingerprint or '(none)'}"
+            )
+        names = {v[0] for state in index.states.values() for v in state.values()}
+        if set(stored) != names:
+            raise SnapshotError("the snapshot objects to adopt are not the ones the index names")
+        with self.locked():
+            if self.exists():
+                raise SnapshotError(f"{self.root} has snapshots already")
+            for digest in sorted(names):
+                try:
+                    plain = unwrap_file(stored[digest], self.key)
+                except BlobError as exc:
+                    raise SnapshotError(
+                        f"snapshot object {digest[:12]} is unreadable ({exc.message})"
+                    ) from None
+                if hashlib.sha256(plain).hexdigest() != digest:
+                    raise SnapshotError(f"snapshot object {digest[:12]} is corrupt")
+            ensure_dir(self.objects_dir, PRIVATE_MODE, parent_mode=PRIVATE_MODE)
+            for digest in sorted(names):
+                write_atomic(self.object_path(digest), stored[digest], 0o600)
+            self._write_index(index)
+            return [index.snapshot(row) for row in index.snaps]
+
     # ------------------------------------------------------------ operations
 
     def create(

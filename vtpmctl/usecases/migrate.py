@@ -17,6 +17,7 @@ point leaves the store as it was.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ from vtpmctl.store.instances import (
     Instance,
     InstanceConfig,
     InstanceMeta,
+    InstancePaths,
     Registry,
     now_utc,
     validate_name,
@@ -89,7 +91,8 @@ class Exported:
     settled: list[str] = field(default_factory=list)  # interrupted operations settled first
 
 
-def _ek_file(inst: Instance) -> bytes | None:
+def ek_json_of(inst: Instance) -> bytes | None:
+    """The instance's ek.json as recorded at create; None when it has none."""
     try:
         return inst.paths.ek_file.read_bytes()
     except FileNotFoundError:
@@ -152,16 +155,19 @@ def _running_state(inst: Instance) -> dict[str, bytes]:
     return {BlobKind.PERMANENT: plain}
 
 
-def export_instance(
-    registry: Registry,
-    name: str,
-    *,
-    migration_key: AesKey | None = None,
-    allow_running: bool = False,
-) -> Exported:
-    """A bundle of NAME; ``migration_key`` overrides the instance's own."""
-    from vtpmctl.store.instance_keys import load_migration_key
-    from vtpmctl.store.keys import KeyFileError
+@dataclass
+class PlainState:
+    """An instance's plaintext blobs as read for an export or a push."""
+
+    instance: Instance
+    blobs: dict[str, bytes]  # BlobKind word -> libtpms state
+    state: str  # "stopped": the state dir, read under its lock; "running": from the daemon
+    settled: list[str] = field(default_factory=list)
+
+
+def read_plain_state(registry: Registry, name: str, *, allow_running: bool) -> PlainState:
+    """NAME's state: a stopped instance's files under its lock, or a running one's permanent
+    state over its control channel (only with ``allow_running``)."""
     from vtpmctl.usecases.supervisor import probe
 
     inst = registry.get(name)
@@ -172,22 +178,35 @@ def export_instance(
             inst, plain = _stopped_state(registry, inst, settled)
         finally:
             sd.unlock()
-        state = "stopped"
-    else:
-        status = probe(inst)
-        if not allow_running:
-            raise MigrateError(
-                f"{name} is running (pid {status.pid}); stop it first (vtpmctl stop {name}) so "
-                "the bundle holds its final state, or add --allow-running for a copy of its "
-                "permanent state (for a running VM, use QEMU live migration)"
-            )
-        if not status.ours:
-            raise MigrateError(
-                f"the state dir of {name} is locked by pid {status.pid}, which is "
-                "not its vtpmctl daemon; stop that process first"
-            )
-        plain = _running_state(inst)
-        state = "running"
+        return PlainState(inst, plain, "stopped", settled)
+    status = probe(inst)
+    if not allow_running:
+        raise MigrateError(
+            f"{name} is running (pid {status.pid}); stop it first (vtpmctl stop {name}) so "
+            "the bundle holds its final state, or add --allow-running for a copy of its "
+            "permanent state (for a running VM, use QEMU live migration)"
+        )
+    if not status.ours:
+        raise MigrateError(
+            f"the state dir of {name} is locked by pid {status.pid}, which is "
+            "not its vtpmctl daemon; stop that process first"
+        )
+    return PlainState(inst, _running_state(inst), "running", settled)
+
+
+def export_instance(
+    registry: Registry,
+    name: str,
+    *,
+    migration_key: AesKey | None = None,
+    allow_running: bool = False,
+) -> Exported:
+    """A bundle of NAME; ``migration_key`` overrides the instance's own."""
+    from vtpmctl.store.instance_keys import load_migration_key
+    from vtpmctl.store.keys import KeyFileError
+
+    read = read_plain_state(registry, name, allow_running=allow_running)
+    inst, plain, state, settled = read.instance, read.blobs, read.state, read.settled
     if migration_key is None:
         try:
             migration_key = load_migration_key(inst)
@@ -205,7 +224,7 @@ def export_instance(
         encrypted_at_rest=inst.config.encrypted,
         ek_fingerprints=inst.meta.ek_fingerprints,
     )
-    data = build_bundle(plain, source, ek_json=_ek_file(inst), migration_key=migration_key)
+    data = build_bundle(plain, source, ek_json=ek_json_of(inst), migration_key=migration_key)
     return Exported(data, open_bundle(data, migration_key).manifest, settled)
 
 
@@ -221,6 +240,8 @@ class ImportOptions:
     state_key: AesKey | None = None
     key_source: str | None = None
     transport: Transport | None = None
+    # more files for the new instance, written after its state and before it exists
+    extra: Callable[[InstancePaths], None] | None = None
 
 
 @dataclass
@@ -384,6 +405,8 @@ def import_bundle(registry: Registry, data: bytes, opts: ImportOptions) -> Impor
             sd.store(BlobKind(kind).file_name, plain)
         if bundle.ek_json is not None:
             write_atomic(paths.ek_file, bundle.ek_json, 0o644)
+        if opts.extra is not None:
+            opts.extra(paths)
         registry.commit(paths, config, meta)
     return Imported(registry.get(name), m, here, notes)
 
@@ -412,9 +435,12 @@ __all__ = [
     "ImportOptions",
     "Imported",
     "MigrateError",
+    "PlainState",
+    "ek_json_of",
     "export_instance",
     "import_bundle",
     "libtpms_version",
     "read_bundle_file",
+    "read_plain_state",
     "verify_bundle",
 ]

@@ -14,10 +14,15 @@ API (stable; the lease and replication code builds on it):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
+from vtpmctl.errors import RemoteError, VtpmctlError
 from vtpmctl.store.blob import AesKey
+from vtpmctl.store.instances import InstancePaths
 from vtpmctl.store.keys import generate_key, key_fingerprint
 from vtpmctl.store.paths import Roots
 from vtpmctl.store.remote.client import RemoteClient, RemoteConflict
@@ -28,7 +33,27 @@ from vtpmctl.store.remote.config import (
     parse_url,
     validate_remote_name,
 )
-from vtpmctl.store.remote.layout import fleet_key_name, fleet_record, read_fleet_record
+from vtpmctl.store.remote.layout import (
+    InstanceKeys,
+    RemoteDataError,
+    RemoteIndex,
+    fleet_key_name,
+    fleet_record,
+    index_name,
+    instances_prefix,
+    key_name,
+    key_record,
+    keyid_of,
+    lease_name,
+    object_name,
+    objects_prefix,
+    open_index,
+    open_key_record,
+    peek_index,
+    read_fleet_record,
+)
+
+T = TypeVar("T")
 
 # Progress of a transfer: (bytes done, bytes in all); called from the transferring thread.
 Progress = Callable[[int, int], None]
@@ -120,4 +145,498 @@ def remove_remote(name: str, roots: Roots | None = None) -> Remote:
     return RemoteRegistry(roots).remove(name)
 
 
-__all__ = ["Added", "Progress", "Session", "add_remote", "open_remote", "remove_remote"]
+# ---------------------------------------------------------------- transfers
+
+WORKERS = 8  # parallel object transfers (one S3 round trip each)
+
+
+def _check_fleet(session: Session) -> None:
+    """The remote's fleet.json names this host's fleet key (a rotation elsewhere shows here)."""
+    remote = session.remote
+    key = remote.key(fleet_key_name())
+    data = session.client.get(key)
+    if data is None:
+        raise RemoteDataError(
+            f"{remote.where(key)} is missing: {remote.url} is not set up as a vtpmctl remote "
+            f"(or was emptied); add it again: vtpmctl remote rm {remote.name} && "
+            f"vtpmctl remote add {remote.name} {remote.url} --key-file FLEETKEY"
+        )
+    fp = read_fleet_record(data, remote.where(key))
+    if fp != remote.fleet_key:
+        raise RemoteConfigError(
+            f"{remote.url} now uses fleet key {fp}, not this host's {remote.fleet_key} (it was "
+            f"rotated); get the new key and add the remote again: vtpmctl remote rm "
+            f"{remote.name} && vtpmctl remote add {remote.name} {remote.url} --key-file NEWKEY"
+        )
+
+
+def _transfer(jobs: list[tuple[int, Callable[[], T]]], progress: Progress | None) -> list[T]:
+    """Run ``jobs`` ((bytes, call) pairs) on a few threads; the first error is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    total = sum(size for size, _ in jobs)
+    done = 0
+    results: list[T] = []
+    if progress is not None:
+        progress(0, total)
+    if not jobs:
+        return results
+    with ThreadPoolExecutor(max_workers=min(WORKERS, len(jobs))) as pool:
+        futures = [(size, pool.submit(call)) for size, call in jobs]
+        try:
+            for size, future in futures:
+                results.append(future.result())
+                done += size
+                if progress is not None:
+                    progress(done, total)
+        except BaseException:
+            for _, future in futures:
+                future.cancel()
+            raise
+    return results
+
+
+@dataclass
+class Pushed:
+    name: str
+    remote: Remote
+    generation: int
+    source_state: str
+    objects: int  # objects the index names
+    uploaded: int  # objects uploaded now (the others were in the remote already)
+    uploaded_bytes: int
+    size: int  # bytes of every object the index names
+    snapshots: int
+    notes: list[str]
+
+
+def _instance_keys(session: Session, name: str, state_key: AesKey | None) -> InstanceKeys:
+    """The instance's key object in the remote, made (wrapped with the fleet key) if new."""
+    keyid = keyid_of(state_key)
+    key = session.remote.key(key_name(name, keyid))
+    where = session.remote.where(key)
+    for _ in range(3):
+        data = session.client.get(key)
+        if data is not None:
+            keys = open_key_record(data, session.fleet_key, name, keyid, where)
+            if keys.state_key != state_key:
+                raise RemoteDataError(f"{where} holds another key than {name}'s; it was altered")
+            return keys
+        keys = InstanceKeys.new(state_key)
+        try:
+            session.client.put(key, key_record([session.fleet_key], keys, name), if_none_match=True)
+            return keys
+        except RemoteConflict:
+            continue  # another push made it first: use that one
+    raise RemoteError(f"{where} keeps changing; try again")
+
+
+def push(
+    name: str,
+    remote_name: str | None = None,
+    *,
+    allow_plaintext: bool = False,
+    progress: Progress | None = None,
+    roots: Roots | None = None,
+) -> Pushed:
+    """Upload NAME: the objects the remote lacks, then its index (a reader sees old or new)."""
+    import socket
+
+    from vtpmctl import __version__
+    from vtpmctl.store.blob import wrap_file
+    from vtpmctl.store.instance_keys import load_state_key
+    from vtpmctl.store.instances import Registry, now_utc
+    from vtpmctl.store.keys import KeyFileError
+    from vtpmctl.store.snapshots import SnapshotError, SnapshotStore, snapshots_dir
+    from vtpmctl.usecases.migrate import ek_json_of, read_plain_state
+
+    registry = Registry(roots)
+    inst = registry.get(name)
+    if not inst.config.encrypted and not allow_plaintext:
+        raise RemoteError(
+            f"{name} is not encrypted at rest, so its TPM state would leave this host in "
+            f"plaintext; encrypt it first (vtpmctl key rotate {name} --new-key-file KEY) "
+            "or push it anyway with --allow-plaintext"
+        )
+    session = open_remote(remote_name, roots)
+    _check_fleet(session)
+    read = read_plain_state(registry, name, allow_running=True)
+    inst = read.instance
+    try:
+        state_key = load_state_key(inst)
+        snaps = SnapshotStore(snapshots_dir(inst.paths), state_key).export_index()
+    except (KeyFileError, SnapshotError) as exc:
+        raise RemoteError(f"cannot push {name}: {exc}") from None
+    keyid = keyid_of(state_key)
+    plain: dict[str, bytes] = {k: v for k, v in read.blobs.items() if v}
+    ek_json = ek_json_of(inst)
+    if ek_json is not None:
+        plain["ek"] = ek_json
+    digests = {kind: hashlib.sha256(data).hexdigest() for kind, data in plain.items()}
+    stored: dict[str, bytes] = dict(snaps[1]) if snaps else {}
+    sizes: dict[str, int] = {d: len(b) for d, b in stored.items()}
+    for kind, data in plain.items():
+        if digests[kind] not in stored:
+            # the size of swtpm's file format is fixed by the plaintext's; bytes made on demand
+            sizes[digests[kind]] = len(wrap_file(data, state_key))
+
+    client, remote = session.client, session.remote
+    old = client.get_etag(remote.key(index_name(name)))
+    generation = 1
+    if old is not None:
+        generation = peek_index(old[0], remote.where(remote.key(index_name(name)))).generation + 1
+    keys = _instance_keys(session, name, state_key)
+    present = {
+        o.key.rsplit("/", 1)[-1]: o.size
+        for o in client.list(remote.key(objects_prefix(name, keyid)))
+    }
+    missing = sorted(d for d, size in sizes.items() if present.get(d) != size)
+
+    def upload(digest: str) -> Callable[[], str]:
+        def call() -> str:
+            if digest in stored:
+                data = stored[digest]
+            else:
+                kind = next(k for k, d in digests.items() if d == digest)
+                data = wrap_file(plain[kind], state_key)
+            return client.put(remote.key(object_name(name, keyid, digest)), data)
+
+        return call
+
+    _transfer([(sizes[d], upload(d)) for d in missing], progress)
+    index = RemoteIndex(
+        name=name,
+        generation=generation,
+        pushed=now_utc(),
+        host=socket.gethostname(),
+        source_state=read.state,
+        vtpmctl_version=__version__,
+        keyid=keyid,
+        config=inst.config.to_json(),
+        meta=inst.meta.to_json(),
+        state={k: [digests[k], len(v)] for k, v in plain.items() if k != "ek"},
+        ek=[digests["ek"], len(plain["ek"])] if "ek" in plain else None,
+        snapshots=snaps[0] if snaps else None,
+        objects=sizes,
+    )
+    index_key = remote.key(index_name(name))
+    try:
+        if old is None:
+            client.put(index_key, index.to_bytes(keys.mac_key), if_none_match=True)
+        else:
+            client.put(index_key, index.to_bytes(keys.mac_key), if_match=old[1])
+    except RemoteConflict:
+        raise RemoteConflict(
+            f"{remote.where(index_key)} was changed by another push while this one ran; the "
+            "objects are uploaded, push again to publish them"
+        ) from None
+    notes = list(read.settled)
+    if read.state == "running":
+        notes.append(f"{name} is running: pushed a copy of its permanent state")
+    return Pushed(
+        name=name,
+        remote=remote,
+        generation=generation,
+        source_state=read.state,
+        objects=len(sizes),
+        uploaded=len(missing),
+        uploaded_bytes=sum(sizes[d] for d in missing),
+        size=sum(sizes.values()),
+        snapshots=len(snaps[0]["snapshots"]) if snaps else 0,
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------- pull
+
+
+@dataclass
+class Pulled:
+    name: str
+    remote: Remote
+    source_name: str
+    generation: int
+    pushed: str
+    host: str
+    size: int
+    snapshots: int
+    encrypted: bool
+    libtpms_version: str | None
+    notes: list[str]
+
+
+@dataclass
+class Fetched:
+    """An instance read from a remote and checked byte for byte (libtpms is the caller's)."""
+
+    index: RemoteIndex
+    keys: InstanceKeys
+    plain: dict[str, bytes]  # kind -> plaintext, "ek" for ek.json
+    stored: dict[str, bytes]  # digest -> object bytes as stored (snapshot objects)
+
+
+def fetch(session: Session, name: str, progress: Progress | None = None) -> Fetched:
+    """Download and check everything the index of NAME names: MAC, sizes, HMACs, hashes."""
+    from vtpmctl.store.blob import BlobError, unwrap_file
+
+    client, remote = session.client, session.remote
+    index_key = remote.key(index_name(name))
+    data = client.get(index_key)
+    if data is None:
+        raise RemoteDataError(
+            f"there is no instance {name} in {remote.url} ({remote.where(index_key)} is "
+            f"missing); see vtpmctl remote ls {remote.name}"
+        )
+    where = remote.where(index_key)
+    peek = peek_index(data, where)
+    kkey = remote.key(key_name(name, peek.keyid))
+    kdata = client.get(kkey)
+    if kdata is None:
+        raise RemoteDataError(
+            f"{remote.where(kkey)}, the key object of {name}, is missing; push {name} again "
+            "from a host that has it"
+        )
+    keys = open_key_record(kdata, session.fleet_key, name, peek.keyid, remote.where(kkey))
+    index = open_index(data, keys.mac_key, where)
+    if index.name != name:
+        raise RemoteDataError(f"{where} describes instance {index.name!r}, not {name}")
+
+    def download(digest: str) -> Callable[[], tuple[str, bytes, bytes]]:
+        key = remote.key(object_name(name, index.keyid, digest))
+
+        def call() -> tuple[str, bytes, bytes]:
+            body = client.get(key)
+            if body is None:
+                raise RemoteDataError(
+                    f"{remote.where(key)} is missing (the index of {name} names it); push "
+                    f"{name} again from a host that has it"
+                )
+            if len(body) != index.objects[digest]:
+                raise RemoteDataError(
+                    f"{remote.where(key)} is truncated or altered: {len(body)} bytes, the index "
+                    f"says {index.objects[digest]}; push {name} again from a host that has it"
+                )
+            try:
+                plain = unwrap_file(body, keys.state_key)
+            except BlobError as exc:
+                raise RemoteDataError(
+                    f"{remote.where(key)} is corrupt ({exc.message}); push {name} again from "
+                    "a host that has it"
+                ) from None
+            if hashlib.sha256(plain).hexdigest() != digest:
+                raise RemoteDataError(
+                    f"{remote.where(key)} is corrupt: its content does not match its name; "
+                    f"push {name} again from a host that has it"
+                )
+            return digest, body, plain
+
+        return call
+
+    results = _transfer(
+        [(size, download(d)) for d, size in sorted(index.objects.items())], progress
+    )
+    stored: dict[str, bytes] = {}
+    plains: dict[str, bytes] = {}
+    for digest, body, plain in results:
+        stored[digest], plains[digest] = body, plain
+    wanted = dict(index.state)
+    if index.ek is not None:
+        wanted["ek"] = index.ek
+    plain_by_kind = {kind: plains[entry[0]] for kind, entry in wanted.items()}
+    for kind, entry in wanted.items():
+        if len(plain_by_kind[kind]) != entry[1]:
+            raise RemoteDataError(f"{where}: the {kind} object has the wrong size; it was altered")
+    return Fetched(index, keys, plain_by_kind, stored)
+
+
+def pull(
+    name: str,
+    remote_name: str | None = None,
+    *,
+    new_name: str | None = None,
+    progress: Progress | None = None,
+    roots: Roots | None = None,
+    remote: Remote | None = None,
+) -> Pulled:
+    """Register NAME from the remote as a bundle import would, after checking everything.
+
+    A failure at any point leaves the store as it was (the registry's reserve/commit).
+    """
+    from vtpmctl.errors import InstanceExists
+    from vtpmctl.model import BlobKind, Transport
+    from vtpmctl.store.bundle import Source, build_bundle
+    from vtpmctl.store.instances import InstanceConfig, InstanceMeta, Registry, validate_name
+    from vtpmctl.store.snapshots import SnapshotError, SnapshotStore, snapshots_dir
+    from vtpmctl.usecases.migrate import ImportOptions, import_bundle
+
+    registry = Registry(roots)
+    target = validate_name(new_name or name)
+    if registry.paths(target).base.exists():
+        raise InstanceExists(
+            f"an instance named {target} exists already on this host; pull under another "
+            f"name with --name NEW, or remove it first (vtpmctl rm {target})"
+        )
+    if remote is not None:
+        registry_r = RemoteRegistry(roots)
+        session = Session(remote, RemoteClient(remote), registry_r.fleet_key(remote))
+    else:
+        session = open_remote(remote_name, roots)
+    _check_fleet(session)
+    got = fetch(session, validate_name(name), progress)
+    ix = got.index
+    where = session.remote.where(session.remote.key(index_name(name)))
+    try:
+        config = InstanceConfig.from_json(ix.config, Path(where))
+        meta = InstanceMeta.from_json(ix.meta, Path(where))
+    except VtpmctlError as exc:
+        raise RemoteDataError(f"{where}: bad config or meta ({exc})") from None
+    if config.encrypted != (got.keys.state_key is not None):
+        raise RemoteDataError(f"{where}: config and key object disagree about encryption")
+    source = Source(
+        name=ix.name,
+        host=ix.host,
+        state=ix.source_state,
+        created=ix.pushed,
+        vtpmctl_version=ix.vtpmctl_version,
+        libtpms_version=meta.libtpms_version,
+        tpm_version=config.tpm,
+        transport=config.transport,
+        encrypted_at_rest=config.encrypted,
+        ek_fingerprints=meta.ek_fingerprints,
+    )
+    blobs = {k: v for k, v in got.plain.items() if k in tuple(BlobKind)}
+    bundle = build_bundle(blobs, source, ek_json=got.plain.get("ek"), migration_key=None)
+    snap_doc = ix.snapshots
+
+    def write_snapshots(paths: InstancePaths) -> None:
+        if snap_doc is None:
+            return
+        names = {v[0] for st in snap_doc.get("states", {}).values() for v in st.values()}
+        try:
+            SnapshotStore(snapshots_dir(paths), got.keys.state_key).adopt(
+                snap_doc, {d: got.stored[d] for d in names if d in got.stored}
+            )
+        except SnapshotError as exc:
+            raise RemoteDataError(f"{where}: the snapshots cannot be used ({exc})") from None
+
+    done = import_bundle(
+        registry,
+        bundle,
+        ImportOptions(
+            name=target,
+            encrypt=config.encrypted,
+            state_key=got.keys.state_key,
+            key_source=meta.key_source,
+            transport=Transport(config.transport),
+            extra=write_snapshots,
+        ),
+    )
+    return Pulled(
+        name=target,
+        remote=session.remote,
+        source_name=name,
+        generation=ix.generation,
+        pushed=ix.pushed,
+        host=ix.host,
+        size=ix.size(),
+        snapshots=len(snap_doc.get("snapshots", [])) if snap_doc else 0,
+        encrypted=done.instance.config.encrypted,
+        libtpms_version=done.libtpms_version,
+        notes=done.notes,
+    )
+
+
+# ---------------------------------------------------------------- listing
+
+
+@dataclass
+class Listed:
+    name: str
+    generation: int
+    pushed: str
+    host: str  # the host that pushed last
+    tpm: str
+    encrypted: bool
+    snapshots: int
+    size: int
+    lease: dict[str, object]  # state: none|held|released|expired|unknown, holder, expires
+
+
+def _lease_summary(data: bytes | None) -> dict[str, object]:
+    """What ``remote ls`` says of a lease object (the lease module owns its format)."""
+    import json
+    import time
+
+    if data is None:
+        return {"state": "none", "holder": None, "expires": None, "generation": None}
+    try:
+        doc = json.loads(data)
+        holder = doc.get("holder")
+        expires_ms = int(doc.get("expires_ms"))
+        generation = doc.get("generation")
+    except (ValueError, TypeError, AttributeError):
+        return {"state": "unknown", "holder": None, "expires": None, "generation": None}
+    if expires_ms == 0:
+        state, expires = "released", None
+    else:
+        state = "held" if expires_ms > time.time() * 1000 else "expired"
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_ms / 1000))
+    return {"state": state, "holder": holder, "expires": expires, "generation": generation}
+
+
+def list_remote(
+    remote_name: str | None = None, roots: Roots | None = None
+) -> tuple[Remote, list[Listed]]:
+    """The instances in a remote, with who pushed them last, their lease and size."""
+    session = open_remote(remote_name, roots)
+    client, remote = session.client, session.remote
+    _check_fleet(session)
+    base = remote.key(instances_prefix())
+    names = sorted(
+        o.key[len(base) : -len("/index.json")]
+        for o in client.list(base)
+        if o.key.endswith("/index.json") and o.key.count("/") == base.count("/") + 1
+    )
+
+    def one(name: str) -> Callable[[], Listed | None]:
+        def call() -> Listed | None:
+            key = remote.key(index_name(name))
+            data = client.get(key)
+            if data is None:
+                return None
+            ix = peek_index(data, remote.where(key))
+            lease = _lease_summary(client.get(remote.key(lease_name(name))))
+            return Listed(
+                name=name,
+                generation=ix.generation,
+                pushed=ix.pushed,
+                host=ix.host,
+                tpm=str(ix.config.get("tpm")),
+                encrypted=ix.keyid != "plain",
+                snapshots=len((ix.snapshots or {}).get("snapshots", [])),
+                size=ix.size(),
+                lease=lease,
+            )
+
+        return call
+
+    found = _transfer([(1, one(n)) for n in names], None)
+    return remote, [x for x in found if isinstance(x, Listed)]
+
+
+__all__ = [
+    "Added",
+    "Fetched",
+    "Listed",
+    "Progress",
+    "Pulled",
+    "Pushed",
+    "Session",
+    "add_remote",
+    "fetch",
+    "list_remote",
+    "open_remote",
+    "pull",
+    "push",
+    "remove_remote",
+]

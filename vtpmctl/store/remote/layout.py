@@ -276,6 +276,7 @@ class RemoteIndex:
     generation: int
     pushed: str
     host: str
+    source_state: str  # "stopped" or "running": the state is a copy of a running TPM
     vtpmctl_version: str
     keyid: str
     config: dict[str, Any]
@@ -294,6 +295,7 @@ class RemoteIndex:
             "generation": self.generation,
             "pushed": self.pushed,
             "host": self.host,
+            "source_state": self.source_state,
             "vtpmctl_version": self.vtpmctl_version,
             "keyid": self.keyid,
             "config": self.config,
@@ -336,6 +338,10 @@ def peek_index(data: bytes, where: str) -> RemoteIndex:
 def _check_index(ix: RemoteIndex) -> None:
     if not isinstance(ix.generation, int) or not _KEYID.fullmatch(str(ix.keyid)):
         raise ValueError("bad generation or keyid")
+    if ix.source_state not in ("stopped", "running"):
+        raise ValueError(f"bad source_state {ix.source_state!r}")
+    if ix.snapshots is not None and not isinstance(ix.snapshots, dict):
+        raise ValueError("snapshots must be an object")
     for what in (ix.config, ix.meta, ix.objects, ix.state):
         if not isinstance(what, dict):
             raise ValueError("config, meta, state and objects must be objects")
