@@ -129,11 +129,11 @@ class S3Server:
             f"-dir={self.root / 'data'}",
             f"-master.port={p['master']}",
             f"-master.port.grpc={p['master_grpc']}",
-            "-master.volumeSizeLimitMB=64",
+            "-master.volumeSizeLimitMB=16",
             "-master.telemetry=false",
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume_grpc']}",
-            "-volume.max=32",
+            "-volume.max=0",  # as many volumes as the disk holds: each bucket takes several
             f"-filer.port={p['filer']}",
             f"-filer.port.grpc={p['filer_grpc']}",
             "-s3",
