@@ -34,6 +34,9 @@ defined next to that table and subclasses its branch here.
     │   ├── EndpointError        (device.server.sockets) a --ctrl/--data spec cannot be used
     │   └── CuseError            (device.server.cuse.wire) the CUSE device cannot be created
     ├── StoreError               bytes at rest cannot be used
+    │   ├── LeaseError           (store.lease) a lease object in a remote is malformed
+    │   ├── ReplicationFileError (store.replication) a binding, spec or status file of a
+    │   │                        bound instance
     │   ├── NoSpaceError         (store.atomic) the disk filled up writing a file; also an
     │   │                        OSError (ENOSPC/EDQUOT), so write failures stay handled
     │   ├── BlobError            (store.blob) a state blob; .rc is the ptm result to answer
@@ -64,7 +67,11 @@ defined next to that table and subclasses its branch here.
         ├── LifecycleError       (usecases.supervisor) start/stop/rm cannot be done
         ├── MigrateError         (usecases.migrate) export/import cannot be done
         ├── KeyCommandError      (commands.key) the state key cannot be rotated
-        └── EkExportError        (commands.ek) no EK data to export
+        ├── EkExportError        (commands.ek) no EK data to export
+        ├── OwnershipError       (usecases.ownership) a binding or a replicated state
+        │                        cannot be used
+        ├── LeaseHeld            exit 5: another host holds the instance's lease in its remote
+        └── LeaseLost            exit 6: this host's lease was taken; its writes are refused
 
 Private control-flow exceptions that never reach the user stay outside the
 tree (each says why where it is defined).
@@ -77,6 +84,8 @@ and nothing heavy (``cli.run`` imports it on every failure).
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_LEASE_HELD = 5  # another host runs the instance (its lease in the remote)
+EXIT_LEASE_LOST = 6  # this host no longer holds the lease it had: its writes were refused
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 # Remotes (sysexits.h): a script retries EX_TEMPFAIL, and asks a person on EX_NOPERM.
 EXIT_TEMPFAIL = 75
@@ -151,3 +160,15 @@ class NoSuchInstance(InstanceError):
 
 class InstanceExists(InstanceError):
     """The name is taken by another instance."""
+
+
+class LeaseHeld(InstanceError):
+    """Another host holds the instance's lease: who, until when, and what to do."""
+
+    exit_code = EXIT_LEASE_HELD
+
+
+class LeaseLost(InstanceError):
+    """The lease this host held was taken by another; the write was refused (fencing)."""
+
+    exit_code = EXIT_LEASE_LOST
