@@ -71,8 +71,18 @@ def instance_record(inst: "Instance", st: "Status") -> dict[str, Any]:
         "log_file": str(p.log_file),
         "pid_file": str(p.pid_file),
         "stale_files": [str(f) for f in st.leftovers],
+        "replication": _replication(inst, st),
         "error": None,
     }
+
+
+def _replication(inst: "Instance", st: "Status") -> dict[str, Any] | None:
+    """The remote an instance is bound to, its lease and its replication lag; None if unbound."""
+    if not inst.paths.binding_file.exists():
+        return None
+    from vtpmctl.usecases.ownership import status_record
+
+    return status_record(inst, st.state == "running")
 
 
 def _broken_record(name: str, error: str) -> dict[str, Any]:
@@ -97,6 +107,7 @@ def _broken_record(name: str, error: str) -> dict[str, Any]:
         "state": "unknown",
         **dict.fromkeys(keys),
         "stale_files": [],
+        "replication": None,
         "error": error,
     }
 
@@ -206,6 +217,12 @@ def start(
     delete_volatile: bool = False,
     key: str | None = None,
     migration_key: str | None = None,
+    take_over: bool = False,
+    replicate: str | None = None,
+    replicate_interval: float | None = None,
+    lease_duration: float | None = None,
+    lease_renew: float | None = None,
+    allow_plaintext: bool = False,
 ) -> int:
     """Start NAME's daemon and return when its control channel answers."""
     from vtpmctl.usecases import supervisor
@@ -213,6 +230,25 @@ def start(
     state_source, migration_source = _key_sources(key, None, migration_key, None)
     keys = supervisor.DaemonKeys(state_source, migration_source)
     inst = _registry().get(name)
+    tuning = (replicate_interval, lease_duration, lease_renew)
+    if replicate is None and (allow_plaintext or any(v is not None for v in tuning)):
+        from vtpmctl.errors import UsageError
+
+        raise UsageError(
+            "--replicate-interval, --lease-duration, --lease-renew and --allow-plaintext "
+            "go with --replicate REMOTE"
+        )
+    if replicate is not None:
+        from vtpmctl.usecases.ownership import bind
+
+        bind(
+            inst,
+            replicate,
+            interval=replicate_interval,
+            lease=lease_duration,
+            renew=lease_renew,
+            allow_plaintext=allow_plaintext,
+        )
     if foreground:
         supervisor.exec_foreground(
             inst,
@@ -220,10 +256,16 @@ def start(
             ctrl_only=ctrl_only,
             delete_volatile=delete_volatile,
             keys=keys,
+            take_over=take_over,
         )
         return EXIT_FAILURE  # exec_foreground only returns by raising
     started = supervisor.start(
-        inst, incoming=incoming, ctrl_only=ctrl_only, delete_volatile=delete_volatile, keys=keys
+        inst,
+        incoming=incoming,
+        ctrl_only=ctrl_only,
+        delete_volatile=delete_volatile,
+        keys=keys,
+        take_over=take_over,
     )
     for note in started.notes:
         _note(note)
@@ -354,8 +396,34 @@ def status(name: str, as_json: bool = False) -> int:
         ("state dir", record["state_dir"]),
         ("log", record["log_file"]),
     ]
+    if record["replication"] is not None:
+        rows += _replication_rows(record["replication"])
     print_rows(name, rows)
     return LSB_STATUS[st.state]
+
+
+def _replication_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
+    what = "replicated" if rep["replicate"] else "lease only"
+    rows = [("remote", f"{rep['remote']} ({what}, at most every {rep['interval']:g}s)")]
+    lease = rep.get("lease")
+    if lease is not None:
+        if lease["lost"]:
+            held = f"LOST (generation {lease['generation']}): another host took it over"
+        elif lease["expires"] is None:
+            held = "released"
+        else:
+            held = (
+                f"held by {lease['holder']} until {lease['expires']} "
+                f"(generation {lease['generation']})"
+            )
+        rows.append(("lease", held))
+    if rep.get("lag_seconds") is not None:
+        lag = f"{rep['lag_seconds']:.1f}s"
+        lag += f" (last push {rep['last_push']})" if rep["last_push"] else " (nothing pushed yet)"
+        rows.append(("replication lag", lag))
+    if rep.get("error"):
+        rows.append(("remote error", rep["error"]))
+    return rows
 
 
 # ---------------------------------------------------------------- command line
@@ -466,6 +534,54 @@ def register(app: "typer.Typer") -> None:
         ] = False,
         key: Annotated[str | None, args.KEY] = None,
         migration_key: Annotated[str | None, args.MIGRATION_KEY] = None,
+        take_over: Annotated[
+            bool,
+            typer.Option(
+                "--take-over",
+                help="take the remote's lease from a host that let it expire (a dead host)",
+            ),
+        ] = False,
+        replicate: Annotated[
+            str | None,
+            typer.Option(
+                "--replicate",
+                metavar="REMOTE",
+                help="bind to REMOTE: one host at a time runs it (a lease there), and its "
+                "permanent state is pushed there after each change (kept for later starts)",
+            ),
+        ] = None,
+        replicate_interval: Annotated[
+            float | None,
+            typer.Option(
+                "--replicate-interval",
+                metavar="SECONDS",
+                help="at most one push per interval: the NV changes a dead host may lose "
+                "[default: 5]",
+            ),
+        ] = None,
+        lease_duration: Annotated[
+            float | None,
+            typer.Option(
+                "--lease-duration",
+                metavar="SECONDS",
+                help="how long the lease lasts unless renewed [default: 60]",
+            ),
+        ] = None,
+        lease_renew: Annotated[
+            float | None,
+            typer.Option(
+                "--lease-renew",
+                metavar="SECONDS",
+                help="how often the daemon renews the lease [default: a third of its duration]",
+            ),
+        ] = None,
+        allow_plaintext: Annotated[
+            bool,
+            typer.Option(
+                "--allow-plaintext",
+                help="replicate an instance that is not encrypted at rest",
+            ),
+        ] = False,
     ) -> None:
         """Start a vTPM's daemon; returns when its control channel answers."""
         raise typer.Exit(
@@ -477,6 +593,12 @@ def register(app: "typer.Typer") -> None:
                 delete_volatile=delete_volatile,
                 key=key,
                 migration_key=migration_key,
+                take_over=take_over,
+                replicate=replicate,
+                replicate_interval=replicate_interval,
+                lease_duration=lease_duration,
+                lease_renew=lease_renew,
+                allow_plaintext=allow_plaintext,
             )
         )
 

@@ -91,6 +91,11 @@ class InstancePaths:
         return self.base / "tpmstate"
 
     @property
+    def binding_file(self) -> Path:
+        """The remote the instance is bound to (store.replication.Binding), if any."""
+        return self.base / "remote.json"
+
+    @property
     def creating_lock(self) -> Path:
         return self.base / ".creating"
 
@@ -126,6 +131,16 @@ class InstancePaths:
     @property
     def pid_file(self) -> Path:
         return self.run_dir / "pid"
+
+    @property
+    def remote_spec(self) -> Path:
+        """What start hands a bound instance's daemon (store.replication.DaemonSpec)."""
+        return self.run_dir / "replication-spec.json"
+
+    @property
+    def replication_status(self) -> Path:
+        """What a bound instance's daemon last did (store.replication.ReplicationStatus)."""
+        return self.run_dir / "replication.json"
 
     @property
     def log_file(self) -> Path:

@@ -220,6 +220,7 @@ def daemon_argv(
     incoming: bool = False,
     ctrl_only: bool = False,
     key_specs: dict[str, str] | None = None,
+    remote_spec: Path | None = None,
 ) -> list[str]:
     """The daemon's command line: paths and descriptor numbers, never key material.
 
@@ -254,6 +255,7 @@ def daemon_argv(
                 }
             ),
             incoming=incoming,
+            remote_spec=remote_spec,
         ),
     ]
 
@@ -298,6 +300,7 @@ def preflight(
     notes: list[str] | None = None,
     delete_volatile: bool = False,
     keys: DaemonKeys | None = None,
+    take_over: bool = False,
 ) -> Started | None:
     """Check keys and state before a daemon is launched, so errors are clear and early.
 
@@ -305,12 +308,14 @@ def preflight(
     settled first and must not race another one); what was settled is added
     to ``notes``. ``delete_volatile`` drops the saved volatile state first
     (the TPM starts as after a reboot; the permanent state, NV included, is
-    kept). The keys the daemon needs are put in ``keys``, if given. Returns
-    Started if the instance turned out to be running already.
+    kept). The keys the daemon needs are put in ``keys``, if given. An
+    instance bound to a remote gets its lease here (``take_over``: even one
+    another host let expire) and the spec its daemon keeps it with
+    (usecases.ownership); LeaseHeld says who has it. Returns Started if the
+    instance turned out to be running already.
     """
-    from vtpmctl.errors import InstanceError
+    from vtpmctl.errors import InstanceError, LeaseHeld
     from vtpmctl.store.instance_keys import (
-        VOLATILE_NAMES,
         check_state,
         load_migration_key,
         load_state_key,
@@ -351,14 +356,8 @@ def preflight(
                 read_json(inst.paths.meta_file), inst.paths.meta_file
             )
             inst.config.encrypted = True
-        if delete_volatile and any(sd.exists(name) for name in VOLATILE_NAMES):
-            for name in VOLATILE_NAMES:
-                sd.delete(name)
-            if notes is not None:
-                notes.append(
-                    f"deleted the volatile state of {inst.name}: its TPM starts as after a "
-                    "reboot, NV data kept"
-                )
+        if delete_volatile:
+            _drop_volatile(inst, sd, notes)
         keys = keys or DaemonKeys()
         if keys.state_source is not None:
             permall = sd.read_raw(BlobKind.PERMANENT.file_name)
@@ -368,11 +367,36 @@ def preflight(
         keys.state = load_state_key(inst, keys.state)
         check_state(inst, keys.state)
         keys.migration = load_migration_key(inst, keys.migration)
+        _take_lease(inst, take_over, keys, notes)
+    except LeaseHeld:
+        raise
     except (KeyFileError, StateDirError, InstanceError, SnapshotError) as exc:
         raise LifecycleError(f"cannot start {inst.name}: {exc}") from None
     finally:
         sd.unlock()
     return None
+
+
+def _drop_volatile(inst: Instance, sd: StateDir, notes: list[str] | None) -> None:
+    from vtpmctl.store.instance_keys import VOLATILE_NAMES
+
+    if any(sd.exists(name) for name in VOLATILE_NAMES):
+        for name in VOLATILE_NAMES:
+            sd.delete(name)
+        if notes is not None:
+            notes.append(
+                f"deleted the volatile state of {inst.name}: its TPM starts as after a "
+                "reboot, NV data kept"
+            )
+
+
+def _take_lease(inst: Instance, take_over: bool, keys: DaemonKeys, notes: list[str] | None) -> None:
+    """The lease of an instance bound to a remote, and the spec its daemon keeps it with."""
+    inst.paths.remote_spec.unlink(missing_ok=True)
+    if inst.paths.binding_file.exists():  # only then: the remote (boto3)
+        from vtpmctl.usecases.ownership import take
+
+        take(inst, take_over, keys.state, notes if notes is not None else [])
 
 
 def start(
@@ -383,17 +407,44 @@ def start(
     timeout: float = START_TIMEOUT,
     delete_volatile: bool = False,
     keys: DaemonKeys | None = None,
+    take_over: bool = False,
 ) -> Started:
     """Launch the daemon detached; return once its control channel answers."""
     status = probe(inst)
-    if status.state == "running":
+    if status.state == "running" and not _vtpmctl_command(status.pid):
         return _running_already(inst, status)
     inst.paths.ensure_run_dirs()
     notes: list[str] = []
     keys = keys or DaemonKeys()
-    running = preflight(inst, timeout, notes, delete_volatile, keys)
+    running = preflight(inst, timeout, notes, delete_volatile, keys, take_over)
     if running is not None:
         return running
+    try:
+        started = _launch(inst, incoming, ctrl_only, timeout, keys)
+    except BaseException:
+        _give_back_lease(inst)
+        raise
+    started.notes = notes
+    return started
+
+
+def _remote_spec(inst: Instance) -> Path | None:
+    spec = inst.paths.remote_spec
+    return spec if spec.exists() else None
+
+
+def _give_back_lease(inst: Instance) -> None:
+    """The lease preflight took, when no daemon of ours kept it (failed start, kill -9)."""
+    if _remote_spec(inst) is None or probe(inst).state == "running":
+        return
+    from vtpmctl.usecases.ownership import abandon
+
+    abandon(inst)
+
+
+def _launch(
+    inst: Instance, incoming: bool, ctrl_only: bool, timeout: float, keys: DaemonKeys
+) -> Started:
     clean_stale(inst)
     rotate_log(inst.paths.log_file)
     log_fd = _open_log(inst.paths.log_file)
@@ -401,7 +452,13 @@ def start(
     specs, key_fds = keys.pipes()
     try:
         proc = subprocess.Popen(
-            daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only, key_specs=specs),
+            daemon_argv(
+                inst,
+                incoming=incoming,
+                ctrl_only=ctrl_only,
+                key_specs=specs,
+                remote_spec=_remote_spec(inst),
+            ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log_fd,
@@ -417,7 +474,6 @@ def start(
             os.close(fd)
     started = _wait_ready(inst, proc, timeout, incoming=incoming)
     if started is not None:
-        started.notes = notes
         return started
     if proc.returncode is None:  # timed out: do not leave a half-started daemon behind
         _terminate(proc.pid, inst)
@@ -502,6 +558,13 @@ def _log_since(path: Path, offset: int) -> list[str]:
     return [line for line in text.splitlines() if line.strip()][-20:]
 
 
+def _vtpmctl_command(pid: int | None) -> bool:
+    """A vtpmctl command (another start, a snapshot) holds the lock for a moment:
+    preflight waits for it, where a foreign holder is an error at once."""
+    args = _cmdline(pid) if pid is not None else []
+    return any(os.path.basename(a) == b"vtpmctl" for a in args[:3]) and not runs_daemon(args)
+
+
 def _running_already(inst: Instance, status: Status) -> Started:
     if status.ours:
         return Started(status.pid or 0, True)
@@ -569,6 +632,7 @@ def exec_foreground(
     ctrl_only: bool = False,
     delete_volatile: bool = False,
     keys: DaemonKeys | None = None,
+    take_over: bool = False,
 ) -> None:
     """Become the daemon (systemd Type=notify keeps $NOTIFY_SOCKET for it)."""
     status = probe(inst)
@@ -576,7 +640,10 @@ def exec_foreground(
         inst.paths.ensure_run_dirs()
     notes: list[str] = []
     keys = keys or DaemonKeys()
-    if status.state == "running" or preflight(inst, 0, notes, delete_volatile, keys) is not None:
+    if (
+        status.state == "running"
+        or preflight(inst, 0, notes, delete_volatile, keys, take_over) is not None
+    ):
         _running_already(inst, probe(inst))
         raise LifecycleError(f"{inst.name} is already running (pid {status.pid})")
     clean_stale(inst)
@@ -586,7 +653,13 @@ def exec_foreground(
     specs, key_fds = keys.pipes()
     for fd in key_fds:
         os.set_inheritable(fd, True)
-    argv = daemon_argv(inst, incoming=incoming, ctrl_only=ctrl_only, key_specs=specs)
+    argv = daemon_argv(
+        inst,
+        incoming=incoming,
+        ctrl_only=ctrl_only,
+        key_specs=specs,
+        remote_spec=_remote_spec(inst),
+    )
     for note in notes:  # the journal keeps what was settled before the daemon took over
         sys.stderr.write(f"vtpmctl: {note}\n")
     sys.stderr.flush()
@@ -669,15 +742,23 @@ def stop(inst: Instance, *, force: bool = False, timeout: float = STOP_TIMEOUT) 
 
     Returns the pid that was stopped, or None if the instance was not running.
     """
-    from vtpmctl.device.client.control import ControlError, TargetError
-
     status = probe(inst)
     if status.state != "running":
         clean_stale(inst)
+        _give_back_lease(inst)
         return None
     pid = status.pid or 0
     if not status.ours:
         raise foreign_holder_error(inst.name, pid)
+    try:
+        return _stop(inst, pid, force, timeout)
+    finally:
+        _give_back_lease(inst)
+
+
+def _stop(inst: Instance, pid: int, force: bool, timeout: float) -> int | None:
+    from vtpmctl.device.client.control import ControlError, TargetError
+
     try:
         _send_shutdown(inst, timeout=2.0 if force else timeout)
     except (TargetError, ControlError, OSError) as exc:

@@ -71,6 +71,7 @@ class DaemonOptions:
     incoming: bool = False
     allow_manufacture: bool | None = None
     reject_locality_4: bool = False
+    remote_spec: Path | None = None
 
 
 def parse_flags(flags: list[str]) -> tuple[bool, Startup, bool]:
@@ -214,7 +215,16 @@ def run(opts: DaemonOptions) -> int:
     migration_key = _load_key(migration_source, opts.migration_key is None)
     libtpms_fd = _setup_logging(opts.log_file)
 
-    statedir = StateDir(opts.state_dir, tpm2=opts.tpm2, key=state_key)
+    replicator = None
+    if opts.remote_spec is not None:  # only then: boto3 and a thread
+        from vtpmctl.device.server.replication import Replicator, WatchedStateDir, load
+
+        watched = WatchedStateDir(opts.state_dir, tpm2=opts.tpm2, key=state_key)
+        replicator = Replicator(load(opts.remote_spec), watched, state_key)
+        watched.on_permanent = replicator.changed
+        statedir: StateDir = watched
+    else:
+        statedir = StateDir(opts.state_dir, tpm2=opts.tpm2, key=state_key)
     if opts.allow_manufacture is False and not opts.state_dir.is_dir():
         # An instance removed while it was being started: recreating its dir (and
         # .lock) would leave files behind that block a new instance of that name.
@@ -267,12 +277,16 @@ def run(opts: DaemonOptions) -> int:
         TpmFamily.of(opts.tpm2).version,
         getattr(server, "path", None) or opts.ctrl,
     )
+    if replicator is not None:
+        replicator.start()
     _notify("READY=1")
     try:
         server.serve_forever()
     finally:
         _notify("STOPPING=1")
         engine.close()
+        if replicator is not None:
+            replicator.stop()
         if opts.pid_file is not None:
             opts.pid_file.unlink(missing_ok=True)
         log.info("stopped")
@@ -339,6 +353,7 @@ def options_from_values(values: Mapping[str, Any]) -> DaemonOptions:
         terminate=values["terminate"],
         incoming=values["incoming"],
         allow_manufacture=False if values["existing"] else None,
+        remote_spec=values["remote_spec"],
     )
 
 

@@ -107,6 +107,12 @@ SERVE_OPTIONS: tuple[ServeOption, ...] = (
     ServeOption("--terminate", "switch", "exit when the data connection is lost"),
     ServeOption("--incoming", "switch", "wait for QEMU's state (incoming migration)"),
     ServeOption("--existing", "switch", "refuse to create a TPM if the state is missing"),
+    ServeOption(
+        "--remote-spec",
+        "path",
+        "keep a remote's lease and replicate the permanent state as this file says "
+        "(vtpmctl start writes it)",
+    ),
 )
 
 BY_DEST = {opt.dest: opt for opt in SERVE_OPTIONS}
