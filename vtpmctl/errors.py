@@ -32,6 +32,7 @@ defined next to that table and subclasses its branch here.
     ├── ServeError               a TPM cannot be served
     │   ├── DaemonError          (device.server.daemon) the daemon cannot start
     │   ├── EndpointError        (device.server.sockets) a --ctrl/--data spec cannot be used
+    │   ├── SwtpmError           (compat.swtpm) what swtpm 0.7.1 would report, with its exit code
     │   └── CuseError            (device.server.cuse.wire) the CUSE device cannot be created
     ├── StoreError               bytes at rest cannot be used
     │   ├── LeaseError           (store.lease) a lease object in a remote is malformed

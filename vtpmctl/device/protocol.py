@@ -632,8 +632,10 @@ TPM2_ST_NO_SESSIONS = 0x8001
 TPM12_TAG_RQU_COMMAND = 0x00C1
 TPM12_TAG_RSP_COMMAND = 0x00C4
 TPM2_RC_INSUFFICIENT = 0x09A
+TPM2_RC_LOCALITY = 0x107
 TPM12_BAD_PARAM_SIZE = 0x19
-# The vendor SetLocality command (both families), which the data channel refuses.
+# The vendor SetLocality command (both families; the locality is the byte after the
+# header), which the data channel refuses unless --locality allow-set-locality.
 TPM_ORD_SET_LOCALITY = 0x20001000
 
 
@@ -657,11 +659,20 @@ TPM12_FATAL_RESPONSE = _tpm_message(TPM12_TAG_RSP_COMMAND, Res.FAIL)
 TPM2_SHORT_WRITE_RESPONSE = _tpm_message(TPM2_ST_NO_SESSIONS, TPM2_RC_INSUFFICIENT)
 TPM12_SHORT_WRITE_RESPONSE = _tpm_message(TPM12_TAG_RSP_COMMAND, TPM12_BAD_PARAM_SIZE)
 
+
+def set_locality_response(tpm2: bool, ok: bool) -> bytes:
+    """The answer to an allowed vendor SetLocality: success, or a bad locality."""
+    if tpm2:
+        return _tpm_message(TPM2_ST_NO_SESSIONS, 0 if ok else TPM2_RC_LOCALITY)
+    return _tpm_message(TPM12_TAG_RSP_COMMAND, 0 if ok else Res.BAD_LOCALITY)
+
+
 # TPM 1.2 commands vtpmctl sends or recognises itself (TPM 2 ones are built by
 # engine.tpm2, which this bottom-layer module does not import).
 TPM12_ORD_STARTUP = 0x99
 TPM12_ST_CLEAR = 1
 TPM12_ST_STATE = 2
+TPM12_ST_DEACTIVATED = 3
 # TPM 1.2 commands that generate keys (seconds under emulation): TakeOwnership,
 # CMK_CreateKey, CreateWrapKey, CreateEndorsementKeyPair, MakeIdentity, CreateRevocableEK.
 TPM12_KEYGEN_ORDINALS = frozenset({0x0D, 0x13, 0x1F, 0x78, 0x79, 0x7F})
@@ -669,7 +680,7 @@ _U16 = L(("value", "H"))
 
 
 def tpm12_startup(startup_type: int) -> bytes:
-    """TPM_Startup(ST_CLEAR or ST_STATE)."""
+    """TPM_Startup(ST_CLEAR, ST_STATE or ST_DEACTIVATED)."""
     return _tpm_message(
         TPM12_TAG_RQU_COMMAND, TPM12_ORD_STARTUP, _U16.pack("big", {"value": startup_type})
     )

@@ -25,6 +25,7 @@ from vtpmctl.device.protocol import (
     TPM2_FATAL_RESPONSE,
     TPM12_FATAL_RESPONSE,
     TPM12_ST_CLEAR,
+    TPM12_ST_DEACTIVATED,
     TPM12_ST_STATE,
     TPM_CODE_AT,
     TPM_HEADER_SIZE,
@@ -35,6 +36,7 @@ from vtpmctl.device.protocol import (
     InitFlag,
     Res,
     StateFlag,
+    set_locality_response,
     tpm12_startup,
     tpm_code,
 )
@@ -47,7 +49,7 @@ from vtpmctl.store.statedir import StateDir, StateDirError
 
 log = logging.getLogger(__name__)
 
-Startup = Literal["none", "clear", "state"]
+Startup = Literal["none", "clear", "state", "deactivated"]  # deactivated: TPM 1.2 only
 
 # libtpms' names of the blobs, as the Storage callbacks get them
 _PERMALL = BlobKind.PERMANENT.file_name
@@ -78,6 +80,8 @@ class EngineConfig:
     not_need_init: bool = False
     disable_auto_shutdown: bool = False
     reject_locality_4: bool = False
+    # The vendor SetLocality on the data channel (swtpm's --locality allow-set-locality).
+    allow_set_locality: bool = False
     incoming: bool = False
     # None: a new TPM may be manufactured only if the dir has no permall now.
     allow_manufacture: bool | None = None
@@ -213,12 +217,16 @@ class Engine(Storage):
                     f"0x{reply.result:x}); see the log"
                 )
             if self.config.startup != "none":
-                clear = self.config.startup == "clear"
-                if self.config.tpm2:
-                    cmd = tpm2.build_startup(tpm2.SU_CLEAR if clear else tpm2.SU_STATE)
-                else:
-                    cmd = tpm12_startup(TPM12_ST_CLEAR if clear else TPM12_ST_STATE)
-                self.process(cmd)
+                self.process(self._startup_command())
+
+    def _startup_command(self) -> bytes:
+        startup = self.config.startup
+        if self.config.tpm2:
+            if startup == "deactivated":
+                raise StateDirError("startup-deactivated is for a TPM 1.2 only")
+            return tpm2.build_startup(tpm2.SU_CLEAR if startup == "clear" else tpm2.SU_STATE)
+        kinds = {"clear": TPM12_ST_CLEAR, "state": TPM12_ST_STATE}
+        return tpm12_startup(kinds.get(startup, TPM12_ST_DEACTIVATED))
 
     def _validate_existing(self) -> None:
         """An existing TPM whose state libtpms rejects fails here, at start, with a
@@ -349,7 +357,7 @@ class Engine(Storage):
             return self.fatal_response
         ordinal = tpm_code(buf.view)
         if ordinal == TPM_ORD_SET_LOCALITY:
-            return self.fatal_response
+            return self._vendor_set_locality(buf, length)
         if not self.statedir.locked and not self._ensure_storage_lock(self._lock_retries):
             raise FatalEngineError(
                 f"cannot re-take the lock on {self.statedir.path}; another process holds it"
@@ -361,6 +369,16 @@ class Engine(Storage):
         # After a TPM2_Shutdown the next command must come here to clear the mark.
         self.ready = self.running and self.statedir.locked and not self._last_was_shutdown
         return resp
+
+    def _vendor_set_locality(self, buf: CommandBuffer, length: int) -> bytes:
+        """The vendor SetLocality, only where allowed (a kernel vTPM proxy sends it)."""
+        if not self.config.allow_set_locality or length <= TPM_HEADER_SIZE:
+            return self.fatal_response
+        loc = buf.view[TPM_HEADER_SIZE]
+        ok = loc < LOCALITY_MAX or (loc == LOCALITY_MAX and not self.config.reject_locality_4)
+        if ok:
+            self._set_locality(loc)
+        return set_locality_response(self.config.tpm2, ok)
 
     def cancel(self) -> int:
         """Safe from any thread, without the lock (docs/libtpms.md, pitfall 14); libtpms' result."""

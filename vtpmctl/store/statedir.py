@@ -38,13 +38,17 @@ class StateDir:
         key: AesKey | None = None,
         mode: int = 0o600,
         durable: bool = True,
+        use_lock: bool = True,
     ) -> None:
         self.path = Path(path)
         self.tpm2 = tpm2
         self.key = key
         self.mode = mode
         self.durable = durable
+        # False: lock() is granted without .lock (swtpm's --tpmstate …,lock=false).
+        self.use_lock = use_lock
         self._lock_fd: int | None = None
+        self._unlocked_held = False
 
     # ------------------------------------------------------------ names
 
@@ -127,11 +131,14 @@ class StateDir:
 
     @property
     def locked(self) -> bool:
-        return self._lock_fd is not None
+        return self._lock_fd is not None or self._unlocked_held
 
     def lock(self, retries: int = 0) -> bool:
         """Take swtpm's ``.lock`` (fcntl write lock); True if held now."""
-        if self._lock_fd is not None:
+        if self.locked:
+            return True
+        if not self.use_lock:
+            self._unlocked_held = True
             return True
         self.ensure()
         path = self.path / ".lock"
@@ -154,6 +161,7 @@ class StateDir:
         return False
 
     def unlock(self) -> None:
+        self._unlocked_held = False
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -129,20 +129,52 @@ def listen(ep: Endpoint, backlog: int = 1) -> socket.socket:
 # ---------------------------------------------------------------- data channel
 
 
+class CharDevStream:
+    """A character device (or a vTPM proxy's backend) read and written like a stream.
+
+    ``swtpm chardev`` serves its data channel on one: each read() is one TPM
+    command and each write() one response, so a DataChannel drives it as a
+    connected socket.
+    """
+
+    family = socket.AF_UNIX  # not TCP: no socket options to set
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def recv_into(self, view: memoryview) -> int:
+        return os.readv(self.fd, [view])
+
+    def send(self, data: bytes | memoryview, flags: int = 0) -> int:
+        return os.write(self.fd, data)
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class DataChannel:
     """Serves raw TPM commands on one connected stream in its own thread."""
 
     def __init__(
         self,
         engine: Engine,
-        conn: socket.socket,
+        conn: socket.socket | CharDevStream,
         on_close: Callable[[], None],
         on_fatal: Callable[[str], None],
+        disconnect: bool = False,
     ) -> None:
         self.engine = engine
         self.conn = conn
         self.on_close = on_close
         self.on_fatal = on_fatal
+        self.disconnect = disconnect  # swtpm's --server …,disconnect: one command per connection
         self.thread = threading.Thread(target=self.run, name="data", daemon=True)
 
     def start(self) -> None:
@@ -160,7 +192,10 @@ class DataChannel:
             self.on_close()
 
     def _serve(self) -> None:
-        if self.conn.family in (socket.AF_INET, socket.AF_INET6):
+        if isinstance(self.conn, socket.socket) and self.conn.family in (
+            socket.AF_INET,
+            socket.AF_INET6,
+        ):
             # A response is one write: never hold it back waiting for an ACK.
             self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = CommandBuffer()
@@ -172,6 +207,7 @@ class DataChannel:
         run = self.engine.bind(buf, self.conn.send, socket.MSG_DONTWAIT)
         tpm2 = self.engine.config.tpm2
         framed = SEND_COMMAND_CODE
+        once = self.disconnect
         while True:
             n = recv_into(view)
             if not n:
@@ -183,10 +219,12 @@ class DataChannel:
                 n += more
             if tpm2 and view[0] == 0 and view[:4] == framed:
                 sendall(self._send_command_framed(buf, n))
-                continue
-            rest = run(n)
-            if rest:
-                sendall(rest)
+            else:
+                rest = run(n)
+                if rest:
+                    sendall(rest)
+            if once:
+                return
 
     def _send_command_framed(self, buf: CommandBuffer, n: int) -> bytes:
         """TCG simulator TPM_SEND_COMMAND framing (docs/protocol.md#the-data-channel)."""
@@ -451,24 +489,57 @@ class ControlConnection:
         return encode_socket_response(cmd, reply.result, reply.fields, reply.data)
 
 
+def is_listening(sock: socket.socket) -> bool:
+    """A socket passed in (``fd=``) that accepts connections, rather than one connection."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
+
+
 class SocketServer:
-    """The control listener plus the data listener/fd of one engine."""
+    """The control listener plus the data listener/fd of one engine.
+
+    Each endpoint is a spec to listen on, or a socket that is already bound
+    and listening (passed in by the caller, e.g. systemd or mkosi). Instead of
+    a control listener the server may get one connected control client
+    (``ctrl_client``, swtpm's ``clientfd=``), and instead of a data listener
+    one connected data stream (``data_conn``); once such a data stream ends
+    the server ends, as swtpm does. No control channel at all is allowed too
+    (data commands only, with ``not-need-init``).
+    """
 
     def __init__(
-        self, engine: Engine, ctrl: Endpoint, data: Endpoint | None = None, terminate: bool = False
+        self,
+        engine: Engine,
+        ctrl: Endpoint | socket.socket | None,
+        data: Endpoint | socket.socket | None = None,
+        terminate: bool = False,
+        *,
+        ctrl_client: socket.socket | None = None,
+        data_conn: socket.socket | CharDevStream | None = None,
+        disconnect: bool = False,
     ) -> None:
         self.engine = engine
-        self.ctrl_ep = ctrl
-        self.data_ep = data
+        self.ctrl_ep = ctrl if isinstance(ctrl, Endpoint) else None
+        self.data_ep = data if isinstance(data, Endpoint) else None
         self.terminate = terminate
+        self.disconnect = disconnect
+        self._ctrl_client = ctrl_client
+        self._data_conn = data_conn
         self._exit = threading.Event()
         self.exit_message: str | None = None
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._ctrl_listener = listen(ctrl)
-        self._data_listener = listen(data) if data is not None else None
+        self._ctrl_listener = listen(ctrl) if isinstance(ctrl, Endpoint) else ctrl
+        try:
+            self._data_listener = listen(data) if isinstance(data, Endpoint) else data
+        except EndpointError:
+            if self._ctrl_listener is not None:
+                self._ctrl_listener.close()
+            raise
         self._datafd_channel: DataChannel | None = None
         self._lock = threading.Lock()
 
@@ -494,7 +565,11 @@ class SocketServer:
     def has_data_channel(self) -> bool:
         """A data listener is configured or a SET_DATAFD channel is live."""
         with self._lock:
-            return self._data_listener is not None or self._datafd_channel is not None
+            return (
+                self._data_listener is not None
+                or self._datafd_channel is not None
+                or self._data_conn is not None
+            )
 
     def attach_data_fd(self, fd: int) -> bool:
         with self._lock:
@@ -528,20 +603,30 @@ class SocketServer:
             except OSError:
                 return
             # Served in this thread, so the next client waits until this one leaves.
-            DataChannel(self.engine, conn, self._data_closed, self.fatal).run()
+            DataChannel(self.engine, conn, self._data_closed, self.fatal, self.disconnect).run()
 
     def _data_closed(self) -> None:
         if self.terminate:
             log.info("data connection lost; terminating")
             self.request_exit()
 
+    def _data_conn_closed(self) -> None:
+        log.info("data connection closed; terminating")
+        self.request_exit()
+
     def serve_forever(self) -> None:
         if self._data_listener is not None:
             threading.Thread(target=self._data_accept_loop, name="data-accept", daemon=True).start()
+        if self._data_conn is not None:
+            DataChannel(self.engine, self._data_conn, self._data_conn_closed, self.fatal).start()
         sel = self._sel
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        sel.register(self._ctrl_listener, selectors.EVENT_READ, "listen")
         client: ControlConnection | None = None
+        if self._ctrl_client is not None:
+            client = ControlConnection(self, self._ctrl_client)
+            sel.register(self._ctrl_client, selectors.EVENT_READ, "client")
+        elif self._ctrl_listener is not None:
+            sel.register(self._ctrl_listener, selectors.EVENT_READ, "listen")
         try:
             while not self._exit.is_set() and not self.engine.shutdown_requested.is_set():
                 for key, _ in sel.select():
@@ -552,6 +637,7 @@ class SocketServer:
                         except BlockingIOError:
                             pass
                     elif key.data == "listen":
+                        assert self._ctrl_listener is not None
                         conn, _ = self._ctrl_listener.accept()
                         client = ControlConnection(self, conn)
                         # One control client at a time: stop polling the listener.
@@ -563,7 +649,8 @@ class SocketServer:
                         sel.unregister(client.conn)
                         client.conn.close()
                         client = None
-                        sel.register(self._ctrl_listener, selectors.EVENT_READ, "listen")
+                        if self._ctrl_listener is not None:
+                            sel.register(self._ctrl_listener, selectors.EVENT_READ, "listen")
                     if self._exit.is_set():
                         break
         finally:

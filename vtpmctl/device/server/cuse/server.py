@@ -69,6 +69,7 @@ from vtpmctl.device.server.cuse.wire import (
     encode_notify_poll,
     encode_read_header,
     encode_reply,
+    exact_device_name,
     lookup_ioctl,
 )
 from vtpmctl.engine.libtpms import CommandBuffer
@@ -108,10 +109,17 @@ class CuseServer:
     """
 
     def __init__(
-        self, engine: Engine, name: str, *, fd: int | None = None, wait_for_node: bool = True
+        self,
+        engine: Engine,
+        name: str,
+        *,
+        fd: int | None = None,
+        wait_for_node: bool = True,
+        exact_name: bool = False,
     ) -> None:
         self.engine = engine
-        self.devname = device_name(name)
+        # exact_name: /dev/NAME as given (swtpm cuse -n NAME), not /dev/vtpm-NAME
+        self.devname = exact_device_name(name) if exact_name else device_name(name)
         self.path = f"/dev/{self.devname}"
         self.exit_message: str | None = None
         self._stop = False  # request_exit() and CMD_SHUTDOWN set it

@@ -112,6 +112,16 @@ def device_name(name: str) -> str:
     return DEVNAME_PREFIX + base
 
 
+def exact_device_name(name: str) -> str:
+    """The DEVNAME for ``swtpm cuse -n NAME``: NAME itself (``/dev/NAME``)."""
+    if not _NAME_RE.fullmatch(name) or len(name) > len(DEVNAME_PREFIX) + CUSE_NAME_MAX:
+        raise CuseError(
+            f"bad device name {name!r}: use letters, digits, '.', '_', '+' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
 def encode_reply(unique: int, body: bytes = b"", error: int = 0) -> bytes:
     """One reply: an error (a positive errno here) is the header alone."""
     if error:

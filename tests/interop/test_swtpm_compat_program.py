@@ -1,0 +1,249 @@
+"""vtpmctl's ``swtpm`` program with the command lines Proxmox VE and mkosi/systemd-vmspawn use.
+
+Each test runs the program through the launchers ``vtpmctl swtpm-compat install`` writes,
+boots QEMU (TCG, SeaBIOS, which starts the TPM and extends PCRs) on it, then opens the
+state it left with tpm2-tools and with the real swtpm 0.7.1, and the reverse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.interop.qemu_helpers import launch_qemu
+from tests.interop.swtpm_peer import swtpm_socket
+from vtpmctl.usecases import swtpm_compat
+
+ROOT = Path(__file__).resolve().parents[2]
+SWTPM_REAL = shutil.which("swtpm", path="/usr/bin")
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(
+        SWTPM_REAL is None or shutil.which("qemu-system-x86_64") is None,
+        reason="needs swtpm 0.7.1 and qemu-system-x86_64",
+    ),
+]
+PERSISTENT = "0x81000001"
+
+
+@pytest.fixture(scope="module")
+def launchers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("bin")
+    swtpm_compat.install(directory, python=sys.executable)
+    return directory
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """Short paths: sockets must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="swc-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=60, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def _wait_gone(pid: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"swtpm {pid} still running {timeout}s after QEMU quit")
+
+
+def _boot_qemu(run_dir: Path, ctrl: Path) -> None:
+    """QEMU's firmware starts the TPM and extends PCRs; quitting QEMU ends swtpm."""
+    vm = launch_qemu(run_dir / "vm", ctrl, device="tpm-crb")
+    try:
+        assert vm.running, vm.describe()
+        vm.execute("cont")
+        vm.wait_firmware()
+        assert vm.quit() == 0
+    finally:
+        vm.kill()
+
+
+def _proxmox_start(swtpm: Path, state: str, run_dir: Path, vmid: int) -> int:
+    """qemu-server's swtpm command line; returns the daemon's pid from its pid file."""
+    ctrl, pid_file, log = run_dir / "ctrl.sock", run_dir / "swtpm.pid", run_dir / "swtpm.log"
+    res = _run(
+        [
+            str(swtpm),
+            "socket",
+            "--tpmstate",
+            f"backend-uri=file://{state},mode=0600",
+            "--ctrl",
+            f"type=unixio,path={ctrl},mode=0600",
+            "--pid",
+            f"file={pid_file}",
+            "--terminate",
+            "--daemon",
+            "--log",
+            f"file={log},level=1,prefix=[id={vmid}]",
+            "--tpm2",
+        ]  # fmt: skip
+    )
+    assert res.returncode == 0, res.stderr
+    assert ctrl.exists(), "the control socket must exist when swtpm --daemon returns"
+    assert ctrl.stat().st_mode & 0o777 == 0o600
+    return int(pid_file.read_text())
+
+
+def _states(swtpm: str | Path, tpmstate: str) -> dict[str, object]:
+    res = _run([str(swtpm), "socket", "--tpm2", "--tpmstate", tpmstate, "--print-states"])
+    assert res.returncode == 0, res.stderr
+    parsed: dict[str, object] = json.loads(res.stdout)
+    return parsed
+
+
+def _persist_key(exe: str | Path, tpmstate: str) -> str:
+    """createprimary + evictcontrol through ``exe``; the key's name."""
+    with swtpm_socket(exe=str(exe), extra_args=["--tpmstate", tpmstate]) as tpm:
+        tpm.tpm2("createprimary", "-C", "o", "-c", str(tpm.run_dir / "p.ctx"))
+        tpm.tpm2("evictcontrol", "-C", "o", "-c", str(tpm.run_dir / "p.ctx"), PERSISTENT)
+        name = _key_name(tpm)
+        tpm.shutdown()
+    return name
+
+
+def _key_name(tpm: object) -> str:
+    out = tpm.tpm2("readpublic", "-c", PERSISTENT).stdout.decode()  # type: ignore[attr-defined]
+    return next(line.split()[1] for line in out.splitlines() if line.startswith("name:"))
+
+
+def _read_key(exe: str | Path, tpmstate: str) -> str:
+    with swtpm_socket(exe=str(exe), extra_args=["--tpmstate", tpmstate]) as tpm:
+        name = _key_name(tpm)
+        assert len(tpm.tpm2("getrandom", "16").stdout) == 16
+        tpm.shutdown()
+    return name
+
+
+def _proxmox_round(launchers: Path, run_dir: Path, state: str) -> None:
+    """vtpmctl makes a key, QEMU boots on the Proxmox line, the real swtpm finds the key."""
+    tpmstate = f"backend-uri=file://{state}"
+    name = _persist_key(launchers / "swtpm", tpmstate)
+    pid = _proxmox_start(launchers / "swtpm", state, run_dir, 101)
+    _boot_qemu(run_dir, run_dir / "ctrl.sock")
+    _wait_gone(pid)
+    assert not (run_dir / "swtpm.pid").exists()
+    ours = _states(launchers / "swtpm", tpmstate)
+    assert ours == _states(SWTPM_REAL or "swtpm", tpmstate)
+    assert [s["name"] for s in ours["states"]] == ["permall"]  # type: ignore[attr-defined]
+    assert _read_key(SWTPM_REAL or "swtpm", tpmstate) == name
+
+
+def test_proxmox_file_backend_on_a_plain_file(launchers: Path, run_dir: Path) -> None:
+    state = run_dir / "vm-101-disk-1.raw"
+    _proxmox_round(launchers, run_dir, str(state))
+    # and the reverse: the real swtpm writes a linear file, vtpmctl opens it
+    other = run_dir / "real.raw"
+    name = _persist_key(SWTPM_REAL or "swtpm", f"backend-uri=file://{other}")
+    assert _read_key(launchers / "swtpm", f"backend-uri=file://{other}") == name
+
+
+@pytest.fixture
+def loop_device(run_dir: Path) -> Iterator[str]:
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup")
+    backing = run_dir / "volume.img"
+    with open(backing, "wb") as f:
+        f.truncate(1 << 20)
+    res = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, timeout=30
+    )
+    if res.returncode != 0:
+        pytest.skip(f"losetup failed: {res.stderr.strip()}")
+    device = res.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], timeout=30, check=False)
+
+
+def test_proxmox_file_backend_on_a_loop_block_device(
+    launchers: Path, run_dir: Path, loop_device: str
+) -> None:
+    _proxmox_round(launchers, run_dir, loop_device)
+    with open(loop_device, "rb") as dev:
+        assert dev.read(8) == b"nilmptws"  # the linear file's magic, little-endian
+    assert os.stat(loop_device).st_size == 0  # a block device: st_size says nothing
+
+
+def test_mkosi_prebound_control_socket_as_fd3(launchers: Path, run_dir: Path) -> None:
+    """mkosi and systemd-vmspawn bind the control socket and pass it as fd 3."""
+    state = run_dir / "state"
+    state.mkdir()
+    name = _persist_key(SWTPM_REAL or "swtpm", f"dir={state}")  # a state dir the real swtpm wrote
+    path = run_dir / "swtpm.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    fd = listener.fileno()
+    with contextlib.ExitStack() as stack:
+        stack.callback(listener.close)
+        # the shell puts the socket on descriptor 3, as systemd-vmspawn hands it over
+        proc = subprocess.Popen(
+            [
+                "bash",
+                "-c",
+                f'exec "$@" 3<&{fd} {fd}<&-',
+                "bash",
+                str(launchers / "swtpm"),
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={state}",
+                "--ctrl",
+                "type=unixio,fd=3",
+            ],  # fmt: skip
+            env=_env(),
+            pass_fds=(fd,),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        stack.callback(proc.kill)
+        listener.close()
+        _boot_qemu(run_dir, path)
+        assert proc.wait(15) == 0, proc.stdout.read() if proc.stdout else ""
+    assert _states(launchers / "swtpm", f"dir={state}") == _states(
+        SWTPM_REAL or "swtpm", f"dir={state}"
+    )
+    assert _read_key(SWTPM_REAL or "swtpm", f"dir={state}") == name
+
+
+@pytest.mark.parametrize("args", [[], ["--tpm2"]])
+def test_print_capabilities_has_swtpms_keys(launchers: Path, args: list[str]) -> None:
+    ours = json.loads(
+        _run([str(launchers / "swtpm"), "socket", *args, "--print-capabilities"]).stdout
+    )
+    real = json.loads(_run([SWTPM_REAL or "swtpm", "socket", *args, "--print-capabilities"]).stdout)
+    assert ours.keys() == real.keys()
+    assert ours["version"] == real["version"] == "0.7.1"
+    # what libvirt keys on is there; the rest is a subset of swtpm's words
+    assert {"tpm-2.0", "cmdarg-pwd-fd", "nvram-backend-file"} <= set(ours["features"])
+    assert set(ours["features"]) <= set(real["features"])
