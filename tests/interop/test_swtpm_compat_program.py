@@ -247,3 +247,137 @@ def test_print_capabilities_has_swtpms_keys(launchers: Path, args: list[str]) ->
     # what libvirt keys on is there; the rest is a subset of swtpm's words
     assert {"tpm-2.0", "cmdarg-pwd-fd", "nvram-backend-file"} <= set(ours["features"])
     assert set(ours["features"]) <= set(real["features"])
+
+
+GETRANDOM_8 = bytes.fromhex("80010000000c0000017b0008")
+VENDOR_SET_LOCALITY_3 = bytes.fromhex("80010000000b2000100003")
+
+
+def _ask(sock: socket.socket, command: bytes) -> bytes:
+    sock.sendall(command)
+    return sock.recv(4096)
+
+
+def test_descriptors_ports_chardev_daemon_and_keys(launchers: Path, run_dir: Path) -> None:
+    """swtpm_setup's socketpairs, chardev --fd, -p PORT with --locality, a failed --daemon
+    start, and a key file others may read (accepted, with a warning in the log)."""
+    swtpm = str(launchers / "swtpm")
+    state = run_dir / "st"
+    common = [swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state}"]
+    # --server type=tcp,fd= (a connected stream) and --ctrl clientfd=, as swtpm_setup runs it
+    data, data_peer = socket.socketpair()
+    ctrl, ctrl_peer = socket.socketpair()
+    fds = (data_peer.fileno(), ctrl_peer.fileno())
+    proc = subprocess.Popen(
+        [
+            *common,
+            "--flags",
+            "not-need-init,startup-clear",
+            "--server",
+            f"type=tcp,fd={fds[0]}",
+            "--ctrl",
+            f"type=unixio,clientfd={fds[1]}",
+        ],  # fmt: skip
+        pass_fds=fds,
+        env=_env(),
+    )
+    data_peer.close()
+    ctrl_peer.close()
+    assert len(_ask(data, GETRANDOM_8)) == 20
+    assert _ask(ctrl, b"\0\0\0\x03") == b"\0\0\0\0"  # CMD_SHUTDOWN
+    assert proc.wait(15) == 0
+    # chardev on a descriptor; the vendor SetLocality is refused unless allowed
+    dev, dev_peer = socket.socketpair()
+    proc = subprocess.Popen(
+        [
+            swtpm,
+            "chardev",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={state}",
+            "--flags",
+            "startup-clear",
+            "--fd",
+            str(dev_peer.fileno()),
+        ],  # fmt: skip
+        pass_fds=(dev_peer.fileno(),),
+        env=_env(),
+    )
+    dev_peer.close()
+    assert len(_ask(dev, GETRANDOM_8)) == 20
+    assert _ask(dev, VENDOR_SET_LOCALITY_3)[6:10] == b"\0\0\x01\x01"  # TPM_RC_FAILURE
+    dev.close()
+    assert proc.wait(15) == 0
+    # -p PORT: one command per connection; allow-set-locality takes the vendor command
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [*common, "--flags", "startup-clear", "-p", str(port), "--locality", "allow-set-locality"],
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port))
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with conn:
+            assert len(_ask(conn, GETRANDOM_8)) == 20
+            assert conn.recv(10) == b""  # disconnected after the response
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            assert _ask(conn, VENDOR_SET_LOCALITY_3)[6:10] == b"\0\0\0\0"
+        # a second TPM on the same state: --daemon reports the failure and exits 1
+        res = _run(
+            [
+                *common,
+                "--ctrl",
+                f"type=unixio,path={run_dir / 'c2'}",
+                "--flags",
+                "not-need-init",
+                "--daemon",
+            ]  # fmt: skip
+        )
+        assert res.returncode == 1
+        assert res.stderr.count("locked by another process") == 1, res.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+    # a 0644 hex key file is used, as swtpm does, with a warning in the log
+    key = run_dir / "key"
+    key.write_text("00112233445566778899aabbccddeeff\n")
+    key.chmod(0o644)
+    log = run_dir / "log"
+    ctrl_path = run_dir / "c3"
+    res = _run(
+        [
+            swtpm,
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={run_dir / 'st2'}",
+            "--ctrl",
+            f"type=unixio,path={ctrl_path}",
+            "--flags",
+            "not-need-init",
+            "--daemon",
+            "--key",
+            f"file={key}",
+            "--log",
+            f"file={log},level=1,prefix=[x] ",
+            "--pid",
+            f"file={run_dir / 'pid'}",
+        ]  # fmt: skip
+    )
+    assert res.returncode == 0, res.stderr
+    assert "[x] key file" in log.read_text() and "mode 0644" in log.read_text()
+    pid = int((run_dir / "pid").read_text())
+    subprocess.run(["swtpm_ioctl", "--unix", str(ctrl_path), "-s"], check=True, timeout=15)
+    _wait_gone(pid)
+    # the real swtpm opens the encrypted state with the same key
+    with swtpm_socket(run_dir / "st2", extra_args=["--key", f"file={key}"], exe=SWTPM_REAL) as tpm:
+        assert len(tpm.tpm2("getrandom", "8").stdout) == 8
+        tpm.shutdown()

@@ -886,7 +886,9 @@ def serve(opts: Options) -> int:
         raise _fail(f"cannot use the TPM state {statedir.path}: {exc}") from None
     engine = Engine(statedir, config)
     if libtpms_fd is not None and opts.log.level >= 5:
+        # libtpms' own trace from level 5 on, more of it the higher the level (as swtpm)
         engine.tpm.set_debug_fd(libtpms_fd)
+        engine.tpm.set_debug_level(opts.log.level - 4)
     make = {"socket": _make_socket_server, "chardev": _make_chardev_server}
     server = make.get(opts.iface, _make_cuse_server)(opts, engine)
     ready = _Readiness()
@@ -903,7 +905,8 @@ def serve(opts: Options) -> int:
         except VtpmctlError as exc:
             raise _fail(str(exc)) from None
     except SwtpmError as exc:
-        log.error("%s", exc.message)
+        if opts.log.fd != 2:  # on stderr, report() prints it
+            log.error("%s", exc.message)
         ready.report(exc.message)
         server.close()
         engine.close()

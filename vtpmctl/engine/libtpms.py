@@ -345,6 +345,10 @@ class Libtpms:
     def set_debug_fd(self, fd: int) -> None:
         self.lib.TPMLIB_SetDebugFD(fd)
 
+    def set_debug_level(self, level: int) -> None:
+        """How much libtpms traces to its debug fd (0: nothing)."""
+        self.lib.TPMLIB_SetDebugLevel(level)
+
     def main_init(self) -> int:
         return int(self.lib.TPMLIB_MainInit())
 
