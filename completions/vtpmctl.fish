@@ -85,6 +85,7 @@ complete -c vtpmctl -n '__fish_seen_subcommand_from status; and test (__vtpmctl_
 complete -c vtpmctl -n '__fish_seen_subcommand_from serve' -l state -r -F -d 'state directory (swtpm\'s --tpmstate dir=)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from serve' -l ctrl -x -d 'control channel'
 complete -c vtpmctl -n '__fish_seen_subcommand_from serve' -l data -x -d 'data channel (QEMU passes its own with CMD_SET_DATAFD)'
+complete -c vtpmctl -n '__fish_seen_subcommand_from serve' -l admin -x -d 'read-only control endpoint (0600) that answers while a hypervisor holds --ctrl'
 complete -c vtpmctl -n '__fish_seen_subcommand_from serve' -l cuse -x -d 'serve /dev/vtpm-NAME instead of sockets'
 complete -c vtpmctl -n '__fish_seen_subcommand_from serve' -l tpm -x -a '2 1.2' -d 'TPM family'
 complete -c vtpmctl -n '__fish_seen_subcommand_from serve' -l flags -x -d 'not-need-init, startup-clear, startup-state, disable-auto-shutdown'

@@ -55,7 +55,7 @@ def caps_data(target: str, caps: int) -> "dict[str, Any]":
 
 def caps(target: str, as_json: bool = False, timeout: float = DEFAULT_TIMEOUT) -> int:
     """Print the capability bits of TARGET."""
-    where = parse_target(target)
+    where = parse_target(target, read_only=True)
     with open_client(where, timeout=timeout) as client:
         value = client.caps()
     data = caps_data(where.display, value)
@@ -122,7 +122,7 @@ def info_data(client: "ControlClient", target: str) -> "dict[str, Any]":
 
 def info(target: str, as_json: bool = False, timeout: float = DEFAULT_TIMEOUT) -> int:
     """Print what TARGET reports about itself."""
-    where = parse_target(target)
+    where = parse_target(target, read_only=True)
     with open_client(where, timeout=timeout) as client:
         data = info_data(client, where.display)
     if as_json:

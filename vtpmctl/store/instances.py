@@ -129,6 +129,11 @@ class InstancePaths:
         return self.run_dir / "tpm.ctrl"
 
     @property
+    def admin_socket(self) -> Path:
+        """The daemon's read-only admin endpoint (shorter than tpm.ctrl, so it always fits)."""
+        return self.run_dir / "admin"
+
+    @property
     def pid_file(self) -> Path:
         return self.run_dir / "pid"
 

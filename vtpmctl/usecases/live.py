@@ -23,9 +23,16 @@ def control_path(inst: Instance) -> str:
     return instance_target(inst).path or ""
 
 
-def instance_client(inst: Instance, *, timeout: float = DEFAULT_TIMEOUT) -> ControlClient:
-    """A ControlClient for the instance's daemon, whether or not it is running."""
-    return open_client(instance_target(inst), timeout=timeout)
+def instance_client(
+    inst: Instance, *, timeout: float = DEFAULT_TIMEOUT, read_only: bool = False
+) -> ControlClient:
+    """A ControlClient for the instance's daemon, whether or not it is running.
+
+    ``read_only``: only commands the daemon's admin endpoint answers will be sent
+    (queries, the permanent state), so it is used, and answers while a
+    hypervisor holds the control channel.
+    """
+    return open_client(instance_target(inst, read_only), timeout=timeout)
 
 
 def read_state(

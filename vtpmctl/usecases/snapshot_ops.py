@@ -109,7 +109,9 @@ def _from_control(
     mkey = instance_keys.load_migration_key(inst)
     from vtpmctl.usecases.live import instance_client
 
-    with instance_client(inst, timeout=timeout) as client:
+    # The permanent state alone comes through the admin endpoint, which answers while
+    # QEMU holds the control channel; volatile state needs the control channel.
+    with instance_client(inst, timeout=timeout, read_only=not volatile) as client:
         perm = _fetch(client, BlobKind.PERMANENT, state_key, mkey)
         if not perm:
             raise SnapshotError(f"{inst.name} has no permanent state to snapshot")

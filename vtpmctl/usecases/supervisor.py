@@ -62,7 +62,9 @@ class Status:
 
 def _leftovers(inst: Instance) -> list[Path]:
     p = inst.paths
-    return [f for f in (p.pid_file, p.ctrl_socket, p.data_socket) if os.path.lexists(f)]
+    return [
+        f for f in (p.pid_file, p.ctrl_socket, p.data_socket, p.admin_socket) if os.path.lexists(f)
+    ]
 
 
 def _cmdline(pid: int) -> list[bytes]:
@@ -244,6 +246,7 @@ def daemon_argv(
             existing=True,
             cuse=p.cuse_name if cuse else None,
             ctrl=None if cuse else f"unix:{p.ctrl_socket}",
+            admin=None if cuse else f"unix:{p.admin_socket}",
             data=f"unix:{p.data_socket}" if data else None,
             **(
                 key_specs

@@ -34,17 +34,27 @@ _FORMS = "use unix:PATH, tcp:HOST:PORT, /dev/NAME or an instance name"
 
 
 class Target:
-    """A parsed TARGET: where the control channel is and how to show it."""
+    """A parsed TARGET: where the control channel is and how to show it.
 
-    __slots__ = ("kind", "path", "host", "port")
+    ``via`` is the socket actually used when it is not ``path``: an instance's
+    admin endpoint, for commands that only read (see ``parse_target``).
+    """
+
+    __slots__ = ("kind", "path", "host", "port", "via")
 
     def __init__(
-        self, kind: Kind, path: str | None = None, host: str | None = None, port: int | None = None
+        self,
+        kind: Kind,
+        path: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        via: str | None = None,
     ) -> None:
         self.kind: Kind = kind
         self.path = path
         self.host = host
         self.port = port
+        self.via = via
 
     @property
     def display(self) -> str:
@@ -76,8 +86,13 @@ class Target:
         return f"Target({self.display!r})"
 
 
-def parse_target(spec: str) -> Target:
-    """Parse a TARGET; instance names are looked up in the registry."""
+def parse_target(spec: str, read_only: bool = False) -> Target:
+    """Parse a TARGET; instance names are looked up in the registry.
+
+    ``read_only``: the caller sends only commands the admin endpoint answers, so an
+    instance is reached through it, and answers while a hypervisor holds its
+    control channel.
+    """
     if not spec:
         raise TargetError(f"empty target; {_FORMS}")
     if spec.startswith("unix:"):
@@ -101,7 +116,7 @@ def parse_target(spec: str) -> Target:
         )
     if ":" in spec or spec.startswith("-"):
         raise TargetError(f"{spec!r}: not a target; {_FORMS}", spec)
-    return resolve_instance(spec)
+    return resolve_instance(spec, read_only)
 
 
 def _parse_tcp(spec: str) -> Target:
@@ -128,8 +143,9 @@ def _is_socket(path: str) -> bool:
         return False
 
 
-def resolve_instance(name: str) -> Target:
-    """The control channel of the registered instance NAME."""
+def resolve_instance(name: str, read_only: bool = False) -> Target:
+    """The control channel of the registered instance NAME (``via`` its admin endpoint
+    when ``read_only`` and its daemon has one)."""
     from vtpmctl.errors import InstanceError
     from vtpmctl.store.instances import Registry
 
@@ -137,17 +153,23 @@ def resolve_instance(name: str) -> Target:
         inst = Registry().get(name)
     except InstanceError as exc:
         raise TargetError(str(exc), name) from None
-    target = instance_target(inst)
+    target = instance_target(inst, read_only)
     if not os.path.exists(target.path or ""):
         raise TargetError(f"{name} is not running; start it with: vtpmctl start {name}", name)
     return target
 
 
-def instance_target(inst: Instance) -> Target:
-    """Where an instance's control channel is (its CUSE device or control socket)."""
+def instance_target(inst: Instance, read_only: bool = False) -> Target:
+    """Where an instance's control channel is (its CUSE device or control socket).
+
+    With ``read_only``, ``via`` is its admin endpoint if the daemon has one (a
+    daemon of an earlier version has none and is reached on its control socket).
+    """
     if inst.config.transport == model.Transport.CUSE:
         return Target("cuse", path=str(inst.paths.device))
-    return Target("unix", path=str(inst.paths.ctrl_socket))
+    admin = str(inst.paths.admin_socket)
+    via = admin if read_only and _is_socket(admin) else None
+    return Target("unix", path=str(inst.paths.ctrl_socket), via=via)
 
 
 def cuse_transport(path: str, *, timeout: float = DEFAULT_TIMEOUT) -> Transport:
@@ -163,7 +185,7 @@ def open_transport(target: Target | str, *, timeout: float = DEFAULT_TIMEOUT) ->
         target = parse_target(target)
     if target.kind == "unix":
         assert target.path is not None
-        return SocketTransport(target.path, timeout=timeout, name=target.display)
+        return SocketTransport(target.via or target.path, timeout=timeout, name=target.display)
     if target.kind == "tcp":
         assert target.host is not None and target.port is not None
         return SocketTransport((target.host, target.port), timeout=timeout, name=target.display)

@@ -56,6 +56,7 @@ class DaemonOptions:
     state_dir: Path
     ctrl: str | None = None
     data: str | None = None
+    admin: str | None = None  # unix:PATH of the read-only admin endpoint
     cuse: str | None = None
     tpm2: bool = True
     flags: list[str] = field(default_factory=list)
@@ -181,10 +182,14 @@ def _notify(message: str) -> None:
             log.warning("cannot notify systemd: %s", exc.strerror)
 
 
-def check_options(opts: DaemonOptions) -> tuple[Endpoint | None, Endpoint | None]:
-    """Every option's value, before anything is created: the (ctrl, data) endpoints."""
+def check_options(
+    opts: DaemonOptions,
+) -> tuple[Endpoint | None, Endpoint | None, Endpoint | None]:
+    """Every option's value, before anything is created: the (ctrl, data, admin) endpoints."""
     if (opts.ctrl is None) == (opts.cuse is None):
         raise ServeOptionError("give exactly one of --ctrl or --cuse")
+    if opts.admin is not None and opts.cuse is not None:
+        raise ServeOptionError("--admin goes with --ctrl; a CUSE device has no admin endpoint")
     parse_flags(opts.flags)
     key_sources(opts)
     if opts.cuse is not None:
@@ -194,20 +199,24 @@ def check_options(opts: DaemonOptions) -> tuple[Endpoint | None, Endpoint | None
             device_name(opts.cuse)
         except CuseError as exc:
             raise ServeOptionError(str(exc)) from None
-        return None, None
+        return None, None, None
     from vtpmctl.device.server.sockets import EndpointError, parse_endpoint
 
     try:
         ctrl = parse_endpoint(opts.ctrl or "")
         data = parse_endpoint(opts.data) if opts.data else None
+        admin = parse_endpoint(opts.admin) if opts.admin else None
     except EndpointError as exc:
         raise ServeOptionError(str(exc)) from None
-    return ctrl, data
+    if admin is not None and admin.kind != "unix":
+        # It hands out the permanent state: only a socket the file system guards.
+        raise ServeOptionError("--admin takes unix:PATH only (a 0600 socket)")
+    return ctrl, data, admin
 
 
 def run(opts: DaemonOptions) -> int:
     """Serve until CMD_SHUTDOWN or SIGTERM; bad setup raises ServeError, StoreError, UsageError."""
-    ctrl, data = check_options(opts)
+    ctrl, data, admin = check_options(opts)
     not_need_init, startup, no_auto = parse_flags(opts.flags)
     state_source, migration_source = key_sources(opts)
     permall = StateDir(opts.state_dir, tpm2=opts.tpm2).read_raw(BlobKind.PERMANENT.file_name)
@@ -254,7 +263,7 @@ def run(opts: DaemonOptions) -> int:
         engine.close()
         raise
 
-    server = _make_frontend(opts, engine, ctrl, data)
+    server = _make_frontend(opts, engine, ctrl, data, admin)
     if opts.pid_file is not None:
         try:
             _write_pid_file(opts.pid_file)
@@ -295,7 +304,11 @@ def run(opts: DaemonOptions) -> int:
 
 
 def _make_frontend(  # type: ignore[no-untyped-def]
-    opts: DaemonOptions, engine: Engine, ctrl: Endpoint | None, data: Endpoint | None
+    opts: DaemonOptions,
+    engine: Engine,
+    ctrl: Endpoint | None,
+    data: Endpoint | None,
+    admin: Endpoint | None = None,
 ):
     if opts.cuse is not None:
         from vtpmctl.device.server.cuse.server import CuseServer
@@ -310,7 +323,7 @@ def _make_frontend(  # type: ignore[no-untyped-def]
 
     assert ctrl is not None
     try:
-        return SocketServer(engine, ctrl, data, terminate=opts.terminate)
+        return SocketServer(engine, ctrl, data, terminate=opts.terminate, admin=admin)
     except EndpointError:
         engine.close()
         raise
@@ -339,6 +352,7 @@ def options_from_values(values: Mapping[str, Any]) -> DaemonOptions:
         state_dir=values["state"],
         ctrl=values["ctrl"],
         data=values["data"],
+        admin=values["admin"],
         cuse=values["cuse"],
         tpm2=TpmFamily(values["tpm"]).tpm2,
         flags=list(values["flags"]),

@@ -70,6 +70,12 @@ SERVE_OPTIONS: tuple[ServeOption, ...] = (
         "data channel (QEMU passes its own with CMD_SET_DATAFD)",
         metavar=_ENDPOINT,
     ),
+    ServeOption(
+        "--admin",
+        "text",
+        "read-only control endpoint (0600) that answers while a hypervisor holds --ctrl",
+        metavar="unix:PATH",
+    ),
     ServeOption("--cuse", "text", "serve /dev/vtpm-NAME instead of sockets", metavar="NAME"),
     ServeOption("--tpm", "choice", "TPM family", choices=TpmFamily),
     ServeOption(

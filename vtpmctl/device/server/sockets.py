@@ -264,8 +264,9 @@ _QUERIES = frozenset({Cmd.GET_CAPABILITY, Cmd.GET_TPMESTABLISHED, Cmd.GET_CONFIG
 class _Dropped(Exception):
     """The control connection is closed without a reply (docs/protocol.md#socket-framing).
 
-    Private control flow, outside the error tree: the connection loop catches
-    it and closes the connection; it never reaches the user.
+    Private control flow of the control channel's servers (this module and admin.py),
+    outside the error tree: the connection loop catches it and closes the
+    connection; it never reaches the user.
     """
 
 
@@ -519,6 +520,7 @@ class SocketServer:
         ctrl_client: socket.socket | None = None,
         data_conn: socket.socket | CharDevStream | None = None,
         disconnect: bool = False,
+        admin: Endpoint | None = None,
     ) -> None:
         self.engine = engine
         self.ctrl_ep = ctrl if isinstance(ctrl, Endpoint) else None
@@ -542,6 +544,17 @@ class SocketServer:
             raise
         self._datafd_channel: DataChannel | None = None
         self._lock = threading.Lock()
+        self._admin = None
+        if admin is not None:
+            from vtpmctl.device.server.admin import AdminServer  # imports this module
+
+            try:
+                self._admin = AdminServer(self, admin)
+            except EndpointError:
+                for sock in (self._ctrl_listener, self._data_listener):
+                    if sock is not None:
+                        sock.close()
+                raise
 
     # -- called from other threads
 
@@ -614,11 +627,17 @@ class SocketServer:
         log.info("data connection closed; terminating")
         self.request_exit()
 
-    def serve_forever(self) -> None:
+    def _start_threads(self) -> None:
+        """What runs beside the control loop: admin endpoint, data listener or stream."""
+        if self._admin is not None:
+            self._admin.start()
         if self._data_listener is not None:
             threading.Thread(target=self._data_accept_loop, name="data-accept", daemon=True).start()
         if self._data_conn is not None:
             DataChannel(self.engine, self._data_conn, self._data_conn_closed, self.fatal).start()
+
+    def serve_forever(self) -> None:
+        self._start_threads()
         sel = self._sel
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         client: ControlConnection | None = None
@@ -659,6 +678,8 @@ class SocketServer:
             self.close()
 
     def close(self) -> None:
+        if self._admin is not None:
+            self._admin.close()
         self._sel.close()
         for sock in (self._ctrl_listener, self._data_listener):
             if sock is not None:
