@@ -199,3 +199,56 @@ def test_instance_keys_from_descriptors_never_touch_disk_or_argv(tmp_path: Path)
         info = home.json("info", "enc")
         assert info["state_key"] is True and info["migration_key"] is True
         home.run("stop", "enc")
+
+
+@pytest.mark.parametrize(
+    ("swtpm_spec", "vtpm_spec"),
+    [
+        ("pwdfile={path}", "pwdfd={fd}"),
+        ("pwdfile={path},kdf=sha512,mode=aes-256-cbc", "pwdfd={fd},kdf=sha512,mode=aes-256-cbc"),
+    ],
+    ids=["pwd-default", "pwd-sha512-256"],
+)
+def test_migration_key_passphrase_blobs_move_both_ways(
+    tmp_path: Path, vtpm_server: Callable[..., VtpmServer], swtpm_spec: str, vtpm_spec: str
+) -> None:
+    """A state blob swtpm wraps with a passphrase migration key loads into vtpmctl given the
+    same passphrase on a descriptor, and vtpmctl's blob loads back into swtpm."""
+    pwd = tmp_path / "mig.pass"
+    pwd.write_bytes(PASSWORD)
+    pwd.chmod(0o600)
+    swtpm_mig = ["--migration-key", swtpm_spec.format(path=pwd)]
+    blob = tmp_path / "perm.blob"
+    with swtpm_socket(tmp_path / "src", extra_args=swtpm_mig) as tpm:
+        tpm.tpm2("nvdefine", NV_INDEX, "-C", "o", "-s", str(NV_SIZE), "-a", "ownerread|ownerwrite")
+        nv_write(tpm, b"migrated-by-pass", tmp_path)
+        tpm.ioctl("--save", "permanent", str(blob))
+        tpm.shutdown()
+    assert blob.read_bytes()[5] & 0x02  # wrapped with the migration key
+
+    fd = key_pipe(PASSWORD)
+    try:
+        server = vtpm_server(
+            tmp_path / "dst",
+            extra_args=["--migration-key", vtpm_spec.format(fd=fd)],
+            pass_fds=(fd,),
+        )
+    finally:
+        os.close(fd)
+    server.ioctl("--load", "permanent", str(blob))
+    server.ioctl("-i")
+    server.tpm2("startup", "-c")
+    assert nv_read(server) == b"migrated-by-pass"
+    nv_write(server, b"and-back-again!!", tmp_path)
+    back = tmp_path / "back.blob"
+    server.ioctl("--save", "permanent", str(back))
+    assert back.read_bytes()[5] & 0x02
+    server.ioctl("-s")
+    assert server.wait_exit() == 0
+
+    with swtpm_socket(tmp_path / "again", flags=None, extra_args=swtpm_mig) as tpm:
+        tpm.ioctl("--load", "permanent", str(back))
+        tpm.ioctl("-i")
+        tpm.tpm2("startup", "-c")
+        assert nv_read(tpm) == b"and-back-again!!"
+        tpm.shutdown()
