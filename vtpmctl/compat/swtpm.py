@@ -16,6 +16,7 @@ only then starts the TPM. No TPM exists in the process before the fork.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -755,6 +756,7 @@ class _Readiness:
 
     def __init__(self) -> None:
         self.fd: int | None = None
+        self.null: int | None = None
 
     def daemonize(self) -> None:
         read_end, write_end = os.pipe()
@@ -778,10 +780,10 @@ class _Readiness:
         os.set_inheritable(write_end, False)
         self.fd = write_end
         os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
-        os.close(null)
+        # kept open: after --chroot there may be no /dev/null to open
+        self.null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        os.dup2(self.null, 0)
+        os.dup2(self.null, 1)
 
     def report(self, message: str | None) -> None:
         if self.fd is None:
@@ -791,8 +793,8 @@ class _Readiness:
         os.write(self.fd, b"ok" if message is None else (message + "\n").encode())
         os.close(self.fd)
         self.fd = None
-        if message is None:
-            os.dup2(os.open(os.devnull, os.O_RDWR), 2)
+        if message is None and self.null is not None:
+            os.dup2(self.null, 2)
 
 
 def _write_pid(opts: Options) -> None:
@@ -818,8 +820,9 @@ def _write_pid(opts: Options) -> None:
 
 def _change_root(directory: str) -> None:
     # What the TPM needs later is loaded now: nothing can be imported inside the chroot.
+    import cryptography.hazmat.primitives.ciphers  # noqa: F401  (state and migration keys)
+
     import vtpmctl.engine.tpm2.commands  # noqa: F401
-    import vtpmctl.store.blob  # noqa: F401
 
     try:
         os.chroot(directory)
@@ -928,7 +931,8 @@ def _serve(opts: Options, engine: Engine, server: Any, ready: _Readiness) -> int
     finally:
         engine.close()
         if opts.pid_file is not None:
-            Path(opts.pid_file).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. after --runas, in another's dir
+                Path(opts.pid_file).unlink(missing_ok=True)
     return 1 if getattr(server, "exit_message", None) else 0
 
 
