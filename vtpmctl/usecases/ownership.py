@@ -220,8 +220,10 @@ def abandon(inst: Instance) -> None:
     except StoreError:
         return
     status = ReplicationStatus.read(inst.paths.replication_status)
-    if status is not None and (status.lease_lost or status.lease_expires_ms == 0):
-        return
+    if status is not None and (
+        status.lease_lost or status.lease_expires_ms == 0 or status.last_error is not None
+    ):
+        return  # lost, released, or the remote did not answer the daemon: it expires
     b = binding(inst)
     if b is None:
         return
