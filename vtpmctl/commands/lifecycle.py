@@ -57,7 +57,7 @@ def instance_record(inst: "Instance", st: "Status") -> dict[str, Any]:
         "name": inst.name,
         "state": st.state,
         "pid": st.pid,
-        "owner": None if st.pid is None else ("vtpmctl" if st.ours else "other"),
+        "owner": inst.owner or (None if st.pid is None else ("vtpmctl" if st.ours else "other")),
         "tpm": inst.config.tpm,
         "transport": inst.config.transport,
         "encrypted": inst.config.encrypted,
@@ -67,9 +67,11 @@ def instance_record(inst: "Instance", st: "Status") -> dict[str, Any]:
         "libtpms_version": inst.meta.libtpms_version,
         "state_dir": str(p.state_dir),
         "endpoints": _endpoints(inst),
-        "tcti": f"swtpm:path={p.data_socket}" if socket else f"device:{p.device}",
-        "log_file": str(p.log_file),
-        "pid_file": str(p.pid_file),
+        "tcti": None
+        if p.attached
+        else (f"swtpm:path={p.data_socket}" if socket else f"device:{p.device}"),
+        "log_file": None if p.attached else str(p.log_file),
+        "pid_file": None if p.attached else str(p.pid_file),
         "stale_files": [str(f) for f in st.leftovers],
         "replication": _replication(inst, st),
         "error": None,
@@ -335,6 +337,8 @@ def list_(as_json: bool = False, quiet: bool = False) -> int:
             records.append(instance_record(inst, probe(inst)))
         except (InstanceError, OSError) as exc:
             records.append(_broken_record(name, str(exc)))
+    for inst in registry.attached():  # run by libvirt, Proxmox, …: shown, never taken over
+        records.append(instance_record(inst, probe(inst)))
     if quiet:
         for r in records:
             _out(r["name"])
@@ -388,16 +392,22 @@ def status(name: str, as_json: bool = False) -> int:
     if ep["device"]:
         rows.append(("device", ep["device"]))
     else:
-        rows += [("control", ep["ctrl"]), ("data", ep["data"]), ("TCTI", record["tcti"])]
+        rows += [
+            ("control", ep["ctrl"] or "-"),
+            ("data", ep["data"] or "-"),
+            ("TCTI", record["tcti"] or "-"),
+        ]
     rows += [
         ("encrypted", f"yes ({inst.meta.cipher})" if inst.config.encrypted else "no"),
         ("EK", ", ".join(sorted(inst.meta.ek_fingerprints)) or "none"),
         ("created", record["created"] or "?"),
         ("state dir", record["state_dir"]),
-        ("log", record["log_file"]),
+        ("log", record["log_file"] or "-"),
     ]
     if record["replication"] is not None:
         rows += _replication_rows(record["replication"])
+    if inst.owner:
+        rows.insert(1, ("run by", inst.owner))
     print_rows(name, rows)
     return LSB_STATUS[st.state]
 

@@ -22,7 +22,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vtpmctl.errors import EXIT_FAILURE, InstanceError, InstanceExists, NoSuchInstance
 from vtpmctl.model import CUSE_NAME_MAX, TpmFamily, Transport
@@ -38,9 +38,13 @@ from vtpmctl.store.dirs import (
     ensure_dir,
 )
 from vtpmctl.store.paths import Roots, store_roots
+
+if TYPE_CHECKING:
+    from vtpmctl.store.attached import Attached
 from vtpmctl.store.statedir import StateDir
 
 FORMAT_VERSION = 1
+ATTACHED_ENV = "VTPMCTL_ATTACHED"
 MAX_NAME = 64
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -65,14 +69,25 @@ def now_utc() -> str:
 
 @dataclass(frozen=True)
 class InstancePaths:
-    """Every path of one instance, derived from its name and the roots."""
+    """Every path of one instance, derived from its name and the roots.
+
+    An attached instance (a swtpm another manager runs, see vtpmctl.store.attached)
+    keeps its own state dir and control socket; vtpmctl's files for it (snapshots)
+    live under ``attached/NAME``.
+    """
 
     name: str
     roots: Roots
+    attached_state: Path | None = None
+    attached_ctrl: Path | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self.attached_state is not None
 
     @property
     def base(self) -> Path:
-        return self.roots.state / "instances" / self.name
+        return self.roots.state / ("attached" if self.attached else "instances") / self.name
 
     @property
     def config_file(self) -> Path:
@@ -88,7 +103,7 @@ class InstancePaths:
 
     @property
     def state_dir(self) -> Path:
-        return self.base / "tpmstate"
+        return self.attached_state or self.base / "tpmstate"
 
     @property
     def binding_file(self) -> Path:
@@ -126,6 +141,8 @@ class InstancePaths:
 
     @property
     def ctrl_socket(self) -> Path:
+        if self.attached:
+            return self.attached_ctrl or self.run_dir / "tpm.ctrl"
         return self.run_dir / "tpm.ctrl"
 
     @property
@@ -302,11 +319,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 @dataclass
 class Instance:
-    """One registered vTPM."""
+    """One registered vTPM, or one attached (run by another manager; ``owner`` says who)."""
 
     paths: InstancePaths
     config: InstanceConfig
     meta: InstanceMeta
+    owner: str | None = None
 
     @property
     def name(self) -> str:
@@ -361,12 +379,45 @@ class Registry:
         try:
             config = InstanceConfig.from_json(read_json(paths.config_file), paths.config_file)
         except FileNotFoundError:
-            raise NoSuchInstance(f"no instance named {name}; see vtpmctl list") from None
+            from vtpmctl.store.attached import find
+
+            found = find(name) if self.sees_attached else None
+            if found is None:
+                raise NoSuchInstance(f"no instance named {name}; see vtpmctl list") from None
+            return self.attached_instance(found)
         try:
             meta = InstanceMeta.from_json(read_json(paths.meta_file), paths.meta_file)
         except FileNotFoundError:
             meta = InstanceMeta(created="")
         return Instance(paths, config, meta)
+
+    @property
+    def sees_attached(self) -> bool:
+        """Host-wide vTPMs belong to the system and user stores; a ``$VTPMCTL_HOME``
+        store (a private one, as tests use) sees them only with VTPMCTL_ATTACHED=1."""
+        return self.roots.origin != "home" or os.environ.get(ATTACHED_ENV) == "1"
+
+    def attached(self) -> list[Instance]:
+        """The vTPMs other managers run on swtpm-compatible programs, not named like ours."""
+        from vtpmctl.store.attached import discover
+
+        if not self.sees_attached:
+            return []
+        ours = set(self.names())
+        return [self.attached_instance(a) for a in discover() if a.name not in ours]
+
+    def attached_instance(self, found: Attached) -> Instance:
+        """An Instance over an attached swtpm's own state dir and control socket."""
+        paths = InstancePaths(found.name, self.roots, found.state_dir, found.ctrl)
+        config = InstanceConfig(
+            name=found.name,
+            tpm=(TpmFamily.TPM2 if found.tpm2 else TpmFamily.TPM12).version,
+            transport=Transport.SOCKET,
+            encrypted=found.encrypted,
+            migration_key=found.migration_key,
+            ek=False,
+        )
+        return Instance(paths, config, InstanceMeta(created=""), owner=found.owner)
 
     def all(self) -> Iterator[Instance | InstanceError]:
         """Every instance, or the error that makes one unreadable (listing goes on)."""

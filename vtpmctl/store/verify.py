@@ -95,6 +95,8 @@ def _dir_checks(inst: Instance) -> Iterator[Finding]:
         ("dir.snapshots", snapshots_dir(p)),
         ("dir.run", p.run_dir),
     ]
+    if p.attached:  # its manager's dirs and modes: only whether the state is there
+        roots, private = [], [("dir.state", p.state_dir)]
     for check, path in roots + private:
         mode = _mode(path)
         if mode is None:
@@ -103,11 +105,15 @@ def _dir_checks(inst: Instance) -> Iterator[Finding]:
                     "error", check, f"{path} is missing", "restore it from a backup", str(path)
                 )
             continue
-        problem = dir_problem(path)
+        problem = None if p.attached else dir_problem(path)
         if problem is not None:
             # start refuses such a dir: another user could swap what vtpmctl puts there
             yield Finding("error", check, problem[0], problem[1], str(path))
-        elif mode & 0o077 and check in ("dir.secrets", "dir.state", "dir.snapshots"):
+        elif (
+            mode & 0o077
+            and check in ("dir.secrets", "dir.state", "dir.snapshots")
+            and not p.attached
+        ):
             yield Finding(
                 "warn",
                 check,
@@ -349,7 +355,7 @@ def _runtime_checks(inst: Instance, holder_info: HolderInfo | None) -> Iterator[
     leftovers = [f for f in (p.pid_file, p.ctrl_socket, p.data_socket) if os.path.lexists(f)]
     if holder is not None:
         ours, desc = holder_info(holder) if holder_info else (True, "?")
-        if ours:
+        if ours or p.attached:
             yield Finding(
                 "ok",
                 "lock",

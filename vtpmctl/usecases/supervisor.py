@@ -165,10 +165,21 @@ def tpmstate_users(state_dir: Path) -> list[int]:
     return found
 
 
+def refuse_attached(inst: Instance, what: str) -> None:
+    """vtpmctl reads the vTPMs other managers run; starting and stopping them is theirs."""
+    if inst.paths.attached:
+        raise LifecycleError(
+            f"{inst.name} is run by {inst.owner} (pid of its swtpm in vtpmctl list); vtpmctl "
+            f"does not {what} it: use its manager (e.g. virsh for a libvirt domain)"
+        )
+
+
 def probe(inst: Instance) -> Status:
     holder = inst.statedir().holder_pid()
     if holder is not None:
-        return Status("running", holder, is_our_daemon(holder, inst), [])
+        # an attached instance is its manager's swtpm: the holder serves it
+        ours = inst.paths.attached or is_our_daemon(holder, inst)
+        return Status("running", holder, ours, [])
     leftovers = _leftovers(inst)
     return Status("stale" if leftovers else "stopped", None, False, leftovers)
 
@@ -413,6 +424,7 @@ def start(
     take_over: bool = False,
 ) -> Started:
     """Launch the daemon detached; return once its control channel answers."""
+    refuse_attached(inst, "start")
     status = probe(inst)
     if status.state == "running" and not _vtpmctl_command(status.pid):
         return _running_already(inst, status)
@@ -745,6 +757,7 @@ def stop(inst: Instance, *, force: bool = False, timeout: float = STOP_TIMEOUT) 
 
     Returns the pid that was stopped, or None if the instance was not running.
     """
+    refuse_attached(inst, "stop")
     status = probe(inst)
     if status.state != "running":
         clean_stale(inst)

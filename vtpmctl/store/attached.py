@@ -1,0 +1,159 @@
+"""vTPMs that swtpm-compatible programs run for other managers (libvirt, Proxmox, …).
+
+libvirt and Proxmox start ``swtpm socket`` themselves (the real one or
+vtpmctl's compatible one) on state dirs they own. vtpmctl does not take those
+over; it finds them so that ``list`` shows them and ``snapshot``, ``verify``
+and ``migrate export`` can read them through their control channel. A running
+``swtpm`` names everything needed on its command line (``--tpmstate``,
+``--ctrl``, ``--tpm2``, ``--key``), which ``/proc/PID/cmdline`` gives; the
+process's state dir lock (the one swtpm and vtpmctl share) says it is alive.
+Nothing is written: the instance is the process, and it is gone with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+PROGRAM = "swtpm"
+SUBCOMMANDS = ("socket", "chardev", "cuse")
+# Managers recognised by where they put the control socket: (pattern, name prefix, owner).
+MANAGERS = (
+    (re.compile(r"^/(?:var/)?run/libvirt/qemu/swtpm/\d+-(.+)-swtpm\.sock$"), "libvirt-", "libvirt"),
+    (re.compile(r"^/(?:var/)?run/qemu-server/(\d+)\.swtpm$"), "pve-", "proxmox"),
+)
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass(frozen=True)
+class Attached:
+    """One running swtpm-compatible process and what its command line says."""
+
+    name: str
+    pid: int
+    owner: str
+    program: str
+    state_dir: Path
+    ctrl: Path
+    tpm2: bool
+    encrypted: bool
+    migration_key: bool
+
+
+def _options(args: list[str]) -> dict[str, str]:
+    """``--name value`` and ``--name=value`` pairs; flags map to ""."""
+    found: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if not eq and i < len(args) and not args[i].startswith("-"):
+            value = args[i]
+            i += 1
+        found[name] = value
+    return found
+
+
+def _fields(value: str) -> dict[str, str]:
+    return dict(item.partition("=")[::2] for item in value.split(",") if item)
+
+
+def _state_dir(value: str) -> Path | None:
+    fields = _fields(value)
+    if "dir" in fields:
+        return Path(fields["dir"])
+    uri = fields.get("backend-uri", "")
+    if uri.startswith("dir://"):
+        return Path(uri.removeprefix("dir://"))
+    return None
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def parse(pid: int, argv: list[str], uid: int, parent: str) -> Attached | None:
+    """The instance a command line describes, or None if it is not a swtpm serving a dir."""
+    start = next((i for i, a in enumerate(argv[:2]) if os.path.basename(a) == PROGRAM), None)
+    if start is None or len(argv) <= start + 1 or argv[start + 1] not in SUBCOMMANDS:
+        return None
+    options = _options(argv[start + 2 :])
+    state = _state_dir(options.get("tpmstate", ""))
+    if state is None:
+        return None
+    ctrl_fields = _fields(options.get("ctrl", ""))
+    if ctrl_fields.get("type") != "unixio" or "path" not in ctrl_fields:
+        return None  # reachable only through its manager (a passed fd, TCP)
+    ctrl = Path(ctrl_fields["path"])
+    name, owner = f"swtpm-{pid}", f"{parent or 'uid'} ({_user(uid)})"
+    for pattern, prefix, manager in MANAGERS:
+        m = pattern.match(str(ctrl))
+        if m:
+            name, owner = prefix + _UNSAFE.sub("_", m.group(1)), f"{manager} ({_user(uid)})"
+            break
+    return Attached(
+        name=name[:64],
+        pid=pid,
+        owner=owner,
+        program=argv[start],
+        state_dir=state,
+        ctrl=ctrl,
+        tpm2="tpm2" in options,
+        encrypted="key" in options,
+        migration_key="migration-key" in options,
+    )
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def discover(proc: Path = Path("/proc")) -> list[Attached]:
+    """Every running swtpm-compatible process serving a state dir, by name."""
+    found: dict[str, Attached] = {}
+    try:
+        pids = [int(p) for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return []
+    for pid in sorted(pids):
+        raw = _read(proc / str(pid) / "cmdline")
+        if b"swtpm" not in raw:
+            continue
+        argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        try:
+            uid = os.stat(proc / str(pid)).st_uid
+        except OSError:
+            continue
+        ppid_line = next(
+            (
+                ln
+                for ln in _read(proc / str(pid) / "status").splitlines()
+                if ln.startswith(b"PPid:")
+            ),
+            b"PPid: 0",
+        )
+        ppid = int(ppid_line.split()[1])
+        parent = (
+            _read(proc / str(ppid) / "comm").decode(errors="replace").strip() if ppid > 1 else ""
+        )
+        item = parse(pid, argv, uid, parent)
+        if item is not None and item.name not in found:
+            found[item.name] = item
+    return sorted(found.values(), key=lambda a: a.name)
+
+
+def find(name: str) -> Attached | None:
+    return next((a for a in discover() if a.name == name), None)
