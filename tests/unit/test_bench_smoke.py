@@ -5,6 +5,7 @@ Timings are not checked here; only that the scripts work end to end.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,11 @@ needs_swtpm = pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm no
 
 
 def _run(argv: list[str], timeout: float = 300) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    # The scripts run this interpreter (a worktree has no .venv of its own).
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
     assert done.returncode == 0, f"{argv} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
