@@ -1,12 +1,15 @@
 """The vtpmctl command line: registers the command groups, nothing else.
 
-Each module in ``vtpmctl.commands`` holds plain functions that do the work
-and a ``register(app)`` that adds their typer front ends. Importing typer
-costs several times more than a whole control round trip, so the most
-frequent, well-formed invocations (``caps``, ``info``, ``ctl``) are
-recognised here and call the plain functions directly. Anything else —
-help, a typo, an unusual spelling — goes through typer, which owns usage
-messages; both routes call the same functions with the same arguments.
+Each module in ``vtpmctl.commands`` holds plain functions that do the work,
+the declaration of their options (``COMMANDS``, rows of
+``vtpmctl.commands.decl``) and a ``register(app)`` that adds the typer front
+ends built from it. Importing typer costs several times more than a whole
+control round trip, so a well-formed command line of a declared command
+(``ROUTES``), of ``ctl`` (its ACTIONS table) or of ``serve`` (SERVE_OPTIONS)
+is read here from the same declaration and calls the plain function
+directly. Anything else — help, a typo, an unusual spelling — goes through
+typer, which owns usage messages; both routes call the same functions with
+the same arguments (tests/unit/test_fast_route.py).
 
 Command modules must import heavy dependencies (rich, cryptography, the
 engine) inside functions, so building the typer app stays cheap.
@@ -206,14 +209,47 @@ def _fast_plan(args: list[str]) -> "Plan | None":
     if i >= len(args):
         return None
     cmd, rest = args[i], args[i + 1 :]
-    if cmd in ("caps", "info"):
-        return _fast_query(cmd, rest, timeout)
     if cmd == "ctl":
         return _fast_ctl(rest, timeout)
-    if cmd in _LIFECYCLE_FLAGS:
-        return _fast_lifecycle(cmd, rest)
     if cmd == "serve":
         return _fast_serve(rest)
+    module = ROUTES.get(cmd)
+    return None if module is None else _fast_declared(module, args[i:], timeout)
+
+
+# The first word of each command declared in commands/decl.py terms → its module.
+# tests/unit/test_fast_route.py checks this against every module's COMMANDS.
+ROUTES = {
+    "create": "vtpmctl.commands.lifecycle",
+    "start": "vtpmctl.commands.lifecycle",
+    "stop": "vtpmctl.commands.lifecycle",
+    "restart": "vtpmctl.commands.lifecycle",
+    "rm": "vtpmctl.commands.lifecycle",
+    "list": "vtpmctl.commands.lifecycle",
+    "status": "vtpmctl.commands.lifecycle",
+    "caps": "vtpmctl.commands.query",
+    "info": "vtpmctl.commands.query",
+    "state": "vtpmctl.commands.state",
+    "snapshot": "vtpmctl.commands.snapshot",
+    "verify": "vtpmctl.commands.verify",
+    "migrate": "vtpmctl.commands.migrate",
+}
+
+
+def _fast_declared(module: str, words: list[str], timeout: float) -> "Plan | None":
+    """A command declared in its module's COMMANDS, read by commands.decl.parse."""
+    from vtpmctl.commands import decl
+
+    for cmd in _module(module).COMMANDS:
+        n = len(cmd.words)
+        if tuple(words[:n]) == cmd.words:
+            kwargs = decl.parse(cmd, words[n:])
+            if kwargs is None:
+                return None
+            if cmd.timeout:
+                kwargs["timeout"] = timeout
+            where, _, function = cmd.function.partition(":")
+            return (where, function, kwargs)
     return None
 
 
@@ -225,41 +261,6 @@ def _fast_serve(rest: list[str]) -> "Plan | None":
 
     ns = parse_serve_args(rest)
     return None if ns is None else ("vtpmctl.device.server.daemon", "run_args", {"ns": ns})
-
-
-# lifecycle command → (the flag it may take, the keyword it sets)
-_LIFECYCLE_FLAGS = {
-    "list": ("--json", "as_json"),
-    "status": ("--json", "as_json"),
-    "start": ("", ""),
-    "stop": ("--force", "force"),
-}
-
-
-def _fast_lifecycle(cmd: str, rest: list[str]) -> "Plan | None":
-    """`list`, `status NAME`, `start NAME`, `stop NAME`: what scripts and units run."""
-    if cmd == "list" and rest in (["--quiet"], ["-q"]):  # what shell completion runs
-        return ("vtpmctl.commands.lifecycle", "list_", {"quiet": True})
-    flag, keyword = _LIFECYCLE_FLAGS[cmd]
-    flags = [a for a in rest if a.startswith("-")]
-    positional = [a for a in rest if not a.startswith("-")]
-    if (flags and flags != [flag]) or len(positional) != (cmd != "list"):
-        return None
-    kwargs: dict[str, Any] = {keyword: bool(flags)} if keyword else {}
-    if cmd == "list":
-        return ("vtpmctl.commands.lifecycle", "list_", kwargs)
-    return ("vtpmctl.commands.lifecycle", cmd, {"name": positional[0], **kwargs})
-
-
-def _fast_query(cmd: str, rest: list[str], timeout: float) -> "Plan | None":
-    positional = [a for a in rest if a != "--json"]
-    if len(positional) != 1 or positional[0].startswith("-") or rest.count("--json") > 1:
-        return None
-    return (
-        "vtpmctl.commands.query",
-        cmd,
-        {"target": positional[0], "as_json": "--json" in rest, "timeout": timeout},
-    )
 
 
 def _fast_ctl(rest: list[str], timeout: float) -> "Plan | None":
@@ -285,11 +286,15 @@ def _fast_ctl(rest: list[str], timeout: float) -> "Plan | None":
 
 
 def _execute(plan: "Plan") -> int:
-    import importlib
-
     module, function, kwargs = plan
-    result = getattr(importlib.import_module(module), function)(**kwargs)
+    result = getattr(_module(module), function)(**kwargs)
     return int(result or 0)
+
+
+def _module(name: str) -> "Any":
+    """The module NAME, imported (importlib itself costs an import of warnings)."""
+    __import__(name)
+    return sys.modules[name]
 
 
 # ---------------------------------------------------------------- typer route

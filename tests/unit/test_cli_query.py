@@ -64,7 +64,8 @@ FAST: list[tuple[list[str], cli.Plan | None]] = [
     (["caps", T, "-h"], None),
     (["caps", T, "--json", "--json"], None),
     (["caps", T, "x"], None),
-    (["caps", "-"], None),
+    # "-" is a word like any other TARGET to typer (and then not a TPM).
+    (["caps", "-"], (Q, "caps", {"target": "-", "as_json": False, "timeout": 10.0})),
     (["info", T, "--jsn"], None),
     (["--timeout", "0", "caps", T], None),
     (["--timeout", "nan", "caps", T], None),
@@ -84,7 +85,21 @@ FAST: list[tuple[list[str], cli.Plan | None]] = [
     (["ctl", T, "stop", "--delete-volatile"], None),
     (["ctl", T, "init", "--delete-volatile", "--delete-volatile"], None),
     (["ctl", T, "lock-storage", "4294967296"], None),
-    (["state", "export", T, "-o", "-"], None),
+    (
+        ["state", "export", T, "-o", "-"],
+        (
+            "vtpmctl.commands.state",
+            "export",
+            {
+                "target": T,
+                "output": "-",
+                "blob_type": "permanent",
+                "decrypted": True,
+                "timeout": 10.0,
+            },
+        ),
+    ),
+    (["state", "export", T, "-o", "-", "-t", "PERMANENT"], None),
 ]
 
 

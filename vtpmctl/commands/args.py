@@ -1,27 +1,23 @@
-"""The arguments and options that many commands share, declared once.
+"""The shared rows of ``commands/decl.py`` as typer objects, for typer-only commands.
 
 Import it only inside a ``register()``: it imports typer, which the fast
-route of the command line never loads.
+route of the command line never loads. A command declared in
+``commands/decl.py`` gets these from its rows; a command written for typer
+alone uses them as ``Annotated[str, args.NAME]``.
 """
 
 import inspect
 from collections.abc import Callable
 
-import typer
-
-from vtpmctl.model import KEY_SPEC_HELP, KEY_SPEC_METAVAR
+from vtpmctl.commands import decl
 
 # A registered instance.
-NAME = typer.Argument(metavar="NAME", show_default=False, help="instance name")
+NAME = decl.NAME.typer_info()
 
 # Any TPM's control channel (vtpmctl.device.client.target parses it).
-TARGET = typer.Argument(
-    metavar="TARGET",
-    show_default=False,
-    help="/dev/vtpm-NAME, unix:PATH, tcp:HOST:PORT or an instance name",
-)
+TARGET = decl.TARGET.typer_info()
 
-JSON = typer.Option("--json", help="one JSON object on stdout")
+JSON = decl.JSON.typer_info()
 
 
 def with_parameters(func: Callable[..., None], params: list[inspect.Parameter]) -> None:
@@ -31,17 +27,10 @@ def with_parameters(func: Callable[..., None], params: list[inspect.Parameter]) 
 
 
 # How a key file given with --key-file / --migration-key-file is read (KeyFormat).
-KEY_FORMAT = typer.Option("--key-format", help="how to read --key-file")
-MIGRATION_KEY_FORMAT = typer.Option(
-    "--migration-key-format", help="how to read --migration-key-file"
-)
+KEY_FORMAT = decl.KEY_FORMAT.typer_info()
+MIGRATION_KEY_FORMAT = decl.MIGRATION_KEY_FORMAT.typer_info()
 
 # swtpm's --key / --migration-key syntax (vtpmctl.store.keys.parse_key_spec): a key
 # or passphrase from a file or an inherited descriptor.
-KEY = typer.Option("--key", metavar=KEY_SPEC_METAVAR, help=KEY_SPEC_HELP, show_default=False)
-MIGRATION_KEY = typer.Option(
-    "--migration-key",
-    metavar=KEY_SPEC_METAVAR,
-    help="the migration key, as --key",
-    show_default=False,
-)
+KEY = decl.KEY.typer_info()
+MIGRATION_KEY = decl.MIGRATION_KEY.typer_info()

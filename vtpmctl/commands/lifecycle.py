@@ -5,18 +5,24 @@ typer front ends. ``status`` exits with LSB codes (0 running, 3 stopped,
 1 dead but stale files left, 4 no such instance).
 """
 
+from __future__ import annotations
+
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from vtpmctl.commands import decl
 from vtpmctl.commands.output import note as _note
 from vtpmctl.commands.output import out as _out
 from vtpmctl.commands.output import print_json, print_rows, safe
 from vtpmctl.errors import EXIT_FAILURE, LSB_STATUS, InstanceError, NoSuchInstance
 from vtpmctl.model import KeyFormat, TpmFamily, Transport
 
+# `typing` costs more to import than a control round trip; annotations only.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     import typer
 
     from vtpmctl.store.instances import Instance
@@ -40,7 +46,7 @@ def _registry() -> Any:
 # ---------------------------------------------------------------- records
 
 
-def _endpoints(inst: "Instance") -> dict[str, str | None]:
+def _endpoints(inst: Instance) -> dict[str, str | None]:
     p = inst.paths
     if inst.config.transport == Transport.CUSE:
         return {"ctrl": None, "data": None, "device": str(p.device)}
@@ -49,7 +55,7 @@ def _endpoints(inst: "Instance") -> dict[str, str | None]:
     return {"ctrl": f"unix:{p.ctrl_socket}", "data": data, "device": None}
 
 
-def instance_record(inst: "Instance", st: "Status") -> dict[str, Any]:
+def instance_record(inst: Instance, st: Status) -> dict[str, Any]:
     """One instance as status --json and list --json show it (stable keys)."""
     p = inst.paths
     socket = inst.config.transport == Transport.SOCKET
@@ -78,7 +84,7 @@ def instance_record(inst: "Instance", st: "Status") -> dict[str, Any]:
     }
 
 
-def _replication(inst: "Instance", st: "Status") -> dict[str, Any] | None:
+def _replication(inst: Instance, st: Status) -> dict[str, Any] | None:
     """The remote an instance is bound to, its lease and its replication lag; None if unbound."""
     if not inst.paths.binding_file.exists():
         return None
@@ -192,7 +198,7 @@ def _key_sources(
     key_file: Path | None,
     migration_key: str | None,
     migration_key_file: Path | None,
-) -> "tuple[KeySource | None, KeySource | None]":
+) -> tuple[KeySource | None, KeySource | None]:
     """The --key / --migration-key values (swtpm's syntax), parsed; nothing is read yet."""
     from vtpmctl.errors import UsageError
     from vtpmctl.store.keys import KeyFileError, parse_key_spec
@@ -438,218 +444,194 @@ def _replication_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
 
 # ---------------------------------------------------------------- command line
 
+_FORCE = decl.Param(
+    "force",
+    decl.SWITCH,
+    "--force",
+    help="if it does not stop cleanly: SIGTERM, then SIGKILL",
+    default=False,
+)
 
-def register(app: "typer.Typer") -> None:
+COMMANDS = (
+    decl.Command(
+        "create",
+        "vtpmctl.commands.lifecycle:create",
+        "Create a named vTPM: manufacture it, provision EKs, keep its state.",
+        decl.NAME,
+        decl.Param(
+            "tpm",
+            decl.CHOICE,
+            "--tpm",
+            help="TPM family",
+            choices=TpmFamily,
+            default=TpmFamily.TPM2,
+        ),
+        decl.Param(
+            "transport",
+            decl.CHOICE,
+            "--transport",
+            help="control/data sockets, or a CUSE device /dev/vtpm-NAME",
+            choices=Transport,
+            default=Transport.SOCKET,
+        ),
+        decl.Param(
+            "ek",
+            decl.SWITCH,
+            "--ek/--no-ek",
+            help="provision EKs and certificates [default: on for TPM 2.0]",
+            show_default=False,
+        ),
+        decl.Param(
+            "encrypt",
+            decl.SWITCH,
+            "--encrypt",
+            help="encrypt the state at rest (a new random key unless --key-file)",
+            default=False,
+        ),
+        decl.Param(
+            "key_file",
+            decl.PATH,
+            "--key-file",
+            help="state key (0600): hex or binary AES key, or a passphrase "
+            "file with --key-format passphrase; implies --encrypt",
+        ),
+        decl.KEY_FORMAT,
+        decl.Param(
+            "migration_key_file",
+            decl.PATH,
+            "--migration-key-file",
+            help="key (0600) that encrypts exported state blobs",
+        ),
+        decl.MIGRATION_KEY_FORMAT,
+        decl.Param(
+            "ecc_curve",
+            decl.CHOICE,
+            "--ecc-curve",
+            help="curve of the ECC EK (p384 at 0x81010016 as swtpm_setup; p256 at 0x8101000a)",
+            choices=EccCurve,
+            default=EccCurve.P384,
+        ),
+        decl.KEY,
+        decl.MIGRATION_KEY,
+    ),
+    decl.Command(
+        "start",
+        "vtpmctl.commands.lifecycle:start",
+        "Start a vTPM's daemon; returns when its control channel answers.",
+        decl.NAME,
+        decl.Param(
+            "incoming",
+            decl.SWITCH,
+            "--incoming",
+            help="wait for QEMU's state (incoming migration)",
+            default=False,
+        ),
+        decl.Param(
+            "foreground",
+            decl.SWITCH,
+            "--foreground",
+            help="run the daemon in this process (systemd Type=notify)",
+            default=False,
+        ),
+        decl.Param(
+            "ctrl_only",
+            decl.SWITCH,
+            "--ctrl-only",
+            help="no data socket: for QEMU -tpmdev emulator, which passes its own data channel",
+            default=False,
+        ),
+        decl.Param(
+            "delete_volatile",
+            decl.SWITCH,
+            "--delete-volatile",
+            help="first delete the saved volatile state: the TPM starts as after a reboot, "
+            "NV data kept",
+            default=False,
+        ),
+        decl.KEY,
+        decl.MIGRATION_KEY,
+        decl.Param(
+            "take_over",
+            decl.SWITCH,
+            "--take-over",
+            help="take the remote's lease from a host that let it expire (a dead host)",
+            default=False,
+        ),
+        decl.Param(
+            "replicate",
+            decl.TEXT,
+            "--replicate",
+            help="bind to REMOTE: one host at a time runs it (a lease there), and its "
+            "permanent state is pushed there after each change (kept for later starts)",
+            metavar="REMOTE",
+        ),
+        decl.Param(
+            "replicate_interval",
+            decl.FLOAT,
+            "--replicate-interval",
+            help="at most one push per interval: the NV changes a dead host may lose [default: 5]",
+            metavar="SECONDS",
+        ),
+        decl.Param(
+            "lease_duration",
+            decl.FLOAT,
+            "--lease-duration",
+            help="how long the lease lasts unless renewed [default: 60]",
+            metavar="SECONDS",
+        ),
+        decl.Param(
+            "lease_renew",
+            decl.FLOAT,
+            "--lease-renew",
+            help="how often the daemon renews the lease [default: a third of its duration]",
+            metavar="SECONDS",
+        ),
+        decl.Param(
+            "allow_plaintext",
+            decl.SWITCH,
+            "--allow-plaintext",
+            help="replicate an instance that is not encrypted at rest",
+            default=False,
+        ),
+    ),
+    decl.Command(
+        "stop",
+        "vtpmctl.commands.lifecycle:stop",
+        "Stop a vTPM's daemon (its state is saved).",
+        decl.NAME,
+        _FORCE,
+    ),
+    decl.Command(
+        "restart",
+        "vtpmctl.commands.lifecycle:restart",
+        "Stop and start a vTPM's daemon.",
+        decl.NAME,
+        decl.Param("force", decl.SWITCH, "--force", help="as for stop", default=False),
+    ),
+    decl.Command(
+        "rm",
+        "vtpmctl.commands.lifecycle:rm",
+        "Delete a stopped vTPM and its state, keys and logs.",
+        decl.NAME,
+        decl.Param("yes", decl.SWITCH, "--yes", "-y", help="do not ask", default=False),
+    ),
+    decl.Command(
+        "list",
+        "vtpmctl.commands.lifecycle:list_",
+        "List the vTPMs and their state.",
+        decl.JSON,
+        decl.Param("quiet", decl.SWITCH, "--quiet", "-q", help="names only", default=False),
+    ),
+    decl.Command(
+        "status",
+        "vtpmctl.commands.lifecycle:status",
+        "Show a vTPM's state and endpoints; exit 0 running, 3 stopped, 1 stale.",
+        decl.NAME,
+        decl.JSON,
+    ),
+)
+
+
+def register(app: typer.Typer) -> None:
     """Add create, start, stop, restart, rm, list and status to the vtpmctl app."""
-    from typing import Annotated
-
-    import typer
-
-    from vtpmctl.commands import args
-
-    @app.command("create")
-    def create_cmd(
-        name: Annotated[str, args.NAME],
-        tpm: Annotated[TpmFamily, typer.Option("--tpm", help="TPM family")] = TpmFamily.TPM2,
-        transport: Annotated[
-            Transport,
-            typer.Option(
-                "--transport", help="control/data sockets, or a CUSE device /dev/vtpm-NAME"
-            ),
-        ] = Transport.SOCKET,
-        ek: Annotated[
-            bool | None,
-            typer.Option(
-                "--ek/--no-ek",
-                show_default=False,
-                help="provision EKs and certificates [default: on for TPM 2.0]",
-            ),
-        ] = None,
-        encrypt: Annotated[
-            bool,
-            typer.Option(
-                "--encrypt", help="encrypt the state at rest (a new random key unless --key-file)"
-            ),
-        ] = False,
-        key_file: Annotated[
-            Path | None,
-            typer.Option(
-                "--key-file",
-                help="state key (0600): hex or binary AES key, or a passphrase "
-                "file with --key-format passphrase; implies --encrypt",
-            ),
-        ] = None,
-        key_format: Annotated[KeyFormat, args.KEY_FORMAT] = KeyFormat.AUTO,
-        migration_key_file: Annotated[
-            Path | None,
-            typer.Option(
-                "--migration-key-file", help="key (0600) that encrypts exported state blobs"
-            ),
-        ] = None,
-        migration_key_format: Annotated[KeyFormat, args.MIGRATION_KEY_FORMAT] = KeyFormat.AUTO,
-        ecc_curve: Annotated[
-            EccCurve,
-            typer.Option(
-                "--ecc-curve",
-                help="curve of the ECC EK (p384 at 0x81010016 as swtpm_setup; p256 at 0x8101000a)",
-            ),
-        ] = EccCurve.P384,
-        key: Annotated[str | None, args.KEY] = None,
-        migration_key: Annotated[str | None, args.MIGRATION_KEY] = None,
-    ) -> None:
-        """Create a named vTPM: manufacture it, provision EKs, keep its state."""
-        raise typer.Exit(
-            create(
-                name,
-                tpm.value,
-                transport.value,
-                ek,
-                encrypt,
-                key_file,
-                key_format.value,
-                migration_key_file,
-                migration_key_format.value,
-                ecc_curve.value,
-                key,
-                migration_key,
-            )
-        )
-
-    @app.command("start")
-    def start_cmd(
-        name: Annotated[str, args.NAME],
-        incoming: Annotated[
-            bool, typer.Option("--incoming", help="wait for QEMU's state (incoming migration)")
-        ] = False,
-        foreground: Annotated[
-            bool,
-            typer.Option(
-                "--foreground", help="run the daemon in this process (systemd Type=notify)"
-            ),
-        ] = False,
-        ctrl_only: Annotated[
-            bool,
-            typer.Option(
-                "--ctrl-only",
-                help="no data socket: for QEMU -tpmdev emulator, which passes its own data channel",
-            ),
-        ] = False,
-        delete_volatile: Annotated[
-            bool,
-            typer.Option(
-                "--delete-volatile",
-                help="first delete the saved volatile state: the TPM starts as after a reboot, "
-                "NV data kept",
-            ),
-        ] = False,
-        key: Annotated[str | None, args.KEY] = None,
-        migration_key: Annotated[str | None, args.MIGRATION_KEY] = None,
-        take_over: Annotated[
-            bool,
-            typer.Option(
-                "--take-over",
-                help="take the remote's lease from a host that let it expire (a dead host)",
-            ),
-        ] = False,
-        replicate: Annotated[
-            str | None,
-            typer.Option(
-                "--replicate",
-                metavar="REMOTE",
-                help="bind to REMOTE: one host at a time runs it (a lease there), and its "
-                "permanent state is pushed there after each change (kept for later starts)",
-            ),
-        ] = None,
-        replicate_interval: Annotated[
-            float | None,
-            typer.Option(
-                "--replicate-interval",
-                metavar="SECONDS",
-                help="at most one push per interval: the NV changes a dead host may lose "
-                "[default: 5]",
-            ),
-        ] = None,
-        lease_duration: Annotated[
-            float | None,
-            typer.Option(
-                "--lease-duration",
-                metavar="SECONDS",
-                help="how long the lease lasts unless renewed [default: 60]",
-            ),
-        ] = None,
-        lease_renew: Annotated[
-            float | None,
-            typer.Option(
-                "--lease-renew",
-                metavar="SECONDS",
-                help="how often the daemon renews the lease [default: a third of its duration]",
-            ),
-        ] = None,
-        allow_plaintext: Annotated[
-            bool,
-            typer.Option(
-                "--allow-plaintext",
-                help="replicate an instance that is not encrypted at rest",
-            ),
-        ] = False,
-    ) -> None:
-        """Start a vTPM's daemon; returns when its control channel answers."""
-        raise typer.Exit(
-            start(
-                name,
-                incoming=incoming,
-                foreground=foreground,
-                ctrl_only=ctrl_only,
-                delete_volatile=delete_volatile,
-                key=key,
-                migration_key=migration_key,
-                take_over=take_over,
-                replicate=replicate,
-                replicate_interval=replicate_interval,
-                lease_duration=lease_duration,
-                lease_renew=lease_renew,
-                allow_plaintext=allow_plaintext,
-            )
-        )
-
-    @app.command("stop")
-    def stop_cmd(
-        name: Annotated[str, args.NAME],
-        force: Annotated[
-            bool, typer.Option("--force", help="if it does not stop cleanly: SIGTERM, then SIGKILL")
-        ] = False,
-    ) -> None:
-        """Stop a vTPM's daemon (its state is saved)."""
-        raise typer.Exit(stop(name, force=force))
-
-    @app.command("restart")
-    def restart_cmd(
-        name: Annotated[str, args.NAME],
-        force: Annotated[bool, typer.Option("--force", help="as for stop")] = False,
-    ) -> None:
-        """Stop and start a vTPM's daemon."""
-        raise typer.Exit(restart(name, force=force))
-
-    @app.command("rm")
-    def rm_cmd(
-        name: Annotated[str, args.NAME],
-        yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
-    ) -> None:
-        """Delete a stopped vTPM and its state, keys and logs."""
-        raise typer.Exit(rm(name, yes=yes))
-
-    @app.command("list")
-    def list_cmd(
-        as_json: Annotated[bool, args.JSON] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="names only")] = False,
-    ) -> None:
-        """List the vTPMs and their state."""
-        raise typer.Exit(list_(as_json=as_json, quiet=quiet))
-
-    @app.command("status")
-    def status_cmd(
-        name: Annotated[str, args.NAME],
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Show a vTPM's state and endpoints; exit 0 running, 3 stopped, 1 stale."""
-        raise typer.Exit(status(name, as_json=as_json))
+    decl.register(app, COMMANDS)

@@ -4,16 +4,22 @@
 instance ``a``; the bundle format is described in ``vtpmctl.store.bundle``.
 """
 
+from __future__ import annotations
+
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+from vtpmctl.commands import decl
 from vtpmctl.commands.output import print_json, safe
 from vtpmctl.errors import UsageError
 from vtpmctl.model import KeyFormat, Transport
 
+# `typing` costs more to import than a control round trip; annotations only.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     import typer
 
     from vtpmctl.store.blob import AesKey
@@ -22,7 +28,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 
 
-def _key(path: Path | None, kind: str, what: str) -> "AesKey | None":
+def _key(path: Path | None, kind: str, what: str) -> AesKey | None:
     if path is None:
         return None
     from vtpmctl.store.instance_keys import read_user_key
@@ -35,7 +41,7 @@ def _key(path: Path | None, kind: str, what: str) -> "AesKey | None":
         raise MigrateError(f"{what}: {exc}") from None
 
 
-def _manifest_record(m: "Manifest") -> dict[str, Any]:
+def _manifest_record(m: Manifest) -> dict[str, Any]:
     return m.to_json()
 
 
@@ -200,130 +206,123 @@ def import_(
     return 0
 
 
-def register(app: "typer.Typer") -> None:
+def _export_args(values: dict[str, Any]) -> dict[str, Any]:
+    """FILE or -o FILE, once; a bundle on stdout leaves no room for --json."""
+    destination, output = values.pop("destination"), values["output"]
+    if (output is None) == (destination is None):
+        raise UsageError("give where the bundle goes once: FILE, '-' for stdout, or -o FILE|-")
+    where = output if output is not None else destination
+    if where == "-" and values["as_json"]:
+        raise UsageError("--json needs -o FILE (with -o - the bundle goes to stdout)")
+    values["output"] = where
+    return values
+
+
+def _import_args(values: dict[str, Any]) -> dict[str, Any]:
+    if values["encrypt"] is False and values["key_file"] is not None:
+        raise UsageError("--no-encrypt and --key-file contradict each other")
+    return values
+
+
+_MIGRATION_KEY_FILE = decl.Param(
+    "migration_key_file",
+    decl.PATH,
+    "--migration-key-file",
+    help="migration key (0600) the bundle is, or is to be, encrypted with",
+    show_default=False,
+)
+
+COMMANDS = (
+    decl.Command(
+        "migrate export",
+        "vtpmctl.commands.migrate:export",
+        "Write a stopped vTPM's state, EK data and manifest as a bundle.\n\n"
+        "Encrypted with the instance's migration key, or --migration-key-file.",
+        decl.NAME,
+        decl.Param(
+            "destination", decl.ARG, help="same as -o", metavar="[FILE|-]", show_default=False
+        ),
+        decl.Param(
+            "output",
+            decl.TEXT,
+            "-o",
+            "--output",
+            help="where to write the bundle ('-' for stdout); files are created mode 0600",
+            metavar="FILE|-",
+            show_default=False,
+        ),
+        _MIGRATION_KEY_FILE,
+        decl.MIGRATION_KEY_FORMAT,
+        decl.Param(
+            "allow_running",
+            decl.SWITCH,
+            "--allow-running",
+            help="copy the permanent state of a running instance instead "
+            "of refusing (the copy and the original then diverge)",
+            default=False,
+        ),
+        decl.JSON,
+        adapt=_export_args,
+    ),
+    decl.Command(
+        "migrate import",
+        "vtpmctl.commands.migrate:import_",
+        "Create a vTPM from a bundle; everything is checked before anything is written.",
+        decl.Param(
+            "source",
+            decl.ARG,
+            help="the bundle ('-' for stdin), or an instance in a configured remote",
+            required=True,
+            metavar="BUNDLE|-|s3://BUCKET/PREFIX/NAME",
+            show_default=False,
+        ),
+        decl.Param(
+            "name",
+            decl.TEXT,
+            "--name",
+            help="instance name [default: the source's]",
+            show_default=False,
+        ),
+        _MIGRATION_KEY_FILE,
+        decl.MIGRATION_KEY_FORMAT,
+        decl.Param(
+            "encrypt",
+            decl.SWITCH,
+            "--encrypt/--no-encrypt",
+            help="encrypt the state at rest here [default: as the source was; a new random "
+            "key unless --key-file]",
+            show_default=False,
+        ),
+        decl.Param(
+            "key_file",
+            decl.PATH,
+            "--key-file",
+            help="state key (0600) for encryption at rest; implies --encrypt",
+            show_default=False,
+        ),
+        decl.KEY_FORMAT,
+        decl.Param(
+            "transport",
+            decl.CHOICE,
+            "--transport",
+            help="socket or cuse [default: the source's]",
+            choices=Transport,
+            show_default=False,
+        ),
+        decl.JSON,
+        adapt=_import_args,
+    ),
+)
+
+
+def register(app: typer.Typer) -> None:
     """Add the `migrate` group to the vtpmctl app."""
-    from typing import Annotated
-
     import typer
-
-    from vtpmctl.commands import args
 
     group = typer.Typer(
         name="migrate",
         no_args_is_help=True,
         help="Move a vTPM to another store or host as a verified bundle.",
     )
-    mkey_opt = typer.Option(
-        "--migration-key-file",
-        show_default=False,
-        help="migration key (0600) the bundle is, or is to be, encrypted with",
-    )
-
-    @group.command("export")
-    def export_cmd(
-        name: Annotated[str, args.NAME],
-        destination: Annotated[
-            str | None, typer.Argument(metavar="[FILE|-]", show_default=False, help="same as -o")
-        ] = None,
-        output: Annotated[
-            str | None,
-            typer.Option(
-                "-o",
-                "--output",
-                metavar="FILE|-",
-                show_default=False,
-                help="where to write the bundle ('-' for stdout); files are created mode 0600",
-            ),
-        ] = None,
-        migration_key_file: Annotated[Path | None, mkey_opt] = None,
-        migration_key_format: Annotated[KeyFormat, args.MIGRATION_KEY_FORMAT] = KeyFormat.AUTO,
-        allow_running: Annotated[
-            bool,
-            typer.Option(
-                "--allow-running",
-                help="copy the permanent state of a running instance instead "
-                "of refusing (the copy and the original then diverge)",
-            ),
-        ] = False,
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Write a stopped vTPM's state, EK data and manifest as a bundle.
-
-        Encrypted with the instance's migration key, or --migration-key-file.
-        """
-        if (output is None) == (destination is None):
-            raise typer.BadParameter(
-                "give where the bundle goes once: FILE, '-' for stdout, or -o FILE|-"
-            )
-        where = output if output is not None else destination
-        assert where is not None
-        if where == "-" and as_json:
-            raise typer.BadParameter("--json needs -o FILE (with -o - the bundle goes to stdout)")
-        raise typer.Exit(
-            export(
-                name, where, migration_key_file, migration_key_format.value, allow_running, as_json
-            )
-        )
-
-    @group.command("import")
-    def import_cmd(
-        source: Annotated[
-            str,
-            typer.Argument(
-                metavar="BUNDLE|-|s3://BUCKET/PREFIX/NAME",
-                show_default=False,
-                help="the bundle ('-' for stdin), or an instance in a configured remote",
-            ),
-        ],
-        name: Annotated[
-            str | None,
-            typer.Option(
-                "--name", show_default=False, help="instance name [default: the source's]"
-            ),
-        ] = None,
-        migration_key_file: Annotated[Path | None, mkey_opt] = None,
-        migration_key_format: Annotated[KeyFormat, args.MIGRATION_KEY_FORMAT] = KeyFormat.AUTO,
-        encrypt: Annotated[
-            bool | None,
-            typer.Option(
-                "--encrypt/--no-encrypt",
-                show_default=False,
-                help="encrypt the state at rest here [default: as the source was; a new random "
-                "key unless --key-file]",
-            ),
-        ] = None,
-        key_file: Annotated[
-            Path | None,
-            typer.Option(
-                "--key-file",
-                show_default=False,
-                help="state key (0600) for encryption at rest; implies --encrypt",
-            ),
-        ] = None,
-        key_format: Annotated[KeyFormat, args.KEY_FORMAT] = KeyFormat.AUTO,
-        transport: Annotated[
-            Transport | None,
-            typer.Option(
-                "--transport", show_default=False, help="socket or cuse [default: the source's]"
-            ),
-        ] = None,
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Create a vTPM from a bundle; everything is checked before anything is written."""
-        if encrypt is False and key_file is not None:
-            raise typer.BadParameter("--no-encrypt and --key-file contradict each other")
-        raise typer.Exit(
-            import_(
-                source,
-                name,
-                migration_key_file,
-                migration_key_format.value,
-                encrypt,
-                key_file,
-                key_format.value,
-                None if transport is None else transport.value,
-                as_json,
-            )
-        )
-
+    decl.register(group, COMMANDS)
     app.add_typer(group)

@@ -5,7 +5,11 @@ Imports of json and rich stay inside the functions: `caps`, `info` and
 """
 
 import sys
-from typing import Any
+
+# `typing` costs more to import than a control round trip; annotations only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 FORMAT_VERSION = 1
 
@@ -40,7 +44,7 @@ def note(text: str) -> None:
     sys.stderr.write(f"vtpmctl: {safe(text)}\n")
 
 
-def print_json(data: dict[str, Any]) -> None:
+def print_json(data: "dict[str, Any]") -> None:
     """One object on stdout; ``format_version`` first unless the caller set it."""
     import json
 

@@ -5,6 +5,7 @@ line calls; ``register`` adds their typer front ends. typer and rich are only
 imported when needed, because scripts call these commands often.
 """
 
+from vtpmctl.commands import decl
 from vtpmctl.commands.output import print_json, print_rows
 from vtpmctl.device.client.control import DEFAULT_TIMEOUT, ControlError
 from vtpmctl.device.client.target import open_client, parse_target
@@ -187,34 +188,28 @@ def _info_rows(data: "dict[str, Any]") -> list[tuple[str, str]]:
     return rows
 
 
-# ---------------------------------------------------------------- output
-
-
 # ---------------------------------------------------------------- command line
+
+COMMANDS = (
+    decl.Command(
+        "caps",
+        "vtpmctl.commands.query:caps",
+        "Show the control-channel capabilities of a TPM (CMD_GET_CAPABILITY).",
+        decl.TARGET,
+        decl.JSON,
+        timeout=True,
+    ),
+    decl.Command(
+        "info",
+        "vtpmctl.commands.query:info",
+        "Show what a TPM reports: version, keys in use, buffer size, established bit.",
+        decl.TARGET,
+        decl.JSON,
+        timeout=True,
+    ),
+)
 
 
 def register(app: "typer.Typer") -> None:
     """Add `caps` and `info` to the vtpmctl app."""
-    from typing import Annotated
-
-    import typer
-
-    from vtpmctl.commands import args
-
-    @app.command("caps")
-    def caps_cmd(
-        ctx: typer.Context,
-        target: Annotated[str, args.TARGET],
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Show the control-channel capabilities of a TPM (CMD_GET_CAPABILITY)."""
-        caps(target, as_json=as_json, timeout=ctx.find_root().params["timeout"])
-
-    @app.command("info")
-    def info_cmd(
-        ctx: typer.Context,
-        target: Annotated[str, args.TARGET],
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Show what a TPM reports: version, keys in use, buffer size, established bit."""
-        info(target, as_json=as_json, timeout=ctx.find_root().params["timeout"])
+    decl.register(app, COMMANDS)

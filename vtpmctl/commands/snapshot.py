@@ -4,15 +4,20 @@ Plain functions do the work and return the exit code; ``register`` adds the
 typer front ends. ``--json`` prints one object with ``format_version``.
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
+from vtpmctl.commands import decl
 from vtpmctl.commands.output import note as _note
 from vtpmctl.commands.output import out as _out
 from vtpmctl.commands.output import print_json, safe
 from vtpmctl.errors import EXIT_FAILURE, EXIT_OK
 from vtpmctl.model import BlobKind
 
+# `typing` costs more to import than a control round trip; annotations only.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     import typer
 
     from vtpmctl.store.instances import Instance
@@ -21,13 +26,13 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 
 
-def _instance(name: str) -> "Instance":
+def _instance(name: str) -> Instance:
     from vtpmctl.store.instances import Registry
 
     return Registry().get(name)
 
 
-def _record(snap: "Snapshot | None") -> dict[str, Any] | None:
+def _record(snap: Snapshot | None) -> dict[str, Any] | None:
     return None if snap is None else snap.to_json()
 
 
@@ -179,80 +184,89 @@ def diff(name: str, ref_a: str, ref_b: str, as_json: bool = False) -> int:
     return EXIT_OK
 
 
-def register(app: "typer.Typer") -> None:
+_REF_HELP = "snapshot id or label"
+
+
+def _ref(dest: str, metavar: str) -> decl.Param:
+    return decl.Param(
+        dest, decl.ARG, help=_REF_HELP, required=True, metavar=metavar, show_default=False
+    )
+
+
+COMMANDS = (
+    decl.Command(
+        "snapshot create",
+        "vtpmctl.commands.snapshot:create",
+        "Snapshot a vTPM, running (without stopping it) or stopped.",
+        decl.NAME,
+        decl.Param("label", decl.TEXT, "--label", help="a name to restore by"),
+        decl.Param(
+            "volatile",
+            decl.SWITCH,
+            "--volatile",
+            help="also the volatile state (loaded objects, sessions, PCRs of the current boot)",
+            default=False,
+        ),
+        decl.Param(
+            "keep",
+            decl.INT,
+            "--keep",
+            help="then keep only the newest N snapshots",
+            min=1,
+            metavar="N",
+        ),
+        decl.JSON,
+    ),
+    decl.Command(
+        "snapshot list",
+        "vtpmctl.commands.snapshot:list_",
+        "List a vTPM's snapshots, oldest first.",
+        decl.NAME,
+        decl.JSON,
+    ),
+    decl.Command(
+        "snapshot restore",
+        "vtpmctl.commands.snapshot:restore",
+        "Put a snapshot back as the vTPM's state (the current state is kept as a snapshot).",
+        decl.NAME,
+        _ref("ref", "REF"),
+        decl.Param(
+            "force",
+            decl.SWITCH,
+            "--force",
+            help="stop the running vTPM first (and start it again after)",
+            default=False,
+        ),
+        decl.JSON,
+    ),
+    decl.Command(
+        "snapshot rm",
+        "vtpmctl.commands.snapshot:rm",
+        "Delete a snapshot.",
+        decl.NAME,
+        _ref("ref", "REF"),
+        decl.JSON,
+    ),
+    decl.Command(
+        "snapshot diff",
+        "vtpmctl.commands.snapshot:diff",
+        "Show which blobs, persistent handles and NV indexes changed from A to B.",
+        decl.NAME,
+        _ref("ref_a", "A"),
+        _ref("ref_b", "B"),
+        decl.JSON,
+    ),
+)
+
+
+def register(app: typer.Typer) -> None:
     """Add the `snapshot` group to the vtpmctl app."""
-    from typing import Annotated
-
     import typer
-
-    from vtpmctl.commands import args
 
     group = typer.Typer(
         name="snapshot",
         no_args_is_help=True,
         help="Take, list, restore and compare snapshots of a vTPM's state.",
     )
-    ref_help = "snapshot id or label"
-
-    @group.command("create")
-    def create_cmd(
-        name: Annotated[str, args.NAME],
-        label: Annotated[str | None, typer.Option("--label", help="a name to restore by")] = None,
-        volatile: Annotated[
-            bool,
-            typer.Option(
-                "--volatile",
-                help="also the volatile state (loaded objects, sessions, PCRs of the current boot)",
-            ),
-        ] = False,
-        keep: Annotated[
-            int | None,
-            typer.Option(
-                "--keep", min=1, metavar="N", help="then keep only the newest N snapshots"
-            ),
-        ] = None,
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Snapshot a vTPM, running (without stopping it) or stopped."""
-        raise typer.Exit(create(name, label, volatile, keep, as_json))
-
-    @group.command("list")
-    def list_cmd(
-        name: Annotated[str, args.NAME], as_json: Annotated[bool, args.JSON] = False
-    ) -> None:
-        """List a vTPM's snapshots, oldest first."""
-        raise typer.Exit(list_(name, as_json))
-
-    @group.command("restore")
-    def restore_cmd(
-        name: Annotated[str, args.NAME],
-        ref: Annotated[str, typer.Argument(metavar="REF", show_default=False, help=ref_help)],
-        force: Annotated[
-            bool,
-            typer.Option("--force", help="stop the running vTPM first (and start it again after)"),
-        ] = False,
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Put a snapshot back as the vTPM's state (the current state is kept as a snapshot)."""
-        raise typer.Exit(restore(name, ref, force, as_json))
-
-    @group.command("rm")
-    def rm_cmd(
-        name: Annotated[str, args.NAME],
-        ref: Annotated[str, typer.Argument(metavar="REF", show_default=False, help=ref_help)],
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Delete a snapshot."""
-        raise typer.Exit(rm(name, ref, as_json))
-
-    @group.command("diff")
-    def diff_cmd(
-        name: Annotated[str, args.NAME],
-        ref_a: Annotated[str, typer.Argument(metavar="A", show_default=False, help=ref_help)],
-        ref_b: Annotated[str, typer.Argument(metavar="B", show_default=False, help=ref_help)],
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Show which blobs, persistent handles and NV indexes changed from A to B."""
-        raise typer.Exit(diff(name, ref_a, ref_b, as_json))
-
+    decl.register(group, COMMANDS)
     app.add_typer(group)

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from vtpmctl.commands import decl
 from vtpmctl.device.client.control import DEFAULT_TIMEOUT
 from vtpmctl.device.client.target import open_client, parse_target
 from vtpmctl.device.protocol import BlobType
@@ -120,64 +121,72 @@ def import_(
     return 0
 
 
+def _blob_type() -> decl.Param:
+    return decl.Param(
+        "blob_type",
+        decl.CHOICE,
+        "--type",
+        "-t",
+        help="which blob",
+        choices=BlobKind,
+        default=BlobKind.PERMANENT,
+        case_sensitive=False,
+    )
+
+
+COMMANDS = (
+    decl.Command(
+        "state export",
+        "vtpmctl.commands.state:export",
+        "Write a state blob of a running TPM to a file (CMD_GET_STATEBLOB).",
+        decl.TARGET,
+        decl.Param(
+            "output",
+            decl.TEXT,
+            "-o",
+            "--output",
+            help="where to write the blob ('-' for stdout); files are created mode 0600",
+            required=True,
+            metavar="FILE|-",
+            show_default=False,
+        ),
+        _blob_type(),
+        decl.Param(
+            "decrypted",
+            decl.SWITCH,
+            "--decrypted/--encrypted",
+            help="remove the state-key encryption (as QEMU and swtpm_ioctl do), or keep it",
+            default=True,
+        ),
+        timeout=True,
+    ),
+    decl.Command(
+        "state import",
+        "vtpmctl.commands.state:import_",
+        "Load a state blob into a stopped TPM (CMD_SET_STATEBLOB); init makes it live.",
+        decl.TARGET,
+        decl.Param(
+            "source",
+            decl.ARG,
+            help="the blob ('-' for stdin)",
+            required=True,
+            metavar="FILE|-",
+            show_default=False,
+        ),
+        _blob_type(),
+        timeout=True,
+    ),
+)
+
+
 def register(app: "typer.Typer") -> None:
     """Add the `state` group to the vtpmctl app."""
-    from typing import Annotated
-
     import typer
-
-    from vtpmctl.commands import args
 
     group = typer.Typer(
         name="state",
         no_args_is_help=True,
         help="Export or import one raw state blob (swtpm_ioctl --save/--load).",
     )
-    type_opt = typer.Option("--type", "-t", help="which blob", case_sensitive=False)
-
-    @group.command("export")
-    def export_cmd(
-        ctx: typer.Context,
-        target: Annotated[str, args.TARGET],
-        output: Annotated[
-            str,
-            typer.Option(
-                "-o",
-                "--output",
-                metavar="FILE|-",
-                show_default=False,
-                help="where to write the blob ('-' for stdout); files are created mode 0600",
-            ),
-        ],
-        blob_type: Annotated[BlobKind, type_opt] = BlobKind.PERMANENT,
-        decrypted: Annotated[
-            bool,
-            typer.Option(
-                "--decrypted/--encrypted",
-                help="remove the state-key encryption (as QEMU and swtpm_ioctl do), or keep it",
-            ),
-        ] = True,
-    ) -> None:
-        """Write a state blob of a running TPM to a file (CMD_GET_STATEBLOB)."""
-        export(
-            target,
-            output,
-            blob_type.value,
-            decrypted=decrypted,
-            timeout=ctx.find_root().params["timeout"],
-        )
-
-    @group.command("import")
-    def import_cmd(
-        ctx: typer.Context,
-        target: Annotated[str, args.TARGET],
-        source: Annotated[
-            str,
-            typer.Argument(metavar="FILE|-", show_default=False, help="the blob ('-' for stdin)"),
-        ],
-        blob_type: Annotated[BlobKind, type_opt] = BlobKind.PERMANENT,
-    ) -> None:
-        """Load a state blob into a stopped TPM (CMD_SET_STATEBLOB); init makes it live."""
-        import_(target, source, blob_type.value, timeout=ctx.find_root().params["timeout"])
-
+    decl.register(group, COMMANDS)
     app.add_typer(group)

@@ -4,13 +4,17 @@ Exits 1 when any finding is an error (warnings alone exit 0); ``--json``
 prints every finding with stable keys.
 """
 
+from __future__ import annotations
+
 import json
 import sys
-from typing import TYPE_CHECKING
 
+from vtpmctl.commands import decl
 from vtpmctl.commands.output import safe
 from vtpmctl.errors import EXIT_FAILURE, EXIT_OK
 
+# `typing` costs more to import than a control round trip; annotations only.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import typer
 
@@ -62,19 +66,18 @@ def verify(name: str, as_json: bool = False, quiet: bool = False) -> int:
     return EXIT_FAILURE if errors else EXIT_OK
 
 
-def register(app: "typer.Typer") -> None:
+COMMANDS = (
+    decl.Command(
+        "verify",
+        "vtpmctl.commands.verify:verify",
+        "Check a vTPM's state files, keys, permissions, lock and snapshots (offline).",
+        decl.NAME,
+        decl.JSON,
+        decl.Param("quiet", decl.SWITCH, "--quiet", "-q", help="only problems", default=False),
+    ),
+)
+
+
+def register(app: typer.Typer) -> None:
     """Add `verify` to the vtpmctl app."""
-    from typing import Annotated
-
-    import typer
-
-    from vtpmctl.commands import args
-
-    @app.command("verify")
-    def verify_cmd(
-        name: Annotated[str, args.NAME],
-        as_json: Annotated[bool, args.JSON] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only problems")] = False,
-    ) -> None:
-        """Check a vTPM's state files, keys, permissions, lock and snapshots (offline)."""
-        raise typer.Exit(verify(name, as_json, quiet))
+    decl.register(app, COMMANDS)
