@@ -131,6 +131,7 @@ class S3Server:
             f"-master.port.grpc={p['master_grpc']}",
             "-master.volumeSizeLimitMB=16",
             "-master.telemetry=false",
+            "-master.electionTimeout=1s",  # a restarted lone master is leader at once
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume_grpc']}",
             "-volume.max=0",  # as many volumes as the disk holds: each bucket takes several
