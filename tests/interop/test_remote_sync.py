@@ -193,3 +193,102 @@ def test_no_access_changes_nothing_here(fleet: list[Host], s3: S3Server, s3_buck
     assert code == 1 and "there is no instance vm" in err
     assert tree(a.path) == before_a and tree(b.path) == before_b
     assert s3.keys(s3_bucket, "fleet/instances/") == {}
+
+
+def test_fleet_key_rotation_rewraps_only_the_key_objects(
+    fleet: list[Host], s3: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    a, b = fleet
+    a.run("create", "vm", "--encrypt", "--no-ek")
+    a.run("create", "clear", "--no-ek")
+    a.json("push", "vm")
+    a.json("push", "clear", "--allow-plaintext")
+    before = s3.keys(s3_bucket)
+    new = write_key(tmp_path / "new.key", os.urandom(32))
+    done = a.json("remote", "rotate-key", "r", "--new-key-file", str(new))
+    assert done["key_objects"] == 2 and done["fleet_key"] != done["old_fleet_key"]
+    after = s3.keys(s3_bucket)
+    changed = {k for k in before if before[k] != after.get(k)}
+    assert after.keys() == before.keys()
+    assert changed == {"fleet/fleet.json"} | {k for k in before if "/keys/" in k}
+    for k in changed - {"fleet/fleet.json"}:
+        assert done["old_fleet_key"] not in after[k].decode()
+    assert a.json("remote", "list")["remotes"][0]["fleet_key"] == done["fleet_key"]
+    # a second run finds nothing left to do
+    assert a.json("remote", "rotate-key", "r", "--new-key-file", str(new))["key_objects"] == 2
+    assert s3.keys(s3_bucket) == after
+
+    # the host with the old key is told what happened, then joins with the new key
+    code, _, err = b.run("pull", "vm", check=False)
+    assert code == 1 and "it was rotated" in err and done["fleet_key"] in err
+    b.run("remote", "rm", "r")
+    b.run(
+        "remote", "add", "r", f"s3://{s3_bucket}/fleet", "--endpoint", s3.endpoint,
+        "--key-file", str(new),
+    )  # fmt: skip
+    assert b.json("pull", "vm")["encrypted"]
+    a.json("push", "vm")  # the rotating host goes on pushing
+
+
+def test_a_push_cut_short_shows_the_old_instance_and_resumes(
+    fleet: list[Host], s3: S3Server, s3_bucket: str
+) -> None:
+    """The server dies in the middle of a push: a reader sees the previous push, whole;
+    the next push uploads only what is missing and publishes the new one."""
+    import subprocess
+    import sys
+    import time
+
+    from instance_helpers import DataClient, nv_define, nv_write_cmd
+
+    a, b = fleet
+    prefix = "fleet/instances/vm/"
+    a.run("create", "vm", "--encrypt", "--no-ek")
+    a.json("push", "vm")
+    old_index = s3.keys(s3_bucket, prefix + "index.json")
+    old_objects = set(s3.keys(s3_bucket, prefix + "objects/"))
+
+    # snapshots of a dozen different states: a dozen new objects to upload
+    a.run("start", "vm")
+    a.run("ctl", "vm", "init")
+    status = a.json("status", "vm")
+    with DataClient(Path(status["endpoints"]["data"][5:])) as tpm:
+        tpm.transact(bytes.fromhex("80010000000c000001440000"))  # Startup(CLEAR)
+        nv_define(tpm.transact)
+        for i in range(12):
+            tpm.transact(nv_write_cmd(i.to_bytes(8, "big")))
+            a.run("snapshot", "create", "vm")
+    a.run("stop", "vm")
+
+    env = dict(s3.env(), VTPMCTL_HOME=str(a.path))
+    vtpmctl = str(Path(sys.executable).with_name("vtpmctl"))
+    push = subprocess.Popen(
+        [vtpmctl, "push", "vm"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    watcher = s3.client()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and push.poll() is None:
+            listing = watcher.list_objects_v2(Bucket=s3_bucket, Prefix=prefix + "objects/")
+            if len(listing.get("Contents", [])) > len(old_objects):
+                break
+            time.sleep(0.005)
+        s3.kill()  # the session's server: started again below, same dirs and ports
+        push.wait(60)
+    finally:
+        if not s3.running:
+            s3.start()
+    cut = push.returncode != 0
+    if cut:
+        assert push.returncode == 75, push.stderr.read()
+        assert s3.keys(s3_bucket, prefix + "index.json") == old_index  # the old one, whole
+        assert b.json("pull", "vm")["snapshots"] == 0
+        b.run("rm", "vm", "--yes")
+        uploaded = set(s3.keys(s3_bucket, prefix + "objects/")) - old_objects
+        assert uploaded  # some of the new objects made it before the crash
+    resumed = a.json("push", "vm")
+    assert resumed["snapshots"] == 12
+    if cut:
+        # what made it whole is not uploaded again (a cut-off object would be)
+        assert resumed["uploaded"] < resumed["objects"] - len(old_objects)
+    assert b.json("pull", "vm")["snapshots"] == 12

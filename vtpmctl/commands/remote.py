@@ -289,6 +289,43 @@ def ls(remote: str | None = None, as_json: bool = False) -> int:
     return 0
 
 
+def rotate_key(
+    name: str,
+    new_key_file: Path | None = None,
+    new_key_fd: int | None = None,
+    as_json: bool = False,
+) -> int:
+    """Re-wrap every instance key of remote NAME with a new fleet key."""
+    from vtpmctl.errors import UsageError
+    from vtpmctl.usecases.remote import rotate_fleet_key
+
+    key = _fleet_key(new_key_file, new_key_fd)
+    if key is None:
+        raise UsageError("give the new fleet key: --new-key-file FILE or --new-key-fd N")
+    done = rotate_fleet_key(name, key)
+    if as_json:
+        print_json(
+            {
+                "format_version": FORMAT_VERSION,
+                "remote": done.remote.name,
+                "old_fleet_key": done.old,
+                "fleet_key": done.new,
+                "key_objects": done.key_objects,
+            }
+        )
+        return 0
+    out(
+        f"remote {done.remote.name} now uses fleet key {done.new} (was {done.old}); "
+        f"{done.key_objects} instance key objects re-wrapped"
+    )
+    note(
+        "the other hosts of this remote need the new key: vtpmctl remote rm "
+        f"{done.remote.name} && vtpmctl remote add {done.remote.name} {done.remote.url} "
+        "--key-file NEWKEY"
+    )
+    return 0
+
+
 def register(app: "typer.Typer") -> None:
     """Add the `remote` group and the `push`/`pull` commands."""
     from typing import Annotated
@@ -365,6 +402,27 @@ def register(app: "typer.Typer") -> None:
     ) -> None:
         """Forget a remote and its fleet key on this host; the bucket is not touched."""
         raise typer.Exit(rm(name, as_json))
+
+    @group.command("rotate-key")
+    def rotate_key_cmd(
+        name: Annotated[str, typer.Argument(metavar="NAME", help="remote name")],
+        new_key_file: Annotated[
+            Path | None,
+            typer.Option(
+                "--new-key-file", show_default=False, help="the new fleet key (0600, hex or raw)"
+            ),
+        ] = None,
+        new_key_fd: Annotated[
+            int | None,
+            typer.Option("--new-key-fd", metavar="N", show_default=False, help="read it from fd N"),
+        ] = None,
+        as_json: Annotated[bool, args.JSON] = False,
+    ) -> None:
+        """Re-wrap the instance keys in a remote with a new fleet key (nothing else moves).
+
+        Run it again with the same key to finish an interrupted rotation.
+        """
+        raise typer.Exit(rotate_key(name, new_key_file, new_key_fd, as_json))
 
     @group.command("ls")
     def ls_cmd(

@@ -37,6 +37,7 @@ from vtpmctl.store.remote.layout import (
     InstanceKeys,
     RemoteDataError,
     RemoteIndex,
+    drop_wraps,
     fleet_key_name,
     fleet_record,
     index_name,
@@ -51,6 +52,7 @@ from vtpmctl.store.remote.layout import (
     open_key_record,
     peek_index,
     read_fleet_record,
+    wrapped_with,
 )
 
 T = TypeVar("T")
@@ -624,6 +626,105 @@ def list_remote(
     return remote, [x for x in found if isinstance(x, Listed)]
 
 
+# ---------------------------------------------------------------- fleet key rotation
+
+
+@dataclass
+class Rotated:
+    remote: Remote
+    old: str  # fingerprints
+    new: str
+    key_objects: int  # key objects in the remote, all now wrapped with the new key only
+
+
+def _key_objects(session: Session) -> list[tuple[str, str, str]]:
+    """(object key, instance name, keyid) of every key object in the remote."""
+    base = session.remote.key(instances_prefix())
+    found = []
+    for o in session.client.list(base):
+        parts = o.key[len(base) :].split("/")
+        if len(parts) == 3 and parts[1] == "keys" and parts[2].endswith(".json"):
+            found.append((o.key, parts[0], parts[2][: -len(".json")]))
+    return found
+
+
+def _rewrite(session: Session, key: str, change: Callable[[bytes], bytes | None]) -> bool:
+    """Apply ``change`` to one object with If-Match, again if another host wrote it meanwhile."""
+    for _ in range(5):
+        found = session.client.get_etag(key)
+        if found is None:
+            return False
+        new = change(found[0])
+        if new is None:
+            return False
+        try:
+            session.client.put(key, new, if_match=found[1])
+            return True
+        except RemoteConflict:
+            continue
+    raise RemoteError(f"{session.remote.where(key)} keeps changing; run the rotation again")
+
+
+def rotate_fleet_key(name: str, new_key: AesKey, roots: Roots | None = None) -> Rotated:
+    """Re-wrap every instance key of remote NAME under ``new_key``; nothing else is rewritten.
+
+    1. each key object gets a wrapping under the new key beside the old one;
+    2. ``fleet.json`` names the new key, and this host keeps it;
+    3. the old wrappings are dropped.
+    Hosts with either key can read throughout 1; after 2 the others need the new key.
+    An interrupted rotation is finished by running it again with the same new key.
+    """
+    registry = RemoteRegistry(roots)
+    session = open_remote(name, roots)
+    remote, client = session.remote, session.client
+    old_fp, new_fp = remote.fleet_key, key_fingerprint(new_key)
+    fleet_key = remote.key(fleet_key_name())
+    found = client.get_etag(fleet_key)
+    if found is None:
+        _check_fleet(session)  # raises: the remote is not set up
+        raise AssertionError("unreachable")
+    current = read_fleet_record(found[0], remote.where(fleet_key))
+    if current not in (old_fp, new_fp):
+        raise RemoteConfigError(
+            f"{remote.url} uses fleet key {current}, neither this host's {old_fp} nor the new "
+            f"{new_fp}; rotate from a host that has the current key"
+        )
+    objects = _key_objects(session)
+    if current == old_fp and old_fp != new_fp:
+
+        def add_wrap(obj: str, inst: str, keyid: str) -> Callable[[bytes], bytes | None]:
+            def change(data: bytes) -> bytes | None:
+                if new_fp in wrapped_with(data, inst, keyid):
+                    return None
+                keys = open_key_record(data, session.fleet_key, inst, keyid, remote.where(obj))
+                return key_record([new_key], keys, inst, existing=data)
+
+            return change
+
+        for obj, inst, keyid in objects:
+            _rewrite(session, obj, add_wrap(obj, inst, keyid))
+        try:
+            client.put(fleet_key, fleet_record(new_key, previous=old_fp), if_match=found[1])
+        except RemoteConflict:
+            raise RemoteError(
+                f"{remote.where(fleet_key)} changed during the rotation; run it again"
+            ) from None
+    if old_fp != new_fp:
+        registry.replace_fleet_key(remote.name, new_key)
+
+    def drop(inst: str, keyid: str) -> Callable[[bytes], bytes | None]:
+        def change(data: bytes) -> bytes | None:
+            if wrapped_with(data, inst, keyid) == [new_fp]:
+                return None
+            return drop_wraps(data, inst, keyid, keep=new_fp)
+
+        return change
+
+    for obj, inst, keyid in objects:
+        _rewrite(session, obj, drop(inst, keyid))
+    return Rotated(remote, old_fp, new_fp, len(objects))
+
+
 __all__ = [
     "Added",
     "Fetched",
@@ -639,4 +740,5 @@ __all__ = [
     "pull",
     "push",
     "remove_remote",
+    "rotate_fleet_key",
 ]
