@@ -233,6 +233,9 @@ ROUTES = {
     "snapshot": "vtpmctl.commands.snapshot",
     "verify": "vtpmctl.commands.verify",
     "migrate": "vtpmctl.commands.migrate",
+    "remote": "vtpmctl.commands.remote",
+    "push": "vtpmctl.commands.remote",
+    "pull": "vtpmctl.commands.remote",
 }
 
 

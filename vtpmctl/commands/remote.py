@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vtpmctl.commands import decl
 from vtpmctl.commands.output import note, out, print_json, print_table
 
 if TYPE_CHECKING:
@@ -326,149 +327,158 @@ def rotate_key(
     return 0
 
 
+_REMOTE = decl.Param(
+    "remote",
+    decl.ARG,
+    help="remote name [default: the only remote]",
+    metavar="[REMOTE]",
+    show_default=False,
+)
+_REMOTE_NAME = decl.Param(
+    "name", decl.ARG, help="remote name", required=True, metavar="NAME", show_default=False
+)
+
+GROUP = (
+    decl.Command(
+        "remote add",
+        "vtpmctl.commands.remote:add",
+        "Check a bucket and prefix and record them as a remote, with the fleet key.\n\n"
+        "Credentials come from the AWS chain (environment, ~/.aws, --profile); "
+        "vtpmctl never stores them.",
+        _REMOTE_NAME,
+        decl.Param(
+            "url",
+            decl.ARG,
+            help="where the fleet's vTPMs are kept",
+            required=True,
+            metavar="s3://BUCKET/PREFIX",
+            show_default=False,
+        ),
+        decl.Param(
+            "endpoint",
+            decl.TEXT,
+            "--endpoint",
+            help="S3 endpoint (Ceph RGW, MinIO, SeaweedFS) [default: AWS, or AWS_ENDPOINT_URL]",
+            metavar="URL",
+            show_default=False,
+        ),
+        decl.Param(
+            "region", decl.TEXT, "--region", help="[default: the AWS chain's]", show_default=False
+        ),
+        decl.Param(
+            "profile",
+            decl.TEXT,
+            "--profile",
+            help="AWS profile for credentials [default: the AWS chain's]",
+            show_default=False,
+        ),
+        decl.Param(
+            "key_file",
+            decl.PATH,
+            "--key-file",
+            help="the fleet key (0600, hex or raw) [default: the remote's is required; "
+            "a new remote gets a new random key]",
+            show_default=False,
+        ),
+        decl.Param(
+            "key_fd",
+            decl.INT,
+            "--key-fd",
+            help="read the fleet key from descriptor N",
+            metavar="N",
+            min=0,
+            show_default=False,
+        ),
+        decl.JSON,
+    ),
+    decl.Command(
+        "remote list",
+        "vtpmctl.commands.remote:list_",
+        "List the remotes this host knows.",
+        decl.JSON,
+    ),
+    decl.Command(
+        "remote rm",
+        "vtpmctl.commands.remote:rm",
+        "Forget a remote and its fleet key on this host; the bucket is not touched.",
+        _REMOTE_NAME,
+        decl.JSON,
+    ),
+    decl.Command(
+        "remote rotate-key",
+        "vtpmctl.commands.remote:rotate_key",
+        "Re-wrap the instance keys in a remote with a new fleet key (nothing else moves).\n\n"
+        "Run it again with the same key to finish an interrupted rotation.",
+        _REMOTE_NAME,
+        decl.Param(
+            "new_key_file",
+            decl.PATH,
+            "--new-key-file",
+            help="the new fleet key (0600, hex or raw)",
+            show_default=False,
+        ),
+        decl.Param(
+            "new_key_fd",
+            decl.INT,
+            "--new-key-fd",
+            help="read the new fleet key from descriptor N",
+            metavar="N",
+            min=0,
+            show_default=False,
+        ),
+        decl.JSON,
+    ),
+    decl.Command(
+        "remote ls",
+        "vtpmctl.commands.remote:ls",
+        "List the instances in a remote with owner, lease state and size.",
+        _REMOTE,
+        decl.JSON,
+    ),
+)
+
+TRANSFERS = (
+    decl.Command(
+        "push",
+        "vtpmctl.commands.remote:push",
+        "Upload a vTPM (state, EK data, snapshots) to a remote; only new objects travel.",
+        decl.NAME,
+        _REMOTE,
+        decl.Param(
+            "allow_plaintext",
+            decl.SWITCH,
+            "--allow-plaintext",
+            help="push an instance that is not encrypted at rest (its TPM state then lies "
+            "in the bucket in plaintext)",
+            default=False,
+        ),
+        decl.JSON,
+    ),
+    decl.Command(
+        "pull",
+        "vtpmctl.commands.remote:pull",
+        "Create a vTPM here from a remote; everything is checked before anything is written.",
+        decl.NAME,
+        _REMOTE,
+        decl.Param(
+            "new_name", decl.TEXT, "--name", help="local name [default: NAME]", show_default=False
+        ),
+        decl.JSON,
+    ),
+)
+
+COMMANDS = GROUP + TRANSFERS  # what cli.ROUTES finds for remote, push and pull
+
+
 def register(app: "typer.Typer") -> None:
     """Add the `remote` group and the `push`/`pull` commands."""
-    from typing import Annotated
-
     import typer
 
-    from vtpmctl.commands import args
-
-    remote_help = "remote name [default: the only remote]"
     group = typer.Typer(
         name="remote",
         no_args_is_help=True,
         help="S3-compatible remotes that hosts of a fleet share (docs/remotes.md).",
     )
-
-    @group.command("add")
-    def add_cmd(
-        name: Annotated[str, typer.Argument(metavar="NAME", help="remote name")],
-        url: Annotated[str, typer.Argument(metavar="s3://BUCKET/PREFIX", help="where")],
-        endpoint: Annotated[
-            str | None,
-            typer.Option(
-                "--endpoint",
-                metavar="URL",
-                show_default=False,
-                help="S3 endpoint (Ceph RGW, MinIO, SeaweedFS) [default: AWS, or AWS_ENDPOINT_URL]",
-            ),
-        ] = None,
-        region: Annotated[
-            str | None,
-            typer.Option("--region", show_default=False, help="[default: the AWS chain's]"),
-        ] = None,
-        profile: Annotated[
-            str | None,
-            typer.Option(
-                "--profile",
-                show_default=False,
-                help="AWS profile for credentials [default: the AWS chain's]",
-            ),
-        ] = None,
-        key_file: Annotated[
-            Path | None,
-            typer.Option(
-                "--key-file",
-                show_default=False,
-                help="the fleet key (0600, hex or raw) [default: the remote's is required; "
-                "a new remote gets a new random key]",
-            ),
-        ] = None,
-        key_fd: Annotated[
-            int | None,
-            typer.Option(
-                "--key-fd", metavar="N", show_default=False, help="read the fleet key from fd N"
-            ),
-        ] = None,
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Check a bucket and prefix and record them as a remote, with the fleet key.
-
-        Credentials come from the AWS chain (environment, ~/.aws, --profile);
-        vtpmctl never stores them.
-        """
-        raise typer.Exit(add(name, url, endpoint, region, profile, key_file, key_fd, as_json))
-
-    @group.command("list")
-    def list_cmd(as_json: Annotated[bool, args.JSON] = False) -> None:
-        """List the remotes this host knows."""
-        raise typer.Exit(list_(as_json))
-
-    @group.command("rm")
-    def rm_cmd(
-        name: Annotated[str, typer.Argument(metavar="NAME", help="remote name")],
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Forget a remote and its fleet key on this host; the bucket is not touched."""
-        raise typer.Exit(rm(name, as_json))
-
-    @group.command("rotate-key")
-    def rotate_key_cmd(
-        name: Annotated[str, typer.Argument(metavar="NAME", help="remote name")],
-        new_key_file: Annotated[
-            Path | None,
-            typer.Option(
-                "--new-key-file", show_default=False, help="the new fleet key (0600, hex or raw)"
-            ),
-        ] = None,
-        new_key_fd: Annotated[
-            int | None,
-            typer.Option("--new-key-fd", metavar="N", show_default=False, help="read it from fd N"),
-        ] = None,
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Re-wrap the instance keys in a remote with a new fleet key (nothing else moves).
-
-        Run it again with the same key to finish an interrupted rotation.
-        """
-        raise typer.Exit(rotate_key(name, new_key_file, new_key_fd, as_json))
-
-    @group.command("ls")
-    def ls_cmd(
-        remote: Annotated[
-            str | None,
-            typer.Argument(metavar="[REMOTE]", show_default=False, help=remote_help),
-        ] = None,
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """List the instances in a remote with owner, lease state and size."""
-        raise typer.Exit(ls(remote, as_json))
-
+    decl.register(group, GROUP)
     app.add_typer(group)
-
-    @app.command("push")
-    def push_cmd(
-        name: Annotated[str, args.NAME],
-        remote: Annotated[
-            str | None,
-            typer.Argument(metavar="[REMOTE]", show_default=False, help=remote_help),
-        ] = None,
-        allow_plaintext: Annotated[
-            bool,
-            typer.Option(
-                "--allow-plaintext",
-                help="push an instance that is not encrypted at rest (its TPM state "
-                "then lies in the bucket in plaintext)",
-            ),
-        ] = False,
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Upload a vTPM (state, EK data, snapshots) to a remote; only new objects travel."""
-        raise typer.Exit(push(name, remote, allow_plaintext, as_json))
-
-    @app.command("pull")
-    def pull_cmd(
-        name: Annotated[str, args.NAME],
-        remote: Annotated[
-            str | None,
-            typer.Argument(metavar="[REMOTE]", show_default=False, help=remote_help),
-        ] = None,
-        new_name: Annotated[
-            str | None,
-            typer.Option("--name", show_default=False, help="local name [default: NAME]"),
-        ] = None,
-        as_json: Annotated[bool, args.JSON] = False,
-    ) -> None:
-        """Create a vTPM here from a remote; everything is checked before anything is written."""
-        raise typer.Exit(pull(name, remote, new_name, as_json))
+    decl.register(app, TRANSFERS)
