@@ -91,9 +91,17 @@ class Reply:
 
 
 def run_child(
-    name: str, request: dict[str, Any], *, timeout: float, cwd: str | None = "/"
+    name: str,
+    request: dict[str, Any],
+    *,
+    timeout: float,
+    cwd: str | None = "/",
+    pass_fds: tuple[int, ...] = (),
 ) -> Reply:
-    """Run entry point ``name`` with ``request``: its answer, or ChildError."""
+    """Run entry point ``name`` with ``request``: its answer, or ChildError.
+
+    ``pass_fds`` are inherited by the child (a key on a pipe, never in the request).
+    """
     import subprocess
 
     try:
@@ -105,6 +113,7 @@ def run_child(
             env=child_env(),
             cwd=cwd,
             check=False,
+            pass_fds=pass_fds,
         )
     except subprocess.TimeoutExpired as exc:
         log = _log_lines(exc.stderr or b"")

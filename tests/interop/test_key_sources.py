@@ -170,10 +170,11 @@ def test_instance_keys_from_descriptors_never_touch_disk_or_argv(tmp_path: Path)
         )
         inst = home.registry().get("enc")
         assert inst.config.encrypted and inst.meta.cipher == "aes-256-cbc"
-        # The caller keeps the key: without the stored copy, start needs it given.
-        inst.paths.state_key.unlink()
+        # The caller keeps a key it gave on a descriptor: no copy, start needs it again.
+        assert not inst.paths.state_key.exists() and inst.meta.key_source == "descriptor"
+        assert not [p for p in home.path.rglob("*") if "key" in p.name]
         failed = home.run("start", "enc", check=False)
-        assert failed.returncode == 1 and "give it with --key" in failed.stderr
+        assert failed.returncode == 1 and "keeps no copy of its state key" in failed.stderr
         wrong = home.run("start", "enc", "--key", "pwdfd=0", input=b"not it", check=False)
         assert wrong.returncode == 1 and "not the key" in wrong.stderr
         before = set(home.path.rglob("*"))

@@ -64,14 +64,22 @@ def manufacture(
     ek: bool,
     ca_dir: Path | None,
     ecc_curve: str = "p384",
+    key_fd: int | None = None,
 ) -> dict[str, Any]:
-    """Create the TPM in ``state_dir``; returns what --json prints."""
+    """Create the TPM in ``state_dir``; returns what --json prints.
+
+    The state key comes from a hex key file or, in binary, on an inherited
+    descriptor (``key_fd``: a pipe, so that no file has to hold it).
+    """
     key = None
-    if key_file is not None:
-        from vtpmctl.store.keys import KeyFileError, load_key
+    if key_file is not None or key_fd is not None:
+        from vtpmctl.store.keys import KeyFileError, KeySource, load_key
 
         try:
-            key = load_key(key_file, kind=KeyFormat.HEX)
+            if key_fd is not None:
+                key = KeySource(fd=key_fd, kind=KeyFormat.BINARY).resolve()
+            elif key_file is not None:
+                key = load_key(key_file, kind=KeyFormat.HEX)
         except KeyFileError as exc:
             raise ManufactureError(str(exc)) from None
     statedir = StateDir(state_dir, tpm2=tpm2, key=key)
@@ -142,6 +150,7 @@ def _handle(request: dict[str, Any]) -> dict[str, Any]:
         state_dir,
         tpm2=bool(request.get("tpm2", True)),
         key_file=path("key_file"),
+        key_fd=request["key_fd"] if isinstance(request.get("key_fd"), int) else None,
         ek=bool(request.get("ek", False)),
         ca_dir=path("ca_dir"),
         ecc_curve=str(request.get("ecc_curve", "p384")),

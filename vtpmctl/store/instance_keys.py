@@ -2,7 +2,9 @@
 
 Keys are stored as swtpm ``format=hex`` files (0600) under the config root,
 whatever form the user gave (a passphrase is stored as the key it derives,
-so the passphrase itself is never kept). Rotation re-encrypts every state
+so the passphrase itself is never kept) — except a key given on a
+descriptor, which stays with the caller (as libvirt keeps its secrets) and
+is given again to ``start``. Rotation re-encrypts every state
 file under a two-phase commit: new files are written beside the old, a
 commit marker makes the switch decided, and the renames that follow are
 replayed after a crash; before the marker, a crash rolls back to the old
@@ -82,6 +84,11 @@ def load_state_key(inst: Instance, given: AesKey | None = None) -> AesKey | None
     path = inst.paths.state_key
     if given is not None:
         key, where = given, "the state key given"
+    elif not path.exists() and inst.meta.key_source == "descriptor":
+        raise KeyFileError(
+            f"{inst.name} keeps no copy of its state key (it came on a descriptor); give "
+            f"it with --key, e.g. vtpmctl start {shlex.quote(inst.name)} --key fd=3 3<KEY"
+        )
     elif not path.exists():
         raise KeyFileError(
             f"the state key of {inst.name} ({path}) is missing; restore it, or give it "

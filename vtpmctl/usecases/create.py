@@ -8,6 +8,7 @@ permanent state is on disk. Any failure removes every file made so far.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,19 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
     encrypt = opts.encrypt or opts.key_file is not None or opts.key_source is not None
     key: AesKey | None = None
     key_source: str | None = None
+    # A key that comes on a descriptor stays with the caller (as libvirt keeps its
+    # secrets): no copy is stored, and start takes it the same way.
+    keep_key = keep_mkey = True
     if opts.key_source is not None:
         key = _given_key(opts.key_source, "state key")
-        key_source = "passphrase" if opts.key_source.kind == KeyFormat.PASSPHRASE else "key-file"
+        keep_key = opts.key_source.fd is None
+        key_source = (
+            "descriptor"
+            if not keep_key
+            else "passphrase"
+            if opts.key_source.kind == KeyFormat.PASSPHRASE
+            else "key-file"
+        )
     elif opts.key_file is not None:
         key = _user_key(opts.key_file, opts.key_format, "state key")
         key_source = "passphrase" if opts.key_format == KeyFormat.PASSPHRASE else "key-file"
@@ -88,6 +99,7 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
     mkey = None
     if opts.migration_key_source is not None:
         mkey = _given_key(opts.migration_key_source, "migration key")
+        keep_mkey = opts.migration_key_source.fd is None
     elif opts.migration_key_file is not None:
         mkey = _user_key(opts.migration_key_file, opts.migration_key_format, "migration key")
 
@@ -102,15 +114,15 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
     registry.paths(name).check_transport(config.transport)
     with registry.reserve(name) as paths:
         registry.ensure_dirs(paths)
-        if key is not None:
+        if key is not None and keep_key:
             store_key(paths.state_key, key)
-        if mkey is not None:
+        if mkey is not None and keep_mkey:
             store_key(paths.migration_key, mkey)
         made = _manufacture(
             paths.state_dir,
             paths.log_file,
             tpm2=tpm.tpm2,
-            key_file=paths.state_key if key is not None else None,
+            key=key,
             ca_dir=paths.ca_dir if ek else None,
             ecc_curve=opts.ecc_curve,
         )
@@ -137,23 +149,28 @@ def _manufacture(
     log_file: Path,
     *,
     tpm2: bool,
-    key_file: Path | None,
+    key: AesKey | None,
     ca_dir: Path | None,
     ecc_curve: str,
 ) -> dict[str, Any]:
     from vtpmctl.childproc import ChildError, run_child
+    from vtpmctl.store.keys import key_pipe
 
+    key_fd = None if key is None else key_pipe(key)  # the child reads it; no file holds it
     request = {
         "state_dir": str(state_dir),
         "tpm2": tpm2,
         "log_file": str(log_file),
-        "key_file": None if key_file is None else str(key_file),
+        "key_fd": key_fd,
         "ek": ca_dir is not None,
         "ca_dir": None if ca_dir is None else str(ca_dir),
         "ecc_curve": ecc_curve,
     }
+    fds = () if key_fd is None else (key_fd,)
     try:
-        return run_child("_manufacture", request, timeout=MANUFACTURE_TIMEOUT, cwd=None).answer
+        return run_child(
+            "_manufacture", request, timeout=MANUFACTURE_TIMEOUT, cwd=None, pass_fds=fds
+        ).answer
     except ChildError as exc:
         if exc.kind == "TimeoutExpired":
             raise LifecycleError(
@@ -163,3 +180,6 @@ def _manufacture(
             raise LifecycleError(f"the TPM maker gave {exc}; see {log_file}") from None
         reason = str(exc) if exc.branch else f"{exc.kind}: {exc}"
         raise LifecycleError(f"cannot make the TPM: {reason}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
