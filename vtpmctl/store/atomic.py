@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def write_atomic(
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     if tmp_name is None:
         # A fresh unguessable name created exclusively: nobody can pre-plant it.
-        tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        tmp = directory / f".{path.name}.{os.urandom(6).hex()}.tmp"
         flags |= os.O_EXCL
     else:
         tmp = directory / tmp_name

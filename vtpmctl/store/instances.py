@@ -11,13 +11,11 @@ instance exists exactly when that file does.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import errno
 import fcntl
 import json
 import os
 import re
-import shutil
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -61,7 +59,9 @@ def validate_name(name: str) -> str:
 
 
 def now_utc() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    import time  # not datetime: the status path does not pay for it
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # ---------------------------------------------------------------- paths
@@ -505,6 +505,8 @@ class Registry:
     @staticmethod
     def _remove_files(paths: InstancePaths) -> None:
         for directory in (paths.base, paths.secrets_dir, paths.run_dir):
+            import shutil
+
             shutil.rmtree(directory, ignore_errors=True)
         paths.log_file.unlink(missing_ok=True)
         paths.log_file.with_name(paths.log_file.name + ".1").unlink(missing_ok=True)

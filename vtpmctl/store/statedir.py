@@ -18,8 +18,11 @@ from pathlib import Path
 from vtpmctl.errors import StoreError
 from vtpmctl.model import STATE_FILE_NAMES, BlobKind, TpmFamily
 from vtpmctl.store.atomic import fsync_dir, write_atomic
-from vtpmctl.store.blob import AesKey, BlobError, unwrap_file, wrap_file
 from vtpmctl.store.dirs import ensure_dir
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vtpmctl.store.blob import AesKey
 
 LOCK_RETRY_INTERVAL = 0.01
 
@@ -88,6 +91,9 @@ class StateDir:
         raw = self.read_raw(name)
         if raw is None:
             return None
+        # hashlib and hmac only when state is read: `status` only takes the lock
+        from vtpmctl.store.blob import BlobError, unwrap_file
+
         try:
             return unwrap_file(raw, self.key)
         except BlobError as exc:
@@ -104,6 +110,8 @@ class StateDir:
         return {kind: data for kind, data in blobs.items() if data}
 
     def store(self, name: str, plain: bytes) -> None:
+        from vtpmctl.store.blob import wrap_file
+
         self.write_raw(name, wrap_file(plain, self.key))
 
     def write_raw(self, name: str, data: bytes) -> None:
