@@ -196,11 +196,12 @@ INSPECT_FULL = (
     '{"ok": false, "validate": {"permanent": 0, "volatile": 257}, '
     '"persistent": {"0x81010001": "000b' + "d" * 64 + '"}, '
     '"nv": {"0x01c00002": {"attributes": 1645150210, "size": 1200, "sha256": null}}, '
-    '"ek": null, "error": "the TPM does not start", "log": ["libtpms: x"]}'
+    '"ek": null, "error": "the TPM does not start", "log": ["libtpms: x"], '
+    '"libtpms_version": "0.9.2"}'
 )
 INSPECT_GOOD = (
     '{"ok": true, "validate": {"permanent": 0}, "persistent": null, "nv": null, '
-    '"ek": null, "error": null, "log": []}'
+    '"ek": null, "error": null, "log": [], "libtpms_version": null}'
 )
 
 
@@ -212,6 +213,7 @@ def full_inspect() -> InspectResult:
         nv={"0x01c00002": {"attributes": 0x620F0002, "size": 1200, "sha256": None}},
         error="the TPM does not start",
         log=["libtpms: x"],
+        libtpms_version="0.9.2",
     )
 
 
@@ -224,4 +226,7 @@ def test_inspect_result_bytes() -> None:
     # an answer from before the "ek" field reads as one without EKs
     older = json.loads(INSPECT_GOOD)
     del older["ek"]
+    assert InspectResult.from_json(older) == good
+    # and one from before "libtpms_version" as one that does not name its libtpms
+    del older["libtpms_version"]
     assert InspectResult.from_json(older) == good

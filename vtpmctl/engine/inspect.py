@@ -46,7 +46,7 @@ class _InspectError(Exception):
 
 def _run(request: dict[str, Any]) -> dict[str, Any]:
     """The child's work: load libtpms here (this process is thrown away afterwards)."""
-    from vtpmctl.engine.libtpms import Libtpms, Storage
+    from vtpmctl.engine.libtpms import Libtpms, Storage, version_text
 
     tpm2 = bool(request.get("tpm2", True))
     describe = bool(request.get("describe", False))
@@ -86,6 +86,8 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
         "nv": None,
         "ek": None,
         "error": None,
+        # the libtpms that judged the blobs: an import records it (no second child)
+        "libtpms_version": version_text(tpm.version),
     }
     if not blobs:
         result["error"] = "no state blobs given"

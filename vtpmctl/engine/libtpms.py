@@ -140,7 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     must not load libtpms itself (one JSON answer through vtpmctl.childproc)."""
     from vtpmctl.childproc import serve_child
 
-    return serve_child(lambda request: {"libtpms_version": installed_version()})
+    def answer(request: dict[str, Any]) -> dict[str, Any]:
+        version = installed_version()
+        return {"libtpms_version": version, "library": loaded_path()}
+
+    return serve_child(answer)
+
+
+def loaded_path() -> str | None:
+    """The file this process mapped as libtpms (so a parent can tell when it changes)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(None, 5)[-1]
+                if "/libtpms.so" in path:
+                    return path
+    except OSError:
+        pass
+    return None
 
 
 def _declare(lib: ctypes.CDLL) -> None:

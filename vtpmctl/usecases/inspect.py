@@ -28,6 +28,7 @@ class InspectResult:
     ek: dict[str, Any] | None = None  # the EKs in the state, in ek.json's form
     error: str | None = None
     log: list[str] = field(default_factory=list)  # libtpms' own messages, if any
+    libtpms_version: str | None = None  # the child's libtpms, as "0.9.2"
 
     def to_json(self) -> dict[str, Any]:
         return records.to_json(self)

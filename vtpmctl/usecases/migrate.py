@@ -58,20 +58,82 @@ class MigrateError(InstanceError):
 # ---------------------------------------------------------------- libtpms version
 
 
-def libtpms_version() -> str | None:
+def libtpms_version(cache_dir: Path | None = None) -> str | None:
     """The libtpms installed here, as "0.9.2"; None when it cannot be loaded.
 
     Asked of a child process (``python -m vtpmctl _libtpms_version``): the CLI
-    process never loads libtpms, not even to read its version.
+    process never loads libtpms, not even to read its version. The answer is
+    kept in ``cache_dir`` (the runtime root, cleared at boot) with what
+    decides which file the dynamic loader picks — the library's path and
+    identity, ``/etc/ld.so.cache`` and ``LD_LIBRARY_PATH`` — and reused while
+    none of them changed: a libtpms upgrade replaces the file, so the next
+    call asks a child again.
     """
     from vtpmctl.childproc import ChildError, run_child
 
+    cached = _cached_version(cache_dir) if cache_dir is not None else None
+    if cached is not None:
+        return cached
     try:
         answer = run_child("_libtpms_version", {}, timeout=VERSION_TIMEOUT).answer
     except ChildError:
         return None
     version = answer.get("libtpms_version")
-    return version if isinstance(version, str) else None
+    if not isinstance(version, str):
+        return None
+    library = answer.get("library")
+    if cache_dir is not None and isinstance(library, str):
+        _cache_version(cache_dir, library, version)
+    return version
+
+
+VERSION_CACHE = "libtpms-version.json"
+
+
+def _loader_key(library: str) -> list[object] | None:
+    """What makes the loader pick this file with this content; None if it cannot be told."""
+    import os
+
+    key: list[object] = [library, os.environ.get("LD_LIBRARY_PATH")]
+    for path in (library, "/etc/ld.so.cache"):
+        try:
+            st = os.stat(path)
+        except OSError:
+            if path == library:
+                return None
+            key.append(None)
+            continue
+        key.append([st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns])
+    return key
+
+
+def _cached_version(cache_dir: Path) -> str | None:
+    import json
+
+    try:
+        data = json.loads((cache_dir / VERSION_CACHE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("library"), str):
+        return None
+    version = data.get("libtpms_version")
+    if not isinstance(version, str) or data.get("key") != _loader_key(data["library"]):
+        return None
+    return version
+
+
+def _cache_version(cache_dir: Path, library: str, version: str) -> None:
+    import contextlib
+    import json
+
+    from vtpmctl.store.atomic import write_atomic
+
+    key = _loader_key(library)
+    if key is None or not cache_dir.is_dir():
+        return
+    record = {"library": library, "key": key, "libtpms_version": version}
+    with contextlib.suppress(OSError):  # a cache: the next export asks a child again
+        write_atomic(cache_dir / VERSION_CACHE, json.dumps(record).encode(), 0o644, durable=False)
 
 
 def _version_tuple(text: str | None) -> tuple[int, ...]:
@@ -218,7 +280,7 @@ def export_instance(
         state=state,
         created=now_utc(),
         vtpmctl_version=__version__,
-        libtpms_version=libtpms_version() or inst.meta.libtpms_version,
+        libtpms_version=libtpms_version(registry.roots.runtime) or inst.meta.libtpms_version,
         tpm_version=inst.config.tpm,
         transport=inst.config.transport,
         encrypted_at_rest=inst.config.encrypted,
@@ -323,8 +385,9 @@ def verify_bundle(data: bytes, migration_key: AesKey | None) -> tuple[Bundle, st
     m = bundle.manifest
     tpm2 = TpmFamily.from_version(m.tpm_version).tpm2
     _check_ek(bundle, None)
-    here = libtpms_version()
+    # The child that validates the state also names its libtpms: one process, not two.
     result = inspect_blobs(bundle.plain, tpm2=tpm2, describe=True, ek=bundle.ek_json is not None)
+    here = result.libtpms_version or libtpms_version()
     if not result.ok:
         bad = ", ".join(f"{k} 0x{rc:x}" for k, rc in result.validate.items() if rc)
         detail = f"TPMLIB_ValidateState failed ({bad})" if bad else (result.error or "failed")
