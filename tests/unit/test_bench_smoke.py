@@ -60,3 +60,9 @@ def test_bench_rss_smoke() -> None:
 def test_bench_startup_smoke() -> None:
     out = _run(["bash", str(BENCH / "bench_startup.sh"), "--smoke"])
     assert "vtpmctl caps / swtpm_ioctl -c" in out
+
+
+@needs_swtpm
+def test_bench_cli_smoke() -> None:
+    out = _run([sys.executable, str(BENCH / "bench_cli.py"), "--smoke"])
+    assert "`caps unix:PATH`" in out and "`snapshot restore`, fresh" in out
