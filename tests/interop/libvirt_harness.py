@@ -298,12 +298,32 @@ def _lock(timeout: float) -> int:
         time.sleep(0.2)
 
 
-def _start_daemons(log: Path) -> list[int]:
-    """Start virtlogd and libvirtd unless they run; the pids of the ones started here."""
+def _daemon_path(pid: int) -> str:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return ""
+    return next((e[5:].decode() for e in environ if e.startswith(b"PATH=")), "")
+
+
+def _start_daemons(log: Path, path_prefix: Path | None = None) -> list[int]:
+    """Start virtlogd and libvirtd unless they run; the pids of the ones started here.
+
+    With ``path_prefix``, libvirtd must look up programs (swtpm, swtpm_setup,
+    swtpm_ioctl) there first: a running libvirtd whose PATH does not start with it is
+    stopped and one with it is started (and stopped again at the end).
+    """
     started = []
     env = dict(os.environ, LIBVIRT_LOG_OUTPUTS=f"3:file:{log}")
+    if path_prefix is not None:
+        env["PATH"] = f"{path_prefix}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     for exe, pid_file in _DAEMONS:
-        if _daemon_pid(exe, pid_file) is not None:
+        pid = _daemon_pid(exe, pid_file)
+        wrong_path = not _daemon_path(pid or 0).startswith(f"{path_prefix}:")
+        if pid is not None and path_prefix is not None and exe == "libvirtd" and wrong_path:
+            _stop([pid])
+            pid = None
+        if pid is not None:
             continue
         subprocess.run([exe, "-d"], env=env, check=True, timeout=30)
         deadline = time.monotonic() + 10
@@ -339,15 +359,20 @@ def _stop(pids: list[int]) -> None:
 
 
 @contextlib.contextmanager
-def libvirt_session(work_dir: Path, *, lock_timeout: float = 900.0) -> Iterator[Libvirt]:
-    """The lock, a libvirtd, and on exit: domains gone, daemons started here stopped."""
+def libvirt_session(
+    work_dir: Path, *, lock_timeout: float = 900.0, path_prefix: Path | None = None
+) -> Iterator[Libvirt]:
+    """The lock, a libvirtd, and on exit: domains gone, daemons started here stopped.
+
+    ``path_prefix``: a directory libvirtd's PATH starts with (see _start_daemons).
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(work_dir, 0o711)
     lock_fd = _lock(lock_timeout)
     started: list[int] = []
     lv = Libvirt(work_dir, work_dir / "libvirtd.log")
     try:
-        started = _start_daemons(lv.daemon_log)
+        started = _start_daemons(lv.daemon_log, path_prefix)
         _wait_connect()
         leftovers = lv.virsh("list", "--all", "--name").stdout.split()
         for name in leftovers:

@@ -635,6 +635,23 @@ def _endpoint(ch: Channel) -> Any:
     return Endpoint("tcp", host=ch.bindaddr, port=ch.port or 0)
 
 
+def _admin_endpoint(ctrl: Any) -> Any:
+    """vtpmctl's read-only admin endpoint beside a unixio control socket (CTRL.admin).
+
+    libvirt's QEMU holds the control channel for the VM's life; the admin endpoint
+    lets ``vtpmctl list``/``snapshot`` read the vTPM meanwhile (vtpmctl.store.attached).
+    """
+    from vtpmctl.device.server.sockets import UNIX_PATH_MAX, Endpoint
+    from vtpmctl.store.instances import ADMIN_SUFFIX
+
+    if not isinstance(ctrl, Endpoint) or ctrl.kind != "unix" or not ctrl.path:
+        return None
+    path = str(ctrl.path) + ADMIN_SUFFIX
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        return None
+    return Endpoint("unix", path=path, mode=0o600)
+
+
 def _make_socket_server(opts: Options, engine: Engine) -> Any:
     from vtpmctl.device.server.sockets import EndpointError, SocketServer, is_listening
 
@@ -672,6 +689,7 @@ def _make_socket_server(opts: Options, engine: Engine) -> Any:
             ctrl_client=ctrl_client,
             data_conn=data_conn,
             disconnect=opts.server is not None and opts.server.disconnect,
+            admin=_admin_endpoint(ctrl),
         )
     except EndpointError as exc:
         raise _fail(str(exc)) from None

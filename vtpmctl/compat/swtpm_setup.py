@@ -199,7 +199,15 @@ def config_path(given: str | None, env: dict[str, str]) -> Path:
     if env.get("HOME"):
         candidates.append(Path(env["HOME"]) / ".config" / "swtpm_setup.conf")
         candidates.append(Path(env["HOME"]) / "swtpm_setup.conf")
-    return next((c for c in candidates if c.is_file()), SYSTEM_CONFIG)
+    return next((c for c in candidates if _is_file(c)), SYSTEM_CONFIG)
+
+
+def _is_file(path: Path) -> bool:
+    """A file this user can see (libvirt may leave HOME at another user's home)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def read_config(path: Path) -> dict[str, str]:

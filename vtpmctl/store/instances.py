@@ -43,6 +43,7 @@ from vtpmctl.store.statedir import StateDir
 
 FORMAT_VERSION = 1
 ATTACHED_ENV = "VTPMCTL_ATTACHED"
+ADMIN_SUFFIX = ".admin"  # a compatible swtpm's admin endpoint: its control socket's path + this
 MAX_NAME = 64
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -147,7 +148,12 @@ class InstancePaths:
 
     @property
     def admin_socket(self) -> Path:
-        """The daemon's read-only admin endpoint (shorter than tpm.ctrl, so it always fits)."""
+        """The daemon's read-only admin endpoint (shorter than tpm.ctrl, so it always fits).
+
+        vtpmctl's swtpm serves one beside a unixio control socket, at CTRL.admin.
+        """
+        if self.attached_ctrl is not None:
+            return self.attached_ctrl.with_name(self.attached_ctrl.name + ADMIN_SUFFIX)
         return self.run_dir / "admin"
 
     @property
