@@ -41,6 +41,7 @@ GROUPS = (
     "vtpmctl.commands.migrate",
     "vtpmctl.commands.remote",
     "vtpmctl.commands.swtpm_compat",
+    "vtpmctl.commands.libvirt",
 )
 
 DEFAULT_TIMEOUT = 10.0  # same as vtpmctl.device.client.control.DEFAULT_TIMEOUT

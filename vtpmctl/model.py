@@ -122,3 +122,16 @@ KEY_SPEC_HELP = (
     "as swtpm's --key: a hex or binary key, or a passphrase (pwdfile=/pwdfd=), from a file "
     "or an inherited descriptor; mode=aes-128-cbc|aes-256-cbc, kdf=pbkdf2|sha512"
 )
+
+
+class OnShutdown(StrEnum):
+    """What CMD_SHUTDOWN does to a daemon (``--on-shutdown``).
+
+    ``exit`` is swtpm's way: the TPM is saved and the process ends. With
+    ``power-off`` the TPM is saved and powered off like a physical TPM at the
+    end of a VM run, and the daemon keeps its endpoint for the next run (whose
+    CMD_INIT powers it on again); a signal (``vtpmctl stop``) still ends it.
+    """
+
+    EXIT = "exit"
+    POWER_OFF = "power-off"

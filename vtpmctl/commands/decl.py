@@ -210,6 +210,51 @@ KEY = _key_spec("--key", "key")
 MIGRATION_KEY = _key_spec("--migration-key", "migration_key", "the migration key, as --key")
 
 
+def _hypervisor() -> "tuple[Param, ...]":
+    from vtpmctl.model import OnShutdown
+
+    return (
+        Param(
+            "group",
+            TEXT,
+            "--group",
+            help="owner group of the sockets and run dir, e.g. libvirt-qemu "
+            "(then 0660/0710 and --on-shutdown power-off by default)",
+            metavar="GROUP",
+            show_default=False,
+        ),
+        Param(
+            "socket_mode",
+            TEXT,
+            "--socket-mode",
+            help="mode of the sockets [default: 0600]",
+            metavar="MODE",
+            show_default=False,
+        ),
+        Param(
+            "dir_mode",
+            TEXT,
+            "--dir-mode",
+            help="mode of the run dir [default: 0700]",
+            metavar="MODE",
+            show_default=False,
+        ),
+        Param(
+            "on_shutdown",
+            CHOICE,
+            "--on-shutdown",
+            help="what CMD_SHUTDOWN does: exit the daemon, or power the TPM off and keep "
+            "serving (for a hypervisor) [default: exit; power-off with --group]",
+            choices=OnShutdown,
+            show_default=False,
+        ),
+    )
+
+
+# Who may reach an instance's endpoint and what CMD_SHUTDOWN does (create and start;
+# kept in the instance's config).
+HYPERVISOR = _hypervisor()
+
 # ---------------------------------------------------------------- the fast route
 
 _NOT_MINE = object()  # a value the fast route leaves to typer

@@ -16,7 +16,7 @@ from vtpmctl.commands.output import note as _note
 from vtpmctl.commands.output import out as _out
 from vtpmctl.commands.output import print_json, print_rows, safe
 from vtpmctl.errors import EXIT_FAILURE, LSB_STATUS, InstanceError, NoSuchInstance
-from vtpmctl.model import KeyFormat, TpmFamily, Transport
+from vtpmctl.model import KeyFormat, OnShutdown, TpmFamily, Transport
 
 # `typing` costs more to import than a control round trip; annotations only.
 TYPE_CHECKING = False
@@ -163,6 +163,10 @@ def create(
     ecc_curve: str = "p384",
     key: str | None = None,
     migration_key: str | None = None,
+    group: str | None = None,
+    socket_mode: str | None = None,
+    dir_mode: str | None = None,
+    on_shutdown: str | None = None,
 ) -> int:
     """Register NAME and manufacture its TPM."""
     from vtpmctl.usecases.create import CreateOptions, create_instance
@@ -181,6 +185,10 @@ def create(
         ecc_curve=ecc_curve,
         key_source=state_source,
         migration_key_source=migration_source,
+        group=group,
+        socket_mode=socket_mode,
+        dir_mode=dir_mode,
+        on_shutdown=None if on_shutdown is None else OnShutdown(on_shutdown),
     )
     inst = create_instance(_registry(), name, opts)
     extras = []
@@ -188,6 +196,13 @@ def create(
         extras.append("EK " + ", ".join(sorted(inst.meta.ek_fingerprints)))
     if inst.config.encrypted:
         extras.append(f"encrypted ({inst.meta.cipher})")
+    if inst.config.group is not None:
+        extras.append(
+            f"sockets {inst.config.socket_mode} group {inst.config.group}, "
+            f"run dir {inst.config.dir_mode}"
+        )
+    if inst.config.on_shutdown == OnShutdown.POWER_OFF:
+        extras.append("outlives VM runs (on shutdown: power-off)")
     detail = "; ".join([f"TPM {inst.config.tpm}", *extras])
     _out(f"created {name} ({detail})")
     return 0
@@ -231,6 +246,10 @@ def start(
     lease_duration: float | None = None,
     lease_renew: float | None = None,
     allow_plaintext: bool = False,
+    group: str | None = None,
+    socket_mode: str | None = None,
+    dir_mode: str | None = None,
+    on_shutdown: str | None = None,
 ) -> int:
     """Start NAME's daemon and return when its control channel answers."""
     from vtpmctl.usecases import supervisor
@@ -257,6 +276,13 @@ def start(
             renew=lease_renew,
             allow_plaintext=allow_plaintext,
         )
+    supervisor.reconfigure(
+        inst,
+        group=group,
+        socket_mode=socket_mode,
+        dir_mode=dir_mode,
+        on_shutdown=None if on_shutdown is None else OnShutdown(on_shutdown),
+    )
     if foreground:
         supervisor.exec_foreground(
             inst,
@@ -405,6 +431,7 @@ def status(name: str, as_json: bool = False) -> int:
         ]
     rows += [
         ("encrypted", f"yes ({inst.meta.cipher})" if inst.config.encrypted else "no"),
+        ("on shutdown", str(inst.config.on_shutdown)),
         ("EK", ", ".join(sorted(inst.meta.ek_fingerprints)) or "none"),
         ("created", record["created"] or "?"),
         ("state dir", record["state_dir"]),
@@ -513,6 +540,7 @@ COMMANDS = (
         ),
         decl.KEY,
         decl.MIGRATION_KEY,
+        *decl.HYPERVISOR,
     ),
     decl.Command(
         "start",
@@ -593,6 +621,7 @@ COMMANDS = (
             help="replicate an instance that is not encrypted at rest",
             default=False,
         ),
+        *decl.HYPERVISOR,
     ),
     decl.Command(
         "stop",

@@ -43,7 +43,7 @@ from vtpmctl.device.protocol import (
 from vtpmctl.engine import tpm2
 from vtpmctl.engine.libtpms import CommandBuffer, Libtpms, Storage
 from vtpmctl.errors import EngineError
-from vtpmctl.model import STATE_FILE_NAMES, BlobKind, TpmFamily, Transport
+from vtpmctl.model import STATE_FILE_NAMES, BlobKind, OnShutdown, TpmFamily, Transport
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer, wrap_transfer
 from vtpmctl.store.statedir import StateDir, StateDirError
 
@@ -85,6 +85,7 @@ class EngineConfig:
     incoming: bool = False
     # None: a new TPM may be manufactured only if the dir has no permall now.
     allow_manufacture: bool | None = None
+    on_shutdown: OnShutdown = OnShutdown.EXIT
 
 
 @dataclass
@@ -445,6 +446,16 @@ class Engine(Storage):
         return ControlReply(Res.SUCCESS)
 
     def _c_shutdown(self, req: dict[str, int], data: bytes) -> ControlReply:
+        if self.config.on_shutdown == OnShutdown.POWER_OFF and self._ensure_storage_lock(
+            self._lock_retries
+        ):
+            # Powered off like a physical TPM at the end of a VM run; the state is saved
+            # under the lock (re-taken if a savestate GET released it), and the next
+            # client's CMD_INIT powers it on. A lock another host took means the TPM
+            # has moved: then the process ends as with ``exit``.
+            self._stop_locked()
+            log.info("CMD_SHUTDOWN: TPM powered off and saved; serving the next client")
+            return ControlReply(Res.SUCCESS)
         try:
             self._stop_locked()
         finally:

@@ -23,8 +23,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vtpmctl.errors import EXIT_FAILURE, InstanceError, InstanceExists, NoSuchInstance
-from vtpmctl.model import CUSE_NAME_MAX, TpmFamily, Transport
+from vtpmctl.model import CUSE_NAME_MAX, OnShutdown, TpmFamily, Transport
 from vtpmctl.store import records
+from vtpmctl.store.access import (
+    PRIVATE_DIR_MODE,
+    PRIVATE_SOCKET_MODE,
+    Access,
+    AccessError,
+    apply_to_dir,
+    format_mode,
+    parse_mode,
+)
 from vtpmctl.store.atomic import write_atomic
 from vtpmctl.store.dirs import (
     CONFIG_MODE,
@@ -192,9 +201,10 @@ class InstancePaths:
                     "limit; use a shorter name or a shorter VTPMCTL_HOME"
                 )
 
-    def ensure_run_dirs(self) -> None:
+    def ensure_run_dirs(self, access: Access | None = None) -> None:
         """What a daemon writes (run dir, log dir), made or checked, after checking the
-        instance's own dirs: none may be another user's or writable by others."""
+        instance's own dirs: none may be another user's or writable by others. The run
+        dir then gets exactly the group and mode of ``access`` (default: private)."""
         for directory in (
             self.roots.config,
             self.secrets_dir,
@@ -206,6 +216,7 @@ class InstancePaths:
             check_dir(directory)
         ensure_dir(self.roots.runtime, RUNTIME_MODE)
         ensure_dir(self.run_dir, PRIVATE_MODE)
+        apply_to_dir(self.run_dir, access or Access())
         ensure_dir(self.roots.logs, LOGS_MODE)
 
     def check_transport(self, transport: Transport) -> None:
@@ -235,6 +246,15 @@ class InstanceConfig:
     migration_key: bool = False
     # A config without the key records no EK: never assume one was made.
     ek: bool = field(default=True, metadata=records.when_absent(False))
+    # For a hypervisor (docs/libvirt.md): what CMD_SHUTDOWN does, who may reach the sockets.
+    on_shutdown: OnShutdown = field(default=OnShutdown.EXIT, metadata=records.omitted_at_default())
+    group: str | None = field(default=None, metadata=records.omitted_at_default())
+    socket_mode: str = field(
+        default=format_mode(PRIVATE_SOCKET_MODE), metadata=records.omitted_at_default()
+    )
+    dir_mode: str = field(
+        default=format_mode(PRIVATE_DIR_MODE), metadata=records.omitted_at_default()
+    )
 
     def to_json(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, **records.to_json(self)}
@@ -246,6 +266,23 @@ class InstanceConfig:
     @property
     def family(self) -> TpmFamily:
         return TpmFamily.from_version(self.tpm)
+
+    @property
+    def access(self) -> Access:
+        """The group and modes of the sockets and run dir (InstanceError if unreadable)."""
+        try:
+            return Access(
+                self.group,
+                parse_mode(self.socket_mode, "socket_mode"),
+                parse_mode(self.dir_mode, "dir_mode"),
+            )
+        except AccessError as exc:
+            raise InstanceError(f"config.json of {self.name}: {exc}") from None
+
+    def set_access(self, access: Access) -> None:
+        self.group = access.group
+        self.socket_mode = format_mode(access.socket_mode)
+        self.dir_mode = format_mode(access.dir_mode)
 
     @property
     def tpm2(self) -> bool:

@@ -29,6 +29,7 @@ Fail = Callable[[str], Exception]
 _ABSENT = "vtpmctl.records.absent"
 _REQUIRED = "vtpmctl.records.required"
 _CHOICES = "vtpmctl.records.choices"
+_OMIT_DEFAULT = "vtpmctl.records.omit_default"
 
 
 def when_absent(value: object) -> dict[str, object]:
@@ -45,6 +46,15 @@ def required() -> dict[str, object]:
     return {_REQUIRED: True}
 
 
+def omitted_at_default() -> dict[str, object]:
+    """Field metadata: a key written only when its value is not the default.
+
+    For settings added after files were written: a record that does not use
+    them keeps the bytes it always had (and reads back the default).
+    """
+    return {_OMIT_DEFAULT: True}
+
+
 def one_of(*values: str) -> dict[str, object]:
     """Field metadata: a ``str`` field that holds one of a few words."""
     return {_CHOICES: values}
@@ -55,7 +65,11 @@ def one_of(*values: str) -> dict[str, object]:
 
 def to_json(record: object) -> dict[str, Any]:
     """The record as a JSON object; fields in declaration order."""
-    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record)}  # type: ignore[arg-type]
+    return {
+        f.name: _plain(getattr(record, f.name))
+        for f in dataclasses.fields(record)  # type: ignore[arg-type]
+        if not (f.metadata.get(_OMIT_DEFAULT) and getattr(record, f.name) == f.default)
+    }
 
 
 def _plain(value: object) -> Any:

@@ -18,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from vtpmctl.errors import InstanceError
 from vtpmctl.model import STATE_FILE_NAMES, BlobKind, Transport
 from vtpmctl.store import instance_keys
+from vtpmctl.store.access import AccessError, format_mode
+from vtpmctl.store.access import describe as describe_access
 from vtpmctl.store.blob import (
     FLAG_ENCRYPTED,
     HEADER_SIZE,
@@ -409,6 +412,74 @@ def _runtime_checks(inst: Instance, holder_info: HolderInfo | None) -> Iterator[
                 )
 
 
+def _access_checks(inst: Instance) -> Iterator[Finding]:
+    """The run dir and sockets have exactly the configured group and mode (never wider),
+    and the group can reach them through every dir above."""
+    if inst.config.transport != Transport.SOCKET:
+        return
+    p = inst.paths
+    try:
+        access = inst.config.access
+        gid = access.gid
+    except (InstanceError, AccessError) as exc:
+        name = shlex.quote(inst.name)
+        fix = f"vtpmctl stop {name} && vtpmctl start {name} --group GROUP"
+        yield Finding("error", "access.config", str(exc), fix, str(p.config_file))
+        return
+    group = access.group
+    for check, path, want in (
+        ("access.run", p.run_dir, access.dir_mode),
+        ("access.ctrl", p.ctrl_socket, access.socket_mode),
+        ("access.data", p.data_socket, access.socket_mode),
+    ):
+        try:
+            mode, owner_group = describe_access(path)
+        except FileNotFoundError:
+            continue
+        gid_now = os.lstat(path).st_gid
+        fix = f"chmod {format_mode(want)} {shlex.quote(str(path))}"
+        if group is not None:
+            fix += f" && chgrp {shlex.quote(group)} {shlex.quote(str(path))}"
+        if mode & ~want:
+            yield Finding(
+                "error",
+                check,
+                f"{path} is mode {mode:04o}, wider than the configured {format_mode(want)}",
+                fix,
+                str(path),
+            )
+        elif mode != want or (group is not None and gid_now != gid):
+            yield Finding(
+                "warn",
+                check,
+                f"{path} is mode {mode:04o} group {owner_group}, not the configured "
+                f"{format_mode(want)}" + (f" group {group}" if group else ""),
+                fix,
+                str(path),
+            )
+        else:
+            yield Finding(
+                "ok", check, f"{path}: mode {mode:04o} group {owner_group}", None, str(path)
+            )
+    if group is None:
+        return
+    for parent in p.run_dir.parents:
+        try:
+            st = os.stat(parent)
+        except OSError:
+            continue
+        passable = st.st_mode & 0o001 or (st.st_gid == gid and st.st_mode & 0o010)
+        if not passable:
+            yield Finding(
+                "warn",
+                "access.path",
+                f"group {group} cannot pass through {parent} (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}) to reach the control socket",
+                f"chmod o+x {shlex.quote(str(parent))}",
+                str(parent),
+            )
+
+
 def _snapshot_checks(inst: Instance, key: AesKey | None, key_usable: bool) -> Iterator[Finding]:
     store = SnapshotStore(snapshots_dir(inst.paths), key)
     if not store.root.exists():
@@ -486,5 +557,6 @@ def verify_instance(
     findings += _state_file_checks(inst, key, usable, validate)
     findings += _leftover_checks(inst)
     findings += _runtime_checks(inst, holder_info)
+    findings += _access_checks(inst)
     findings += _snapshot_checks(inst, key, usable)
     return findings

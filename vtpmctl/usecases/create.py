@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from vtpmctl import __version__
-from vtpmctl.model import KeyFormat, TpmFamily, Transport
+from vtpmctl.model import KeyFormat, OnShutdown, TpmFamily, Transport
+from vtpmctl.store.access import Access
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.instance_keys import read_user_key, store_key
 from vtpmctl.store.instances import (
@@ -49,6 +50,10 @@ class CreateOptions:
     ecc_curve: str = "p384"
     key_source: KeySource | None = None  # --key (swtpm's syntax), instead of key_file
     migration_key_source: KeySource | None = None
+    group: str | None = None
+    socket_mode: str | None = None
+    dir_mode: str | None = None
+    on_shutdown: OnShutdown | None = None  # None: power-off with a group, else exit
 
 
 def _user_key(path: Path, kind: str, what: str) -> AesKey:
@@ -75,6 +80,7 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
         raise LifecycleError(
             "EK provisioning is implemented for TPM 2.0 only; use --no-ek with --tpm 1.2"
         )
+    access = Access.of(opts.group, opts.socket_mode, opts.dir_mode)
     encrypt = opts.encrypt or opts.key_file is not None or opts.key_source is not None
     key: AesKey | None = None
     key_source: str | None = None
@@ -110,7 +116,9 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
         encrypted=encrypt,
         migration_key=mkey is not None,
         ek=ek,
+        on_shutdown=default_on_shutdown(access) if opts.on_shutdown is None else opts.on_shutdown,
     )
+    config.set_access(access)
     registry.paths(name).check_transport(config.transport)
     with registry.reserve(name) as paths:
         registry.ensure_dirs(paths)
@@ -142,6 +150,11 @@ def create_instance(registry: Registry, name: str, opts: CreateOptions) -> Insta
             write_json(paths.ek_file, ek_info)
         registry.commit(paths, config, meta)
     return registry.get(name)
+
+
+def default_on_shutdown(access: Access) -> OnShutdown:
+    """An endpoint shared with a group is made for a hypervisor: it outlives VM runs."""
+    return OnShutdown.POWER_OFF if access.group is not None else OnShutdown.EXIT
 
 
 def _manufacture(

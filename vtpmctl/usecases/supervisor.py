@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Literal
 
 from vtpmctl.childproc import child_env, entry_argv
 from vtpmctl.errors import InstanceError, NoSuchInstance
-from vtpmctl.model import BlobKind, TpmFamily, Transport
+from vtpmctl.model import BlobKind, OnShutdown, TpmFamily, Transport
+from vtpmctl.store.access import PRIVATE_SOCKET_MODE, format_mode
 from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
 
@@ -199,6 +200,44 @@ def clean_stale(inst: Instance) -> list[Path]:
 # ---------------------------------------------------------------- start
 
 
+def reconfigure(
+    inst: Instance,
+    *,
+    group: str | None = None,
+    socket_mode: str | None = None,
+    dir_mode: str | None = None,
+    on_shutdown: OnShutdown | None = None,
+) -> bool:
+    """Settings given to ``start``, saved in config.json (a unit's plain start uses them).
+
+    Given access options replace the stored ones (a group not given stays;
+    modes not given take their defaults for the group). Refused while the
+    daemon runs: its sockets were made with the old settings. True if changed.
+    """
+    from vtpmctl.store.access import Access
+    from vtpmctl.store.instances import write_json
+
+    if group is None and socket_mode is None and dir_mode is None and on_shutdown is None:
+        return False
+    config = inst.config
+    new_access = config.access
+    if group is not None or socket_mode is not None or dir_mode is not None:
+        new_access = Access.of(config.group if group is None else group, socket_mode, dir_mode)
+    new_mode = config.on_shutdown if on_shutdown is None else on_shutdown
+    if new_access == config.access and new_mode == config.on_shutdown:
+        return False
+    status = probe(inst)
+    if status.state == "running":
+        raise LifecycleError(
+            f"{inst.name} is running (pid {status.pid}); stop it to change its socket "
+            f"access or --on-shutdown: vtpmctl stop {inst.name}"
+        )
+    config.set_access(new_access)
+    config.on_shutdown = new_mode
+    write_json(inst.paths.config_file, config.to_json())
+    return True
+
+
 @dataclass
 class DaemonKeys:
     """The keys a daemon starts with. Keys the caller brought (``start --key``) are
@@ -244,9 +283,12 @@ def daemon_argv(
 
     p = inst.paths
     cuse = inst.config.transport == Transport.CUSE
+    power_off = inst.config.on_shutdown == OnShutdown.POWER_OFF
     # QEMU brings the data channel itself (CMD_SET_DATAFD, refused while a data
-    # listener exists, as by swtpm): an incoming or QEMU-bound instance has none.
-    data = not (cuse or incoming or ctrl_only)
+    # listener exists, as by swtpm): an incoming or QEMU-bound instance has none,
+    # nor has one that outlives VM runs: it exists for a hypervisor.
+    data = not (cuse or incoming or ctrl_only or power_off)
+    access = inst.config.access
     return [
         *entry_argv(DAEMON_ENTRY),
         *serve_argv(
@@ -270,6 +312,11 @@ def daemon_argv(
             ),
             incoming=incoming,
             remote_spec=remote_spec,
+            on_shutdown=OnShutdown.POWER_OFF if power_off else None,
+            group=None if cuse else access.group,
+            socket_mode=None
+            if cuse or access.socket_mode == PRIVATE_SOCKET_MODE
+            else format_mode(access.socket_mode),
         ),
     ]
 
@@ -428,7 +475,7 @@ def start(
     status = probe(inst)
     if status.state == "running" and not _vtpmctl_command(status.pid):
         return _running_already(inst, status)
-    inst.paths.ensure_run_dirs()
+    inst.paths.ensure_run_dirs(inst.config.access)
     notes: list[str] = []
     keys = keys or DaemonKeys()
     running = preflight(inst, timeout, notes, delete_volatile, keys, take_over)
@@ -652,7 +699,7 @@ def exec_foreground(
     """Become the daemon (systemd Type=notify keeps $NOTIFY_SOCKET for it)."""
     status = probe(inst)
     if status.state != "running":
-        inst.paths.ensure_run_dirs()
+        inst.paths.ensure_run_dirs(inst.config.access)
     notes: list[str] = []
     keys = keys or DaemonKeys()
     if (
@@ -752,8 +799,39 @@ def _send_shutdown(inst: Instance, timeout: float) -> None:
         client.shutdown()
 
 
+def _outlives_shutdown(pid: int) -> bool:
+    """The daemon was started with ``--on-shutdown power-off``: CMD_SHUTDOWN does not end it."""
+    args = _cmdline(pid)
+    want = [b"--on-shutdown", OnShutdown.POWER_OFF.value.encode()]
+    return any(args[i : i + 2] == want for i in range(len(args)))
+
+
+def _stop_by_signal(inst: Instance, pid: int, *, force: bool, timeout: float) -> int:
+    """SIGTERM, the daemon's graceful end (the TPM is saved as at CMD_SHUTDOWN).
+
+    For a daemon that outlives CMD_SHUTDOWN; a hypervisor may also hold its
+    control channel, so a signal is the one way that always gets through.
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError as exc:
+        raise LifecycleError(f"cannot signal pid {pid}: {exc.strerror}") from None
+    if not wait_stopped(inst, pid, TERM_TIMEOUT if force else timeout):
+        if not force:
+            raise LifecycleError(
+                f"{inst.name} (pid {pid}) did not stop within {timeout:.0f}s; retry with --force"
+            )
+        if not _terminate(pid, inst):
+            raise LifecycleError(f"{inst.name} (pid {pid}) survived SIGKILL; check the process")
+    clean_stale(inst)
+    return pid
+
+
 def stop(inst: Instance, *, force: bool = False, timeout: float = STOP_TIMEOUT) -> int | None:
-    """CMD_SHUTDOWN and wait; ``force`` escalates to SIGTERM, then SIGKILL.
+    """CMD_SHUTDOWN (SIGTERM to a power-off daemon) and wait; ``force`` escalates to
+    SIGTERM, then SIGKILL.
 
     Returns the pid that was stopped, or None if the instance was not running.
     """
@@ -766,6 +844,8 @@ def stop(inst: Instance, *, force: bool = False, timeout: float = STOP_TIMEOUT) 
     pid = status.pid or 0
     if not status.ours:
         raise foreign_holder_error(inst.name, pid)
+    if _outlives_shutdown(pid):
+        return _stop_by_signal(inst, pid, force=force, timeout=timeout)
     try:
         return _stop(inst, pid, force, timeout)
     finally:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from vtpmctl.engine.tpm import Engine, EngineConfig, Startup
 from vtpmctl.errors import EXIT_FAILURE, EXIT_OK, ServeError, StoreError, UsageError
-from vtpmctl.model import BlobKind, KeyFormat, TpmFamily, Transport
+from vtpmctl.model import BlobKind, KeyFormat, OnShutdown, TpmFamily, Transport
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.statedir import StateDir, StateDirError
 
@@ -73,6 +73,9 @@ class DaemonOptions:
     allow_manufacture: bool | None = None
     reject_locality_4: bool = False
     remote_spec: Path | None = None
+    on_shutdown: OnShutdown = OnShutdown.EXIT
+    group: str | None = None
+    socket_mode: str | None = None
 
 
 def parse_flags(flags: list[str]) -> tuple[bool, Startup, bool]:
@@ -200,18 +203,30 @@ def check_options(
         except CuseError as exc:
             raise ServeOptionError(str(exc)) from None
         return None, None, None
+    from dataclasses import replace
+
     from vtpmctl.device.server.sockets import EndpointError, parse_endpoint
+    from vtpmctl.store.access import Access, AccessError
 
     try:
         ctrl = parse_endpoint(opts.ctrl or "")
         data = parse_endpoint(opts.data) if opts.data else None
         admin = parse_endpoint(opts.admin) if opts.admin else None
-    except EndpointError as exc:
+        access = Access.of(opts.group, opts.socket_mode, None)
+    except (EndpointError, AccessError) as exc:
         raise ServeOptionError(str(exc)) from None
     if admin is not None and admin.kind != "unix":
         # It hands out the permanent state: only a socket the file system guards.
         raise ServeOptionError("--admin takes unix:PATH only (a 0600 socket)")
-    return ctrl, data, admin
+
+    def with_access(ep: Endpoint) -> Endpoint:
+        # The unix sockets get exactly the asked mode and group (TCP has neither); the
+        # admin socket stays the owner's.
+        if ep.kind != "unix":
+            return ep
+        return replace(ep, mode=access.socket_mode, gid=access.gid)
+
+    return with_access(ctrl), None if data is None else with_access(data), admin
 
 
 def run(opts: DaemonOptions) -> int:
@@ -253,6 +268,7 @@ def run(opts: DaemonOptions) -> int:
         incoming=opts.incoming,
         allow_manufacture=opts.allow_manufacture,
         reject_locality_4=opts.reject_locality_4,
+        on_shutdown=opts.on_shutdown,
     )
     engine = Engine(statedir, config)
     if libtpms_fd is not None:
@@ -368,6 +384,9 @@ def options_from_values(values: Mapping[str, Any]) -> DaemonOptions:
         incoming=values["incoming"],
         allow_manufacture=False if values["existing"] else None,
         remote_spec=values["remote_spec"],
+        on_shutdown=OnShutdown(values["on_shutdown"]),
+        group=values["group"],
+        socket_mode=values["socket_mode"],
     )
 
 

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from vtpmctl.model import KEY_SPEC_HELP, KEY_SPEC_METAVAR, KeyFormat, TpmFamily
+from vtpmctl.model import KEY_SPEC_HELP, KEY_SPEC_METAVAR, KeyFormat, OnShutdown, TpmFamily
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -118,6 +118,19 @@ SERVE_OPTIONS: tuple[ServeOption, ...] = (
         "path",
         "keep a remote's lease and replicate the permanent state as this file says "
         "(vtpmctl start writes it)",
+    ),
+    ServeOption(
+        "--on-shutdown",
+        "choice",
+        "what CMD_SHUTDOWN does: exit, or power the TPM off and serve the next client",
+        choices=OnShutdown,
+    ),
+    ServeOption("--group", "text", "owner group of the unix sockets", metavar="GROUP"),
+    ServeOption(
+        "--socket-mode",
+        "text",
+        "mode of the unix sockets [default: 0600; 0660 with --group]",
+        metavar="MODE",
     ),
 )
 

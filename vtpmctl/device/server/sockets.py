@@ -64,6 +64,7 @@ class Endpoint:
     host: str = "127.0.0.1"
     port: int = 0
     mode: int = 0o600
+    gid: int = -1  # the unix socket's group; -1 keeps the process's
 
     def __str__(self) -> str:
         if self.kind == "unix":
@@ -113,6 +114,17 @@ def listen(ep: Endpoint, backlog: int = 1) -> socket.socket:
             raise EndpointError(f"cannot listen on {ep}: {exc.strerror}") from exc
         finally:
             os.umask(old)  # the umask gave the socket its mode: no chmod through a swapped link
+        if ep.gid != -1:
+            try:
+                os.chown(ep.path, -1, ep.gid, follow_symlinks=False)
+            except OSError as exc:
+                sock.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(ep.path)
+                raise EndpointError(
+                    f"cannot give {ep.path} group {ep.gid}: {exc.strerror}; "
+                    "run as root or as a member of that group"
+                ) from exc
     else:
         family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
