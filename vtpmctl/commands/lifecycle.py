@@ -50,8 +50,11 @@ def _endpoints(inst: Instance) -> dict[str, str | None]:
     p = inst.paths
     if inst.config.transport == Transport.CUSE:
         return {"ctrl": None, "data": None, "device": str(p.device)}
-    # A --ctrl-only or --incoming daemon has no data socket (QEMU passes its own).
+    # A --ctrl-only or --incoming daemon has no data socket (QEMU passes its own),
+    # nor has a power-off one (it is for a hypervisor).
     data = f"unix:{p.data_socket}" if p.data_socket.exists() or not p.ctrl_socket.exists() else None
+    if inst.config.on_shutdown == OnShutdown.POWER_OFF:
+        data = None
     return {"ctrl": f"unix:{p.ctrl_socket}", "data": data, "device": None}
 
 

@@ -246,7 +246,7 @@ class InstanceConfig:
     migration_key: bool = False
     # A config without the key records no EK: never assume one was made.
     ek: bool = field(default=True, metadata=records.when_absent(False))
-    # For a hypervisor (docs/libvirt.md): what CMD_SHUTDOWN does, who may reach the sockets.
+    # For a hypervisor (README.md, libvirt): what CMD_SHUTDOWN does, who may reach the sockets.
     on_shutdown: OnShutdown = field(default=OnShutdown.EXIT, metadata=records.omitted_at_default())
     group: str | None = field(default=None, metadata=records.omitted_at_default())
     socket_mode: str = field(

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 from vtpmctl.childproc import child_env, entry_argv
 from vtpmctl.errors import InstanceError, NoSuchInstance
 from vtpmctl.model import BlobKind, OnShutdown, TpmFamily, Transport
-from vtpmctl.store.access import PRIVATE_SOCKET_MODE, format_mode
+from vtpmctl.store.access import Access, format_mode
 from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
 
@@ -314,9 +314,7 @@ def daemon_argv(
             remote_spec=remote_spec,
             on_shutdown=OnShutdown.POWER_OFF if power_off else None,
             group=None if cuse else access.group,
-            socket_mode=None
-            if cuse or access.socket_mode == PRIVATE_SOCKET_MODE
-            else format_mode(access.socket_mode),
+            socket_mode=None if cuse or access == Access() else format_mode(access.socket_mode),
         ),
     ]
 

@@ -1,0 +1,250 @@
+"""Acceptance: a libvirt domain runs on a vtpmctl instance with no glue (README, "libvirt").
+
+The instance is made with the socket-access options, started the way the systemd unit
+starts it (its ExecStart, UMask and Type=notify), and its <tpm> element comes from
+`vtpmctl libvirt xml`. Then the domain goes through start, destroy, start, save,
+restore, managedsave + start, kill -9 of QEMU + start and a machine reset, back to
+back, while nobody touches the instance: the same daemon serves every QEMU.
+
+How the test sees what the firmware did: the last run ends with `virsh destroy`, so
+QEMU sends CMD_SHUTDOWN and the daemon first sends TPM2_Shutdown(SU_STATE). The test
+is then the next "VM run" itself: it hands the daemon a data channel with
+CMD_SET_DATAFD as QEMU does, sends CMD_INIT, TPM2_Startup(SU_STATE) and reads PCRs
+0-7, which must hold OVMF's measurements (non-zero).
+
+libvirt comes from tests/interop/libvirt_harness.py (its own virtlogd + libvirtd under
+the machine-wide lock); boots are shared and the firmware is waited for only where its
+measurements matter.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from instance_helpers import Home, home_at
+from libvirt_harness import Domain, Libvirt, libvirt_session, unavailable
+
+from vtpmctl.device.protocol import Cmd
+from vtpmctl.engine import tpm2 as t
+
+pytestmark = [
+    pytest.mark.libvirt,
+    pytest.mark.skipif(unavailable() is not None, reason=str(unavailable())),
+]
+
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "vtpmctl@.service"
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+QEMU_GROUP = "libvirt-qemu"  # Debian's libvirt runs QEMU as libvirt-qemu
+FIRMWARE_PCRS = range(8)
+
+
+@pytest.fixture(scope="module")
+def work() -> Iterator[Path]:
+    """A short path QEMU (libvirt-qemu) may pass through: socket paths must fit 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="vl-", dir="/tmp"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lv(work: Path) -> Iterator[Libvirt]:
+    with libvirt_session(work / "libvirt") as session:
+        yield session
+
+
+@dataclass
+class UnitInstance:
+    """One instance run as `systemctl start vtpmctl@NAME` would run it."""
+
+    home: Home
+    name: str
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> int:
+        """systemctl stop: SIGTERM, a clean exit."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+def unit_start(home: Home, name: str) -> UnitInstance:
+    """The unit's ExecStart with %i, in systemd's PATH, with its UMask; waits for READY=1."""
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(UNIT)
+    svc = unit["Service"]
+    argv = [arg.replace("%i", name) for arg in shlex.split(svc["ExecStart"])]
+    exe = argv[0] if os.path.isabs(argv[0]) else shutil.which(argv[0], path=SYSTEMD_PATH)
+    assert exe and os.access(exe, os.X_OK), f"{argv[0]} is not installed; run scripts/setup"
+    umask = int(svc["UMask"], 8)
+    env = dict(home.env, PATH=SYSTEMD_PATH)
+    notify_path = home.path.parent / f"notify-{name}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(30)
+        proc = subprocess.Popen(
+            [exe, *argv[1:]],
+            env=dict(env, NOTIFY_SOCKET=str(notify_path)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: os.umask(umask),
+        )
+        try:
+            messages = b""
+            while b"READY=1" not in messages:
+                messages += notify.recv(4096)
+        except TimeoutError:
+            proc.kill()
+            raise AssertionError(f"no READY=1: {proc.communicate()[1].decode()}") from None
+    notify_path.unlink()
+    return UnitInstance(home, name, proc)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed")
+        out += chunk
+    return out
+
+
+def _control(ctrl: socket.socket, request: bytes) -> int:
+    ctrl.sendall(request)
+    return int.from_bytes(_recv_exact(ctrl, 4), "big")
+
+
+def pcrs_after_resume(ctrl_path: Path) -> dict[int, bytes]:
+    """Be the next VM run: a data channel by CMD_SET_DATAFD, CMD_INIT, TPM2_Startup(SU_STATE),
+    PCR_Read; then CMD_SHUTDOWN as QEMU sends at its exit. {pcr: sha256 digest}."""
+    ours, theirs = socket.socketpair()
+    with ours, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as ctrl:
+        ctrl.settimeout(10)
+        ours.settimeout(10)
+        ctrl.connect(str(ctrl_path))
+        socket.send_fds(ctrl, [struct.pack(">I", Cmd.SET_DATAFD)], [theirs.fileno()])
+        theirs.close()
+        assert int.from_bytes(_recv_exact(ctrl, 4), "big") == 0
+        assert _control(ctrl, struct.pack(">II", Cmd.INIT, 0)) == 0
+
+        def transact(cmd: bytes) -> bytes:
+            ours.sendall(cmd)
+            head = _recv_exact(ours, 10)
+            return head + _recv_exact(ours, int.from_bytes(head[2:6], "big") - 10)
+
+        resp = transact(t.build_startup(t.SU_STATE))
+        rc = int.from_bytes(resp[6:10], "big")
+        assert rc == 0, f"TPM2_Startup(SU_STATE) failed: 0x{rc:x} (no orderly shutdown saved)"
+        pcrs = t.pcr_read(transact, {t.Alg.SHA256: FIRMWARE_PCRS})[t.Alg.SHA256]
+        assert _control(ctrl, struct.pack(">I", Cmd.SHUTDOWN)) == 0
+    return pcrs
+
+
+def back_to_back(dom: Domain, save_file: Path, *, reboot: bool) -> None:
+    """Every way libvirt ends and begins a VM run, with nothing done to the instance."""
+    dom.start()
+    dom.wait_firmware()  # the firmware's TPM commands, so that later runs carry real state
+    dom.destroy()
+    dom.start()  # a new run: its CMD_INIT powers the TPM on again
+    dom.save(save_file)  # the TPM state goes into the save file; QEMU exits
+    dom.restore(save_file)
+    dom.managedsave()
+    dom.start()  # resumes from the managed save
+    dom.kill_qemu()  # no CMD_SHUTDOWN at all
+    dom.start()
+    dom.wait_firmware()
+    if reboot:
+        dom.reset()  # what a guest reboot does to the TPM: CMD_INIT again
+        dom.wait_firmware()
+    dom.destroy()
+
+
+def check_same_daemon(inst: UnitInstance, pid: int) -> None:
+    code, st = inst.home.status(inst.name)
+    assert (code, st["pid"]) == (0, pid), st
+    assert inst.proc.poll() is None
+
+
+def test_a_domain_runs_back_to_back_on_an_instance_the_unit_started(
+    lv: Libvirt, work: Path
+) -> None:
+    with home_at(work / "h") as home:
+        plain_runs(lv, work, home)
+
+
+def plain_runs(lv: Libvirt, work: Path, home: Home) -> None:
+    home.run("create", "vm", "--no-ek", "--group", QEMU_GROUP)
+    inst = unit_start(home, "vm")
+    try:
+        pid = inst.proc.pid
+        tpm_xml = home.run("libvirt", "xml", "vm").stdout
+        assert "type='external'" in tpm_xml and "version='2.0'" in tpm_xml
+        dom = lv.define("plain", tpm_xml)
+        back_to_back(dom, work / "plain.save", reboot=True)
+        check_same_daemon(inst, pid)
+        pcrs = pcrs_after_resume(home.registry().paths("vm").ctrl_socket)
+        zero = [i for i in FIRMWARE_PCRS if pcrs.get(i, bytes(32)) == bytes(32)]
+        assert not zero, f"PCRs {zero} hold nothing of OVMF's\n{lv.describe()}"
+        check_same_daemon(inst, pid)
+        assert home.run("verify", "vm").returncode == 0
+    finally:
+        assert inst.stop() == 0
+    assert home.status("vm")[0] == 3
+
+
+def test_an_encrypted_instance_does_the_same(lv: Libvirt, work: Path) -> None:
+    with home_at(work / "e") as home:
+        encrypted_runs(lv, work, home)
+
+
+def encrypted_runs(lv: Libvirt, work: Path, home: Home) -> None:
+    home.run("create", "enc", "--no-ek", "--encrypt", "--group", QEMU_GROUP)
+    inst = unit_start(home, "enc")
+    try:
+        pid = inst.proc.pid
+        dom = lv.define("enc", home.run("libvirt", "xml", "enc").stdout)
+        back_to_back(dom, work / "enc.save", reboot=False)
+        check_same_daemon(inst, pid)
+        pcrs = pcrs_after_resume(home.registry().paths("enc").ctrl_socket)
+        zero = [i for i in FIRMWARE_PCRS if pcrs.get(i, bytes(32)) == bytes(32)]
+        assert not zero, f"PCRs {zero} hold nothing of OVMF's\n{lv.describe()}"
+    finally:
+        assert inst.stop() == 0
+    assert home.status("enc")[1]["encrypted"] is True
+
+
+def test_stop_ends_the_daemon_while_a_domain_runs(lv: Libvirt, work: Path) -> None:
+    """`vtpmctl stop` gets through although QEMU holds the control channel; the state is
+    saved, and the next start serves the next run."""
+    with home_at(work / "s") as home:
+        stop_while_running(lv, home)
+
+
+def stop_while_running(lv: Libvirt, home: Home) -> None:
+    home.run("create", "st", "--no-ek", "--group", QEMU_GROUP)
+    home.run("start", "st")
+    dom = lv.define("stop", home.run("libvirt", "xml", "st").stdout)
+    dom.start()
+    t0 = time.monotonic()
+    home.run("stop", "st")
+    assert time.monotonic() - t0 < 10
+    assert home.status("st")[0] == 3
+    dom.destroy()
+    home.run("start", "st")
+    dom.start()
+    dom.destroy()
+    home.run("stop", "st")
