@@ -215,3 +215,65 @@ def test_refusals_and_capabilities(ours: str, tmp_path: Path) -> None:
     bogus = run(ours, ["--bogus"])
     assert bogus.returncode == 1
     assert bogus.stderr.endswith(b"unrecognized option '--bogus'\n")
+
+
+def nv_indexes_of_file(image: Path, tmp_path: Path) -> str:
+    """A real swtpm on a linear state file (Proxmox's backend): its NV indexes."""
+    from swtpm_peer import free_tcp_port_pair
+
+    port = free_tcp_port_pair()
+    pid_file = tmp_path / f"{image.name}.pid"
+    subprocess.run(
+        [
+            "swtpm",
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"backend-uri=file://{image}",
+            "--server",
+            f"type=tcp,port={port},bindaddr=127.0.0.1",
+            "--ctrl",
+            f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+            "--flags",
+            "not-need-init,startup-clear",
+            "-d",
+            "--pid",
+            f"file={pid_file}",
+        ],
+        check=True,
+        timeout=30,
+    )
+    try:
+        env = dict(os.environ, TPM2TOOLS_TCTI=f"swtpm:host=127.0.0.1,port={port}")
+        res = subprocess.run(
+            ["tpm2_getcap", "handles-nv-index"], capture_output=True, env=env, timeout=30
+        )
+        return res.stdout.decode()
+    finally:
+        subprocess.run(["swtpm_ioctl", "--tcp", f"127.0.0.1:{port + 1}", "-s"], timeout=30)
+
+
+def test_proxmox_linear_file(ours: str, tmp_path: Path) -> None:
+    """Proxmox's command line on the linear file backend: same lines, same TPM."""
+    found = {}
+    for who, exe in (("ours", ours), ("real", REAL)):
+        image = tmp_path / f"{who}.raw"
+        args = [
+            "--tpmstate",
+            f"file://{image}",
+            *LIBVIRT,
+            "--config",
+            "/etc/swtpm_setup.conf",
+            "--runas",
+            "0",
+            "--not-overwrite",
+            "--tpm2",
+            "--ecc",
+        ]
+        res = run(exe, args)
+        assert res.returncode == 0, res.stderr
+        again = run(exe, args)
+        assert (again.returncode, again.stdout) == (0, b"Not overwriting existing state file.\n")
+        found[who] = (normal(res.stdout), image.stat().st_size, nv_indexes_of_file(image, tmp_path))
+    assert found["ours"] == found["real"]
+    assert "0x1C08000" in found["ours"][2]

@@ -33,16 +33,12 @@ from typing import Any, TextIO
 from vtpmctl import __version__
 from vtpmctl.compat.getopt import NO_ARG, OPTIONAL, REQUIRED, GetoptLong, Opt
 from vtpmctl.errors import UsageError, VtpmctlError
+from vtpmctl.model import BlobKind
 
 SETUP_TIMEOUT = 120.0
 DEFAULT_PCR_BANKS = "sha256"
 RSA_KEYSIZES = (2048, 3072)
 CIPHERS = {"aes-cbc": 16, "aes-128-cbc": 16, "aes-256-cbc": 32}
-STATE_FILES = {True: "tpm2-00.permall", False: "tpm-00.permall"}
-OTHER_STATE_FILES = {
-    True: ("tpm2-00.volatilestate", "tpm2-00.savestate"),
-    False: ("tpm-00.volatilestate", "tpm-00.savestate"),
-}
 SYSTEM_CONFIG = Path("/etc/swtpm_setup.conf")
 OWN_CA = "vtpmctl"  # create_certs_tool value that picks vtpmctl's CA
 PLATFORM_INDEX = 0x01C08000
@@ -252,18 +248,34 @@ def parse(argv: list[str], prog: str) -> Setup:
     return setup
 
 
-def _state_dir(spec: str, user: str) -> Path:
+def _storage(spec: str, user: str) -> tuple[str, Path]:
+    """("dir", DIR) or ("file", FILE) from --tpm-state; the user must be able to write there."""
     if spec.startswith("file://"):
-        raise SwtpmSetupError(
-            f"The linear file backend ({spec}) is not available in this vtpmctl; "
-            "give a directory (dir://DIR)"
-        )
+        path = Path(spec.removeprefix("file://"))
+        target = path if path.exists() else path.parent
+        if not os.access(target, os.W_OK) or path.is_dir():
+            raise SwtpmSetupError(
+                f"User {user} cannot access file {path}. Make sure it is writable "
+                "or can be created."
+            )
+        return "file", path
     path = Path(spec.removeprefix("dir://"))
     if not (path.is_dir() and os.access(path, os.R_OK | os.W_OK | os.X_OK)):
         raise SwtpmSetupError(
             f"User {user} cannot access directory {path}. Make sure it exists and is a directory."
         )
-    return path
+    return "dir", path
+
+
+def _state(backend: str, path: Path, tpm2: bool) -> Any:
+    """The state as the engine sees it (no key: enough to look and to delete)."""
+    if backend == "file":
+        from vtpmctl.store.linearfile import LinearFile
+
+        return LinearFile(path, tpm2=tpm2)
+    from vtpmctl.store.statedir import StateDir
+
+    return StateDir(path, tpm2=tpm2)
 
 
 # swtpm_setup's key options and the ``--key`` source each hands to swtpm.
@@ -436,10 +448,10 @@ def _workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _remove_state(directory: Path, tpm2: bool) -> None:
-    for name in (STATE_FILES[tpm2], *OTHER_STATE_FILES[tpm2]):
+def _remove_state(state: Any) -> None:
+    for kind in BlobKind:
         with contextlib.suppress(FileNotFoundError):
-            (directory / name).unlink()
+            state.delete(kind.file_name)
 
 
 def _pcr_banks(setup: Setup, config: dict[str, str]) -> list[str] | None:
@@ -491,8 +503,9 @@ def manufacture(setup: Setup, out: Output) -> int:
     config = read_config(config_path(setup.values.get("config"), env))
     if "tpm-state" not in setup.values:
         raise SwtpmSetupError("--tpm-state must be provided")
-    directory = _state_dir(setup.values["tpm-state"], _who().split(":")[0])
-    exists = (directory / STATE_FILES[tpm2]).exists()
+    backend, location = _storage(setup.values["tpm-state"], _who().split(":")[0])
+    state = _state(backend, location, tpm2)
+    exists = state.exists(BlobKind.PERMANENT.file_name)
     reconfigure = "reconfigure" in setup.flags
     if reconfigure and not exists:
         raise SwtpmSetupError("Cannot reconfigure: no TPM state found.")
@@ -503,14 +516,19 @@ def manufacture(setup: Setup, out: Output) -> int:
         if "overwrite" not in setup.flags:
             out.error("Found existing TPM state 'permall'.")
             return 1
-        _remove_state(directory, tpm2)
+        _remove_state(state)
     key, key_kind = state_key(setup)
     if key_kind == "passphrase":
         out.info("  The TPM's state will be encrypted using a key derived from a passphrase.")
     elif key_kind == "key":
         out.info("  The TPM's state will be encrypted with a provided key.")
     ek_cert = setup.has("create-ek-cert") or setup.has("create-platform-cert")
-    base = {"state_dir": str(directory), "tpm2": tpm2, "key": key.hex() if key else None}
+    base = {
+        "state_dir": str(location),
+        "backend": backend,
+        "tpm2": tpm2,
+        "key": key.hex() if key else None,
+    }
     out.info(
         f"Starting vTPM {'reconfiguration' if reconfigure else 'manufacturing'} as "
         f"{_who()} @ {_now()}"
@@ -544,7 +562,7 @@ def manufacture(setup: Setup, out: Output) -> int:
         )
     except BaseException:
         if not reconfigure:
-            _remove_state(directory, tpm2)
+            _remove_state(state)
         raise
     if banks is not None and tpm2:
         out.info(
@@ -553,7 +571,7 @@ def manufacture(setup: Setup, out: Output) -> int:
         )
     _write_cert_files(setup, made, certs)
     out.info("Successfully authored TPM state.")
-    out.info(f"Ending vTPM {'reconfiguration' if reconfigure else 'manufacturing'} @ {_now()}")
+    out.info(f"Ending vTPM manufacturing @ {_now()}")  # also after --reconfigure, as 0.7.1
     return 0
 
 

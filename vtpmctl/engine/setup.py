@@ -22,6 +22,7 @@ from vtpmctl.engine.tpm import Engine, EngineConfig
 from vtpmctl.engine.tpm2 import SU_CLEAR, build_shutdown, build_startup
 from vtpmctl.model import BlobKind
 from vtpmctl.store.blob import AesKey
+from vtpmctl.store.linearfile import LinearFile
 from vtpmctl.store.statedir import StateDir, StateDirError
 
 # PCR bank names as swtpm_setup spells them.
@@ -33,7 +34,12 @@ def _open(request: dict[str, Any], *, new: bool) -> tuple[StateDir, Engine]:
     key = AesKey(bytes.fromhex(key_hex)) if key_hex else None
     tpm2 = bool(request.get("tpm2", True))
     # swtpm's default file mode; a later `swtpm --tpmstate …,mode=` changes it
-    statedir = StateDir(Path(request["state_dir"]), tpm2=tpm2, key=key, mode=0o640)
+    path = Path(request["state_dir"])
+    statedir: StateDir
+    if request.get("backend") == "file":
+        statedir = LinearFile(path, tpm2=tpm2, key=key, mode=0o640)
+    else:
+        statedir = StateDir(path, tpm2=tpm2, key=key, mode=0o640)
     if new:
         statedir.ensure()
     engine = Engine(
