@@ -175,6 +175,9 @@ def test_one_owner_take_over_and_fencing(hosts: tuple[Host, Host]) -> None:
         a.lease().renew(Held(first, '"stale"'), 3)
     assert lost.value.exit_code == EXIT_LEASE_LOST and b.id in str(lost.value)
 
+    # Nor does a `push` from A publish its state over B's.
+    one_line(a.run("push", NAME, "r", check=False), EXIT_LEASE_HELD, b.id)
+
     # A stops (nothing to release) and cannot start again while B runs; B's stop
     # releases the lease, and then A takes it without --take-over.
     a.run("stop", NAME)
@@ -185,6 +188,9 @@ def test_one_owner_take_over_and_fencing(hosts: tuple[Host, Host]) -> None:
     a.start()
     assert lease_record(a).generation == taken.generation + 1
     a.run("stop", NAME)
+    a.run("push", NAME, "r")  # the last holder may push; the index names its generation
+    index = a.lease().client.get(a.remote.key(layout.index_name(NAME)))
+    assert json.loads(index)["lease_generation"] == taken.generation + 1
 
 
 def test_replication_survives_kill9_and_a_dead_remote(

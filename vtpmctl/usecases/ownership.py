@@ -210,6 +210,30 @@ def _restore(
     )
 
 
+def push_generation(inst: Instance, client: Any, remote: Remote) -> int | None:
+    """The lease generation a ``push`` of NAME writes under, or why it may not push.
+
+    A push may publish this host's state only if no host holds the instance's
+    lease in the remote, or this host does: a lease of another host (held,
+    expired or released) means the remote may hold newer state than this host
+    (LeaseHeld names the host and what to do). None: the remote has no lease.
+    """
+    lease = _lease(inst, remote, client)
+    current = lease.read()
+    if current is None:
+        return None
+    rec = current.record
+    if rec.holder == lease.holder and rec.handed_to is None:
+        return rec.generation
+    if rec.released and rec.handed_to is None:
+        raise LeaseHeld(
+            f"host {rec.holder} ran {inst.name} last (lease generation {rec.generation}): the "
+            "remote may hold newer state than this host; take the lease and that state first "
+            f"(vtpmctl start {inst.name} --replicate {remote.name}), then push"
+        )
+    raise lease.held_error(rec, take_over=False)
+
+
 def abandon(inst: Instance) -> None:
     """Give back a lease that ``take`` took for a daemon that is gone (failed or killed).
 

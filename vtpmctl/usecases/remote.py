@@ -262,6 +262,9 @@ def push(
         )
     session = open_remote(remote_name, roots)
     _check_fleet(session)
+    from vtpmctl.usecases.ownership import push_generation
+
+    lease_generation = push_generation(inst, session.client, session.remote)
     read = read_plain_state(registry, name, allow_running=True)
     inst = read.instance
     try:
@@ -320,6 +323,7 @@ def push(
         ek=[digests["ek"], len(plain["ek"])] if "ek" in plain else None,
         snapshots=snaps[0] if snaps else None,
         objects=sizes,
+        lease_generation=lease_generation,
     )
     index_key = remote.key(index_name(name))
     try:
