@@ -187,10 +187,23 @@ def test_one_owner_take_over_and_fencing(hosts: tuple[Host, Host]) -> None:
     assert released.released and released.holder == b.id
     a.start()
     assert lease_record(a).generation == taken.generation + 1
+
+    # A live migration: A hands the lease to B while it runs; B starts without
+    # --take-over, A's daemon stops pushing.
+    a.run("migrate", "hand-over", NAME, b.id)
+    one_line(a.run("push", NAME, "r", check=False), EXIT_LEASE_HELD, b.id)
+    b.start()
+    moved = lease_record(b)
+    assert (moved.holder, moved.generation) == (b.id, taken.generation + 2)
+    deadline = time.monotonic() + 10
+    while not (a.status()["replication"]["lease"] or {}).get("lost"):
+        assert time.monotonic() < deadline, a.status()["replication"]
+        time.sleep(0.1)
     a.run("stop", NAME)
-    a.run("push", NAME, "r")  # the last holder may push; the index names its generation
-    index = a.lease().client.get(a.remote.key(layout.index_name(NAME)))
-    assert json.loads(index)["lease_generation"] == taken.generation + 1
+    b.run("stop", NAME)
+    b.run("push", NAME, "r")  # the last holder may push; the index names its generation
+    index = b.lease().client.get(b.remote.key(layout.index_name(NAME)))
+    assert json.loads(index)["lease_generation"] == moved.generation
 
 
 def test_replication_survives_kill9_and_a_dead_remote(

@@ -224,6 +224,34 @@ def _import_args(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def hand_over(name: str, host: str, as_json: bool = False) -> int:
+    """Hand NAME's lease in its remote to HOST (the target of a live migration)."""
+    from vtpmctl.store.instances import Registry
+    from vtpmctl.store.lease import iso
+    from vtpmctl.usecases.ownership import hand_over as give
+
+    me, record = give(Registry().get(name), host)
+    if as_json:
+        print_json(
+            {
+                "format_version": FORMAT_VERSION,
+                "name": name,
+                "from_host": me,
+                "to_host": host,
+                "generation": record.generation,
+                "until": iso(record.expires_ms),
+            }
+        )
+        return 0
+    from vtpmctl.commands.output import out
+
+    out(
+        f"handed the lease of {name} to host {host} until {iso(record.expires_ms)}: "
+        f"start it there (vtpmctl start {name} --incoming for a live migration)"
+    )
+    return 0
+
+
 _MIGRATION_KEY_FILE = decl.Param(
     "migration_key_file",
     decl.PATH,
@@ -311,6 +339,23 @@ COMMANDS = (
         ),
         decl.JSON,
         adapt=_import_args,
+    ),
+    decl.Command(
+        "migrate hand-over",
+        "vtpmctl.commands.migrate:hand_over",
+        "Hand a running vTPM's lease in its remote to another host (live migration).\n\n"
+        "Only HOST may then start it; this host's daemon stops pushing its state.",
+        decl.NAME,
+        decl.Param(
+            "host",
+            decl.ARG,
+            help="the target's host id: the host-id file in its config root (its `vtpmctl "
+            "status` shows it as the holder of the leases it takes)",
+            required=True,
+            metavar="HOST",
+            show_default=False,
+        ),
+        decl.JSON,
     ),
 )
 

@@ -269,11 +269,12 @@ class Lease:
             now = self.read()
         except (RemoteError, LeaseError):
             now = None
-        who = (
-            f"host {now.record.holder} (generation {now.record.generation})"
-            if now is not None
-            else "nobody (the object is gone)"
-        )
+        if now is None:
+            who = "nobody (the object is gone)"
+        elif now.record.handed_to is not None:
+            who = f"host {now.record.handed_to} (handed over by host {now.record.holder})"
+        else:
+            who = f"host {now.record.holder} (generation {now.record.generation})"
         return LeaseLost(
             f"{self.name} lost its lease (generation {rec.generation}) at {self.where}: it is "
             f"now held by {who}; this host must not write its state there any more"

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from vtpmctl.store.blob import AesKey
     from vtpmctl.store.instances import Instance
-    from vtpmctl.store.lease import Held, Lease
+    from vtpmctl.store.lease import Held, Lease, LeaseRecord
     from vtpmctl.store.remote.config import Remote
 
 _PERMALL = BlobKind.PERMANENT.file_name
@@ -208,6 +208,42 @@ def _restore(
         f"{iso(rep.pushed_ms)} by {previous} (push {rep.seq}, lease generation "
         f"{rep.generation}); the TPM starts as after a reboot"
     )
+
+
+def hand_over(inst: Instance, to_host: str) -> tuple[str, LeaseRecord]:
+    """Give the lease this host holds to host ``to_host`` (a live migration's target).
+
+    Only ``to_host`` may take it then (``start``, ``start --incoming``), until it
+    expires; this host's daemon, if it runs, learns at its next renewal that the
+    lease is gone and stops pushing (the VM's state now goes to the target).
+    Returns this host's id and the lease as written.
+    """
+    from vtpmctl.store.lease import host_id
+
+    b = binding(inst)
+    if b is None:
+        raise OwnershipError(
+            f"{inst.name} is not bound to a remote: it has no lease to hand over "
+            f"(vtpmctl start {inst.name} --replicate REMOTE binds it)"
+        )
+    me = host_id(inst.paths.roots.config)
+    if to_host == me:
+        raise OwnershipError(f"{to_host} is this host; give the host id of the target")
+    lease = _lease(inst, _remote(inst, b))
+    for _ in range(3):
+        current = lease.read()
+        if current is None:
+            raise OwnershipError(
+                f"{inst.name} has no lease in remote {b.remote} yet; start it on the target instead"
+            )
+        rec = current.record
+        if rec.holder != me or (rec.handed_to not in (None, to_host)):
+            raise lease.held_error(rec, take_over=False)
+        try:
+            return me, lease.hand_over(current, to_host, b.lease_ms / 1000).record
+        except LeaseLost:
+            continue  # this host's daemon renewed it meanwhile: read it again
+    raise OwnershipError(f"the lease of {inst.name} keeps changing; try again")
 
 
 def push_generation(inst: Instance, client: Any, remote: Remote) -> int | None:
