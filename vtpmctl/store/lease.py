@@ -51,11 +51,12 @@ class LeaseError(StoreError):
     """The lease object in the remote is malformed."""
 
 
-def host_id(config_root: Path) -> str:
+def host_id(config_root: Path, create: bool = True) -> str:
     """This host's name in leases: ``HOSTNAME-RANDOM``, made once per store.
 
     Kept in the config root, so two stores on one machine (two VTPMCTL_HOMEs)
-    are two hosts, and a renamed machine keeps its leases.
+    are two hosts, and a renamed machine keeps its leases. ``create=False``:
+    "" if it was never made (this host never held a lease).
     """
     from vtpmctl.store.atomic import write_atomic
     from vtpmctl.store.dirs import CONFIG_MODE, ensure_dir
@@ -65,7 +66,7 @@ def host_id(config_root: Path) -> str:
         text = path.read_text().strip()
     except FileNotFoundError:
         text = ""
-    if text:
+    if text or not create:
         return text
     ensure_dir(config_root, CONFIG_MODE)
     name = "".join(c if c.isalnum() or c in "-._" else "-" for c in socket.gethostname())

@@ -95,7 +95,7 @@ def _remote(inst: Instance, b: Binding) -> Remote:
     return RemoteRegistry(inst.paths.roots).get(b.remote)
 
 
-def _lease(inst: Instance, remote: Remote, client: Any = None) -> Lease:
+def _lease(inst: Instance, remote: Remote, client: Any = None, create_id: bool = True) -> Lease:
     from vtpmctl.store.lease import Lease, host_id
     from vtpmctl.store.remote import layout
     from vtpmctl.store.remote.client import RemoteClient
@@ -103,7 +103,7 @@ def _lease(inst: Instance, remote: Remote, client: Any = None) -> Lease:
     return Lease(
         client if client is not None else RemoteClient(remote),
         remote.key(layout.lease_name(inst.name)),
-        host_id(inst.paths.roots.config),
+        host_id(inst.paths.roots.config, create_id),
         inst.name,
     )
 
@@ -254,7 +254,7 @@ def push_generation(inst: Instance, client: Any, remote: Remote) -> int | None:
     expired or released) means the remote may hold newer state than this host
     (LeaseHeld names the host and what to do). None: the remote has no lease.
     """
-    lease = _lease(inst, remote, client)
+    lease = _lease(inst, remote, client, create_id=False)  # a push writes nothing here
     current = lease.read()
     if current is None:
         return None
