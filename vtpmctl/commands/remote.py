@@ -172,6 +172,7 @@ def push(
                 "objects": done.objects,
                 "uploaded": done.uploaded,
                 "uploaded_bytes": done.uploaded_bytes,
+                "index_bytes": done.index_bytes,
                 "size": done.size,
                 "snapshots": done.snapshots,
                 "notes": done.notes,

@@ -206,7 +206,8 @@ class Pushed:
     source_state: str
     objects: int  # objects the index names
     uploaded: int  # objects uploaded now (the others were in the remote already)
-    uploaded_bytes: int
+    uploaded_bytes: int  # of objects; the index (and a new key object) come on top
+    index_bytes: int
     size: int  # bytes of every object the index names
     snapshots: int
     notes: list[str]
@@ -326,11 +327,12 @@ def push(
         lease_generation=lease_generation,
     )
     index_key = remote.key(index_name(name))
+    index_bytes = index.to_bytes(keys.mac_key)
     try:
         if old is None:
-            client.put(index_key, index.to_bytes(keys.mac_key), if_none_match=True)
+            client.put(index_key, index_bytes, if_none_match=True)
         else:
-            client.put(index_key, index.to_bytes(keys.mac_key), if_match=old[1])
+            client.put(index_key, index_bytes, if_match=old[1])
     except RemoteConflict:
         raise RemoteConflict(
             f"{remote.where(index_key)} was changed by another push while this one ran; the "
@@ -347,6 +349,7 @@ def push(
         objects=len(sizes),
         uploaded=len(missing),
         uploaded_bytes=sum(sizes[d] for d in missing),
+        index_bytes=len(index_bytes),
         size=sum(sizes.values()),
         snapshots=len(snaps[0]["snapshots"]) if snaps else 0,
         notes=notes,

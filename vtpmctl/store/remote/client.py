@@ -22,6 +22,11 @@ Errors (docs/remotes.md lists them with their exit codes): RemoteAuthError
 RemoteConflict (412/409 on a conditional write). Each message names the
 remote, ``s3://bucket/key`` and the fix. Credentials never appear in them.
 
+Clients are cached per process, keyed by the remote's endpoint, region and
+profile and by the AWS_* environment: making a boto3 session costs about
+0.3 s, more than a whole push, and a daemon or a loop over many instances
+would pay it every time.
+
 Timeouts and retries are short (``CONNECT_TIMEOUT``, ``READ_TIMEOUT``,
 ``ATTEMPTS``): a command fails within seconds when the endpoint is down.
 Request checksums are sent only when an operation requires them, for the
@@ -30,6 +35,8 @@ S3-compatible servers (older Ceph RGW, MinIO) that reject the newer ones.
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +62,10 @@ _AUTH_CODES = frozenset(
 )
 _DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem"})
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412"})
+
+
+_CACHE: dict[tuple[Any, ...], Any] = {}
+_CACHE_LOCK = threading.Lock()
 
 
 class NoSuchBucket(RemoteError):
@@ -83,6 +94,16 @@ class RemoteClient:
     # ------------------------------------------------------------ setup
 
     def _make_client(self) -> Any:
+        r = self.remote
+        env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+        key = (r.endpoint, r.region, r.profile, env)
+        with _CACHE_LOCK:
+            client = _CACHE.get(key)
+            if client is None:
+                client = _CACHE[key] = self._new_client()
+        return client
+
+    def _new_client(self) -> Any:
         import boto3
         import botocore.config
         import botocore.exceptions
