@@ -5,7 +5,7 @@ Runs against a SeaweedFS it starts on loopback (tests/interop/s3_server.py),
 or against ``--endpoint URL --bucket B`` with credentials from the AWS
 environment. Four parts, A B A B over ``--rounds`` (the order flips each round):
 
-* one: one vTPM (EKs, encrypted, 3 snapshots), whole processes:
+* one: one vTPM (EKs, encrypted, 3 snapshots; no EK and 1 with --smoke), whole processes:
   ``vtpmctl push vm`` into an emptied prefix vs **plain-up**, a Python process
   that uploads every file of the instance's dir with boto3 on 8 threads (what
   ``aws s3 cp --recursive`` of the dir does); the same again with nothing new
@@ -178,13 +178,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--instances", type=int, default=100)
     ap.add_argument("--snapshots", type=int, default=100)
-    ap.add_argument("--smoke", action="store_true", help="1 round, 3 instances, 3 snapshots")
+    ap.add_argument("--smoke", action="store_true", help="1 round, 2 instances, 2 snapshots, no EK")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--endpoint", help="use this S3 endpoint (credentials: AWS environment)")
     ap.add_argument("--bucket", help="an existing bucket there (with --endpoint)")
     ns = ap.parse_args()
     if ns.smoke:
-        ns.rounds, ns.instances, ns.snapshots = 1, 3, 3
+        ns.rounds, ns.instances, ns.snapshots = 1, 2, 2
     work = Path(tempfile.mkdtemp(prefix="bench-remote-"))
     try:
         with server(ns, work) as (endpoint, bucket, env):
@@ -249,8 +249,8 @@ def bench_one(ctx: Ctx, results: dict[str, Any]) -> None:
     ns, work, endpoint, bucket, env = ctx.ns, ctx.work, ctx.endpoint, ctx.bucket, ctx.env
     base, homes, key, plain = ctx.base, ctx.homes, ctx.key, ctx.plain
     a = ctx.envs["a"]
-    run([VTPMCTL, "create", "vm", "--encrypt"], a)
-    for _ in range(3):
+    run([VTPMCTL, "create", "vm", "--encrypt", *(["--no-ek"] if ns.smoke else [])], a)
+    for _ in range(1 if ns.smoke else 3):
         run([VTPMCTL, "snapshot", "create", "vm"], a)
     inst_dir = homes["a"] / "lib" / "instances" / "vm"
     obj_prefix = f"{base}/instances/vm/"
@@ -357,7 +357,7 @@ def bench_dedupe(ctx: Ctx, results: dict[str, Any]) -> None:
 
     ns, homes, a = ctx.ns, ctx.homes, ctx.envs["a"]
     roots_a = store_roots({"VTPMCTL_HOME": str(homes["a"])})
-    run([VTPMCTL, "create", "still", "--encrypt"], a)
+    run([VTPMCTL, "create", "still", "--encrypt", *(["--no-ek"] if ns.smoke else [])], a)
     first = uc.push("still", "r", roots=roots_a)
     still_dir = homes["a"] / "lib" / "instances" / "still"
     pushed_bytes = first.uploaded_bytes + first.index_bytes

@@ -29,4 +29,4 @@ def test_bench_remote_smoke(tmp_path: Path, s3: S3Server, s3_bucket: str) -> Non
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 5
     dedupe = data["dedupe"]
-    assert dedupe["snapshots"] == 3 and 0 < dedupe["pushed_bytes"] < dedupe["plain_bytes"]
+    assert dedupe["snapshots"] == 2 and 0 < dedupe["pushed_bytes"] < dedupe["plain_bytes"]
