@@ -10,7 +10,6 @@ mutable command buffers, and a reused response buffer.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 from collections.abc import Callable, Iterable
 from ctypes import (
@@ -193,7 +192,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = restype
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+# The C library this process already runs on (the one libtpms frees with): not
+# ctypes.util.find_library, which runs `ldconfig -p` in every process that loads libtpms.
+_libc = ctypes.CDLL(None)
 _libc.malloc.restype = c_void_p
 _libc.malloc.argtypes = [c_size_t]
 
