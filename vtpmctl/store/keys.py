@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -254,7 +253,7 @@ def generate_key(bits: int = 256) -> AesKey:
     """A fresh random key from the OS CSPRNG."""
     if bits not in (128, 256):
         raise ValueError(f"key size must be 128 or 256 bits, not {bits}")
-    return AesKey(secrets.token_bytes(bits // 8))
+    return AesKey(os.urandom(bits // 8))  # what secrets.token_bytes returns
 
 
 def encode_hex_key(key: AesKey) -> bytes:
