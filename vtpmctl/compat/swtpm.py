@@ -191,7 +191,7 @@ class TpmState:
     lock: bool = True
 
 
-def parse_tpmstate(text: str | None, print_states: bool) -> TpmState | None:
+def parse_tpmstate(text: str | None) -> TpmState | None:
     if text is None:
         env = os.environ.get("TPM_PATH")
         return TpmState("dir", Path(env)) if env else None
@@ -373,7 +373,7 @@ def _apply(opts: Options, values: dict[str, str | None]) -> None:
     opts.terminate = "terminate" in values
     opts.daemon = "daemon" in values
     opts.vtpm_proxy = "vtpm-proxy" in values
-    opts.tpmstate = parse_tpmstate(get("tpmstate"), opts.print_states)
+    opts.tpmstate = parse_tpmstate(get("tpmstate"))
     opts.log = parse_log(get("log"))
     opts.key, opts.migration_key = get("key"), get("migration-key")
     opts.runas, opts.chroot = get("runas"), get("chroot")
@@ -652,7 +652,7 @@ def _admin_endpoint(ctrl: Any) -> Any:
     return Endpoint("unix", path=path, mode=0o600)
 
 
-def _make_socket_server(opts: Options, engine: Engine) -> Any:
+def _make_socket_server(opts: Options, engine: Engine, chardev: Any = None) -> Any:
     from vtpmctl.device.server.sockets import EndpointError, SocketServer, is_listening
 
     ctrl: Any = None
@@ -669,7 +669,9 @@ def _make_socket_server(opts: Options, engine: Engine) -> Any:
                 ctrl_client = sock
         else:
             ctrl = _endpoint(opts.ctrl)
-    if opts.server is not None:
+    if chardev is not None:
+        data_conn = chardev
+    elif opts.server is not None:
         if opts.server.fd is not None:
             sock = _adopt(opts.server.fd, "--server")
             if is_listening(sock):
@@ -678,7 +680,7 @@ def _make_socket_server(opts: Options, engine: Engine) -> Any:
                 data_conn = sock
         else:
             data = _endpoint(opts.server)
-    if opts.data_fd is not None:
+    if opts.data_fd is not None and chardev is None:
         data_conn = _adopt(opts.data_fd, "--fd")
     try:
         server = SocketServer(
@@ -719,15 +721,7 @@ def _make_chardev_server(opts: Options, engine: Engine) -> Any:
             raise _fail(f"Could not open {opts.chardev}: {exc.strerror}") from None
     else:
         raise _fail("chardev needs --chardev, --fd or --vtpm-proxy")
-    saved, opts.data_fd, opts.server = opts.data_fd, None, None
-    server = _make_socket_server(opts, engine) if opts.ctrl is not None else None
-    opts.data_fd = saved
-    from vtpmctl.device.server.sockets import SocketServer
-
-    if server is None:
-        return SocketServer(engine, None, data_conn=CharDevStream(fd))
-    server._data_conn = CharDevStream(fd)
-    return server
+    return _make_socket_server(opts, engine, chardev=CharDevStream(fd))
 
 
 def _vtpm_proxy(tpm2: bool) -> int:
@@ -880,14 +874,14 @@ def serve(opts: Options) -> int:
     from vtpmctl.errors import VtpmctlError
     from vtpmctl.model import BlobKind, Transport
 
+    if opts.print_states:
+        sys.stdout.write(print_states(opts))
+        return 0
     _check(opts)
     libtpms_fd = _setup_logging(opts.log)
     permall = _statedir(opts, None).read_raw(BlobKind.PERMANENT.file_name)
     state_key = _read_key(opts.key, "--key", permall)
     migration_key = _read_key(opts.migration_key, "--migration-key", None)
-    if opts.print_states:
-        sys.stdout.write(print_states(opts))
-        return 0
     statedir = _statedir(opts, state_key)
     config = EngineConfig(
         tpm2=opts.tpm2,
