@@ -277,3 +277,35 @@ def test_proxmox_linear_file(ours: str, tmp_path: Path) -> None:
         found[who] = (normal(res.stdout), image.stat().st_size, nv_indexes_of_file(image, tmp_path))
     assert found["ours"] == found["real"]
     assert "0x1C08000" in found["ours"][2]
+
+
+def test_create_config_files(ours: str, tmp_path: Path) -> None:
+    """The per-user configuration: the same files (paths aside) and the same refusals."""
+    trees = {}
+    for who, exe in (("ours", ours), ("real", REAL)):
+        base = tmp_path / who
+        env = dict(os.environ, XDG_CONFIG_HOME=str(base))
+        calls = [
+            ["--create-config-files", "root"],
+            ["--create-config-files", "root"],
+            ["--create-config-files=root,skip-if-exist"],
+            ["--create-config-files"],
+        ]
+        outcome = []
+        for args in calls:
+            res = subprocess.run([exe, *args], capture_output=True, env=env, timeout=60)
+            outcome.append(
+                (
+                    res.returncode,
+                    res.stdout.replace(str(base).encode(), b"B"),
+                    res.stderr.replace(str(base).encode(), b"B"),
+                )
+            )
+        files = sorted(str(p.relative_to(base)) for p in base.rglob("*"))
+        conf = [
+            ln.replace(str(base), "B")
+            for ln in (base / "swtpm_setup.conf").read_text().splitlines()
+            if not ln.startswith("#")
+        ]
+        trees[who] = (outcome, files, conf, (base / "swtpm-localca.options").read_text())
+    assert trees["ours"] == trees["real"]

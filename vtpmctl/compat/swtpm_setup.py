@@ -245,6 +245,9 @@ def parse(argv: list[str], prog: str) -> Setup:
             setup.flags.add(name)
         else:
             setup.values["tpm-state" if name == "tpmstate" else name] = value
+    if "create-config-files" in setup.flags and parsed.operands:
+        # 0.7.1 takes its optional value from the next word too
+        setup.values["create-config-files"] = parsed.operands[0]
     return setup
 
 
@@ -642,18 +645,23 @@ def create_config_files(option: str, out: Output) -> int:
         )
     base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     state = base / "var" / "lib" / "swtpm-localca"
+    uname = os.uname()
     files = {
         base / "swtpm_setup.conf": (
             f"create_certs_tool = {shutil.which('swtpm_localca') or '/usr/bin/swtpm_localca'}\n"
             f"create_certs_tool_config = {base / 'swtpm-localca.conf'}\n"
             f"create_certs_tool_options = {base / 'swtpm-localca.options'}\n"
+            "# PCR banks activated when --pcr-banks is not given (comma-separated)\n"
+            f"active_pcr_banks = {DEFAULT_PCR_BANKS}\n"
         ),
         base / "swtpm-localca.conf": (
             f"statedir = {state}\nsigningkey = {state / 'signkey.pem'}\n"
             f"issuercert = {state / 'issuercert.pem'}\ncertserial = {state / 'certserial'}\n"
         ),
         base / "swtpm-localca.options": (
-            "--platform-manufacturer vtpmctl\n--platform-version 2.1\n--platform-model QEMU\n"
+            f"--platform-manufacturer {uname.sysname}\n"
+            f"--platform-version {uname.version.replace(' ', '_')}\n"
+            f"--platform-model {uname.sysname}\n"
         ),
     }
     existing = [p for p in files if p.exists()]
@@ -664,6 +672,7 @@ def create_config_files(option: str, out: Output) -> int:
     from vtpmctl.store.atomic import write_atomic
 
     base.mkdir(parents=True, exist_ok=True)
+    state.mkdir(mode=0o755, parents=True, exist_ok=True)  # swtpm_localca's CA goes there
     for path, text in files.items():
         write_atomic(path, text.encode(), 0o644)
         out.info(f"Writing {path}.")
