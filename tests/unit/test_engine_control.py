@@ -21,6 +21,7 @@ from vtpmctl.device.protocol import MESSAGES, BlobType, Cmd, InitFlag, Res, tpm_
 from vtpmctl.engine import tpm2
 from vtpmctl.engine.libtpms import Libtpms
 from vtpmctl.engine.tpm import Engine, EngineConfig
+from vtpmctl.model import OnShutdown
 from vtpmctl.store.statedir import StateDir
 
 # A request each command accepts, so only the state decides the result.
@@ -167,6 +168,40 @@ def test_init_stop_init_shutdown(engine: Engine) -> None:
     assert reply.result == Res.SUCCESS and reply.exit_after
     assert engine.shutdown_requested.is_set() and not engine.running
     assert engine.process(GETRANDOM) == engine.fatal_response
+
+
+def test_power_off_shutdown_keeps_serving_and_resumes_after_su_state(
+    binding: Libtpms, tmp_path: Path
+) -> None:
+    """--on-shutdown power-off: CMD_SHUTDOWN saves and powers off; the next INIT powers on,
+    and TPM2_Startup(SU_STATE) resumes what the last run left (its auto-shutdown)."""
+    engine = make_engine(binding, tmp_path / "state", on_shutdown=OnShutdown.POWER_OFF)
+    try:
+        started(engine)
+        # TPM2_PCR_Extend(PCR 0, SHA-256 digest) with an empty password session
+        body = (
+            bytes.fromhex("0000000000000009400000090000000000")
+            + bytes.fromhex("00000001000b")
+            + bytes(range(32))
+        )
+        extend = bytes.fromhex("8002") + (10 + len(body)).to_bytes(4, "big")
+        extend += bytes.fromhex("00000182") + body
+        assert tpm_code(engine.process(extend)) == tpm2.RC.SUCCESS
+        before = tpm2.pcr_read(engine.process, {tpm2.Alg.SHA256: [0]})
+        # A savestate GET (TPM 1.2 has one) releases the storage lock; SHUTDOWN takes it back.
+        engine._release_after_savestate()
+        assert not engine.statedir.locked
+        reply = engine.control(Cmd.SHUTDOWN, {})
+        assert reply.result == Res.SUCCESS and not reply.exit_after
+        assert not engine.shutdown_requested.is_set() and not engine.running
+        assert engine.statedir.locked
+        assert engine.process(GETRANDOM) == engine.fatal_response
+        ok(engine, Cmd.INIT)  # the next VM run
+        resumed = engine.process(tpm2.build_startup(tpm2.SU_STATE))
+        assert tpm_code(resumed) == tpm2.RC.SUCCESS
+        assert tpm2.pcr_read(engine.process, {tpm2.Alg.SHA256: [0]}) == before
+    finally:
+        engine.close()
 
 
 def test_init_while_running_restarts_the_tpm(engine: Engine) -> None:
