@@ -66,3 +66,12 @@ def test_bench_startup_smoke() -> None:
 def test_bench_cli_smoke() -> None:
     out = _run([sys.executable, str(BENCH / "bench_cli.py"), "--smoke"])
     assert "`caps unix:PATH`" in out and "`snapshot restore`, fresh" in out
+
+
+def test_bench_ab_smoke() -> None:
+    root = str(BENCH.parent)
+    out = _run(
+        [sys.executable, str(BENCH / "bench_ab.py"), root, root, "--rounds", "1", "--"]
+        + [sys.executable, "-c", "import vtpmctl"]
+    )
+    assert "CPU after/before" in out
