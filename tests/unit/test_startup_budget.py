@@ -126,3 +126,35 @@ def test_libtpms_version_comes_from_a_child() -> None:
     assert version.count(".") == 2, done.stdout
     assert mapped == "False"
     assert engine.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["snapshot", "create", "plain"],
+        ["snapshot", "list", "--json", "plain"],
+        ["migrate", "export", "plain", "-o", "{tmp}/plain.bundle"],
+        ["verify", "--quiet", "plain"],
+        ["state", "export", NOWHERE, "-o", "{tmp}/blob"],
+        ["start", "missing"],
+    ],
+)
+def test_state_moves_skip_typer(home: Path, tmp_path: Path, args: list[str]) -> None:
+    """The commands scripts run on named vTPMs take the fast route too (no typer, click
+    or rich; cryptography only where a key is in use), and libtpms only in a child."""
+    env = {**os.environ, "VTPMCTL_HOME": str(home)}
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", MAIN, *argv],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    names = imported(done.stderr)
+    heavy = [n for n in names if n.split(".")[0] in ("typer", "click", "rich")]
+    engine = [n for n in names if n == ENGINE or n.startswith(ENGINE + ".")]
+    assert not heavy, f"vtpmctl {' '.join(args)} imported {heavy[:5]}"
+    assert not engine, f"vtpmctl {' '.join(args)} imported {engine}"
+    assert "Traceback" not in done.stderr
