@@ -28,7 +28,6 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import tempfile
 import time
@@ -37,11 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from instance_helpers import VTPMCTL, Home, home_at
+from instance_helpers import VTPMCTL, Home, home_at, pcrs_after_resume
 from libvirt_harness import Domain, Libvirt, libvirt_session, unavailable
-
-from vtpmctl.device.protocol import Cmd
-from vtpmctl.engine import tpm2 as t
 
 pytestmark = [
     pytest.mark.libvirt,
@@ -114,47 +110,6 @@ def unit_start(home: Home, name: str) -> UnitInstance:
             raise AssertionError(f"no READY=1: {proc.communicate()[1].decode()}") from None
     notify_path.unlink()
     return UnitInstance(home, name, proc)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError("closed")
-        out += chunk
-    return out
-
-
-def _control(ctrl: socket.socket, request: bytes) -> int:
-    ctrl.sendall(request)
-    return int.from_bytes(_recv_exact(ctrl, 4), "big")
-
-
-def pcrs_after_resume(ctrl_path: Path) -> dict[int, bytes]:
-    """Be the next VM run: a data channel by CMD_SET_DATAFD, CMD_INIT, TPM2_Startup(SU_STATE),
-    PCR_Read; then CMD_SHUTDOWN as QEMU sends at its exit. {pcr: sha256 digest}."""
-    ours, theirs = socket.socketpair()
-    with ours, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as ctrl:
-        ctrl.settimeout(10)
-        ours.settimeout(10)
-        ctrl.connect(str(ctrl_path))
-        socket.send_fds(ctrl, [struct.pack(">I", Cmd.SET_DATAFD)], [theirs.fileno()])
-        theirs.close()
-        assert int.from_bytes(_recv_exact(ctrl, 4), "big") == 0
-        assert _control(ctrl, struct.pack(">II", Cmd.INIT, 0)) == 0
-
-        def transact(cmd: bytes) -> bytes:
-            ours.sendall(cmd)
-            head = _recv_exact(ours, 10)
-            return head + _recv_exact(ours, int.from_bytes(head[2:6], "big") - 10)
-
-        resp = transact(t.build_startup(t.SU_STATE))
-        rc = int.from_bytes(resp[6:10], "big")
-        assert rc == 0, f"TPM2_Startup(SU_STATE) failed: 0x{rc:x} (no orderly shutdown saved)"
-        pcrs = t.pcr_read(transact, {t.Alg.SHA256: FIRMWARE_PCRS})[t.Alg.SHA256]
-        assert _control(ctrl, struct.pack(">I", Cmd.SHUTDOWN)) == 0
-    return pcrs
 
 
 def answers_while_running(home: Home, name: str) -> None:
