@@ -339,10 +339,13 @@ def test_descriptors_ports_chardev_daemon_and_keys(launchers: Path, run_dir: Pat
                 "--flags",
                 "not-need-init",
                 "--daemon",
+                "--pid",
+                f"file={run_dir / 'pid2'}",
             ]  # fmt: skip
         )
         assert res.returncode == 1
         assert res.stderr.count("locked by another process") == 1, res.stderr
+        assert not (run_dir / "pid2").exists() and not (run_dir / "c2").exists()
     finally:
         proc.terminate()
         assert proc.wait(15) == 0

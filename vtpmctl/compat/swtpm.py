@@ -925,6 +925,9 @@ def serve(opts: Options) -> int:
         ready.report(exc.message)
         server.close()
         engine.close()
+        if opts.pid_file is not None:  # a TPM that never served leaves no pid behind
+            with contextlib.suppress(OSError):
+                Path(opts.pid_file).unlink(missing_ok=True)
         return exc.code
     return _serve(opts, engine, server, ready)
 
