@@ -280,15 +280,16 @@ def test_a_push_cut_short_shows_the_old_instance_and_resumes(
             s3.start()
     cut = push.returncode != 0
     if cut:
-        assert push.returncode == 75, push.stderr.read()
+        err = push.stderr.read().decode()
+        assert push.returncode == 75 and "try again" in err, err  # refused, or a 5xx
         assert s3.keys(s3_bucket, prefix + "index.json") == old_index  # the old one, whole
         assert b.json("pull", "vm")["snapshots"] == 0
         b.run("rm", "vm", "--yes")
+        # what made it before the crash (SIGKILL may lose the last writes)
         uploaded = set(s3.keys(s3_bucket, prefix + "objects/")) - old_objects
-        assert uploaded  # some of the new objects made it before the crash
     resumed = a.json("push", "vm")
     assert resumed["snapshots"] == 12
-    if cut:
+    if cut and uploaded:
         # what made it whole is not uploaded again (a cut-off object would be)
-        assert resumed["uploaded"] < resumed["objects"] - len(old_objects)
+        assert resumed["uploaded"] < resumed["objects"] - len(old_objects), (resumed, uploaded)
     assert b.json("pull", "vm")["snapshots"] == 12
