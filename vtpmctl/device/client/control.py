@@ -13,9 +13,9 @@ its imports to what a single control round trip needs.
 
 from __future__ import annotations
 
+import _socket  # the C module: socket.py adds selectors, enums and array on the path
 import errno
 import os
-import socket
 import stat
 import struct
 import sys
@@ -200,7 +200,7 @@ class SocketTransport(Transport):
         if name is None:
             name = f"unix:{address}" if isinstance(address, str) else _tcp_name(*address)
         self.name = name
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
 
     # -- connection
 
@@ -209,7 +209,7 @@ class SocketTransport(Transport):
         if self._sock is not None:
             return
         if isinstance(self.address, str):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         else:
             sock = self._tcp_socket(*self.address)
         sock.settimeout(self.timeout)
@@ -223,17 +223,17 @@ class SocketTransport(Transport):
             raise
         self._sock = sock
 
-    def _tcp_socket(self, host: str, port: int) -> socket.socket:
+    def _tcp_socket(self, host: str, port: int) -> _socket.socket:
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
+            infos = _socket.getaddrinfo(host, port, type=_socket.SOCK_STREAM)
+        except _socket.gaierror as exc:
             raise TargetError(
                 f"{self.name}: cannot resolve host {host!r} ({exc.strerror}); check the host name",
                 self.name,
             ) from exc
         family, _, _, _, sockaddr = infos[0]
         self.address = (str(sockaddr[0]), int(sockaddr[1]))
-        return socket.socket(family, socket.SOCK_STREAM)
+        return _socket.socket(family, _socket.SOCK_STREAM)
 
     def _connect_error(self, exc: OSError) -> TargetError:
         name = self.name
@@ -297,7 +297,7 @@ class SocketTransport(Transport):
         try:
             # MSG_NOSIGNAL: a peer that went away must not kill us with SIGPIPE
             # even when the process restored the default SIGPIPE handler.
-            sock.sendall(buf, socket.MSG_NOSIGNAL)
+            sock.sendall(buf, _socket.MSG_NOSIGNAL)
         except TimeoutError as exc:
             raise self._timeout_error(cmd) from exc
         except OSError as exc:
@@ -357,7 +357,7 @@ class SocketTransport(Transport):
         """
         unread = self._unread_bytes()
         if self._sock is not None and not isinstance(self.address, str):
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self._sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close()
         name, what, after = self.name, f"CMD_{cmd.name}", f"{self.timeout:g} s"
         if unread:
@@ -397,7 +397,7 @@ class SocketTransport(Transport):
         self.close()
         return TargetError(f"{self.name}: {what}; is it a TPM control channel?", self.name)
 
-    def _require(self) -> socket.socket:
+    def _require(self) -> _socket.socket:
         if self._sock is None:
             self.connect()
         assert self._sock is not None
