@@ -194,6 +194,34 @@ def test_no_access_changes_nothing_here(fleet: list[Host], s3: S3Server, s3_buck
     assert tree(a.path) == before_a and tree(b.path) == before_b
     assert s3.keys(s3_bucket, "fleet/instances/") == {}
 
+    # the endpoint stops answering (the remote's record points at a closed port)
+    for host in (a, b):
+        conf = host.path / "etc" / "remotes.json"
+        conf.write_text(conf.read_text().replace(s3.endpoint, "http://127.0.0.1:9"))
+    before_a, before_b = tree(a.path), tree(b.path)
+    code, _, err = a.run("push", "vm", check=False)
+    assert code == 75 and "cannot reach http://127.0.0.1:9" in err and s3_bucket in err
+    code, _, err = b.run("pull", "vm", check=False)
+    assert code == 75 and "cannot reach" in err
+    assert tree(a.path) == before_a and tree(b.path) == before_b
+    for host in (a, b):
+        conf = host.path / "etc" / "remotes.json"
+        conf.write_text(conf.read_text().replace("http://127.0.0.1:9", s3.endpoint))
+    before_a, before_b = tree(a.path), tree(b.path)
+
+    # the bucket goes away
+    c = s3.client()
+    for key in s3.keys(s3_bucket):
+        c.delete_object(Bucket=s3_bucket, Key=key)
+    c.delete_bucket(Bucket=s3_bucket)
+    code, _, err = a.run("push", "vm", check=False)
+    assert code == 1 and f"bucket {s3_bucket} does not exist" in err and "aws s3 mb" in err
+    code, _, err = b.run("pull", "vm", check=False)
+    assert code == 1 and f"bucket {s3_bucket} does not exist" in err
+    code, _, err = b.run("remote", "ls", check=False)
+    assert code == 1 and f"bucket {s3_bucket} does not exist" in err
+    assert tree(a.path) == before_a and tree(b.path) == before_b
+
 
 def test_fleet_key_rotation_rewraps_only_the_key_objects(
     fleet: list[Host], s3: S3Server, s3_bucket: str, tmp_path: Path
