@@ -46,7 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vtpmctl.replication")
 
 _PERMALL = BlobKind.PERMANENT.file_name
-FINAL_PUSH_TIMEOUT = 5.0  # seconds the daemon's exit waits for its last push and release
+# Seconds the daemon's exit waits for its last push and release, in all: well inside
+# the 10 s `vtpmctl stop` gives a daemon to end.
+FINAL_PUSH_TIMEOUT = 4.0
 
 
 class WatchedStateDir(StateDir):
@@ -132,14 +134,17 @@ class Replicator:
         with self._cond:
             self._stopping = True
             self._cond.notify()
+        deadline = time.monotonic() + FINAL_PUSH_TIMEOUT
         if self._thread is not None:
-            self._thread.join(FINAL_PUSH_TIMEOUT)
+            self._thread.join(FINAL_PUSH_TIMEOUT / 2)
+            if self._thread.is_alive():  # stuck in a request: the remote does not answer
+                self._remote_down = True
         if self.status.lease_lost or self._remote_down:
             self._write_status()
             return  # nothing to release, or nobody to release it to: it expires
         done = threading.Thread(target=self._finish, name="replication-end", daemon=True)
         done.start()
-        done.join(FINAL_PUSH_TIMEOUT)
+        done.join(max(deadline - time.monotonic(), 0.1))
         if done.is_alive():
             log.warning("no answer from the remote in %.0fs; the lease expires", FINAL_PUSH_TIMEOUT)
 
