@@ -268,6 +268,13 @@ def start(
             "--replicate-interval, --lease-duration, --lease-renew and --allow-plaintext "
             "go with --replicate REMOTE"
         )
+    if take_over and replicate is None and not inst.paths.binding_file.exists():
+        from vtpmctl.errors import UsageError
+
+        raise UsageError(
+            f"{name} is not bound to a remote, so it has no lease to take over; "
+            f"bind it with --replicate REMOTE"
+        )
     if replicate is not None:
         from vtpmctl.usecases.ownership import bind
 
