@@ -236,10 +236,14 @@ def main(argv: list[str] | None = None) -> int:
                 run(env, "create", name, "--no-ek", "--encrypt")
             run(env, "start", "plain")
             registry = Registry(store_roots({"VTPMCTL_HOME": str(root / "home")}))
-            for interval in intervals:
-                results.append(one_interval(env, registry, s3, bucket, interval, writes, ns.gap))
-            for name in ("bound", "plain"):
-                run(env, "stop", name)
+            try:
+                for interval in intervals:
+                    results.append(
+                        one_interval(env, registry, s3, bucket, interval, writes, ns.gap)
+                    )
+            finally:
+                for name in ("bound", "plain"):
+                    run(env, "stop", name)
         finally:
             s3.kill()
     print(machine())
