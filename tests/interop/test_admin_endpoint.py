@@ -90,6 +90,14 @@ def test_queries_answer_at_once_while_qemu_holds_the_control_channel(tmp_path: P
             assert seconds < 1.0 and json.loads(result.stdout)["caps"] == 0x1FFFF
             seconds, result = timed(home, "status", "vm", "--json")
             assert seconds < 1.0 and json.loads(result.stdout)["state"] == "running"
+            exported = tmp_path / "exported.bin"
+            seconds, _ = timed(home, "state", "export", "vm", "-o", str(exported))
+            assert seconds < 1.0 and exported.stat().st_size > 1000
+            bundle = tmp_path / "vm.bundle"
+            seconds, _ = timed(
+                home, "migrate", "export", "vm", "--allow-running", "-o", str(bundle), tries=1
+            )
+            assert seconds < 5.0 and bundle.stat().st_size > 1000
             seconds, result = timed(home, "snapshot", "create", "vm", tries=1)
             assert seconds < 3.0 and "from the control channel" in result.stdout, result.stdout
             # swtpm_ioctl-style clients: the queries work, the rest is refused, the VM runs on.

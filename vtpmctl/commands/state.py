@@ -34,7 +34,9 @@ def export(
 ) -> int:
     """Write one state blob of TARGET to OUTPUT ('-' = stdout)."""
     kind = BlobType.of(BlobKind(blob_type))
-    where = parse_target(target)
+    # The permanent state is read through an instance's admin endpoint, which answers
+    # while a hypervisor holds the control channel.
+    where = parse_target(target, read_only=kind == BlobType.PERMANENT)
     # Check the destination first: reading some blobs has side effects on the
     # TPM (a savestate read releases swtpm's storage lock).
     dest = _destination(output)

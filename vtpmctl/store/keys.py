@@ -353,7 +353,6 @@ def choose_passphrase_key(
     default_bits: int = SWTPM_PASSPHRASE_BITS,
 ) -> AesKey:
     """The derivation of ``password`` that opens ``probe``, or the defaults."""
-
     want = _cipher_bytes(cipher)
     default = derive_passphrase_key(password, want or default_bits // 8, kdf or "pbkdf2")
     if probe is None or (want is not None and kdf is not None):

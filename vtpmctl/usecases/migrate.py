@@ -202,7 +202,8 @@ def _running_state(inst: Instance) -> dict[str, bytes]:
     except KeyFileError as exc:
         raise MigrateError(f"cannot export {inst.name}: {exc}") from None
     try:
-        with instance_client(inst, timeout=CONTROL_TIMEOUT) as client:
+        # The admin endpoint: it answers while a hypervisor holds the control channel.
+        with instance_client(inst, timeout=CONTROL_TIMEOUT, read_only=True) as client:
             plain = read_state(client, BlobKind.PERMANENT, state_key=None, migration_key=daemon_key)
     except ControlError as exc:
         raise MigrateError(f"cannot read the state of running {inst.name}: {exc}") from None
