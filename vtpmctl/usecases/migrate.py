@@ -16,7 +16,7 @@ point leaves the store as it was.
 
 from __future__ import annotations
 
-import socket
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,7 +277,7 @@ def export_instance(
             raise MigrateError(f"cannot export {name}: {exc}") from None
     source = Source(
         name=name,
-        host=socket.gethostname(),
+        host=os.uname().nodename,  # what socket.gethostname() returns, without socket.py
         state=state,
         created=now_utc(),
         vtpmctl_version=__version__,
