@@ -80,6 +80,8 @@ complete -c vtpmctl -n '__fish_seen_subcommand_from stop' -l force -d 'if it doe
 complete -c vtpmctl -n '__fish_seen_subcommand_from stop' -l help -s h -d 'show help and exit'
 complete -c vtpmctl -n '__fish_seen_subcommand_from stop; and test (__vtpmctl_npos stop) -lt 1' -a '(__vtpmctl_instances)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from restart' -l force -d 'as for stop'
+complete -c vtpmctl -n '__fish_seen_subcommand_from restart' -l key -r -F -d 'as swtpm\'s --key: a hex or binary key, or a passphrase (pwdfile=/pwdfd=), from a file or an inherited descriptor; mode=aes-128-cbc|aes-256-cbc, kdf=pbkdf2|sha512'
+complete -c vtpmctl -n '__fish_seen_subcommand_from restart' -l migration-key -r -F -d 'the migration key, as --key'
 complete -c vtpmctl -n '__fish_seen_subcommand_from restart' -l help -s h -d 'show help and exit'
 complete -c vtpmctl -n '__fish_seen_subcommand_from restart; and test (__vtpmctl_npos restart) -lt 1' -a '(__vtpmctl_instances)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from rm' -l yes -s y -d 'do not ask'

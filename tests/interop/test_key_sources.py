@@ -199,6 +199,10 @@ def test_instance_keys_from_descriptors_never_touch_disk_or_argv(tmp_path: Path)
         assert not [p for p in new if "key" in p.name], new
         info = home.json("info", "enc")
         assert info["state_key"] is True and info["migration_key"] is True
+        bad = home.run("restart", "enc", "--key", "pwdfd=0,kdf=md5", check=False)
+        assert bad.returncode == 2 and home.status("enc")[0] == 0  # refused before the stop
+        restarted = home.run("restart", "enc", "--key", "pwdfd=0", input=PASSWORD)
+        assert "restarted enc" in restarted.stdout
         home.run("stop", "enc")
 
 

@@ -329,12 +329,16 @@ def stop(name: str, force: bool = False) -> int:
     return 0
 
 
-def restart(name: str, force: bool = False) -> int:
+def restart(
+    name: str, force: bool = False, key: str | None = None, migration_key: str | None = None
+) -> int:
     from vtpmctl.usecases import supervisor
 
+    # The keys are parsed before the stop: a bad --key must not leave NAME stopped.
+    state_source, migration_source = _key_sources(key, None, migration_key, None)
     inst = _registry().get(name)
     supervisor.stop(inst, force=force)
-    started = supervisor.start(inst)
+    started = supervisor.start(inst, keys=supervisor.DaemonKeys(state_source, migration_source))
     _out(f"restarted {name} (pid {started.pid})")
     return 0
 
@@ -646,6 +650,8 @@ COMMANDS = (
         "Stop and start a vTPM's daemon.",
         decl.NAME,
         decl.Param("force", decl.SWITCH, "--force", help="as for stop", default=False),
+        decl.KEY,
+        decl.MIGRATION_KEY,
     ),
     decl.Command(
         "rm",
