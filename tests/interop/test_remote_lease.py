@@ -245,9 +245,14 @@ def test_daemon_keeps_serving_when_its_remote_goes_away(tmp_path: Path) -> None:
     """A server of its own, killed under a replicating daemon (restarting weed takes ~20 s,
     so the recovery is not waited for here)."""
     with s3_server(tmp_path / "s3") as s3, home_at(tmp_path / "a") as home:
-        home.run("create", NAME, "--no-ek", "--encrypt")
         a = Host(home, s3, s3.make_bucket(), fleet_key(tmp_path))
-        a.start()
+        one_line(a.run("create", "x", "--replicate", "nope", check=False), 1, "no remote named")
+        assert "x" not in a.run("list", "--quiet").stdout.split()  # nothing was made
+        a.run(
+            "create", NAME, "--no-ek", "--encrypt", "--replicate", "r",
+            "--replicate-interval", INTERVAL, "--lease-duration", LEASE, "--lease-renew", "0.4",
+        )  # fmt: skip
+        a.run("start", NAME)  # bound at create: the binding is kept
         with a.boot() as tpm:
             nv_define(tpm.transact)
             s3.kill()

@@ -170,9 +170,17 @@ def create(
     socket_mode: str | None = None,
     dir_mode: str | None = None,
     on_shutdown: str | None = None,
+    replicate: str | None = None,
+    replicate_interval: float | None = None,
+    lease_duration: float | None = None,
+    lease_renew: float | None = None,
+    allow_plaintext: bool = False,
 ) -> int:
     """Register NAME and manufacture its TPM."""
     from vtpmctl.usecases.create import CreateOptions, create_instance
+
+    tuning = (replicate_interval, lease_duration, lease_renew, allow_plaintext)
+    _check_replication(replicate, *tuning)  # before anything is made
 
     state_source, migration_source = _key_sources(key, key_file, migration_key, migration_key_file)
 
@@ -206,9 +214,62 @@ def create(
         )
     if inst.config.on_shutdown == OnShutdown.POWER_OFF:
         extras.append("outlives VM runs (on shutdown: power-off)")
+    if replicate is not None:
+        from vtpmctl.errors import VtpmctlError
+        from vtpmctl.usecases.ownership import OwnershipError
+
+        try:
+            _bind(inst, replicate, *tuning)
+        except VtpmctlError as exc:
+            raise OwnershipError(
+                f"created {name}, but did not bind it to {replicate}: {exc}"
+            ) from None
+        extras.append(f"bound to remote {replicate}")
     detail = "; ".join([f"TPM {inst.config.tpm}", *extras])
     _out(f"created {name} ({detail})")
     return 0
+
+
+def _check_replication(
+    replicate: str | None,
+    interval: float | None,
+    lease: float | None,
+    renew: float | None,
+    allow_plaintext: bool,
+) -> None:
+    """The tuning options of a binding go with --replicate; REMOTE must be known here."""
+    if replicate is None:
+        if allow_plaintext or any(v is not None for v in (interval, lease, renew)):
+            from vtpmctl.errors import UsageError
+
+            raise UsageError(
+                "--replicate-interval, --lease-duration, --lease-renew and --allow-plaintext "
+                "go with --replicate REMOTE"
+            )
+        return
+    from vtpmctl.store.remote.config import RemoteRegistry
+
+    RemoteRegistry().get(replicate)
+
+
+def _bind(
+    inst: Instance,
+    replicate: str,
+    interval: float | None,
+    lease: float | None,
+    renew: float | None,
+    allow_plaintext: bool,
+) -> None:
+    from vtpmctl.usecases.ownership import bind
+
+    bind(
+        inst,
+        replicate,
+        interval=interval,
+        lease=lease,
+        renew=renew,
+        allow_plaintext=allow_plaintext,
+    )
 
 
 def _key_sources(
@@ -260,14 +321,8 @@ def start(
     state_source, migration_source = _key_sources(key, None, migration_key, None)
     keys = supervisor.DaemonKeys(state_source, migration_source)
     inst = _registry().get(name)
-    tuning = (replicate_interval, lease_duration, lease_renew)
-    if replicate is None and (allow_plaintext or any(v is not None for v in tuning)):
-        from vtpmctl.errors import UsageError
-
-        raise UsageError(
-            "--replicate-interval, --lease-duration, --lease-renew and --allow-plaintext "
-            "go with --replicate REMOTE"
-        )
+    tuning = (replicate_interval, lease_duration, lease_renew, allow_plaintext)
+    _check_replication(replicate, *tuning)
     if take_over and replicate is None and not inst.paths.binding_file.exists():
         from vtpmctl.errors import UsageError
 
@@ -276,16 +331,7 @@ def start(
             f"bind it with --replicate REMOTE"
         )
     if replicate is not None:
-        from vtpmctl.usecases.ownership import bind
-
-        bind(
-            inst,
-            replicate,
-            interval=replicate_interval,
-            lease=lease_duration,
-            renew=lease_renew,
-            allow_plaintext=allow_plaintext,
-        )
+        _bind(inst, replicate, *tuning)
     supervisor.reconfigure(
         inst,
         group=group,
@@ -493,6 +539,46 @@ _FORCE = decl.Param(
     default=False,
 )
 
+# Binding to a remote (docs/remotes.md): `create` and `start` take the same options.
+_REPLICATION = (
+    decl.Param(
+        "replicate",
+        decl.TEXT,
+        "--replicate",
+        help="bind to REMOTE: one host at a time runs it (a lease there), and its "
+        "permanent state is pushed there after each change (kept for later starts)",
+        metavar="REMOTE",
+    ),
+    decl.Param(
+        "replicate_interval",
+        decl.FLOAT,
+        "--replicate-interval",
+        help="at most one push per interval: the NV changes a dead host may lose [default: 5]",
+        metavar="SECONDS",
+    ),
+    decl.Param(
+        "lease_duration",
+        decl.FLOAT,
+        "--lease-duration",
+        help="how long the lease lasts unless renewed [default: 60]",
+        metavar="SECONDS",
+    ),
+    decl.Param(
+        "lease_renew",
+        decl.FLOAT,
+        "--lease-renew",
+        help="how often the daemon renews the lease [default: a third of its duration]",
+        metavar="SECONDS",
+    ),
+    decl.Param(
+        "allow_plaintext",
+        decl.SWITCH,
+        "--allow-plaintext",
+        help="replicate an instance that is not encrypted at rest",
+        default=False,
+    ),
+)
+
 COMMANDS = (
     decl.Command(
         "create",
@@ -555,6 +641,7 @@ COMMANDS = (
         decl.KEY,
         decl.MIGRATION_KEY,
         *decl.HYPERVISOR,
+        *_REPLICATION,
     ),
     decl.Command(
         "start",
@@ -599,42 +686,7 @@ COMMANDS = (
             help="take the remote's lease from a host that let it expire (a dead host)",
             default=False,
         ),
-        decl.Param(
-            "replicate",
-            decl.TEXT,
-            "--replicate",
-            help="bind to REMOTE: one host at a time runs it (a lease there), and its "
-            "permanent state is pushed there after each change (kept for later starts)",
-            metavar="REMOTE",
-        ),
-        decl.Param(
-            "replicate_interval",
-            decl.FLOAT,
-            "--replicate-interval",
-            help="at most one push per interval: the NV changes a dead host may lose [default: 5]",
-            metavar="SECONDS",
-        ),
-        decl.Param(
-            "lease_duration",
-            decl.FLOAT,
-            "--lease-duration",
-            help="how long the lease lasts unless renewed [default: 60]",
-            metavar="SECONDS",
-        ),
-        decl.Param(
-            "lease_renew",
-            decl.FLOAT,
-            "--lease-renew",
-            help="how often the daemon renews the lease [default: a third of its duration]",
-            metavar="SECONDS",
-        ),
-        decl.Param(
-            "allow_plaintext",
-            decl.SWITCH,
-            "--allow-plaintext",
-            help="replicate an instance that is not encrypted at rest",
-            default=False,
-        ),
+        *_REPLICATION,
         *decl.HYPERVISOR,
     ),
     decl.Command(
