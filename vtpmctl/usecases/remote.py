@@ -716,6 +716,10 @@ def rotate_fleet_key(name: str, new_key: AesKey, roots: Roots | None = None) -> 
             raise RemoteError(
                 f"{remote.where(fleet_key)} changed during the rotation; run it again"
             ) from None
+        # a first push that ran meanwhile made a key object under the old key only
+        objects = _key_objects(session)
+        for obj, inst, keyid in objects:
+            _rewrite(session, obj, add_wrap(obj, inst, keyid))
     if old_fp != new_fp:
         registry.replace_fleet_key(remote.name, new_key)
 
