@@ -24,6 +24,7 @@ Usage::
         dom.managedsave(); dom.start()             # resumes, no new boot
         dom.kill_qemu(); dom.start(); dom.wait_firmware()
         dom.reset(); dom.wait_firmware()           # a machine reset: the firmware runs again
+        dom.guest_reboot(); dom.wait_firmware()    # the guest reboots itself (UEFI shell)
         dom.destroy()
 
 ``tpm_xml`` is a whole ``<tpm>…</tpm>`` element, e.g. the external backend::
@@ -62,6 +63,7 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 QEMU_EXE = Path("/usr/bin/qemu-system-x86_64")
 DOMAIN_PREFIX = "vtpmctl-t-"  # every domain of this harness; leftovers are removed
 FIRMWARE_BOOTING = b"BdsDxe: starting"  # OVMF has measured PCRs 0-7, separators included
+_RESET_KEYS = ["KEY_R", "KEY_E", "KEY_S", "KEY_E", "KEY_T", "KEY_ENTER"]  # the shell's reset
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 QEMU_PID_DIR = Path("/run/libvirt/qemu")
 _DAEMONS = (("virtlogd", Path("/run/virtlogd.pid")), ("libvirtd", Path("/run/libvirtd.pid")))
@@ -197,6 +199,7 @@ class Domain:
     name: str
     dir: Path
     _boots_before: int = 0
+    _serial_mark: int = 0  # where the serial log stood at the last start/reset
 
     @property
     def nvram(self) -> Path:
@@ -233,6 +236,7 @@ class Domain:
 
     def _boot_follows(self) -> None:
         self._boots_before = self.boots()
+        self._serial_mark = self.serial_log.stat().st_size if self.serial_log.exists() else 0
 
     def start(self) -> None:
         """``virsh start`` (resumes from a managed save if there is one)."""
@@ -247,6 +251,22 @@ class Domain:
         """``virsh reset``: the machine reset a guest reboot does; the firmware runs again."""
         self._boot_follows()
         self.virsh("reset")
+
+    def guest_reboot(self, timeout: float = 60.0) -> None:
+        """The guest reboots itself: ``reset`` typed into the UEFI shell (after wait_firmware).
+
+        A key press skips the shell's startup.nsh countdown; then the firmware's
+        ResetSystem resets the machine as a guest OS reboot does.
+        """
+        deadline = time.monotonic() + timeout
+        for marker, keys in ((b"Press", ["KEY_SPACE"]), (b"Shell>", _RESET_KEYS)):
+            while marker not in self.serial_log.read_bytes()[self._serial_mark :]:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no {marker!r} from the UEFI shell\n{self.describe()}")
+                time.sleep(0.1)
+            if marker == b"Shell>":
+                self._boot_follows()
+            self.virsh("send-key", *keys)
 
     def save(self, path: Path) -> None:
         self.virsh("save", str(path))

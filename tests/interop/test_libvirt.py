@@ -4,7 +4,7 @@ The instance is made with the socket-access options, started the way the systemd
 starts it (its ExecStart, UMask and Type=notify; an encrypted one whose keys come on
 descriptors by `vtpmctl start --key pwdfd=N`), and its <tpm> element comes from
 `vtpmctl libvirt xml`. Then the domain goes through start, destroy, start, save,
-restore, managedsave + start, kill -9 of QEMU + start and a machine reset, back to
+restore, managedsave + start, kill -9 of QEMU + start and a guest reboot, back to
 back, while nobody touches the instance: the same daemon serves every QEMU, and
 `vtpmctl info`/`caps`/`status` answer within a second while a VM runs (the admin
 endpoint beside the control socket).
@@ -131,7 +131,8 @@ def back_to_back(dom: Domain, save_file: Path, home: Home, name: str, *, full: b
     """Every way libvirt ends and begins a VM run, with nothing done to the instance.
 
     ``full`` also lets the firmware finish before the save (so the save file carries
-    its measurements) and reboots the guest; each costs a boot (5-20 s under TCG).
+    its measurements) and has the guest reboot itself; each costs a boot (5-20 s
+    under TCG).
     """
     dom.start()
     answers_while_running(home, name)
@@ -147,7 +148,7 @@ def back_to_back(dom: Domain, save_file: Path, home: Home, name: str, *, full: b
     dom.start()
     dom.wait_firmware()  # the measurements the test reads at the end
     if full:
-        dom.reset()  # what a guest reboot does to the TPM: CMD_INIT again
+        dom.guest_reboot()  # the guest resets the machine: CMD_INIT again
         dom.wait_firmware()
     dom.destroy()
 
