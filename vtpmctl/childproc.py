@@ -19,6 +19,7 @@ Imports only ``vtpmctl.errors``: every layer may start a child.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 # entry point name -> the module whose ``main(argv)`` runs it
 ENTRY_POINTS = {
     "_daemon": "vtpmctl.device.server.daemon",
+    "_zygote": "vtpmctl.device.server.zygote",
     "_manufacture": "vtpmctl.engine.manufacture",
     "_inspect": "vtpmctl.engine.inspect",
     "_libtpms_version": "vtpmctl.engine.libtpms",
@@ -47,13 +49,213 @@ def entry_argv(name: str) -> list[str]:
     return [sys.executable, "-m", "vtpmctl", name]
 
 
+def package_root() -> str:
+    """The directory this vtpmctl is imported from (what a child must import too)."""
+    return os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+
+
 def child_env() -> dict[str, str]:
     """This environment, minus systemd's notify socket, importing this same vtpmctl."""
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)  # a child must not talk to our service manager
-    package_root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root(), env.get("PYTHONPATH")]))
     return env
+
+
+# ---------------------------------------------------------------- the zygote
+#
+# Daemons are forked by a pre-imported parent, ``python -m vtpmctl _zygote``
+# (``vtpmctl.device.server.zygote``), which has imported the daemon's code and
+# mapped libtpms but never made a TPM: a fork of it costs about a millisecond
+# instead of an interpreter start and the daemon's imports, and its daemons share
+# the pages of what it imported. One zygote per user and installation, on an
+# abstract unix socket (no file to clean up); each side checks the other's uid.
+
+DAEMON_ENTRY = "_daemon"
+ZYGOTE_ENTRY = "_zygote"
+ZYGOTE_START_TIMEOUT = 20.0
+ZYGOTE_REPLY_TIMEOUT = 10.0
+ZYGOTE_MAX_MESSAGE = 1 << 18  # bytes of a request (argv and environment)
+# Bytes of command line a forked daemon can show: the zygote is started with this
+# much room, which each daemon fills with the command line an exec would have had.
+ZYGOTE_TITLE_ROOM = 4096
+ZYGOTE_MAX_FDS = 8  # descriptors with a request: stderr, the ready pipe, key pipes
+
+
+def zygote_identity() -> dict[str, str]:
+    """What a zygote must share with its client, so that its daemons are what an exec
+    would have made: the interpreter and the code, and where the daemon lands (the
+    cgroup, e.g. a systemd unit's, and the mount namespace) with which groups."""
+
+    def read(path: str) -> str:
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    try:
+        mnt = os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        mnt = ""
+    return {
+        "python": sys.executable,
+        "root": package_root(),
+        "cgroup": read("/proc/self/cgroup"),
+        "mnt": mnt,
+        "groups": " ".join(map(str, [os.getgid(), *sorted(os.getgroups())])),
+    }
+
+
+def zygote_address(identity: dict[str, str]) -> bytes:
+    """The zygote's abstract socket name for this user and this identity."""
+    import zlib
+
+    key = zlib.crc32("\0".join(identity.values()).encode(errors="replace"))
+    return f"\0vtpmctl-zygote-{os.getuid()}-{key:08x}".encode()
+
+
+def peer_uid(sock: Any) -> int:
+    """The uid of the process at the other end of a connected unix socket."""
+    import _socket
+    import struct
+
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def fork_daemon(
+    args: list[str],
+    env: dict[str, str],
+    stderr_fd: int,
+    ready_fd: int,
+    pass_fds: list[int] | None = None,
+) -> int | None:
+    """Have the zygote fork a daemon running ``_daemon args``; its pid, or None.
+
+    None means no zygote could be used (none could be started, it runs other
+    code, or it is not ours): the caller starts the daemon by exec instead.
+    The daemon writes one byte to ``ready_fd`` once it serves, and the fd
+    closes when it exits; ``stderr_fd`` becomes its stderr (the log);
+    ``pass_fds`` reach it under the same numbers (what its options name).
+    """
+    import _socket
+
+    identity = zygote_identity()
+    request = json.dumps(
+        {
+            "argv": args,
+            "env": env,
+            "umask": _umask(),
+            "rlimits": _rlimits(),
+            "fds": list(pass_fds or []),
+            **identity,
+        }
+    ).encode()
+    if len(request) > ZYGOTE_MAX_MESSAGE:
+        return None
+    sock = _connect_zygote(zygote_address(identity))
+    if sock is None:
+        return None
+    try:
+        sock.settimeout(ZYGOTE_REPLY_TIMEOUT)
+        sock.sendmsg(
+            [request],
+            [
+                (
+                    _socket.SOL_SOCKET,
+                    _socket.SCM_RIGHTS,
+                    _fds(stderr_fd, ready_fd, *(pass_fds or [])),
+                )
+            ],
+        )
+        reply = json.loads(sock.recv(4096) or b"{}")
+    except (OSError, ValueError):
+        return None
+    finally:
+        sock.close()
+    pid = reply.get("pid") if isinstance(reply, dict) else None
+    return pid if isinstance(pid, int) and pid > 0 else None
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _fds(*fds: int) -> bytes:
+    import array
+
+    return array.array("i", fds).tobytes()
+
+
+# The limits a daemon takes from its starter (the zygote's may be other ones).
+RLIMITS = ("CORE", "CPU", "DATA", "FSIZE", "MEMLOCK", "NOFILE", "NPROC", "STACK", "AS")
+
+
+def _rlimits() -> dict[str, list[int]]:
+    import resource
+
+    return {name: list(resource.getrlimit(getattr(resource, "RLIMIT_" + name))) for name in RLIMITS}
+
+
+def _connect_zygote(address: bytes) -> Any:
+    """A connection to this user's zygote, starting one if there is none; None if that fails."""
+    import _socket
+
+    for attempt in range(2):
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(address)
+            if peer_uid(sock) != os.getuid():
+                sock.close()
+                return None  # someone else squats the name: never hand them our fds
+            return sock
+        except OSError:
+            sock.close()
+        if attempt == 0 and not _spawn_zygote():
+            return None
+    return None
+
+
+def _spawn_zygote() -> bool:
+    """Start the zygote detached and wait until it listens (or found another one there)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        argv = entry_argv(ZYGOTE_ENTRY)
+        pid = os.posix_spawn(
+            argv[0],
+            [*argv, "--ready-fd", "3", "--title-room", "_" * ZYGOTE_TITLE_ROOM],
+            child_env(),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
+                (os.POSIX_SPAWN_DUP2, 0, 1),
+                (os.POSIX_SPAWN_DUP2, 0, 2),
+                (os.POSIX_SPAWN_DUP2, w, 3),
+            ],
+            setsid=True,
+        )
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return False
+    os.close(w)
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
+        answered = bool(poller.poll(int(ZYGOTE_START_TIMEOUT * 1000)))
+    finally:
+        os.close(r)
+    if not answered:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)  # SIGKILL; the signal module costs an import
+    # The zygote forks itself away from us once it listens; reap what is left here.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    return answered
 
 
 MAX_LOG_LINES = 20

@@ -26,7 +26,7 @@ from vtpmctl.device.protocol import Cmd
 from vtpmctl.engine import tpm2 as t
 from vtpmctl.store.instances import Registry
 from vtpmctl.store.paths import store_roots
-from vtpmctl.usecases.supervisor import runs_daemon
+from vtpmctl.usecases.supervisor import serves
 
 VTPMCTL = [str(Path(sys.executable).with_name("vtpmctl"))]  # the console script
 
@@ -127,20 +127,12 @@ def home_at(path: Path) -> Iterator[Home]:
 
 
 def processes_serving(state_dir: Path) -> list[int]:
-    """Every process whose command line names this state dir (daemons, swtpm)."""
-    needle = os.fsencode(state_dir)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if needle in args and runs_daemon(args):
-            found.append(int(entry))
-    return found
+    """Every vtpmctl daemon serving this state dir, exec'd or forked by the zygote."""
+    return [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and serves(int(entry), state_dir)
+    ]
 
 
 class DataClient:

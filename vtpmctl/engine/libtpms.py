@@ -112,13 +112,24 @@ class Storage:
         raise NotImplementedError
 
 
+_loaded: dict[str, ctypes.CDLL] = {}
+
+
 def _load_library(name: str = "libtpms.so.0") -> ctypes.CDLL:
+    if name in _loaded:
+        return _loaded[name]
     try:
-        return ctypes.CDLL(name)
+        lib = _loaded[name] = ctypes.CDLL(name)
     except OSError as exc:
         raise LibtpmsError(
             f"loading {name} ({exc}); install the libtpms0 package", TPM_FAIL
         ) from exc
+    return lib
+
+
+def preload() -> None:
+    """Map libtpms (and libcrypto) without making a TPM: what the zygote shares."""
+    _declare(_load_library())
 
 
 def version_text(version: int) -> str:

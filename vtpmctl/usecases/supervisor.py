@@ -13,9 +13,7 @@ import contextlib
 import errno
 import os
 import select
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from vtpmctl.childproc import child_env, entry_argv
+from vtpmctl.childproc import DAEMON_ENTRY, ZYGOTE_ENTRY, child_env, entry_argv
 from vtpmctl.errors import InstanceError, NoSuchInstance
 from vtpmctl.model import BlobKind, OnShutdown, TpmFamily, Transport
 from vtpmctl.store.access import Access, format_mode
@@ -31,12 +29,16 @@ from vtpmctl.store.instances import Instance
 from vtpmctl.store.statedir import StateDir
 
 if TYPE_CHECKING:
+    import subprocess
+
     from vtpmctl.store.blob import AesKey
     from vtpmctl.store.keys import KeySource
 
-DAEMON_ENTRY = "_daemon"  # python -m vtpmctl _daemon
 # Daemons started by earlier versions ran under these module paths; they are still ours.
 FORMER_DAEMON_MODULES = (b"vtpmctl.engine.daemon", b"vtpmctl.device.server.daemon")
+# VTPMCTL_ZYGOTE=0: exec each daemon as a new interpreter instead of forking it
+# from the zygote (slower to start, more memory; for debugging and tests).
+NO_ZYGOTE_ENV = "VTPMCTL_ZYGOTE"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 TERM_TIMEOUT = 5.0
@@ -76,25 +78,60 @@ def _cmdline(pid: int) -> list[bytes]:
         return []
 
 
-def runs_daemon(args: list[bytes]) -> bool:
-    """A command line of a vtpmctl daemon, as this version or an earlier one starts it."""
+def _entry(args: list[bytes]) -> bytes | None:
+    """The module (or ``vtpmctl ENTRY``) a ``python -m`` command line runs."""
     for i, arg in enumerate(args):
         if arg == b"-m" and i + 1 < len(args):
             module = args[i + 1]
-            if module in FORMER_DAEMON_MODULES:
-                return True
-            return module == b"vtpmctl" and args[i + 2 : i + 3] == [DAEMON_ENTRY.encode()]
+            if module == b"vtpmctl":
+                return b"vtpmctl " + b"".join(args[i + 2 : i + 3])
+            return module
+    return None
+
+
+def runs_daemon(args: list[bytes]) -> bool:
+    """A command line of a vtpmctl daemon, as this version or an earlier one starts it."""
+    entry = _entry(args)
+    return entry in FORMER_DAEMON_MODULES or entry == b"vtpmctl " + DAEMON_ENTRY.encode()
+
+
+def runs_zygote(args: list[bytes]) -> bool:
+    """A command line of the zygote, which its forked daemons keep (they are not exec'd)."""
+    return _entry(args) == b"vtpmctl " + ZYGOTE_ENTRY.encode()
+
+
+def holds_open(pid: int, path: Path) -> bool:
+    """``pid`` has ``path`` open (a forked daemon its state dir's ``.lock``)."""
+    try:
+        want = os.stat(path)
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            return True
     return False
+
+
+def serves(pid: int, state_dir: Path) -> bool:
+    """The process is a vtpmctl daemon serving ``state_dir``.
+
+    An exec'd daemon names the state dir on its command line; one forked by
+    the zygote has the zygote's command line and holds the dir's ``.lock``.
+    """
+    args = _cmdline(pid)
+    if runs_daemon(args):
+        return os.fsencode(state_dir) in args
+    return runs_zygote(args) and holds_open(pid, state_dir / ".lock")
 
 
 def is_our_daemon(pid: int, inst: Instance) -> bool:
     """The process is a vtpmctl daemon serving this instance's state dir."""
-    return _serves(pid, inst.paths.state_dir)
-
-
-def _serves(pid: int, state_dir: Path) -> bool:
-    args = _cmdline(pid)
-    return runs_daemon(args) and os.fsencode(state_dir) in args
+    return serves(pid, inst.paths.state_dir)
 
 
 def process_name(pid: int) -> str:
@@ -117,7 +154,7 @@ def busy_error(name: str, state_dir: Path) -> LifecycleError:
     pid = StateDir(state_dir).holder_pid()
     if pid is None:
         return LifecycleError(f"{name} is busy (another vtpmctl command holds it); try again")
-    if _serves(pid, state_dir):
+    if serves(pid, state_dir):
         return LifecycleError(f"{name} is running (pid {pid}); stop it first: vtpmctl stop {name}")
     return foreign_holder_error(name, pid)
 
@@ -279,6 +316,27 @@ def daemon_argv(
     ``key_specs`` (from DaemonKeys.pipes) hands the keys over on descriptors;
     without it the daemon reads the instance's key files itself.
     """
+    return [
+        *entry_argv(DAEMON_ENTRY),
+        *daemon_args(
+            inst,
+            incoming=incoming,
+            ctrl_only=ctrl_only,
+            key_specs=key_specs,
+            remote_spec=remote_spec,
+        ),
+    ]
+
+
+def daemon_args(
+    inst: Instance,
+    *,
+    incoming: bool = False,
+    ctrl_only: bool = False,
+    key_specs: dict[str, str] | None = None,
+    remote_spec: Path | None = None,
+) -> list[str]:
+    """The daemon's options (``vtpmctl serve``'s) for this instance."""
     from vtpmctl.device.server.options import serve_argv
 
     p = inst.paths
@@ -290,7 +348,6 @@ def daemon_argv(
     data = not (cuse or incoming or ctrl_only or power_off)
     access = inst.config.access
     return [
-        *entry_argv(DAEMON_ENTRY),
         *serve_argv(
             state=p.state_dir,
             tpm=TpmFamily.of(inst.config.tpm2),
@@ -511,34 +568,28 @@ def _launch(
     mark = os.lseek(log_fd, 0, os.SEEK_END)
     specs, key_fds = keys.pipes()
     try:
-        proc = subprocess.Popen(
-            daemon_argv(
-                inst,
-                incoming=incoming,
-                ctrl_only=ctrl_only,
-                key_specs=specs,
-                remote_spec=_remote_spec(inst),
-            ),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log_fd,
-            close_fds=True,
-            pass_fds=key_fds,
-            start_new_session=True,
-            env=child_env(),
-            cwd="/",
+        child = _spawn(
+            inst,
+            log_fd,
+            incoming=incoming,
+            ctrl_only=ctrl_only,
+            key_specs=specs,
+            key_fds=key_fds,
+            remote_spec=_remote_spec(inst),
         )
     finally:
         os.close(log_fd)
         for fd in key_fds:
             os.close(fd)
-    started = _wait_ready(inst, proc, timeout, incoming=incoming)
+    try:
+        started = _wait_ready(inst, child, timeout, incoming=incoming)
+    finally:
+        child.close()
     if started is not None:
         return started
-    if proc.returncode is None:  # timed out: do not leave a half-started daemon behind
-        _terminate(proc.pid, inst)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(TERM_TIMEOUT)
+    if child.alive():  # timed out: do not leave a half-started daemon behind
+        _terminate(child.pid, inst)
+        child.wait(TERM_TIMEOUT)
         raise LifecycleError(
             f"{inst.name} did not become ready within {timeout:.0f}s; see {inst.paths.log_file}"
         )
@@ -581,6 +632,8 @@ def _vanished(inst: Instance) -> NoSuchInstance:
         return gone
     if inst.statedir().holder_pid() is not None:
         return gone
+    import shutil
+
     shutil.rmtree(p.run_dir, ignore_errors=True)
     for log in (p.log_file, p.log_file.with_name(p.log_file.name + ".1")):
         log.unlink(missing_ok=True)
@@ -622,7 +675,8 @@ def _vtpmctl_command(pid: int | None) -> bool:
     """A vtpmctl command (another start, a snapshot) holds the lock for a moment:
     preflight waits for it, where a foreign holder is an error at once."""
     args = _cmdline(pid) if pid is not None else []
-    return any(os.path.basename(a) == b"vtpmctl" for a in args[:3]) and not runs_daemon(args)
+    ours = any(os.path.basename(a) == b"vtpmctl" for a in args[:3])
+    return ours and not runs_daemon(args) and not runs_zygote(args)
 
 
 def _running_already(inst: Instance, status: Status) -> Started:
@@ -631,8 +685,101 @@ def _running_already(inst: Instance, status: Status) -> Started:
     raise foreign_holder_error(inst.name, status.pid or 0)
 
 
+class _Child:
+    """The daemon being started: forked by the zygote, or exec'd as our own child.
+
+    A forked daemon writes one byte to ``ready`` once it serves; the fd reads
+    empty when it died first. An exec'd one is watched by polling its control
+    channel, as before the zygote.
+    """
+
+    def __init__(
+        self, pid: int, proc: subprocess.Popen[bytes] | None = None, ready: int | None = None
+    ) -> None:
+        self.pid = pid
+        self.proc = proc
+        self.ready = ready
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return not _gone(self.pid)
+
+    def wait(self, timeout: float) -> None:
+        if self.proc is not None:
+            import subprocess
+
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        else:
+            _wait_exit(self.pid, timeout)
+
+    def close(self) -> None:
+        if self.ready is not None:
+            os.close(self.ready)
+            self.ready = None
+
+
+def _spawn(
+    inst: Instance,
+    log_fd: int,
+    *,
+    incoming: bool,
+    ctrl_only: bool,
+    key_specs: dict[str, str],
+    key_fds: list[int],
+    remote_spec: Path | None,
+) -> _Child:
+    """Have the zygote fork the daemon; exec it when no zygote can be used.
+
+    The key pipes reach a forked daemon under the same descriptor numbers its
+    options name, as they reach an exec'd one.
+    """
+    from vtpmctl.childproc import fork_daemon
+
+    args = daemon_args(
+        inst,
+        incoming=incoming,
+        ctrl_only=ctrl_only,
+        key_specs=key_specs,
+        remote_spec=remote_spec,
+    )
+    env = child_env()
+    if os.environ.get(NO_ZYGOTE_ENV) == "0":
+        return _exec(args, env, log_fd, key_fds)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = fork_daemon(args, env, log_fd, w, key_fds)
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    if pid is not None:
+        return _Child(pid, ready=r)
+    os.close(r)
+    return _exec(args, env, log_fd, key_fds)
+
+
+def _exec(args: list[str], env: dict[str, str], log_fd: int, key_fds: list[int]) -> _Child:
+    import subprocess
+
+    proc = subprocess.Popen(
+        [*entry_argv(DAEMON_ENTRY), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log_fd,
+        close_fds=True,
+        pass_fds=key_fds,
+        start_new_session=True,
+        env=env,
+        cwd="/",
+    )
+    return _Child(proc.pid, proc=proc)
+
+
 def _wait_ready(
-    inst: Instance, proc: subprocess.Popen[bytes], timeout: float, incoming: bool = False
+    inst: Instance, child: _Child, timeout: float, incoming: bool = False
 ) -> Started | None:
     """Started once our daemon answers; None if it died (or timed out).
 
@@ -641,12 +788,23 @@ def _wait_ready(
     once it has, so that a start never returns with two daemons alive.
     """
     deadline = time.monotonic() + timeout
+    if child.ready is not None:
+        poller = select.poll()
+        poller.register(child.ready, select.POLLIN)
+        if not poller.poll(int(timeout * 1000)):
+            return None
+        if os.read(child.ready, 1) != b"R":
+            child.wait(TERM_TIMEOUT)  # it is ending: let the caller read why
+            return None
+        if not incoming and probe(inst).pid == child.pid:
+            return Started(child.pid, False)  # it takes the lock before it serves
     while time.monotonic() < deadline:
-        if incoming and proc.poll() is None:
+        alive = child.alive()
+        if incoming and alive:
             _claim_storage(inst)
-        if _answers(inst) and probe(inst).pid == proc.pid:
-            return Started(proc.pid, False)
-        if proc.poll() is not None:
+        if _answers(inst) and probe(inst).pid == child.pid:
+            return Started(child.pid, False)
+        if not alive:
             return None
         time.sleep(POLL)
     return None

@@ -229,8 +229,12 @@ def check_options(
     return with_access(ctrl), None if data is None else with_access(data), admin
 
 
-def run(opts: DaemonOptions) -> int:
-    """Serve until CMD_SHUTDOWN or SIGTERM; bad setup raises ServeError, StoreError, UsageError."""
+def run(opts: DaemonOptions, ready_fd: int | None = None) -> int:
+    """Serve until CMD_SHUTDOWN or SIGTERM; bad setup raises ServeError, StoreError, UsageError.
+
+    ``ready_fd`` (from the zygote) gets one byte once the daemon serves; it is
+    closed then, or when the process ends, which the starter sees as a failure.
+    """
     ctrl, data, admin = check_options(opts)
     not_need_init, startup, no_auto = parse_flags(opts.flags)
     state_source, migration_source = key_sources(opts)
@@ -305,6 +309,12 @@ def run(opts: DaemonOptions) -> int:
     if replicator is not None:
         replicator.start()
     _notify("READY=1")
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, b"R")
+        except OSError as exc:
+            log.warning("cannot report readiness: %s", exc.strerror)
+        os.close(ready_fd)
     try:
         server.serve_forever()
     finally:
@@ -390,12 +400,22 @@ def options_from_values(values: Mapping[str, Any]) -> DaemonOptions:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    from vtpmctl.device.server.options import build_parser
+_parser: list[argparse.ArgumentParser] = []  # built once; the zygote builds it for its daemons
 
-    ns = build_parser().parse_args(argv)
+
+def parser() -> argparse.ArgumentParser:
+    """The daemon's argument parser (``options.build_parser``), built on first use."""
+    if not _parser:
+        from vtpmctl.device.server.options import build_parser
+
+        _parser.append(build_parser())
+    return _parser[0]
+
+
+def main(argv: list[str] | None = None, ready_fd: int | None = None) -> int:
+    ns = parser().parse_args(argv)
     try:
-        return run(options_from_values(vars(ns)))
+        return run(options_from_values(vars(ns)), ready_fd)
     except (ServeError, StoreError, UsageError) as exc:  # bad setup; anything else is a bug
         print(f"vtpmctl: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,0 +1,82 @@
+"""Daemons forked by the zygote: separate TPMs, recognised by status and stop, exec fallback.
+
+The zygote (``python -m vtpmctl _zygote``) imports the daemon's code and maps
+libtpms but never makes a TPM, so the TPMs of two daemons it forked must not
+share a random generator; a forked daemon shows the command line an exec'd
+one has, and ``status`` and ``stop`` know both.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from instance_helpers import VTPMCTL, DataClient, Home, home_at, processes_serving
+
+from vtpmctl.engine import tpm2 as t
+from vtpmctl.usecases.supervisor import runs_daemon, runs_zygote, serves
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Home]:
+    with home_at(tmp_path / "h") as h:
+        yield h
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0")
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[1])
+
+
+def _random(home: Home, name: str) -> bytes:
+    home.run("ctl", name, "init")
+    data = home.registry().paths(name).data_socket
+    with DataClient(data) as client:
+        assert client.transact(t.build_startup(t.SU_CLEAR))[6:10] == b"\0\0\0\0"
+        return t.parse_get_random(client.transact(t.build_get_random(32)))
+
+
+def test_forked_daemons_have_their_own_tpms(home: Home) -> None:
+    for name in ("z1", "z2"):
+        home.run("create", name, "--no-ek")
+        home.run("start", name)
+    pids = [home.status(name)[1]["pid"] for name in ("z1", "z2")]
+    parents = {_ppid(pid) for pid in pids}
+    assert len(parents) == 1, "both daemons come from one zygote"
+    (zygote,) = parents
+    assert runs_zygote(_cmdline(zygote))
+    for pid, name in zip(pids, ("z1", "z2"), strict=True):
+        state_dir = home.registry().paths(name).state_dir
+        args = [a for a in _cmdline(pid) if a]  # the rest of the zygote's room is NULs
+        assert runs_daemon(args) and os.fsencode(state_dir) in args
+        assert b"--state" in args and b"--ctrl" in args
+        assert serves(pid, state_dir)
+        assert processes_serving(state_dir) == [pid]
+    # A daemon of one instance is not the daemon of the other.
+    assert not serves(pids[0], home.registry().paths("z2").state_dir)
+    assert not serves(zygote, home.registry().paths("z1").state_dir)
+    # Each TPM seeded its own generator after the fork.
+    assert _random(home, "z1") != _random(home, "z2")
+    for name, pid in zip(("z1", "z2"), pids, strict=True):
+        assert f"stopped {name} (pid {pid})" in home.run("stop", name).stdout
+        assert not os.path.exists(f"/proc/{pid}/cmdline") or _cmdline(pid) == [b""]
+        assert home.status(name)[0] == 3
+
+
+def test_exec_fallback_when_the_zygote_is_off(home: Home) -> None:
+    home.run("create", "x", "--no-ek")
+    env = dict(home.env, VTPMCTL_ZYGOTE="0")
+    subprocess.run([*VTPMCTL, "start", "x"], env=env, check=True, capture_output=True)
+    pid = home.status("x")[1]["pid"]
+    assert runs_daemon(_cmdline(pid)) and not runs_zygote(_cmdline(_ppid(pid)))
+    assert serves(pid, home.registry().paths("x").state_dir)
+    home.run("stop", "x")  # the same stop knows an exec'd daemon
+    assert home.status("x")[0] == 3

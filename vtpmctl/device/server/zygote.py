@@ -1,0 +1,286 @@
+"""The zygote: a pre-imported parent that forks daemons (``python -m vtpmctl _zygote``).
+
+It imports the daemon's code and maps libtpms, but never makes a TPM, so
+forking it keeps the rule of the process model (no process forks after
+libtpms has made a TPM in it). A daemon forked from it starts in about a
+millisecond instead of an interpreter start and the imports, and shares
+with its siblings the pages of everything the zygote imported: ``gc.freeze``
+before each fork keeps the collector from writing to (and so copying) them.
+
+One zygote serves one user and one installation (``childproc.zygote_address``:
+an abstract unix socket, so there is no file to clean up). It takes one
+request per connection, ``childproc.fork_daemon``'s: the daemon's arguments,
+environment and umask, and two fds (the daemon's stderr, the log, and the fd
+on which it reports that it serves). It answers the daemon's pid. It refuses
+clients of another uid, and requests from another interpreter or code tree;
+when a source file of what it imported changes on disk it answers nothing and
+exits, so that an upgrade never forks old code (the client falls back to exec
+and the next start spawns a fresh zygote). It exits once it has had no
+daemon and no request for ``IDLE_EXIT`` seconds.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import fcntl
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from vtpmctl.childproc import (
+    DAEMON_ENTRY,
+    RLIMITS,
+    ZYGOTE_ENTRY,
+    ZYGOTE_MAX_FDS,
+    ZYGOTE_MAX_MESSAGE,
+    entry_argv,
+    peer_uid,
+    zygote_address,
+    zygote_identity,
+)
+from vtpmctl.device.server import daemon, sockets  # noqa: F401 - imported to be shared
+from vtpmctl.engine import libtpms
+
+IDLE_EXIT = 30.0  # seconds without a daemon or a request
+
+_children: set[int] = set()
+_idle_since = [0.0]  # when the last request came or the last daemon ended
+
+
+def _reap(signum: int = 0, frame: object = None) -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _children.discard(pid)
+        _idle_since[0] = time.monotonic()
+
+
+def _sources() -> dict[str, tuple[int, int]]:
+    """(mtime, size) of each vtpmctl source file this process imported."""
+    out = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if path and (name == "vtpmctl" or name.startswith("vtpmctl.")):
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            out[path] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
+    fds = array.array("i")
+    msg, ancdata, flags, _ = conn.recvmsg(
+        ZYGOTE_MAX_MESSAGE, socket.CMSG_SPACE(fds.itemsize * ZYGOTE_MAX_FDS)
+    )
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    request = json.loads(msg) if not flags & socket.MSG_TRUNC else None
+    return (request if isinstance(request, dict) else {}), list(fds)
+
+
+def _child(
+    listener: socket.socket, conn: socket.socket, request: dict[str, object], fds: list[int]
+) -> None:
+    """In the forked child: become the daemon as ``python -m vtpmctl _daemon`` would."""
+    code = 1
+    try:
+        listener.close()
+        conn.close()
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        os.setsid()
+        os.chdir("/")
+        os.umask(int(request["umask"]))  # type: ignore[call-overload]
+        _set_rlimits(request.get("rlimits"))
+        env = request["env"]
+        assert isinstance(env, dict)
+        os.environ.clear()
+        os.environ.update({str(k): str(v) for k, v in env.items()})
+        time.tzset()
+        ready_fd = _place_fds(fds, request["fds"])  # type: ignore[arg-type]
+        gc.enable()
+        argv = request["argv"]
+        assert isinstance(argv, list)
+        # What ps and status see: the command line an exec would have had.
+        set_command_line([*entry_argv(DAEMON_ENTRY), *map(str, argv)])
+        code = daemon.main([str(a) for a in argv], ready_fd=ready_fd)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:  # noqa: BLE001 - one line in the log, never a traceback
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"vtpmctl: the daemon failed: {exc}\n")
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _place_fds(fds: list[int], numbers: list[int]) -> int:
+    """Put the received fds where the daemon expects them; the ready fd's number.
+
+    ``fds`` are stderr, the ready pipe, then one per entry of ``numbers``, the
+    descriptor numbers the daemon's options name (its key pipes). Everything is
+    first moved above all of those numbers, so no placement overwrites another.
+    """
+    base = max([*numbers, 1023]) + 1
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    stderr_fd, ready_fd, *keys = high
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(stderr_fd, 2)
+    os.close(null)
+    os.close(stderr_fd)
+    for fd, number in zip(keys, numbers, strict=True):
+        os.dup2(fd, number)
+        os.close(fd)
+    return ready_fd
+
+
+def _set_rlimits(limits: object) -> None:
+    """The starter's resource limits, where this process may set them."""
+    import resource
+
+    if not isinstance(limits, dict):
+        return
+    for name in RLIMITS:
+        value = limits.get(name)
+        if isinstance(value, list) and len(value) == 2:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value[0], value[1]))
+
+
+def _serve_one(
+    listener: socket.socket,
+    conn: socket.socket,
+    identity: dict[str, str],
+    sources: dict[str, tuple[int, int]],
+) -> bool:
+    """Answer one client; False when this zygote must exit (its code changed)."""
+    fds: list[int] = []
+    try:
+        if peer_uid(conn) != os.getuid():
+            return True
+        conn.settimeout(5.0)
+        request, fds = _recv_request(conn)
+        numbers = request.get("fds")
+        ok = (
+            isinstance(numbers, list)
+            and all(isinstance(n, int) and n > 2 for n in numbers)
+            and len(fds) == 2 + len(numbers)
+            and {k: request.get(k) for k in identity} == identity
+            and isinstance(request.get("argv"), list)
+            and isinstance(request.get("env"), dict)
+            and isinstance(request.get("umask"), int)
+        )
+        if not ok:
+            conn.send(b'{"error": "bad request"}')
+            return True
+        if _sources() != sources:
+            conn.send(b'{"error": "stale"}')
+            return False
+        gc.freeze()  # what was imported stays out of the collector's reach in the child
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # reaped only once counted
+        try:
+            pid = os.fork()
+            if pid == 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                _child(listener, conn, request, fds)
+            _children.add(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        conn.send(json.dumps({"pid": pid}).encode())
+        return True
+    except (OSError, ValueError):
+        return True
+    finally:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+
+
+def set_command_line(args: list[str]) -> bool:
+    """Show ``args`` as this process's command line (``/proc/PID/cmdline``, ``ps``).
+
+    The kernel shows the memory where the process's arguments were: it is
+    overwritten in place (through ``/proc/self/mem``), NUL-padded to its end;
+    the interpreter keeps its own copies. False if ``args`` do not fit.
+    """
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+        data = b"\0".join(os.fsencode(a) for a in args) + b"\0"
+        if not start or len(data) > end - start:
+            return False
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(data.ljust(end - start, b"\0"))
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Spawned with room to spare (--title-room), which the daemons' command lines use.
+    set_command_line([*entry_argv(ZYGOTE_ENTRY)])
+    ready_fd = int(args[args.index("--ready-fd") + 1]) if "--ready-fd" in args else None
+    # Nothing a spawner left open reaches the daemons (only the ready fd, 3, is ours).
+    if ready_fd is None:
+        os.closerange(3, 1 << 16)
+    else:
+        os.closerange(3, ready_fd)
+        os.closerange(ready_fd + 1, 1 << 16)
+    identity = zygote_identity()
+    libtpms.preload()
+    daemon.parser()  # argparse and what it pulls in, shared instead of built by each daemon
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        listener.bind(zygote_address(identity))
+    except OSError:
+        return 0  # another zygote won the race: the client connects to that one
+    listener.listen(16)
+    if os.fork() != 0:  # leave the process that spawned us; it reaps our first half
+        os._exit(0)
+    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    sources = _sources()
+    gc.collect()
+    if ready_fd is not None:
+        os.write(ready_fd, b"Z")
+        os.close(ready_fd)
+    _idle_since[0] = time.monotonic()
+    while True:
+        _reap()
+        timeout = IDLE_EXIT - (time.monotonic() - _idle_since[0])
+        if timeout <= 0:
+            if not _children:
+                return 0
+            _idle_since[0], timeout = time.monotonic(), IDLE_EXIT
+        listener.settimeout(timeout)
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # the timeout, or an interrupted accept
+            continue
+        _idle_since[0] = time.monotonic()
+        if not _serve_one(listener, conn, identity, sources):
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
