@@ -213,6 +213,20 @@ def parse_tlvs(body: bytes) -> dict[int, bytes]:
 # --- AES-CBC + HMAC-SHA256 (docs/protocol.md#state-files-and-encryption) -------------
 
 
+def preload_cipher() -> None:
+    """Import and warm up the AES implementation (``cryptography``, about 8 MiB).
+
+    For a parent that forks many processes which all encrypt (the daemons'
+    zygote): loaded once there, its pages are shared instead of loaded by each.
+    It keeps no key and no random state.
+    """
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    encryptor = Cipher(algorithms.AES(bytes(32)), modes.CBC(bytes(_AES_BLOCK))).encryptor()
+    encryptor.update(bytes(_AES_BLOCK))
+    encryptor.finalize()
+
+
 def _encrypt(key: AesKey, plain: bytes, data_tag: int, iv_tag: int) -> bytes:
     """Encrypt-then-MAC with swtpm's quirks: key-length padding and a key-length IV."""
     k = key.material

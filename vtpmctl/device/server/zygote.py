@@ -45,6 +45,7 @@ from vtpmctl.childproc import (
 )
 from vtpmctl.device.server import daemon, sockets  # noqa: F401 - imported to be shared
 from vtpmctl.engine import libtpms
+from vtpmctl.store import blob
 
 IDLE_EXIT = 30.0  # seconds without a daemon or a request
 
@@ -151,6 +152,18 @@ def _place_fds(fds: list[int], numbers: list[int]) -> int:
     return ready_fd
 
 
+KEY_OPTIONS = ("key", "key_file", "migration_key", "migration_key_file")
+
+
+def _uses_keys(argv: list[str]) -> bool:
+    """The daemon will encrypt or decrypt (it is given a state or migration key)."""
+    try:
+        values = vars(daemon.parser().parse_args([str(a) for a in argv]))
+    except SystemExit:
+        return False  # the daemon itself will say what is wrong
+    return any(values.get(dest) for dest in KEY_OPTIONS)
+
+
 def _set_rlimits(limits: object) -> None:
     """The starter's resource limits, where this process may set them."""
     import resource
@@ -193,6 +206,8 @@ def _serve_one(
         if _sources() != sources:
             conn.send(b'{"error": "stale"}')
             return False
+        if _uses_keys(request["argv"]):  # type: ignore[arg-type]
+            blob.preload_cipher()  # shared by the encrypted daemons, not loaded by each
         gc.freeze()  # what was imported stays out of the collector's reach in the child
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # reaped only once counted
         try:
