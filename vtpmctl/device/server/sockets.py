@@ -1,10 +1,10 @@
 """swtpm-compatible control and data channel servers (unix, TCP, fd passing).
 
-Threads, not a selector, carry the data channel: a connection's thread
-blocks in recv, runs the command under the engine lock and sends, so one
-busy client costs no poll round per command. The control channel runs on
-the main thread (signals are handled there, never behind a long TPM
-command).
+Threads, not a selector, carry both channels: a connection's thread blocks
+in recv, runs the command (under the engine lock where it needs one) and
+sends, so a busy client costs no poll round per command. The main thread
+only accepts control clients (one at a time) and handles signals, so a
+signal is never held behind a long TPM command.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import array
 import contextlib
 import logging
 import os
+import queue
 import select
-import selectors
+import signal
 import socket
 import stat
 import threading
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 BLOB_READ_TIMEOUT = 10.0  # a stalled SET_STATEBLOB sender loses its connection
 STOP_POLL = 0.1  # how often a long control read looks whether the server is stopping
+CLIENT_JOIN_TIMEOUT = 5.0  # seconds an exiting server waits for the control command under way
 UNIX_PATH_MAX = 107
 
 
@@ -251,13 +253,15 @@ class DataChannel:
 # ---------------------------------------------------------------- control channel
 
 
-def _recv_with_fds(conn: socket.socket, size: int) -> tuple[bytes, list[int]]:
+_FDS_SPACE = socket.CMSG_SPACE(array.array("i").itemsize * 4)
+
+
+def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds = array.array("i")
-    msg, ancdata, _flags, _addr = conn.recvmsg(size, socket.CMSG_SPACE(fds.itemsize * 4))
     for level, typ, data in ancdata:
         if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
             fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
-    return msg, list(fds)
+    return list(fds)
 
 
 def _blob_too_large(data: bytes) -> bool:
@@ -289,6 +293,13 @@ class ControlConnection:
         self.server = server
         self.engine = server.engine
         self.conn = conn
+        # Prebuilt for the request loop: a receive buffer, the bound methods, GET_CAPABILITY.
+        self._buf = bytearray(CTRL_FIRST_READ)
+        self._bufs = [self._buf]
+        self._recvmsg_into = conn.recvmsg_into
+        self._sendall = conn.sendall
+        self._caps_request = server.caps_request
+        self._caps_reply = server.caps_reply
         # POLLHUP/POLLERR are always reported: a mask of 0 asks for nothing else.
         self._hangup = select.poll()
         self._hangup.register(conn, 0)
@@ -341,9 +352,22 @@ class ControlConnection:
     def handle_readable(self) -> bool:
         """Serve one request; False when the connection must be closed."""
         try:
-            data, fds = _recv_with_fds(self.conn, CTRL_FIRST_READ)
+            n, ancdata, _flags, _addr = self._recvmsg_into(self._bufs, _FDS_SPACE)
         except OSError:
             return False
+        if (
+            n == len(self._caps_request)
+            and not ancdata
+            and self._buf.startswith(self._caps_request)
+        ):
+            # The control channel's hot path: the engine's answer never changes.
+            try:
+                self._sendall(self._caps_reply)
+            except OSError:
+                return False
+            return True
+        data = bytes(self._buf[:n])
+        fds = _fds_of(ancdata) if ancdata else []
         if not data:
             for fd in fds:
                 os.close(fd)
@@ -482,10 +506,10 @@ class ControlConnection:
                 return short(Res.BAD_PARAMETER)
             data = body[fixed : fixed + length]
         reply = engine.control(cmd, fields, data)
-        return self._encode(cmd, fields, reply), reply
+        return self.encode(cmd, fields, reply), reply
 
     @staticmethod
-    def _encode(cmd: Cmd, fields: dict[str, int], reply: ControlReply) -> bytes:
+    def encode(cmd: Cmd, fields: dict[str, int], reply: ControlReply) -> bytes:
         if cmd == Cmd.GET_STATEBLOB:
             if reply.result in (Res.BAD_ORDINAL, Res.BAD_PARAMETER):
                 return encode_socket_response(Cmd.STOP, reply.result)
@@ -543,7 +567,6 @@ class SocketServer:
         self._data_conn = data_conn
         self._exit = threading.Event()
         self.exit_message: str | None = None
-        self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -555,6 +578,9 @@ class SocketServer:
                 self._ctrl_listener.close()
             raise
         self._datafd_channel: DataChannel | None = None
+        self._client_error: BaseException | None = None
+        self._client_done = threading.Event()
+        self._clients: queue.SimpleQueue[ControlConnection | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._admin = None
         if admin is not None:
@@ -567,6 +593,11 @@ class SocketServer:
                     if sock is not None:
                         sock.close()
                 raise
+        # GET_CAPABILITY, the request monitors poll, answered from bytes made once
+        # by the engine and the protocol table (the engine's caps never change).
+        self.caps_request = CODE.pack("big", {"code": Cmd.GET_CAPABILITY})
+        caps = engine.control(Cmd.GET_CAPABILITY, {})
+        self.caps_reply = ControlConnection.encode(Cmd.GET_CAPABILITY, {}, caps)
 
     # -- called from other threads
 
@@ -649,50 +680,88 @@ class SocketServer:
             DataChannel(self.engine, self._data_conn, self._data_conn_closed, self.fatal).start()
 
     def serve_forever(self) -> None:
+        """Accept control clients, one at a time; handle signals and exit requests.
+
+        The main thread polls only the wake-up pipe and the listener, so a
+        signal is handled at once. The connected control client is served by
+        a blocking loop on the "control" thread: no poll round per request.
+        """
         self._start_threads()
-        sel = self._sel
-        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        threading.Thread(target=self._control_loop, name="control", daemon=True).start()
+        poller = select.poll()
+        wake_fd = self._wake_r.fileno()
+        listen_fd = self._ctrl_listener.fileno() if self._ctrl_listener is not None else -1
+        poller.register(wake_fd, select.POLLIN)
         client: ControlConnection | None = None
         if self._ctrl_client is not None:
             client = ControlConnection(self, self._ctrl_client)
-            sel.register(self._ctrl_client, selectors.EVENT_READ, "client")
+            self._clients.put(client)
         elif self._ctrl_listener is not None:
-            sel.register(self._ctrl_listener, selectors.EVENT_READ, "listen")
+            poller.register(listen_fd, select.POLLIN)
+        shutdown = self.engine.shutdown_requested
+        # A signal may be delivered to any thread; its handler runs only on this
+        # one, which the wake-up pipe wakes from its poll.
+        # (A server run on another thread, as in tests, leaves signals to that one's owner.)
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         try:
-            while not self._exit.is_set() and not self.engine.shutdown_requested.is_set():
-                for key, _ in sel.select():
-                    if key.data == "wake":
-                        try:
-                            while self._wake_r.recv(64):
-                                pass
-                        except BlockingIOError:
-                            pass
-                    elif key.data == "listen":
+            while not self._exit.is_set() and not shutdown.is_set():
+                for fd, _ in poller.poll():
+                    if fd == wake_fd:
+                        self._drain_wake()
+                    elif fd == listen_fd and client is None:
                         assert self._ctrl_listener is not None
                         conn, _ = self._ctrl_listener.accept()
-                        client = ControlConnection(self, conn)
                         # One control client at a time: stop polling the listener.
-                        sel.unregister(self._ctrl_listener)
-                        sel.register(conn, selectors.EVENT_READ, "client")
-                    elif (
-                        key.data == "client" and client is not None and not client.handle_readable()
-                    ):
-                        sel.unregister(client.conn)
-                        client.conn.close()
-                        client = None
-                        if self._ctrl_listener is not None:
-                            sel.register(self._ctrl_listener, selectors.EVENT_READ, "listen")
-                    if self._exit.is_set():
-                        break
+                        poller.unregister(listen_fd)
+                        client = ControlConnection(self, conn)
+                        self._clients.put(client)
+                if client is not None and self._client_done.is_set():
+                    self._client_finished(client)
+                    client = None
+                    if self._ctrl_listener is not None:
+                        poller.register(listen_fd, select.POLLIN)
         finally:
+            if main:
+                signal.set_wakeup_fd(old_wakeup)
             if client is not None:
+                with contextlib.suppress(OSError):
+                    client.conn.shutdown(socket.SHUT_RDWR)  # ends its blocking read
+                self._client_done.wait(CLIENT_JOIN_TIMEOUT)
                 client.conn.close()
+            self._clients.put(None)
             self.close()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _client_finished(self, client: ControlConnection) -> None:
+        """The control thread is done with ``client``: close it, raise what broke it."""
+        self._client_done.clear()
+        client.conn.close()
+        if self._client_error is not None:
+            raise self._client_error
+
+    def _control_loop(self) -> None:
+        """The "control" thread: each client handed over, in a blocking request loop."""
+        while (client := self._clients.get()) is not None:
+            try:
+                while not self._exit.is_set() and client.handle_readable():
+                    pass
+            except BaseException as exc:  # a bug: the main thread raises it, as it would have
+                self._client_error = exc
+            finally:
+                self._client_done.set()
+                self.wake()
 
     def close(self) -> None:
         if self._admin is not None:
             self._admin.close()
-        self._sel.close()
         for sock in (self._ctrl_listener, self._data_listener):
             if sock is not None:
                 sock.close()
