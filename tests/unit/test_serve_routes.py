@@ -11,7 +11,7 @@ import typer.main
 
 from vtpmctl.cli import _fast_plan, build_app
 from vtpmctl.device.server.options import SERVE_OPTIONS, build_parser, serve_argv
-from vtpmctl.usecases.supervisor import runs_daemon
+from vtpmctl.usecases.supervisor import runs_daemon, runs_zygote
 
 
 def _typer_serve_options() -> set[str]:
@@ -148,6 +148,23 @@ def test_daemon_command_lines_of_every_version_are_recognised(
     argv: list[bytes], ours: bool
 ) -> None:
     assert runs_daemon(argv) == ours
+
+
+@pytest.mark.parametrize(
+    ("argv", "zygote"),
+    [
+        ([b"/usr/bin/python3", b"-m", b"vtpmctl", b"_zygote", b"--ready-fd", b"3"], True),
+        ([b"python3", b"-I", b"-m", b"vtpmctl", b"_zygote"], True),
+        ([b"python3", b"-m", b"vtpmctl", b"_daemon", b"--state", b"/s"], False),
+        ([b"python3", b"-m", b"vtpmctl.device.server.zygote"], False),
+        ([b"python3", b"-m", b"vtpmctl", b"start", b"_zygote"], False),
+    ],
+)
+def test_zygote_command_lines_are_told_from_daemons(argv: list[bytes], zygote: bool) -> None:
+    """A daemon the zygote forked keeps this command line; it is known by its lock instead."""
+    assert runs_zygote(argv) == zygote
+    if zygote:
+        assert not runs_daemon(argv)
 
 
 def test_entry_points_run_the_daemon_module() -> None:
