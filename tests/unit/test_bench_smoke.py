@@ -75,3 +75,20 @@ def test_bench_ab_smoke() -> None:
         + [sys.executable, "-c", "import vtpmctl"]
     )
     assert "CPU after/before" in out
+
+
+@needs_swtpm
+@pytest.mark.skipif(shutil.which("swtpm_setup") is None, reason="swtpm_setup not installed")
+def test_bench_lifecycle_smoke(tmp_path: Path) -> None:
+    out = _run(
+        [
+            sys.executable,
+            str(BENCH / "bench_lifecycle.py"),
+            "--smoke",
+            "--json",
+            str(tmp_path / "r"),
+        ]
+    )
+    for row in ("| start |", "| stop |", "| restart |", "| vtpmctl |", "| vtpmctl encrypted |"):
+        assert row in out
+    assert (tmp_path / "r").read_text().startswith("{")
