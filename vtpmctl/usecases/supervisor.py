@@ -13,7 +13,6 @@ import contextlib
 import errno
 import os
 import select
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -934,6 +933,8 @@ def wait_stopped(inst: Instance, pid: int, timeout: float) -> bool:
 
 def _terminate(pid: int, inst: Instance) -> bool:
     """SIGTERM, then SIGKILL: only ever to this instance's own daemon."""
+    import signal
+
     for sig, wait in ((signal.SIGTERM, TERM_TIMEOUT), (signal.SIGKILL, TERM_TIMEOUT)):
         if not is_our_daemon(pid, inst):
             return _gone(pid)
@@ -968,6 +969,8 @@ def _stop_by_signal(inst: Instance, pid: int, *, force: bool, timeout: float) ->
     For a daemon that outlives CMD_SHUTDOWN; a hypervisor may also hold its
     control channel, so a signal is the one way that always gets through.
     """
+    import signal
+
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

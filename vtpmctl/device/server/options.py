@@ -10,13 +10,13 @@ no dataclasses, no engine.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from vtpmctl.model import KEY_SPEC_HELP, KEY_SPEC_METAVAR, KeyFormat, OnShutdown, TpmFamily
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Iterable
     from enum import StrEnum
     from typing import Any, Literal
@@ -137,15 +137,20 @@ SERVE_OPTIONS: tuple[ServeOption, ...] = (
 BY_DEST = {opt.dest: opt for opt in SERVE_OPTIONS}
 
 
-class _QuietParser(argparse.ArgumentParser):
-    """Raises instead of printing, so a caller can hand odd command lines to typer."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ValueError(message)
-
-
 def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
-    """The daemon's parser: the same options, names and meaning as ``vtpmctl serve``."""
+    """The daemon's parser: the same options, names and meaning as ``vtpmctl serve``.
+
+    argparse is imported here: ``serve_argv`` (what ``vtpmctl start`` needs) does
+    without it.
+    """
+    import argparse
+
+    class _QuietParser(argparse.ArgumentParser):
+        """Raises instead of printing, so a caller can hand odd command lines to typer."""
+
+        def error(self, message: str) -> NoReturn:
+            raise ValueError(message)
+
     cls = _QuietParser if quiet else argparse.ArgumentParser
     p = cls(prog="vtpmctl-daemon", description=__doc__, add_help=not quiet)
     for opt in SERVE_OPTIONS:
