@@ -82,7 +82,7 @@ ZYGOTE_TITLE_ROOM = 4096
 ZYGOTE_MAX_FDS = 8  # descriptors with a request: stderr, the ready pipe, key pipes
 
 
-def zygote_identity() -> dict[str, str]:
+def zygote_identity(cipher: bool = False) -> dict[str, str]:
     """What a zygote must share with its client, so that its daemons are what an exec
     would have made: the interpreter and the code, and where the daemon lands (the
     cgroup, e.g. a systemd unit's, and the mount namespace) with which groups."""
@@ -104,6 +104,7 @@ def zygote_identity() -> dict[str, str]:
         "cgroup": read("/proc/self/cgroup"),
         "mnt": mnt,
         "groups": " ".join(map(str, [os.getgid(), *sorted(os.getgroups())])),
+        "cipher": "yes" if cipher else "no",
     }
 
 
@@ -130,6 +131,7 @@ def fork_daemon(
     stderr_fd: int,
     ready_fd: int,
     pass_fds: list[int] | None = None,
+    cipher: bool = False,
 ) -> int | None:
     """Have the zygote fork a daemon running ``_daemon args``; its pid, or None.
 
@@ -138,10 +140,13 @@ def fork_daemon(
     The daemon writes one byte to ``ready_fd`` once it serves, and the fd
     closes when it exits; ``stderr_fd`` becomes its stderr (the log);
     ``pass_fds`` reach it under the same numbers (what its options name).
+    A daemon that encrypts (``cipher``) comes from a zygote of its own, which
+    has loaded the AES implementation for all of them, so that plain daemons
+    do not map it.
     """
     import _socket
 
-    identity = zygote_identity()
+    identity = zygote_identity(cipher)
     request = json.dumps(
         {
             "argv": args,
@@ -154,7 +159,7 @@ def fork_daemon(
     ).encode()
     if len(request) > ZYGOTE_MAX_MESSAGE:
         return None
-    sock = _connect_zygote(zygote_address(identity))
+    sock = _connect_zygote(zygote_address(identity), cipher)
     if sock is None:
         return None
     try:
@@ -200,7 +205,7 @@ def _rlimits() -> dict[str, list[int]]:
     return {name: list(resource.getrlimit(getattr(resource, "RLIMIT_" + name))) for name in RLIMITS}
 
 
-def _connect_zygote(address: bytes) -> Any:
+def _connect_zygote(address: bytes, cipher: bool) -> Any:
     """A connection to this user's zygote, starting one if there is none; None if that fails."""
     import _socket
 
@@ -214,19 +219,26 @@ def _connect_zygote(address: bytes) -> Any:
             return sock
         except OSError:
             sock.close()
-        if attempt == 0 and not _spawn_zygote():
+        if attempt == 0 and not _spawn_zygote(cipher):
             return None
     return None
 
 
-def _spawn_zygote() -> bool:
+def _spawn_zygote(cipher: bool) -> bool:
     """Start the zygote detached and wait until it listens (or found another one there)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         argv = entry_argv(ZYGOTE_ENTRY)
         pid = os.posix_spawn(
             argv[0],
-            [*argv, "--ready-fd", "3", "--title-room", "_" * ZYGOTE_TITLE_ROOM],
+            [
+                *argv,
+                *(["--cipher"] if cipher else []),
+                "--ready-fd",
+                "3",
+                "--title-room",
+                "_" * ZYGOTE_TITLE_ROOM,
+            ],
             child_env(),
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),

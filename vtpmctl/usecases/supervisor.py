@@ -748,7 +748,8 @@ def _spawn(
         return _exec(args, env, log_fd, key_fds)
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid = fork_daemon(args, env, log_fd, w, key_fds)
+        cipher = bool(key_fds or inst.config.encrypted or inst.config.migration_key)
+        pid = fork_daemon(args, env, log_fd, w, key_fds, cipher=cipher)
     except BaseException:
         os.close(r)
         raise

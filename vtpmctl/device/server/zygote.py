@@ -207,7 +207,7 @@ def _serve_one(
             conn.send(b'{"error": "stale"}')
             return False
         if _uses_keys(request["argv"]):  # type: ignore[arg-type]
-            blob.preload_cipher()  # shared by the encrypted daemons, not loaded by each
+            blob.preload_cipher()  # a plain zygote asked for one that encrypts: load it once
         gc.freeze()  # what was imported stays out of the collector's reach in the child
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # reaped only once counted
         try:
@@ -253,7 +253,7 @@ def set_command_line(args: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     # Spawned with room to spare (--title-room), which the daemons' command lines use.
-    set_command_line([*entry_argv(ZYGOTE_ENTRY)])
+    set_command_line([*entry_argv(ZYGOTE_ENTRY), *(["--cipher"] if "--cipher" in args else [])])
     ready_fd = int(args[args.index("--ready-fd") + 1]) if "--ready-fd" in args else None
     # Nothing a spawner left open reaches the daemons (only the ready fd, 3, is ours).
     if ready_fd is None:
@@ -261,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         os.closerange(3, ready_fd)
         os.closerange(ready_fd + 1, 1 << 16)
-    identity = zygote_identity()
+    cipher = "--cipher" in args  # the zygote of the daemons that encrypt
+    identity = zygote_identity(cipher)
     libtpms.preload()
+    if cipher:
+        blob.preload_cipher()  # shared by its daemons, not loaded by each
     daemon.parser()  # argparse and what it pulls in, shared instead of built by each daemon
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
