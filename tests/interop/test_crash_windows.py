@@ -394,3 +394,4 @@ def test_rotate_and_export_settle_a_pending_restore_first(
     with DataClient(copy.data_socket) as tpm:
         assert rc(tpm.transact(t.build_startup(t.SU_CLEAR))) in (0, 0x100)
         assert nv_read(tpm.transact) == BEFORE
+    server.ok(home, "stop", "copy")  # a daemon left running outlives the test
