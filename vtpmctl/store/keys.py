@@ -83,23 +83,16 @@ def _read_secret(path: Path, what: str) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise KeyFileError(f"{what} {path} is not a regular file; give the path of a file")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= _MAX_FILE_BYTES:
-            chunk = os.read(fd, _MAX_FILE_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = _read_bounded(fd)
     except OSError as exc:
         raise KeyFileError(f"{what} {path} cannot be read: {exc.strerror}") from None
     finally:
         os.close(fd)
-    if size > _MAX_FILE_BYTES:
+    if len(data) > _MAX_FILE_BYTES:
         raise KeyFileError(
             f"{what} {path} is larger than {_MAX_FILE_BYTES} bytes; is this really the key file?"
         )
-    return b"".join(chunks)
+    return data
 
 
 def _cipher_bytes(cipher: str | None) -> int | None:
@@ -453,21 +446,27 @@ def read_secret_fd(fd: int, what: str = "key") -> bytes:
     if stat.S_ISDIR(st.st_mode):
         os.close(fd)
         raise KeyFileError(f"{what} descriptor {fd} is a directory; pass a file or a pipe")
-    chunks: list[bytes] = []
-    size = 0
     try:
-        while size <= _MAX_FILE_BYTES:
-            chunk = os.read(fd, _MAX_FILE_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = _read_bounded(fd)
     except OSError as exc:
         raise KeyFileError(f"{what} descriptor {fd} cannot be read: {exc.strerror}") from None
     finally:
         os.close(fd)
-    if size > _MAX_FILE_BYTES:
+    if len(data) > _MAX_FILE_BYTES:
         raise KeyFileError(f"{what} descriptor {fd} gave more than {_MAX_FILE_BYTES} bytes")
+    return data
+
+
+def _read_bounded(fd: int) -> bytes:
+    """Read to EOF but at most one byte past the limit, so callers can tell "too big"."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= _MAX_FILE_BYTES:
+        chunk = os.read(fd, _MAX_FILE_BYTES + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
     return b"".join(chunks)
 
 
