@@ -978,6 +978,11 @@ def _stop_by_signal(inst: Instance, pid: int, *, force: bool, timeout: float) ->
         pass
     except PermissionError as exc:
         raise LifecycleError(f"cannot signal pid {pid}: {exc.strerror}") from None
+    return _await_exit(inst, pid, force=force, timeout=timeout)
+
+
+def _await_exit(inst: Instance, pid: int, *, force: bool, timeout: float) -> int:
+    """Wait for a daemon already asked to end; with force, kill what outlives the wait."""
     if not wait_stopped(inst, pid, TERM_TIMEOUT if force else timeout):
         if not force:
             raise LifecycleError(
@@ -1029,12 +1034,4 @@ def _stop(inst: Instance, pid: int, force: bool, timeout: float) -> int | None:
             raise LifecycleError(
                 f"{inst.name} (pid {pid}) did not accept CMD_SHUTDOWN ({exc}); retry with --force"
             ) from None
-    if not wait_stopped(inst, pid, TERM_TIMEOUT if force else timeout):
-        if not force:
-            raise LifecycleError(
-                f"{inst.name} (pid {pid}) did not stop within {timeout:.0f}s; retry with --force"
-            )
-        if not _terminate(pid, inst):
-            raise LifecycleError(f"{inst.name} (pid {pid}) survived SIGKILL; check the process")
-    clean_stale(inst)
-    return pid
+    return _await_exit(inst, pid, force=force, timeout=timeout)
