@@ -80,3 +80,24 @@ def test_exec_fallback_when_the_zygote_is_off(home: Home) -> None:
     assert serves(pid, home.registry().paths("x").state_dir)
     home.run("stop", "x")  # the same stop knows an exec'd daemon
     assert home.status("x")[0] == 3
+
+
+def test_forked_daemon_under_a_low_open_files_limit(home: Home) -> None:
+    """The daemon takes its starter's limits; ``ulimit -n 256`` must not stop it."""
+    import resource
+
+    home.run("create", "lim", "--no-ek")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    subprocess.run(
+        [*VTPMCTL, "start", "lim"],
+        env=home.env,
+        check=True,
+        capture_output=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+    )
+    pid = home.status("lim")[1]["pid"]
+    assert runs_zygote(_cmdline(_ppid(pid))), "forked, not the exec fallback"
+    with open(f"/proc/{pid}/limits") as f:
+        assert any(line.startswith("Max open files") and " 256 " in line for line in f)
+    assert len(_random(home, "lim")) == 32
+    home.run("stop", "lim")

@@ -96,6 +96,7 @@ def _child(
 ) -> None:
     """In the forked child: become the daemon as ``python -m vtpmctl _daemon`` would."""
     code = 1
+    err_fd = fds[0]  # the log, which becomes fd 2 once the fds are placed
     try:
         listener.close()
         conn.close()
@@ -111,6 +112,7 @@ def _child(
         os.environ.update({str(k): str(v) for k, v in env.items()})
         time.tzset()
         ready_fd = _place_fds(fds, request["fds"])  # type: ignore[arg-type]
+        err_fd = 2
         gc.enable()
         argv = request["argv"]
         assert isinstance(argv, list)
@@ -121,7 +123,7 @@ def _child(
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # noqa: BLE001 - one line in the log, never a traceback
         with contextlib.suppress(Exception):
-            sys.stderr.write(f"vtpmctl: the daemon failed: {exc}\n")
+            os.write(err_fd, f"vtpmctl: the daemon failed: {exc}\n".encode())
     finally:
         with contextlib.suppress(Exception):
             sys.stderr.flush()
@@ -135,7 +137,7 @@ def _place_fds(fds: list[int], numbers: list[int]) -> int:
     descriptor numbers the daemon's options name (its key pipes). Everything is
     first moved above all of those numbers, so no placement overwrites another.
     """
-    base = max([*numbers, 1023]) + 1
+    base = max([*numbers, 2]) + 1  # not a fixed high number: RLIMIT_NOFILE may be 1024
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for fd in fds]
     for fd in fds:
         os.close(fd)
