@@ -10,15 +10,19 @@ the certificate tool's temp dir and the keys themselves.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from compat_bin import install
+from rawsock import read_exact
 from swtpm_peer import swtpm_socket
 
 REAL = "swtpm_setup"
@@ -198,12 +202,16 @@ def test_refusals_and_capabilities(ours: str, tmp_path: Path) -> None:
     state = tmp_path / "s"
     state.mkdir()
     assert run(ours, ["--tpm2", "--tpm-state", str(state)]).returncode == 0
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
     cases = [
         ["--tpm2"],
         ["--tpm2", "--tpm-state", str(state)],
         ["--tpm2", "--tpm-state", str(state), "--not-overwrite"],
         ["--tpm2", "--tpm-state", str(tmp_path / "missing")],
         ["--print-capabilities"],
+        ["--tpm2", "--take-ownership", "--tpm-state", str(fresh)],
+        ["--tpm2", "--ownerpass", "x", "--tpm-state", str(state), "--not-overwrite"],
     ]
     for args in cases:
         mine, real = run(ours, args), run(REAL, args)
@@ -309,3 +317,123 @@ def test_create_config_files(ours: str, tmp_path: Path) -> None:
         ]
         trees[who] = (outcome, files, conf, (base / "swtpm-localca.options").read_text())
     assert trees["ours"] == trees["real"]
+
+
+# ---------------------------------------------------------------- TPM 1.2
+
+TPM12_CASES = {
+    "well-known": (["--owner-well-known", "--srk-well-known"], bytes(20)),
+    "passwords": (["--ownerpass", "the owner", "--srkpass", "the srk"], b"the owner"),
+}
+
+
+def tpm12_transact(sock: socket.socket) -> Callable[[bytes], bytes]:
+    """Raw TPM 1.2 commands on a data socket: the header says how long each answer is."""
+
+    def transact(command: bytes) -> bytes:
+        sock.sendall(command)
+        head = read_exact(sock, 10, timeout=30)
+        return head + read_exact(sock, int.from_bytes(head[2:6], "big") - 10, timeout=30)
+
+    return transact
+
+
+@dataclass
+class Tpm12Reads:
+    modulus: bytes
+    nv: dict[int, object]  # each index's attributes and PCR bindings
+    certs: dict[int, bytes]  # DER, out of the TCG header
+    headed: dict[int, bool]  # the header's size matched
+
+
+def tpm12_reads(state: Path, owner: bytes, exe: str | None) -> Tpm12Reads:
+    """What raw TPM 1.2 commands read from a state on ``exe`` (None: the real swtpm)."""
+    from vtpmctl.engine import tpm12
+    from vtpmctl.engine.tpm2 import TpmError
+
+    auth = hashlib.sha1(owner).digest()
+    with swtpm_socket(state, tpm2=False, ctrl="tcp", data="tcp", exe=exe) as tpm:
+        sock = tpm.data.connect(timeout=30)
+        try:
+            transact = tpm12_transact(sock)
+            with pytest.raises(TpmError):  # the owner's password is the one given
+                tpm12.owner_read_ek(transact, hashlib.sha1(b"wrong").digest())
+            with pytest.raises(TpmError):  # the NV is locked: reading needs the owner
+                tpm12.nv_read(transact, tpm12.NV_INDEX_EK_CERT, 8)
+            publics = {i: tpm12.nv_public(transact, i) for i in tpm12.nv_indices(transact)}
+            stored = {i: tpm12.nv_read(transact, i, p["size"], auth) for i, p in publics.items()}
+            modulus = tpm12.owner_read_ek(transact, auth)
+        finally:
+            sock.close()
+    return Tpm12Reads(
+        modulus,
+        {i: (p["permission"], p["read_pcr"], p["write_pcr"]) for i, p in publics.items()},
+        {i: tpm12.unstored_cert(data) for i, data in stored.items()},
+        {i: len(tpm12.unstored_cert(data)) + 7 == len(data) for i, data in stored.items()},
+    )
+
+
+@pytest.mark.parametrize("case", list(TPM12_CASES))
+def test_tpm12_manufacture_both_ways(case: str, ours: str, tmp_path: Path) -> None:
+    """A TPM 1.2 with EK, certificates, NV lock and an owner, by each swtpm_setup; each
+    state is read through raw TPM 1.2 commands on the real swtpm and on vtpmctl's."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    options, owner = TPM12_CASES[case]
+    args = [*LIBVIRT, "--take-ownership", *options, "--display", "--vmid", "dom:1"]
+    lines, reads = {}, {}
+    for who, exe in (("ours", ours), ("real", REAL)):
+        state = tmp_path / who
+        state.mkdir()
+        res = run(exe, [*args, "--tpm-state", str(state)])
+        assert res.returncode == 0, (who, res.stdout, res.stderr)
+        lines[who] = normal(res.stdout)
+        made = re.search(r"--ek ([0-9a-f]+)", res.stdout.decode())
+        assert made is not None
+        assert sorted(p.name for p in state.iterdir()) == [".lock", "tpm-00.permall"]
+        for server in (None, str(Path(ours).parent / "swtpm")):
+            found = tpm12_reads(state, owner, server)
+            assert found.modulus.hex() == made.group(1), (who, server)
+            reads[(who, server is None)] = found
+    assert lines["ours"] == lines["real"]
+    for found in reads.values():
+        assert found.nv == reads[("real", True)].nv
+        assert set(found.nv) == {0x1000F000, 0x1000F002}
+        assert all(found.headed.values())
+        for der in found.certs.values():
+            chain_ok(der)
+            key = x509.load_der_x509_certificate(der).public_key()
+            assert isinstance(key, rsa.RSAPublicKey)
+            assert key.public_numbers().n == int.from_bytes(found.modulus, "big")
+    for who in ("ours", "real"):  # both servers read the same from one state
+        assert reads[(who, True)] == reads[(who, False)]
+
+
+def test_tpm12_certificates_from_vtpmctls_ca(ours: str, tmp_path: Path) -> None:
+    """``create_certs_tool = vtpmctl``: the CA's DER certificates go into NV with the header."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    home = tmp_path / "home"
+    config = tmp_path / "swtpm_setup.conf"
+    config.write_text("create_certs_tool = vtpmctl\n")
+    state = tmp_path / "state"
+    state.mkdir()
+    args = [*LIBVIRT, "--take-ownership", "--owner-well-known", "--config", str(config)]
+    res = subprocess.run(
+        [ours, *args, "--tpm-state", str(state)],
+        capture_output=True,
+        timeout=120,
+        env=dict(os.environ, VTPMCTL_HOME=str(home)),
+    )
+    assert res.returncode == 0, res.stderr
+    found = tpm12_reads(state, bytes(20), None)
+    ca = x509.load_pem_x509_certificate((home / "etc" / "ca" / "ca-cert.pem").read_bytes())
+    assert set(found.certs) == {0x1000F000, 0x1000F002}
+    for der in found.certs.values():
+        cert = x509.load_der_x509_certificate(der)
+        cert.verify_directly_issued_by(ca)
+        key = cert.public_key()
+        assert isinstance(key, rsa.RSAPublicKey)
+        assert key.public_numbers().n == int.from_bytes(found.modulus, "big")

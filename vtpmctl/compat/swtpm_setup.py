@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import grp
+import hashlib
 import os
 import pwd
 import shutil
@@ -42,6 +43,11 @@ CIPHERS = {"aes-cbc": 16, "aes-128-cbc": 16, "aes-256-cbc": 32}
 SYSTEM_CONFIG = Path("/etc/swtpm_setup.conf")
 OWN_CA = "vtpmctl"  # create_certs_tool value that picks vtpmctl's CA
 PLATFORM_INDEX = 0x01C08000
+# TPM 1.2 ownership: the passwords swtpm_setup uses unless told, and the "well-known"
+# secret (its SHA-1 is the authorisation, as swtpm_setup 0.7.1 computes it).
+DEFAULT_OWNER_PASSWORD = "ooo"
+DEFAULT_SRK_PASSWORD = "sss"
+WELL_KNOWN_SECRET = bytes(20)
 
 # What swtpm_setup 0.7.1 prints for --print-capabilities, for what vtpmctl really does.
 FEATURES = (
@@ -106,11 +112,11 @@ Usage: swtpm_setup [options]
 --tpm-state DIR, --tpmstate DIR
                    where the state goes (required); dir://DIR or file://FILE
 --tpm2             make a TPM 2.0 (default: TPM 1.2)
---createek         create the EKs (TPM 2.0: RSA and ECC NIST P-384)
+--createek         create the EKs (TPM 2.0: RSA and ECC NIST P-384; TPM 1.2: RSA 2048)
 --create-ek-cert   also an EK certificate for each (implies --createek)
 --create-platform-cert
                    also a platform certificate (implies --create-ek-cert)
---lock-nvram       write-lock the NV indexes that were written
+--lock-nvram       write-lock the NV indexes that were written (TPM 1.2: lock the NV)
 --create-spk       create a storage primary key (RSA 2048, or ECC P-384 with --ecc)
 --ecc              make the storage primary key an ECC key
 --allow-signing    EKs that can sign (non-standard; their templates go into NV)
@@ -135,8 +141,11 @@ Usage: swtpm_setup [options]
                    write per-user swtpm_setup and swtpm-localca configuration files
 --runas USER       run as USER (root only)
 --display          show what was made at the end
---take-ownership, --ownerpass P, --owner-well-known, --srkpass P, --srk-well-known
-                   TPM 1.2 ownership (not available in vtpmctl)
+--take-ownership   take ownership of a TPM 1.2 (implies --createek)
+--ownerpass P      the owner password (default: {DEFAULT_OWNER_PASSWORD})
+--owner-well-known an owner password of 20 zero bytes
+--srkpass P        the SRK password (default: {DEFAULT_SRK_PASSWORD})
+--srk-well-known   an SRK password of 20 zero bytes
 --tpm PATH, --swtpm_ioctl PATH, --tcsd-system-ps-file FILE
                    accepted for compatibility; vtpmctl serves the TPM itself
 --print-capabilities
@@ -341,6 +350,7 @@ class CertTool:
     options: str | None
     vmid: str | None
     out: Output
+    tpm2: bool = True
 
     def issue(self, kind: str, ek: dict[str, Any], info: dict[str, str], workdir: Path) -> bytes:
         key = ek["modulus"] if "modulus" in ek else f"x={ek['x']},y={ek['y']},id=secp384r1"
@@ -360,8 +370,9 @@ class CertTool:
             info["model"],
             "--tpm-version",
             info["version"],
-            "--tpm2",
         ]
+        if self.tpm2:
+            argv.append("--tpm2")
         if self.config:
             argv += ["--configfile", self.config]
         if self.options:
@@ -476,13 +487,29 @@ def _check_options(setup: Setup, tpm2: bool) -> None:
     for name in ("allow-signing", "decryption", "create-spk", "reconfigure"):
         if setup.has(name) and not tpm2:
             raise SwtpmSetupError(f"--{name} requires --tpm2.")
-    for name in ("take-ownership", "ownerpass", "owner-well-known", "srkpass", "srk-well-known"):
-        if setup.has(name):
-            if tpm2:
-                raise SwtpmSetupError(f"--{name} is only available for a TPM 1.2.")
-            raise SwtpmSetupError(f"--{name}: TPM 1.2 ownership is not available in vtpmctl.")
-    if not tpm2 and (setup.has("createek") or setup.has("create-ek-cert")):
-        raise SwtpmSetupError("TPM 1.2 EKs are not available in vtpmctl; use --tpm2.")
+    if tpm2 and setup.has("take-ownership"):  # the password options alone are ignored
+        raise SwtpmSetupError("Taking ownership is not supported for TPM 2.")
+
+
+def _auth_digest(setup: Setup, password: str, well_known: str, default: str) -> str:
+    """The 20-byte authorisation (hex) for TPM_TakeOwnership: SHA-1 of the password."""
+    if password in setup.values:
+        secret = setup.values[password].encode()
+    elif setup.has(well_known):
+        secret = WELL_KNOWN_SECRET
+    else:
+        secret = default.encode()
+    return hashlib.sha1(secret).hexdigest()
+
+
+def _ownership(setup: Setup, tpm2: bool) -> dict[str, str]:
+    """The owner and SRK secrets the child needs for --take-ownership (stdin only)."""
+    if tpm2 or not setup.has("take-ownership"):
+        return {}
+    return {
+        "owner_auth": _auth_digest(setup, "ownerpass", "owner-well-known", DEFAULT_OWNER_PASSWORD),
+        "srk_auth": _auth_digest(setup, "srkpass", "srk-well-known", DEFAULT_SRK_PASSWORD),
+    }
 
 
 def _issuer(setup: Setup, config: dict[str, str], out: Output) -> CertTool | OwnCA:
@@ -495,6 +522,7 @@ def _issuer(setup: Setup, config: dict[str, str], out: Output) -> CertTool | Own
         config.get("create_certs_tool_options"),
         setup.values.get("vmid"),
         out,
+        tpm2="tpm2" in setup.flags,
     )
 
 
@@ -541,8 +569,11 @@ def manufacture(setup: Setup, out: Output) -> int:
         made = _child(
             {
                 **base,
+                **_ownership(setup, tpm2),
                 "phase": "create",
-                "ek": ek_cert or setup.has("createek"),
+                "ek": ek_cert
+                or setup.has("createek")
+                or (setup.has("take-ownership") and not tpm2),
                 "spk": setup.has("create-spk"),
                 "ecc": setup.has("ecc"),
                 "rsa_keysize": _rsa_keysize(setup),
@@ -551,7 +582,10 @@ def manufacture(setup: Setup, out: Output) -> int:
             }
         )
     try:
-        certs = _certificates(setup, config, made, out, ek_cert)
+        if tpm2:
+            certs = _certificates(setup, config, made, out, ek_cert)
+        else:
+            certs = _certificates12(setup, config, made, out, ek_cert)
         banks = _pcr_banks(setup, config) if tpm2 else None
         done = _child(
             {
@@ -572,6 +606,8 @@ def manufacture(setup: Setup, out: Output) -> int:
             f"Successfully activated PCR banks {','.join(done['active'])} "
             f"among {','.join(done['available'])}."
         )
+    if not tpm2:
+        _report12(setup, made, certs, out)
     _write_cert_files(setup, made, certs)
     out.info("Successfully authored TPM state.")
     out.info(f"Ending vTPM manufacturing @ {_now()}")  # also after --reconfigure, as 0.7.1
@@ -604,6 +640,37 @@ def _certificates(
                 certs.append((index, der))
                 out.info(f"Successfully created NVRAM area 0x{index:x} for {what} certificate.")
     return certs
+
+
+def _certificates12(
+    setup: Setup, config: dict[str, str], made: dict[str, Any], out: Output, ek_cert: bool
+) -> list[tuple[int, bytes]]:
+    """A TPM 1.2's EK and platform certificates (DER), after swtpm_setup's lines on the EK."""
+    certs: list[tuple[int, bytes]] = []
+    for ek in made.get("eks", []):
+        out.info("Successfully created EK.")
+        if made.get("owned"):
+            out.info("Successfully took ownership of the TPM.")
+        if not ek_cert:
+            continue
+        issuer = _issuer(setup, config, out)
+        with _workdir() as workdir:
+            certs.append((ek["cert_index"], issuer.issue("ek", ek, made["tpm_info"], workdir)))
+            if setup.has("create-platform-cert"):
+                der = issuer.issue("platform", ek, made["tpm_info"], workdir)
+                certs.append((ek["platform_index"], der))
+    return certs
+
+
+def _report12(
+    setup: Setup, made: dict[str, Any], certs: list[tuple[int, bytes]], out: Output
+) -> None:
+    """What a TPM 1.2's second phase did, in swtpm_setup's words."""
+    for index, _ in certs:
+        what = "EK" if index == made["eks"][0]["cert_index"] else "Platform"
+        out.info(f"Successfully created NVRAM area for {what} certificate.")
+    if setup.has("lock-nvram"):
+        out.info("Successfully locked NVRAM access.")
 
 
 def _write_cert_files(setup: Setup, made: dict[str, Any], certs: list[tuple[int, bytes]]) -> None:

@@ -6,12 +6,16 @@ A process holding a TPM must not fork, so the work is split: ``create``
 manufactures the TPM and persists its keys (answering with their public
 parts and the TPM's identity), the parent runs the tool, and ``finish``
 opens the same state again to write the certificates, lock the NV indexes
-and choose the PCR banks. Both run as ``python -m vtpmctl _swtpm_setup``
-(one JSON request in, one answer out; the state key travels on stdin only).
+and choose the PCR banks. A TPM 1.2 goes the same way: ``create`` enables it,
+makes its EK and takes ownership (vtpmctl.engine.tpm12), ``finish`` stores
+the certificates and sets the NV lock. Both run as ``python -m vtpmctl _swtpm_setup``
+(one JSON request in, one answer out; the state key and the owner and SRK
+secrets travel on stdin only).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,10 @@ from vtpmctl.model import BlobKind
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.linearfile import LinearFile
 from vtpmctl.store.statedir import StateDir, StateDirError
+
+# TPMLIB_GetInfo flags: the specification and the TPM's attributes.
+INFO_SPEC = 0x1
+INFO_ATTRIBUTES = 0x2
 
 # PCR bank names as swtpm_setup spells them.
 BANKS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D, "sm3-256": 0x0012}
@@ -91,6 +99,7 @@ def create(request: dict[str, Any]) -> dict[str, Any]:
     answer: dict[str, Any] = {"eks": [], "templates": [], "spk": None, "tpm_info": None}
     try:
         if not tpm2:
+            _create12(engine, request, answer)
             return answer
         transact = engine.process
         if request.get("spk"):
@@ -133,6 +142,7 @@ def finish(request: dict[str, Any]) -> dict[str, Any]:
     answer: dict[str, Any] = {"available": [], "active": []}
     try:
         if not tpm2:
+            _finish12(engine.process, request)
             return answer
         transact = engine.process
         locked: list[int] = list(request.get("lock", []))
@@ -159,6 +169,57 @@ def finish(request: dict[str, Any]) -> dict[str, Any]:
     finally:
         _close(engine, tpm2)
     return answer
+
+
+def _tpm12_info(engine: Engine) -> dict[str, str]:
+    """The certificate fields swtpm_setup takes from libtpms' own description of a TPM 1.2."""
+    info = json.loads(engine.tpm.get_info(INFO_SPEC | INFO_ATTRIBUTES))
+    spec, attrs = info["TPMSpecification"], info["TPMAttributes"]
+    return {
+        "manufacturer": attrs["manufacturer"],
+        "model": attrs["model"],
+        "version": attrs["version"],
+        "spec_family": str(spec["family"]),
+        "spec_level": str(spec["level"]),
+        "spec_revision": str(spec["revision"]),
+    }
+
+
+def _create12(engine: Engine, request: dict[str, Any], answer: dict[str, Any]) -> None:
+    """Enable and activate the TPM 1.2, make its EK and take ownership, as asked.
+
+    The owner and SRK secrets arrive as their 20-byte digests (hex) on stdin.
+    """
+    from vtpmctl.engine import tpm12
+
+    transact = engine.process
+    tpm12.enable(transact)
+    if not request.get("ek"):
+        return
+    modulus = tpm12.create_ek(transact)
+    answer["eks"].append(
+        {
+            "algorithm": "rsa2048",
+            "cert_index": tpm12.NV_INDEX_EK_CERT,
+            "platform_index": tpm12.NV_INDEX_PLATFORM_CERT,
+            "modulus": modulus.hex(),
+        }
+    )
+    owner, srk = request.get("owner_auth"), request.get("srk_auth")
+    if owner is not None and srk is not None:
+        tpm12.take_ownership(transact, modulus, bytes.fromhex(owner), bytes.fromhex(srk))
+        answer["owned"] = True
+    answer["tpm_info"] = _tpm12_info(engine)
+
+
+def _finish12(transact: Any, request: dict[str, Any]) -> None:
+    """Store the certificates (in the TCG header TPM 1.2 NV certificates carry), lock the NV."""
+    from vtpmctl.engine import tpm12
+
+    for index, der_hex in request.get("certs", []):
+        tpm12.nv_store(transact, int(index), tpm12.stored_cert(bytes.fromhex(der_hex)))
+    if request.get("lock_nvram"):
+        tpm12.nv_lock(transact)
 
 
 def _handle(request: dict[str, Any]) -> dict[str, Any]:
