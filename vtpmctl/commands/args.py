@@ -34,3 +34,4 @@ MIGRATION_KEY_FORMAT = decl.MIGRATION_KEY_FORMAT.typer_info()
 # or passphrase from a file or an inherited descriptor.
 KEY = decl.KEY.typer_info()
 MIGRATION_KEY = decl.MIGRATION_KEY.typer_info()
+STATE_KEY = decl.STATE_KEY.typer_info()

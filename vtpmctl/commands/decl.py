@@ -208,6 +208,13 @@ def _key_spec(flag: str, dest: str, help: str | None = None) -> Param:
 # or passphrase from a file or an inherited descriptor.
 KEY = _key_spec("--key", "key")
 MIGRATION_KEY = _key_spec("--migration-key", "migration_key", "the migration key, as --key")
+# The state key of a vTPM whose key vtpmctl does not keep, for the commands that read it.
+STATE_KEY = _key_spec(
+    "--key",
+    "key",
+    "the state key, as swtpm's --key, for a vTPM whose key vtpmctl does not keep "
+    "(libvirt's or Proxmox's, or one created with a key on a descriptor)",
+)
 
 
 def _hypervisor() -> "tuple[Param, ...]":

@@ -1,7 +1,9 @@
 """`vtpmctl ek export`: an instance's EK public keys and certificates, offline.
 
 What create provisioned is recorded beside the state, so this works whether
-or not the instance is running and never touches its TPM.
+or not the instance is running and never touches its TPM. A vTPM that libvirt
+or Proxmox runs (vtpmctl.store.attached) has no such record: its EKs are read
+from its permanent state, in a child process (usecases.inspect).
 """
 
 import contextlib
@@ -22,19 +24,34 @@ class EkExportError(InstanceError):
     """No EK data for the instance."""
 
 
-def ek_data(name: str) -> dict[str, Any]:
+def _from_state(name: str, key: str | None) -> dict[str, Any]:
+    """An attached vTPM's EKs, read from its permanent state as its TPM holds them."""
+    from vtpmctl.store.instances import Registry
+    from vtpmctl.usecases.inspect import inspect_blobs
+    from vtpmctl.usecases.migrate import read_plain_state
+
+    read = read_plain_state(Registry(), name, allow_running=True, key=key)
+    found = inspect_blobs(read.blobs, tpm2=read.instance.config.tpm2, describe=True, ek=True)
+    if found.ek is None:
+        why = found.error or "it is not a TPM 2.0"
+        raise EkExportError(f"cannot read the EKs of {name}: {why}")
+    return found.ek
+
+
+def ek_data(name: str, key: str | None = None) -> dict[str, Any]:
     from vtpmctl.store.instances import Registry, read_json
 
     inst = Registry().get(name)
     try:
-        info = read_json(inst.paths.ek_file)
+        info = _from_state(name, key) if inst.paths.attached else read_json(inst.paths.ek_file)
     except FileNotFoundError:
         raise EkExportError(
             f"{name} has no EK (it was created with --no-ek or as a TPM 1.2)"
         ) from None
     ca_pem = None
     with contextlib.suppress(OSError):
-        ca_pem = (inst.paths.ca_dir / "ca-cert.pem").read_text()
+        if not inst.paths.attached:  # vtpmctl's CA signed only what vtpmctl created
+            ca_pem = (inst.paths.ca_dir / "ca-cert.pem").read_text()
     return {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -45,9 +62,9 @@ def ek_data(name: str) -> dict[str, Any]:
     }
 
 
-def export(name: str, as_json: bool = False, pem: bool = False) -> int:
+def export(name: str, as_json: bool = False, pem: bool = False, key: str | None = None) -> int:
     """Print NAME's EKs: a table, --json, or --pem (keys then certificates)."""
-    data = ek_data(name)
+    data = ek_data(name, key)
     if as_json:
         sys.stdout.write(json.dumps(data) + "\n")
         return 0
@@ -106,10 +123,11 @@ def register(app: "typer.Typer") -> None:
                 help="PEM: each EK public key and certificate, then the platform certificate",
             ),
         ] = False,
+        key: Annotated[str | None, args.STATE_KEY] = None,
     ) -> None:
         """Print an instance's EK public keys and certificates (no need to start it)."""
         if as_json and pem:
             raise typer.BadParameter("give --json or --pem, not both")
-        raise typer.Exit(export(name, as_json=as_json, pem=pem))
+        raise typer.Exit(export(name, as_json=as_json, pem=pem, key=key))
 
     app.add_typer(group)

@@ -52,6 +52,7 @@ def export(
     migration_key_format: str = KeyFormat.AUTO,
     allow_running: bool = False,
     as_json: bool = False,
+    key: str | None = None,
 ) -> int:
     """Write a bundle of NAME to OUTPUT ('-' = stdout)."""
     from vtpmctl.store.atomic import NoSpaceError, no_space, open_output, write_atomic, write_fd
@@ -82,7 +83,7 @@ def export(
             raise MigrateError(f"refusing to write a bundle to the terminal {output}")
     try:
         exported = export_instance(
-            Registry(), name, migration_key=mkey, allow_running=allow_running
+            Registry(), name, migration_key=mkey, allow_running=allow_running, key=key
         )
         for note in exported.settled:
             sys.stderr.write(f"vtpmctl: {note}\n")
@@ -290,6 +291,7 @@ COMMANDS = (
             default=False,
         ),
         decl.JSON,
+        decl.STATE_KEY,
         adapt=_export_args,
     ),
     decl.Command(

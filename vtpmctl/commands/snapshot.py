@@ -26,10 +26,11 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 
 
-def _instance(name: str) -> Instance:
+def _instance(name: str, key: str | None = None) -> Instance:
+    from vtpmctl.store.instance_keys import with_state_key
     from vtpmctl.store.instances import Registry
 
-    return Registry().get(name)
+    return with_state_key(Registry().get(name), key)
 
 
 def _record(snap: Snapshot | None) -> dict[str, Any] | None:
@@ -46,12 +47,13 @@ def create(
     volatile: bool = False,
     keep: int | None = None,
     as_json: bool = False,
+    key: str | None = None,
 ) -> int:
     """Snapshot NAME's state (running or stopped)."""
     from vtpmctl.usecases import snapshot_ops
 
     snap, captured, pruned = snapshot_ops.create(
-        _instance(name), label=label, volatile=volatile, keep=keep
+        _instance(name, key), label=label, volatile=volatile, keep=keep
     )
     for note in captured.settled:
         _note(note)
@@ -75,11 +77,11 @@ def create(
     return 0
 
 
-def list_(name: str, as_json: bool = False) -> int:
+def list_(name: str, as_json: bool = False, key: str | None = None) -> int:
     """NAME's snapshots, oldest first."""
     from vtpmctl.usecases import snapshot_ops
 
-    store = snapshot_ops.open_store(_instance(name))
+    store = snapshot_ops.open_store(_instance(name, key))
     snaps = store.all()
     apparent, allocated = store.disk_usage() if store.root.exists() else (0, 0)
     if as_json:
@@ -142,11 +144,11 @@ def restore(name: str, ref: str, force: bool = False, as_json: bool = False) -> 
     return 0
 
 
-def rm(name: str, ref: str, as_json: bool = False) -> int:
+def rm(name: str, ref: str, as_json: bool = False, key: str | None = None) -> int:
     """Delete snapshot REF (objects other snapshots share stay)."""
     from vtpmctl.usecases import snapshot_ops
 
-    snap = snapshot_ops.open_store(_instance(name)).remove(ref)
+    snap = snapshot_ops.open_store(_instance(name, key)).remove(ref)
     if as_json:
         print_json({"instance": name, "removed": _record(snap)})
     else:
@@ -154,11 +156,11 @@ def rm(name: str, ref: str, as_json: bool = False) -> int:
     return 0
 
 
-def diff(name: str, ref_a: str, ref_b: str, as_json: bool = False) -> int:
+def diff(name: str, ref_a: str, ref_b: str, as_json: bool = False, key: str | None = None) -> int:
     """What changed from snapshot A to snapshot B."""
     from vtpmctl.usecases import snapshot_ops
 
-    result = snapshot_ops.diff(_instance(name), ref_a, ref_b)
+    result = snapshot_ops.diff(_instance(name, key), ref_a, ref_b)
     if as_json:
         print_json({"instance": name, **result})
         return EXIT_FAILURE if result["error"] else EXIT_OK
@@ -216,6 +218,7 @@ COMMANDS = (
             metavar="N",
         ),
         decl.JSON,
+        decl.STATE_KEY,
     ),
     decl.Command(
         "snapshot list",
@@ -223,6 +226,7 @@ COMMANDS = (
         "List a vTPM's snapshots, oldest first.",
         decl.NAME,
         decl.JSON,
+        decl.STATE_KEY,
     ),
     decl.Command(
         "snapshot restore",
@@ -246,6 +250,7 @@ COMMANDS = (
         decl.NAME,
         _ref("ref", "REF"),
         decl.JSON,
+        decl.STATE_KEY,
     ),
     decl.Command(
         "snapshot diff",
@@ -255,6 +260,7 @@ COMMANDS = (
         _ref("ref_a", "A"),
         _ref("ref_b", "B"),
         decl.JSON,
+        decl.STATE_KEY,
     ),
 )
 

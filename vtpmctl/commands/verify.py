@@ -28,13 +28,14 @@ def _validate(blobs: dict[str, bytes], tpm2: bool) -> tuple[dict[str, int], str 
     return res.validate, res.error
 
 
-def verify(name: str, as_json: bool = False, quiet: bool = False) -> int:
+def verify(name: str, as_json: bool = False, quiet: bool = False, key: str | None = None) -> int:
     """Check NAME's files, keys, permissions, lock and snapshots; change nothing."""
+    from vtpmctl.store.instance_keys import with_state_key
     from vtpmctl.store.instances import Registry
     from vtpmctl.store.verify import verify_instance
     from vtpmctl.usecases import supervisor
 
-    inst = Registry().get(name)
+    inst = with_state_key(Registry().get(name), key)
 
     def holder(pid: int) -> tuple[bool, str]:
         return supervisor.is_our_daemon(pid, inst), supervisor.process_name(pid)
@@ -74,6 +75,7 @@ COMMANDS = (
         decl.NAME,
         decl.JSON,
         decl.Param("quiet", decl.SWITCH, "--quiet", "-q", help="only problems", default=False),
+        decl.STATE_KEY,
     ),
 )
 

@@ -1,13 +1,16 @@
 """vTPMs that swtpm-compatible programs run for other managers (libvirt, Proxmox, …).
 
 libvirt and Proxmox start ``swtpm socket`` themselves (the real one or
-vtpmctl's compatible one) on state dirs they own. vtpmctl does not take those
-over; it finds them so that ``list`` shows them and ``snapshot``, ``verify``
-and ``migrate export`` can read them through their control channel. A running
-``swtpm`` names everything needed on its command line (``--tpmstate``,
-``--ctrl``, ``--tpm2``, ``--key``), which ``/proc/PID/cmdline`` gives; the
-process's state dir lock (the one swtpm and vtpmctl share) says it is alive.
-Nothing is written: the instance is the process, and it is gone with it.
+vtpmctl's compatible one) on state dirs or linear state files (Proxmox's
+volumes) they own. vtpmctl does not take those over; it finds them so that
+``list`` shows them and ``snapshot``, ``verify``, ``migrate export`` and ``ek
+export`` can read them through their control channel. A running ``swtpm``
+names everything needed on its command line (``--tpmstate``, ``--ctrl``,
+``--tpm2``, ``--key``), which ``/proc/PID/cmdline`` gives. It holds its state
+for as long as it lives: a state dir's lock says so, and for a linear file
+(unlocked by default, as Proxmox runs it) the process itself does
+(``HeldFile``). Nothing is written: the instance is the process, and it is
+gone with it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from vtpmctl.store.blob import AesKey
+from vtpmctl.store.linearfile import LinearFile
+from vtpmctl.store.statedir import StateDirError
 
 PROGRAM = "swtpm"
 SUBCOMMANDS = ("socket", "chardev", "cuse")
@@ -35,11 +42,12 @@ class Attached:
     pid: int
     owner: str
     program: str
-    state_dir: Path
+    state_dir: Path  # the state dir, or the linear state file when ``state_file``
     ctrl: Path
     tpm2: bool
     encrypted: bool
     migration_key: bool
+    state_file: bool = False  # --tpmstate backend-uri=file://: a file or block device
 
 
 def _options(args: list[str]) -> dict[str, str]:
@@ -63,13 +71,15 @@ def _fields(value: str) -> dict[str, str]:
     return dict(item.partition("=")[::2] for item in value.split(",") if item)
 
 
-def _state_dir(value: str) -> Path | None:
+def _state(value: str) -> tuple[Path, bool] | None:
+    """The state's path, and whether it is a linear file (not a dir)."""
     fields = _fields(value)
     if "dir" in fields:
-        return Path(fields["dir"])
+        return Path(fields["dir"]), False
     uri = fields.get("backend-uri", "")
-    if uri.startswith("dir://"):
-        return Path(uri.removeprefix("dir://"))
+    for scheme, is_file in (("dir://", False), ("file://", True)):
+        if uri.startswith(scheme) and len(uri) > len(scheme):
+            return Path(uri.removeprefix(scheme)), is_file
     return None
 
 
@@ -83,19 +93,20 @@ def _user(uid: int) -> str:
 
 
 def parse(pid: int, argv: list[str], uid: int, parent: str) -> Attached | None:
-    """The instance a command line describes, or None if it is not a swtpm serving a dir."""
+    """The instance a command line describes, or None if it is not a swtpm serving a state."""
     start = next((i for i, a in enumerate(argv[:2]) if os.path.basename(a) == PROGRAM), None)
     if start is None or len(argv) <= start + 1 or argv[start + 1] not in SUBCOMMANDS:
         return None
     options = _options(argv[start + 2 :])
-    state = _state_dir(options.get("tpmstate", ""))
+    state = _state(options.get("tpmstate", ""))
     if state is None:
         return None
     ctrl_fields = _fields(options.get("ctrl", ""))
     if ctrl_fields.get("type") != "unixio" or "path" not in ctrl_fields:
         return None  # reachable only through its manager (a passed fd, TCP)
     ctrl = Path(ctrl_fields["path"])
-    name, owner = f"swtpm-{pid}", f"{parent or 'uid'} ({_user(uid)})"
+    # the manager, else the parent (a daemonized swtpm's is init: the user alone)
+    name, owner = f"swtpm-{pid}", f"{parent} ({_user(uid)})" if parent else _user(uid)
     for pattern, prefix, manager in MANAGERS:
         m = pattern.match(str(ctrl))
         if m:
@@ -106,11 +117,12 @@ def parse(pid: int, argv: list[str], uid: int, parent: str) -> Attached | None:
         pid=pid,
         owner=owner,
         program=argv[start],
-        state_dir=state,
+        state_dir=state[0],
         ctrl=ctrl,
         tpm2="tpm2" in options,
         encrypted="key" in options,
         migration_key="migration-key" in options,
+        state_file=state[1],
     )
 
 
@@ -122,7 +134,7 @@ def _read(path: Path) -> bytes:
 
 
 def discover(proc: Path = Path("/proc")) -> list[Attached]:
-    """Every running swtpm-compatible process serving a state dir, by name."""
+    """Every running swtpm-compatible process serving a state dir or file, by name."""
     found: dict[str, Attached] = {}
     try:
         pids = [int(p) for p in os.listdir(proc) if p.isdigit()]
@@ -157,3 +169,52 @@ def discover(proc: Path = Path("/proc")) -> list[Attached]:
 
 def find(name: str) -> Attached | None:
     return next((a for a in discover() if a.name == name), None)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class HeldFile(LinearFile):
+    """An attached swtpm's linear state file: held by that process for as long as it lives.
+
+    swtpm takes no lock on this backend unless told to (Proxmox does not), so
+    the lock cannot say whether it runs; the process can. While it runs, a read
+    of the file may meet a write in place, so a read is repeated until two agree.
+    """
+
+    READS = 5
+
+    def __init__(self, path: Path, pid: int, tpm2: bool = True, key: AesKey | None = None) -> None:
+        super().__init__(path, tpm2=tpm2, key=key)
+        self.pid = pid
+
+    def holder_pid(self) -> int | None:
+        return self.pid if alive(self.pid) else super().holder_pid()
+
+    def lock(self, retries: int = 0) -> bool:
+        """Granted only once the process is gone (then nothing else writes the file)."""
+        return not alive(self.pid) and super().lock(retries)
+
+    def _open(self) -> int:
+        if self._fd is None:
+            try:  # read-only: vtpmctl never writes an attached vTPM's state
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError as exc:
+                raise StateDirError(f"cannot open {self.path}: {exc.strerror}") from exc
+        return self._fd
+
+    def read_raw(self, name: str) -> bytes | None:
+        last = super().read_raw(name)
+        for _ in range(self.READS):
+            again = super().read_raw(name)
+            if again == last:
+                return again
+            last = again
+        raise StateDirError(f"the {name} state in {self.path} kept changing while it was read")

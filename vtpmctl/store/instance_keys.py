@@ -34,6 +34,7 @@ from vtpmctl.store.instances import (
 )
 from vtpmctl.store.keys import (
     KeyFileError,
+    KeySource,
     check_secret_file_mode,
     encode_hex_key,
     key_fingerprint,
@@ -82,8 +83,11 @@ def load_state_key(inst: Instance, given: AesKey | None = None) -> AesKey | None
             raise KeyFileError(f"{inst.name} is not encrypted; start it without a state key")
         return None
     path = inst.paths.state_key
+    given = given or inst.key
     if given is not None:
         key, where = given, "the state key given"
+    elif inst.paths.attached:
+        raise KeyFileError(attached_key_needed(inst))
     elif not path.exists() and inst.meta.key_source == "descriptor":
         raise KeyFileError(
             f"{inst.name} keeps no copy of its state key (it came on a descriptor); give "
@@ -107,8 +111,57 @@ def load_state_key(inst: Instance, given: AesKey | None = None) -> AesKey | None
     return key
 
 
+def attached_key_needed(inst: Instance) -> str:
+    """Why an attached vTPM's encrypted state cannot be read, and the option that fixes it."""
+    return (
+        f"the state of {inst.name} is encrypted with the key its manager ({inst.owner}) gives "
+        "its swtpm; give that key as swtpm's --key, e.g. --key pwdfd=3,mode=aes-256-cbc "
+        "3<FILE (libvirt: the <encryption> secret's value) or --key file=KEYFILE"
+    )
+
+
+def bring_state_key(inst: Instance, source: KeySource) -> Instance:
+    """``inst`` with the state key the caller brought (``--key``), once it opens the state."""
+    permall = BlobKind.PERMANENT.file_name
+    if not inst.config.encrypted:
+        raise KeyFileError(f"the state of {inst.name} is not encrypted; leave out --key")
+    probe = inst.statedir().read_raw(permall)
+    key = source.resolve(probe=probe)
+    if probe is not None:
+        try:
+            inst.statedir(key).load(permall)
+        except StateDirError:
+            raise KeyFileError(
+                f"{source.where} does not open the state of {inst.name}; give the key "
+                "its state was encrypted with"
+            ) from None
+    inst.key = key
+    load_state_key(inst)  # a registered instance's recorded fingerprint must match too
+    return inst
+
+
+def with_state_key(inst: Instance, spec: str | None) -> Instance:
+    """``inst``, with the key of a ``--key SPEC`` (swtpm's syntax) when one is given."""
+    from vtpmctl.errors import UsageError
+    from vtpmctl.store.keys import parse_key_spec
+
+    if spec is None:
+        return inst
+    try:
+        source = parse_key_spec(spec, "--key")
+    except KeyFileError as exc:
+        raise UsageError(str(exc)) from None
+    return bring_state_key(inst, source)
+
+
 def load_migration_key(inst: Instance, given: AesKey | None = None) -> AesKey | None:
-    """The instance's migration key; ``given`` (``start --migration-key``) wins."""
+    """The instance's migration key; ``given`` (``start --migration-key``) wins.
+
+    An attached vTPM's migration key is its manager's (for its own migrations):
+    vtpmctl has none, and reads such a vTPM's state from its state files instead.
+    """
+    if inst.paths.attached and given is None:
+        return None
     if given is not None:
         want = inst.meta.migration_key_fingerprint
         if want and key_fingerprint(given) != want:
@@ -138,7 +191,7 @@ def delete_volatile_fix(inst: Instance, running: bool = False) -> str:
 
 def check_state(inst: Instance, key: AesKey | None) -> None:
     """Every state file opens with ``key``; permall must exist (no silent new TPM)."""
-    sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=key)
+    sd = inst.statedir(key)
     permall = BlobKind.PERMANENT.file_name
     if not sd.exists(permall):
         raise StateDirError(

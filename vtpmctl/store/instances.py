@@ -48,6 +48,7 @@ from vtpmctl.store.paths import Roots, store_roots
 
 if TYPE_CHECKING:
     from vtpmctl.store.attached import Attached
+    from vtpmctl.store.blob import AesKey
 from vtpmctl.store.statedir import StateDir
 
 FORMAT_VERSION = 1
@@ -368,14 +369,23 @@ class Instance:
     config: InstanceConfig
     meta: InstanceMeta
     owner: str | None = None
+    found: Attached | None = None  # the swtpm process an attached instance is
+    # A state key the caller brought (``--key``), already checked against the state:
+    # it opens the state instead of the stored one (vtpmctl.store.instance_keys).
+    key: AesKey | None = None
 
     @property
     def name(self) -> str:
         return self.paths.name
 
-    def statedir(self) -> StateDir:
-        """The state dir without a key: enough for locking and liveness."""
-        return StateDir(self.paths.state_dir, tpm2=self.config.tpm2)
+    def statedir(self, key: AesKey | None = None) -> StateDir:
+        """The state (a dir, or an attached swtpm's linear file); without a key it is
+        enough for locking and liveness."""
+        if self.found is not None and self.found.state_file:
+            from vtpmctl.store.attached import HeldFile
+
+            return HeldFile(self.paths.state_dir, self.found.pid, self.config.tpm2, key)
+        return StateDir(self.paths.state_dir, tpm2=self.config.tpm2, key=key)
 
 
 # ---------------------------------------------------------------- the registry
@@ -422,9 +432,7 @@ class Registry:
         try:
             config = InstanceConfig.from_json(read_json(paths.config_file), paths.config_file)
         except FileNotFoundError:
-            from vtpmctl.store.attached import find
-
-            found = find(name) if self.sees_attached else None
+            found = self.running_attached(name)
             if found is None:
                 raise NoSuchInstance(f"no instance named {name}; see vtpmctl list") from None
             return self.attached_instance(found)
@@ -439,6 +447,12 @@ class Registry:
         """Host-wide vTPMs belong to the system and user stores; a ``$VTPMCTL_HOME``
         store (a private one, as tests use) sees them only with VTPMCTL_ATTACHED=1."""
         return self.roots.origin != "home" or os.environ.get(ATTACHED_ENV) == "1"
+
+    def running_attached(self, name: str) -> Attached | None:
+        """The swtpm another manager runs under NAME, if this store sees one."""
+        from vtpmctl.store.attached import find
+
+        return find(name) if self.sees_attached else None
 
     def attached(self) -> list[Instance]:
         """The vTPMs other managers run on swtpm-compatible programs, not named like ours."""
@@ -460,7 +474,7 @@ class Registry:
             migration_key=found.migration_key,
             ek=False,
         )
-        return Instance(paths, config, InstanceMeta(created=""), owner=found.owner)
+        return Instance(paths, config, InstanceMeta(created=""), owner=found.owner, found=found)
 
     def all(self) -> Iterator[Instance | InstanceError]:
         """Every instance, or the error that makes one unreadable (listing goes on)."""

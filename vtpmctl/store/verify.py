@@ -45,7 +45,6 @@ from vtpmctl.store.snapshots import (
     snapshots_dir,
     unchanged_since,
 )
-from vtpmctl.store.statedir import StateDir
 
 Level = Literal["ok", "warn", "error"]
 # plaintext blobs (kind -> bytes), tpm2 -> ({kind: ValidateState rc}, error or None)
@@ -136,20 +135,26 @@ def _key_checks(inst: Instance) -> tuple[list[Finding], AesKey | None, bool]:
     if inst.config.encrypted:
         try:
             key = instance_keys.load_state_key(inst)
-            out.append(
-                Finding(
-                    "ok",
-                    "key.state",
-                    f"state key {inst.paths.state_key}: mode "
-                    "0600, matches the recorded fingerprint",
-                    None,
-                    str(inst.paths.state_key),
+            if inst.key is not None:
+                out.append(Finding("ok", "key.state", "the state key given opens the state"))
+            else:
+                out.append(
+                    Finding(
+                        "ok",
+                        "key.state",
+                        f"state key {inst.paths.state_key}: mode "
+                        "0600, matches the recorded fingerprint",
+                        None,
+                        str(inst.paths.state_key),
+                    )
                 )
-            )
         except KeyFileError as exc:
             usable = False
-            out.append(Finding("error", "key.state", str(exc), None, str(inst.paths.state_key)))
-    if inst.config.migration_key:
+            where = None if inst.paths.attached else str(inst.paths.state_key)
+            out.append(Finding("error", "key.state", str(exc), None, where))
+    if inst.config.migration_key and inst.paths.attached:
+        out.append(Finding("ok", "key.migration", "its manager keeps its migration key"))
+    elif inst.config.migration_key:
         path = inst.paths.migration_key
         try:
             check_secret_file_mode(path)
@@ -172,7 +177,7 @@ def _damaged_fix(inst: Instance, name: str, running: bool, otherwise: str) -> st
 def _state_file_checks(
     inst: Instance, key: AesKey | None, key_usable: bool, validate: Validator | None
 ) -> Iterator[Finding]:
-    sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=key)
+    sd = inst.statedir(key)
     plains: dict[str, bytes] = {}
     running = sd.holder_pid() is not None
 
@@ -195,7 +200,7 @@ def _state_file_checks(
                 )
             continue
         mode = _mode(path) or 0
-        if mode & 0o137:
+        if mode & 0o137 and not inst.paths.attached:  # an attached state's modes: its manager's
             yield Finding(
                 "error" if mode & 0o006 else "warn",
                 f"{check}.mode",

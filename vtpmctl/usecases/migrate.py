@@ -171,14 +171,14 @@ def _stopped_state(
     from vtpmctl.store.keys import KeyFileError
     from vtpmctl.store.pending import settle
     from vtpmctl.store.snapshots import SnapshotError
-    from vtpmctl.store.statedir import StateDir, StateDirError
+    from vtpmctl.store.statedir import StateDirError
 
     try:
         pending = settle(inst.paths, inst.config.tpm2)
         settled += pending.notes
         if pending.rotation is not None:
             inst = registry.get(inst.name)  # a finished key rotation changed config and meta
-        sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=load_state_key(inst))
+        sd = inst.statedir(load_state_key(inst))
         plain = sd.load_blobs(BlobKind)
     except (KeyFileError, StateDirError, SnapshotError) as exc:
         raise MigrateError(f"cannot export {inst.name}: {exc}") from None
@@ -193,6 +193,7 @@ def _stopped_state(
 def _running_state(inst: Instance) -> dict[str, bytes]:
     """The permanent state of a running instance, over its control channel."""
     from vtpmctl.device.client.control import ControlError, TargetError
+    from vtpmctl.device.protocol import Res
     from vtpmctl.store.instance_keys import load_migration_key
     from vtpmctl.store.keys import KeyFileError
     from vtpmctl.usecases.live import instance_client, read_state
@@ -206,6 +207,8 @@ def _running_state(inst: Instance) -> dict[str, bytes]:
         with instance_client(inst, timeout=CONTROL_TIMEOUT, read_only=True) as client:
             plain = read_state(client, BlobKind.PERMANENT, state_key=None, migration_key=daemon_key)
     except ControlError as exc:
+        if exc.result == Res.BAD_ORDINAL:  # not initialised: its state file is all there is
+            return _file_state(inst)
         raise MigrateError(f"cannot read the state of running {inst.name}: {exc}") from None
     except (TargetError, OSError) as exc:
         raise MigrateError(f"cannot reach running {inst.name}: {exc}") from None
@@ -228,12 +231,15 @@ class PlainState:
     settled: list[str] = field(default_factory=list)
 
 
-def read_plain_state(registry: Registry, name: str, *, allow_running: bool) -> PlainState:
+def read_plain_state(
+    registry: Registry, name: str, *, allow_running: bool, key: str | None = None
+) -> PlainState:
     """NAME's state: a stopped instance's files under its lock, or a running one's permanent
-    state over its control channel (only with ``allow_running``)."""
+    state over its control channel (only with ``allow_running``); ``key``: a ``--key``."""
+    from vtpmctl.store.instance_keys import with_state_key
     from vtpmctl.usecases.supervisor import probe
 
-    inst = registry.get(name)
+    inst = with_state_key(registry.get(name), key)
     sd = inst.statedir()
     settled: list[str] = []
     if sd.lock(0):
@@ -254,7 +260,27 @@ def read_plain_state(registry: Registry, name: str, *, allow_running: bool) -> P
             f"the state dir of {name} is locked by pid {status.pid}, which is "
             "not its vtpmctl daemon; stop that process first"
         )
+    if inst.found is not None and inst.found.migration_key:
+        # its blobs come wrapped in its manager's migration key: read its state file instead
+        return PlainState(inst, _file_state(inst), "running", settled)
     return PlainState(inst, _running_state(inst), "running", settled)
+
+
+def _file_state(inst: Instance) -> dict[str, bytes]:
+    """The permanent state of a running vTPM from its state file, which its daemon keeps
+    current: when its TPM is not initialised yet, or an attached swtpm would hand it out
+    under its manager's migration key."""
+    from vtpmctl.store.instance_keys import load_state_key
+    from vtpmctl.store.keys import KeyFileError
+    from vtpmctl.store.statedir import StateDirError
+
+    try:
+        plain = inst.statedir(load_state_key(inst)).load(BlobKind.PERMANENT.file_name)
+    except (KeyFileError, StateDirError) as exc:
+        raise MigrateError(f"cannot export {inst.name}: {exc}") from None
+    if not plain:
+        raise MigrateError(f"cannot export {inst.name}: it has no permanent state")
+    return {BlobKind.PERMANENT: plain}
 
 
 def export_instance(
@@ -263,12 +289,14 @@ def export_instance(
     *,
     migration_key: AesKey | None = None,
     allow_running: bool = False,
+    key: str | None = None,
 ) -> Exported:
-    """A bundle of NAME; ``migration_key`` overrides the instance's own."""
+    """A bundle of NAME; ``migration_key`` overrides the instance's own; ``key``: a ``--key``
+    for a state whose key vtpmctl does not keep."""
     from vtpmctl.store.instance_keys import load_migration_key
     from vtpmctl.store.keys import KeyFileError
 
-    read = read_plain_state(registry, name, allow_running=allow_running)
+    read = read_plain_state(registry, name, allow_running=allow_running, key=key)
     inst, plain, state, settled = read.instance, read.blobs, read.state, read.settled
     if migration_key is None:
         try:
@@ -420,6 +448,12 @@ def import_bundle(registry: Registry, data: bytes, opts: ImportOptions) -> Impor
         raise InstanceExists(
             f"an instance named {name} exists already; import under another "
             f"name with --name NEW, or remove it (vtpmctl rm {name})"
+        )
+    running = registry.running_attached(name)
+    if running is not None:
+        raise InstanceExists(
+            f"{name} is a vTPM that {running.owner} runs (pid {running.pid}); vtpmctl never "
+            "replaces its state: import under another name with --name NEW"
         )
     notes: list[str] = []
     if m.source_state == "running":

@@ -45,6 +45,8 @@ from vtpmctl.usecases.inspect import InspectResult, inspect_blobs
 if TYPE_CHECKING:
     from vtpmctl.device.client.control import ControlClient
 
+# An attached swtpm run with --migration-key hands out its state under its manager's key.
+ATTACHED_MIGRATION_KEY = "its swtpm hands out its state only under its manager's migration key"
 BUSY_TIMEOUT = 3.0  # a control channel that does not answer in this time is held by QEMU
 CONSISTENT_TRIES = 5
 
@@ -148,7 +150,7 @@ def capture(inst: Instance, store: SnapshotStore, *, volatile: bool) -> Captured
     from vtpmctl.device.client.control import ControlError, TargetError
     from vtpmctl.device.protocol import Res
 
-    sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=store.key)
+    sd = inst.statedir(store.key)
     if sd.lock(0):
         try:
             settled = settle(inst.paths, inst.config.tpm2)
@@ -170,7 +172,12 @@ def capture(inst: Instance, store: SnapshotStore, *, volatile: bool) -> Captured
             "vtpmctl daemon; stop that process first"
         )
     try:
-        return Captured(_from_control(inst, volatile, store.key, BUSY_TIMEOUT), "control channel")
+        if inst.found is not None and inst.found.migration_key:
+            why = ATTACHED_MIGRATION_KEY
+        else:
+            return Captured(
+                _from_control(inst, volatile, store.key, BUSY_TIMEOUT), "control channel"
+            )
     except TargetError:
         why = "its control channel does not answer (is QEMU holding it?)"
     except ControlError as exc:
@@ -244,6 +251,12 @@ def check_blobs(inst: Instance, blobs: dict[str, bytes], what: str) -> None:
 
 def restore(inst: Instance, ref: str, *, force: bool = False) -> Restored:
     """Make snapshot ``ref`` the instance's state; stops (and restarts) it only with force."""
+    if inst.found is not None:
+        raise SnapshotError(
+            f"{inst.name} is a vTPM that {inst.owner} runs (pid {inst.found.pid}); vtpmctl "
+            "reads it but never replaces its state, running or stopped: put state back "
+            "with its manager's own tools"
+        )
     inst, settled = settle_if_stopped(inst)
     store = open_store(inst)
     snap = store.find(ref)
@@ -279,7 +292,7 @@ def _replace(
     blobs: dict[str, bytes],
     settled: list[str],
 ) -> tuple[Snapshot | None, str | None]:
-    sd = StateDir(inst.paths.state_dir, tpm2=inst.config.tpm2, key=store.key)
+    sd = inst.statedir(store.key)
     if not sd.lock(0):
         raise SnapshotError(
             f"{inst.name} was started meanwhile (pid {sd.holder_pid()}); nothing was restored"
