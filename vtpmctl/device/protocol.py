@@ -588,10 +588,6 @@ def encode_socket_response(
     return msg.response.pack("big", vals) + data
 
 
-def decode_socket_response_head(cmd: Cmd, head: bytes) -> dict[str, int]:
-    return MESSAGES[cmd].response.unpack("big", head)
-
-
 # ---------------------------------------------------------------- ioctl framing
 
 

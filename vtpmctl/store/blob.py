@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass
 
 # The protocol table sits below the store: a BlobError carries the control result.
-from vtpmctl.device.protocol import Res
+from vtpmctl.device.protocol import Res, StateFlag
 from vtpmctl.errors import StoreError
 
 __all__ = [
@@ -67,10 +67,6 @@ TAG_MIGRATION_DATA = 4
 TAG_ENCRYPTED_MIGRATION_DATA = 5
 TAG_IVEC_ENCRYPTED_DATA = 6
 TAG_IVEC_ENCRYPTED_MIGRATION_DATA = 7
-
-# CMD_GET/SET_STATEBLOB state_flags (docs/protocol.md#state-blobs).
-STATE_FLAG_DECRYPTED = 1
-STATE_FLAG_ENCRYPTED = 2
 
 _HMAC_SIZE = 32
 _AES_BLOCK = 16
@@ -423,7 +419,7 @@ def wrap_transfer(
     if keep_state_encryption and state_key is not None:
         inner = _encrypt(state_key, plain, TAG_ENCRYPTED_DATA, TAG_IVEC_ENCRYPTED_DATA)
         flags |= FLAG_ENCRYPTED | (FLAG_ENCRYPTED_256BIT_KEY if state_key.bits == 256 else 0)
-        state_flags = STATE_FLAG_ENCRYPTED
+        state_flags = StateFlag.ENCRYPTED
     else:
         inner = _tlv(TAG_DATA, plain)
     if migration_key is None:
@@ -486,7 +482,7 @@ def unwrap_transfer(
     else:
         inner = _plain_v2(parse_tlvs(body), TAG_MIGRATION_DATA, "state transfer blob")
 
-    if state_flags & STATE_FLAG_ENCRYPTED or header.flags & FLAG_ENCRYPTED:
+    if state_flags & StateFlag.ENCRYPTED or header.flags & FLAG_ENCRYPTED:
         if state_key is None:
             raise BlobError(
                 Res.KEYNOTFOUND, "blob is encrypted with a state key but none is configured"
