@@ -92,3 +92,29 @@ def test_launcher_runs_the_program_its_name_says(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("TPM emulator version 0.7.1")
+
+
+def test_libvirt_swtpm_user_from_qemu_conf(tmp_path: Path) -> None:
+    conf = tmp_path / "qemu.conf"
+    assert swtpm_compat.libvirt_swtpm_user(conf) is None  # no libvirt
+    conf.write_text('#swtpm_user = "nobody"\n')
+    assert swtpm_compat.libvirt_swtpm_user(conf) == "tss"
+    conf.write_text('swtpm_user = "swtpm"\nswtpm_group = "swtpm"\n')
+    assert swtpm_compat.libvirt_swtpm_user(conf) == "swtpm"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+def test_a_launcher_the_swtpm_user_cannot_run_is_reported(tmp_path: Path) -> None:
+    """A venv under a private directory (/root) is out of reach of libvirt's swtpm user."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    os.chmod(private, 0o700)
+    python = private / "python3"
+    os.symlink(sys.executable, python)
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    swtpm_compat.install(directory, python=str(python))
+    why = swtpm_compat.cannot_run(directory / "swtpm", "nobody")
+    assert why is not None
+    assert swtpm_compat.cannot_run(directory / "swtpm", "root") is None  # root reaches it
+    assert swtpm_compat.cannot_run(directory / "swtpm", "no-such-user-x") is None

@@ -29,6 +29,14 @@ def install(directory: Path) -> int:
             f"{safe(str(directory))} before /usr/bin in the caller's PATH "
             "(see docs/swtpm-compat.md)\n"
         )
+    user = swtpm_compat.libvirt_swtpm_user()
+    why = user and swtpm_compat.cannot_run(Path(mine), user)
+    if user and why:
+        sys.stderr.write(
+            f"vtpmctl: warning: libvirt runs swtpm as {safe(user)}, who cannot run "
+            f"{safe(mine)} ({safe(why)}); install vtpmctl where {safe(user)} can read it "
+            "(e.g. a checkout under /opt with scripts/setup) and run install again\n"
+        )
     return EXIT_OK
 
 

@@ -107,6 +107,64 @@ def install(directory: Path, python: str | None = None) -> list[Change]:
     return plan
 
 
+LIBVIRT_QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+LIBVIRT_DEFAULT_SWTPM_USER = "tss"  # Debian's and Fedora's libvirt builds
+
+
+def libvirt_swtpm_user(conf: Path = LIBVIRT_QEMU_CONF) -> str | None:
+    """The user libvirt runs swtpm as (qemu.conf's ``swtpm_user``); None without libvirt."""
+    import re
+
+    try:
+        text = conf.read_text(errors="replace")
+    except OSError:
+        return None
+    user = LIBVIRT_DEFAULT_SWTPM_USER
+    for line in text.splitlines():
+        if match := re.match(r'\s*swtpm_user\s*=\s*"([^"]*)"', line):
+            user = match.group(1)
+    return user
+
+
+def cannot_run(launcher: Path, user: str) -> str | None:
+    """Why ``user`` cannot run ``launcher`` (None if it can, or if that cannot be tried).
+
+    libvirt runs swtpm as an unprivileged user, who must reach the launcher's
+    interpreter and vtpmctl's files: a venv under /root is out of its reach.
+    The launcher's ``--version`` is run as that user, which is the proof.
+    """
+    import pwd
+    import subprocess
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return None
+    if os.geteuid() != 0 or entry.pw_uid == 0:
+        return None
+    try:
+        result = subprocess.run(
+            [str(launcher), "--version"],
+            user=entry.pw_uid,
+            group=entry.pw_gid,
+            extra_groups=os.getgrouplist(entry.pw_name, entry.pw_gid),
+            env={"PATH": "/usr/bin:/bin", "HOME": "/"},
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except PermissionError:
+        return "its interpreter is not reachable"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if result.returncode == 0:
+        return None
+    lines = result.stderr.decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else f"exit status {result.returncode}"
+
+
 def uninstall(directory: Path) -> tuple[list[Change], list[Path]]:
     """Remove vtpmctl's launchers from ``directory``: (changes, files left alone)."""
     directory = Path(directory)
