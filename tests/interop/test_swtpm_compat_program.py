@@ -384,3 +384,56 @@ def test_descriptors_ports_chardev_daemon_and_keys(launchers: Path, run_dir: Pat
     with swtpm_socket(run_dir / "st2", extra_args=["--key", f"file={key}"], exe=SWTPM_REAL) as tpm:
         assert len(tpm.tpm2("getrandom", "8").stdout) == 8
         tpm.shutdown()
+
+
+def _seccomp_mode(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Seccomp:")))
+
+
+@pytest.mark.parametrize("seccomp", [[], ["--seccomp", "action=log"], ["--seccomp", "action=none"]])
+def test_a_tpm_serves_under_the_seccomp_filter(launchers: Path, seccomp: list[str]) -> None:
+    """swtpm's default is a filter that kills on a denied call; tpm2-tools work through it."""
+    with swtpm_socket(exe=str(launchers / "swtpm"), extra_args=seccomp) as tpm:
+        tpm.tpm2("createprimary", "-C", "o", "-c", str(tpm.run_dir / "p.ctx"))
+        assert len(tpm.tpm2("getrandom", "16").stdout) == 16
+        assert _seccomp_mode(tpm.proc.pid) == (0 if "action=none" in seccomp else 2)
+        assert tpm.shutdown() == 0
+
+
+def test_unix_sockets_get_the_owner_group_and_mode_given(launchers: Path, run_dir: Path) -> None:
+    """--ctrl/--server type=unixio with uid=, gid= and mode=: chown and chmod of the sockets."""
+    if os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    data = run_dir / "data.sock"
+    ctrl = run_dir / "data.sock.ctrl"  # where the swtpm TCTI looks for it
+    proc = subprocess.Popen(
+        [
+            str(launchers / "swtpm"),
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={run_dir}",
+            "--flags",
+            "startup-clear",
+            "--ctrl",
+            f"type=unixio,path={ctrl},mode=0640,uid=65534,gid=65534",
+            "--server",
+            f"type=unixio,path={data},mode=0604,gid=65534",
+        ],  # fmt: skip
+        env=_env(),
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not data.exists() or data.stat().st_gid != 65534:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        got = [(p.stat().st_uid, p.stat().st_gid, p.stat().st_mode & 0o7777) for p in (ctrl, data)]
+        assert got == [(65534, 65534, 0o640), (0, 65534, 0o604)]
+        res = subprocess.run(
+            ["tpm2_getrandom", "-T", f"swtpm:path={data}", "8"], capture_output=True, timeout=30
+        )
+        assert res.returncode == 0 and len(res.stdout) == 8, res.stderr
+    finally:
+        subprocess.run(["swtpm_ioctl", "--unix", str(ctrl), "-s"], timeout=15, check=False)
+        assert proc.wait(15) == 0

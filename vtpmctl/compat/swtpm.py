@@ -277,6 +277,7 @@ class Options:
     cuse_name: str | None = None
     print_capabilities: bool = False
     print_states: bool = False
+    seccomp: str = "kill"  # a device.server.seccomp.SeccompAction; swtpm's default
 
 
 def _flags(opts: Options, text: str) -> None:
@@ -386,9 +387,13 @@ def _apply(opts: Options, values: dict[str, str | None]) -> None:
     if (text := get("locality")) is not None:
         _locality(opts, text)
     if (text := get("seccomp")) is not None:
-        action = parse_values(text, "seccomp", {"action": "value"}).get("action", "kill")
-        if action not in ("none", "kill", "log"):
-            raise _fail(f"Unsupported seccomp action '{action}'; use none, kill or log")
+        from vtpmctl.device.server.seccomp import DEFAULT_ACTION, SeccompAction
+
+        action = parse_values(text, "seccomp", {"action": "value"}).get("action", DEFAULT_ACTION)
+        if action not in tuple(SeccompAction):
+            choices = ", ".join(SeccompAction)
+            raise _fail(f"Unsupported seccomp action '{action}'; use {choices}")
+        opts.seccomp = action
     if (text := get("migration")) is not None:
         words = set(filter(None, text.split(",")))
         if words - {"incoming", "release-lock-outgoing"}:
@@ -485,9 +490,9 @@ _FAMILY_WORDS = (("1.2", "tpm-1.2"), ("2", "tpm-2.0"))
 def capabilities(iface: str, tpm2: bool) -> dict[str, Any]:
     """swtpm 0.7.1's feature words, for what this vtpmctl really does.
 
-    ``cmdarg-seccomp`` is left out: ``--seccomp`` is accepted, but vtpmctl
-    installs no system-call filter.
+    ``cmdarg-seccomp`` only where ``device.server.seccomp`` has a filter for the machine.
     """
+    from vtpmctl.device.server import seccomp
     from vtpmctl.engine.libtpms import Libtpms, LibtpmsError
     from vtpmctl.model import TpmFamily
 
@@ -503,8 +508,10 @@ def capabilities(iface: str, tpm2: bool) -> dict[str, Any]:
     features = [word for family, word in _FAMILY_WORDS if has(TpmFamily(family))]
     if iface != "cuse":
         features.append("tpm-send-command-header")
+    features.append("flags-opt-startup")
+    if seccomp.available():
+        features.append("cmdarg-seccomp")
     features += [
-        "flags-opt-startup",
         "cmdarg-key-fd",
         "cmdarg-pwd-fd",
         "cmdarg-print-states",
@@ -696,7 +703,7 @@ def _make_socket_server(opts: Options, engine: Engine, chardev: Any = None) -> A
     except EndpointError as exc:
         raise _fail(str(exc)) from None
     for ch in (opts.ctrl, opts.server):
-        if ch is not None and ch.kind == "unixio" and ch.path and (ch.uid or ch.gid) is not None:
+        if ch is not None and ch.kind == "unixio" and ch.path and (ch.uid, ch.gid) != (None, None):
             try:
                 uid, gid = (-1 if v is None else v for v in (ch.uid, ch.gid))
                 os.chown(ch.path, uid, gid)
@@ -834,6 +841,7 @@ def _change_root(directory: str) -> None:
     # What the TPM needs later is loaded now: nothing can be imported inside the chroot.
     import cryptography.hazmat.primitives.ciphers  # noqa: F401  (state and migration keys)
 
+    import vtpmctl.device.server.seccomp  # noqa: F401  (installed after the chroot)
     import vtpmctl.engine.tpm2.commands  # noqa: F401
 
     try:
@@ -856,6 +864,20 @@ def _run_as(user: str) -> None:
         os.setuid(entry.pw_uid)
     except OSError as exc:
         raise _fail(f"Could not switch to user '{user}': {exc.strerror}") from None
+
+
+def _filter_syscalls(action: str) -> None:
+    """Deny what a serving vTPM never needs (--seccomp), once nothing else is to be set up."""
+    from vtpmctl.device.server import seccomp
+
+    if not seccomp.available():
+        if action != seccomp.DEFAULT_ACTION:
+            log.warning("no seccomp filter on this machine; --seccomp action=%s ignored", action)
+        return
+    try:
+        seccomp.install(seccomp.SeccompAction(action))
+    except OSError as exc:
+        raise _fail(f"Could not install the seccomp filter: {exc.strerror}") from None
 
 
 def _check(opts: Options) -> None:
@@ -915,6 +937,7 @@ def serve(opts: Options) -> int:
         _write_pid(opts)
         if opts.runas:
             _run_as(opts.runas)
+        _filter_syscalls(opts.seccomp)
         try:
             engine.start()
         except VtpmctlError as exc:
