@@ -29,7 +29,7 @@ def run(exe: str, args: list[str], cwd: Path, stdin: bytes = b"") -> tuple[int, 
     # getopt's messages start with argv[0]: the path each was called by
     err = res.stderr.replace(exe.encode() + b":", b"swtpm_ioctl:")
     out = res.stdout
-    if out.startswith((b"TPM emulator control tool", b"swtpm_ioctl (vtpmctl")):
+    if out.startswith((b"TPM emulator control tool", b"swtpm_ioctl-compatible TPM control tool")):
         out = b"<usage or version: each its own text>"
     return res.returncode, out, err
 

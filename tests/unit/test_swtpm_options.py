@@ -54,7 +54,8 @@ def test_flags_and_locality() -> None:
         (["socket", "--tpmstate", "backend-uri=nfs://x", "-p", "1"], "Unsupported backend"),
         (["socket", "--tpmstate", "dir=/s,mode=644", "-p", "1"], "octal number"),
         (["socket", "--seccomp", "action=trap", "-p", "1"], "seccomp"),
-        (["cuse", "-p", "1"], "not supported by the cuse interface"),
+        (["cuse", "-p", "1"], "cuse: invalid option -- 'p'"),
+        (["cuse", "--port", "1"], "cuse: unrecognized option '--port'"),
         (["socket", "--tpmstate", "dir=/s,bogus=1", "-p", "1"], "Unknown parameter 'bogus'"),
     ],
 )  # fmt: skip

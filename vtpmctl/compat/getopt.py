@@ -33,6 +33,17 @@ class Parsed:
     the option as typed)"""
     operands: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    error_at: list[int] = field(default_factory=list)
+    """for each error, how many options came before it: a program that acts on options
+    in order (``--help`` first wins, as in a getopt loop) needs to know"""
+
+    def error(self, message: str) -> None:
+        self.errors.append(message)
+        self.error_at.append(len(self.options))
+
+    def before_error(self) -> list[tuple[str, str | None, str, str]]:
+        """The options a getopt loop sees before it stops at the first error."""
+        return self.options[: self.error_at[0]] if self.errors else self.options
 
 
 class GetoptLong:
@@ -57,9 +68,7 @@ class GetoptLong:
         if not found:
             return None
         choices = "".join(f" '{prefix}{o.name}'" for o in found)
-        parsed.errors.append(
-            f"{self.prog}: option '{prefix}{name}' is ambiguous; possibilities:{choices}"
-        )
+        parsed.error(f"{self.prog}: option '{prefix}{name}' is ambiguous; possibilities:{choices}")
         return Opt("", -1)  # ambiguity already reported
 
     def parse(self, argv: list[str], take_extra: frozenset[str] = frozenset()) -> Parsed:
@@ -81,7 +90,7 @@ class GetoptLong:
             name, eq, inline = body.partition("=")
             opt = self._match(name, prefix, parsed)
             if opt is None:
-                parsed.errors.append(f"{self.prog}: unrecognized option '{prefix}{body}'")
+                parsed.error(f"{self.prog}: unrecognized option '{prefix}{body}'")
                 continue
             if opt.arg < 0:
                 continue
@@ -89,16 +98,14 @@ class GetoptLong:
             source = arg
             if eq:
                 if opt.arg == NO_ARG:
-                    parsed.errors.append(
+                    parsed.error(
                         f"{self.prog}: option '{prefix}{opt.name}' doesn't allow an argument"
                     )
                     continue
                 value = inline
             elif opt.arg == REQUIRED:
                 if i >= len(argv):
-                    parsed.errors.append(
-                        f"{self.prog}: option '{prefix}{opt.name}' requires an argument"
-                    )
+                    parsed.error(f"{self.prog}: option '{prefix}{opt.name}' requires an argument")
                     continue
                 value = source = argv[i]
                 i += 1

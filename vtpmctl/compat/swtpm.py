@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -50,14 +51,15 @@ _LONG = [
     Opt(name, NO_ARG)
     for name in (
         "terminate", "daemon", "tpm2", "print-capabilities", "print-states", "vtpm-proxy",
-        "help", "version", "print-capabilites",
+        "help", "print-capabilites",
     )
 ]  # fmt: skip
+# -v/--version is only swtpm's first word: after the interface it is an unknown option.
 _SHORT = {
     "p": "port", "f": "fd", "t": "terminate", "d": "daemon", "r": "runas", "R": "chroot",
-    "h": "help", "v": "version", "c": "chardev", "n": "name", "M": "maj", "m": "min",
+    "h": "help", "c": "chardev", "n": "name", "M": "maj", "m": "min",
 }  # fmt: skip
-# Which options each interface takes (swtpm refuses the others).
+# Which options each interface takes (for the others, it is an unknown option).
 _ONLY = {
     "port": ("socket",), "server": ("socket",), "terminate": ("socket",),
     "fd": ("socket", "chardev"), "daemon": ("socket", "chardev"), "ctrl": ("socket", "chardev"),
@@ -305,8 +307,13 @@ def _locality(opts: Options, text: str) -> None:
             raise _fail(f"Unknown parameter '{word}' for option --locality")
 
 
-def _expand_short(argv: list[str]) -> list[str]:
+def _options_of(iface: str) -> list[Opt]:
+    return [o for o in _LONG if iface in _ONLY.get(o.name, (iface,))]
+
+
+def _expand_short(argv: list[str], iface: str) -> list[str]:
     """swtpm's short options (``-p 2321``, ``-t``, ``-dt``) as their long spellings."""
+    known = {o.name: o for o in _options_of(iface)}
     out: list[str] = []
     for i, arg in enumerate(argv):
         if arg == "--":
@@ -317,11 +324,11 @@ def _expand_short(argv: list[str]) -> list[str]:
         letters = arg[1:]
         while letters:
             name = _SHORT.get(letters[0])
-            if name is None:
+            if name not in known:
                 out.append(f"--\0{letters[0]}")  # reported as an unknown option
                 letters = letters[1:]
                 continue
-            takes = any(o.name == name and o.arg == REQUIRED for o in _LONG)
+            takes = known[name].arg == REQUIRED
             if takes and len(letters) > 1:
                 out.append(f"--{name}={letters[1:]}")
                 break
@@ -344,22 +351,26 @@ def parse_args(argv: list[str], prog: str) -> Options:
         sys.stderr.write(_usage_top())
         raise SwtpmError(None, 1)
     opts = Options(iface=argv[0])
-    parsed = GetoptLong(prog, _LONG, long_only=False).parse(_expand_short(argv[1:]))
+    # swtpm hands getopt its arguments after the interface word, which getopt names itself by
+    parsed = GetoptLong(opts.iface, _options_of(opts.iface), long_only=False).parse(
+        _expand_short(argv[1:], opts.iface)
+    )
+    # As swtpm's getopt loop: --help wins over what follows it, an error over what follows
+    # it; the values and the operands are judged after the loop.
+    if any(name == "help" for name, *_ in parsed.before_error()):
+        sys.stdout.write(_usage(opts.iface))
+        raise SwtpmError(None, 0)
     if parsed.errors:
-        raise SwtpmError(parsed.errors[0].replace("'--\0", "'-") + f"\n{_usage(opts.iface)}")
+        message = re.sub(
+            r"unrecognized option '--\0(.)'", r"invalid option -- '\1'", parsed.errors[0]
+        )
+        raise SwtpmError(f"{message}\n{_usage(opts.iface)}")
     if parsed.operands:
         raise _fail(f"Unknown argument '{parsed.operands[0]}'")
-    values: dict[str, str | None] = {}
-    for name, value, _source, _typed in parsed.options:
-        only = _ONLY.get(name)
-        if only is not None and opts.iface not in only:
-            raise _fail(f"option --{name} is not supported by the {opts.iface} interface")
-        if name in ("help",):
-            sys.stdout.write(_usage(opts.iface))
-            raise SwtpmError(None, 0)
-        if name == "version":
-            raise SwtpmError(None, _version())
-        values[name] = value
+    values: dict[str, str | None] = {name: value for name, value, *_ in parsed.options}
+    if "print-capabilities" in values or "print-capabilites" in values:
+        opts.print_capabilities, opts.tpm2 = True, "tpm2" in values  # nothing else matters
+        return opts
     _apply(opts, values)
     return opts
 
@@ -369,7 +380,6 @@ def _apply(opts: Options, values: dict[str, str | None]) -> None:
         return values.get(name)
 
     opts.tpm2 = "tpm2" in values
-    opts.print_capabilities = "print-capabilities" in values or "print-capabilites" in values
     opts.print_states = "print-states" in values
     opts.terminate = "terminate" in values
     opts.daemon = "daemon" in values
@@ -426,7 +436,6 @@ def _data_channel(opts: Options, values: dict[str, str | None]) -> None:
         and opts.server is None
         and opts.data_fd is None
         and opts.ctrl is None
-        and not opts.print_capabilities
         and not opts.print_states
     ):
         env = os.environ.get("TPM_PORT")

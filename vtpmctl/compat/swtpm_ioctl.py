@@ -76,8 +76,11 @@ OPTIONS = [
 BLOB_TYPES = {"permanent": BlobType.PERMANENT, "volatile": BlobType.VOLATILE}
 BLOB_TYPES["savestate"] = BlobType.SAVESTATE
 
+# The first line has swtpm_ioctl's shape ("... version 0.7.1, ..."), which scripts parse;
+# --help starts with it too, as swtpm_ioctl's does.
+VERSION = f"swtpm_ioctl-compatible TPM control tool version 0.7.1, from vtpmctl {__version__}\n"
 HELP = f"""\
-swtpm_ioctl (vtpmctl {__version__}): send control commands to a swtpm-compatible TPM
+{VERSION}swtpm_ioctl (vtpmctl {__version__}): send control commands to a swtpm-compatible TPM
 
 Usage: swtpm_ioctl COMMAND [DEVICE]
        swtpm_ioctl [--tcp [HOST]:[PORT] | --unix PATH | --tpm-device DEVICE] COMMAND
@@ -106,7 +109,6 @@ Commands (exactly one):
 --version             print the version
 --help                print this help
 """
-VERSION = f"swtpm_ioctl (vtpmctl {__version__}), compatible with swtpm_ioctl 0.7.1\n"
 
 
 class SwtpmIoctlError(DeviceError):

@@ -104,8 +104,11 @@ OPTIONS = [
     Opt("help", NO_ARG),
 ]
 
+# The first line has swtpm_setup's shape ("... version 0.7.1"), which scripts parse;
+# --help starts with it too, as swtpm_setup's does.
+VERSION = f"swtpm_setup-compatible TPM setup tool version 0.7.1, from vtpmctl {__version__}\n"
 USAGE = f"""\
-swtpm_setup (vtpmctl {__version__}): manufacture a TPM's initial state
+{VERSION}swtpm_setup (vtpmctl {__version__}): manufacture a TPM's initial state
 
 Usage: swtpm_setup [options]
 
@@ -153,7 +156,6 @@ Usage: swtpm_setup [options]
 --version          print the version
 --help, -h         print this help
 """
-VERSION = f"swtpm_setup (vtpmctl {__version__}), compatible with swtpm_setup 0.7.1\n"
 
 
 class SwtpmSetupError(VtpmctlError):
@@ -243,6 +245,15 @@ def capabilities() -> str:
 def parse(argv: list[str], prog: str) -> Setup:
     args = ["--help" if a == "-h" else a for a in argv]
     parsed = GetoptLong(prog, OPTIONS, long_only=False).parse(args)
+    # in order, as swtpm_setup's getopt loop: the first of --help (exit 0), --version
+    # (exit 1, as 0.7.1) and an error decides
+    for name, *_ in parsed.before_error():
+        if name == "help":
+            sys.stdout.write(USAGE)
+            raise SystemExit(0)
+        if name == "version":
+            sys.stdout.write(VERSION)
+            raise SystemExit(1)
     if parsed.errors:
         for message in parsed.errors:
             sys.stderr.write(message + "\n")
@@ -564,6 +575,9 @@ def manufacture(setup: Setup, out: Output) -> int:
         f"Starting vTPM {'reconfiguration' if reconfigure else 'manufacturing'} as "
         f"{_who()} @ {_now()}"
     )
+    # swtpm_setup 0.7.1 says this to stdout (even with --logfile) once its swtpm serves
+    sys.stdout.write("TPM is listening on Unix socket.\n")
+    sys.stdout.flush()
     made: dict[str, Any] = {"eks": [], "templates": []}
     if not reconfigure:
         made = _child(
@@ -753,12 +767,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     out = Output()
     try:
         setup = parse(args, name or "swtpm_setup")
-        if "help" in setup.flags:
-            sys.stdout.write(USAGE)
-            return 0
-        if "version" in setup.flags:
-            sys.stdout.write(VERSION)
-            return 0
         if "print-capabilities" in setup.flags:
             sys.stdout.write(capabilities())
             return 0
