@@ -125,6 +125,11 @@ def peer_uid(sock: Any) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
+def fits_title_room(args: list[str]) -> bool:
+    """A forked daemon can show ``args`` as its command line in the zygote's room."""
+    return sum(len(os.fsencode(a)) + 1 for a in args) <= ZYGOTE_TITLE_ROOM
+
+
 def fork_daemon(
     args: list[str],
     env: dict[str, str],
@@ -146,6 +151,8 @@ def fork_daemon(
     """
     import _socket
 
+    if not fits_title_room([*entry_argv(DAEMON_ENTRY), *args]):
+        return None  # it could not show its own command line, which status and stop read
     identity = zygote_identity(cipher)
     request = json.dumps(
         {
