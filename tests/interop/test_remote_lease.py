@@ -8,6 +8,7 @@ take-over fit in a test.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -22,6 +23,8 @@ from s3_server import S3Server, s3_server
 
 from vtpmctl.engine import tpm2 as t
 from vtpmctl.errors import EXIT_LEASE_HELD, EXIT_LEASE_LOST, LeaseLost
+from vtpmctl.store.blob import unwrap_file
+from vtpmctl.store.keys import KeyFormat, load_key
 from vtpmctl.store.lease import Held, Lease, LeaseRecord, host_id
 from vtpmctl.store.paths import store_roots
 from vtpmctl.store.remote import layout
@@ -242,10 +245,11 @@ def test_replication_survives_kill9_and_a_dead_remote(
 
 
 def test_daemon_keeps_serving_when_its_remote_goes_away(tmp_path: Path) -> None:
-    """A server of its own, killed under a replicating daemon (restarting weed takes ~20 s,
-    so the recovery is not waited for here)."""
+    """A server of its own, killed under a replicating daemon and brought back: the
+    daemon serves throughout and replicates what changed meanwhile once it returns."""
     with s3_server(tmp_path / "s3") as s3, home_at(tmp_path / "a") as home:
-        a = Host(home, s3, s3.make_bucket(), fleet_key(tmp_path))
+        bucket = s3.make_bucket()
+        a = Host(home, s3, bucket, fleet_key(tmp_path))
         one_line(a.run("create", "x", "--replicate", "nope", check=False), 1, "no remote named")
         assert "x" not in a.run("list", "--quiet").stdout.split()  # nothing was made
         a.run(
@@ -267,8 +271,26 @@ def test_daemon_keeps_serving_when_its_remote_goes_away(tmp_path: Path) -> None:
             assert "cannot reach" in rep["error"], rep
             assert nv_read(tpm.transact) == b"CCCCCCCC"  # still serving
             assert rc(tpm.transact(nv_write_cmd(b"DDDDDDDD"))) == 0
-        human = a.run("status", NAME).stdout
-        assert "replication lag" in human and "remote error" in human
+            human = a.run("status", NAME).stdout
+            assert "replication lag" in human and "remote error" in human
+            s3.start()  # the same data and port: the remote is back
+            deadline = time.monotonic() + 60
+            while True:
+                rep = a.status()["replication"]
+                if not rep["error"] and rep["lag_seconds"] == 0:
+                    break
+                assert time.monotonic() < deadline, rep
+                time.sleep(0.2)
+            assert nv_read(tpm.transact) == b"DDDDDDDD"
+        # The remote holds the state as it is here now, written while it was away.
+        replica = lease_record(a).replica
+        assert replica is not None
+        paths = a.home.registry().paths(NAME)
+        key = load_key(paths.state_key, kind=KeyFormat.HEX)
+        stored = unwrap_file(s3.keys(bucket)[replica.key], key)
+        assert replica.sha256 == hashlib.sha256(stored).hexdigest()
+        assert stored == unwrap_file((paths.state_dir / "tpm2-00.permall").read_bytes(), key)
+        s3.kill()
         stopped = time.monotonic()
         a.run("stop", NAME)  # the lease cannot be released: it expires
         assert time.monotonic() - stopped < 8
