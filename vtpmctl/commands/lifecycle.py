@@ -449,12 +449,13 @@ def list_(as_json: bool = False, quiet: bool = False) -> int:
                 r["name"],
                 r["state"],
                 str(r["pid"] or "-"),
+                r["owner"] or "-",  # who runs it: vtpmctl, or the manager of an attached one
                 r["tpm"] or "?",
                 "yes" if r["encrypted"] else "no",
                 (ep.get("device") or ep.get("ctrl") or r["error"] or ""),
             ]
         )
-    _print_table(["NAME", "STATE", "PID", "TPM", "ENCRYPTED", "ENDPOINT"], rows)
+    _print_table(["NAME", "STATE", "PID", "OWNER", "TPM", "ENCRYPTED", "ENDPOINT"], rows)
     return 0
 
 
