@@ -290,7 +290,14 @@ def test_daemon_keeps_serving_when_its_remote_goes_away(tmp_path: Path) -> None:
         stored = unwrap_file(s3.keys(bucket)[replica.key], key)
         assert replica.sha256 == hashlib.sha256(stored).hexdigest()
         assert stored == unwrap_file((paths.state_dir / "tpm2-00.permall").read_bytes(), key)
+        one_line(a.run("remote", "unbind", NAME, check=False), 1, "running", "stop it first")
         s3.kill()
         stopped = time.monotonic()
         a.run("stop", NAME)  # the lease cannot be released: it expires
         assert time.monotonic() - stopped < 8
+        # Unbound, it runs here alone: no lease to take, no remote to reach.
+        assert "no longer replicates to r" in a.run("remote", "unbind", NAME).stdout
+        one_line(a.run("remote", "unbind", NAME, check=False), 1, "not bound")
+        a.run("start", NAME)
+        assert a.status()["replication"] is None
+        a.run("stop", NAME)

@@ -111,6 +111,22 @@ def rm(name: str, as_json: bool = False) -> int:
     return 0
 
 
+def unbind(name: str, as_json: bool = False) -> int:
+    """Stop replicating NAME (stopped): it runs on this host alone from then on."""
+    from vtpmctl.store.instances import Registry
+    from vtpmctl.usecases.ownership import unbind as unbind_instance
+
+    old = unbind_instance(Registry().get(name))
+    if as_json:
+        print_json({"format_version": FORMAT_VERSION, "name": name, "remote": old.remote})
+        return 0
+    out(
+        f"{name} no longer replicates to {old.remote}; what it pushed and its lease stay "
+        f"there (bind it again with: vtpmctl start {name} --replicate {old.remote})"
+    )
+    return 0
+
+
 @contextlib.contextmanager
 def _progress(what: str, as_json: bool) -> "Iterator[Progress | None]":
     """A transfer bar on stderr when a person watches it; nothing for scripts."""
@@ -427,6 +443,13 @@ GROUP = (
             min=0,
             show_default=False,
         ),
+        decl.JSON,
+    ),
+    decl.Command(
+        "remote unbind",
+        "vtpmctl.commands.remote:unbind",
+        "Stop replicating a stopped vTPM to its remote; the bucket is not touched.",
+        decl.NAME,
         decl.JSON,
     ),
     decl.Command(

@@ -89,6 +89,32 @@ def bind(
     return new
 
 
+def unbind(inst: Instance) -> Binding:
+    """Stop replicating a stopped instance: its binding goes, the remote is not touched.
+
+    Under the state lock, so that a start cannot launch a daemon with the old
+    binding meanwhile. The lease stays where it is (released by the last stop).
+    """
+    old = binding(inst)
+    if old is None:
+        raise OwnershipError(f"{inst.name} is not bound to a remote; nothing to unbind")
+    sd = inst.statedir()
+    if not sd.lock(0):
+        raise OwnershipError(
+            f"{inst.name} is running (it replicates while it runs); stop it first: "
+            f"vtpmctl stop {inst.name}"
+        )
+    try:
+        from vtpmctl.store.atomic import fsync_dir
+
+        for path in (inst.paths.binding_file, inst.paths.replication_status):
+            path.unlink(missing_ok=True)
+        fsync_dir(inst.paths.binding_file.parent)
+    finally:
+        sd.unlock()
+    return old
+
+
 def _remote(inst: Instance, b: Binding) -> Remote:
     from vtpmctl.store.remote.config import RemoteRegistry
 
