@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from swtpm_peer import Endpoint
@@ -57,6 +58,18 @@ def read_exact(sock: socket.socket, n: int, timeout: float = 5.0) -> bytes:
             raise ConnectionError(f"EOF after {len(out)} of {n} bytes")
         out += chunk
     return out
+
+
+def tpm_transact(sock: socket.socket, timeout: float = 30.0) -> Callable[[bytes], bytes]:
+    """Whole TPM commands on a data socket (either family): each answer is as long as
+    the size in its header says, which is all the framing a raw data channel has."""
+
+    def transact(command: bytes) -> bytes:
+        sock.sendall(command)
+        head = read_exact(sock, 10, timeout)
+        return head + read_exact(sock, int.from_bytes(head[2:6], "big") - 10, timeout)
+
+    return transact
 
 
 def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:

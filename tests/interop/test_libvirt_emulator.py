@@ -7,7 +7,8 @@ without ``<encryption secret=…>``) goes through start (manufacture), destroy, 
 save, restore, managedsave + start; the firmware is waited for once. Meanwhile
 ``vtpmctl list`` shows the running vTPM as libvirt's and can read its PCRs; afterwards
 a real swtpm opens the state (with the secret as its passphrase) and finds the EKs and
-their certificates.
+their certificates. A third domain has a ``version='1.2'`` TPM (tpm-tis): manufactured
+by vtpmctl's swtpm_setup without --tpm2, started twice, its EK read back by a real swtpm.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pytest
 from compat_bin import install
 from instance_helpers import VTPMCTL
 from libvirt_harness import Libvirt, libvirt_session, unavailable
+from rawsock import tpm_transact
 from swtpm_peer import swtpm_socket
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
@@ -76,9 +78,9 @@ def vtpmctl(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*VTPMCTL, *args], env=env, capture_output=True, text=True, timeout=60)
 
 
-def state_of(lv: Libvirt, name: str) -> Path:
+def state_of(lv: Libvirt, name: str, family: str = "tpm2") -> Path:
     ident = lv.virsh("domuuid", name).stdout.strip()
-    return SWTPM_STATE / ident / "tpm2"
+    return SWTPM_STATE / ident / family
 
 
 def test_libvirt_runs_vtpmctl_as_swtpm(launchers: Path, tmp_path: Path) -> None:
@@ -90,6 +92,7 @@ def test_libvirt_runs_vtpmctl_as_swtpm(launchers: Path, tmp_path: Path) -> None:
             ident = secret(lv)
             try:
                 run_variants(lv, ident, work, home, tmp_path, launchers)
+                run_tpm12(lv, home, tmp_path)
             finally:
                 lv.virsh("secret-undefine", ident, check=False)
     finally:
@@ -149,3 +152,40 @@ def run_variants(
             pcr0 = tpm.tpm2("pcrread", "sha256:0").stdout.decode()
         assert re.search(r"0 : 0x[0-9A-F]{64}", pcr0), pcr0
         assert "0x" + "0" * 64 not in pcr0, pcr0
+
+
+def run_tpm12(lv: Libvirt, home: Path, tmp_path: Path) -> None:
+    """``version='1.2'``: libvirt runs swtpm_setup without --tpm2 (an EK, its certificates,
+    the NV lock); the domain starts, stops and starts again on vtpmctl's swtpm. OVMF sends
+    a TPM 1.2 nothing, so the TPM is asked directly: through vtpmctl while it runs, and
+    afterwards through a real swtpm, which must find the EK swtpm_setup certified."""
+    from vtpmctl.engine import tpm12
+
+    dom = lv.define("tpm12", "<tpm model='tpm-tis'><backend type='emulator' version='1.2'/></tpm>")
+    log_path = SWTPM_LOG / f"{dom.name}-swtpm.log"
+    seen = log_path.stat().st_size if log_path.exists() else 0  # libvirt appends to it
+    for _ in range(2):
+        dom.start()  # the first start manufactures the TPM 1.2
+        assert dom.state() == "running"
+        listed = json.loads(vtpmctl(home, "list", "--json").stdout)["instances"]
+        mine = [i for i in listed if i["name"] == f"libvirt-{dom.name}"]
+        assert mine and mine[0]["tpm"] == "1.2", listed
+        res = vtpmctl(home, "snapshot", "create", mine[0]["name"])  # the daemon answers
+        assert res.returncode == 0, res.stderr
+        dom.destroy()
+    log = log_path.read_bytes()[seen:].decode(errors="replace")
+    for line in ("Successfully created EK.", "Successfully locked NVRAM access."):
+        assert line in log, log
+    made = re.search(r"--ek ([0-9a-f]+)", log)
+    assert made is not None and "--tpm2" not in log, log
+    copy = tmp_path / "tpm12-state"
+    shutil.copytree(state_of(lv, dom.name, "tpm1.2"), copy)
+    with swtpm_socket(copy, tpm2=False, ctrl="tcp", data="tcp") as tpm:
+        sock = tpm.data.connect(timeout=30)
+        try:
+            transact = tpm_transact(sock)
+            assert tpm12.read_pubek(transact).hex() == made.group(1)  # no owner: readable
+            indices = tpm12.nv_indices(transact)
+        finally:
+            sock.close()
+    assert sorted(indices) == [tpm12.NV_INDEX_EK_CERT, tpm12.NV_INDEX_PLATFORM_CERT]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 from compat_bin import install
-from rawsock import read_exact
+from rawsock import tpm_transact
 from swtpm_peer import swtpm_socket
 
 REAL = "swtpm_setup"
@@ -325,17 +324,6 @@ TPM12_CASES = {
 }
 
 
-def tpm12_transact(sock: socket.socket) -> Callable[[bytes], bytes]:
-    """Raw TPM 1.2 commands on a data socket: the header says how long each answer is."""
-
-    def transact(command: bytes) -> bytes:
-        sock.sendall(command)
-        head = read_exact(sock, 10, timeout=30)
-        return head + read_exact(sock, int.from_bytes(head[2:6], "big") - 10, timeout=30)
-
-    return transact
-
-
 @dataclass
 class Tpm12Reads:
     modulus: bytes
@@ -353,7 +341,7 @@ def tpm12_reads(state: Path, owner: bytes, exe: str | None) -> Tpm12Reads:
     with swtpm_socket(state, tpm2=False, ctrl="tcp", data="tcp", exe=exe) as tpm:
         sock = tpm.data.connect(timeout=30)
         try:
-            transact = tpm12_transact(sock)
+            transact = tpm_transact(sock)
             with pytest.raises(TpmError):  # the owner's password is the one given
                 tpm12.owner_read_ek(transact, hashlib.sha1(b"wrong").digest())
             with pytest.raises(TpmError):  # the NV is locked: reading needs the owner
