@@ -204,6 +204,15 @@ def test_instance_keys_from_descriptors_never_touch_disk_or_argv(tmp_path: Path)
         restarted = home.run("restart", "enc", "--key", "pwdfd=0", input=PASSWORD)
         assert "restarted enc" in restarted.stdout
         home.run("stop", "enc")
+        # the commands that read the state take the key the same way
+        failed = home.run("snapshot", "create", "enc", check=False)
+        assert failed.returncode == 1 and "give it with --key" in failed.stderr
+        key = ("--key", "pwdfd=0,kdf=sha512")
+        home.run("snapshot", "create", "enc", *key, input=PASSWORD)
+        assert '"ok": true' in home.run("verify", "enc", "--json", *key, input=PASSWORD).stdout
+        home.run("migrate", "export", "enc", "-o", str(tmp_path / "b"), *key, input=PASSWORD)
+        home.run("snapshot", "restore", "enc", "1", *key, input=PASSWORD)
+        assert not [p for p in set(home.path.rglob("*")) - before if "key" in p.name]
 
 
 @pytest.mark.parametrize(

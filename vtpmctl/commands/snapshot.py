@@ -115,11 +115,13 @@ def list_(name: str, as_json: bool = False, key: str | None = None) -> int:
     return 0
 
 
-def restore(name: str, ref: str, force: bool = False, as_json: bool = False) -> int:
+def restore(
+    name: str, ref: str, force: bool = False, as_json: bool = False, key: str | None = None
+) -> int:
     """Make snapshot REF NAME's state again (a safety snapshot is taken first)."""
     from vtpmctl.usecases import snapshot_ops
 
-    res = snapshot_ops.restore(_instance(name), ref, force=force)
+    res = snapshot_ops.restore(_instance(name, key), ref, force=force)
     for note in res.settled:
         _note(note)
     if as_json:
@@ -242,6 +244,7 @@ COMMANDS = (
             default=False,
         ),
         decl.JSON,
+        decl.STATE_KEY,
     ),
     decl.Command(
         "snapshot rm",
