@@ -423,3 +423,31 @@ def test_tpm12_certificates_from_vtpmctls_ca(ours: str, tmp_path: Path) -> None:
         key = cert.public_key()
         assert isinstance(key, rsa.RSAPublicKey)
         assert key.public_numbers().n == int.from_bytes(found.modulus, "big")
+
+
+def test_tpm12_proxmox_file_encrypted(ours: str, tmp_path: Path) -> None:
+    """Proxmox's TPM 1.2 command line on an encrypted linear file, with the EK certificate
+    also written out: the same lines, image size and certificate file (DER, 0640)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pw = tmp_path / "pw"
+    pw.write_bytes(b"a proxmox secret")
+    found = {}
+    for who, exe in (("ours", ours), ("real", REAL)):
+        image, certs = tmp_path / f"{who}.raw", tmp_path / f"{who}-certs"
+        certs.mkdir()
+        args = ["--tpmstate", f"file://{image}", *LIBVIRT, "--config", "/etc/swtpm_setup.conf"]
+        args += ["--runas", "0", "--not-overwrite", "--pwdfile", str(pw)]
+        res = run(exe, [*args, "--write-ek-cert-files", str(certs)])
+        assert res.returncode == 0, res.stderr
+        files = {p.name: p.stat().st_mode & 0o777 for p in certs.iterdir()}
+        der = (certs / "ek-rsa2048.crt").read_bytes()
+        chain_ok(der)
+        key = x509.load_der_x509_certificate(der).public_key()
+        assert isinstance(key, rsa.RSAPublicKey)
+        made = re.search(r"--ek ([0-9a-f]+)", res.stdout.decode())
+        assert made is not None and key.public_numbers().n == int(made.group(1), 16)
+        found[who] = (normal(res.stdout), image.stat().st_size, files)
+    assert found["ours"] == found["real"]
+    assert found["ours"][2] == {"ek-rsa2048.crt": 0o640}

@@ -41,6 +41,7 @@ DEFAULT_PCR_BANKS = "sha256"
 RSA_KEYSIZES = (2048, 3072)
 CIPHERS = {"aes-cbc": 16, "aes-128-cbc": 16, "aes-256-cbc": 32}
 SYSTEM_CONFIG = Path("/etc/swtpm_setup.conf")
+CERT_FILE_MODE = 0o640  # --write-ek-cert-files' files, whatever the umask (as 0.7.1)
 OWN_CA = "vtpmctl"  # create_certs_tool value that picks vtpmctl's CA
 PLATFORM_INDEX = 0x01C08000
 # TPM 1.2 ownership: the passwords swtpm_setup uses unless told, and the "well-known"
@@ -622,6 +623,7 @@ def manufacture(setup: Setup, out: Output) -> int:
         )
     if not tpm2:
         _report12(setup, made, certs, out)
+        certs = [(index, bytes.fromhex(der)) for index, der in done["certs"]]
     _write_cert_files(setup, made, certs)
     out.info("Successfully authored TPM state.")
     out.info(f"Ending vTPM manufacturing @ {_now()}")  # also after --reconfigure, as 0.7.1
@@ -688,6 +690,8 @@ def _report12(
 
 
 def _write_cert_files(setup: Setup, made: dict[str, Any], certs: list[tuple[int, bytes]]) -> None:
+    from vtpmctl.store.atomic import write_atomic
+
     target = setup.values.get("write-ek-cert-files")
     if not target:
         return
@@ -697,7 +701,7 @@ def _write_cert_files(setup: Setup, made: dict[str, Any], certs: list[tuple[int,
         if der is not None:
             path = Path(target) / _cert_file_name(ek)
             try:
-                path.write_bytes(der)
+                write_atomic(path, der, CERT_FILE_MODE)
             except OSError as exc:
                 raise SwtpmSetupError(f"Could not write {path}: {exc.strerror}") from None
 

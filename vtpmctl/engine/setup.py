@@ -142,7 +142,7 @@ def finish(request: dict[str, Any]) -> dict[str, Any]:
     answer: dict[str, Any] = {"available": [], "active": []}
     try:
         if not tpm2:
-            _finish12(engine.process, request)
+            answer["certs"] = _finish12(engine.process, request)
             return answer
         transact = engine.process
         locked: list[int] = list(request.get("lock", []))
@@ -212,14 +212,22 @@ def _create12(engine: Engine, request: dict[str, Any], answer: dict[str, Any]) -
     answer["tpm_info"] = _tpm12_info(engine)
 
 
-def _finish12(transact: Any, request: dict[str, Any]) -> None:
-    """Store the certificates (in the TCG header TPM 1.2 NV certificates carry), lock the NV."""
+def _finish12(transact: Any, request: dict[str, Any]) -> list[tuple[int, str]]:
+    """Store the certificates (in the TCG header TPM 1.2 NV certificates carry), lock the NV.
+
+    The answer is each certificate as DER (hex) without that header, for the files of
+    --write-ek-cert-files: swtpm_localca hands a TPM 1.2's certificates over with it.
+    """
     from vtpmctl.engine import tpm12
 
+    stored: list[tuple[int, str]] = []
     for index, der_hex in request.get("certs", []):
-        tpm12.nv_store(transact, int(index), tpm12.stored_cert(bytes.fromhex(der_hex)))
+        data = tpm12.stored_cert(bytes.fromhex(der_hex))
+        tpm12.nv_store(transact, int(index), data)
+        stored.append((int(index), tpm12.unstored_cert(data).hex()))
     if request.get("lock_nvram"):
         tpm12.nv_lock(transact)
+    return stored
 
 
 def _handle(request: dict[str, Any]) -> dict[str, Any]:
