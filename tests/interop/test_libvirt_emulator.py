@@ -99,6 +99,23 @@ def test_libvirt_runs_vtpmctl_as_swtpm(launchers: Path, tmp_path: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def read_while_running(home: Path, tmp_path: Path, name: str, encrypted: bool) -> None:
+    """vtpmctl reads libvirt's running vTPM (an encrypted one with the secret as --key)."""
+    key: list[str] = []
+    if encrypted:
+        res = vtpmctl(home, "snapshot", "create", name)
+        assert res.returncode == 1 and "--key" in res.stderr, res.stderr
+        pw = tmp_path / "running.pw"
+        pw.write_bytes(SECRET)
+        pw.chmod(0o600)
+        key = ["--key", f"pwdfile={pw},mode=aes-256-cbc"]
+    res = vtpmctl(home, "snapshot", "create", name, *key)  # QEMU holds the control channel
+    assert res.returncode == 0, res.stderr
+    assert json.loads(vtpmctl(home, "verify", name, "--json", *key).stdout)["ok"]
+    eks = json.loads(vtpmctl(home, "ek", "export", name, "--json", *key).stdout)["eks"]
+    assert {e["handle"] for e in eks} == {"0x81010001", "0x81010016"}, eks
+
+
 def run_variants(
     lv: Libvirt, ident: str, work: Path, home: Path, tmp_path: Path, launchers: Path
 ) -> None:
@@ -117,9 +134,7 @@ def run_variants(
         assert mine[0]["encrypted"] == (variant == "secret")
         cmdline = Path(f"/proc/{mine[0]['pid']}/cmdline").read_bytes().split(b"\0")
         assert str(launchers / "swtpm").encode() in cmdline, cmdline  # not /usr/bin/swtpm
-        if variant == "plain":  # read while QEMU holds the control channel
-            res = vtpmctl(home, "snapshot", "create", mine[0]["name"])
-            assert res.returncode == 0, res.stderr
+        read_while_running(home, tmp_path, mine[0]["name"], variant == "secret")
         dom.destroy()
         dom.start()
         dom.save(work / f"{variant}.save")
