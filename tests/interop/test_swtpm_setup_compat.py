@@ -451,3 +451,23 @@ def test_tpm12_proxmox_file_encrypted(ours: str, tmp_path: Path) -> None:
         found[who] = (normal(res.stdout), image.stat().st_size, files)
     assert found["ours"] == found["real"]
     assert found["ours"][2] == {"ek-rsa2048.crt": 0o640}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--create-platform-cert"],  # 0.7.1: an EK, no certificate at all for a TPM 1.2
+        ["--tpm2", "--create-platform-cert"],  # the platform certificate, no EK ones
+        ["--take-ownership", "--lock-nvram"],  # ownership implies the EK
+        ["--createek", "--ownerpass", "x", "--srk-well-known"],  # ignored without ownership
+    ],
+    ids=["tpm12-platform", "tpm2-platform", "tpm12-own-lock", "tpm12-pass-only"],
+)
+def test_implied_options_like_swtpm_setup(args: list[str], ours: str, tmp_path: Path) -> None:
+    outputs = {}
+    for who, exe in (("ours", ours), ("real", REAL)):
+        state = tmp_path / who
+        state.mkdir()
+        res = run(exe, [*args, "--tpm-state", str(state)])
+        outputs[who] = (res.returncode, normal(res.stdout), res.stderr)
+    assert outputs["ours"] == outputs["real"]

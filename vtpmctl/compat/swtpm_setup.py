@@ -119,7 +119,8 @@ Usage: swtpm_setup [options]
 --createek         create the EKs (TPM 2.0: RSA and ECC NIST P-384; TPM 1.2: RSA 2048)
 --create-ek-cert   also an EK certificate for each (implies --createek)
 --create-platform-cert
-                   also a platform certificate (implies --create-ek-cert)
+                   also a platform certificate (implies --createek; for a TPM 1.2,
+                   only together with --create-ek-cert)
 --lock-nvram       write-lock the NV indexes that were written (TPM 1.2: lock the NV)
 --create-spk       create a storage primary key (RSA 2048, or ECC P-384 with --ecc)
 --ecc              make the storage primary key an ECC key
@@ -565,7 +566,9 @@ def manufacture(setup: Setup, out: Output) -> int:
         out.info("  The TPM's state will be encrypted using a key derived from a passphrase.")
     elif key_kind == "key":
         out.info("  The TPM's state will be encrypted with a provided key.")
-    ek_cert = setup.has("create-ek-cert") or setup.has("create-platform-cert")
+    # 0.7.1: --create-platform-cert implies --createek, not --create-ek-cert (its help
+    # says otherwise); a TPM 1.2 gets a platform certificate only with its EK's.
+    ek_cert = setup.has("create-ek-cert")
     base = {
         "state_dir": str(location),
         "backend": backend,
@@ -587,6 +590,7 @@ def manufacture(setup: Setup, out: Output) -> int:
                 **_ownership(setup, tpm2),
                 "phase": "create",
                 "ek": ek_cert
+                or setup.has("create-platform-cert")
                 or setup.has("createek")
                 or (setup.has("take-ownership") and not tpm2),
                 "spk": setup.has("create-spk"),
@@ -637,7 +641,8 @@ def _certificates(
     if made.get("spk"):
         out.info(f"Successfully created storage primary key with handle {made['spk']}.")
     certs: list[tuple[int, bytes]] = []
-    issuer = _issuer(setup, config, out) if ek_cert else None
+    platform = setup.has("create-platform-cert")
+    issuer = _issuer(setup, config, out) if ek_cert or platform else None
     with _workdir() as workdir:
         for ek in made.get("eks", []):
             name = _ek_name(ek)
@@ -648,8 +653,12 @@ def _certificates(
             if issuer is None:
                 continue
             info = made["tpm_info"]
-            pending = [(ek["cert_index"], issuer.issue("ek", ek, info, workdir), f"{name} EK")]
-            if setup.has("create-platform-cert") and all(i != PLATFORM_INDEX for i, _ in certs):
+            pending = []
+            if ek_cert:
+                pending.append(
+                    (ek["cert_index"], issuer.issue("ek", ek, info, workdir), f"{name} EK")
+                )
+            if platform and all(i != PLATFORM_INDEX for i, _ in certs):
                 pder = issuer.issue("platform", ek, info, workdir)
                 pending.append((PLATFORM_INDEX, pder, "platform"))
             for index, der, what in pending:
