@@ -185,6 +185,9 @@ def _reads(
     _one_line(vtpmctl(home, "migrate", "import", str(bundle)), "never", "--name")
     _one_line(vtpmctl(home, "stop", name), "does not stop")
     _one_line(vtpmctl(home, "start", name), "does not start")
+    _one_line(vtpmctl(home, "ctl", name, "shutdown"), "does not change it", "unix:")
+    _one_line(vtpmctl(home, "state", "import", name, str(bundle)), "does not change it")
+    _one_line(vtpmctl(home, "key", "rotate", name, "--new-key-file", str(bundle)), "never")
 
 
 def _proxmox(launchers: Path, run_dir: Path, state: str) -> None:

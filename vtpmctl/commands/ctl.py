@@ -8,7 +8,7 @@ or TargetError and the command line prints them as one line.
 """
 
 from vtpmctl.device.client.control import DEFAULT_TIMEOUT
-from vtpmctl.device.client.target import open_client
+from vtpmctl.device.client.target import open_client, parse_target
 from vtpmctl.device.protocol import InitFlag
 
 # `typing` costs more to import than a control round trip; annotations only.
@@ -145,7 +145,7 @@ def ctl(
         value = spec.default
     if spec.value != NO_VALUE and value is None:
         raise ValueError(f"ctl {action} needs a value")
-    with open_client(target, timeout=timeout) as client:
+    with open_client(parse_target(target, changes=True), timeout=timeout) as client:
         spec.send(client, value or 0, delete_volatile)
     return 0
 

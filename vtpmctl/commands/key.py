@@ -27,6 +27,11 @@ def rotate(name: str, new_key_file: Path, key_format: str = KeyFormat.AUTO) -> i
 
     registry = Registry()
     inst = registry.get(name)
+    if inst.paths.attached:
+        raise KeyCommandError(
+            f"{name} is a vTPM that {inst.owner} runs; vtpmctl never re-encrypts its state "
+            "(its key is its manager's)"
+        )
     try:
         new_key = instance_keys.read_user_key(new_key_file, key_format)
     except KeyFileError as exc:

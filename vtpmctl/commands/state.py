@@ -106,7 +106,7 @@ def import_(
 ) -> int:
     """Stage one state blob from SOURCE ('-' = stdin) in the stopped TPM TARGET."""
     kind = BlobType.of(BlobKind(blob_type))
-    where = parse_target(target)
+    where = parse_target(target, changes=True)
     if source == "-":
         if sys.stdin.isatty():
             raise StateFileError(

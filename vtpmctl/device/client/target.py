@@ -86,12 +86,13 @@ class Target:
         return f"Target({self.display!r})"
 
 
-def parse_target(spec: str, read_only: bool = False) -> Target:
+def parse_target(spec: str, read_only: bool = False, changes: bool = False) -> Target:
     """Parse a TARGET; instance names are looked up in the registry.
 
     ``read_only``: the caller sends only commands the admin endpoint answers, so an
     instance is reached through it, and answers while a hypervisor holds its
-    control channel.
+    control channel. ``changes``: the caller changes the TPM (ctl, state import),
+    which vtpmctl does not do by name to a vTPM another manager runs.
     """
     if not spec:
         raise TargetError(f"empty target; {_FORMS}")
@@ -116,7 +117,7 @@ def parse_target(spec: str, read_only: bool = False) -> Target:
         )
     if ":" in spec or spec.startswith("-"):
         raise TargetError(f"{spec!r}: not a target; {_FORMS}", spec)
-    return resolve_instance(spec, read_only)
+    return resolve_instance(spec, read_only, changes)
 
 
 def _parse_tcp(spec: str) -> Target:
@@ -143,7 +144,7 @@ def _is_socket(path: str) -> bool:
         return False
 
 
-def resolve_instance(name: str, read_only: bool = False) -> Target:
+def resolve_instance(name: str, read_only: bool = False, changes: bool = False) -> Target:
     """The control channel of the registered instance NAME (``via`` its admin endpoint
     when ``read_only`` and its daemon has one)."""
     from vtpmctl.errors import InstanceError
@@ -153,6 +154,12 @@ def resolve_instance(name: str, read_only: bool = False) -> Target:
         inst = Registry().get(name)
     except InstanceError as exc:
         raise TargetError(str(exc), name) from None
+    if changes and inst.paths.attached:
+        raise TargetError(
+            f"{name} is a vTPM that {inst.owner} runs; vtpmctl does not change it by name "
+            f"(its manager does): to send it this anyway, give unix:{inst.paths.ctrl_socket}",
+            name,
+        )
     target = instance_target(inst, read_only)
     if not os.path.exists(target.path or ""):
         raise TargetError(f"{name} is not running; start it with: vtpmctl start {name}", name)
