@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vtpmctl.device.protocol import TPM12_ST_CLEAR, Cmd, tpm12_startup, tpm_code
+from vtpmctl.device.protocol import TPM12_ST_CLEAR, Cmd, InfoFlag, tpm12_startup, tpm_code
 from vtpmctl.engine.manufacture import ManufactureError
 from vtpmctl.engine.tpm import Engine, EngineConfig
 from vtpmctl.engine.tpm2 import SU_CLEAR, build_shutdown, build_startup
@@ -28,10 +28,6 @@ from vtpmctl.model import BlobKind
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.linearfile import LinearFile
 from vtpmctl.store.statedir import StateDir, StateDirError
-
-# TPMLIB_GetInfo flags: the specification and the TPM's attributes.
-INFO_SPEC = 0x1
-INFO_ATTRIBUTES = 0x2
 
 # PCR bank names as swtpm_setup spells them.
 BANKS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D, "sm3-256": 0x0012}
@@ -173,7 +169,7 @@ def finish(request: dict[str, Any]) -> dict[str, Any]:
 
 def _tpm12_info(engine: Engine) -> dict[str, str]:
     """The certificate fields swtpm_setup takes from libtpms' own description of a TPM 1.2."""
-    info = json.loads(engine.tpm.get_info(INFO_SPEC | INFO_ATTRIBUTES))
+    info = json.loads(engine.tpm.get_info(InfoFlag.TPMSPECIFICATION | InfoFlag.TPMATTRIBUTES))
     spec, attrs = info["TPMSpecification"], info["TPMAttributes"]
     return {
         "manufacturer": attrs["manufacturer"],

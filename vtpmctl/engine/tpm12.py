@@ -22,16 +22,20 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Union
 
+from vtpmctl.device.protocol import (
+    TPM12_TAG_RQU_COMMAND,
+    TPM12_TAG_RSP_COMMAND,
+    TPM_HEADER,
+    TPM_HEADER_SIZE,
+)
 from vtpmctl.engine.tpm2.marshal import Reader
 from vtpmctl.engine.tpm2.rc import MalformedResponse, TpmError
 
 Transact = Callable[[bytes], bytes]
 
-TAG_RQU_COMMAND = 0x00C1
+# The header and the unauthorised tags are the data channel's (device.protocol).
 TAG_RQU_AUTH1_COMMAND = 0x00C2
-TAG_RSP_COMMAND = 0x00C4
 TAG_RSP_AUTH1_COMMAND = 0x00C5
-HEADER = struct.Struct(">HII")
 DIGEST_SIZE = 20
 
 
@@ -241,22 +245,24 @@ GET_CAPABILITY = Command(Ord.GET_CAPABILITY, F(("area", "I"), ("sub", SIZED)), F
 def build(command: Command, values: Mapping[str, Any], trailer: bytes = b"") -> bytes:
     """Header, parameters and (for an authorised command) the OIAP trailer."""
     body = command.request.pack(values) + trailer
-    tag = TAG_RQU_AUTH1_COMMAND if trailer else TAG_RQU_COMMAND
-    return HEADER.pack(tag, HEADER.size + len(body), command.ordinal) + body
+    tag = TAG_RQU_AUTH1_COMMAND if trailer else TPM12_TAG_RQU_COMMAND
+    head = {"tag": tag, "size": TPM_HEADER_SIZE + len(body), "code": command.ordinal}
+    return TPM_HEADER.pack("big", head) + body
 
 
 def _split(command: Command, data: bytes) -> tuple[int, bytes]:
     """(tag, body) of a successful answer; TpmError for a non-zero result."""
-    if len(data) < HEADER.size:
+    if len(data) < TPM_HEADER_SIZE:
         raise MalformedResponse(f"a {len(data)}-byte answer is shorter than a header")
-    tag, size, rc = HEADER.unpack_from(data)
+    head = TPM_HEADER.unpack("big", data)
+    tag, size, rc = head["tag"], head["size"], head["code"]
     if size != len(data):
         raise MalformedResponse(f"header says {size} bytes, got {len(data)}")
     if rc:
         raise TpmError(rc, int(command.ordinal))
-    if tag not in (TAG_RSP_COMMAND, TAG_RSP_AUTH1_COMMAND):
+    if tag not in (TPM12_TAG_RSP_COMMAND, TAG_RSP_AUTH1_COMMAND):
         raise MalformedResponse(f"unexpected response tag 0x{tag:04x}")
-    return tag, data[HEADER.size :]
+    return tag, data[TPM_HEADER_SIZE:]
 
 
 def parse(command: Command, data: bytes) -> dict[str, Any]:
