@@ -460,10 +460,23 @@ def test_tpm12_proxmox_file_encrypted(ours: str, tmp_path: Path) -> None:
         ["--tpm2", "--create-platform-cert"],  # the platform certificate, no EK ones
         ["--take-ownership", "--lock-nvram"],  # ownership implies the EK
         ["--createek", "--ownerpass", "x", "--srk-well-known"],  # ignored without ownership
+        ["--createek", "--allow-signing", "--decryption"],  # ignored for a TPM 1.2
+        ["--createek", "--ecc"],  # refused for a TPM 1.2
+        ["--rsa-keysize", "3072"],  # a TPM 1.2 has 2048 bits only
+        ["--tpm2", "--rsa-keysize", "4096"],
     ],
-    ids=["tpm12-platform", "tpm2-platform", "tpm12-own-lock", "tpm12-pass-only"],
+    ids=[
+        "tpm12-platform",
+        "tpm2-platform",
+        "tpm12-own-lock",
+        "tpm12-pass-only",
+        "tpm12-signing",
+        "tpm12-ecc",
+        "tpm12-rsa3072",
+        "tpm2-rsa4096",
+    ],
 )
-def test_implied_options_like_swtpm_setup(args: list[str], ours: str, tmp_path: Path) -> None:
+def test_options_like_swtpm_setup(args: list[str], ours: str, tmp_path: Path) -> None:
     outputs = {}
     for who, exe in (("ours", ours), ("real", REAL)):
         state = tmp_path / who

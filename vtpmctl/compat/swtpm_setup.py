@@ -488,16 +488,25 @@ def _pcr_banks(setup: Setup, config: dict[str, str]) -> list[str] | None:
     return [b.strip() for b in text.split(",") if b.strip()]
 
 
-def _rsa_keysize(setup: Setup) -> int:
+def _rsa_keysize(setup: Setup, tpm2: bool, out: Output) -> int | None:
+    """--rsa-keysize; a TPM 1.2 has 2048-bit keys only (its swtpm lists no other size).
+
+    None after an unknown size, which 0.7.1 reports as progress (stdout), not as an error.
+    """
     text = setup.values.get("rsa-keysize", "2048")
-    size = max(RSA_KEYSIZES) if text == "max" else int(text) if text.isdigit() else 0
+    sizes = RSA_KEYSIZES if tpm2 else RSA_KEYSIZES[:1]
+    size = max(sizes) if text == "max" else int(text) if text.isdigit() else 0
     if size not in RSA_KEYSIZES:
-        raise SwtpmSetupError(f"Unsupported RSA key size {text}.")
+        out.info(f"Unsupported RSA key size {text}.")
+        return None
+    if size not in sizes:
+        raise SwtpmSetupError(f"{size} bit RSA keys are not supported by libtpms.")
     return size
 
 
 def _check_options(setup: Setup, tpm2: bool) -> None:
-    for name in ("allow-signing", "decryption", "create-spk", "reconfigure"):
+    # 0.7.1 ignores --allow-signing and --decryption for a TPM 1.2
+    for name in ("create-spk", "ecc", "reconfigure"):
         if setup.has(name) and not tpm2:
             raise SwtpmSetupError(f"--{name} requires --tpm2.")
     if tpm2 and setup.has("take-ownership"):  # the password options alone are ignored
@@ -539,18 +548,10 @@ def _issuer(setup: Setup, config: dict[str, str], out: Output) -> CertTool | Own
     )
 
 
-def manufacture(setup: Setup, out: Output) -> int:
-    """The whole run once options are known; 0, or 1 after an error line."""
-    env = dict(os.environ)
-    tpm2 = "tpm2" in setup.flags
-    _check_options(setup, tpm2)
-    config = read_config(config_path(setup.values.get("config"), env))
-    if "tpm-state" not in setup.values:
-        raise SwtpmSetupError("--tpm-state must be provided")
-    backend, location = _storage(setup.values["tpm-state"], _who().split(":")[0])
-    state = _state(backend, location, tpm2)
+def _existing_state(setup: Setup, state: Any, reconfigure: bool, out: Output) -> int | None:
+    """What a state already there means: the exit code to stop with, or None to go on
+    (after removing it for --overwrite)."""
     exists = state.exists(BlobKind.PERMANENT.file_name)
-    reconfigure = "reconfigure" in setup.flags
     if reconfigure and not exists:
         raise SwtpmSetupError("Cannot reconfigure: no TPM state found.")
     if exists and not reconfigure:
@@ -561,6 +562,28 @@ def manufacture(setup: Setup, out: Output) -> int:
             out.error("Found existing TPM state 'permall'.")
             return 1
         _remove_state(state)
+    return None
+
+
+def manufacture(setup: Setup, out: Output) -> int:
+    """The whole run once options are known; 0, or 1 after an error line."""
+    env = dict(os.environ)
+    tpm2 = "tpm2" in setup.flags
+    _check_options(setup, tpm2)
+    config = read_config(config_path(setup.values.get("config"), env))
+    if "tpm-state" not in setup.values:
+        raise SwtpmSetupError("--tpm-state must be provided")
+    backend, location = _storage(setup.values["tpm-state"], _who().split(":")[0])
+    if not tpm2 and _rsa_keysize(setup, tpm2, out) is None:  # before the state, as 0.7.1
+        return 1
+    state = _state(backend, location, tpm2)
+    reconfigure = "reconfigure" in setup.flags
+    stop = _existing_state(setup, state, reconfigure, out)
+    if stop is not None:
+        return stop
+    rsa_keysize = _rsa_keysize(setup, tpm2, out)
+    if rsa_keysize is None:
+        return 1
     key, key_kind = state_key(setup)
     if key_kind == "passphrase":
         out.info("  The TPM's state will be encrypted using a key derived from a passphrase.")
@@ -595,7 +618,7 @@ def manufacture(setup: Setup, out: Output) -> int:
                 or (setup.has("take-ownership") and not tpm2),
                 "spk": setup.has("create-spk"),
                 "ecc": setup.has("ecc"),
-                "rsa_keysize": _rsa_keysize(setup),
+                "rsa_keysize": rsa_keysize,
                 "allow_signing": setup.has("allow-signing"),
                 "decryption": setup.has("decryption"),
             }
