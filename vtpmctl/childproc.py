@@ -234,6 +234,11 @@ def _connect_zygote(address: bytes, cipher: bool) -> Any:
 def _spawn_zygote(cipher: bool) -> bool:
     """Start the zygote detached and wait until it listens (or found another one there)."""
     r, w = os.pipe2(os.O_CLOEXEC)
+    # `python -m` imports from the current directory first: a command run inside
+    # another checkout would give the zygote that checkout's code (and an identity
+    # no request of ours matches). PYTHONSAFEPATH keeps it to the code we name; the
+    # daemons it forks get the requester's environment, without it.
+    env = {**child_env(), "PYTHONSAFEPATH": "1"}
     try:
         argv = entry_argv(ZYGOTE_ENTRY)
         pid = os.posix_spawn(
@@ -246,7 +251,7 @@ def _spawn_zygote(cipher: bool) -> bool:
                 "--title-room",
                 "_" * ZYGOTE_TITLE_ROOM,
             ],
-            child_env(),
+            env,
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
                 (os.POSIX_SPAWN_DUP2, 0, 1),

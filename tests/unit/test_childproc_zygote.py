@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from vtpmctl.childproc import (
     DAEMON_ENTRY,
     ZYGOTE_TITLE_ROOM,
@@ -27,3 +29,22 @@ def test_a_command_line_longer_than_the_zygotes_room_is_execd() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_the_zygote_never_imports_from_the_current_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`python -m vtpmctl` puts the cwd first on sys.path: run inside another checkout,
+    a zygote would fork that checkout's code. PYTHONSAFEPATH (Python 3.11) stops it."""
+    from vtpmctl import childproc
+
+    seen: list[dict[str, str]] = []
+
+    def spawn(path: str, argv: list[str], env: dict[str, str], **_: object) -> int:
+        seen.append(env)
+        raise OSError("not spawned in a unit test")
+
+    monkeypatch.setattr(childproc.os, "posix_spawn", spawn)
+    assert childproc._spawn_zygote(False) is False
+    assert seen and seen[0]["PYTHONSAFEPATH"] == "1"
+    assert seen[0]["PYTHONPATH"].split(os.pathsep)[0] == childproc.package_root()
