@@ -27,6 +27,7 @@ import fcntl
 import gc
 import json
 import os
+import resource  # each child takes its starter's limits
 import signal
 import socket
 import sys
@@ -43,9 +44,14 @@ from vtpmctl.childproc import (
     zygote_address,
     zygote_identity,
 )
-from vtpmctl.device.server import daemon, sockets  # noqa: F401 - imported to be shared
+
+# Imported here to be shared: everything a daemon imports on its way to serving.
+# A module first imported after the fork is loaded again by each daemon, into
+# pages of its own (docs/architecture.md, "The zygote").
+from vtpmctl.device.server import admin, daemon, sockets  # noqa: F401
 from vtpmctl.engine import libtpms
-from vtpmctl.store import blob
+from vtpmctl.store import access, blob  # noqa: F401
+from vtpmctl.store import keys as store_keys  # noqa: F401
 
 IDLE_EXIT = 30.0  # seconds without a daemon or a request
 
@@ -168,7 +174,6 @@ def _uses_keys(argv: list[str]) -> bool:
 
 def _set_rlimits(limits: object) -> None:
     """The starter's resource limits, where this process may set them."""
-    import resource
 
     if not isinstance(limits, dict):
         return
