@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -332,13 +332,17 @@ class Tpm12Reads:
     headed: dict[int, bool]  # the header's size matched
 
 
-def tpm12_reads(state: Path, owner: bytes, exe: str | None) -> Tpm12Reads:
+def tpm12_reads(
+    state: Path, owner: bytes, exe: str | None, key_args: Sequence[str] = ()
+) -> Tpm12Reads:
     """What raw TPM 1.2 commands read from a state on ``exe`` (None: the real swtpm)."""
     from vtpmctl.engine import tpm12
     from vtpmctl.engine.tpm2 import TpmError
 
     auth = hashlib.sha1(owner).digest()
-    with swtpm_socket(state, tpm2=False, ctrl="tcp", data="tcp", exe=exe) as tpm:
+    with swtpm_socket(
+        state, tpm2=False, ctrl="tcp", data="tcp", exe=exe, extra_args=key_args
+    ) as tpm:
         sock = tpm.data.connect(timeout=30)
         try:
             transact = tpm_transact(sock)
@@ -362,12 +366,19 @@ def tpm12_reads(state: Path, owner: bytes, exe: str | None) -> Tpm12Reads:
 @pytest.mark.parametrize("case", list(TPM12_CASES))
 def test_tpm12_manufacture_both_ways(case: str, ours: str, tmp_path: Path) -> None:
     """A TPM 1.2 with EK, certificates, NV lock and an owner, by each swtpm_setup; each
-    state is read through raw TPM 1.2 commands on the real swtpm and on vtpmctl's."""
+    state is read through raw TPM 1.2 commands on the real swtpm and on vtpmctl's (with the
+    passwords, the state is also encrypted with a passphrase, which both servers are given)."""
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     options, owner = TPM12_CASES[case]
     args = [*LIBVIRT, "--take-ownership", *options, "--display", "--vmid", "dom:1"]
+    key_args: list[str] = []
+    if case == "passwords":  # and an encrypted state, as libvirt's <encryption> makes
+        pw = tmp_path / "pw"
+        pw.write_bytes(b"a libvirt secret")
+        args += ["--pwdfile", str(pw), "--cipher", "aes-256-cbc"]
+        key_args = ["--key", f"pwdfile={pw},mode=aes-256-cbc"]
     lines, reads = {}, {}
     for who, exe in (("ours", ours), ("real", REAL)):
         state = tmp_path / who
@@ -379,7 +390,7 @@ def test_tpm12_manufacture_both_ways(case: str, ours: str, tmp_path: Path) -> No
         assert made is not None
         assert sorted(p.name for p in state.iterdir()) == [".lock", "tpm-00.permall"]
         for server in (None, str(Path(ours).parent / "swtpm")):
-            found = tpm12_reads(state, owner, server)
+            found = tpm12_reads(state, owner, server, key_args)
             assert found.modulus.hex() == made.group(1), (who, server)
             reads[(who, server is None)] = found
     assert lines["ours"] == lines["real"]
