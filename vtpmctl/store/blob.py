@@ -21,8 +21,6 @@ given. Everything swtpm 0.7.1-0.11 writes is accepted.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import os
 import struct
 from dataclasses import dataclass
@@ -119,7 +117,7 @@ class AesKey:
         # Constant time, so comparing a candidate key does not leak a prefix match.
         if not isinstance(other, AesKey):
             return NotImplemented
-        return hmac.compare_digest(self.material, other.material)
+        return _same(self.material, other.material)
 
     def __hash__(self) -> int:
         return hash((AesKey, self.material))
@@ -223,6 +221,24 @@ def preload_cipher() -> None:
     encryptor.finalize()
 
 
+# hashlib and hmac only where a key is used: a plain state file needs neither, and
+# hashlib loads OpenSSL's libcrypto (2-3 ms of a plain `vtpmctl start`).
+
+
+def _hmac_sha256(key: bytes, data: bytes) -> bytes:
+    import hashlib
+    import hmac
+
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def _same(a: bytes, b: bytes) -> bool:
+    """Constant time, so a comparison does not leak how much of a secret matched."""
+    import hmac
+
+    return hmac.compare_digest(a, b)
+
+
 def _encrypt(key: AesKey, plain: bytes, data_tag: int, iv_tag: int) -> bytes:
     """Encrypt-then-MAC with swtpm's quirks: key-length padding and a key-length IV."""
     k = key.material
@@ -232,7 +248,7 @@ def _encrypt(key: AesKey, plain: bytes, data_tag: int, iv_tag: int) -> bytes:
 
     encryptor = Cipher(algorithms.AES(k), modes.CBC(iv_full[:_AES_BLOCK])).encryptor()
     ciphertext = encryptor.update(plain + bytes([pad]) * pad) + encryptor.finalize()
-    mac = hmac.new(k, ciphertext + iv_full, hashlib.sha256).digest()
+    mac = _hmac_sha256(k, ciphertext + iv_full)
     return _tlv(data_tag, ciphertext) + _tlv(TAG_HMAC, mac) + _tlv(iv_tag, iv_full)
 
 
@@ -281,8 +297,8 @@ def _decrypt_v2(
         raise BlobError(Res.DECRYPT_ERROR, f"{what}: IV record is only {len(iv_full)} bytes")
     else:
         iv = iv_full[:_AES_BLOCK]
-    expected = hmac.new(key.material, ciphertext + iv_full, hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, mac[:_HMAC_SIZE]):
+    expected = _hmac_sha256(key.material, ciphertext + iv_full)
+    if not _same(expected, mac[:_HMAC_SIZE]):
         raise BlobError(Res.DECRYPT_ERROR, f"{what}: HMAC mismatch (wrong key or corrupted)")
     return _cbc_decrypt(key, iv, ciphertext, what)
 
@@ -291,7 +307,9 @@ def _decrypt_v1(key: AesKey, body: bytes, what: str) -> bytes:
     """Legacy format: zero IV, plaintext prefixed by its own SHA-256 (docs/protocol.md)."""
     plain = _cbc_decrypt(key, bytes(_AES_BLOCK), body, what)
     digest, state = plain[:32], plain[32:]
-    if len(digest) < 32 or not hmac.compare_digest(digest, hashlib.sha256(state).digest()):
+    import hashlib
+
+    if len(digest) < 32 or not _same(digest, hashlib.sha256(state).digest()):
         raise BlobError(Res.FAIL, f"{what}: checksum mismatch (wrong key or corrupted)")
     return state
 

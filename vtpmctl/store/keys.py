@@ -11,7 +11,6 @@ any of the file's content.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
@@ -136,6 +135,8 @@ def derive_passphrase_key(password: bytes, length: int = 32, kdf: Kdf = "pbkdf2"
     """swtpm's ``pwdfile=``/``pwdfd=`` derivation: PBKDF2-HMAC-SHA512 or a SHA-512 prefix."""
     if length not in (16, 32):
         raise ValueError(f"key length must be 16 or 32 bytes, not {length}")
+    import hashlib  # here, not at the top: it loads libcrypto, which most commands never use
+
     if kdf == "pbkdf2":
         return AesKey(
             hashlib.pbkdf2_hmac("sha512", password, _PBKDF2_SALT, _PBKDF2_ITERATIONS, length)
@@ -259,6 +260,8 @@ def key_fingerprint(key: AesKey) -> str:
 
     Domain-separated so it cannot be confused with any other hash of the key material.
     """
+    import hashlib
+
     return hashlib.sha256(_FINGERPRINT_DOMAIN + key.material).hexdigest()[:16]
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -52,6 +51,14 @@ REKEY_SUFFIX = ".rekey"
 RESTORE_SUFFIX = ".restore"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _MAX_LABEL = 64
+
+
+def _sha256(data: bytes) -> str:
+    """The hex SHA-256; hashlib is imported when a snapshot is read or written (it loads
+    libcrypto), not by every command that settles a state first."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 class SnapshotError(StoreError):
@@ -286,7 +293,7 @@ class SnapshotStore:
 
     def _put(self, plain: bytes) -> str:
         """Store one object (or keep the good copy already there); returns its digest."""
-        digest = hashlib.sha256(plain).hexdigest()
+        digest = _sha256(plain)
         path = self.object_path(digest)
         if path.exists():
             try:
@@ -315,7 +322,7 @@ class SnapshotStore:
             raise SnapshotError(
                 f"snapshot object {digest[:12]} is unreadable ({exc.message})"
             ) from None
-        if hashlib.sha256(plain).hexdigest() != digest:
+        if _sha256(plain) != digest:
             raise SnapshotError(
                 f"snapshot object {digest[:12]} is corrupt (its content does not match its name)"
             )
@@ -387,7 +394,7 @@ class SnapshotStore:
                     raise SnapshotError(
                         f"snapshot object {digest[:12]} is unreadable ({exc.message})"
                     ) from None
-                if hashlib.sha256(plain).hexdigest() != digest:
+                if _sha256(plain) != digest:
                     raise SnapshotError(f"snapshot object {digest[:12]} is corrupt")
             ensure_dir(self.objects_dir, PRIVATE_MODE, parent_mode=PRIVATE_MODE)
             for digest in sorted(names):
@@ -564,7 +571,7 @@ def staged_file(sd: StateDir, name: str) -> Path:
 
 def _digest(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return _sha256(path.read_bytes())
     except FileNotFoundError:
         return None
 

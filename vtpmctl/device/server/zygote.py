@@ -25,6 +25,8 @@ import array
 import contextlib
 import fcntl
 import gc
+import hashlib  # noqa: F401 - for the daemons that encrypt (store.blob imports it late)
+import hmac  # noqa: F401
 import json
 import os
 import resource  # each child takes its starter's limits
