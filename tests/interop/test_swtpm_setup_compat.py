@@ -327,6 +327,7 @@ TPM12_CASES = {
 @dataclass
 class Tpm12Reads:
     modulus: bytes
+    ek_parms: object  # the EK's TPM_KEY_PARMS as the TPM reports them
     nv: dict[int, object]  # each index's attributes and PCR bindings
     certs: dict[int, bytes]  # DER, out of the TCG header
     headed: dict[int, bool]  # the header's size matched
@@ -353,10 +354,13 @@ def tpm12_reads(
             publics = {i: tpm12.nv_public(transact, i) for i in tpm12.nv_indices(transact)}
             stored = {i: tpm12.nv_read(transact, i, p["size"], auth) for i, p in publics.items()}
             modulus = tpm12.owner_read_ek(transact, auth)
+            ek = tpm12.OWNER_READ_INTERNAL_PUB
+            ek_parms = tpm12.execute(transact, ek, {"handle": tpm12.KH_EK}, auth=auth)["pubkey"]
         finally:
             sock.close()
     return Tpm12Reads(
         modulus,
+        ek_parms["parms"],
         {i: (p["permission"], p["read_pcr"], p["write_pcr"]) for i, p in publics.items()},
         {i: tpm12.unstored_cert(data) for i, data in stored.items()},
         {i: len(tpm12.unstored_cert(data)) + 7 == len(data) for i, data in stored.items()},
@@ -396,6 +400,7 @@ def test_tpm12_manufacture_both_ways(case: str, ours: str, tmp_path: Path) -> No
     assert lines["ours"] == lines["real"]
     for found in reads.values():
         assert found.nv == reads[("real", True)].nv
+        assert found.ek_parms == reads[("real", True)].ek_parms
         assert set(found.nv) == {0x1000F000, 0x1000F002}
         assert all(found.headed.values())
         for der in found.certs.values():

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Union
@@ -28,10 +28,8 @@ from vtpmctl.device.protocol import (
     TPM_HEADER,
     TPM_HEADER_SIZE,
 )
-from vtpmctl.engine.tpm2.marshal import Reader
+from vtpmctl.engine.tpm2.marshal import Reader, Transact
 from vtpmctl.engine.tpm2.rc import MalformedResponse, TpmError
-
-Transact = Callable[[bytes], bytes]
 
 # The header and the unauthorised tags are the data channel's (device.protocol).
 TAG_RQU_AUTH1_COMMAND = 0x00C2
@@ -76,10 +74,8 @@ LOC_ALL = 0x1F
 OAEP_LABEL = b"TCPA"  # the encoding parameter of every OAEP the TPM 1.2 decrypts
 
 # TPM_GetCapability areas.
-CAP_FLAG = 0x00000004
 CAP_NV_LIST = 0x0000000D
 CAP_NV_INDEX = 0x00000011
-CAP_FLAG_PERMANENT = 0x00000108
 
 # NV indices swtpm_setup defines (with the D bit: only definable before the NV lock).
 NV_INDEX_D_BIT = 0x10000000
@@ -97,9 +93,8 @@ FULL_CERT = 0
 STORED_CERT_HEAD = struct.Struct(">HBHH")
 
 # Field kinds: struct codes for fixed fields, SIZED for a UINT32 size and its bytes,
-# REST for whatever follows, or a nested Fields table.
+# or a nested Fields table.
 SIZED = "sized"
-REST = "rest"
 Kind = Union[str, "Fields"]
 
 
@@ -117,8 +112,6 @@ class Fields:
                 out += kind.pack(value)
             elif kind == SIZED:
                 out += struct.pack(">I", len(value)) + bytes(value)
-            elif kind == REST:
-                out += bytes(value)
             else:
                 out += struct.pack(">" + kind, value)
         return out
@@ -130,8 +123,6 @@ class Fields:
                 values[name] = kind.read(r)
             elif kind == SIZED:
                 values[name] = r.take(r.u32())
-            elif kind == REST:
-                values[name] = r.rest()
             else:
                 values[name] = struct.unpack(">" + kind, r.take(struct.calcsize(">" + kind)))[0]
         return values
@@ -142,7 +133,7 @@ class Fields:
         for _, kind in self.fields:
             if isinstance(kind, Fields):
                 total += kind.size()
-            elif kind in (SIZED, REST):
+            elif kind == SIZED:
                 raise ValueError("a table with variable fields has no fixed size")
             else:
                 total += struct.calcsize(">" + kind)
@@ -350,6 +341,7 @@ def _pubkey_modulus(answer: Mapping[str, Any], anti_replay: bytes) -> bytes:
 def create_ek(transact: Transact) -> bytes:
     """TPM_CreateEndorsementKeyPair (RSA 2048, OAEP) as swtpm_setup asks; the modulus."""
     nonce = os.urandom(DIGEST_SIZE)
+    # the signature scheme swtpm_setup sends; the TPM records TPM_SS_NONE for its EK
     parms = _rsa_parms(ES_RSAESOAEP_SHA1_MGF1, SS_RSASSAPKCS1V15_SHA1)
     answer = execute(transact, CREATE_ENDORSEMENT_KEY_PAIR, {"anti_replay": nonce, "parms": parms})
     return _pubkey_modulus(answer, nonce)
