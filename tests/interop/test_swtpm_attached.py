@@ -183,6 +183,8 @@ def _reads(
     # never taken over: no state written back, no start, stop or rm
     _one_line(vtpmctl(home, "snapshot", "restore", name, "1"), "never")
     _one_line(vtpmctl(home, "migrate", "import", str(bundle)), "never", "--name")
+    res = vtpmctl(home, "migrate", "import", str(bundle), "--name", "copy", "--json")
+    assert res.returncode == 0, res.stderr  # a vTPM of vtpmctl's own, from the manager's
     _one_line(vtpmctl(home, "stop", name), "does not stop")
     _one_line(vtpmctl(home, "start", name), "does not start")
     _one_line(vtpmctl(home, "ctl", name, "shutdown"), "does not change it", "unix:")
