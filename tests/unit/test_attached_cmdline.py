@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vtpmctl.store.attached import HeldFile, parse
-from vtpmctl.store.linearfile import LinearFile
+from vtpmctl.store.attached import parse
+from vtpmctl.store.linearfile import HeldFile, LinearFile
 from vtpmctl.store.statedir import StateDirError
 
 ME = pwd.getpwuid(os.geteuid()).pw_name

@@ -9,8 +9,8 @@ names everything needed on its command line (``--tpmstate``, ``--ctrl``,
 ``--tpm2``, ``--key``), which ``/proc/PID/cmdline`` gives. It holds its state
 for as long as it lives: a state dir's lock says so, and for a linear file
 (unlocked by default, as Proxmox runs it) the process itself does
-(``HeldFile``). Nothing is written: the instance is the process, and it is
-gone with it.
+(``vtpmctl.store.linearfile.HeldFile``). Nothing is written: the instance is
+the process, and it is gone with it.
 """
 
 from __future__ import annotations
@@ -19,10 +19,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-from vtpmctl.store.blob import AesKey
-from vtpmctl.store.linearfile import LinearFile
-from vtpmctl.store.statedir import StateDirError
 
 PROGRAM = "swtpm"
 SUBCOMMANDS = ("socket", "chardev", "cuse")
@@ -169,52 +165,3 @@ def discover(proc: Path = Path("/proc")) -> list[Attached]:
 
 def find(name: str) -> Attached | None:
     return next((a for a in discover() if a.name == name), None)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class HeldFile(LinearFile):
-    """An attached swtpm's linear state file: held by that process for as long as it lives.
-
-    swtpm takes no lock on this backend unless told to (Proxmox does not), so
-    the lock cannot say whether it runs; the process can. While it runs, a read
-    of the file may meet a write in place, so a read is repeated until two agree.
-    """
-
-    READS = 5
-
-    def __init__(self, path: Path, pid: int, tpm2: bool = True, key: AesKey | None = None) -> None:
-        super().__init__(path, tpm2=tpm2, key=key)
-        self.pid = pid
-
-    def holder_pid(self) -> int | None:
-        return self.pid if alive(self.pid) else super().holder_pid()
-
-    def lock(self, retries: int = 0) -> bool:
-        """Granted only once the process is gone (then nothing else writes the file)."""
-        return not alive(self.pid) and super().lock(retries)
-
-    def _open(self) -> int:
-        if self._fd is None:
-            try:  # read-only: vtpmctl never writes an attached vTPM's state
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError as exc:
-                raise StateDirError(f"cannot open {self.path}: {exc.strerror}") from exc
-        return self._fd
-
-    def read_raw(self, name: str) -> bytes | None:
-        last = super().read_raw(name)
-        for _ in range(self.READS):
-            again = super().read_raw(name)
-            if again == last:
-                return again
-            last = again
-        raise StateDirError(f"the {name} state in {self.path} kept changing while it was read")

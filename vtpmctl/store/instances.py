@@ -382,7 +382,7 @@ class Instance:
         """The state (a dir, or an attached swtpm's linear file); without a key it is
         enough for locking and liveness."""
         if self.found is not None and self.found.state_file:
-            from vtpmctl.store.attached import HeldFile
+            from vtpmctl.store.linearfile import HeldFile
 
             return HeldFile(self.paths.state_dir, self.found.pid, self.config.tpm2, key)
         return StateDir(self.paths.state_dir, tpm2=self.config.tpm2, key=key)

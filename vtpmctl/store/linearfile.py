@@ -13,7 +13,8 @@ enough; a regular file grows and shrinks.
 The class answers the same calls as ``StateDir`` (the engine's storage), so
 the engine, ``--print-states`` and the stores above never tell them apart.
 Locking (off by default for this backend, as in swtpm) is a POSIX record lock
-on the file itself.
+on the file itself. ``HeldFile`` is a file another manager's swtpm serves
+(vtpmctl.store.attached): held by that process, read only, read until stable.
 """
 
 from __future__ import annotations
@@ -243,3 +244,54 @@ class LinearFile(StateDir):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def alive(pid: int) -> bool:
+    """The process exists (signal 0; one of another user's counts too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class HeldFile(LinearFile):
+    """The linear state file of a swtpm another manager runs (vtpmctl.store.attached).
+
+    It is held by that process for as long as it lives: swtpm takes no lock
+    on this backend unless told to (Proxmox does not), so the lock cannot say
+    whether it runs; the process can. While it runs, a read of the file may meet
+    a write in place, so a read is repeated until two agree.
+    """
+
+    READS = 5
+
+    def __init__(self, path: Path, pid: int, tpm2: bool = True, key: AesKey | None = None) -> None:
+        super().__init__(path, tpm2=tpm2, key=key)
+        self.pid = pid
+
+    def holder_pid(self) -> int | None:
+        return self.pid if alive(self.pid) else super().holder_pid()
+
+    def lock(self, retries: int = 0) -> bool:
+        """Granted only once the process is gone (then nothing else writes the file)."""
+        return not alive(self.pid) and super().lock(retries)
+
+    def _open(self) -> int:
+        if self._fd is None:
+            try:  # read-only: vtpmctl never writes an attached vTPM's state
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError as exc:
+                raise StateDirError(f"cannot open {self.path}: {exc.strerror}") from exc
+        return self._fd
+
+    def read_raw(self, name: str) -> bytes | None:
+        last = super().read_raw(name)
+        for _ in range(self.READS):
+            again = super().read_raw(name)
+            if again == last:
+                return again
+            last = again
+        raise StateDirError(f"the {name} state in {self.path} kept changing while it was read")
