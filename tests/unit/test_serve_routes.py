@@ -173,3 +173,16 @@ def test_entry_points_run_the_daemon_module() -> None:
 
     assert ENTRY_POINTS["_daemon"] == "vtpmctl.device.server.daemon"
     assert entry_argv("_daemon")[1:] == ["-m", "vtpmctl", "_daemon"]
+
+
+def test_a_forked_daemons_padded_command_line_reads_as_its_arguments() -> None:
+    """A daemon forked by the zygote shows its arguments in the zygote's 4 KiB of room,
+    NUL-padded: status, stop and start's scan of every process read just the arguments."""
+    from vtpmctl.usecases.supervisor import _arguments, runs_daemon
+
+    padded = b"\0".join([b"/usr/bin/python3", b"-m", b"vtpmctl", b"_daemon", b"--state", b"/s"])
+    args = _arguments(padded + b"\0" * 4000)
+    assert args == [b"/usr/bin/python3", b"-m", b"vtpmctl", b"_daemon", b"--state", b"/s"]
+    assert runs_daemon(args)
+    assert _arguments(padded + b"\0") == args  # an exec'd one: one NUL at the end
+    assert _arguments(b"") == []

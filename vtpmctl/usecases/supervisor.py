@@ -69,12 +69,31 @@ def _leftovers(inst: Instance) -> list[Path]:
     ]
 
 
-def _cmdline(pid: int) -> list[bytes]:
+def _read_cmdline(pid: int) -> bytes:
+    """``/proc/PID/cmdline`` as it is, or b"" (no file object: this runs for every process)."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")
+        fd = os.open(f"/proc/{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return []
+        return b""
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    """The arguments. A process forked by the zygote has the zygote's 4 KiB of room,
+    NUL-padded after its arguments: the padding is not thousands of empty ones."""
+    return _arguments(_read_cmdline(pid))
+
+
+def _arguments(raw: bytes) -> list[bytes]:
+    return raw.rstrip(b"\0").split(b"\0") if raw else []
 
 
 def _entry(args: list[bytes]) -> bytes | None:
@@ -188,7 +207,10 @@ def tpmstate_users(state_dir: Path) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
-        for raw in _tpmstate_dirs(_cmdline(int(entry))):
+        command_line = _read_cmdline(int(entry))
+        if b"--tpmstate" not in command_line:
+            continue  # most processes: not worth splitting into arguments
+        for raw in _tpmstate_dirs(_arguments(command_line)):
             path = os.fsdecode(raw)
             try:
                 if not os.path.isabs(path):
