@@ -14,7 +14,7 @@ from pathlib import Path
 from vtpmctl.commands import decl
 from vtpmctl.commands.output import note as _note
 from vtpmctl.commands.output import out as _out
-from vtpmctl.commands.output import print_json, print_rows, safe
+from vtpmctl.commands.output import print_json, print_rows, print_table
 from vtpmctl.errors import EXIT_FAILURE, LSB_STATUS, InstanceError, NoSuchInstance
 from vtpmctl.model import KeyFormat, OnShutdown, TpmFamily, Transport
 
@@ -126,28 +126,8 @@ def _broken_record(name: str, error: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- output
 
 
-def _print_table(headers: list[str], rows: list[list[str]]) -> None:
-    rows = [[safe(c) for c in row] for row in rows]
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.markup import escape
-        from rich.table import Table
-
-        table = Table(box=None, header_style="bold")
-        for h in headers:
-            table.add_column(h)
-        styles = {"running": "green", "stale": "red", "unknown": "red"}
-        for row in rows:
-            style = styles.get(row[1])
-            cells = [escape(c) for c in row]
-            table.add_row(
-                *(cells[:1] + [f"[{style}]{cells[1]}[/]" if style else cells[1]] + cells[2:])
-            )
-        Console().print(table)
-        return
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    for row in [headers, *rows]:
-        _out("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+# how `list` colours a state on a terminal
+_STATE_STYLES = {"running": "green", "stale": "red", "unknown": "red"}
 
 
 # ---------------------------------------------------------------- commands
@@ -455,7 +435,9 @@ def list_(as_json: bool = False, quiet: bool = False) -> int:
                 (ep.get("device") or ep.get("ctrl") or r["error"] or ""),
             ]
         )
-    _print_table(["NAME", "STATE", "PID", "OWNER", "TPM", "ENCRYPTED", "ENDPOINT"], rows)
+    print_table(
+        ["NAME", "STATE", "PID", "OWNER", "TPM", "ENCRYPTED", "ENDPOINT"], rows, _STATE_STYLES
+    )
     return 0
 
 

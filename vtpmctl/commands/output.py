@@ -71,8 +71,13 @@ def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
     sys.stdout.write("".join(f"{k:<{width}}  {v}\n" for k, v in rows))
 
 
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    """Columns under headers; a rich table when a person is looking."""
+def print_table(
+    headers: list[str], rows: list[list[str]], styles: "dict[str, str] | None" = None
+) -> None:
+    """Columns under headers; a rich table when a person is looking.
+
+    ``styles`` colours a second-column value (a state) on a terminal.
+    """
     rows = [[safe(c) for c in row] for row in rows]
     if sys.stdout.isatty():
         from rich.console import Console
@@ -83,7 +88,11 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
         for h in headers:
             table.add_column(h)
         for row in rows:
-            table.add_row(*(escape(c) for c in row))
+            cells = [escape(c) for c in row]
+            style = styles.get(row[1]) if styles else None
+            if style:
+                cells[1] = f"[{style}]{cells[1]}[/]"
+            table.add_row(*cells)
         Console().print(table)
         return
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
