@@ -283,6 +283,21 @@ def _spki(key: EkPublicKey) -> bytes:
     )
 
 
+def _ek_key(spec: EkSpec, key: EkPublicKey, cert_pem: str | None, name: bytes) -> EkKey:
+    """What provisioning made and what reading a TPM finds are described alike."""
+    return EkKey(
+        handle=spec.handle,
+        algorithm=spec.algorithm,
+        public_key_pem=key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode(),
+        certificate_pem=cert_pem,
+        fingerprint_sha256=hashlib.sha256(_spki(key)).hexdigest(),
+        cert_index=spec.cert_index if cert_pem is not None else None,
+        name=name,
+    )
+
+
 def _pem_cert(der: bytes) -> str:
     return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM).decode()
 
@@ -400,7 +415,6 @@ def provision_ek(
     for spec in specs:  # RSA first, then its platform certificate, then ECC: swtpm_setup's order
         area, name = _create_ek(transact, spec)
         key = public_key_from_area(area)
-        spki = _spki(key)
         cert_pem: str | None = None
         if ca is not None:
             der = ca.issue_ek_cert(key, info)
@@ -412,19 +426,7 @@ def provision_ek(
                 _write_cert(transact, PLATFORM_CERT_INDEX, pder)
                 locked.append(PLATFORM_CERT_INDEX)
                 platform_pem = _pem_cert(pder)
-        keys.append(
-            EkKey(
-                handle=spec.handle,
-                algorithm=spec.algorithm,
-                public_key_pem=key.public_bytes(
-                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-                ).decode(),
-                certificate_pem=cert_pem,
-                fingerprint_sha256=hashlib.sha256(spki).hexdigest(),
-                cert_index=spec.cert_index if ca is not None else None,
-                name=name,
-            )
-        )
+        keys.append(_ek_key(spec, key, cert_pem, name))
 
     if lock_nvram:
         for index in locked:
@@ -458,19 +460,7 @@ def read_ek_info(transact: Transact) -> EkInfo:
         cert_pem, is_locked = cert(spec.cert_index)
         if cert_pem is not None:
             lock_states.append(is_locked)
-        keys.append(
-            EkKey(
-                handle=spec.handle,
-                algorithm=spec.algorithm,
-                public_key_pem=key.public_bytes(
-                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-                ).decode(),
-                certificate_pem=cert_pem,
-                fingerprint_sha256=hashlib.sha256(_spki(key)).hexdigest(),
-                cert_index=spec.cert_index if cert_pem is not None else None,
-                name=rp.name,
-            )
-        )
+        keys.append(_ek_key(spec, key, cert_pem, rp.name))
     platform_pem, platform_locked = cert(PLATFORM_CERT_INDEX)
     if platform_pem is not None:
         lock_states.append(platform_locked)
