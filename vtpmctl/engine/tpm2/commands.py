@@ -322,6 +322,11 @@ def nv_read_public(transact: Transact, nv_index: int) -> NvPublic:
     return parse_nv_read_public(transact(build_nv_read_public(nv_index)))
 
 
+def _nv_handles(nv_index: int, auth_handle: int | None) -> list[int]:
+    """An NV command's authHandle (the index itself unless owner/platform) and nvIndex."""
+    return [nv_index if auth_handle is None else auth_handle, nv_index]
+
+
 def build_nv_write(
     nv_index: int,
     data: bytes,
@@ -331,8 +336,9 @@ def build_nv_write(
     auth: bytes = b"",
 ) -> bytes:
     """One NV_Write; ``data`` must fit the TPM's NV buffer (see nv_write)."""
-    ah = nv_index if auth_handle is None else auth_handle
-    return build_command(CC.NV_Write, [ah, nv_index], tpm2b(data) + u16(offset), _pw(auth))
+    return build_command(
+        CC.NV_Write, _nv_handles(nv_index, auth_handle), tpm2b(data) + u16(offset), _pw(auth)
+    )
 
 
 def _nv_chunk(transact: Transact, chunk: int | None) -> int:
@@ -372,8 +378,9 @@ def build_nv_read(
     auth_handle: int | None = None,
     auth: bytes = b"",
 ) -> bytes:
-    ah = nv_index if auth_handle is None else auth_handle
-    return build_command(CC.NV_Read, [ah, nv_index], u16(size) + u16(offset), _pw(auth))
+    return build_command(
+        CC.NV_Read, _nv_handles(nv_index, auth_handle), u16(size) + u16(offset), _pw(auth)
+    )
 
 
 def parse_nv_read(data: bytes) -> bytes:
@@ -411,8 +418,7 @@ def nv_read(
 def build_nv_write_lock(
     nv_index: int, *, auth_handle: int | None = None, auth: bytes = b""
 ) -> bytes:
-    ah = nv_index if auth_handle is None else auth_handle
-    return build_command(CC.NV_WriteLock, [ah, nv_index], b"", _pw(auth))
+    return build_command(CC.NV_WriteLock, _nv_handles(nv_index, auth_handle), b"", _pw(auth))
 
 
 def nv_write_lock(
