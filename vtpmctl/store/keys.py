@@ -40,6 +40,7 @@ __all__ = [
     "load_key",
     "parse_key_bytes",
     "parse_key_spec",
+    "read_bounded",
     "read_secret_fd",
     "write_secret_file",
 ]
@@ -82,7 +83,7 @@ def _read_secret(path: Path, what: str) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise KeyFileError(f"{what} {path} is not a regular file; give the path of a file")
-        data = _read_bounded(fd)
+        data = read_bounded(fd)
     except OSError as exc:
         raise KeyFileError(f"{what} {path} cannot be read: {exc.strerror}") from None
     finally:
@@ -450,7 +451,7 @@ def read_secret_fd(fd: int, what: str = "key") -> bytes:
         os.close(fd)
         raise KeyFileError(f"{what} descriptor {fd} is a directory; pass a file or a pipe")
     try:
-        data = _read_bounded(fd)
+        data = read_bounded(fd)
     except OSError as exc:
         raise KeyFileError(f"{what} descriptor {fd} cannot be read: {exc.strerror}") from None
     finally:
@@ -460,7 +461,7 @@ def read_secret_fd(fd: int, what: str = "key") -> bytes:
     return data
 
 
-def _read_bounded(fd: int) -> bytes:
+def read_bounded(fd: int) -> bytes:
     """Read to EOF but at most one byte past the limit, so callers can tell "too big"."""
     chunks: list[bytes] = []
     size = 0
