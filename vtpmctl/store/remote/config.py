@@ -38,6 +38,7 @@ from vtpmctl.store.keys import (
     key_fingerprint,
     load_key,
     parse_key_bytes,
+    read_bounded,
     write_secret_file,
 )
 from vtpmctl.store.paths import Roots, store_roots
@@ -46,7 +47,6 @@ FORMAT_VERSION = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX_PART = re.compile(r"[A-Za-z0-9!_.*'()=+,:@-]+")
-_MAX_KEY_FD_BYTES = 64 * 1024
 
 
 class RemoteConfigError(RemoteError):
@@ -152,21 +152,14 @@ def _remote_from_json(name: str, obj: Any, where: Path) -> Remote:
 
 def read_key_fd(fd: int) -> AesKey:
     """A fleet key handed over on a descriptor (``--key-fd N``), read to its end."""
-    chunks: list[bytes] = []
-    size = 0
     try:
-        while size <= _MAX_KEY_FD_BYTES:
-            chunk = os.read(fd, _MAX_KEY_FD_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = read_bounded(fd)
     except OSError as exc:
         raise RemoteConfigError(
             f"cannot read the fleet key from descriptor {fd}: {exc.strerror}; "
             f"open it for reading (e.g. {fd}<KEYFILE)"
         ) from None
-    return parse_key_bytes(b"".join(chunks), f"the key on descriptor {fd}")
+    return parse_key_bytes(data, f"the key on descriptor {fd}")
 
 
 class RemoteRegistry:
