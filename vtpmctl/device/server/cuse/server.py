@@ -319,22 +319,17 @@ class CuseServer:
         if inflight:
             self.engine.cancel()
 
-    def _send(self, data: bytes) -> None:
-        """Write one reply; a request the caller gave up on is not an error."""
+    def _send(self, data: bytes | list[bytes]) -> None:
+        """Write one reply, whole or as header and payload parts (writev, no copy);
+        a request the caller gave up on is not an error."""
         fd = self._fd
         if fd < 0:
             return
         try:
-            os.write(fd, data)
-        except OSError as exc:
-            self._send_failed(exc)
-
-    def _sendv(self, parts: list[bytes]) -> None:
-        fd = self._fd
-        if fd < 0:
-            return
-        try:
-            os.writev(fd, parts)
+            if isinstance(data, bytes):
+                os.write(fd, data)
+            else:
+                os.writev(fd, data)
         except OSError as exc:
             self._send_failed(exc)
 
@@ -452,7 +447,7 @@ class CuseServer:
         parked, self._parked_read = self._parked_read, None
         if parked is not None:
             unique, size = parked
-            self._sendv([encode_read_header(unique, min(size, len(response))), response[:size]])
+            self._send([encode_read_header(unique, min(size, len(response))), response[:size]])
             self._resp_pos = min(size, len(response))
         if kh is not None:
             self._notify_poll(kh)  # under the lock: close() cannot pull the fd away
@@ -479,7 +474,7 @@ class CuseServer:
             else:
                 # Nothing was written, so nothing will come: end of file, as swtpm answers.
                 data = b""
-            self._sendv([encode_read_header(unique, len(data)), data])
+            self._send([encode_read_header(unique, len(data)), data])
         if after is not None:
             after()
 
