@@ -296,14 +296,8 @@ class CuseServer:
                         self._send(encode_reply(unique, error=errno.ENOSYS))
                     else:
                         handler(unique, n)
-                except ReplyError as exc:
-                    self._send(encode_reply(unique, error=exc.errno))
-                except FatalEngineError as exc:
-                    self._send(encode_reply(unique, error=errno.EIO))
-                    self._fail(str(exc))
-                except Exception:
-                    log.exception("request with opcode %d failed", opcode)
-                    self._send(encode_reply(unique, error=errno.EIO))
+                except Exception as exc:
+                    self._answer_failure(unique, exc, "request with opcode %d failed", opcode)
         finally:
             self._done.set()
 
@@ -529,13 +523,19 @@ class CuseServer:
         """_control off the reader thread: every failure still gets an answer."""
         try:
             self._control(unique, cmd, data)
-        except ReplyError as exc:
+        except Exception as exc:
+            self._answer_failure(unique, exc, "deferred CMD_%s failed", cmd.name)
+
+    def _answer_failure(self, unique: int, exc: Exception, what: str, arg: object) -> None:
+        """How a request that raised is answered, so the caller never waits for a reply:
+        its own errno, or EIO (and the device fails when the engine did)."""
+        if isinstance(exc, ReplyError):
             self._send(encode_reply(unique, error=exc.errno))
-        except FatalEngineError as exc:
+        elif isinstance(exc, FatalEngineError):
             self._send(encode_reply(unique, error=errno.EIO))
             self._fail(str(exc))
-        except Exception:
-            log.exception("deferred CMD_%s failed", cmd.name)
+        else:
+            log.exception(what, arg)  # called in the except block: the traceback is exc's
             self._send(encode_reply(unique, error=errno.EIO))
 
     def _control(self, unique: int, cmd: Cmd, data: bytes) -> None:
