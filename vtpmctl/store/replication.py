@@ -29,6 +29,7 @@ from vtpmctl.errors import StoreError
 from vtpmctl.store import records
 from vtpmctl.store.atomic import write_atomic
 from vtpmctl.store.lease import Held, LeaseRecord
+from vtpmctl.store.remote.config import Remote
 
 FORMAT_VERSION = 1
 DEFAULT_INTERVAL = 5.0  # seconds: at most one push per interval
@@ -86,24 +87,11 @@ class Binding:
 
 
 @dataclass
-class RemoteSpec:
-    """Where the remote is (store.remote.config.Remote's fields; no credentials)."""
-
-    name: str
-    bucket: str
-    prefix: str
-    endpoint: str | None
-    region: str | None
-    profile: str | None
-    fleet_key: str
-
-
-@dataclass
 class DaemonSpec:
     """What the daemon needs to keep the lease and replicate (``replication-spec.json``)."""
 
     instance: str
-    remote: RemoteSpec
+    remote: Remote
     lease_key: str
     lease: LeaseRecord
     etag: str

@@ -26,7 +26,6 @@ from vtpmctl.model import BlobKind
 from vtpmctl.store.replication import (
     Binding,
     DaemonSpec,
-    RemoteSpec,
     ReplicationStatus,
 )
 
@@ -158,15 +157,7 @@ def take(inst: Instance, take_over: bool, key: AesKey | None, notes: list[str]) 
             _restore(inst, lease, held, key, f"host {previous}", notes)
         spec = DaemonSpec(
             instance=inst.name,
-            remote=RemoteSpec(
-                remote.name,
-                remote.bucket,
-                remote.prefix,
-                remote.endpoint,
-                remote.region,
-                remote.profile,
-                remote.fleet_key,
-            ),
+            remote=remote,
             lease_key=lease.key,
             lease=held.record,
             etag=held.etag,

@@ -64,12 +64,8 @@ class WatchedStateDir(StateDir):
 
 def _client(spec: DaemonSpec) -> RemoteClient:
     from vtpmctl.store.remote.client import RemoteClient
-    from vtpmctl.store.remote.config import Remote
 
-    r = spec.remote
-    return RemoteClient(
-        Remote(r.name, r.bucket, r.prefix, r.endpoint, r.region, r.profile, r.fleet_key)
-    )
+    return RemoteClient(spec.remote)
 
 
 class Replicator:
