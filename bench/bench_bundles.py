@@ -24,24 +24,21 @@ Prints medians and the ratio vtpmctl / the swtpm-side command (below 1 is faster
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchlib import machine, median  # noqa: E402
+from benchlib import BenchError, TpmData, machine, median, timed_run, workdir  # noqa: E402
 
 from vtpmctl.engine import tpm2 as t  # noqa: E402
 from vtpmctl.store.blob import AesKey  # noqa: E402
@@ -52,32 +49,8 @@ NV_ATTRS = t.NvAttr.OWNERWRITE | t.NvAttr.OWNERREAD | t.NvAttr.NO_DA
 MKEY = hashlib.sha256(b"bench migration key").digest()
 
 
-class BenchError(Exception):
-    """The benchmark cannot run; the message says why."""
-
-
-@contextlib.contextmanager
-def workdir(prefix: str) -> Iterator[Path]:
-    """A private dir under /tmp (short: socket paths must stay under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def run(argv: list[str], env: dict[str, str] | None = None) -> float:
-    """Seconds from start to exit; raises when the command fails."""
-    start = time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
-    took = time.perf_counter() - start
-    if done.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} failed: {done.stderr.decode(errors='replace')}")
-    return took
-
-
 def shell(cmd: str, env: dict[str, str] | None = None) -> float:
-    return run(["bash", "-o", "pipefail", "-c", cmd], env)
+    return timed_run(["bash", "-o", "pipefail", "-c", cmd], env)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -86,38 +59,9 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-class Data:
-    """Raw TPM commands on a data socket."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-
-    def transact(self, cmd: bytes) -> bytes:
-        self.sock.sendall(cmd)
-        head = b""
-        while len(head) < 10:
-            chunk = self.sock.recv(10 - len(head))
-            if not chunk:
-                raise BenchError("the TPM closed the data connection")
-            head += chunk
-        body = b""
-        size = int.from_bytes(head[2:6], "big")
-        while len(body) < size - 10:
-            chunk = self.sock.recv(size - 10 - len(body))
-            if not chunk:
-                raise BenchError("the TPM closed the data connection")
-            body += chunk
-        return head + body
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def fill_nv(data_socket: Path, limit: int | None) -> int:
     """Define and write 2 KiB indexes until the TPM has no NV space left."""
-    tpm = Data(data_socket)
+    tpm = TpmData(data_socket)
     try:
         t.startup(tpm.transact)
         n = 0
@@ -165,7 +109,7 @@ class Swtpm:
             time.sleep(0.01)
 
     def ioctl(self, *args: str) -> float:
-        return run(["swtpm_ioctl", "--unix", str(self.ctrl), *args])
+        return timed_run(["swtpm_ioctl", "--unix", str(self.ctrl), *args])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -283,7 +227,7 @@ def main() -> int:
         env.pop("NOTIFY_SOCKET", None)
 
         def vt(*args: str, home: Path = src_home) -> float:
-            return run([VTPMCTL, *args], dict(env, VTPMCTL_HOME=str(home)))
+            return timed_run([VTPMCTL, *args], dict(env, VTPMCTL_HOME=str(home)))
 
         key_file = wd / "mig.key"
         key_file.write_bytes(MKEY.hex().encode() + b"\n")
@@ -316,7 +260,7 @@ def main() -> int:
 
             def cp_out(i: int) -> float:
                 out = wd / f"cp-{i}"
-                took = run(["cp", "-a", str(state), str(out)])
+                took = timed_run(["cp", "-a", str(state), str(out)])
                 shutil.rmtree(out)
                 return took
 

@@ -196,7 +196,46 @@ def workdir(prefix: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def timed_run(argv: list[str], env: dict[str, str] | None = None) -> float:
+    """Seconds from start to exit; raises when the command fails."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
+    took = time.perf_counter() - start
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} failed: {done.stderr.decode(errors='replace')}")
+    return took
+
+
 # ---------------------------------------------------------------- clients
+
+
+class TpmData:
+    """Raw TPM commands on a vTPM's data socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(str(path))
+
+    def transact(self, cmd: bytes) -> bytes:
+        self.sock.sendall(cmd)
+        head = b""
+        while len(head) < 10:
+            chunk = self.sock.recv(10 - len(head))
+            if not chunk:
+                raise BenchError("the TPM closed the data connection")
+            head += chunk
+        body = b""
+        size = int.from_bytes(head[2:6], "big")
+        while len(body) < size - 10:
+            chunk = self.sock.recv(size - 10 - len(body))
+            if not chunk:
+                raise BenchError("the TPM closed the data connection")
+            body += chunk
+        return head + body
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def build_c_client(outdir: Path) -> Path | None:
