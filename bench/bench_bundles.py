@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchlib import BenchError, TpmData, machine, median, timed_run, workdir  # noqa: E402
+from benchlib import BenchError, TpmData, exit_main, machine, median, timed_run, workdir  # noqa: E402
 
 from vtpmctl.engine import tpm2 as t  # noqa: E402
 from vtpmctl.store.blob import AesKey  # noqa: E402
@@ -420,8 +420,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench_bundles: {exc}", file=sys.stderr)
-        sys.exit(1)
+    exit_main(main, "bench_bundles")

@@ -31,16 +31,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchlib import BenchError, exit_main
+
 HERE = Path(__file__).resolve().parent
 VTPMCTL = str(Path(sys.executable).parent / "vtpmctl")
 GETRANDOM16 = bytes.fromhex("80010000000c0000017b0010")
 STARTUP_CLEAR = bytes.fromhex("80010000000c000001440000")
 PTM_INIT = 0xC0045001  # native-endian u32 init_flags in and result out
 START_TIMEOUT = 180.0
-
-
-class BenchError(Exception):
-    """The benchmark cannot run; the message says why."""
 
 
 @dataclass
@@ -292,8 +290,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench_cuse: {exc}", file=sys.stderr)
-        sys.exit(1)
+    exit_main(main, "bench_cuse")

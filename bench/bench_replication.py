@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import BenchError, machine, median, workdir
+from benchlib import BenchError, TpmData, exit_main, machine, median, workdir
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -55,28 +55,6 @@ NV_INDEX = 0x01500016
 NV_ATTRS = t.NvAttr.OWNERWRITE | t.NvAttr.OWNERREAD | t.NvAttr.NO_DA
 
 
-class Data:
-    """Raw TPM commands on a data socket."""
-
-    def __init__(self, path: Path) -> None:
-        import socket
-
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(20)
-        self.sock.connect(str(path))
-
-    def transact(self, cmd: bytes) -> bytes:
-        self.sock.sendall(cmd)
-        head = b""
-        while len(head) < 10:
-            head += self.sock.recv(10 - len(head))
-        size = int.from_bytes(head[2:6], "big")
-        body = b""
-        while len(body) < size - 10:
-            body += self.sock.recv(size - 10 - len(body))
-        return head + body
-
-
 def run(env: dict[str, str], *args: str) -> str:
     done = subprocess.run(
         [VTPMCTL, *args], env=env, capture_output=True, text=True, timeout=120, check=False
@@ -86,9 +64,9 @@ def run(env: dict[str, str], *args: str) -> str:
     return done.stdout
 
 
-def boot(env: dict[str, str], registry: Registry, name: str) -> Data:
+def boot(env: dict[str, str], registry: Registry, name: str) -> TpmData:
     run(env, "ctl", name, "init")
-    tpm = Data(registry.paths(name).data_socket)
+    tpm = TpmData(registry.paths(name).data_socket, timeout=20)
     t.startup(tpm.transact)
     try:
         t.nv_define_space(tpm.transact, t.NvPublic(NV_INDEX, t.Alg.SHA256, NV_ATTRS, b"", 8))
@@ -98,7 +76,7 @@ def boot(env: dict[str, str], registry: Registry, name: str) -> Data:
     return tpm
 
 
-def nv_write(tpm: Data, value: bytes) -> float:
+def nv_write(tpm: TpmData, value: bytes) -> float:
     start = time.perf_counter()
     resp = tpm.transact(t.build_nv_write(NV_INDEX, value, auth_handle=t.RH_OWNER))
     elapsed = time.perf_counter() - start
@@ -261,8 +239,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench_replication: {exc}", file=sys.stderr)
-        sys.exit(1)
+    exit_main(main, "bench_replication")

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from benchlib import (
-    BenchError,
     Server,
+    exit_main,
     machine,
     make_servers,
     median,
@@ -82,8 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench_rss: {exc}", file=sys.stderr)
-        sys.exit(1)
+    exit_main(main, "bench_rss")

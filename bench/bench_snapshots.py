@@ -28,14 +28,13 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchlib import BenchError, machine, median, workdir
+from benchlib import TpmData, exit_main, machine, median, timed_run, workdir
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -48,46 +47,13 @@ VTPMCTL = str(Path(sys.executable).with_name("vtpmctl"))
 NV_ATTRS = t.NvAttr.OWNERWRITE | t.NvAttr.OWNERREAD | t.NvAttr.NO_DA
 
 
-def run(argv: list[str], env: dict[str, str] | None = None) -> float:
-    """Seconds from start to exit; raises when the command fails."""
-    start = time.perf_counter()
-    done = subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
-    took = time.perf_counter() - start
-    if done.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} failed: {done.stderr.decode(errors='replace')}")
-    return took
-
-
 def shell(cmd: str) -> float:
-    return run(["sh", "-c", cmd])
-
-
-class Data:
-    """Raw TPM commands on a data socket."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-
-    def transact(self, cmd: bytes) -> bytes:
-        self.sock.sendall(cmd)
-        head = b""
-        while len(head) < 10:
-            head += self.sock.recv(10 - len(head))
-        size = int.from_bytes(head[2:6], "big")
-        body = b""
-        while len(body) < size - 10:
-            body += self.sock.recv(size - 10 - len(body))
-        return head + body
-
-    def close(self) -> None:
-        self.sock.close()
+    return timed_run(["sh", "-c", cmd])
 
 
 def fill_nv(data_socket: Path, limit: int | None) -> int:
     """Define and write 2 KiB indexes until the TPM has no NV space left."""
-    tpm = Data(data_socket)
+    tpm = TpmData(data_socket)
     try:
         t.parse_response(t.CC.Startup, tpm.transact(t.build_startup(t.SU_CLEAR)))
         n = 0
@@ -156,7 +122,7 @@ def main() -> int:
         env.pop("NOTIFY_SOCKET", None)
 
         def vt(*args: str) -> float:
-            return run([VTPMCTL, *args], env=env)
+            return timed_run([VTPMCTL, *args], env=env)
 
         vt("create", "full", "--no-ek")
         vt("start", "full")
@@ -215,7 +181,7 @@ def main() -> int:
             m = alternate(
                 rounds,
                 lambda i: vt("snapshot", "create", "full", "--label", f"r{i}"),
-                lambda i: run([*ioctl, "--save", "permanent", f"{wd}/blob{i}"]),
+                lambda i: timed_run([*ioctl, "--save", "permanent", f"{wd}/blob{i}"]),
             )
             rows.append(
                 ("snapshot, running", "vtpmctl snapshot create", "swtpm_ioctl --save permanent", m)
@@ -223,9 +189,9 @@ def main() -> int:
 
             def sw_load(i: int) -> float:
                 return (
-                    run([*ioctl, "--stop"])
-                    + run([*ioctl, "--load", "permanent", f"{wd}/blob{i}"])
-                    + run([*ioctl, "-i"])
+                    timed_run([*ioctl, "--stop"])
+                    + timed_run([*ioctl, "--load", "permanent", f"{wd}/blob{i}"])
+                    + timed_run([*ioctl, "-i"])
                 )
 
             def vt_restore(i: int) -> float:
@@ -344,7 +310,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        sys.exit(f"bench_snapshots: {exc}")
+    exit_main(main, "bench_snapshots")

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from benchlib import (
-    BenchError,
     RoundTrips,
     build_c_client,
     cpu_ns,
+    exit_main,
     machine,
     make_servers,
     median,
@@ -169,8 +168,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench_socket: {exc}", file=sys.stderr)
-        sys.exit(1)
+    exit_main(main, "bench_socket")

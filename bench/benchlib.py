@@ -15,9 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 HERE = Path(__file__).resolve().parent
 GETRANDOM16 = bytes.fromhex("80010000000c0000017b0010")
@@ -206,15 +207,24 @@ def timed_run(argv: list[str], env: dict[str, str] | None = None) -> float:
     return took
 
 
+def exit_main(main: Callable[[], int], name: str) -> NoReturn:
+    """Run a benchmark's main; one line on stderr and status 1 when it cannot run."""
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
 # ---------------------------------------------------------------- clients
 
 
 class TpmData:
     """Raw TPM commands on a vTPM's data socket."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, timeout: float = 30) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
+        self.sock.settimeout(timeout)
         self.sock.connect(str(path))
 
     def transact(self, cmd: bytes) -> bytes:
