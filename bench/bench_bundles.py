@@ -38,14 +38,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchlib import BenchError, TpmData, exit_main, machine, median, timed_run, workdir  # noqa: E402
+from benchlib import (  # noqa: E402
+    BenchError,
+    exit_main,
+    fill_nv,
+    machine,
+    median,
+    timed_run,
+    workdir,
+)
 
-from vtpmctl.engine import tpm2 as t  # noqa: E402
 from vtpmctl.store.blob import AesKey  # noqa: E402
 from vtpmctl.store.bundle import Source, build_bundle, open_bundle  # noqa: E402
 
 VTPMCTL = str(Path(sys.executable).with_name("vtpmctl"))
-NV_ATTRS = t.NvAttr.OWNERWRITE | t.NvAttr.OWNERREAD | t.NvAttr.NO_DA
 MKEY = hashlib.sha256(b"bench migration key").digest()
 
 
@@ -57,29 +63,6 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def fill_nv(data_socket: Path, limit: int | None) -> int:
-    """Define and write 2 KiB indexes until the TPM has no NV space left."""
-    tpm = TpmData(data_socket)
-    try:
-        t.startup(tpm.transact)
-        n = 0
-        while limit is None or n < limit:
-            index = 0x01600000 + n
-            try:
-                t.nv_define_space(
-                    tpm.transact, t.NvPublic(index, t.Alg.SHA256, NV_ATTRS, b"", 2048)
-                )
-            except t.TpmError as exc:
-                if exc.base == t.RC.NV_SPACE:
-                    break
-                raise
-            t.nv_write(tpm.transact, index, os.urandom(2048), auth_handle=t.RH_OWNER)
-            n += 1
-        return n
-    finally:
-        tpm.close()
 
 
 class Swtpm:

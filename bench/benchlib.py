@@ -248,6 +248,32 @@ class TpmData:
         self.sock.close()
 
 
+def fill_nv(data_socket: Path, limit: int | None) -> int:
+    """Define and write 2 KiB indexes until the TPM has no NV space left."""
+    from vtpmctl.engine import tpm2 as t
+
+    nv_attrs = t.NvAttr.OWNERWRITE | t.NvAttr.OWNERREAD | t.NvAttr.NO_DA
+    tpm = TpmData(data_socket)
+    try:
+        t.startup(tpm.transact)
+        n = 0
+        while limit is None or n < limit:
+            index = 0x01600000 + n
+            try:
+                t.nv_define_space(
+                    tpm.transact, t.NvPublic(index, t.Alg.SHA256, nv_attrs, b"", 2048)
+                )
+            except t.TpmError as exc:
+                if exc.base == t.RC.NV_SPACE:
+                    break
+                raise
+            t.nv_write(tpm.transact, index, os.urandom(2048), auth_handle=t.RH_OWNER)
+            n += 1
+        return n
+    finally:
+        tpm.close()
+
+
 def build_c_client(outdir: Path) -> Path | None:
     """Compile rtclient.c with the system cc; None when there is no compiler."""
     cc = shutil.which("cc") or shutil.which("gcc")
