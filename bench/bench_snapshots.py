@@ -34,44 +34,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchlib import TpmData, exit_main, machine, median, timed_run, workdir
+from benchlib import exit_main, fill_nv, machine, median, timed_run, workdir
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from vtpmctl.engine import tpm2 as t  # noqa: E402
 from vtpmctl.store.snapshots import SnapshotStore, replace_state  # noqa: E402
 from vtpmctl.store.statedir import StateDir  # noqa: E402
 
 VTPMCTL = str(Path(sys.executable).with_name("vtpmctl"))
-NV_ATTRS = t.NvAttr.OWNERWRITE | t.NvAttr.OWNERREAD | t.NvAttr.NO_DA
 
 
 def shell(cmd: str) -> float:
     return timed_run(["sh", "-c", cmd])
 
 
-def fill_nv(data_socket: Path, limit: int | None) -> int:
-    """Define and write 2 KiB indexes until the TPM has no NV space left."""
-    tpm = TpmData(data_socket)
-    try:
-        t.parse_response(t.CC.Startup, tpm.transact(t.build_startup(t.SU_CLEAR)))
-        n = 0
-        while limit is None or n < limit:
-            index = 0x01600000 + n
-            try:
-                t.nv_define_space(
-                    tpm.transact, t.NvPublic(index, t.Alg.SHA256, NV_ATTRS, b"", 2048)
-                )
-            except t.TpmError as exc:
-                if exc.base == t.RC.NV_SPACE:
-                    break
-                raise
-            t.nv_write(tpm.transact, index, bytes([n & 0xFF]) * 2048, auth_handle=t.RH_OWNER)
-            n += 1
-        return n
-    finally:
-        tpm.close()
+def _pattern(n: int) -> bytes:
+    return bytes([n & 0xFF]) * 2048
 
 
 def du(path: Path) -> tuple[int, int]:
@@ -130,7 +109,7 @@ def main() -> int:
         inst_dir = wd / "h" / "lib" / "instances" / "full"
         state = inst_dir / "tpmstate"
         run_dir = wd / "h" / "run" / "full"
-        indexes = fill_nv(run_dir / "tpm", 4 if ns.smoke else None)
+        indexes = fill_nv(run_dir / "tpm", 4 if ns.smoke else None, _pattern)
         vt("stop", "full")
         permall = (state / "tpm2-00.permall").stat().st_size
         sw_state = wd / "sw"

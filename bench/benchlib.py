@@ -248,8 +248,17 @@ class TpmData:
         self.sock.close()
 
 
-def fill_nv(data_socket: Path, limit: int | None) -> int:
-    """Define and write 2 KiB indexes until the TPM has no NV space left."""
+def _random_2k(_n: int) -> bytes:
+    return os.urandom(2048)
+
+
+def fill_nv(
+    data_socket: Path, limit: int | None, content: Callable[[int], bytes] = _random_2k
+) -> int:
+    """Define and write 2 KiB indexes until the TPM has no NV space left.
+
+    ``content(n)`` is index n's data: random by default, so nothing compresses.
+    """
     from vtpmctl.engine import tpm2 as t
 
     nv_attrs = t.NvAttr.OWNERWRITE | t.NvAttr.OWNERREAD | t.NvAttr.NO_DA
@@ -267,7 +276,7 @@ def fill_nv(data_socket: Path, limit: int | None) -> int:
                 if exc.base == t.RC.NV_SPACE:
                     break
                 raise
-            t.nv_write(tpm.transact, index, os.urandom(2048), auth_handle=t.RH_OWNER)
+            t.nv_write(tpm.transact, index, content(n), auth_handle=t.RH_OWNER)
             n += 1
         return n
     finally:
