@@ -42,7 +42,8 @@ class Host:
     def __init__(self, home: Home, s3: S3Server, bucket: str, fleet_key: Path) -> None:
         self.home = home
         self.s3 = s3
-        self.env = {**home.env, **s3.env()}
+        # s3.env() is all of os.environ: the host's own store must win over a caller's.
+        self.env = {**s3.env(), "VTPMCTL_HOME": str(home.path)}
         url = f"s3://{bucket}/fleet"
         self.run("remote", "add", "r", url, "--endpoint", s3.endpoint, "--key-file", str(fleet_key))
         roots = store_roots({"VTPMCTL_HOME": str(home.path)})
