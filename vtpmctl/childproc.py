@@ -55,10 +55,16 @@ def package_root() -> str:
 
 
 def child_env() -> dict[str, str]:
-    """This environment, minus systemd's notify socket, importing this same vtpmctl."""
+    """This environment, minus systemd's notify socket, importing this same vtpmctl.
+
+    ``python -m`` imports from the current directory first: a command run inside
+    another checkout (or a directory another user can write) would give its
+    children that code. PYTHONSAFEPATH (Python 3.11) keeps them to the code we name.
+    """
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)  # a child must not talk to our service manager
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root(), env.get("PYTHONPATH")]))
+    env["PYTHONSAFEPATH"] = "1"
     return env
 
 
@@ -234,11 +240,7 @@ def _connect_zygote(address: bytes, cipher: bool) -> Any:
 def _spawn_zygote(cipher: bool) -> bool:
     """Start the zygote detached and wait until it listens (or found another one there)."""
     r, w = os.pipe2(os.O_CLOEXEC)
-    # `python -m` imports from the current directory first: a command run inside
-    # another checkout would give the zygote that checkout's code (and an identity
-    # no request of ours matches). PYTHONSAFEPATH keeps it to the code we name; the
-    # daemons it forks get the requester's environment, without it.
-    env = {**child_env(), "PYTHONSAFEPATH": "1"}
+    env = child_env()  # never the current directory's code (and identity)
     try:
         argv = entry_argv(ZYGOTE_ENTRY)
         pid = os.posix_spawn(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,26 @@ def test_the_zygote_never_imports_from_the_current_directory(
     assert childproc._spawn_zygote(False) is False
     assert seen and seen[0]["PYTHONSAFEPATH"] == "1"
     assert seen[0]["PYTHONPATH"].split(os.pathsep)[0] == childproc.package_root()
+
+
+def test_no_child_imports_vtpmctl_from_the_current_directory(tmp_path: Path) -> None:
+    """A planted vtpmctl package in the caller's directory is never what a child runs."""
+    import subprocess
+    import sys
+
+    from vtpmctl.childproc import child_env, entry_argv
+
+    planted = tmp_path / "vtpmctl"
+    planted.mkdir()
+    (planted / "__init__.py").write_text("")
+    (planted / "__main__.py").write_text("import sys; print('planted'); sys.exit(7)\n")
+    proc = subprocess.run(
+        [*entry_argv("_daemon"), "--help"],
+        env=child_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0 and "planted" not in proc.stdout, (proc.stdout, sys.path)
