@@ -114,6 +114,10 @@ class UsageError(VtpmctlError):
     exit_code = EXIT_USAGE
 
 
+class SwtpmOptionError(UsageError):
+    """An option value in swtpm's ``key=value,…`` syntax that cannot be used as given."""
+
+
 class DeviceError(VtpmctlError):
     """The swtpm-compatible device at TARGET cannot be reached or refused a command."""
 

@@ -28,9 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vtpmctl.compat.getopt import NO_ARG, REQUIRED, GetoptLong, Opt
-from vtpmctl.errors import ServeError
+from vtpmctl.errors import ServeError, SwtpmOptionError
+from vtpmctl.store import tpmstate
+from vtpmctl.store.tpmstate import TpmState
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from vtpmctl.engine.tpm import Engine
     from vtpmctl.store.blob import AesKey
     from vtpmctl.store.statedir import StateDir
@@ -89,51 +93,33 @@ def _fail(message: str) -> SwtpmError:
 # ---------------------------------------------------------------- option values
 
 
+@contextlib.contextmanager
+def _as_swtpm() -> Iterator[None]:
+    """A bad value is reported as swtpm reports it."""
+    try:
+        yield
+    except SwtpmOptionError as exc:
+        raise _fail(str(exc)) from None
+
+
 def parse_values(text: str, option: str, keys: dict[str, str]) -> dict[str, str]:
-    """``key=value,flag,…``; ``keys`` maps each allowed key to "value" or "flag"."""
-    out: dict[str, str] = {}
-    for item in filter(None, text.split(",")):
-        name, sep, value = item.partition("=")
-        kind = keys.get(name)
-        if kind is None:
-            raise _fail(f"Unknown parameter '{name}' for option --{option}")
-        if kind == "value" and not sep:
-            raise _fail(f"Missing value for parameter '{name}' of option --{option}")
-        out[name] = value if sep else "true"
-    return out
+    with _as_swtpm():
+        return tpmstate.parse_values(text, option, keys)
 
 
 def _int(values: dict[str, str], key: str, option: str, base: int = 10) -> int | None:
-    if key not in values:
-        return None
-    try:
-        return int(values[key], base)
-    except ValueError:
-        raise _fail(f"Invalid value '{values[key]}' for {key} of option --{option}") from None
+    with _as_swtpm():
+        return tpmstate.int_value(values, key, option, base)
 
 
 def _mode(values: dict[str, str], option: str, default: int) -> int:
-    text = values.get("mode")
-    if text is None:
-        return default
-    if not text.startswith("0"):
-        raise _fail(f"mode for --{option} must be an octal number starting with '0': {text}")
-    mode = _int(values, "mode", option, 8)
-    assert mode is not None
-    if mode > 0o777:
-        raise _fail(f"mode {text} of --{option} has bits beyond 0777")
-    return mode
+    with _as_swtpm():
+        return tpmstate.mode_value(values, option, default)
 
 
 def _bool(values: dict[str, str], key: str, default: bool) -> bool:
-    text = values.get(key)
-    if text is None:
-        return default
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise _fail(f"Invalid boolean '{text}' for {key}")
+    with _as_swtpm():
+        return tpmstate.bool_value(values, key, default)
 
 
 @dataclass
@@ -185,43 +171,12 @@ def parse_channel(text: str, option: str) -> Channel:
     return ch
 
 
-@dataclass
-class TpmState:
-    backend: str  # dir | file
-    path: Path
-    mode: int = 0o640
-    lock: bool = True
-
-
 def parse_tpmstate(text: str | None) -> TpmState | None:
     if text is None:
         env = os.environ.get("TPM_PATH")
         return TpmState("dir", Path(env)) if env else None
-    keys = {"dir": "value", "backend-uri": "value", "mode": "value", "lock": "flag"}
-    keys.update(backup="flag", fsync="flag")
-    values = parse_values(text, "tpmstate", keys)
-    if "dir" in values and "backend-uri" in values:
-        raise _fail("--tpmstate: give dir= or backend-uri=, not both")
-    if "dir" in values:
-        backend, path = "dir", values["dir"]
-    elif "backend-uri" in values:
-        uri = values["backend-uri"]
-        scheme, sep, path = uri.partition("://")
-        if not sep or scheme not in ("dir", "file"):
-            raise _fail(f"Unsupported backend URI {uri}; use dir://PATH or file://PATH")
-        backend = scheme
-    else:
-        raise _fail("--tpmstate needs dir= or backend-uri=")
-    if not path:
-        raise _fail("--tpmstate: the path is empty")
-    if backend == "file" and ("backup" in values or "fsync" in values):
-        raise _fail("--tpmstate: backup and fsync are for the dir:// backend only")
-    return TpmState(
-        backend,
-        Path(path),
-        mode=_mode(values, "tpmstate", 0o640),
-        lock=_bool(values, "lock", backend == "dir"),
-    )
+    with _as_swtpm():
+        return tpmstate.parse_tpmstate(text)
 
 
 @dataclass
