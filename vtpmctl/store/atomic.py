@@ -45,12 +45,19 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(
-    path: Path, data: bytes, mode: int = 0o600, tmp_name: str | None = None, durable: bool = True
+    path: Path,
+    data: bytes,
+    mode: int = 0o600,
+    tmp_name: str | None = None,
+    durable: bool = True,
+    owner: tuple[int, int] | None = None,
 ) -> None:
     """Write to a temp file in the same dir, fsync, rename over, fsync the dir.
 
     ``tmp_name`` lets callers use a fixed temp name other tools expect
-    (swtpm's ``TMP2-00.*``); otherwise a unique one is made.
+    (swtpm's ``TMP2-00.*``); otherwise a unique one is made. ``owner`` (uid,
+    gid) is given to the file before it replaces the old one, so it never
+    appears with another owner.
     """
     directory = path.parent
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -66,7 +73,9 @@ def write_atomic(
     except OSError as exc:
         raise no_space(exc, path) from None
     try:
-        os.fchmod(fd, mode)  # the umask may have dropped bits we want
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.fchmod(fd, mode)  # the umask may have dropped bits we want (and chown drops setgid)
         view = memoryview(data)
         while view:
             n = os.write(fd, view)

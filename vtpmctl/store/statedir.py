@@ -52,6 +52,8 @@ class StateDir:
         self.use_lock = use_lock
         self._lock_fd: int | None = None
         self._unlocked_held = False
+        # (uid, gid) each written file gets; None: the writer's (a restore keeps the manager's)
+        self.owner: tuple[int, int] | None = None
 
     # ------------------------------------------------------------ names
 
@@ -116,7 +118,14 @@ class StateDir:
 
     def write_raw(self, name: str, data: bytes) -> None:
         target = self.file(name)
-        write_atomic(target, data, self.mode, tmp_name=self.tmp_prefix + name, durable=self.durable)
+        write_atomic(
+            target,
+            data,
+            self.mode,
+            tmp_name=self.tmp_prefix + name,
+            durable=self.durable,
+            owner=self.owner,
+        )
 
     def delete(self, name: str) -> None:
         try:
