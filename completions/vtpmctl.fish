@@ -200,6 +200,7 @@ complete -c vtpmctl -n '__fish_seen_subcommand_from snapshot; and __fish_seen_su
 complete -c vtpmctl -n '__fish_seen_subcommand_from snapshot; and __fish_seen_subcommand_from list' -l help -s h -d 'show help and exit'
 complete -c vtpmctl -n '__fish_seen_subcommand_from snapshot; and __fish_seen_subcommand_from list; and test (__vtpmctl_npos list) -lt 1' -a '(__vtpmctl_instances)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from snapshot; and __fish_seen_subcommand_from restore' -l force -d 'stop the running vTPM first (and start it again after)'
+complete -c vtpmctl -n '__fish_seen_subcommand_from snapshot; and __fish_seen_subcommand_from restore' -l tpmstate -r -F -d 'write it into a stopped swtpm\'s state instead, given as that swtpm\'s --tpmstate (libvirt\'s or Proxmox\'s vTPM, while its VM is shut down)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from snapshot; and __fish_seen_subcommand_from restore' -l json -d 'one JSON object on stdout'
 complete -c vtpmctl -n '__fish_seen_subcommand_from snapshot; and __fish_seen_subcommand_from restore' -l key -r -F -d 'the state key, as swtpm\'s --key, for a vTPM whose key vtpmctl does not keep (libvirt\'s or Proxmox\'s, or one created with a key on a descriptor)'
 complete -c vtpmctl -n '__fish_seen_subcommand_from snapshot; and __fish_seen_subcommand_from restore' -l help -s h -d 'show help and exit'

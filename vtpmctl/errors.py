@@ -12,6 +12,7 @@ defined next to that table and subclasses its branch here.
     VtpmctlError                 exit 1
     ├── UsageError               exit 2: options that cannot go together; nothing was done
     │   ├── ServeOptionError     (device.server.daemon) a `serve` option's value cannot be used
+    │   ├── SwtpmOptionError     an option value in swtpm's key=value syntax (store.tpmstate)
     │   └── AccessError          (store.access) a --group, --socket-mode or --dir-mode value
     ├── DeviceError              the swtpm-compatible device on the other side of the wire
     │   ├── TargetError          (device.client.control) TARGET cannot be reached, or is no TPM

@@ -116,11 +116,18 @@ def list_(name: str, as_json: bool = False, key: str | None = None) -> int:
 
 
 def restore(
-    name: str, ref: str, force: bool = False, as_json: bool = False, key: str | None = None
+    name: str,
+    ref: str,
+    force: bool = False,
+    as_json: bool = False,
+    key: str | None = None,
+    tpmstate: str | None = None,
 ) -> int:
     """Make snapshot REF NAME's state again (a safety snapshot is taken first)."""
     from vtpmctl.usecases import snapshot_ops
 
+    if tpmstate is not None:
+        return _restore_to(name, ref, tpmstate, force, as_json, key)
     res = snapshot_ops.restore(_instance(name, key), ref, force=force)
     for note in res.settled:
         _note(note)
@@ -143,6 +150,56 @@ def restore(
     _out(f"restored {name} to snapshot {res.snapshot.describe()}")
     if res.restarted:
         _out(f"restarted {name}; the guest sees the restored TPM after its next reboot")
+    return 0
+
+
+def _restore_to(
+    name: str, ref: str, tpmstate: str, force: bool, as_json: bool, key: str | None
+) -> int:
+    """``--tpmstate``: into the state files of a stopped swtpm another manager runs."""
+    from vtpmctl.errors import UsageError
+    from vtpmctl.store.keys import KeyFileError, parse_key_spec
+    from vtpmctl.store.tpmstate import parse_tpmstate
+    from vtpmctl.usecases import snapshot_ops
+
+    if force:
+        raise UsageError(
+            "--force stops vtpmctl's own vTPMs; with --tpmstate the VM must be shut down first"
+        )
+    target = parse_tpmstate(tpmstate)
+    try:
+        source = None if key is None else parse_key_spec(key, "--key")
+    except KeyFileError as exc:
+        raise UsageError(str(exc)) from None
+    res = snapshot_ops.restore_to(name, ref, target, source)
+    if as_json:
+        print_json(
+            {
+                "instance": name,
+                "restored": _record(res.snapshot),
+                "safety_snapshot": _record(res.safety),
+                "tpmstate": {"backend": target.backend, "path": str(target.path)},
+                "encrypted": res.encrypted,
+                "volatile_removed": res.dropped_volatile,
+            }
+        )
+        return 0
+    if res.safety is not None:
+        _out(f"saved the state that was there as snapshot {res.safety.describe()}")
+    how = "encrypted" if res.encrypted else "not encrypted"
+    _out(
+        f"wrote snapshot {res.snapshot.describe()} of {name} to {target.path} "
+        f"(permanent state, {how})"
+    )
+    _out(
+        "the volatile state is not written"
+        + (
+            f" (the saved {', '.join(res.dropped_volatile)} state was removed)"
+            if res.dropped_volatile
+            else ""
+        )
+        + ": the guest sees a rebooted TPM when its VM starts"
+    )
     return 0
 
 
@@ -242,6 +299,15 @@ COMMANDS = (
             "--force",
             help="stop the running vTPM first (and start it again after)",
             default=False,
+        ),
+        decl.Param(
+            "tpmstate",
+            decl.TEXT,
+            "--tpmstate",
+            help="write it into a stopped swtpm's state instead, given as that swtpm's "
+            "--tpmstate (libvirt's or Proxmox's vTPM, while its VM is shut down)",
+            metavar="dir=DIR|backend-uri=file://PATH",
+            show_default=False,
         ),
         decl.JSON,
         decl.STATE_KEY,

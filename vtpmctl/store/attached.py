@@ -9,8 +9,10 @@ names everything needed on its command line (``--tpmstate``, ``--ctrl``,
 ``--tpm2``, ``--key``), which ``/proc/PID/cmdline`` gives. It holds its state
 for as long as it lives: a state dir's lock says so, and for a linear file
 (unlocked by default, as Proxmox runs it) the process itself does
-(``vtpmctl.store.linearfile.HeldFile``). Nothing is written: the instance is
-the process, and it is gone with it.
+(``vtpmctl.store.linearfile.HeldFile``). Nothing is written here: the
+instance is the process, and it is gone with it; ``serving`` and ``users``
+say whether a stopped one's state location is free again (``snapshot restore
+--tpmstate``).
 """
 
 from __future__ import annotations
@@ -165,3 +167,33 @@ def discover(proc: Path = Path("/proc")) -> list[Attached]:
 
 def find(name: str) -> Attached | None:
     return next((a for a in discover() if a.name == name), None)
+
+
+def serving(state: Path) -> Attached | None:
+    """The swtpm-compatible process serving ``state`` (a dir or linear file), if any runs."""
+    want = os.path.realpath(state)
+    return next((a for a in discover() if os.path.realpath(a.state_dir) == want), None)
+
+
+def users(path: Path, proc: Path = Path("/proc")) -> list[int]:
+    """Pids of the other processes that have ``path`` (a file or device node) open."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    want = (st.st_dev, st.st_ino)
+    found = []
+    for pid in (p for p in os.listdir(proc) if p.isdigit() and int(p) != os.getpid()):
+        try:
+            fds = os.listdir(proc / pid / "fd")
+        except OSError:
+            continue  # gone, or another user's that this user may not look into
+        for fd in fds:
+            try:
+                fst = os.stat(proc / pid / "fd" / fd)
+            except OSError:
+                continue
+            if (fst.st_dev, fst.st_ino) == want:
+                found.append(int(pid))
+                break
+    return found

@@ -263,6 +263,10 @@ class SnapshotStore:
                 f"instance's key is {self.fingerprint or '(none)'}; restore the right key"
             )
 
+    def stored_fingerprint(self) -> str | None:
+        """The fingerprint of the key the objects are encrypted with (None: plain)."""
+        return self._read_index().key
+
     def key_mismatch(self) -> str | None:
         """Why the objects are not under this store's key (whatever a rotation left), or None."""
         index = self._read_index()

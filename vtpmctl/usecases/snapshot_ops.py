@@ -44,6 +44,8 @@ from vtpmctl.usecases.inspect import InspectResult, inspect_blobs
 
 if TYPE_CHECKING:
     from vtpmctl.device.client.control import ControlClient
+    from vtpmctl.store.keys import KeySource
+    from vtpmctl.store.tpmstate import TpmState
 
 # An attached swtpm run with --migration-key hands out its state under its manager's key.
 ATTACHED_MIGRATION_KEY = "its swtpm hands out its state only under its manager's migration key"
@@ -254,8 +256,9 @@ def restore(inst: Instance, ref: str, *, force: bool = False) -> Restored:
     if inst.found is not None:
         raise SnapshotError(
             f"{inst.name} is a vTPM that {inst.owner} runs (pid {inst.found.pid}); vtpmctl "
-            "reads it but never replaces its state, running or stopped: put state back "
-            "with its manager's own tools"
+            f"never replaces its state while it runs: {SHUT_DOWN}, then add --tpmstate "
+            f"{'backend-uri=file://' if inst.found.state_file else 'dir='}"
+            f"{inst.found.state_dir} (its swtpm's)"
         )
     inst, settled = settle_if_stopped(inst)
     store = open_store(inst)
@@ -380,3 +383,190 @@ def _describe(inst: Instance, store: SnapshotStore, snap: Snapshot) -> InspectRe
 
 def timestamp(created: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(created))
+
+
+# ---------------------------------------------------------------- restore into swtpm's files
+
+SHUT_DOWN = "shut the VM down first (virsh shutdown, qm shutdown)"
+
+
+@dataclass
+class Written:
+    """A snapshot written into a stopped swtpm's state location (``restore --tpmstate``)."""
+
+    snapshot: Snapshot
+    target: TpmState
+    tpm2: bool
+    encrypted: bool
+    safety: Snapshot | None  # the state that was there, kept as a snapshot
+    dropped_volatile: list[str]  # saved volatile state removed (the guest sees a reboot)
+
+
+def restore_to(name: str, ref: str, target: TpmState, key: KeySource | None) -> Written:
+    """Write snapshot ``ref`` of vTPM ``name`` into swtpm state files at ``target``.
+
+    For a vTPM another manager runs (libvirt, Proxmox) while its swtpm is stopped:
+    vtpmctl then does not see it, so the caller names the state location as that
+    swtpm's ``--tpmstate`` does. Only the permanent state is written; a saved
+    volatile state is removed, so the TPM starts as after a reboot.
+    """
+    from vtpmctl.store.attached import serving
+    from vtpmctl.store.instances import InstancePaths, Registry, validate_name
+    from vtpmctl.store.linearfile import LinearFile
+
+    registry = Registry()
+    if registry.exists(name):
+        raise SnapshotError(
+            f"{name} is a vTPM of vtpmctl's own; restore it without --tpmstate "
+            f"(vtpmctl snapshot restore {name} {ref})"
+        )
+    found = registry.running_attached(name)
+    if found is not None:
+        raise SnapshotError(
+            f"{name} is running (pid {found.pid}, {found.owner}); {SHUT_DOWN}, then restore"
+        )
+    paths = InstancePaths(validate_name(name), registry.roots, target.path, None)
+    root = snapshots_dir(paths)
+    if not (root / "index.json").exists():
+        raise SnapshotError(
+            f"{name} has no snapshots in {root}; take one while it runs: "
+            f"vtpmctl snapshot create {name}"
+        )
+    running = serving(target.path)
+    if running is not None:
+        raise SnapshotError(
+            f"{target.path} is in use by {running.program} (pid {running.pid}, "
+            f"{running.name}); {SHUT_DOWN}, then restore"
+        )
+    sd = _target(target)
+    try:
+        _check_free(sd, target)
+        return _write(name, ref, sd, target, SnapshotStore(root, None), key)
+    finally:
+        sd.unlock()
+        if isinstance(sd, LinearFile):
+            sd.close()
+
+
+def _target(target: TpmState) -> StateDir:
+    """The location as swtpm would open it (the family is set once the snapshot is read)."""
+    from vtpmctl.store.linearfile import LinearFile
+
+    if target.backend == "file":
+        if not target.path.exists():
+            raise SnapshotError(
+                f"{target.path} does not exist; give the linear file or block device the "
+                "stopped swtpm's --tpmstate names"
+            )
+        return LinearFile(target.path, mode=target.mode, use_lock=target.lock)
+    if not target.path.is_dir():
+        raise SnapshotError(
+            f"{target.path} is not a state dir; give the dir the stopped swtpm's "
+            "--tpmstate names (libvirt: /var/lib/libvirt/swtpm/UUID/tpm2)"
+        )
+    return StateDir(target.path, mode=target.mode, use_lock=target.lock)
+
+
+def _check_free(sd: StateDir, target: TpmState) -> None:
+    """Nobody serves the location: its lock is free and no process has the file open."""
+    from vtpmctl.store.attached import users
+
+    if not sd.lock(0):
+        raise SnapshotError(
+            f"{target.path} is locked by pid {sd.holder_pid()} "
+            f"({supervisor.process_name(sd.holder_pid() or 0)}); {SHUT_DOWN}, then restore"
+        )
+    if target.backend == "file":
+        pids = users(target.path)
+        if pids:
+            raise SnapshotError(
+                f"{target.path} is open in pid {pids[0]} "
+                f"({supervisor.process_name(pids[0])}); {SHUT_DOWN}, then restore"
+            )
+
+
+def _family(perm: bytes) -> bool:
+    """True for TPM 2 (the snapshot does not record it: libtpms says which it accepts)."""
+    for tpm2 in (True, False):
+        if inspect_blobs({BlobKind.PERMANENT: perm}, tpm2=tpm2).ok:
+            return tpm2
+    raise SnapshotError("the snapshot's permanent state does not validate; it was not written")
+
+
+def _write(
+    name: str,
+    ref: str,
+    sd: StateDir,
+    target: TpmState,
+    store: SnapshotStore,
+    source: KeySource | None,
+) -> Written:
+    import os
+
+    from vtpmctl.store.blob import FLAG_ENCRYPTED, BlobError, parse_header
+    from vtpmctl.store.keys import KeyFileError, key_fingerprint
+
+    perm_name = BlobKind.PERMANENT.file_name
+    existing = sd.read_raw(perm_name)
+    try:
+        key = None if source is None else source.resolve(probe=existing)
+    except KeyFileError as exc:
+        raise SnapshotError(str(exc)) from None
+    stored = store.stored_fingerprint()
+    if stored is not None:
+        if key is None:
+            raise SnapshotError(
+                f"the snapshots of {name} are encrypted with its state key; give it as "
+                "swtpm's --key, e.g. --key pwdfd=3,mode=aes-256-cbc 3<FILE"
+            )
+        if key_fingerprint(key) != stored:
+            raise SnapshotError(
+                f"the key given is not the one the snapshots of {name} are encrypted with "
+                f"(fingerprint {key_fingerprint(key)}, expected {stored}); nothing was written"
+            )
+        store = SnapshotStore(store.root, key)
+    snap = store.find(ref)
+    blobs = store.read_blobs(snap)
+    perm = blobs.get(BlobKind.PERMANENT)
+    if not perm:
+        raise SnapshotError(f"snapshot {snap.describe()} holds no permanent state")
+    sd.tpm2 = _family(perm)
+    existing = sd.read_raw(perm_name)  # under the family's file name now
+    current: bytes | None = None
+    try:
+        encrypted = existing is not None and bool(parse_header(existing).flags & FLAG_ENCRYPTED)
+    except BlobError:
+        existing = None  # not a state blob: nothing there to keep or to check the key on
+    if existing is not None:
+        if encrypted and key is None:
+            raise SnapshotError(
+                f"the state at {target.path} is encrypted; give its key as swtpm's --key "
+                "(as its manager does); nothing was written"
+            )
+        if not encrypted and key is not None:
+            raise SnapshotError(
+                f"the state at {target.path} is not encrypted (its swtpm runs without "
+                "--key); leave out --key; nothing was written"
+            )
+        sd.key = key
+        try:
+            current = sd.load(perm_name)
+        except StateDirError:
+            raise SnapshotError(
+                f"the key given does not open the state at {target.path}; give the key "
+                "its swtpm runs with; nothing was written"
+            ) from None
+        if target.backend == "dir":
+            st = os.stat(sd.file(perm_name))
+            sd.owner = (st.st_uid, st.st_gid)
+            if not target.mode_given:
+                sd.mode = st.st_mode & 0o777
+    sd.key = key
+    safety = None
+    if current:
+        safety = store.create({BlobKind.PERMANENT: current}, label=_safety_label(store))
+    dropped = [k for k in (BlobKind.VOLATILE, BlobKind.SAVESTATE) if sd.exists(k.file_name)]
+    for kind in dropped:  # first: a crash in between leaves the old TPM, rebooted
+        sd.delete(kind.file_name)
+    sd.store(perm_name, perm)
+    return Written(snap, target, sd.tpm2, key is not None, safety, [str(k) for k in dropped])
