@@ -10,8 +10,11 @@ snapshot's NV back. While swtpm runs, and with a wrong key, nothing is written.
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,13 @@ from vtpmctl.store.blob import FLAG_ENCRYPTED, parse_header
 NV = "0x1500016"
 BEFORE, AFTER = b"snapshot", b"changed!"
 AES256 = "mode=aes-256-cbc"
+LOCK_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o640)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
 
 
 @dataclass
@@ -88,6 +98,15 @@ def _round_trip(
     return name, _bytes(state)
 
 
+def _tss() -> tuple[int, int] | None:
+    """libvirt's swtpm user, when this test may give files to it."""
+    try:
+        tss = pwd.getpwnam("tss")
+    except KeyError:
+        return None
+    return (tss.pw_uid, tss.pw_gid) if os.geteuid() == 0 else None
+
+
 def _bytes(state: Path) -> bytes:
     files = sorted(state.iterdir()) if state.is_dir() else [state]
     return b"".join(f.name.encode() + f.read_bytes() for f in files if f.name != ".lock")
@@ -106,20 +125,54 @@ def test_restore_into_a_stopped_swtpm_state_dir(home: Home, tmp_path: Path) -> N
     tpmstate = f"dir={state}"
     name, _ = _round_trip(home, state, tpmstate)
     permall = state / "tpm2-00.permall"
-    permall.chmod(0o604)  # a mode of the manager's own is kept
+    permall.chmod(0o604)  # a mode of the manager's own is kept, and its owner
+    owner = _tss() or (os.geteuid(), os.getegid())
+    os.chown(permall, *owner)
     (state / "tpm2-00.volatilestate").write_bytes(b"stale")
+    holder = subprocess.Popen(  # .lock held by a process that is no swtpm
+        [sys.executable, "-c", LOCK_HOLDER, str(state / ".lock")], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        _one_line(
+            home.run("snapshot", "restore", name, "1", "--tpmstate", tpmstate, check=False),
+            f"locked by pid {holder.pid}",
+            "shut the VM down first",
+        )
+    finally:
+        holder.kill()
+        holder.wait()
     out = home.json("snapshot", "restore", name, "1", "--tpmstate", tpmstate)
     assert out["restored"]["id"] == 1 and out["safety_snapshot"]["id"] == 2, out
     assert out["volatile_removed"] == ["volatile"] and out["encrypted"] is False, out
-    assert stat.S_IMODE(permall.stat().st_mode) == 0o604
+    st = permall.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o604 and (st.st_uid, st.st_gid) == owner
     assert not (state / "tpm2-00.volatilestate").exists()
     text = home.run("snapshot", "restore", name, "1", "--tpmstate", tpmstate).stdout
     assert "volatile state is not written" in text and "reboot" in text, text
     _reads_back(state, tpmstate)
 
 
-def test_restore_into_a_stopped_swtpm_linear_file(home: Home, tmp_path: Path) -> None:
-    state = tmp_path / "vm-103-disk-1.raw"
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup")
+    backing = tmp_path / "volume.img"
+    with open(backing, "wb") as f:
+        f.truncate(1 << 20)
+    res = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, timeout=30
+    )
+    if res.returncode != 0:
+        pytest.skip(f"losetup failed: {res.stderr.strip()}")
+    device = Path(res.stdout.strip())
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", str(device)], timeout=30, check=False)
+
+
+def _linear(home: Home, state: Path) -> None:
     tpmstate = f"backend-uri=file://{state}"
     name, _ = _round_trip(home, state, tpmstate)
     with open(state, "rb") as held:  # any process that has it open is its user
@@ -131,6 +184,15 @@ def test_restore_into_a_stopped_swtpm_linear_file(home: Home, tmp_path: Path) ->
         assert held.fileno() >= 0
     home.run("snapshot", "restore", name, "1", "--tpmstate", tpmstate)
     _reads_back(state, tpmstate)
+
+
+def test_restore_into_a_stopped_swtpm_linear_file(home: Home, tmp_path: Path) -> None:
+    _linear(home, tmp_path / "vm-103-disk-1.raw")
+
+
+def test_restore_into_a_stopped_swtpm_block_device(home: Home, loop_device: Path) -> None:
+    """Proxmox's volume on LVM or Ceph: the device keeps its size, written in place."""
+    _linear(home, loop_device)
 
 
 def test_restore_into_an_encrypted_state_dir_needs_its_key(home: Home, tmp_path: Path) -> None:

@@ -556,11 +556,12 @@ def _write(
                 f"the key given does not open the state at {target.path}; give the key "
                 "its swtpm runs with; nothing was written"
             ) from None
-        if target.backend == "dir":
-            st = os.stat(sd.file(perm_name))
-            sd.owner = (st.st_uid, st.st_gid)
-            if not target.mode_given:
-                sd.mode = st.st_mode & 0o777
+    if target.backend == "dir":
+        # the file's owner and mode, else the dir's owner (libvirt's is tss) and swtpm's mode
+        st = os.stat(sd.file(perm_name) if existing is not None else target.path)
+        sd.owner = (st.st_uid, st.st_gid)
+        if existing is not None and not target.mode_given:
+            sd.mode = st.st_mode & 0o777
     sd.key = key
     safety = None
     if current:
