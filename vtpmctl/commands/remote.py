@@ -1,4 +1,4 @@
-"""`vtpmctl remote add|list|rm|ls|rotate-key`, `vtpmctl push` and `vtpmctl pull`.
+"""`vtpmctl remote add|list|rm|ls|rotate-key|gc`, `vtpmctl push` and `vtpmctl pull`.
 
 A remote is a bucket and prefix of an S3-compatible object store shared by
 the hosts of a fleet (docs/remotes.md). boto3 is imported only when one of
@@ -344,6 +344,54 @@ def rotate_key(
     return 0
 
 
+GC_AGE = 86400  # seconds an unreferenced object is kept: a push in flight may own it
+
+
+def gc(
+    remote: str | None = None,
+    older_than: int = GC_AGE,
+    dry_run: bool = False,
+    as_json: bool = False,
+) -> int:
+    """Delete the objects of REMOTE that no index or lease names any more."""
+    from vtpmctl.usecases.remote import collect_garbage
+
+    done = collect_garbage(remote, older_than=older_than, dry_run=dry_run)
+    if as_json:
+        print_json(
+            {
+                "format_version": FORMAT_VERSION,
+                "remote": done.remote.name,
+                "url": done.remote.url,
+                "dry_run": done.dry_run,
+                "older_than": done.older_than,
+                "instances": done.instances,
+                "objects": done.objects,
+                "live": done.live,
+                "collected": done.collected,
+                "collected_bytes": done.collected_bytes,
+                "kept_recent": done.kept_recent,
+                "kept_recent_bytes": done.kept_recent_bytes,
+                "unrecognised": done.unrecognised,
+            }
+        )
+        return 0
+    verb = "would delete" if done.dry_run else "deleted"
+    out(
+        f"{done.remote.name} ({done.remote.url}): {verb} {done.collected} unreferenced objects "
+        f"({_size(done.collected_bytes)}); {done.live} of {done.objects} objects are in use "
+        f"by {done.instances} instances"
+    )
+    if done.kept_recent:
+        note(
+            f"kept {done.kept_recent} unreferenced objects ({_size(done.kept_recent_bytes)}) "
+            f"younger than {done.older_than} s: a push may be uploading them"
+        )
+    if done.unrecognised:
+        note(f"left alone {done.unrecognised} objects vtpmctl does not write")
+    return 0
+
+
 _REMOTE = decl.Param(
     "remote",
     decl.ARG,
@@ -457,6 +505,32 @@ GROUP = (
         "vtpmctl.commands.remote:ls",
         "List the instances in a remote with owner, lease state and size.",
         _REMOTE,
+        decl.JSON,
+    ),
+    decl.Command(
+        "remote gc",
+        "vtpmctl.commands.remote:gc",
+        "Delete the objects of a remote that no index or lease names any more.\n\n"
+        "Every index and lease is read (and checked) first; if one cannot be, nothing is "
+        "deleted. A push uploads its objects before its index, so objects younger than "
+        "--older-than are kept: keep it longer than any push or replication takes.",
+        _REMOTE,
+        decl.Param(
+            "older_than",
+            decl.INT,
+            "--older-than",
+            help="delete only unreferenced objects older than this",
+            default=GC_AGE,
+            metavar="SECONDS",
+            min=0,
+        ),
+        decl.Param(
+            "dry_run",
+            decl.SWITCH,
+            "--dry-run",
+            help="report what would be deleted; delete nothing",
+            default=False,
+        ),
         decl.JSON,
     ),
 )

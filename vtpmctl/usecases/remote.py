@@ -9,7 +9,7 @@ every S3 call goes through ``store.remote.client.RemoteClient``.
 API (stable; the lease and replication code builds on it):
 ``open_remote(name|None) -> Session`` (remote, client, fleet key),
 ``add_remote``, ``remove_remote``, ``list_remote``, ``push``, ``pull``,
-``rotate_fleet_key``.
+``rotate_fleet_key``, ``collect_garbage``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from vtpmctl.store.remote.layout import (
     InstanceKeys,
     RemoteDataError,
     RemoteIndex,
+    classify,
     drop_wraps,
     fleet_key_name,
     fleet_record,
@@ -736,8 +737,124 @@ def rotate_fleet_key(name: str, new_key: AesKey, roots: Roots | None = None) -> 
     return Rotated(remote, old_fp, new_fp, len(objects))
 
 
+# ---------------------------------------------------------------- garbage collection
+
+
+@dataclass
+class Collected:
+    remote: Remote
+    dry_run: bool
+    older_than: int
+    instances: int  # instances with an index or a lease
+    objects: int  # state/snapshot objects in the remote
+    live: int  # named by an index or a lease's replica
+    collected: int  # unreferenced and old enough: deleted (or, dry run, would be)
+    collected_bytes: int
+    kept_recent: int  # unreferenced but younger than ``older_than``: kept
+    kept_recent_bytes: int
+    unrecognised: int  # names under instances/ vtpmctl does not write: never touched
+
+
+def _live_objects(session: Session, kind: str, name: str) -> set[str]:
+    """The object keys one index or lease names; RemoteDataError if it cannot be trusted."""
+    from vtpmctl.store.lease import LeaseError, LeaseRecord
+
+    client, remote = session.client, session.remote
+    if kind == "lease":
+        key = remote.key(lease_name(name))
+        data = client.get(key)
+        if data is None:
+            return set()
+        try:
+            rec = LeaseRecord.from_bytes(data, remote.where(key))
+        except LeaseError as exc:
+            raise RemoteDataError(str(exc)) from None
+        return set() if rec.replica is None else {rec.replica.key}
+    key = remote.key(index_name(name))
+    where = remote.where(key)
+    data = client.get(key)
+    if data is None:
+        return set()  # removed since the listing: it names nothing any more
+    peek = peek_index(data, where)
+    kkey = remote.key(key_name(name, peek.keyid))
+    kdata = client.get(kkey)
+    if kdata is None:
+        raise RemoteDataError(f"{remote.where(kkey)}, the key object of {name}, is missing")
+    keys = open_key_record(kdata, session.fleet_key, name, peek.keyid, remote.where(kkey))
+    index = open_index(data, keys.mac_key, where)
+    if index.name != name:
+        raise RemoteDataError(f"{where} describes instance {index.name!r}, not {name}")
+    return {remote.key(object_name(name, index.keyid, d)) for d in index.objects}
+
+
+def _reader(session: Session, kind: str, name: str) -> Callable[[], set[str]]:
+    return lambda: _live_objects(session, kind, name)
+
+
+def _deleter(client: RemoteClient, key: str) -> Callable[[], None]:
+    return lambda: client.delete(key)
+
+
+def collect_garbage(
+    remote_name: str | None = None,
+    *,
+    older_than: int,
+    dry_run: bool = False,
+    roots: Roots | None = None,
+) -> Collected:
+    """Delete the objects no index or lease names any more and older than ``older_than`` s.
+
+    Every index (its MAC checked) and lease is read before anything is deleted;
+    one that cannot be read or trusted stops it all. A push uploads its objects
+    before its index, so the age guard is what keeps those of a push in flight.
+    """
+    import time
+
+    session = open_remote(remote_name, roots)
+    client, remote = session.client, session.remote
+    _check_fleet(session)
+    base = remote.key(instances_prefix())
+    now = time.time()
+    objects = []
+    records: set[tuple[str, str]] = set()
+    unrecognised = 0
+    for o in client.list(base):
+        found = classify(o.key[len(base) :])
+        if found is None:
+            unrecognised += 1
+        elif found[0] == "object":
+            objects.append(o)
+        elif found[0] in ("index", "lease"):
+            records.add(found)
+    try:
+        named = _transfer([(1, _reader(session, k, n)) for k, n in sorted(records)], None)
+    except RemoteDataError as exc:
+        raise RemoteDataError(f"gc deleted nothing: {exc}") from None
+    live: set[str] = set().union(*named) if named else set()
+    dead = [o for o in objects if o.key not in live]
+    # an object of unknown age counts as young: it may be a push's in flight
+    old = [o for o in dead if o.modified is not None and now - o.modified >= older_than]
+    if not dry_run:
+        _transfer([(o.size, _deleter(client, o.key)) for o in old], None)
+    young = [o for o in dead if o.modified is None or now - o.modified < older_than]
+    return Collected(
+        remote=remote,
+        dry_run=dry_run,
+        older_than=older_than,
+        instances=len({n for _, n in records}),
+        objects=len(objects),
+        live=len(objects) - len(dead),
+        collected=len(old),
+        collected_bytes=sum(o.size for o in old),
+        kept_recent=len(young),
+        kept_recent_bytes=sum(o.size for o in young),
+        unrecognised=unrecognised,
+    )
+
+
 __all__ = [
     "Added",
+    "Collected",
     "Fetched",
     "Listed",
     "Progress",
@@ -745,6 +862,7 @@ __all__ = [
     "Pushed",
     "Session",
     "add_remote",
+    "collect_garbage",
     "fetch",
     "list_remote",
     "open_remote",

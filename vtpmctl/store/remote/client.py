@@ -13,7 +13,8 @@ time, so only the commands that talk to a remote pay for it. Calls:
                                            ``if_match``: replace only that version (If-Match);
                                            a lost condition raises RemoteConflict
 ``delete(key)``                            (absent is fine)
-``list(prefix) -> list[ObjectInfo]``       every object under ``prefix``, paginated
+``list(prefix) -> list[ObjectInfo]``       every object under ``prefix``, paginated, with
+                                           its size, ETag and LastModified
 ``check_bucket()``                         the bucket exists and these credentials may list it
 
 Errors (docs/remotes.md lists them with their exit codes): RemoteAuthError
@@ -81,6 +82,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    modified: float | None = None  # LastModified, seconds since the epoch (None: not known)
 
 
 class RemoteClient:
@@ -251,7 +253,9 @@ class RemoteClient:
             if self._missing(exc):
                 return None
             raise self._translate(exc, "look at", key) from None
-        return ObjectInfo(key, int(reply["ContentLength"]), str(reply["ETag"]))
+        return ObjectInfo(
+            key, int(reply["ContentLength"]), str(reply["ETag"]), _epoch(reply.get("LastModified"))
+        )
 
     def put(
         self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
@@ -276,7 +280,14 @@ class RemoteClient:
             paginator = self._s3.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
-                    found.append(ObjectInfo(obj["Key"], int(obj["Size"]), str(obj.get("ETag"))))
+                    found.append(
+                        ObjectInfo(
+                            obj["Key"],
+                            int(obj["Size"]),
+                            str(obj.get("ETag")),
+                            _epoch(obj.get("LastModified")),
+                        )
+                    )
             return found
 
         result: list[ObjectInfo] = self._call("list", prefix, pages)
@@ -291,6 +302,14 @@ class RemoteClient:
                 Bucket=self.bucket, Prefix=self.remote.key(""), MaxKeys=1
             ),
         )
+
+
+def _epoch(when: Any) -> float | None:
+    """A LastModified (a datetime from botocore) in seconds since the epoch."""
+    try:
+        return float(when.timestamp())
+    except (AttributeError, TypeError, ValueError, OSError):
+        return None
 
 
 def _short(exc: Exception) -> str:

@@ -103,6 +103,31 @@ def object_name(name: str, keyid: str, digest: str) -> str:
     return objects_prefix(name, keyid) + digest
 
 
+def classify(rel: str) -> tuple[str, str] | None:
+    """(kind, instance) of a name under ``instances/``: kind is index, lease, key or object.
+
+    None for anything vtpmctl does not write there (gc leaves those alone).
+    """
+    parts = rel.split("/")
+    if not parts[0]:
+        return None
+    name = parts[0]
+    if parts[1:] == ["index.json"]:
+        return "index", name
+    if parts[1:] == ["lease"]:
+        return "lease", name
+    if len(parts) == 3 and parts[1] == "keys" and parts[2].endswith(".json"):
+        return "key", name
+    if (
+        len(parts) == 4
+        and parts[1] == "objects"
+        and _KEYID.fullmatch(parts[2])
+        and _HEX64.fullmatch(parts[3])
+    ):
+        return "object", name
+    return None
+
+
 def keyid_of(state_key: AesKey | None) -> str:
     return PLAIN if state_key is None else key_fingerprint(state_key)
 
@@ -382,6 +407,7 @@ __all__ = [
     "InstanceKeys",
     "RemoteDataError",
     "RemoteIndex",
+    "classify",
     "drop_wraps",
     "fleet_record",
     "index_name",
