@@ -115,3 +115,36 @@ def test_gc_deletes_only_unreferenced_old_objects(
     got = b.home.tpm2("vm", "nvread", NV, "-C", "o", "-s", str(len(MARKERS[1])))
     assert got.stdout == MARKERS[1]
     b.run("stop", "vm")
+
+
+def test_a_push_uploads_again_an_old_object_no_index_names(
+    fleet: list[Host],  # noqa: F811
+    s3: S3Server,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A state reverted to one an older push uploaded: gc may be about to delete that
+    object (no index names it), so the push uploads it again instead of reusing it."""
+    from vtpmctl.usecases import remote as remote_uc
+
+    a, _ = fleet
+    a.run("create", "rv", "--encrypt", "--no-ek")
+    permall = a.home.registry().paths("rv").state_dir / "tpm2-00.permall"
+    first = permall.read_bytes()
+    a.json("push", "rv")
+    write_nv_define(a, "rv")
+    assert permall.read_bytes() != first
+    a.json("push", "rv")  # the index names the new state only
+    permall.write_bytes(first)  # back to the first state: its object is in the remote
+    monkeypatch.setattr(remote_uc, "REVIVE_AGE", 0)  # as if that object were old
+    assert a.json("push", "rv")["uploaded"] == 1
+    pushed = a.json("push", "rv")  # named by the index now: reused
+    assert pushed["uploaded"] == 0, pushed
+
+
+def write_nv_define(host: Host, name: str) -> None:
+    host.run("start", name)
+    host.run("ctl", name, "init")
+    host.home.tpm2(name, "startup", "-c")
+    host.home.tpm2(name, "nvdefine", NV, "-C", "o", "-s", "8", "-a", "ownerread|ownerwrite")
+    host.run("stop", name)

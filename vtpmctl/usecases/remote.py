@@ -15,6 +15,7 @@ API (stable; the lease and replication code builds on it):
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,10 @@ T = TypeVar("T")
 
 # Progress of a transfer: (bytes done, bytes in all); called from the transferring thread.
 Progress = Callable[[int, int], None]
+
+# A push uploads again an object it would reuse that no index names and that is older
+# than this (s): `remote gc` deletes only such objects older than its --older-than.
+REVIVE_AGE = 3600
 
 
 @dataclass
@@ -289,13 +294,22 @@ def push(
 
     client, remote = session.client, session.remote
     old = client.get_etag(remote.key(index_name(name)))
+    index_key_where = remote.where(remote.key(index_name(name)))
     generation = 1
     if old is not None:
-        generation = peek_index(old[0], remote.where(remote.key(index_name(name)))).generation + 1
+        generation = peek_index(old[0], index_key_where).generation + 1
     keys = _instance_keys(session, name, state_key)
+    listed = {
+        o.key.rsplit("/", 1)[-1]: o for o in client.list(remote.key(objects_prefix(name, keyid)))
+    }
+    named = set(peek_index(old[0], index_key_where).objects) if old is not None else set()
+    # An object no index names is gc's once old enough (`remote gc --older-than`): one
+    # this push reuses is uploaded again, so that its new age keeps gc off it.
+    revive_before = time.time() - REVIVE_AGE
     present = {
-        o.key.rsplit("/", 1)[-1]: o.size
-        for o in client.list(remote.key(objects_prefix(name, keyid)))
+        d: o.size
+        for d, o in listed.items()
+        if d in named or o.modified is None or o.modified > revive_before
     }
     missing = sorted(d for d, size in sizes.items() if present.get(d) != size)
 
@@ -575,7 +589,6 @@ class Listed:
 def _lease_summary(data: bytes | None) -> dict[str, object]:
     """What ``remote ls`` says of a lease object (the lease module owns its format)."""
     import json
-    import time
 
     if data is None:
         return {"state": "none", "holder": None, "expires": None, "generation": None}
@@ -808,7 +821,6 @@ def collect_garbage(
     one that cannot be read or trusted stops it all. A push uploads its objects
     before its index, so the age guard is what keeps those of a push in flight.
     """
-    import time
 
     session = open_remote(remote_name, roots)
     client, remote = session.client, session.remote
