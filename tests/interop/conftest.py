@@ -396,3 +396,23 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def s3_bucket(s3: S3Server) -> str:
     """A fresh empty bucket on the session's server."""
     return s3.make_bucket()
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    """A 1 MiB loop block device (root and losetup, else the test is skipped)."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup")
+    backing = tmp_path / "volume.img"
+    with open(backing, "wb") as f:
+        f.truncate(1 << 20)
+    res = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, timeout=30
+    )
+    if res.returncode != 0:
+        pytest.skip(f"losetup failed: {res.stderr.strip()}")
+    device = res.stdout.strip()
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], timeout=30, check=False)

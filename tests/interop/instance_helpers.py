@@ -117,6 +117,15 @@ class Home:
             time.sleep(0.02)
 
 
+@dataclass
+class AttachedHome(Home):
+    """A private store that also sees host-wide attached vTPMs."""
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(super().env, VTPMCTL_ATTACHED="1")
+
+
 @contextlib.contextmanager
 def home_at(path: Path) -> Iterator[Home]:
     home = Home(path)

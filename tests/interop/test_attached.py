@@ -9,21 +9,11 @@ on swtpm's linear file backend (Proxmox's) as on a state dir.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from instance_helpers import Home, home_at
+from instance_helpers import AttachedHome, Home, home_at
 from swtpm_peer import swtpm_socket
-
-
-@dataclass
-class AttachedHome(Home):
-    """A private store that also sees host-wide attached vTPMs."""
-
-    @property
-    def env(self) -> dict[str, str]:
-        return dict(super().env, VTPMCTL_ATTACHED="1")
 
 
 @pytest.fixture

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from instance_helpers import Home, home_at
+from instance_helpers import AttachedHome, Home, home_at
 from swtpm_peer import SWTPM, SwtpmPeer, swtpm_socket
 
 from vtpmctl.store.blob import FLAG_ENCRYPTED, parse_header
@@ -35,13 +33,6 @@ fcntl.lockf(fd, fcntl.LOCK_EX)
 print("locked", flush=True)
 time.sleep(60)
 """
-
-
-@dataclass
-class AttachedHome(Home):
-    @property
-    def env(self) -> dict[str, str]:
-        return dict(super().env, VTPMCTL_ATTACHED="1")
 
 
 @pytest.fixture
@@ -153,25 +144,6 @@ def test_restore_into_a_stopped_swtpm_state_dir(home: Home, tmp_path: Path) -> N
     _reads_back(state, tpmstate)
 
 
-@pytest.fixture
-def loop_device(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        pytest.skip("needs root and losetup")
-    backing = tmp_path / "volume.img"
-    with open(backing, "wb") as f:
-        f.truncate(1 << 20)
-    res = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, timeout=30
-    )
-    if res.returncode != 0:
-        pytest.skip(f"losetup failed: {res.stderr.strip()}")
-    device = Path(res.stdout.strip())
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", str(device)], timeout=30, check=False)
-
-
 def _linear(home: Home, state: Path) -> None:
     tpmstate = f"backend-uri=file://{state}"
     name, _ = _round_trip(home, state, tpmstate)
@@ -190,9 +162,9 @@ def test_restore_into_a_stopped_swtpm_linear_file(home: Home, tmp_path: Path) ->
     _linear(home, tmp_path / "vm-103-disk-1.raw")
 
 
-def test_restore_into_a_stopped_swtpm_block_device(home: Home, loop_device: Path) -> None:
+def test_restore_into_a_stopped_swtpm_block_device(home: Home, loop_device: str) -> None:
     """Proxmox's volume on LVM or Ceph: the device keeps its size, written in place."""
-    _linear(home, loop_device)
+    _linear(home, Path(loop_device))
 
 
 def test_restore_into_an_encrypted_state_dir_needs_its_key(home: Home, tmp_path: Path) -> None:

@@ -216,25 +216,6 @@ def test_proxmox_linear_file_is_listed_and_read(launchers: Path, run_dir: Path) 
     _proxmox(launchers, run_dir, str(run_dir / "vm-101-disk-1.raw"))
 
 
-@pytest.fixture
-def loop_device(run_dir: Path) -> Iterator[str]:
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        pytest.skip("needs root and losetup")
-    backing = run_dir / "volume.img"
-    with open(backing, "wb") as f:
-        f.truncate(1 << 20)
-    res = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, timeout=30
-    )
-    if res.returncode != 0:
-        pytest.skip(f"losetup failed: {res.stderr.strip()}")
-    device = res.stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], timeout=30, check=False)
-
-
 def test_proxmox_block_device_is_listed_and_read(
     launchers: Path, run_dir: Path, loop_device: str
 ) -> None:

@@ -167,25 +167,6 @@ def test_proxmox_file_backend_on_a_plain_file(launchers: Path, run_dir: Path) ->
     assert _read_key(launchers / "swtpm", f"backend-uri=file://{other}") == name
 
 
-@pytest.fixture
-def loop_device(run_dir: Path) -> Iterator[str]:
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        pytest.skip("needs root and losetup")
-    backing = run_dir / "volume.img"
-    with open(backing, "wb") as f:
-        f.truncate(1 << 20)
-    res = subprocess.run(
-        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, timeout=30
-    )
-    if res.returncode != 0:
-        pytest.skip(f"losetup failed: {res.stderr.strip()}")
-    device = res.stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], timeout=30, check=False)
-
-
 def test_proxmox_file_backend_on_a_loop_block_device(
     launchers: Path, run_dir: Path, loop_device: str
 ) -> None:
