@@ -416,3 +416,23 @@ def loop_device(tmp_path: Path) -> Iterator[str]:
         yield device
     finally:
         subprocess.run(["losetup", "-d", device], timeout=30, check=False)
+
+
+@pytest.fixture(scope="module")
+def launchers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``vtpmctl swtpm-compat install``'s swtpm, swtpm_setup and swtpm_ioctl, on this tree."""
+    from vtpmctl.usecases import swtpm_compat
+
+    directory = tmp_path_factory.mktemp("bin")
+    swtpm_compat.install(directory, python=sys.executable)
+    return directory
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """Short paths: sockets must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="vtpm-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -15,40 +15,19 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.interop.instance_helpers import VTPMCTL
-from vtpmctl.usecases import swtpm_compat
 
 ROOT = Path(__file__).resolve().parents[2]
 SWTPM_IOCTL = shutil.which("swtpm_ioctl", path="/usr/bin")
 pytestmark = pytest.mark.skipif(SWTPM_IOCTL is None, reason="needs swtpm_ioctl 0.7.1")
 SECRET = b"a libvirt secret's value"
 EK_HANDLES = {"0x81010001", "0x81010016"}
-
-
-@pytest.fixture(scope="module")
-def launchers(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("bin")
-    swtpm_compat.install(directory, python=sys.executable)
-    return directory
-
-
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    """Short paths: sockets must stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="swa-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _env(home: Path | None = None) -> dict[str, str]:

@@ -14,10 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,6 @@ import pytest
 from tests.interop.qemu_helpers import launch_qemu
 from tests.interop.swtpm_peer import swtpm_socket
 from vtpmctl.device.server import seccomp
-from vtpmctl.usecases import swtpm_compat
 
 ROOT = Path(__file__).resolve().parents[2]
 SWTPM_REAL = shutil.which("swtpm", path="/usr/bin")
@@ -37,23 +33,6 @@ pytestmark = [
     ),
 ]
 PERSISTENT = "0x81000001"
-
-
-@pytest.fixture(scope="module")
-def launchers(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("bin")
-    swtpm_compat.install(directory, python=sys.executable)
-    return directory
-
-
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    """Short paths: sockets must stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="swc-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _env() -> dict[str, str]:
