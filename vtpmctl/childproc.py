@@ -240,7 +240,6 @@ def _connect_zygote(address: bytes, cipher: bool) -> Any:
 def _spawn_zygote(cipher: bool) -> bool:
     """Start the zygote detached and wait until it listens (or found another one there)."""
     r, w = os.pipe2(os.O_CLOEXEC)
-    env = child_env()  # never the current directory's code (and identity)
     try:
         argv = entry_argv(ZYGOTE_ENTRY)
         pid = os.posix_spawn(
@@ -253,7 +252,7 @@ def _spawn_zygote(cipher: bool) -> bool:
                 "--title-room",
                 "_" * ZYGOTE_TITLE_ROOM,
             ],
-            env,
+            child_env(),
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDWR, 0),
                 (os.POSIX_SPAWN_DUP2, 0, 1),

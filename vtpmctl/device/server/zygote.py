@@ -176,7 +176,6 @@ def _uses_keys(argv: list[str]) -> bool:
 
 def _set_rlimits(limits: object) -> None:
     """The starter's resource limits, where this process may set them."""
-
     if not isinstance(limits, dict):
         return
     for name in RLIMITS:
