@@ -1,4 +1,4 @@
-"""`vtpmctl remote add|list|rm|ls|rotate-key|gc`, `vtpmctl push` and `vtpmctl pull`.
+"""`vtpmctl remote add|list|rm|ls|rotate-key|unbind|gc`, `vtpmctl push` and `vtpmctl pull`.
 
 A remote is a bucket and prefix of an S3-compatible object store shared by
 the hosts of a fleet (docs/remotes.md). boto3 is imported only when one of
