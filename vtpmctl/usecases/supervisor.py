@@ -915,8 +915,9 @@ def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[-1].split()
-        return fields[:1] == [b"Z"]
-    except FileNotFoundError:
+        # A zombie, one being reaped by its parent, or one released meanwhile (empty).
+        return fields[:1] in ([], [b"Z"], [b"X"])
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: released while being read
         return True
     except OSError:
         return False
