@@ -116,8 +116,7 @@ def _child(
         _set_rlimits(request.get("rlimits"))
         env = request["env"]
         assert isinstance(env, dict)
-        os.environ.clear()
-        os.environ.update({str(k): str(v) for k, v in env.items()})
+        _set_environ({str(k): str(v) for k, v in env.items()})
         time.tzset()
         ready_fd = _place_fds(fds, request["fds"])  # type: ignore[arg-type]
         err_fd = 2
@@ -136,6 +135,21 @@ def _child(
         with contextlib.suppress(Exception):
             sys.stderr.flush()
         os._exit(code)
+
+
+def _set_environ(env: dict[str, str]) -> None:
+    """Make ``os.environ`` exactly ``env``, changing only the entries that differ.
+
+    The starter's environment is most often the zygote's own (the zygote was
+    spawned with it): clearing and refilling ``os.environ`` freed and remade
+    every entry, objects the zygote shares with its daemons, and so copied
+    about 0.4 MiB of pages into each daemon.
+    """
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _place_fds(fds: list[int], numbers: list[int]) -> int:
