@@ -66,6 +66,9 @@ class LibtpmsError(TpmResultError):
 
 
 _U8P = POINTER(c_ubyte)
+COMMAND_BUFFER_SIZE = 8192
+# The array type, made once at import (in the zygote, for all its daemons).
+_CommandArray = c_ubyte * COMMAND_BUFFER_SIZE
 NVRAM_INIT = CFUNCTYPE(c_uint32)
 NVRAM_LOADDATA = CFUNCTYPE(c_uint32, POINTER(_U8P), POINTER(c_uint32), c_uint32, c_char_p)
 NVRAM_STOREDATA = CFUNCTYPE(c_uint32, _U8P, c_uint32, c_uint32, c_char_p)
@@ -170,7 +173,17 @@ def loaded_path() -> str | None:
     return None
 
 
+_declared: set[int] = set()  # id() of each library in _loaded whose prototypes are set
+
+
 def _declare(lib: ctypes.CDLL) -> None:
+    """Set the prototypes, once per library.
+
+    The zygote sets them (``preload``) for its daemons: setting them again in
+    each daemon replaced objects they all share, copying their pages.
+    """
+    if id(lib) in _declared:
+        return
     sigs: dict[str, tuple[list[Any], Any]] = {
         "TPMLIB_GetVersion": ([], c_uint32),
         "TPMLIB_ChooseTPMVersion": ([c_int], c_uint32),
@@ -201,6 +214,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, fname)
         fn.argtypes = argtypes
         fn.restype = restype
+    _declared.add(id(lib))
 
 
 # The C library this process already runs on (the one libtpms frees with): not
@@ -235,7 +249,7 @@ class Libtpms:
         self._resp_addr: int | None = None
         self._resp_len = 0
         # Prebuilt arguments for the hot path.
-        self._cmdbuf = (c_ubyte * 8192)()
+        self._cmdbuf = _CommandArray()
         self._cmdview = memoryview(self._cmdbuf).cast("B")
         # A second handle on TPMLIB_Process without argtypes: ctypes' per-argument
         # conversion costs about 1 us a call. Every argument is prebuilt with the
@@ -539,8 +553,8 @@ class Libtpms:
 class CommandBuffer:
     """A connection's own mutable command buffer (libtpms may write into it)."""
 
-    SIZE = 8192
+    SIZE = COMMAND_BUFFER_SIZE
 
     def __init__(self) -> None:
-        self.raw = (c_ubyte * self.SIZE)()
+        self.raw = _CommandArray()
         self.view = memoryview(self.raw).cast("B")
