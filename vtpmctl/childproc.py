@@ -23,13 +23,16 @@ import contextlib
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
 from vtpmctl import errors
 from vtpmctl.errors import VtpmctlError
 
+# Off `typing` at run time: the zygote, and so every daemon, would carry it
+# (0.4 MiB; docs/architecture.md, "The zygote").
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 # entry point name -> the module whose ``main(argv)`` runs it
 ENTRY_POINTS = {

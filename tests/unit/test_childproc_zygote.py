@@ -72,3 +72,61 @@ def test_no_child_imports_vtpmctl_from_the_current_directory(tmp_path: Path) -> 
         check=False,
     )
     assert proc.returncode == 0 and "planted" not in proc.stdout, (proc.stdout, sys.path)
+
+
+def test_the_zygote_carries_no_module_a_daemon_does_without(tmp_path: Path) -> None:
+    """Every module the zygote imports is in every daemon's RSS: typing (which the
+    daemon's modules use only for mypy) and shutil (argparse's help width) stay out."""
+    import subprocess
+    import sys
+
+    from vtpmctl.childproc import child_env
+
+    code = (
+        "import sys\n"
+        "from vtpmctl.device.server import zygote\n"
+        "zygote.libtpms.preload()\n"
+        "zygote.daemon.parser().parse_args(['--state', '/x', '--ctrl', 'unix:/x'])\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = set(done.stdout.split())
+    assert "vtpmctl.device.server.daemon" in loaded
+    assert not loaded & {"typing", "shutil", "bz2", "lzma", "cryptography"}
+
+
+def test_a_forked_daemon_gets_exactly_the_starters_environment(tmp_path: Path) -> None:
+    """Only the entries that differ are changed; the process's own environ follows."""
+    import json
+    import subprocess
+    import sys
+
+    from vtpmctl.childproc import child_env
+
+    code = (
+        "import json, os, subprocess\n"
+        "from vtpmctl.device.server.zygote import _set_environ\n"
+        "os.environ.update(KEEP='1', CHANGE='old', DROP='x')\n"
+        "want = {k: v for k, v in os.environ.items() if k != 'DROP'}\n"
+        "want.update(CHANGE='new', ADD='2')\n"
+        "_set_environ(want)\n"
+        "seen = subprocess.run(['env', '-0'], capture_output=True, check=True).stdout\n"
+        "c = dict(e.split('=', 1) for e in seen.decode().split('\\0') if e)\n"
+        "print(json.dumps([dict(os.environ) == want, c == want]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(done.stdout) == [True, True]

@@ -26,11 +26,16 @@ from ctypes import (
     c_void_p,
 )
 from enum import IntEnum
-from typing import Any
 
 from vtpmctl.device.protocol import Res
 from vtpmctl.errors import TpmResultError
 from vtpmctl.model import BlobKind, TpmFamily
+
+# Off `typing` at run time: the zygote, and so every daemon, would carry it
+# (0.4 MiB; docs/architecture.md, "The zygote").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from vtpmctl.device.protocol import (
     CAPS_CUSE,
@@ -49,7 +48,13 @@ from vtpmctl.store.statedir import StateDir, StateDirError
 
 log = logging.getLogger(__name__)
 
-Startup = Literal["none", "clear", "state", "deactivated"]  # deactivated: TPM 1.2 only
+# Off `typing` at run time: the zygote, and so every daemon, would carry it
+# (0.4 MiB; docs/architecture.md, "The zygote").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal
+
+    Startup = Literal["none", "clear", "state", "deactivated"]  # deactivated: TPM 1.2 only
 
 # libtpms' names of the blobs, as the Storage callbacks get them
 _PERMALL = BlobKind.PERMANENT.file_name

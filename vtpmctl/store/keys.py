@@ -17,7 +17,6 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
 
 from vtpmctl.errors import StoreError
 from vtpmctl.model import KEY_SPEC_METAVAR, KeyFormat
@@ -45,9 +44,15 @@ __all__ = [
     "write_secret_file",
 ]
 
-CipherName = Literal["aes-128-cbc", "aes-256-cbc"]
-Kdf = Literal["pbkdf2", "sha512"]
-T = TypeVar("T")
+# Off `typing` at run time: the zygote, and so every daemon, would carry it
+# (0.4 MiB; docs/architecture.md, "The zygote").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Literal, TypeVar
+
+    CipherName = Literal["aes-128-cbc", "aes-256-cbc"]
+    Kdf = Literal["pbkdf2", "sha512"]
+    T = TypeVar("T")
 
 _CIPHER_BYTES: dict[str, int] = {"aes-128-cbc": 16, "aes-256-cbc": 32}
 _PBKDF2_SALT = b"swtpm"

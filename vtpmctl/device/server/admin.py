@@ -23,7 +23,6 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from vtpmctl.device.protocol import (
     CODE,
@@ -37,6 +36,9 @@ from vtpmctl.device.protocol import (
 )
 from vtpmctl.device.server.sockets import ControlConnection, _Dropped, listen
 
+# Off `typing` at run time: the zygote, and so every daemon, would carry it
+# (0.4 MiB; docs/architecture.md, "The zygote").
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from vtpmctl.device.server.sockets import Endpoint, SocketServer
 

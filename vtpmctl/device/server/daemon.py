@@ -25,19 +25,23 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
 
-from vtpmctl.engine.tpm import Engine, EngineConfig, Startup
+from vtpmctl.engine.tpm import Engine, EngineConfig
 from vtpmctl.errors import EXIT_FAILURE, EXIT_OK, ServeError, StoreError, UsageError
 from vtpmctl.model import BlobKind, KeyFormat, OnShutdown, TpmFamily, Transport
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.statedir import StateDir, StateDirError
 
+# Off `typing` at run time: the zygote, and so every daemon, would carry it
+# (0.4 MiB; docs/architecture.md, "The zygote").
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Mapping
+    from typing import Any
 
     from vtpmctl.device.server.sockets import Endpoint
+    from vtpmctl.engine.tpm import Startup
     from vtpmctl.store.keys import KeySource
 
 log = logging.getLogger("vtpmctl.daemon")

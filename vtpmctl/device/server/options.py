@@ -13,15 +13,17 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
 
 from vtpmctl.model import KEY_SPEC_HELP, KEY_SPEC_METAVAR, KeyFormat, OnShutdown, TpmFamily
 
+# Off `typing` at run time: the zygote, and so every daemon, would carry it
+# (0.4 MiB; docs/architecture.md, "The zygote").
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Iterable
     from enum import StrEnum
-    from typing import Any, Literal
+    from typing import Any, Literal, NoReturn
 
     Kind = Literal["path", "text", "choice", "list", "switch"]
 
@@ -213,8 +215,9 @@ def _terminal_columns() -> int:
         columns = 0
     if columns > 0:
         return columns
+    stdout = sys.__stdout__
     try:
-        columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        columns = os.get_terminal_size(stdout.fileno()).columns if stdout is not None else 0
     except (AttributeError, ValueError, OSError):
         columns = 0
     return columns or 80
