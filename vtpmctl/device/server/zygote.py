@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sources = _sources()
     gc.collect()
+    libtpms.trim_heap()  # what the imports freed, before any daemon inherits it
     if ready_fd is not None:
         os.write(ready_fd, b"Z")
         os.close(ready_fd)
