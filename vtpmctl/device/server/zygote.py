@@ -73,9 +73,17 @@ def _reap(signum: int = 0, frame: object = None) -> None:
         _idle_since[0] = time.monotonic()
 
 
-def _sources() -> dict[str, tuple[int, int]]:
-    """(mtime, size) of each vtpmctl source file this process imported."""
-    out = {}
+Sources = tuple[tuple[str, int, int], ...]
+
+
+def _sources() -> Sources:
+    """(path, mtime, size) of each vtpmctl source file this process imported, read once.
+
+    Each request is checked against it with ``_stale``, which reads only these
+    tuples: walking ``sys.modules`` for every request wrote to each module's
+    page, and each daemon forked before had to copy them (about 0.5 MiB each).
+    """
+    out = []
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
         if path and (name == "vtpmctl" or name.startswith("vtpmctl.")):
@@ -83,8 +91,20 @@ def _sources() -> dict[str, tuple[int, int]]:
                 st = os.stat(path)
             except OSError:
                 continue
-            out[path] = (st.st_mtime_ns, st.st_size)
-    return out
+            out.append((path, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def _stale(sources: Sources) -> bool:
+    """A source file read at start has changed on disk, or is gone."""
+    for path, mtime, size in sources:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return True
+        if st.st_mtime_ns != mtime or st.st_size != size:
+            return True
+    return False
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
@@ -180,7 +200,15 @@ KEY_OPTIONS = ("key", "key_file", "migration_key", "migration_key_file")
 
 
 def _uses_keys(argv: list[str]) -> bool:
-    """The daemon will encrypt or decrypt (it is given a state or migration key)."""
+    """The daemon will encrypt or decrypt (it is given a state or migration key).
+
+    Parsed only if an argument could be one of the key options (argparse takes an
+    unambiguous prefix, and every prefix of these that is one starts so): parsing
+    every request wrote to argparse's pages, which each daemon forked before had
+    to copy.
+    """
+    if not any(str(a).startswith(("--key", "--migration-key")) for a in argv):
+        return False
     try:
         values = vars(daemon.parser().parse_args([str(a) for a in argv]))
     except SystemExit:
@@ -203,7 +231,7 @@ def _serve_one(
     listener: socket.socket,
     conn: socket.socket,
     identity: dict[str, str],
-    sources: dict[str, tuple[int, int]],
+    sources: Sources,
 ) -> bool:
     """Answer one client; False when this zygote must exit (its code changed)."""
     fds: list[int] = []
@@ -225,7 +253,7 @@ def _serve_one(
         if not ok:
             conn.send(b'{"error": "bad request"}')
             return True
-        if _sources() != sources:
+        if _stale(sources):
             conn.send(b'{"error": "stale"}')
             return False
         if _uses_keys(request["argv"]):  # type: ignore[arg-type]
