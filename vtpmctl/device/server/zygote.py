@@ -270,7 +270,9 @@ def _serve_one(
             _children.add(pid)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        conn.send(json.dumps({"pid": pid}).encode())
+        # Formatted, not json.dumps: whatever the zygote writes while the new daemon
+        # still shares its pages becomes that daemon's own copy.
+        conn.send(b'{"pid": %d}' % pid)
         return True
     except (OSError, ValueError):
         return True
