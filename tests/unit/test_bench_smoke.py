@@ -92,3 +92,11 @@ def test_bench_lifecycle_smoke(tmp_path: Path) -> None:
     for row in ("| start |", "| stop |", "| restart |", "| vtpmctl |", "| vtpmctl encrypted |"):
         assert row in out
     assert (tmp_path / "r").read_text().startswith("{")
+
+
+@needs_swtpm
+@pytest.mark.skipif(shutil.which("swtpm_setup") is None, reason="swtpm_setup not installed")
+def test_bench_daemon_memory_smoke() -> None:
+    out = _run([sys.executable, str(BENCH / "bench_daemon_memory.py"), "--smoke"])
+    for row in ("| bare interpreter |", "2 daemons running", "| [heap] |", "libpython"):
+        assert row in out
