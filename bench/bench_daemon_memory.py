@@ -46,14 +46,18 @@ ROLLUP = (
     "            f[k] = int(v.split()[0])\n"
     "    print(f['Rss'], f['Anonymous'])\n"
 )
-ZYGOTE = (
+ZYGOTE = (  # what ``_zygote`` does before it serves (an older tree: what it did)
     "import gc\n"
     "from vtpmctl.device.server import zygote\n"
-    "zygote.libtpms.preload()\n"
-    "warm = getattr(zygote, 'WARM_ARGV', None)\n"
-    "zygote.daemon.parser().parse_args(warm) if warm else zygote.daemon.parser()\n"
-    "zygote._sources()\n"
-    "gc.collect()\n"
+    "if hasattr(zygote, 'prepare'):\n"
+    "    zygote.prepare(False)\n"
+    "    zygote._sources()\n"
+    "    gc.collect()\n"
+    "else:\n"
+    "    zygote.libtpms.preload()\n"
+    "    zygote.daemon.parser()\n"
+    "    zygote._sources()\n"
+    "    gc.collect()\n"
 )
 STEPS = [
     ("bare interpreter", ""),

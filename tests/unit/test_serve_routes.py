@@ -10,7 +10,7 @@ import pytest
 import typer.main
 
 from vtpmctl.cli import _fast_plan, build_app
-from vtpmctl.device.server.options import SERVE_OPTIONS, build_parser, serve_argv
+from vtpmctl.device.server.options import SERVE_OPTIONS, build_parser, parse_plain, serve_argv
 from vtpmctl.usecases.supervisor import runs_daemon, runs_zygote
 
 
@@ -55,6 +55,7 @@ def test_the_argv_builder_speaks_the_parser() -> None:
     }
     ns = vars(build_parser(quiet=True).parse_args(serve_argv(**values)))
     assert {k: ns[k] for k in values} == values
+    assert parse_plain(serve_argv(**values)) == ns  # the daemon's own parse of such a line
     untouched = {opt.dest: opt.default for opt in SERVE_OPTIONS if opt.dest not in values}
     assert {k: ns[k] for k in untouched} == untouched
     with pytest.raises(ValueError):
@@ -76,10 +77,42 @@ def test_start_builds_a_line_the_daemon_parses(
     argv = daemon_argv(inst, incoming=True)
     assert argv[1:4] == ["-m", "vtpmctl", "_daemon"]
     ns = build_parser(quiet=True).parse_args(argv[4:])
+    assert parse_plain(argv[4:]) == vars(ns)
     assert ns.state == inst.paths.state_dir and ns.tpm == "1.2" and ns.existing and ns.incoming
     assert (ns.cuse is None) == (transport == "socket") and ns.data is None
     assert ns.key_file == (inst.paths.state_key if encrypted else None)
     assert ns.key_kind == ("hex" if encrypted else "auto")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--state", "/s", "--key-kind", "hex", "--flags", "a", "--flags", "b", "--tpm", "2"],
+        ["--state", "", "--ctrl", "unix:/c", "--ctrl", "unix:/d", "--incoming"],
+    ],
+)
+def test_the_daemons_own_parse_gives_what_argparse_gives(argv: list[str]) -> None:
+    assert parse_plain(argv) == vars(build_parser(quiet=True).parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--ctrl", "unix:/c"],
+        ["--state=/s"],
+        ["--stat", "/s"],
+        ["--state", "/s", "--ctrl"],
+        ["--state", "/s", "--ctrl", "-x"],
+        ["--state", "/s", "--tpm", "3"],
+        ["--state", "/s", "--", "x"],
+        ["--state", "/s", "extra"],
+        ["--help"],
+    ],
+)
+def test_the_daemon_leaves_any_other_line_to_argparse(argv: list[str]) -> None:
+    """Abbreviations, ``=``, missing or odd values: argparse parses them or says what is wrong."""
+    assert parse_plain(argv) is None
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -404,7 +404,7 @@ def options_from_values(values: Mapping[str, Any]) -> DaemonOptions:
     )
 
 
-_parser: list[argparse.ArgumentParser] = []  # built once; the zygote builds it for its daemons
+_parser: list[argparse.ArgumentParser] = []  # built once, when first needed
 
 
 def parser() -> argparse.ArgumentParser:
@@ -417,9 +417,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, ready_fd: int | None = None) -> int:
-    ns = parser().parse_args(argv)
+    from vtpmctl.device.server.options import parse_plain
+
+    args = sys.argv[1:] if argv is None else argv
+    values = parse_plain(args)  # the command line ``vtpmctl start`` writes
+    if values is None:
+        values = vars(parser().parse_args(args))  # any other, and its usage errors
     try:
-        return run(options_from_values(vars(ns)), ready_fd)
+        return run(options_from_values(values), ready_fd)
     except (ServeError, StoreError, UsageError) as exc:  # bad setup; anything else is a bug
         print(f"vtpmctl: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -51,6 +51,7 @@ from vtpmctl.childproc import (
 # A module first imported after the fork is loaded again by each daemon, into
 # pages of its own (docs/architecture.md, "The zygote").
 from vtpmctl.device.server import admin, daemon, sockets  # noqa: F401
+from vtpmctl.device.server.options import parse_plain
 from vtpmctl.engine import libtpms
 from vtpmctl.store import access, blob  # noqa: F401
 from vtpmctl.store import keys as store_keys  # noqa: F401
@@ -197,24 +198,25 @@ def _place_fds(fds: list[int], numbers: list[int]) -> int:
 
 
 KEY_OPTIONS = ("key", "key_file", "migration_key", "migration_key_file")
-# A daemon command line of each kind of option: a value, a list item, a choice, a switch.
-WARM_ARGV = ["--state", "/", "--ctrl", "unix:/", "--flags", "x", "--tpm", "2", "--existing"]
 
 
 def _uses_keys(argv: list[str]) -> bool:
     """The daemon will encrypt or decrypt (it is given a state or migration key).
 
     Parsed only if an argument could be one of the key options (argparse takes an
-    unambiguous prefix, and every prefix of these that is one starts so): parsing
-    every request wrote to argparse's pages, which each daemon forked before had
-    to copy.
+    unambiguous prefix, and every prefix of these that is one starts so), and as
+    the daemon parses it: parsing every request wrote pages which each daemon
+    forked before had to copy.
     """
-    if not any(str(a).startswith(("--key", "--migration-key")) for a in argv):
+    args = [str(a) for a in argv]
+    if not any(a.startswith(("--key", "--migration-key")) for a in args):
         return False
-    try:
-        values = vars(daemon.parser().parse_args([str(a) for a in argv]))
-    except SystemExit:
-        return False  # the daemon itself will say what is wrong
+    values = parse_plain(args)
+    if values is None:
+        try:
+            values = vars(daemon.parser().parse_args(args))
+        except SystemExit:
+            return False  # the daemon itself will say what is wrong
     return any(values.get(dest) for dest in KEY_OPTIONS)
 
 
@@ -304,6 +306,21 @@ def set_command_line(args: list[str]) -> bool:
     return True
 
 
+def prepare(cipher: bool) -> None:
+    """What the zygote loads for its daemons beyond its imports."""
+    libtpms.preload()
+    if cipher:
+        blob.preload_cipher()  # shared by its daemons, not loaded by each
+
+
+def settle() -> Sources:
+    """Once loaded: the sources to check requests against, and no garbage to inherit."""
+    sources = _sources()
+    gc.collect()
+    libtpms.trim_heap()  # what the imports freed, before any daemon inherits it
+    return sources
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     # Spawned with room to spare (--title-room), which the daemons' command lines use.
@@ -317,13 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         os.closerange(ready_fd + 1, 1 << 16)
     cipher = "--cipher" in args  # the zygote of the daemons that encrypt
     identity = zygote_identity(cipher)
-    libtpms.preload()
-    if cipher:
-        blob.preload_cipher()  # shared by its daemons, not loaded by each
-    # argparse and what it pulls in, shared instead of built by each daemon; one parse
-    # fills the caches a daemon's parse reads (re's compiled patterns), which each
-    # daemon would otherwise fill for itself (0.3 MiB of its private memory).
-    daemon.parser().parse_args(WARM_ARGV)
+    prepare(cipher)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         listener.bind(zygote_address(identity))
@@ -334,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(0)
     signal.signal(signal.SIGCHLD, _reap)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    sources = _sources()
-    gc.collect()
-    libtpms.trim_heap()  # what the imports freed, before any daemon inherits it
+    sources = settle()
     if ready_fd is not None:
         os.write(ready_fd, b"Z")
         os.close(ready_fd)
