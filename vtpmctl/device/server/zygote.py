@@ -25,8 +25,6 @@ import array
 import contextlib
 import fcntl
 import gc
-import hashlib  # noqa: F401 - for the daemons that encrypt (store.blob imports it late)
-import hmac  # noqa: F401
 import json
 import os
 import resource  # each child takes its starter's limits
@@ -310,6 +308,11 @@ def prepare(cipher: bool) -> None:
     """What the zygote loads for its daemons beyond its imports."""
     libtpms.preload()
     if cipher:
+        # hashlib and hmac too (store.blob and store.keys import them where a key or
+        # a MAC is computed, which a plain daemon never does).
+        import hashlib  # noqa: F401
+        import hmac  # noqa: F401
+
         blob.preload_cipher()  # shared by its daemons, not loaded by each
 
 
