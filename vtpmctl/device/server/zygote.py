@@ -25,6 +25,12 @@ import array
 import contextlib
 import fcntl
 import gc
+
+# For the daemons that encrypt (store.blob imports them late), and for every daemon:
+# importing hashlib initialises OpenSSL here, once; without it each daemon does so for
+# libtpms and runs 0.7 MiB more of libcrypto (RSS +0.6 MiB, PSS +0.1 MiB each).
+import hashlib  # noqa: F401
+import hmac  # noqa: F401
 import json
 import os
 import resource  # each child takes its starter's limits
@@ -308,11 +314,6 @@ def prepare(cipher: bool) -> None:
     """What the zygote loads for its daemons beyond its imports."""
     libtpms.preload()
     if cipher:
-        # hashlib and hmac too (store.blob and store.keys import them where a key or
-        # a MAC is computed, which a plain daemon never does).
-        import hashlib  # noqa: F401
-        import hmac  # noqa: F401
-
         blob.preload_cipher()  # shared by its daemons, not loaded by each
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -172,8 +173,6 @@ class Public:
 
     def name(self) -> bytes:
         """The TPM Name: nameAlg followed by the hash of the public area."""
-        import hashlib  # here: a daemon, which never names objects, does without it
-
         return u16(self.name_alg) + hashlib.new(hash_name(self.name_alg), self.marshal()).digest()
 
     def template(self) -> Public:
