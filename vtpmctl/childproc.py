@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 ENTRY_POINTS = {
     "_daemon": "vtpmctl.device.server.daemon",
     "_zygote": "vtpmctl.device.server.zygote",
+    "_cmdserver": "vtpmctl.cmdserver",
     "_manufacture": "vtpmctl.engine.manufacture",
     "_inspect": "vtpmctl.engine.inspect",
     "_libtpms_version": "vtpmctl.engine.libtpms",
@@ -127,11 +128,42 @@ def zygote_address(identity: dict[str, str]) -> bytes:
 
 def peer_uid(sock: Any) -> int:
     """The uid of the process at the other end of a connected unix socket."""
+    return _peer_credentials(sock)[1]
+
+
+def peer_pid(sock: Any) -> int:
+    """The pid of the process at the other end of a connected unix socket."""
+    return _peer_credentials(sock)[0]
+
+
+def _peer_credentials(sock: Any) -> tuple[int, int, int]:
     import _socket
     import struct
 
     creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
+    pid, uid, gid = struct.unpack("3i", creds)
+    return int(pid), int(uid), int(gid)
+
+
+# ---------------------------------------------------------------- the command server
+#
+# Console-script calls can be run by a child of ``python -m vtpmctl _cmdserver``
+# (``vtpmctl.cmdserver``) instead of by the process the caller started; that
+# process (``vtpmctl.cmdclient``) waits for the child. Code that looks for
+# other processes (who uses a state dir) must not count either as "another".
+
+CMDSERVER_ENTRY = "_cmdserver"
+_serving = [0]  # the client's pid, in a child of the command server
+
+
+def serve_for(client_pid: int) -> None:
+    """Record that this process runs the command of process ``client_pid``."""
+    _serving[0] = client_pid
+
+
+def own_pids() -> frozenset[int]:
+    """This process, and the console-script process it runs a command for."""
+    return frozenset(p for p in (os.getpid(), _serving[0]) if p > 0)
 
 
 def fits_title_room(args: list[str]) -> bool:

@@ -56,9 +56,29 @@ def main(argv: list[str] | None = None) -> int:
     """
     if argv is not None:
         return run(list(argv))
-    code = run(sys.argv[1:])
+    args = sys.argv[1:]
+    code = _served(args)
+    if code is None:
+        code = run(args)
     _leave(code)
     return code
+
+
+def _served(args: list[str]) -> "int | None":
+    """The exit code of ``args`` run by the command server, or None to run it here."""
+    if _command_word(args) not in SERVED:
+        return None
+    from vtpmctl import cmdclient
+
+    return cmdclient.run(args)
+
+
+def _command_word(args: list[str]) -> str:
+    """The command's first word, past the global options."""
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        i += 2 if args[i] == "--timeout" else 1
+    return args[i] if i < len(args) else ""
 
 
 def _leave(code: int) -> None:
@@ -272,6 +292,11 @@ ROUTES = {
     "push": "vtpmctl.commands.remote",
     "pull": "vtpmctl.commands.remote",
 }
+
+
+# The commands a script runs often, which the command server (vtpmctl.cmdserver)
+# runs in a pre-imported child. `serve` is not one of them: it becomes the daemon.
+SERVED = frozenset(ROUTES) | {"ctl"}
 
 
 def _fast_declared(module: str, words: list[str], timeout: float) -> "Plan | None":

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from vtpmctl.childproc import own_pids
+
 PROGRAM = "swtpm"
 SUBCOMMANDS = ("socket", "chardev", "cuse")
 # Managers recognised by where they put the control socket: (pattern, name prefix, owner).
@@ -183,7 +185,8 @@ def users(path: Path, proc: Path = Path("/proc")) -> list[int]:
         return []
     want = (st.st_dev, st.st_ino)
     found = []
-    for pid in (p for p in os.listdir(proc) if p.isdigit() and int(p) != os.getpid()):
+    ours = own_pids()
+    for pid in (p for p in os.listdir(proc) if p.isdigit() and int(p) not in ours):
         try:
             fds = os.listdir(proc / pid / "fd")
         except OSError:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from vtpmctl.childproc import DAEMON_ENTRY, ZYGOTE_ENTRY, child_env, entry_argv
+from vtpmctl.childproc import DAEMON_ENTRY, ZYGOTE_ENTRY, child_env, entry_argv, own_pids
 from vtpmctl.errors import InstanceError, NoSuchInstance
 from vtpmctl.model import BlobKind, OnShutdown, TpmFamily, Transport
 from vtpmctl.store.access import Access, format_mode
@@ -204,8 +204,9 @@ def tpmstate_users(state_dir: Path) -> list[int]:
     except OSError:
         return []
     found = []
+    ours = own_pids()
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+        if not entry.isdigit() or int(entry) in ours:
             continue
         command_line = _read_cmdline(int(entry))
         if b"--tpmstate" not in command_line:

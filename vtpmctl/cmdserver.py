@@ -1,0 +1,421 @@
+"""The command server: a pre-imported parent that forks one child per command.
+
+``python -m vtpmctl _cmdserver ADDRESS`` imports the command line's code once
+(the commands, use cases, store and client; never the engine: it never loads
+libtpms, so forking it is always allowed) and then, for each console-script
+call that ``vtpmctl.cmdclient`` hands it, forks a child that becomes that
+call: its descriptors under the same numbers, its current directory,
+environment, umask and limits, its command line; the child runs
+``vtpmctl.cli.run`` and sends back the exit code. A command then costs the
+client's interpreter start and a fork instead of an interpreter start and
+every import.
+
+It serves one user and one identity (``cmdclient.identity``: interpreter,
+code, the environment that shapes the interpreter, cgroup, namespaces,
+groups, security label), on an abstract unix socket named after them. It
+refuses other uids, and exits, refusing, when a source file it imported
+changed on disk, so that an upgrade never runs old code. It exits once it has
+had no request and no running child for ``IDLE_EXIT`` seconds.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import gc
+import importlib
+import os
+import pkgutil
+import resource
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+
+from vtpmctl import childproc, cli, cmdclient
+
+IDLE_EXIT = 120.0  # seconds without a request or a running child
+
+# What commands use, imported once here rather than by each child. The engine
+# and the daemon's side are not among them (the CLI never loads libtpms).
+PACKAGES = ("vtpmctl.commands", "vtpmctl.usecases", "vtpmctl.store", "vtpmctl.device.client")
+SKIP = ("vtpmctl.commands.serve",)  # the daemon's entry: never run by a child of this
+LIBRARIES = (
+    "hashlib",
+    "hmac",
+    "secrets",
+    "shutil",
+    "subprocess",
+    "tarfile",
+    "cryptography.x509",
+    "cryptography.hazmat.primitives.ciphers",
+    "cryptography.hazmat.primitives.serialization",
+    "cryptography.hazmat.primitives.asymmetric.rsa",
+    "cryptography.hazmat.primitives.asymmetric.ec",
+)
+
+# child pid -> the connection of the client it runs for (to report how it ended)
+_children: dict[int, socket.socket] = {}
+_watched: set[int] = set()  # children whose client is still connected
+_idle_since = [0.0]
+_OWN_LIMITS: dict[int, tuple[int, int]] = {}  # this server's, which each child starts with
+
+
+def preload() -> None:
+    """Import what the commands import, so that no child imports it again."""
+    for name in PACKAGES:
+        package = importlib.import_module(name)
+        for info in pkgutil.walk_packages(package.__path__, name + "."):
+            if info.name not in SKIP:
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(info.name)
+    for name in LIBRARIES:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+def _relay(pid: int, conn: socket.socket) -> None:
+    """What the client of child ``pid`` sent: a signal to raise in it, or its end.
+
+    A client that ends (killed, say) takes its command with it, as the end of an
+    exec'd command would: the child is killed.
+    """
+    try:
+        data = conn.recv(64, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        data = b""
+    if pid not in _children:
+        return  # reaped meanwhile: the pid may be another process's now
+    if not data:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        _watched.discard(pid)
+    elif data[:1] == cmdclient.SIGNAL:
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(pid, int(data[1:]))
+
+
+def _reap(signum: int = 0, frame: object = None) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = _children.pop(pid, None)
+        _watched.discard(pid)
+        if conn is not None:
+            # The child sent its exit code first if it could; this is for a child
+            # that a signal ended.
+            with contextlib.suppress(OSError):
+                conn.send(cmdclient.WAIT_STATUS + str(status).encode())
+            conn.close()
+        _idle_since[0] = time.monotonic()
+
+
+class Request:
+    """One command as ``cmdclient.request`` sent it."""
+
+    __slots__ = ("argv", "env", "fd_numbers", "limits", "umask")
+
+    def __init__(self, message: bytes) -> None:
+        fields = message.split(b"\0")
+        if len(fields) < 5 or fields[0] != cmdclient.PROTOCOL:
+            raise ValueError("not a command request")
+        self.umask = int(fields[1])
+        self.limits = [tuple(map(int, x.split(b":"))) for x in fields[2].split(b",") if x]
+        self.fd_numbers = [int(x) for x in fields[3].split(b",") if x]
+        argc = int(fields[4])
+        if argc < 1 or 5 + argc > len(fields):
+            raise ValueError("a command line of the wrong length")
+        self.argv = [os.fsdecode(a) for a in fields[5 : 5 + argc]]
+        self.env: dict[str, str] = {}
+        for entry in fields[5 + argc :]:
+            key, sep, value = os.fsdecode(entry).partition("=")
+            if sep:
+                self.env[key] = value
+        if not 0 <= self.umask <= 0o777 or any(n < 0 for n in self.fd_numbers):
+            raise ValueError("a bad umask or descriptor number")
+
+
+def _receive(conn: socket.socket) -> tuple[Request, int, list[int]]:
+    """The request, the client's cwd and its descriptors (in the request's order)."""
+    fds = array.array("i")
+    msg, ancdata, flags, _ = conn.recvmsg(
+        cmdclient.MAX_MESSAGE + 1, socket.CMSG_SPACE(fds.itemsize * (cmdclient.MAX_FDS + 1))
+    )
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    received = list(fds)
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise ValueError("a request too large")
+        request = Request(msg)
+        if len(received) != 1 + len(request.fd_numbers):
+            raise ValueError("descriptors that do not match the request")
+    except ValueError:
+        for fd in received:
+            os.close(fd)
+        raise
+    return request, received[0], received[1:]
+
+
+def _source_files() -> list[str]:
+    """The vtpmctl source files this process imported."""
+    out = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if path and (name == "vtpmctl" or name.startswith("vtpmctl.")):
+            out.append(path)
+    return sorted(out)
+
+
+def _stamps(paths: list[str]) -> list[tuple[int, int, int]]:
+    """(inode, mtime, size) of each file: any change to the code on disk changes them."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append((0, 0, 0))
+            continue
+        out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return out
+
+
+def _serve_one(
+    listener: socket.socket, conn: socket.socket, code: tuple[list[str], object]
+) -> bool:
+    """Fork a child for one client; False when this server must exit (its code changed)."""
+    received: list[int] = []
+    try:
+        if childproc.peer_uid(conn) != os.getuid():
+            conn.close()
+            return True
+        conn.settimeout(5.0)
+        request, cwd, received = _receive(conn)
+        received = [cwd, *received]
+        if _stamps(code[0]) != code[1]:
+            conn.send(cmdclient.REFUSED + b"stale")
+            conn.close()
+            return False
+        conn.settimeout(None)
+        pid_of_client = childproc.peer_pid(conn)
+        gc.freeze()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # reaped only once recorded
+        try:
+            pid = os.fork()
+            if pid == 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                _child(listener, conn, request, cwd, received[1:], pid_of_client)
+            _children[pid] = conn
+            _watched.add(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        return True
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError):
+            conn.send(cmdclient.REFUSED)
+        conn.close()
+        return True
+    finally:
+        for fd in received:
+            os.close(fd)
+
+
+def _child(
+    listener: socket.socket,
+    conn: socket.socket,
+    request: Request,
+    cwd: int,
+    fds: list[int],
+    client_pid: int,
+) -> None:
+    """In the forked child: become the client's command, run it, report its exit code."""
+    code = 1
+    try:
+        listener.close()
+        for other in _children.values():
+            other.close()  # the parent's connections to other clients
+        _children.clear()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.fchdir(cwd)
+        os.close(cwd)
+        os.umask(request.umask)
+        for number, soft, hard in request.limits:
+            if _OWN_LIMITS.get(number) != (soft, hard):
+                with contextlib.suppress(ValueError, OSError):
+                    resource.setrlimit(number, (soft, hard))
+        os.environ.clear()
+        os.environ.update(request.env)
+        time.tzset()
+        conn = _place_fds(fds, request.fd_numbers, conn)
+        _new_stdio()
+        childproc.serve_for(client_pid)
+        gc.enable()
+        sys.argv = list(request.argv)
+        code = cli.run(request.argv[1:])
+        code = _finish(code)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:  # noqa: BLE001 - one line, as the console script would
+        with contextlib.suppress(Exception):
+            os.write(2, f"vtpmctl: {type(exc).__name__}: {exc}\n".encode())
+    finally:
+        with contextlib.suppress(OSError):
+            conn.send(cmdclient.EXIT + str(code).encode())
+        os._exit(code)
+
+
+def _place_fds(fds: list[int], numbers: list[int], conn: socket.socket) -> socket.socket:
+    """Put the client's descriptors under their numbers; the connection, moved out of the way.
+
+    Everything is first moved above all the numbers involved, so that no
+    placement overwrites a descriptor still to be placed.
+    """
+    base = max([*numbers, *fds, conn.fileno(), 2]) + 1
+    moved = socket.socket(fileno=_dup_above(conn.fileno(), base))
+    conn.close()
+    high = [_dup_above(fd, base) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    wanted = set(numbers)
+    for n in range(3):
+        if n not in wanted:
+            with contextlib.suppress(OSError):
+                os.close(n)  # the client had it closed: so does its command
+    for fd, number in zip(high, numbers, strict=True):
+        os.dup2(fd, number, inheritable=True)
+        os.close(fd)
+    return moved
+
+
+def _dup_above(fd: int, base: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
+
+
+def _new_stdio() -> None:
+    """sys.stdin/stdout/stderr on descriptors 0-2 as an interpreter start would make them."""
+    import io
+
+    def stream(fd: int, model: object, write: bool) -> io.TextIOWrapper | None:
+        try:
+            os.fstat(fd)
+        except OSError:
+            return None
+        encoding = getattr(model, "encoding", None) or "utf-8"
+        errors = getattr(model, "errors", None) or "strict"
+        raw = io.FileIO(fd, "w" if write else "r", closefd=False)
+        if write:
+            tty = raw.isatty()
+            unbuffered = bool(getattr(model, "write_through", False))
+            return io.TextIOWrapper(
+                io.BufferedWriter(raw),
+                encoding=encoding,
+                errors=errors,
+                line_buffering=(tty or fd == 2) and not unbuffered,
+                write_through=bool(unbuffered),
+            )
+        return io.TextIOWrapper(io.BufferedReader(raw), encoding=encoding, errors=errors)
+
+    sys.stdin = sys.__stdin__ = stream(0, sys.__stdin__, False)  # type: ignore[misc]
+    sys.stdout = sys.__stdout__ = stream(1, sys.__stdout__, True)  # type: ignore[misc]
+    sys.stderr = sys.__stderr__ = stream(2, sys.__stderr__, True)  # type: ignore[misc]
+
+
+def _finish(code: int) -> int:
+    """What the interpreter's exit would do: wait for threads, run atexit, flush stdio."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            if code == 0:
+                code = 120  # as the interpreter reports a failed flush at exit
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m vtpmctl _cmdserver ADDRESS\n")
+        return 2
+    address = b"\0" + bytes.fromhex(args[0])
+    os.closerange(3, 1 << 16)  # nothing the client that spawned us had open stays open
+    preload()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        listener.bind(address)
+    except OSError:
+        return 0  # another server won the race
+    listener.listen(64)
+    listener.setblocking(False)
+    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for number in range(cmdclient.RLIMIT_COUNT):
+        with contextlib.suppress(ValueError, OSError):
+            _OWN_LIMITS[number] = resource.getrlimit(number)
+    files = _source_files()
+    code = (files, _stamps(files))
+    gc.collect()
+    gc.freeze()
+    _idle_since[0] = time.monotonic()
+    while True:
+        _reap()
+        timeout = IDLE_EXIT - (time.monotonic() - _idle_since[0])
+        if timeout <= 0:
+            if not _children:
+                return 0
+            _idle_since[0], timeout = time.monotonic(), IDLE_EXIT
+        if not _wait(listener, timeout):
+            continue
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            continue
+        _idle_since[0] = time.monotonic()
+        if not _serve_one(listener, conn, code):
+            return 0
+
+
+def _wait(listener: socket.socket, timeout: float) -> bool:
+    """Wait for a client (True) while relaying what running children's clients send."""
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    by_fd = {}
+    for pid in list(_watched):
+        conn = _children[pid]
+        by_fd[conn.fileno()] = pid
+        poller.register(conn, select.POLLIN)
+    try:
+        events = poller.poll(int(timeout * 1000) + 1)
+    except InterruptedError:
+        return False
+    incoming = False
+    for fd, _ in events:
+        if fd == listener.fileno():
+            incoming = True
+        elif fd in by_fd and by_fd[fd] in _children:
+            _relay(by_fd[fd], _children[by_fd[fd]])
+    return incoming
+
+
+if __name__ == "__main__":
+    sys.exit(main())
