@@ -21,6 +21,9 @@ HEAVY = ("typer", "click", "rich", "cryptography", "boto3", "botocore")
 ENGINE = "vtpmctl.engine"
 MAIN = "import sys; from vtpmctl.cli import main; sys.exit(main())"
 NOWHERE = "unix:/nonexistent/vtpmctl-budget.ctrl"
+# The command run by the console script itself, as when no command server runs
+# (tests/interop/test_command_server.py checks the served side's imports).
+IN_PROCESS = {"VTPMCTL_COMMAND_SERVER": "0"}
 
 
 def imported(stderr: str) -> list[str]:
@@ -77,7 +80,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ],
 )
 def test_fast_route_loads_nothing_heavy(home: Path, args: list[str]) -> None:
-    env = {**os.environ, "VTPMCTL_HOME": str(home)}
+    env = {**os.environ, "VTPMCTL_HOME": str(home), **IN_PROCESS}
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", MAIN, *args],
         env=env,
@@ -100,7 +103,7 @@ def test_the_typer_route_is_seen(home: Path) -> None:
     """The check above can fail: help goes through typer, and importtime shows it."""
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", MAIN, "caps", "--help"],
-        env={**os.environ, "VTPMCTL_HOME": str(home)},
+        env={**os.environ, "VTPMCTL_HOME": str(home), **IN_PROCESS},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -142,7 +145,7 @@ def test_libtpms_version_comes_from_a_child() -> None:
 def test_state_moves_skip_typer(home: Path, tmp_path: Path, args: list[str]) -> None:
     """The commands scripts run on named vTPMs take the fast route too (no typer, click
     or rich; cryptography only where a key is in use), and libtpms only in a child."""
-    env = {**os.environ, "VTPMCTL_HOME": str(home)}
+    env = {**os.environ, "VTPMCTL_HOME": str(home), **IN_PROCESS}
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", MAIN, *argv],
