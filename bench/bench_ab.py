@@ -42,6 +42,12 @@ def main() -> int:
             def fill(text: str, side: str = side, i: int = i) -> str:
                 return text.replace("{i}", str(i)).replace("{t}", side)
 
+            if i == 0:
+                sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+                from benchlib import command_server_ready
+
+                served = command_server_ready(command[0], env)
+                sys.stderr.write(f"{side}: command server {'yes' if served else 'no'}\n")
             if ns.setup:
                 setup = fill(ns.setup)
                 subprocess.run(setup, shell=True, env=env, capture_output=True, check=False)

@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from benchlib import command_server_ready
+
 HERE = Path(__file__).resolve().parent
 VTPMCTL = str(Path(sys.executable).with_name("vtpmctl"))
 
@@ -303,6 +305,11 @@ def main() -> int:
     rows: list[Row] = []
     with workdir() as wd:
         store = Store(wd / "home")
+        served = command_server_ready(VTPMCTL, store.env)
+        print(
+            f"vtpmctl commands run by the command server: {'yes' if served else 'no'}"
+            " (CPU then counts the console script only)"
+        )
         try:
             if ns.only in (None, "queries"):
                 rows += queries(store, wd, ns.rounds, ns.instances)

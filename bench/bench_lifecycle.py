@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from benchlib import GET_CAPABILITY, GETRANDOM16, machine, median
+from benchlib import GET_CAPABILITY, GETRANDOM16, command_server_ready, machine, median
 
 VTPMCTL = str(Path(sys.executable).with_name("vtpmctl"))
 TIMEOUT = 60.0
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         for side in (a, b):  # warm-up: the zygote, caches
             side.start("m0")
             side.stop("m0")
+        served = command_server_ready(VTPMCTL, a.env)
         for i in range(rounds):
             for side in (a, b) if i % 2 == 0 else (b, a):
                 for what in ("start", "restart", "stop"):
@@ -273,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         loads.append(loadavg())
     print(
         f"Machine: {machine()}; {rounds} rounds A B A B; {count} instances with EKs for "
-        f"memory; /proc/loadavg at start, after the timings, at the end: {' | '.join(loads)}\n"
+        f"memory; /proc/loadavg at start, after the timings, at the end: {' | '.join(loads)}; "
+        f"vtpmctl commands run by the command server: {'yes' if served else 'no'} (CPU then "
+        "counts the console script only)\n"
     )
     print("| medians | vtpmctl wall / CPU | swtpm wall / CPU | wall ratio |")
     print("|---|---|---|---|")

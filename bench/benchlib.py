@@ -207,6 +207,34 @@ def timed_run(argv: list[str], env: dict[str, str] | None = None) -> float:
     return took
 
 
+def command_server_ready(vtpmctl: str, env: dict[str, str], timeout: float = 20.0) -> bool:
+    """Have the console script start its command server and wait until it listens.
+
+    False when it is turned off (VTPMCTL_COMMAND_SERVER=0), when the tree has
+    none, or when it did not come up: the commands then run in their own process.
+    """
+    if env.get("VTPMCTL_COMMAND_SERVER") == "0":
+        return False
+    code = "from vtpmctl import cmdclient; print(cmdclient.address(cmdclient.identity()).hex())"
+    python = str(Path(vtpmctl).with_name("python"))
+    found = subprocess.run(
+        [python, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    if found.returncode != 0:
+        return False
+    address = bytes.fromhex(found.stdout.strip())
+    subprocess.run([vtpmctl, "list"], env=env, capture_output=True, timeout=120, check=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            try:
+                probe.connect(address)
+                return True
+            except OSError:
+                time.sleep(0.05)
+    return False
+
+
 def exit_main(main: Callable[[], int], name: str) -> NoReturn:
     """Run a benchmark's main; one line on stderr and status 1 when it cannot run."""
     try:

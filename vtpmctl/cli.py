@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _served(args: list[str]) -> "int | None":
     """The exit code of ``args`` run by the command server, or None to run it here."""
-    if _command_word(args) not in SERVED:
+    if _command_word(args) not in SERVED or UNSERVED_OPTION in args:
         return None
     from vtpmctl import cmdclient
 
@@ -297,6 +297,7 @@ ROUTES = {
 # The commands a script runs often, which the command server (vtpmctl.cmdserver)
 # runs in a pre-imported child. `serve` is not one of them: it becomes the daemon.
 SERVED = frozenset(ROUTES) | {"ctl"}
+UNSERVED_OPTION = "--foreground"  # `start --foreground` becomes the daemon, in this process
 
 
 def _fast_declared(module: str, words: list[str], timeout: float) -> "Plan | None":

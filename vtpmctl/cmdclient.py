@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 ENV = "VTPMCTL_COMMAND_SERVER"  # "0": never use it
+# Set by systemd for a unit's processes: a command run by a unit stays in its own
+# process (a server would outlive it in the unit's cgroup; a notify socket
+# expects the main process itself).
+SERVICE_ENV = ("INVOCATION_ID", "NOTIFY_SOCKET")
 PROTOCOL = b"vtpmctl-command/1"
 MAX_MESSAGE = 1 << 17  # bytes: one datagram (argv and environment)
 MAX_FDS = 250  # SCM_RIGHTS carries at most 253 per message
@@ -64,12 +68,19 @@ def identity() -> str:
     env = sorted(
         f"{k}={v}" for k, v in os.environ.items() if k.startswith("PYTHON") or k in IDENTITY_ENV
     )
+    # Capabilities (a bounding set a caller dropped), no_new_privs, seccomp.
+    privileges = [
+        line
+        for line in read("/proc/self/status").splitlines()
+        if line.startswith(("Cap", "NoNewPrivs", "Seccomp"))
+    ]
     root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
     return "\n".join(
         [
             sys.executable,
             root,
             *env,
+            *privileges,
             read("/proc/self/cgroup"),
             read("/proc/self/attr/current"),
             *(link(f"/proc/self/ns/{ns}") for ns in ("mnt", "pid", "net", "user", "ipc", "uts")),
@@ -103,7 +114,7 @@ def inherited_fds() -> list[int]:
 
 def run(args: list[str]) -> "int | None":
     """Have the server run ``args``; the exit code, or None to run it here."""
-    if os.environ.get(ENV) == "0":
+    if os.environ.get(ENV) == "0" or any(k in os.environ for k in SERVICE_ENV):
         return None
     ident = identity()
     addr = address(ident)

@@ -113,6 +113,48 @@ def test_a_command_runs_in_a_child_of_the_server(home: Home, tmp_path: Path) -> 
     assert Path(f"/proc/{server}").exists()
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [SERVER_OFF, {"INVOCATION_ID": "0123"}, {"NOTIFY_SOCKET": "/nonexistent"}],
+    ids=["turned off", "in a systemd unit", "with a notify socket"],
+)
+def test_some_commands_stay_in_their_own_process(
+    extra: dict[str, str], home: Home, tmp_path: Path
+) -> None:
+    _server_pid(home.env)
+    rec = Recorder(tmp_path / "ctrl", answer=True)
+    proc = subprocess.Popen(
+        [*VTPMCTL, "caps", f"unix:{tmp_path / 'ctrl'}"],
+        env={**home.env, **extra},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    proc.wait(30)
+    assert rec.pids == [proc.pid]
+
+
+def test_start_foreground_becomes_the_daemon_itself(home: Home) -> None:
+    home.run("create", "fg", "--no-ek")
+    _server_pid(home.env)
+    proc = subprocess.Popen(
+        [*VTPMCTL, "start", "--foreground", "fg"],
+        env=home.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            code, st = home.status("fg")
+            if code == 0:
+                break
+            time.sleep(0.05)
+        assert st["pid"] == proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_the_server_is_a_child_of_nothing_we_started(home: Home) -> None:
     server = _server_pid(home.env)
     cmdline = Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0")
