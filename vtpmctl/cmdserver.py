@@ -33,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from vtpmctl import childproc, cli, cmdclient
 
@@ -109,6 +110,7 @@ def _reap(signum: int = 0, frame: object = None) -> None:
             return
         conn = _children.pop(pid, None)
         _watched.discard(pid)
+        _spare_pids.discard(pid)
         if conn is not None:
             # The child sent its exit code first if it could; this is for a child
             # that a signal ended.
@@ -121,9 +123,10 @@ def _reap(signum: int = 0, frame: object = None) -> None:
 class Request:
     """One command as ``cmdclient.request`` sent it."""
 
-    __slots__ = ("argv", "env", "fd_numbers", "limits", "umask")
+    __slots__ = ("argv", "env", "fd_numbers", "limits", "raw", "umask")
 
     def __init__(self, message: bytes) -> None:
+        self.raw = message
         fields = message.split(b"\0")
         if len(fields) < 5 or fields[0] != cmdclient.PROTOCOL:
             raise ValueError("not a command request")
@@ -192,7 +195,7 @@ def _stamps(paths: list[str]) -> list[tuple[int, int, int]]:
 def _serve_one(
     listener: socket.socket, conn: socket.socket, code: tuple[list[str], object]
 ) -> bool:
-    """Fork a child for one client; False when this server must exit (its code changed)."""
+    """Run one client's command in a child; False when this server must exit (its code changed)."""
     received: list[int] = []
     try:
         if childproc.peer_uid(conn) != os.getuid():
@@ -206,18 +209,9 @@ def _serve_one(
             conn.close()
             return False
         conn.settimeout(None)
-        pid_of_client = childproc.peer_pid(conn)
-        gc.freeze()
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # reaped only once recorded
-        try:
-            pid = os.fork()
-            if pid == 0:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-                _child(listener, conn, request, cwd, received[1:], pid_of_client)
-            _children[pid] = conn
-            _watched.add(pid)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        client = childproc.peer_pid(conn)
+        if not _hand_over(conn, request, received, client):
+            _fork(listener, lambda: _child(conn, request, cwd, received[1:], client), conn)
         return True
     except (OSError, ValueError):
         with contextlib.suppress(OSError):
@@ -227,10 +221,114 @@ def _serve_one(
     finally:
         for fd in received:
             os.close(fd)
+        if not _spare:
+            _new_spare(listener)
+
+
+def _fork(listener: socket.socket, body: Callable[[], None], conn: socket.socket | None) -> int:
+    """Fork a child that leaves the server's sockets and runs ``body``; its pid.
+
+    ``conn`` is the client the child runs for (None for a spare), recorded
+    before SIGCHLD can report the child's end.
+    """
+    gc.freeze()  # what was imported stays out of the collector's reach in the child
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                listener.close()
+                for other in _children.values():
+                    other.close()  # the server's connections to other clients
+                _children.clear()
+                _watched.clear()
+                for _, channel in _spare:
+                    channel.close()
+                _spare.clear()
+                body()
+            finally:
+                os._exit(1)  # body ends the process itself; this is for a failure
+        if conn is None:
+            _spare_pids.add(pid)
+        else:
+            _children[pid] = conn
+            _watched.add(pid)
+        return pid
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+
+# A child forked ahead of the next command, waiting on its end of a socket pair:
+# handing it a command costs a message instead of a fork (about 1.5 ms here).
+_spare: list[tuple[int, socket.socket]] = []
+_spare_pids: set[int] = set()  # spares not yet reaped
+
+
+def _new_spare(listener: socket.socket) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = _fork(listener, lambda: _spare_waits(ours, theirs), None)
+    except OSError:
+        ours.close()
+        return
+    finally:
+        theirs.close()
+    _spare.append((pid, ours))
+
+
+def _spare_waits(ours: socket.socket, channel: socket.socket) -> None:
+    """In a spare: wait for a command from the server, then run it as ``_child``."""
+    ours.close()
+    fds = array.array("i")
+    while True:
+        try:
+            msg, ancdata, _, _ = channel.recvmsg(
+                cmdclient.MAX_MESSAGE + 64,
+                socket.CMSG_SPACE(fds.itemsize * (cmdclient.MAX_FDS + 2)),
+            )
+            break
+        except InterruptedError:
+            continue
+        except OSError:
+            os._exit(0)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    channel.close()
+    if not msg or len(fds) < 2:
+        os._exit(0)  # the server is gone
+    client, _, raw = msg.partition(b"\0")
+    conn = socket.socket(fileno=fds[0])
+    _child(conn, Request(raw), fds[1], list(fds[2:]), int(client))
+
+
+def _hand_over(conn: socket.socket, request: Request, fds: list[int], client: int) -> bool:
+    """Give the command to the spare; False if there is none (or it died)."""
+    if not _spare:
+        return False
+    pid, channel = _spare.pop()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        if pid not in _spare_pids:
+            return False
+        rights = array.array("i", [conn.fileno(), *fds]).tobytes()
+        channel.sendmsg(
+            [str(client).encode() + b"\0" + request.raw],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],
+        )
+        _spare_pids.discard(pid)
+        _children[pid] = conn
+        _watched.add(pid)
+        return True
+    except OSError:
+        return False
+    finally:
+        channel.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
 
 def _child(
-    listener: socket.socket,
     conn: socket.socket,
     request: Request,
     cwd: int,
@@ -240,10 +338,6 @@ def _child(
     """In the forked child: become the client's command, run it, report its exit code."""
     code = 1
     try:
-        listener.close()
-        for other in _children.values():
-            other.close()  # the parent's connections to other clients
-        _children.clear()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -377,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     _idle_since[0] = time.monotonic()
+    _new_spare(listener)
     while True:
         _reap()
         timeout = IDLE_EXIT - (time.monotonic() - _idle_since[0])

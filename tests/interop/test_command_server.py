@@ -155,6 +155,33 @@ def test_start_foreground_becomes_the_daemon_itself(home: Home) -> None:
         proc.wait(30)
 
 
+def _children_of(pid: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry))
+    return out
+
+
+def test_a_spare_forked_ahead_runs_the_next_command(home: Home, tmp_path: Path) -> None:
+    server = _server_pid(home.env)
+    rec = Recorder(tmp_path / "ctrl", answer=True)
+    for _ in range(3):
+        deadline = time.monotonic() + 10
+        while not (spares := _children_of(server)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(spares) == 1
+        subprocess.run(
+            [*VTPMCTL, "caps", f"unix:{tmp_path / 'ctrl'}"], env=home.env, capture_output=True
+        )
+        assert rec.pids[-1] in spares
+
+
 def test_the_server_is_a_child_of_nothing_we_started(home: Home) -> None:
     server = _server_pid(home.env)
     cmdline = Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0")
