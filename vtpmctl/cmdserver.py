@@ -170,12 +170,10 @@ def _receive(conn: socket.socket) -> tuple[Request, int, list[int]]:
 
 
 def _source_files() -> list[str]:
-    """The vtpmctl source files this process imported."""
+    """Every vtpmctl source file, imported here or not (a child may import any)."""
     out = []
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if path and (name == "vtpmctl" or name.startswith("vtpmctl.")):
-            out.append(path)
+    for where, _, names in os.walk(os.path.dirname(os.path.abspath(cli.__file__))):
+        out += [os.path.join(where, n) for n in names if n.endswith(".py")]
     return sorted(out)
 
 
@@ -452,7 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     address = b"\0" + bytes.fromhex(args[0])
     os.closerange(3, 1 << 16)  # nothing the client that spawned us had open stays open
+    files = _source_files()
+    code = (files, _stamps(files))
     preload()
+    if _stamps(files) != code[1]:
+        return 0  # changed while we imported it (an upgrade): the next command starts another
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         listener.bind(address)
@@ -466,8 +468,6 @@ def main(argv: list[str] | None = None) -> int:
     for number in range(cmdclient.RLIMIT_COUNT):
         with contextlib.suppress(ValueError, OSError):
             _OWN_LIMITS[number] = resource.getrlimit(number)
-    files = _source_files()
-    code = (files, _stamps(files))
     gc.collect()
     gc.freeze()
     _idle_since[0] = time.monotonic()

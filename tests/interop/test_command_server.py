@@ -175,7 +175,7 @@ def test_a_spare_forked_ahead_runs_the_next_command(home: Home, tmp_path: Path) 
         deadline = time.monotonic() + 10
         while not (spares := _children_of(server)) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(spares) == 1
+        assert spares  # the spare (and any command of an earlier test still ending)
         subprocess.run(
             [*VTPMCTL, "caps", f"unix:{tmp_path / 'ctrl'}"], env=home.env, capture_output=True
         )
