@@ -50,7 +50,7 @@ ZYGOTE = (  # what ``_zygote`` does before it serves (an older tree: what it did
     "import gc\n"
     "from vtpmctl.device.server import zygote\n"
     "if hasattr(zygote, 'prepare'):\n"
-    "    zygote.prepare(False)\n"
+    "    zygote.prepare()\n"
     "    zygote._sources()\n"
     "    gc.collect()\n"
     "else:\n"

@@ -92,7 +92,7 @@ ZYGOTE_TITLE_ROOM = 4096
 ZYGOTE_MAX_FDS = 8  # descriptors with a request: stderr, the ready pipe, key pipes
 
 
-def zygote_identity(cipher: bool = False) -> dict[str, str]:
+def zygote_identity() -> dict[str, str]:
     """What a zygote must share with its client, so that its daemons are what an exec
     would have made: the interpreter and the code, and where the daemon lands (the
     cgroup, e.g. a systemd unit's, and the mount namespace) with which groups."""
@@ -114,7 +114,6 @@ def zygote_identity(cipher: bool = False) -> dict[str, str]:
         "cgroup": read("/proc/self/cgroup"),
         "mnt": mnt,
         "groups": " ".join(map(str, [os.getgid(), *sorted(os.getgroups())])),
-        "cipher": "yes" if cipher else "no",
     }
 
 
@@ -177,7 +176,6 @@ def fork_daemon(
     stderr_fd: int,
     ready_fd: int,
     pass_fds: list[int] | None = None,
-    cipher: bool = False,
 ) -> int | None:
     """Have the zygote fork a daemon running ``_daemon args``; its pid, or None.
 
@@ -186,15 +184,12 @@ def fork_daemon(
     The daemon writes one byte to ``ready_fd`` once it serves, and the fd
     closes when it exits; ``stderr_fd`` becomes its stderr (the log);
     ``pass_fds`` reach it under the same numbers (what its options name).
-    A daemon that encrypts (``cipher``) comes from a zygote of its own, which
-    has loaded the AES implementation for all of them, so that plain daemons
-    do not map it.
     """
     import _socket
 
     if not fits_title_room([*entry_argv(DAEMON_ENTRY), *args]):
         return None  # it could not show its own command line, which status and stop read
-    identity = zygote_identity(cipher)
+    identity = zygote_identity()
     request = json.dumps(
         {
             "argv": args,
@@ -207,7 +202,7 @@ def fork_daemon(
     ).encode()
     if len(request) > ZYGOTE_MAX_MESSAGE:
         return None
-    sock = _connect_zygote(zygote_address(identity), cipher)
+    sock = _connect_zygote(zygote_address(identity))
     if sock is None:
         return None
     try:
@@ -253,7 +248,7 @@ def _rlimits() -> dict[str, list[int]]:
     return {name: list(resource.getrlimit(getattr(resource, "RLIMIT_" + name))) for name in RLIMITS}
 
 
-def _connect_zygote(address: bytes, cipher: bool) -> Any:
+def _connect_zygote(address: bytes) -> Any:
     """A connection to this user's zygote, starting one if there is none; None if that fails."""
     import _socket
 
@@ -267,12 +262,12 @@ def _connect_zygote(address: bytes, cipher: bool) -> Any:
             return sock
         except OSError:
             sock.close()
-        if attempt == 0 and not _spawn_zygote(cipher):
+        if attempt == 0 and not _spawn_zygote():
             return None
     return None
 
 
-def _spawn_zygote(cipher: bool) -> bool:
+def _spawn_zygote() -> bool:
     """Start the zygote detached and wait until it listens (or found another one there)."""
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
@@ -281,7 +276,6 @@ def _spawn_zygote(cipher: bool) -> bool:
             argv[0],
             [
                 *argv,
-                *(["--cipher"] if cipher else []),
                 "--ready-fd",
                 "3",
                 "--title-room",

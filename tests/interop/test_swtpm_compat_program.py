@@ -399,3 +399,62 @@ def test_unix_sockets_get_the_owner_group_and_mode_given(launchers: Path, run_di
     finally:
         subprocess.run(["swtpm_ioctl", "--unix", str(ctrl), "-s"], timeout=15, check=False)
         assert proc.wait(15) == 0
+
+
+def test_chroot_with_a_state_key_makes_and_encrypts_a_new_tpm(
+    launchers: Path, run_dir: Path
+) -> None:
+    """--chroot: nothing can be imported inside it, so what a key needs later (HMAC,
+    libcrypto's AES) is loaded before. A new TPM writes its encrypted state there."""
+    if os.geteuid() != 0:
+        pytest.skip("chroot needs root")
+    from vtpmctl.store.blob import AesKey, unwrap_file
+
+    key = AesKey(os.urandom(32))
+    key_file = run_dir / "key"
+    key_file.write_text(key.material.hex())
+    key_file.chmod(0o600)
+    state = run_dir / "st"  # read before the chroot (empty: a new TPM) ...
+    inside = run_dir / str(state).lstrip("/")  # ... and written inside it
+    for d in (state, inside):
+        d.mkdir(parents=True)
+    ctrl = run_dir / "ctrl"
+    res = _run(
+        [
+            str(launchers / "swtpm"),
+            "socket",
+            "--tpm2",
+            "--tpmstate",
+            f"dir={state}",
+            "--ctrl",
+            f"type=unixio,path={ctrl}",
+            "--server",
+            f"type=unixio,path={run_dir}/data",
+            "--key",
+            f"file={key_file},mode=aes-256-cbc",
+            "--flags",
+            "not-need-init,startup-clear",
+            "--chroot",
+            str(run_dir),
+            "--pid",
+            "file=/pid",
+            "--log",
+            f"file={run_dir}/log",
+            "--daemon",
+        ],  # fmt: skip
+    )
+    assert res.returncode == 0, res.stderr
+    pid = int((run_dir / "pid").read_text())
+    try:
+        assert "/cryptography/" not in Path(f"/proc/{pid}/maps").read_text()
+        assert _run(["swtpm_ioctl", "--unix", str(ctrl), "-s"]).returncode == 0
+        _wait_gone(pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    log = (run_dir / "log").read_text()
+    assert "Traceback" not in log and "failure mode" not in log, log
+    permall = (inside / "tpm2-00.permall").read_bytes()
+    assert permall[5] & 0x09 == 0x09  # encrypted, 256-bit key
+    assert unwrap_file(permall, key)
+    assert not (state / "tpm2-00.permall").exists()

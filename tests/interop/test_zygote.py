@@ -101,3 +101,29 @@ def test_forked_daemon_under_a_low_open_files_limit(home: Home) -> None:
         assert any(line.startswith("Max open files") and " 256 " in line for line in f)
     assert len(_random(home, "lim")) == 32
     home.run("stop", "lim")
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+def test_encrypted_and_plain_daemons_share_one_zygote_without_cryptography(home: Home) -> None:
+    """AES-CBC of encrypted states goes through the libcrypto libtpms maps: a daemon
+    that encrypts maps nothing more, so it comes from the same zygote as a plain one."""
+    home.run("create", "plain", "--no-ek")
+    home.run("create", "sealed", "--no-ek", "--encrypt")
+    for name in ("plain", "sealed"):
+        home.run("start", name)
+    pids = [home.status(name)[1]["pid"] for name in ("plain", "sealed")]
+    assert len({_ppid(pid) for pid in pids}) == 1
+    for pid in pids:
+        maps = _maps(pid)
+        assert "libcrypto.so" in maps and "/cryptography/" not in maps
+    assert len(_random(home, "sealed")) == 32
+    home.run("stop", "sealed")  # writes its encrypted state, which the next start reads
+    home.run("start", "sealed")
+    assert "/cryptography/" not in _maps(home.status("sealed")[1]["pid"])
+    assert len(_random(home, "sealed")) == 32
+    for name in ("plain", "sealed"):
+        home.run("stop", name)

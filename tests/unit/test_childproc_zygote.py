@@ -46,7 +46,7 @@ def test_the_zygote_never_imports_from_the_current_directory(
         raise OSError("not spawned in a unit test")
 
     monkeypatch.setattr(childproc.os, "posix_spawn", spawn)
-    assert childproc._spawn_zygote(False) is False
+    assert childproc._spawn_zygote() is False
     assert seen and seen[0]["PYTHONSAFEPATH"] == "1"
     assert seen[0]["PYTHONPATH"].split(os.pathsep)[0] == childproc.package_root()
 
@@ -86,7 +86,7 @@ def test_the_zygote_carries_no_module_a_daemon_does_without(tmp_path: Path) -> N
     code = (
         "import sys\n"
         "from vtpmctl.device.server import zygote\n"
-        "zygote.prepare(False)\n"
+        "zygote.prepare()\n"
         "zygote.settle()\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )

@@ -803,10 +803,15 @@ def _write_pid(opts: Options) -> None:
 
 def _change_root(directory: str) -> None:
     # What the TPM needs later is loaded now: nothing can be imported inside the chroot.
-    import cryptography.hazmat.primitives.ciphers  # noqa: F401  (state and migration keys)
-
     import vtpmctl.device.server.seccomp  # noqa: F401  (installed after the chroot)
     import vtpmctl.engine.tpm2.commands  # noqa: F401
+    from vtpmctl.errors import StoreError
+    from vtpmctl.store import blob
+
+    try:
+        blob.preload_keys()  # state and migration keys: their HMAC and AES
+    except StoreError as exc:
+        raise _fail(str(exc)) from None
 
     try:
         os.chroot(directory)

@@ -207,20 +207,6 @@ def parse_tlvs(body: bytes) -> dict[int, bytes]:
 # --- AES-CBC + HMAC-SHA256 (docs/protocol.md#state-files-and-encryption) -------------
 
 
-def preload_cipher() -> None:
-    """Import and warm up the AES implementation (``cryptography``, about 8 MiB).
-
-    For a parent that forks many processes which all encrypt (the daemons'
-    zygote): loaded once there, its pages are shared instead of loaded by each.
-    It keeps no key and no random state.
-    """
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-    encryptor = Cipher(algorithms.AES(bytes(32)), modes.CBC(bytes(_AES_BLOCK))).encryptor()
-    encryptor.update(bytes(_AES_BLOCK))
-    encryptor.finalize()
-
-
 # hashlib and hmac only where a key is used: a plain state file needs neither, and
 # hashlib loads OpenSSL's libcrypto (2-3 ms of a plain `vtpmctl start`).
 
@@ -239,15 +225,36 @@ def _same(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
+def preload_keys() -> None:
+    """Load now what a key's first use loads (hashlib, hmac, libcrypto's AES).
+
+    For a process that can load nothing later (``swtpm --chroot``), and for the
+    zygote, whose daemons then share it instead of loading it each.
+    """
+    import hashlib  # noqa: F401
+    import hmac  # noqa: F401
+
+    from vtpmctl.store import aes
+
+    aes.preload()
+
+
+def _cbc(encrypt: bool, key: bytes, iv: bytes, data: bytes) -> bytes:
+    """AES-CBC of whole blocks through libcrypto (store.aes); the padding is swtpm's, ours."""
+    from vtpmctl.store import aes  # ctypes: only where a key is used
+
+    try:
+        return aes.cbc_encrypt(key, iv, data) if encrypt else aes.cbc_decrypt(key, iv, data)
+    except StoreError as exc:
+        raise BlobError(Res.FAIL, str(exc)) from exc
+
+
 def _encrypt(key: AesKey, plain: bytes, data_tag: int, iv_tag: int) -> bytes:
     """Encrypt-then-MAC with swtpm's quirks: key-length padding and a key-length IV."""
     k = key.material
     iv_full = os.urandom(len(k))
     pad = len(k) - len(plain) % len(k)
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # 8 MiB: lazily
-
-    encryptor = Cipher(algorithms.AES(k), modes.CBC(iv_full[:_AES_BLOCK])).encryptor()
-    ciphertext = encryptor.update(plain + bytes([pad]) * pad) + encryptor.finalize()
+    ciphertext = _cbc(True, k, iv_full[:_AES_BLOCK], plain + bytes([pad]) * pad)
     mac = _hmac_sha256(k, ciphertext + iv_full)
     return _tlv(data_tag, ciphertext) + _tlv(TAG_HMAC, mac) + _tlv(iv_tag, iv_full)
 
@@ -258,10 +265,7 @@ def _cbc_decrypt(key: AesKey, iv: bytes, ciphertext: bytes, what: str) -> bytes:
         raise BlobError(
             Res.DECRYPT_ERROR, f"{what}: ciphertext length {len(ciphertext)} is not a whole block"
         )
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes  # 8 MiB: lazily
-
-    decryptor = Cipher(algorithms.AES(k), modes.CBC(iv)).decryptor()
-    padded = decryptor.update(ciphertext) + decryptor.finalize()
+    padded = _cbc(False, k, iv, ciphertext)
     # swtpm accepts any pad value up to the key length (it pads to the key length on
     # output); anything else means a wrong key or corruption.
     pad = padded[-1]

@@ -771,8 +771,7 @@ def _spawn(
         return _exec(args, env, log_fd, key_fds)
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        cipher = bool(key_fds or inst.config.encrypted or inst.config.migration_key)
-        pid = fork_daemon(args, env, log_fd, w, key_fds, cipher=cipher)
+        pid = fork_daemon(args, env, log_fd, w, key_fds)
     except BaseException:
         os.close(r)
         raise

@@ -55,7 +55,6 @@ from vtpmctl.childproc import (
 # A module first imported after the fork is loaded again by each daemon, into
 # pages of its own (docs/architecture.md, "The zygote").
 from vtpmctl.device.server import admin, daemon, sockets  # noqa: F401
-from vtpmctl.device.server.options import parse_plain
 from vtpmctl.engine import libtpms
 from vtpmctl.store import access, blob  # noqa: F401
 from vtpmctl.store import keys as store_keys  # noqa: F401
@@ -201,29 +200,6 @@ def _place_fds(fds: list[int], numbers: list[int]) -> int:
     return ready_fd
 
 
-KEY_OPTIONS = ("key", "key_file", "migration_key", "migration_key_file")
-
-
-def _uses_keys(argv: list[str]) -> bool:
-    """The daemon will encrypt or decrypt (it is given a state or migration key).
-
-    Parsed only if an argument could be one of the key options (argparse takes an
-    unambiguous prefix, and every prefix of these that is one starts so), and as
-    the daemon parses it: parsing every request wrote pages which each daemon
-    forked before had to copy.
-    """
-    args = [str(a) for a in argv]
-    if not any(a.startswith(("--key", "--migration-key")) for a in args):
-        return False
-    values = parse_plain(args)
-    if values is None:
-        try:
-            values = vars(daemon.parser().parse_args(args))
-        except SystemExit:
-            return False  # the daemon itself will say what is wrong
-    return any(values.get(dest) for dest in KEY_OPTIONS)
-
-
 def _set_rlimits(limits: object) -> None:
     """The starter's resource limits, where this process may set them."""
     if not isinstance(limits, dict):
@@ -264,8 +240,6 @@ def _serve_one(
         if _stale(sources):
             conn.send(b'{"error": "stale"}')
             return False
-        if _uses_keys(request["argv"]):  # type: ignore[arg-type]
-            blob.preload_cipher()  # a plain zygote asked for one that encrypts: load it once
         gc.freeze()  # what was imported stays out of the collector's reach in the child
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # reaped only once counted
         try:
@@ -310,11 +284,12 @@ def set_command_line(args: list[str]) -> bool:
     return True
 
 
-def prepare(cipher: bool) -> None:
+def prepare() -> None:
     """What the zygote loads for its daemons beyond its imports."""
     libtpms.preload()
-    if cipher:
-        blob.preload_cipher()  # shared by its daemons, not loaded by each
+    # libcrypto's AES with hashlib and hmac (imported above), for the daemons that
+    # encrypt: about 24-136 KiB more, so plain and encrypted daemons share one zygote.
+    blob.preload_keys()
 
 
 def settle() -> Sources:
@@ -328,7 +303,7 @@ def settle() -> Sources:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     # Spawned with room to spare (--title-room), which the daemons' command lines use.
-    set_command_line([*entry_argv(ZYGOTE_ENTRY), *(["--cipher"] if "--cipher" in args else [])])
+    set_command_line(entry_argv(ZYGOTE_ENTRY))
     ready_fd = int(args[args.index("--ready-fd") + 1]) if "--ready-fd" in args else None
     # Nothing a spawner left open reaches the daemons (only the ready fd, 3, is ours).
     if ready_fd is None:
@@ -336,9 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         os.closerange(3, ready_fd)
         os.closerange(ready_fd + 1, 1 << 16)
-    cipher = "--cipher" in args  # the zygote of the daemons that encrypt
-    identity = zygote_identity(cipher)
-    prepare(cipher)
+    identity = zygote_identity()
+    prepare()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         listener.bind(zygote_address(identity))
