@@ -60,7 +60,7 @@ LIBRARIES = (
 # child pid -> the connection of the client it runs for (to report how it ended)
 _children: dict[int, socket.socket] = {}
 _watched: set[int] = set()  # children whose client is still connected
-_idle_since = [0.0]
+_idle = childproc.IdleClock(IDLE_EXIT)
 _OWN_LIMITS: dict[int, tuple[int, int]] = {}  # this server's, which each child starts with
 
 
@@ -101,13 +101,7 @@ def _relay(pid: int, conn: socket.socket) -> None:
 
 
 def _reap(signum: int = 0, frame: object = None) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    for pid, status in childproc.reaped():
         conn = _children.pop(pid, None)
         _watched.discard(pid)
         _spare_pids.discard(pid)
@@ -117,7 +111,7 @@ def _reap(signum: int = 0, frame: object = None) -> None:
             with contextlib.suppress(OSError):
                 conn.send(cmdclient.WAIT_STATUS + str(status).encode())
             conn.close()
-        _idle_since[0] = time.monotonic()
+        _idle.touch()
 
 
 class Request:
@@ -169,30 +163,7 @@ def _receive(conn: socket.socket) -> tuple[Request, int, list[int]]:
     return request, received[0], received[1:]
 
 
-def _source_files() -> list[str]:
-    """Every vtpmctl source file, imported here or not (a child may import any)."""
-    out = []
-    for where, _, names in os.walk(os.path.dirname(os.path.abspath(cli.__file__))):
-        out += [os.path.join(where, n) for n in names if n.endswith(".py")]
-    return sorted(out)
-
-
-def _stamps(paths: list[str]) -> list[tuple[int, int, int]]:
-    """(inode, mtime, size) of each file: any change to the code on disk changes them."""
-    out = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append((0, 0, 0))
-            continue
-        out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-    return out
-
-
-def _serve_one(
-    listener: socket.socket, conn: socket.socket, code: tuple[list[str], object]
-) -> bool:
+def _serve_one(listener: socket.socket, conn: socket.socket, code: childproc.Sources) -> bool:
     """Run one client's command in a child; False when this server must exit (its code changed)."""
     received: list[int] = []
     try:
@@ -202,7 +173,7 @@ def _serve_one(
         conn.settimeout(5.0)
         request, cwd, received = _receive(conn)
         received = [cwd, *received]
-        if _stamps(code[0]) != code[1]:
+        if childproc.stale(code):
             conn.send(cmdclient.REFUSED + b"stale")
             conn.close()
             return False
@@ -346,8 +317,7 @@ def _child(
             if _OWN_LIMITS.get(number) != (soft, hard):
                 with contextlib.suppress(ValueError, OSError):
                     resource.setrlimit(number, (soft, hard))
-        os.environ.clear()
-        os.environ.update(request.env)
+        childproc.set_environ(request.env)
         time.tzset()
         conn = _place_fds(fds, request.fd_numbers, conn)
         _new_stdio()
@@ -450,10 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     address = b"\0" + bytes.fromhex(args[0])
     os.closerange(3, 1 << 16)  # nothing the client that spawned us had open stays open
-    files = _source_files()
-    code = (files, _stamps(files))
+    code = childproc.source_stamps(childproc.package_sources())
     preload()
-    if _stamps(files) != code[1]:
+    if childproc.stale(code):
         return 0  # changed while we imported it (an upgrade): the next command starts another
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -470,22 +439,20 @@ def main(argv: list[str] | None = None) -> int:
             _OWN_LIMITS[number] = resource.getrlimit(number)
     gc.collect()
     gc.freeze()
-    _idle_since[0] = time.monotonic()
+    _idle.touch()
     _new_spare(listener)
     while True:
         _reap()
-        timeout = IDLE_EXIT - (time.monotonic() - _idle_since[0])
-        if timeout <= 0:
-            if not _children:
-                return 0
-            _idle_since[0], timeout = time.monotonic(), IDLE_EXIT
+        timeout = _idle.remaining(busy=bool(_children))
+        if timeout is None:
+            return 0
         if not _wait(listener, timeout):
             continue
         try:
             conn, _ = listener.accept()
         except OSError:
             continue
-        _idle_since[0] = time.monotonic()
+        _idle.touch()
         if not _serve_one(listener, conn, code):
             return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,10 +79,6 @@ def test_the_zygote_carries_no_module_a_daemon_does_without(tmp_path: Path) -> N
     """Every module the zygote imports is in every daemon's RSS: typing (which the
     daemon's modules use only for mypy) and argparse (a daemon parses the command line
     ``vtpmctl start`` writes itself), with what it pulls in, stay out."""
-    import subprocess
-    import sys
-
-    from vtpmctl.childproc import child_env
 
     code = (
         "import sys\n"
@@ -90,14 +87,7 @@ def test_the_zygote_carries_no_module_a_daemon_does_without(tmp_path: Path) -> N
         "zygote.settle()\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env=child_env(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    done = _python(code, tmp_path)
     loaded = set(done.stdout.split())
     assert "vtpmctl.device.server.daemon" in loaded
     assert not loaded & {"typing", "argparse", "gettext", "locale", "shutil", "cryptography"}
@@ -106,28 +96,33 @@ def test_the_zygote_carries_no_module_a_daemon_does_without(tmp_path: Path) -> N
 def test_a_forked_daemon_gets_exactly_the_starters_environment(tmp_path: Path) -> None:
     """Only the entries that differ are changed; the process's own environ follows."""
     import json
-    import subprocess
-    import sys
-
-    from vtpmctl.childproc import child_env
 
     code = (
         "import json, os, subprocess\n"
-        "from vtpmctl.device.server.zygote import _set_environ\n"
+        "from vtpmctl.childproc import set_environ\n"
         "os.environ.update(KEEP='1', CHANGE='old', DROP='x')\n"
         "want = {k: v for k, v in os.environ.items() if k != 'DROP'}\n"
         "want.update(CHANGE='new', ADD='2')\n"
-        "_set_environ(want)\n"
+        "set_environ(want)\n"
         "seen = subprocess.run(['env', '-0'], capture_output=True, check=True).stdout\n"
         "c = dict(e.split('=', 1) for e in seen.decode().split('\\0') if e)\n"
         "print(json.dumps([dict(os.environ) == want, c == want]))\n"
     )
-    done = subprocess.run(
+    done = _python(code, tmp_path)
+    assert json.loads(done.stdout) == [True, True]
+
+
+def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter with the environment children get."""
+    import sys
+
+    from vtpmctl.childproc import child_env
+
+    return subprocess.run(
         [sys.executable, "-c", code],
         env=child_env(),
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         check=True,
     )
-    assert json.loads(done.stdout) == [True, True]

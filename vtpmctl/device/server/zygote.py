@@ -45,8 +45,15 @@ from vtpmctl.childproc import (
     ZYGOTE_ENTRY,
     ZYGOTE_MAX_FDS,
     ZYGOTE_MAX_MESSAGE,
+    IdleClock,
+    Sources,
     entry_argv,
+    package_sources,
     peer_uid,
+    reaped,
+    set_environ,
+    source_stamps,
+    stale,
     zygote_address,
     zygote_identity,
 )
@@ -62,53 +69,13 @@ from vtpmctl.store import keys as store_keys  # noqa: F401
 IDLE_EXIT = 30.0  # seconds without a daemon or a request
 
 _children: set[int] = set()
-_idle_since = [0.0]  # when the last request came or the last daemon ended
+_idle = IdleClock(IDLE_EXIT)
 
 
 def _reap(signum: int = 0, frame: object = None) -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    for pid, _ in reaped():
         _children.discard(pid)
-        _idle_since[0] = time.monotonic()
-
-
-Sources = tuple[tuple[str, int, int], ...]
-
-
-def _sources() -> Sources:
-    """(path, mtime, size) of each vtpmctl source file this process imported, read once.
-
-    Each request is checked against it with ``_stale``, which reads only these
-    tuples: walking ``sys.modules`` for every request wrote to each module's
-    page, and each daemon forked before had to copy them (about 0.5 MiB each).
-    """
-    out = []
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if path and (name == "vtpmctl" or name.startswith("vtpmctl.")):
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            out.append((path, st.st_mtime_ns, st.st_size))
-    return tuple(out)
-
-
-def _stale(sources: Sources) -> bool:
-    """A source file read at start has changed on disk, or is gone."""
-    for path, mtime, size in sources:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return True
-        if st.st_mtime_ns != mtime or st.st_size != size:
-            return True
-    return False
+        _idle.touch()
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
@@ -140,7 +107,7 @@ def _child(
         _set_rlimits(request.get("rlimits"))
         env = request["env"]
         assert isinstance(env, dict)
-        _set_environ({str(k): str(v) for k, v in env.items()})
+        set_environ({str(k): str(v) for k, v in env.items()})
         time.tzset()
         ready_fd = _place_fds(fds, request["fds"])  # type: ignore[arg-type]
         err_fd = 2
@@ -159,21 +126,6 @@ def _child(
         with contextlib.suppress(Exception):
             sys.stderr.flush()
         os._exit(code)
-
-
-def _set_environ(env: dict[str, str]) -> None:
-    """Make ``os.environ`` exactly ``env``, changing only the entries that differ.
-
-    The starter's environment is most often the zygote's own (the zygote was
-    spawned with it): clearing and refilling ``os.environ`` freed and remade
-    every entry, objects the zygote shares with its daemons, and so copied
-    about 0.4 MiB of pages into each daemon.
-    """
-    for key in [k for k in os.environ if k not in env]:
-        del os.environ[key]
-    for key, value in env.items():
-        if os.environ.get(key) != value:
-            os.environ[key] = value
 
 
 def _place_fds(fds: list[int], numbers: list[int]) -> int:
@@ -237,7 +189,7 @@ def _serve_one(
         if not ok:
             conn.send(b'{"error": "bad request"}')
             return True
-        if _stale(sources):
+        if stale(sources):
             conn.send(b'{"error": "stale"}')
             return False
         gc.freeze()  # what was imported stays out of the collector's reach in the child
@@ -294,7 +246,8 @@ def prepare() -> None:
 
 def settle() -> Sources:
     """Once loaded: the sources to check requests against, and no garbage to inherit."""
-    sources = _sources()
+    # Stamped once loaded: each request is checked against these tuples only.
+    sources = source_stamps(package_sources())
     gc.collect()
     libtpms.trim_heap()  # what the imports freed, before any daemon inherits it
     return sources
@@ -327,20 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     if ready_fd is not None:
         os.write(ready_fd, b"Z")
         os.close(ready_fd)
-    _idle_since[0] = time.monotonic()
+    _idle.touch()
     while True:
         _reap()
-        timeout = IDLE_EXIT - (time.monotonic() - _idle_since[0])
-        if timeout <= 0:
-            if not _children:
-                return 0
-            _idle_since[0], timeout = time.monotonic(), IDLE_EXIT
+        timeout = _idle.remaining(busy=bool(_children))
+        if timeout is None:
+            return 0
         listener.settimeout(timeout)
         try:
             conn, _ = listener.accept()
         except OSError:  # the timeout, or an interrupted accept
             continue
-        _idle_since[0] = time.monotonic()
+        _idle.touch()
         if not _serve_one(listener, conn, identity, sources):
             return 0
 
