@@ -75,6 +75,10 @@ def preload() -> None:
     for name in LIBRARIES:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+    from vtpmctl.store import blob
+
+    with contextlib.suppress(Exception):  # a missing libcrypto is the command's to report
+        blob.preload_keys()
 
 
 def _relay(pid: int, conn: socket.socket) -> None:
