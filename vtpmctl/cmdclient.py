@@ -90,12 +90,14 @@ def identity() -> str:
 
 
 def address(ident: str) -> bytes:
-    """The server's abstract socket name for this user and identity."""
-    import zlib
+    """The server's abstract socket name for this user and identity.
 
-    return (
-        f"\0vtpmctl-command-{os.getuid()}-{zlib.crc32(ident.encode(errors='replace')):08x}".encode()
-    )
+    The identity's bytes as one integer, modulo the Mersenne prime 2**61 - 1:
+    stable across processes (unlike ``hash`` of a string) and computed without
+    loading a module for it (zlib costs as much as the rest of this side).
+    """
+    key = int.from_bytes(ident.encode(errors="replace"), "little") % ((1 << 61) - 1)
+    return f"\0vtpmctl-command-{os.getuid()}-{key:016x}".encode()
 
 
 def inherited_fds() -> list[int]:
@@ -133,17 +135,15 @@ def run(args: list[str]) -> "int | None":
 
 
 def _served(sock: "Any", args: list[str], fds: list[int]) -> "int | None":
-    import _struct  # the C module: `struct` and `array` cost more imports
-
-    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
-    if _struct.unpack("3i", creds)[1] != os.getuid() or len(fds) > MAX_FDS:
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # pid, uid, gid
+    if int.from_bytes(creds[4:8], sys.byteorder) != os.getuid() or len(fds) > MAX_FDS:
         return None  # someone else squats the name: never hand them our fds
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         message = request(args, fds)
         if len(message) > MAX_MESSAGE:
             return None
-        rights = _struct.pack(f"{1 + len(fds)}i", cwd, *fds)
+        rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (cwd, *fds))
         sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
     except OSError:
         return None
