@@ -172,6 +172,15 @@ def queries(store: Store, wd: Path, rounds: int, instances: int) -> list[Row]:
 
         aw, ac, bw, bc = alternate(rounds, vt_caps, sw_caps)
         rows.append(("`caps unix:PATH`", aw, ac, "`swtpm_ioctl -c`", bw, bc))
+
+        def sw_locality(_: int) -> None:
+            run(["swtpm_ioctl", "--unix", ctrl, "-l", "0"])
+
+        def vt_locality(_: int) -> None:
+            run([VTPMCTL, "ctl", f"unix:{ctrl}", "locality", "0"], store.env)
+
+        aw, ac, bw, bc = alternate(rounds, vt_locality, sw_locality)
+        rows.append(("`ctl unix:PATH locality 0`", aw, ac, "`swtpm_ioctl -l 0`", bw, bc))
         store("create", "--no-ek", "q0")
         store.start("q0")
         own = str(store.home / "run" / "q0" / "tpm.ctrl")
