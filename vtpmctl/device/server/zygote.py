@@ -13,8 +13,8 @@ request per connection, ``childproc.fork_daemon``'s: the daemon's arguments,
 environment and umask, and two fds (the daemon's stderr, the log, and the fd
 on which it reports that it serves). It answers the daemon's pid. It refuses
 clients of another uid, and requests from another interpreter or code tree;
-when a source file of what it imported changes on disk it answers nothing and
-exits, so that an upgrade never forks old code (the client falls back to exec
+when a source file of the package changes on disk (stamped before its imports)
+it answers nothing and exits, so that an upgrade never forks old code (the client falls back to exec
 and the next start spawns a fresh zygote). It exits once it has had no
 daemon and no request for ``IDLE_EXIT`` seconds.
 """
@@ -58,13 +58,17 @@ from vtpmctl.childproc import (
     zygote_identity,
 )
 
+# The code on disk as it was before the imports below: a file changed while they
+# run (an upgrade) is then caught by the first request's check, not missed.
+_STAMPED = source_stamps(package_sources())
+
 # Imported here to be shared: everything a daemon imports on its way to serving.
 # A module first imported after the fork is loaded again by each daemon, into
 # pages of its own (docs/architecture.md, "The zygote").
-from vtpmctl.device.server import admin, daemon, sockets  # noqa: F401
-from vtpmctl.engine import libtpms
-from vtpmctl.store import access, blob  # noqa: F401
-from vtpmctl.store import keys as store_keys  # noqa: F401
+from vtpmctl.device.server import admin, daemon, sockets  # noqa: E402, F401
+from vtpmctl.engine import libtpms  # noqa: E402
+from vtpmctl.store import access, blob  # noqa: E402, F401
+from vtpmctl.store import keys as store_keys  # noqa: E402, F401
 
 IDLE_EXIT = 30.0  # seconds without a daemon or a request
 
@@ -246,8 +250,8 @@ def prepare() -> None:
 
 def settle() -> Sources:
     """Once loaded: the sources to check requests against, and no garbage to inherit."""
-    # Stamped once loaded: each request is checked against these tuples only.
-    sources = source_stamps(package_sources())
+    # Each request is checked against these tuples only (stamped before the imports).
+    sources = _STAMPED
     gc.collect()
     libtpms.trim_heap()  # what the imports freed, before any daemon inherits it
     return sources
