@@ -85,6 +85,11 @@ def identity() -> str:
             read("/proc/self/attr/current"),
             *(link(f"/proc/self/ns/{ns}") for ns in ("mnt", "pid", "net", "user", "ipc", "uts")),
             " ".join(map(str, [os.getuid(), os.getgid(), *sorted(os.getgroups())])),
+            # How it is scheduled: `nice`, `taskset`, `chrt`, the OOM killer's view.
+            str(os.getpriority(os.PRIO_PROCESS, 0)),
+            " ".join(map(str, sorted(os.sched_getaffinity(0)))),
+            str(os.sched_getscheduler(0)),
+            read("/proc/self/oom_score_adj"),
         ]
     )
 

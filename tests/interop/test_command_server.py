@@ -67,6 +67,8 @@ class Recorder:
 
     def __init__(self, path: Path, answer: bool) -> None:
         self.pids: list[int] = []
+        self.status: list[str] = []  # each client's /proc/PID/status while it is connected
+        self.nice: list[int] = []
         self.closed = threading.Event()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
@@ -82,6 +84,13 @@ class Recorder:
                 return
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             self.pids.append(int.from_bytes(creds[:4], "little"))
+            try:
+                self.status.append(Path(f"/proc/{self.pids[-1]}/status").read_text())
+                stat = Path(f"/proc/{self.pids[-1]}/stat").read_text()
+                self.nice.append(int(stat.rsplit(")", 1)[1].split()[16]))
+            except OSError:
+                self.status.append("")
+                self.nice.append(0)
             if self.answer:
                 conn.close()
                 continue
@@ -132,6 +141,29 @@ def test_some_commands_stay_in_their_own_process(
     )
     proc.wait(30)
     assert rec.pids == [proc.pid]
+
+
+def test_nice_and_taskset_hold_for_a_served_command(home: Home, tmp_path: Path) -> None:
+    """A caller's niceness and CPU affinity pick (and start) a server that has them."""
+    _server_pid(home.env)  # one without them is there
+    rec = Recorder(tmp_path / "ctrl", answer=True)
+    cpu = min(os.sched_getaffinity(0))
+    wrap = ["nice", "-n", "7", "taskset", "-c", str(cpu)]
+    for _ in range(100):  # the first call starts that server and runs the command itself
+        proc = subprocess.Popen(
+            [*wrap, *VTPMCTL, "caps", f"unix:{tmp_path / 'ctrl'}"],
+            env=home.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        proc.wait(60)
+        if rec.pids[-1] != proc.pid:
+            break
+        time.sleep(0.1)
+    assert rec.pids[-1] != proc.pid, "never served"
+    status = rec.status[-1]
+    assert f"Cpus_allowed_list:\t{cpu}\n" in status
+    assert rec.nice[-1] == 7
 
 
 def test_start_foreground_becomes_the_daemon_itself(home: Home) -> None:
