@@ -49,10 +49,9 @@ ROLLUP = (
 ZYGOTE = (  # what ``_zygote`` does before it serves (an older tree: what it did)
     "import gc\n"
     "from vtpmctl.device.server import zygote\n"
-    "if hasattr(zygote, 'prepare'):\n"
+    "if hasattr(zygote, 'settle'):\n"
     "    zygote.prepare()\n"
-    "    zygote._sources()\n"
-    "    gc.collect()\n"
+    "    zygote.settle()\n"
     "else:\n"
     "    zygote.libtpms.preload()\n"
     "    zygote.daemon.parser()\n"
