@@ -35,9 +35,11 @@ IDENTITY_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "LD_LIBRARY_PATH", "LD_PRELOAD")
 RLIMIT_COUNT = 16  # Linux's RLIMIT_CPU (0) .. RLIMIT_RTTIME (15); the module has no count
 FORWARDED_SIGNALS = (1, 2, 3, 15)  # SIGHUP, SIGINT, SIGQUIT, SIGTERM (no `signal` import)
 
-# Replies on the connection: from the child, its exit code; from the server, the
-# child's wait status when it ended without one; a refusal.
-EXIT, WAIT_STATUS, REFUSED = b"E", b"W", b"R"
+# Replies on the connection: from the child, that it took the command, then its
+# exit code; from the server, the child's wait status when it ended without one;
+# a refusal.
+EXIT, WAIT_STATUS, REFUSED, ACCEPTED = b"E", b"W", b"R", b"A"
+STALE = b"stale"  # what follows REFUSED when the server's code changed on disk
 # From this side to the child: a signal to raise.
 SIGNAL = b"S"
 
@@ -162,6 +164,9 @@ def _served(sock: "Any", args: list[str], fds: list[int]) -> "int | None":
     if reply is None:
         return None
     kind, value = reply
+    if kind == REFUSED:
+        spawn_server(sock.getpeername(), fds)  # the stale one is on its way out
+        return None
     if kind == EXIT:
         return value
     return _end_like(value)
@@ -204,11 +209,22 @@ def _forward_signals(sock: "Any") -> "Any":
         except OSError:  # the child has ended: its reply follows
             return
 
+    def stop_too(signum: int, frame: object) -> None:
+        """Ctrl-Z: stop the child, then this process as the terminal asked; `fg` or
+        `bg` sends SIGCONT here, which ``forward`` passes on."""
+        forward(signal.SIGSTOP, frame)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)
+        signal.signal(signal.SIGTSTP, stop_too)
+
     previous = {}
     for signum in FORWARDED_SIGNALS:
         current = signal.getsignal(signum)
         if current in (signal.SIG_DFL, signal.default_int_handler):
             previous[signum] = signal.signal(signum, forward)
+    if signal.getsignal(signal.SIGTSTP) == signal.SIG_DFL:
+        previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, stop_too)
+        previous[signal.SIGCONT] = signal.signal(signal.SIGCONT, forward)
 
     def restore() -> None:
         for signum, handler in previous.items():
@@ -218,7 +234,14 @@ def _forward_signals(sock: "Any") -> "Any":
 
 
 def _reply(sock: "Any") -> "tuple[bytes, int] | None":
-    """The first reply: (EXIT, code) or (WAIT_STATUS, status); None if refused."""
+    """How the command ended: (EXIT, code) or (WAIT_STATUS, status).
+
+    None when it never started, so that the caller runs it itself: refused,
+    or the server gone before a child took the command (ACCEPTED comes first
+    from the child, before the command does anything). (REFUSED, 1) when the
+    server refused because its code is stale: it exits, and a new one is due.
+    """
+    accepted = False
     while True:
         try:
             data = sock.recv(64)
@@ -227,13 +250,15 @@ def _reply(sock: "Any") -> "tuple[bytes, int] | None":
         except OSError:
             data = b""
         if not data:
-            # Neither the child nor the server said how it ended (the server was
-            # killed): like a process killed by SIGKILL.
-            return (WAIT_STATUS, 9)
+            # Nobody holds the other end: the child ended without a word (with
+            # the server, that reports how children end, gone too): like SIGKILL.
+            return (WAIT_STATUS, 9) if accepted else None
         kind, rest = data[:1], data[1:]
-        if kind == REFUSED:
-            return None
-        if kind in (EXIT, WAIT_STATUS):
+        if kind == ACCEPTED:
+            accepted = True
+        elif kind == REFUSED:
+            return (REFUSED, 1) if rest == STALE else None
+        elif kind in (EXIT, WAIT_STATUS):
             try:
                 return (kind, int(rest))
             except ValueError:

@@ -178,7 +178,7 @@ def _serve_one(listener: socket.socket, conn: socket.socket, code: childproc.Sou
         request, cwd, received = _receive(conn)
         received = [cwd, *received]
         if childproc.stale(code):
-            conn.send(cmdclient.REFUSED + b"stale")
+            conn.send(cmdclient.REFUSED + cmdclient.STALE)
             conn.close()
             return False
         conn.settimeout(None)
@@ -311,6 +311,7 @@ def _child(
     """In the forked child: become the client's command, run it, report its exit code."""
     code = 1
     try:
+        conn.send(cmdclient.ACCEPTED)  # from here on, the command is this process's
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -348,6 +348,44 @@ def test_a_signal_to_the_command_reaches_what_runs_it(
     assert rec.closed.wait(10)
 
 
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _wait_state(pid: int, want: str) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _state(pid) == want:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_ctrl_z_stops_the_command_and_fg_continues_it(home: Home, tmp_path: Path) -> None:
+    _server_pid(home.env)
+    rec = Recorder(tmp_path / "hang", answer=False)
+    proc = subprocess.Popen(
+        [*VTPMCTL, "--timeout", "60", "caps", f"unix:{tmp_path / 'hang'}"],
+        env=home.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not rec.pids and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child = rec.pids[0]
+        assert child != proc.pid
+        proc.send_signal(signal.SIGTSTP)
+        assert _wait_state(proc.pid, "T") and _wait_state(child, "T")
+        proc.send_signal(signal.SIGCONT)
+        assert _wait_state(child, "S") and _state(proc.pid) != "T"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=20)
+    assert proc.returncode == -signal.SIGTERM
+
+
 def test_other_users_and_bad_requests_get_nothing(home: Home) -> None:
     server = _server_pid(home.env)
     address = _address(home.env)
@@ -397,6 +435,30 @@ def test_changed_code_is_never_run_by_an_old_server(tmp_path: Path) -> None:
         time.sleep(0.05)
     status = Path(f"/proc/{server}/stat")
     assert not status.exists() or status.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    # The refused command started a server of the new code for the next one.
+    assert _server_pid(env) != server
+
+
+def test_a_server_gone_before_a_child_took_the_command_runs_it_here(home: Home) -> None:
+    """Nothing ran (no child said it took the command): the console script runs it."""
+    env = {**home.env, "PYTHONVTPMCTLTEST": "a server that hangs up"}  # its own identity
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as fake:
+        fake.bind(_address(env))
+        fake.listen(4)
+
+        def hang_up() -> None:
+            conn, _ = fake.accept()
+            _, fds, _, _ = socket.recv_fds(conn, 1 << 18, 253)
+            for fd in fds:  # the caller's stdio among them: keep none open
+                os.close(fd)
+            conn.close()
+
+        threading.Thread(target=hang_up, daemon=True).start()
+        proc = subprocess.run(
+            [*VTPMCTL, "list", "--json"], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert '"instances"' in proc.stdout
 
 
 def test_the_served_side_imports_next_to_nothing(home: Home) -> None:
