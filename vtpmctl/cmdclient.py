@@ -209,22 +209,11 @@ def _forward_signals(sock: "Any") -> "Any":
         except OSError:  # the child has ended: its reply follows
             return
 
-    def stop_too(signum: int, frame: object) -> None:
-        """Ctrl-Z: stop the child, then this process as the terminal asked; `fg` or
-        `bg` sends SIGCONT here, which ``forward`` passes on."""
-        forward(signal.SIGSTOP, frame)
-        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTSTP)
-        signal.signal(signal.SIGTSTP, stop_too)
-
     previous = {}
     for signum in FORWARDED_SIGNALS:
         current = signal.getsignal(signum)
         if current in (signal.SIG_DFL, signal.default_int_handler):
             previous[signum] = signal.signal(signum, forward)
-    if signal.getsignal(signal.SIGTSTP) == signal.SIG_DFL:
-        previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, stop_too)
-        previous[signal.SIGCONT] = signal.signal(signal.SIGCONT, forward)
 
     def restore() -> None:
         for signum, handler in previous.items():

@@ -348,44 +348,6 @@ def test_a_signal_to_the_command_reaches_what_runs_it(
     assert rec.closed.wait(10)
 
 
-def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-def _wait_state(pid: int, want: str) -> bool:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if _state(pid) == want:
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def test_ctrl_z_stops_the_command_and_fg_continues_it(home: Home, tmp_path: Path) -> None:
-    _server_pid(home.env)
-    rec = Recorder(tmp_path / "hang", answer=False)
-    proc = subprocess.Popen(
-        [*VTPMCTL, "--timeout", "60", "caps", f"unix:{tmp_path / 'hang'}"],
-        env=home.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not rec.pids and time.monotonic() < deadline:
-            time.sleep(0.02)
-        child = rec.pids[0]
-        assert child != proc.pid
-        proc.send_signal(signal.SIGTSTP)
-        assert _wait_state(proc.pid, "T") and _wait_state(child, "T")
-        proc.send_signal(signal.SIGCONT)
-        assert _wait_state(child, "S") and _state(proc.pid) != "T"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=20)
-    assert proc.returncode == -signal.SIGTERM
-
-
 def test_other_users_and_bad_requests_get_nothing(home: Home) -> None:
     server = _server_pid(home.env)
     address = _address(home.env)
