@@ -20,7 +20,6 @@ had no request and no running child for ``IDLE_EXIT`` seconds.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import gc
 import importlib
@@ -146,14 +145,9 @@ class Request:
 
 def _receive(conn: socket.socket) -> tuple[Request, int, list[int]]:
     """The request, the client's cwd and its descriptors (in the request's order)."""
-    fds = array.array("i")
-    msg, ancdata, flags, _ = conn.recvmsg(
-        cmdclient.MAX_MESSAGE + 1, socket.CMSG_SPACE(fds.itemsize * (cmdclient.MAX_FDS + 1))
+    msg, received, flags, _ = socket.recv_fds(
+        conn, cmdclient.MAX_MESSAGE + 1, cmdclient.MAX_FDS + 1
     )
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    received = list(fds)
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise ValueError("a request too large")
@@ -194,8 +188,6 @@ def _serve_one(listener: socket.socket, conn: socket.socket, code: childproc.Sou
     finally:
         for fd in received:
             os.close(fd)
-        if not _spare:
-            _new_spare(listener)
 
 
 def _fork(listener: socket.socket, body: Callable[[], None], conn: socket.socket | None) -> int:
@@ -253,27 +245,16 @@ def _new_spare(listener: socket.socket) -> None:
 def _spare_waits(ours: socket.socket, channel: socket.socket) -> None:
     """In a spare: wait for a command from the server, then run it as ``_child``."""
     ours.close()
-    fds = array.array("i")
-    while True:
-        try:
-            msg, ancdata, _, _ = channel.recvmsg(
-                cmdclient.MAX_MESSAGE + 64,
-                socket.CMSG_SPACE(fds.itemsize * (cmdclient.MAX_FDS + 2)),
-            )
-            break
-        except InterruptedError:
-            continue
-        except OSError:
-            os._exit(0)
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    try:
+        msg, fds, _, _ = socket.recv_fds(channel, cmdclient.MAX_MESSAGE + 64, cmdclient.MAX_FDS + 2)
+    except OSError:
+        os._exit(0)
     channel.close()
     if not msg or len(fds) < 2:
         os._exit(0)  # the server is gone
     client, _, raw = msg.partition(b"\0")
     conn = socket.socket(fileno=fds[0])
-    _child(conn, Request(raw), fds[1], list(fds[2:]), int(client))
+    _child(conn, Request(raw), fds[1], fds[2:], int(client))
 
 
 def _hand_over(conn: socket.socket, request: Request, fds: list[int], client: int) -> bool:
@@ -285,10 +266,8 @@ def _hand_over(conn: socket.socket, request: Request, fds: list[int], client: in
     try:
         if pid not in _spare_pids:
             return False
-        rights = array.array("i", [conn.fileno(), *fds]).tobytes()
-        channel.sendmsg(
-            [str(client).encode() + b"\0" + request.raw],
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)],
+        socket.send_fds(
+            channel, [str(client).encode() + b"\0" + request.raw], [conn.fileno(), *fds]
         )
         _spare_pids.discard(pid)
         _children[pid] = conn
@@ -460,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         _idle.touch()
         if not _serve_one(listener, conn, code):
             return 0
+        if not _spare:
+            _new_spare(listener)  # for the next command, while this one runs
 
 
 def _wait(listener: socket.socket, timeout: float) -> bool:

@@ -21,7 +21,6 @@ daemon and no request for ``IDLE_EXIT`` seconds.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import fcntl
 import gc
@@ -83,15 +82,9 @@ def _reap(signum: int = 0, frame: object = None) -> None:
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
-    fds = array.array("i")
-    msg, ancdata, flags, _ = conn.recvmsg(
-        ZYGOTE_MAX_MESSAGE, socket.CMSG_SPACE(fds.itemsize * ZYGOTE_MAX_FDS)
-    )
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    msg, fds, flags, _ = socket.recv_fds(conn, ZYGOTE_MAX_MESSAGE, ZYGOTE_MAX_FDS)
     request = json.loads(msg) if not flags & socket.MSG_TRUNC else None
-    return (request if isinstance(request, dict) else {}), list(fds)
+    return (request if isinstance(request, dict) else {}), fds
 
 
 def _child(
