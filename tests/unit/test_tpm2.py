@@ -8,6 +8,9 @@ module's own helpers), and the Name checks use Names that a real TPM
 from __future__ import annotations
 
 import hashlib
+import importlib
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -36,6 +39,11 @@ def test_get_random() -> None:
 def test_startup_shutdown() -> None:
     assert t.build_startup(t.SU_CLEAR) == h("8001 0000000c 00000144 0000")
     assert t.build_shutdown(t.SU_STATE) == h("8001 0000000c 00000145 0001")
+    # power.py frames them itself, for the engine: the same bytes as the general frame
+    for su in (t.SU_CLEAR, t.SU_STATE):
+        assert t.build_startup(su) == t.build_command(t.CC.Startup, params=t.u16(su))
+        assert t.build_shutdown(su) == t.build_command(t.CC.Shutdown, params=t.u16(su))
+    assert t.build_startup() == t.build_startup(t.SU_CLEAR)
 
 
 def test_get_capability() -> None:
@@ -376,3 +384,37 @@ def test_nv_read_is_chunked() -> None:
     out = t.nv_read(rec, 0x01C00002, 1500, 100, auth_handle=t.RH_OWNER, chunk=1024)
     assert out == b"\xaa" * 1500
     assert [c[-4:] for c in rec.commands] == [h("0400 0064"), h("01dc 0464")]
+
+
+# ---------------------------------------------------------------- the package's names
+
+
+def test_every_name_resolves_from_its_submodule() -> None:
+    """The lazy package (PEP 562) offers exactly ``__all__``, each name its module's object."""
+    homes = t._NAMES  # noqa: SLF001
+    listed = [name for names in homes.values() for name in names]
+    assert sorted(listed) == sorted(t.__all__)
+    for module, names in homes.items():
+        sub = importlib.import_module(f"vtpmctl.engine.tpm2.{module}")
+        for name in names:
+            assert getattr(t, name) is getattr(sub, name), name
+    assert set(t.__all__) <= set(dir(t))
+    with pytest.raises(AttributeError, match="no attribute 'nosuch'"):
+        t.nosuch  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_the_engine_imports_no_command_builders() -> None:
+    """Every daemon imports the engine: the builders, their dataclasses and
+    hashlib structures stay out of it (it needs only Startup and Shutdown)."""
+    code = (
+        "import sys\n"
+        "import vtpmctl.engine.tpm\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('vtpmctl.engine'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = set(done.stdout.split())
+    assert "vtpmctl.engine.tpm2.constants" in loaded
+    heavy = {f"vtpmctl.engine.tpm2.{m}" for m in ("commands", "structures", "marshal")}
+    assert not loaded & heavy, loaded

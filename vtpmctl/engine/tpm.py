@@ -39,8 +39,10 @@ from vtpmctl.device.protocol import (
     tpm12_startup,
     tpm_code,
 )
-from vtpmctl.engine import tpm2
 from vtpmctl.engine.libtpms import CommandBuffer, Libtpms, Storage
+from vtpmctl.engine.tpm2.constants import CC, SU_CLEAR, SU_STATE
+from vtpmctl.engine.tpm2.power import build_shutdown, build_startup
+from vtpmctl.engine.tpm2.rc import RC
 from vtpmctl.errors import EngineError
 from vtpmctl.model import STATE_FILE_NAMES, BlobKind, OnShutdown, TpmFamily, Transport
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer, wrap_transfer
@@ -68,7 +70,7 @@ LOCK_RETRIES_AFTER_SAVESTATE = 300
 _VENDOR_AT = TPM_CODE_AT
 _VENDOR_BYTE = TPM_ORD_SET_LOCALITY >> 24
 _SHUTDOWN_AT = TPM_HEADER_SIZE - 1
-_SHUTDOWN_BYTE = tpm2.CC.Shutdown & 0xFF
+_SHUTDOWN_BYTE = CC.Shutdown & 0xFF
 
 
 class FatalEngineError(EngineError):
@@ -230,7 +232,7 @@ class Engine(Storage):
         if self.config.tpm2:
             if startup == "deactivated":
                 raise StateDirError("startup-deactivated is for a TPM 1.2 only")
-            return tpm2.build_startup(tpm2.SU_CLEAR if startup == "clear" else tpm2.SU_STATE)
+            return build_startup(SU_CLEAR if startup == "clear" else SU_STATE)
         kinds = {"clear": TPM12_ST_CLEAR, "state": TPM12_ST_STATE}
         return tpm12_startup(kinds.get(startup, TPM12_ST_DEACTIVATED))
 
@@ -277,9 +279,9 @@ class Engine(Storage):
             or not self.running
         ):
             return
-        for su in (tpm2.SU_STATE, tpm2.SU_CLEAR):
-            rc = tpm_code(self.tpm.process(tpm2.build_shutdown(su)))
-            if rc in (tpm2.RC.SUCCESS, tpm2.RC.INITIALIZE):
+        for su in (SU_STATE, SU_CLEAR):
+            rc = tpm_code(self.tpm.process(build_shutdown(su)))
+            if rc in (RC.SUCCESS, RC.INITIALIZE):
                 break
 
     def _stop_locked(self) -> None:
@@ -370,7 +372,7 @@ class Engine(Storage):
             )
         resp = self.tpm.process_in_place(length, buf.raw)
         self._last_was_shutdown = (
-            self.config.tpm2 and ordinal == tpm2.CC.Shutdown and tpm_code(resp) == tpm2.RC.SUCCESS
+            self.config.tpm2 and ordinal == CC.Shutdown and tpm_code(resp) == RC.SUCCESS
         )
         # After a TPM2_Shutdown the next command must come here to clear the mark.
         self.ready = self.running and self.statedir.locked and not self._last_was_shutdown

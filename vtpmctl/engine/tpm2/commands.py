@@ -17,6 +17,8 @@ from vtpmctl.engine.tpm2.marshal import (
     u16,
     u32,
 )
+from vtpmctl.engine.tpm2.power import build_shutdown as build_shutdown
+from vtpmctl.engine.tpm2.power import build_startup as build_startup
 from vtpmctl.engine.tpm2.rc import MalformedResponse
 from vtpmctl.engine.tpm2.structures import (
     NvPublic,
@@ -30,16 +32,8 @@ def _pw(auth: bytes) -> list[PasswordSession]:
     return [PasswordSession(auth)]
 
 
-def build_startup(startup_type: int = SU_CLEAR) -> bytes:
-    return build_command(CC.Startup, params=u16(startup_type))
-
-
 def startup(transact: Transact, startup_type: int = SU_CLEAR) -> None:
     execute(transact, CC.Startup, params=u16(startup_type))
-
-
-def build_shutdown(shutdown_type: int = SU_CLEAR) -> bytes:
-    return build_command(CC.Shutdown, params=u16(shutdown_type))
 
 
 def shutdown(transact: Transact, shutdown_type: int = SU_CLEAR) -> None:

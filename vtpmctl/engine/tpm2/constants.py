@@ -5,7 +5,6 @@ Values from the TCG TPM 2.0 Library specification, Part 2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import IntEnum
 
 ST_NO_SESSIONS = 0x8001
@@ -194,35 +193,3 @@ class CC(IntEnum):
 
 # Commands that generate keys: seconds under emulation, and the ones libtpms can cancel.
 KEYGEN_COMMANDS = frozenset({CC.CreatePrimary, CC.Create, CC.CreateLoaded})
-
-
-@dataclass(frozen=True)
-class Shape:
-    """Where a command keeps its handles; the rest of the bytes are parameters."""
-
-    handles: int
-    """Handles in the command's handle area."""
-    auths: int
-    """How many of those (the first ones) need an authorization session."""
-    resp_handles: int = 0
-    """Handles in the response's handle area."""
-
-
-SHAPES: dict[CC, Shape] = {
-    CC.Startup: Shape(0, 0),
-    CC.Shutdown: Shape(0, 0),
-    CC.GetRandom: Shape(0, 0),
-    CC.GetCapability: Shape(0, 0),
-    CC.ReadPublic: Shape(1, 0),
-    CC.CreatePrimary: Shape(1, 1, resp_handles=1),
-    CC.EvictControl: Shape(2, 1),
-    CC.FlushContext: Shape(0, 0),  # the handle to flush is a parameter
-    CC.NV_DefineSpace: Shape(1, 1),
-    CC.NV_UndefineSpace: Shape(2, 1),
-    CC.NV_Write: Shape(2, 1),
-    CC.NV_Read: Shape(2, 1),
-    CC.NV_ReadPublic: Shape(1, 0),
-    CC.NV_WriteLock: Shape(2, 1),
-    CC.PCR_Read: Shape(0, 0),
-    CC.PCR_Allocate: Shape(1, 1),
-}

@@ -10,7 +10,6 @@ from vtpmctl.engine.tpm2.constants import (
     CC,
     HEADER_SIZE,
     RS_PW,
-    SHAPES,
     ST_NO_SESSIONS,
     ST_SESSIONS,
 )
@@ -18,6 +17,41 @@ from vtpmctl.engine.tpm2.rc import MalformedResponse, TpmError
 
 Transact = Callable[[bytes], bytes]
 """Send one complete TPM command, return its complete response."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Where a command keeps its handles; the rest of the bytes are parameters.
+
+    Here rather than in ``constants``, which the engine imports: no dataclass there.
+    """
+
+    handles: int
+    """Handles in the command's handle area."""
+    auths: int
+    """How many of those (the first ones) need an authorization session."""
+    resp_handles: int = 0
+    """Handles in the response's handle area."""
+
+
+SHAPES: dict[CC, Shape] = {
+    CC.Startup: Shape(0, 0),
+    CC.Shutdown: Shape(0, 0),
+    CC.GetRandom: Shape(0, 0),
+    CC.GetCapability: Shape(0, 0),
+    CC.ReadPublic: Shape(1, 0),
+    CC.CreatePrimary: Shape(1, 1, resp_handles=1),
+    CC.EvictControl: Shape(2, 1),
+    CC.FlushContext: Shape(0, 0),  # the handle to flush is a parameter
+    CC.NV_DefineSpace: Shape(1, 1),
+    CC.NV_UndefineSpace: Shape(2, 1),
+    CC.NV_Write: Shape(2, 1),
+    CC.NV_Read: Shape(2, 1),
+    CC.NV_ReadPublic: Shape(1, 0),
+    CC.NV_WriteLock: Shape(2, 1),
+    CC.PCR_Read: Shape(0, 0),
+    CC.PCR_Allocate: Shape(1, 1),
+}
 
 
 def u8(v: int) -> bytes:
