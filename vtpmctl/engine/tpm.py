@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from vtpmctl.device.protocol import (
     CAPS_CUSE,
@@ -77,37 +76,82 @@ class FatalEngineError(EngineError):
     """The process must end (the storage lock was lost for good)."""
 
 
-@dataclass
 class EngineConfig:
-    tpm2: bool = True
-    transport: Transport = Transport.SOCKET
-    state_key: AesKey | None = None
-    migration_key: AesKey | None = None
-    startup: Startup = "none"
-    not_need_init: bool = False
-    disable_auto_shutdown: bool = False
-    reject_locality_4: bool = False
-    # The vendor SetLocality on the data channel (swtpm's --locality allow-set-locality).
-    allow_set_locality: bool = False
-    incoming: bool = False
-    # None: a new TPM may be manufactured only if the dir has no permall now.
-    allow_manufacture: bool | None = None
-    on_shutdown: OnShutdown = OnShutdown.EXIT
+    """How the daemon's options set up one engine.
+
+    A plain class, not a dataclass: the engine is in every daemon, and
+    ``dataclasses`` would bring ``inspect``, ``ast`` and ``dis`` with it.
+    """
+
+    __slots__ = (
+        "tpm2",
+        "transport",
+        "state_key",
+        "migration_key",
+        "startup",
+        "not_need_init",
+        "disable_auto_shutdown",
+        "reject_locality_4",
+        "allow_set_locality",
+        "incoming",
+        "allow_manufacture",
+        "on_shutdown",
+    )
+
+    def __init__(
+        self,
+        tpm2: bool = True,
+        transport: Transport = Transport.SOCKET,
+        state_key: AesKey | None = None,
+        migration_key: AesKey | None = None,
+        startup: Startup = "none",
+        not_need_init: bool = False,
+        disable_auto_shutdown: bool = False,
+        reject_locality_4: bool = False,
+        allow_set_locality: bool = False,
+        incoming: bool = False,
+        allow_manufacture: bool | None = None,
+        on_shutdown: OnShutdown = OnShutdown.EXIT,
+    ) -> None:
+        self.tpm2 = tpm2
+        self.transport = transport
+        self.state_key = state_key
+        self.migration_key = migration_key
+        self.startup = startup
+        self.not_need_init = not_need_init
+        self.disable_auto_shutdown = disable_auto_shutdown
+        self.reject_locality_4 = reject_locality_4
+        # The vendor SetLocality on the data channel (swtpm's --locality allow-set-locality).
+        self.allow_set_locality = allow_set_locality
+        self.incoming = incoming
+        # None: a new TPM may be manufactured only if the dir has no permall now.
+        self.allow_manufacture = allow_manufacture
+        self.on_shutdown = on_shutdown
 
 
-@dataclass
 class ControlReply:
     """What a control command produced; frontends turn it into bytes.
 
     ``after_send`` runs once the reply left the process (GET_STATEBLOB of
-    the savestate releases the storage lock only then).
+    the savestate releases the storage lock only then). A plain class for
+    the reason EngineConfig is one.
     """
 
-    result: int
-    fields: dict[str, int] = field(default_factory=dict)
-    data: bytes = b""
-    after_send: Callable[[], None] | None = None
-    exit_after: bool = False
+    __slots__ = ("result", "fields", "data", "after_send", "exit_after")
+
+    def __init__(
+        self,
+        result: int,
+        fields: dict[str, int] | None = None,
+        data: bytes = b"",
+        after_send: Callable[[], None] | None = None,
+        exit_after: bool = False,
+    ) -> None:
+        self.result = result
+        self.fields = {} if fields is None else fields
+        self.data = data
+        self.after_send = after_send
+        self.exit_after = exit_after
 
 
 class Engine(Storage):
