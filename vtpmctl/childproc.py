@@ -20,7 +20,6 @@ Imports only ``vtpmctl.errors``: every layer may start a child.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 
@@ -90,6 +89,149 @@ ZYGOTE_MAX_MESSAGE = 1 << 18  # bytes of a request (argv and environment)
 # much room, which each daemon fills with the command line an exec would have had.
 ZYGOTE_TITLE_ROOM = 4096
 ZYGOTE_MAX_FDS = 8  # descriptors with a request: stderr, the ready pipe, key pipes
+ZYGOTE_PROTOCOL = "vtpmctl-zygote-1"  # a request's first field; a new layout, a new name
+
+
+class ZygoteRequest:
+    """What ``fork_daemon`` asks the zygote for, with its one encoding (both ends).
+
+    Not json: the zygote would carry json, and with it re, into every daemon.
+    A request is one datagram of fields, each ending in a NUL (so no field holds
+    one): the protocol name, then argv, env, the umask, rlimits, the fd numbers
+    and the identity, each list or dict as its length and then its items (a dict
+    item is a key and its value, an rlimit its name, soft and hard limits).
+    Text is UTF-8 with surrogatepass: every str comes back exactly as it was sent,
+    as with json, including the surrogates os.fsdecode makes of bytes that are
+    not UTF-8, whatever the locale of either end.
+    """
+
+    __slots__ = ("argv", "env", "fds", "identity", "rlimits", "umask")
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        umask: int,
+        rlimits: dict[str, tuple[int, int]],
+        fds: list[int],
+        identity: dict[str, str],
+    ) -> None:
+        self.argv = argv
+        self.env = env
+        self.umask = umask
+        self.rlimits = rlimits
+        self.fds = fds
+        self.identity = identity
+
+    def encode(self) -> bytes:
+        """The datagram; ValueError if a str holds a NUL (an exec would refuse it too)."""
+        out: list[str | int] = [ZYGOTE_PROTOCOL, len(self.argv), *self.argv, len(self.env)]
+        for key, value in self.env.items():
+            out += [key, value]
+        out += [self.umask, len(self.rlimits)]
+        for name, (soft, hard) in self.rlimits.items():
+            out += [name, soft, hard]
+        out += [len(self.fds), *self.fds, len(self.identity)]
+        for key, value in self.identity.items():
+            out += [key, value]
+        fields = [
+            str(f).encode() if isinstance(f, int) else f.encode("utf-8", "surrogatepass")
+            for f in out
+        ]
+        if any(b"\0" in f for f in fields):
+            raise ValueError("a NUL in the daemon's arguments or environment")
+        return b"".join(f + b"\0" for f in fields)
+
+    @classmethod
+    def decode(cls, data: bytes) -> ZygoteRequest:
+        """The request in ``data``; ValueError if it is not one, whole and well formed."""
+        fields = _Fields(data)
+        if fields.text() != ZYGOTE_PROTOCOL:
+            raise ValueError("not a zygote request")
+        argv = [fields.text() for _ in range(fields.count())]
+        env = fields.pairs()
+        umask = fields.number()
+        rlimits: dict[str, tuple[int, int]] = {}
+        for _ in range(fields.count()):
+            name = fields.text()
+            rlimits[name] = (fields.number(), fields.number())
+        fds = [fields.number() for _ in range(fields.count())]
+        identity = fields.pairs()
+        fields.end()
+        return cls(argv, env, umask, rlimits, fds, identity)
+
+
+class _Fields:
+    """The NUL-terminated fields of a datagram, read in order; ValueError past the end."""
+
+    __slots__ = ("_at", "_items")
+
+    def __init__(self, data: bytes) -> None:
+        if not data.endswith(b"\0"):
+            raise ValueError("a truncated message")
+        self._items = data[:-1].split(b"\0")
+        self._at = 0
+
+    def _next(self) -> bytes:
+        if self._at >= len(self._items):
+            raise ValueError("a truncated message")
+        self._at += 1
+        return self._items[self._at - 1]
+
+    def text(self) -> str:
+        return self._next().decode("utf-8", "surrogatepass")
+
+    def number(self) -> int:
+        """A decimal integer, optionally negative (RLIM_INFINITY is -1), ASCII digits only."""
+        field = self._next()
+        digits = field[1:] if field.startswith(b"-") else field
+        if not digits.isdigit() or len(digits) > 20:  # bytes.isdigit: ASCII only
+            raise ValueError("not a number")
+        return int(field)
+
+    def count(self) -> int:
+        """A length: no more than the fields left, so a bad one fails at once."""
+        n = self.number()
+        if not 0 <= n <= len(self._items) - self._at:
+            raise ValueError("a bad length")
+        return n
+
+    def pairs(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for _ in range(self.count()):
+            key = self.text()
+            if key in out:
+                raise ValueError("a key given twice")
+            out[key] = self.text()
+        return out
+
+    def end(self) -> None:
+        if self._at != len(self._items):
+            raise ValueError("fields after the end of the message")
+
+
+# The zygote's answers. Formatted with %, never built from objects: whatever the
+# zygote writes while a new daemon still shares its pages becomes that daemon's copy.
+ZYGOTE_REFUSED = b"error\0bad request\0"
+ZYGOTE_STALE = b"error\0stale\0"
+
+
+def zygote_reply(pid: int) -> bytes:
+    """The zygote's answer to a request it served: the daemon's pid."""
+    return b"pid\0%d\0" % pid
+
+
+def decode_zygote_reply(data: bytes) -> int | None:
+    """The daemon's pid in the zygote's answer; None for a refusal or anything else."""
+    try:
+        fields = _Fields(data)
+        if fields.text() != "pid":
+            return None
+        pid = fields.number()
+        fields.end()
+    except ValueError:
+        return None
+    return pid if pid > 0 else None
 
 
 def zygote_identity() -> dict[str, str]:
@@ -280,16 +422,11 @@ def fork_daemon(
     if not fits_title_room([*entry_argv(DAEMON_ENTRY), *args]):
         return None  # it could not show its own command line, which status and stop read
     identity = zygote_identity()
-    request = json.dumps(
-        {
-            "argv": args,
-            "env": env,
-            "umask": _umask(),
-            "rlimits": _rlimits(),
-            "fds": list(pass_fds or []),
-            **identity,
-        }
-    ).encode()
+    fds = list(pass_fds or [])
+    try:
+        request = ZygoteRequest(args, env, _umask(), _rlimits(), fds, identity).encode()
+    except ValueError:
+        return None  # a NUL: the exec says what is wrong
     if len(request) > ZYGOTE_MAX_MESSAGE:
         return None
     sock = _connect_zygote(zygote_address(identity))
@@ -299,21 +436,14 @@ def fork_daemon(
         sock.settimeout(ZYGOTE_REPLY_TIMEOUT)
         sock.sendmsg(
             [request],
-            [
-                (
-                    _socket.SOL_SOCKET,
-                    _socket.SCM_RIGHTS,
-                    _fds(stderr_fd, ready_fd, *(pass_fds or [])),
-                )
-            ],
+            [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _fds(stderr_fd, ready_fd, *fds))],
         )
-        reply = json.loads(sock.recv(4096) or b"{}")
+        reply = sock.recv(4096)
     except (OSError, ValueError):
         return None
     finally:
         sock.close()
-    pid = reply.get("pid") if isinstance(reply, dict) else None
-    return pid if isinstance(pid, int) and pid > 0 else None
+    return decode_zygote_reply(reply)
 
 
 def _umask() -> int:
@@ -332,10 +462,10 @@ def _fds(*fds: int) -> bytes:
 RLIMITS = ("CORE", "CPU", "DATA", "FSIZE", "MEMLOCK", "NOFILE", "NPROC", "STACK", "AS")
 
 
-def _rlimits() -> dict[str, list[int]]:
+def _rlimits() -> dict[str, tuple[int, int]]:
     import resource
 
-    return {name: list(resource.getrlimit(getattr(resource, "RLIMIT_" + name))) for name in RLIMITS}
+    return {name: resource.getrlimit(getattr(resource, "RLIMIT_" + name)) for name in RLIMITS}
 
 
 def _connect_zygote(address: bytes) -> Any:
@@ -448,6 +578,7 @@ def run_child(
 
     ``pass_fds`` are inherited by the child (a key on a pipe, never in the request).
     """
+    import json  # here, not at the top: the zygote, and so every daemon, would carry it
     import subprocess
 
     try:
@@ -501,6 +632,8 @@ def serve_child(handler: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
     stdout carries nothing else (anything printed goes to stderr, the log);
     an exception becomes one line, never a traceback that could hold state.
     """
+    import json
+
     answer_fd = os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     code = 0

@@ -30,7 +30,6 @@ import gc
 # libtpms and runs 0.7 MiB more of libcrypto (RSS +0.6 MiB, PSS +0.1 MiB each).
 import hashlib  # noqa: F401
 import hmac  # noqa: F401
-import json
 import os
 import resource  # each child takes its starter's limits
 import signal
@@ -44,8 +43,11 @@ from vtpmctl.childproc import (
     ZYGOTE_ENTRY,
     ZYGOTE_MAX_FDS,
     ZYGOTE_MAX_MESSAGE,
+    ZYGOTE_REFUSED,
+    ZYGOTE_STALE,
     IdleClock,
     Sources,
+    ZygoteRequest,
     entry_argv,
     package_sources,
     peer_uid,
@@ -55,6 +57,7 @@ from vtpmctl.childproc import (
     stale,
     zygote_address,
     zygote_identity,
+    zygote_reply,
 )
 
 # The code on disk as it was before the imports below: a file changed while they
@@ -81,14 +84,19 @@ def _reap(signum: int = 0, frame: object = None) -> None:
         _idle.touch()
 
 
-def _recv_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
+def _recv_request(conn: socket.socket) -> tuple[ZygoteRequest | None, list[int]]:
+    """The request (None if it is cut short or malformed) and the fds that came with it."""
     msg, fds, flags, _ = socket.recv_fds(conn, ZYGOTE_MAX_MESSAGE, ZYGOTE_MAX_FDS)
-    request = json.loads(msg) if not flags & socket.MSG_TRUNC else None
-    return (request if isinstance(request, dict) else {}), fds
+    if flags & socket.MSG_TRUNC:
+        return None, fds
+    try:
+        return ZygoteRequest.decode(msg), fds
+    except ValueError:
+        return None, fds
 
 
 def _child(
-    listener: socket.socket, conn: socket.socket, request: dict[str, object], fds: list[int]
+    listener: socket.socket, conn: socket.socket, request: ZygoteRequest, fds: list[int]
 ) -> None:
     """In the forked child: become the daemon as ``python -m vtpmctl _daemon`` would."""
     code = 1
@@ -100,20 +108,16 @@ def _child(
             signal.signal(sig, signal.SIG_DFL)
         os.setsid()
         os.chdir("/")
-        os.umask(int(request["umask"]))  # type: ignore[call-overload]
-        _set_rlimits(request.get("rlimits"))
-        env = request["env"]
-        assert isinstance(env, dict)
-        set_environ({str(k): str(v) for k, v in env.items()})
+        os.umask(request.umask)
+        _set_rlimits(request.rlimits)
+        set_environ(request.env)
         time.tzset()
-        ready_fd = _place_fds(fds, request["fds"])  # type: ignore[arg-type]
+        ready_fd = _place_fds(fds, request.fds)
         err_fd = 2
         gc.enable()
-        argv = request["argv"]
-        assert isinstance(argv, list)
         # What ps and status see: the command line an exec would have had.
-        set_command_line([*entry_argv(DAEMON_ENTRY), *map(str, argv)])
-        code = daemon.main([str(a) for a in argv], ready_fd=ready_fd)
+        set_command_line([*entry_argv(DAEMON_ENTRY), *request.argv])
+        code = daemon.main(request.argv, ready_fd=ready_fd)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # noqa: BLE001 - one line in the log, never a traceback
@@ -149,15 +153,13 @@ def _place_fds(fds: list[int], numbers: list[int]) -> int:
     return ready_fd
 
 
-def _set_rlimits(limits: object) -> None:
+def _set_rlimits(limits: dict[str, tuple[int, int]]) -> None:
     """The starter's resource limits, where this process may set them."""
-    if not isinstance(limits, dict):
-        return
     for name in RLIMITS:
         value = limits.get(name)
-        if isinstance(value, list) and len(value) == 2:
+        if value is not None:
             with contextlib.suppress(ValueError, OSError):
-                resource.setrlimit(getattr(resource, "RLIMIT_" + name), (value[0], value[1]))
+                resource.setrlimit(getattr(resource, "RLIMIT_" + name), value)
 
 
 def _serve_one(
@@ -173,21 +175,16 @@ def _serve_one(
             return True
         conn.settimeout(5.0)
         request, fds = _recv_request(conn)
-        numbers = request.get("fds")
-        ok = (
-            isinstance(numbers, list)
-            and all(isinstance(n, int) and n > 2 for n in numbers)
-            and len(fds) == 2 + len(numbers)
-            and {k: request.get(k) for k in identity} == identity
-            and isinstance(request.get("argv"), list)
-            and isinstance(request.get("env"), dict)
-            and isinstance(request.get("umask"), int)
-        )
-        if not ok:
-            conn.send(b'{"error": "bad request"}')
+        if (
+            request is None
+            or not all(n > 2 for n in request.fds)
+            or len(fds) != 2 + len(request.fds)
+            or request.identity != identity
+        ):
+            conn.send(ZYGOTE_REFUSED)
             return True
         if stale(sources):
-            conn.send(b'{"error": "stale"}')
+            conn.send(ZYGOTE_STALE)
             return False
         gc.freeze()  # what was imported stays out of the collector's reach in the child
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # reaped only once counted
@@ -199,9 +196,9 @@ def _serve_one(
             _children.add(pid)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        # Formatted, not json.dumps: whatever the zygote writes while the new daemon
-        # still shares its pages becomes that daemon's own copy.
-        conn.send(b'{"pid": %d}' % pid)
+        # Formatted (childproc.zygote_reply), not built from objects: whatever the zygote
+        # writes while the new daemon still shares its pages becomes that daemon's own copy.
+        conn.send(zygote_reply(pid))
         return True
     except (OSError, ValueError):
         return True
