@@ -12,7 +12,6 @@ any of the file's content.
 from __future__ import annotations
 
 import os
-import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ _PBKDF2_SALT = b"swtpm"
 _PBKDF2_ITERATIONS = 1000
 # Large enough for any passphrase, small enough that pointing at the wrong file is cheap.
 _MAX_FILE_BYTES = 64 * 1024
-_HEX_KEY = re.compile(rb"\A(?:0x)?([0-9A-Fa-f]{64}|[0-9A-Fa-f]{32})\s*\Z")
+_HEX_DIGITS = frozenset(b"0123456789ABCDEFabcdef")
 _FINGERPRINT_DOMAIN = b"vtpmctl key fingerprint v1\x00"
 # The key a passphrase makes when no mode is given and no state tells the size:
 # vtpmctl's own --key-format passphrase has always made 256-bit keys; swtpm's
@@ -109,11 +108,23 @@ def _cipher_bytes(cipher: str | None) -> int | None:
         raise ValueError(f"unknown cipher {cipher!r}; use aes-128-cbc or aes-256-cbc") from None
 
 
+def _hex_key_digits(data: bytes) -> bytes | None:
+    """The digits of a hex key file: an optional 0x, then 32 or 64 hex digits, then
+    only ASCII whitespace; None for anything else. Plain string checks, not re: the
+    zygote, and so every daemon, would carry re (docs/architecture.md, "The zygote")."""
+    digits = data.rstrip()  # bytes.rstrip() strips b" \t\n\r\v\f", what \s is in bytes
+    if digits.startswith(b"0x"):
+        digits = digits[2:]
+    if len(digits) in (32, 64) and all(c in _HEX_DIGITS for c in digits):
+        return digits
+    return None
+
+
 def _parse_hex(what: str, data: bytes, want: int | None) -> AesKey | None:
-    match = _HEX_KEY.match(data)
-    if match is None:
+    digits = _hex_key_digits(data)
+    if digits is None:
         return None
-    material = bytes.fromhex(match.group(1).decode("ascii"))
+    material = bytes.fromhex(digits.decode("ascii"))
     if want is not None and len(material) != want:
         raise KeyFileError(
             f"{what} holds a {len(material) * 8}-bit hex key but the cipher needs "
