@@ -331,10 +331,10 @@ def test_key_fingerprint() -> None:
 @pytest.mark.parametrize(
     ("spec", "fields"),
     [
-        ("file=/k", {"path": Path("/k"), "kind": "auto", "cipher": None, "kdf": None}),
+        ("file=/k", {"path": "/k", "kind": "auto", "cipher": None, "kdf": None}),
         ("fd=3,format=binary,mode=aes-cbc", {"fd": 3, "kind": "binary", "cipher": "aes-128-cbc"}),
         ("pwdfd=31,mode=aes-256-cbc", {"fd": 31, "kind": "passphrase", "cipher": "aes-256-cbc"}),
-        ("pwdfile=/p,kdf=sha512,remove", {"path": Path("/p"), "kdf": "sha512", "remove": True}),
+        ("pwdfile=/p,kdf=sha512,remove", {"path": "/p", "kdf": "sha512", "remove": True}),
         ("file=/k,format=hex,remove=false", {"kind": "hex", "remove": False}),
     ],
 )

@@ -54,7 +54,10 @@ def test_the_argv_builder_speaks_the_parser() -> None:
         "existing": True,
     }
     ns = vars(build_parser(quiet=True).parse_args(serve_argv(**values)))
-    assert {k: ns[k] for k in values} == values
+    # File names come back as str, spelled as pathlib spells them (vtpmctl.fspath).
+    assert {k: ns[k] for k in values} == {
+        k: str(v) if isinstance(v, Path) else v for k, v in values.items()
+    }
     assert parse_plain(serve_argv(**values)) == ns  # the daemon's own parse of such a line
     untouched = {opt.dest: opt.default for opt in SERVE_OPTIONS if opt.dest not in values}
     assert {k: ns[k] for k in untouched} == untouched
@@ -78,9 +81,9 @@ def test_start_builds_a_line_the_daemon_parses(
     assert argv[1:4] == ["-m", "vtpmctl", "_daemon"]
     ns = build_parser(quiet=True).parse_args(argv[4:])
     assert parse_plain(argv[4:]) == vars(ns)
-    assert ns.state == inst.paths.state_dir and ns.tpm == "1.2" and ns.existing and ns.incoming
+    assert ns.state == str(inst.paths.state_dir) and ns.tpm == "1.2" and ns.existing and ns.incoming
     assert (ns.cuse is None) == (transport == "socket") and ns.data is None
-    assert ns.key_file == (inst.paths.state_key if encrypted else None)
+    assert ns.key_file == (str(inst.paths.state_key) if encrypted else None)
     assert ns.key_kind == ("hex" if encrypted else "auto")
 
 

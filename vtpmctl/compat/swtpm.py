@@ -578,10 +578,10 @@ def _read_key(spec: str | None, option: str, probe: bytes | None) -> AesKey | No
         raise _fail(str(exc)) from None
 
 
-def _warn_mode(path: Path) -> None:
+def _warn_mode(path: str) -> None:
     """swtpm reads a key file others may read; so does this program, with a warning."""
     try:
-        mode = path.stat().st_mode & 0o777
+        mode = os.stat(path).st_mode & 0o777
     except OSError:
         return
     if mode & 0o077:

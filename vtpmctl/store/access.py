@@ -14,10 +14,13 @@ from __future__ import annotations
 import grp
 import os
 import stat
-from dataclasses import dataclass
-from pathlib import Path
 
 from vtpmctl.errors import UsageError
+from vtpmctl.frozen import Frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vtpmctl.fspath import StrPath
 
 PRIVATE_SOCKET_MODE = 0o600  # no --group: only the owner
 PRIVATE_DIR_MODE = 0o700
@@ -56,13 +59,21 @@ def group_id(group: str) -> int:
     raise AccessError(f"no group named {group!r} on this host; create it or give another --group")
 
 
-@dataclass(frozen=True)
-class Access:
+class Access(Frozen):
     """The group and modes of one instance's sockets and run dir."""
 
-    group: str | None = None
-    socket_mode: int = PRIVATE_SOCKET_MODE
-    dir_mode: int = PRIVATE_DIR_MODE
+    __slots__ = ("group", "socket_mode", "dir_mode")
+    group: str | None
+    socket_mode: int
+    dir_mode: int
+
+    def __init__(
+        self,
+        group: str | None = None,
+        socket_mode: int = PRIVATE_SOCKET_MODE,
+        dir_mode: int = PRIVATE_DIR_MODE,
+    ) -> None:
+        self._init(group=group, socket_mode=socket_mode, dir_mode=dir_mode)
 
     @classmethod
     def of(cls, group: str | None, socket_mode: str | None, dir_mode: str | None) -> Access:
@@ -109,7 +120,7 @@ class Access:
         return -1 if self.group is None else group_id(self.group)
 
 
-def apply_to_dir(path: Path, access: Access) -> None:
+def apply_to_dir(path: StrPath, access: Access) -> None:
     """Give a dir this user owns exactly the asked group and mode (no link followed)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -123,7 +134,7 @@ def apply_to_dir(path: Path, access: Access) -> None:
         os.close(fd)
 
 
-def describe(path: Path) -> tuple[int, str]:
+def describe(path: StrPath) -> tuple[int, str]:
     """(mode, group name or gid) of an existing path, for verify's findings."""
     st = os.lstat(path)
     try:

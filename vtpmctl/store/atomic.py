@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from pathlib import Path
 
 from vtpmctl.errors import StoreError
+from vtpmctl.fspath import join, name, parent
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vtpmctl.fspath import StrPath
 
 # A full file system, or a spent quota: one message for both, naming the file.
 _NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
@@ -20,7 +25,7 @@ class NoSpaceError(StoreError, OSError):
     write goes on handling this one; its message names the file and the fix.
     """
 
-    def __init__(self, code: int, path: Path | str) -> None:
+    def __init__(self, code: int, path: StrPath) -> None:
         OSError.__init__(
             self, code, f"{_NO_SPACE[code]} writing {path}; free some space and retry", str(path)
         )
@@ -29,14 +34,14 @@ class NoSpaceError(StoreError, OSError):
         return str(self.strerror)
 
 
-def no_space(exc: OSError, path: Path | str) -> OSError:
+def no_space(exc: OSError, path: StrPath) -> OSError:
     """``exc`` as a NoSpaceError naming ``path`` when the disk is full, else as it is."""
     if exc.errno in _NO_SPACE and not isinstance(exc, NoSpaceError):
         return NoSpaceError(exc.errno, path)
     return exc
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: StrPath) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -45,7 +50,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomic(
-    path: Path,
+    path: StrPath,
     data: bytes,
     mode: int = 0o600,
     tmp_name: str | None = None,
@@ -59,14 +64,14 @@ def write_atomic(
     gid) is given to the file before it replaces the old one, so it never
     appears with another owner.
     """
-    directory = path.parent
+    directory = parent(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     if tmp_name is None:
         # A fresh unguessable name created exclusively: nobody can pre-plant it.
-        tmp = directory / f".{path.name}.{os.urandom(6).hex()}.tmp"
+        tmp = join(directory, f".{name(path)}.{os.urandom(6).hex()}.tmp")
         flags |= os.O_EXCL
     else:
-        tmp = directory / tmp_name
+        tmp = join(directory, tmp_name)
         flags |= os.O_TRUNC
     try:
         fd = os.open(tmp, flags, mode)
@@ -84,7 +89,7 @@ def write_atomic(
             os.fsync(fd)
     except BaseException as exc:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
+        _unlink(tmp)
         if isinstance(exc, OSError):
             raise no_space(exc, path) from None
         raise
@@ -92,7 +97,7 @@ def write_atomic(
     try:
         os.rename(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        _unlink(tmp)
         if isinstance(exc, OSError):
             raise no_space(exc, path) from None
         raise
@@ -100,7 +105,12 @@ def write_atomic(
         fsync_dir(directory)
 
 
-def _refuse_link(path: Path, alternative: str = "") -> OSError:
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _refuse_link(path: StrPath, alternative: str = "") -> OSError:
     return OSError(
         errno.ELOOP,
         "it is a symbolic link, which vtpmctl never writes through; "
@@ -109,7 +119,7 @@ def _refuse_link(path: Path, alternative: str = "") -> OSError:
     )
 
 
-def open_output(path: Path) -> int | None:
+def open_output(path: StrPath) -> int | None:
     """An fd for a FIFO or device that ``path`` names directly, else None.
 
     None means: write ``path`` with :func:`write_atomic` (it is a regular file
@@ -143,7 +153,7 @@ def write_fd(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def write_output(path: Path, data: bytes, mode: int = 0o600) -> None:
+def write_output(path: StrPath, data: bytes, mode: int = 0o600) -> None:
     """A file the user named: written into if it is a FIFO or device, else replaced."""
     fd = open_output(path)
     if fd is None:
@@ -157,7 +167,7 @@ def write_output(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
 
 
-def open_log(path: Path, mode: int = 0o600) -> int:
+def open_log(path: StrPath, mode: int = 0o600) -> int:
     """Open a log for appending without following a link or appending to another's file.
 
     A log outlives one process and may sit in a shared directory (``--log-file

@@ -23,11 +23,11 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from dataclasses import dataclass
 
 # The protocol table sits below the store: a BlobError carries the control result.
 from vtpmctl.device.protocol import Res, StateFlag
 from vtpmctl.errors import StoreError
+from vtpmctl.frozen import Frozen
 
 __all__ = [
     "AesKey",
@@ -85,19 +85,19 @@ class BlobError(StoreError):
         return f"BlobError(rc=0x{self.rc:02x}, {self.message!r})"
 
 
-@dataclass(frozen=True, repr=False)
-class AesKey:
+class AesKey(Frozen):
     """An AES-128/256 key; wrapped so that printing or logging it can never leak the bytes."""
 
+    __slots__ = ("material",)
     material: bytes
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.material, (bytes, bytearray, memoryview)):
+    def __init__(self, material: bytes) -> None:
+        if not isinstance(material, (bytes, bytearray, memoryview)):
             raise TypeError("AesKey material must be bytes")
-        material = bytes(self.material)
+        material = bytes(material)
         if len(material) not in (16, 32):
             raise ValueError(f"an AES key must be 16 or 32 bytes, not {len(material)}")
-        object.__setattr__(self, "material", material)
+        self._init(material=material)
 
     @property
     def bits(self) -> int:
@@ -123,18 +123,25 @@ class AesKey:
         return hash((AesKey, self.material))
 
 
-@dataclass(frozen=True)
-class BlobHeader:
+class BlobHeader(Frozen):
     """The packed big-endian header shared by state files and transfer blobs.
 
     See docs/protocol.md#blob-layout.
     """
 
+    __slots__ = ("version", "min_version", "hdrsize", "flags", "totlen")
     version: int
     min_version: int
     hdrsize: int
     flags: int
     totlen: int
+
+    def __init__(
+        self, version: int, min_version: int, hdrsize: int, flags: int, totlen: int
+    ) -> None:
+        self._init(
+            version=version, min_version=min_version, hdrsize=hdrsize, flags=flags, totlen=totlen
+        )
 
 
 def _header(flags: int, body_len: int) -> bytes:

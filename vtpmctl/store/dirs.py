@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
 
 from vtpmctl.errors import StoreError
+from vtpmctl.fspath import parent
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vtpmctl.fspath import StrPath
 
 # The roots' modes when vtpmctl creates them (systemd's *DirectoryMode= match).
 CONFIG_MODE = 0o700  # keys and the CA
@@ -32,7 +36,7 @@ def _trusted(uid: int) -> bool:
     return uid in (os.geteuid(), 0)
 
 
-def dir_problem(path: Path) -> tuple[str, str] | None:
+def dir_problem(path: StrPath) -> tuple[str, str] | None:
     """(what is wrong, the fix) for an existing directory, or None if it is safe or absent."""
     try:
         st = os.stat(path)
@@ -51,7 +55,7 @@ def dir_problem(path: Path) -> tuple[str, str] | None:
     return None
 
 
-def check_dir(path: Path) -> None:
+def check_dir(path: StrPath) -> None:
     """UnsafeDirError naming the fix unless ``path`` is absent or safe to use."""
     problem = dir_problem(path)
     if problem is not None:
@@ -59,7 +63,7 @@ def check_dir(path: Path) -> None:
         raise UnsafeDirError(f"refusing {what}: another user could swap its files; fix: {fix}")
 
 
-def ensure_dir(path: Path, mode: int, parent_mode: int = 0o755, check: bool = True) -> None:
+def ensure_dir(path: StrPath, mode: int, parent_mode: int = 0o755, check: bool = True) -> None:
     """Create ``path`` (and missing parents, ``parent_mode``) with exact modes, or check it.
 
     ``check=False`` keeps an existing dir as it is (``serve --state DIR``: a
@@ -68,7 +72,7 @@ def ensure_dir(path: Path, mode: int, parent_mode: int = 0o755, check: bool = Tr
     try:
         os.mkdir(path, mode)
     except FileNotFoundError:
-        ensure_dir(path.parent, parent_mode, parent_mode, check=False)
+        ensure_dir(parent(path), parent_mode, parent_mode, check=False)
         ensure_dir(path, mode, parent_mode, check)
         return
     except FileExistsError:

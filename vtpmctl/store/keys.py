@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 from vtpmctl.errors import StoreError
+from vtpmctl.frozen import Frozen
+from vtpmctl.fspath import clean, parent
 from vtpmctl.model import KEY_SPEC_METAVAR, KeyFormat
 from vtpmctl.store.atomic import NoSpaceError, write_atomic
 from vtpmctl.store.blob import AesKey, file_key_bits, file_key_matches
@@ -49,6 +49,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Literal, TypeVar
 
+    from vtpmctl.fspath import StrPath
+
     CipherName = Literal["aes-128-cbc", "aes-256-cbc"]
     Kdf = Literal["pbkdf2", "sha512"]
     T = TypeVar("T")
@@ -71,7 +73,7 @@ class KeyFileError(StoreError):
     """A key or passphrase file that cannot be used; the message says how to fix it."""
 
 
-def _read_secret(path: Path, what: str) -> bytes:
+def _read_secret(path: StrPath, what: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -207,7 +209,7 @@ def parse_key_bytes(
 
 
 def load_key(
-    path: Path,
+    path: StrPath,
     *,
     kind: KeyFormat = KeyFormat.AUTO,
     cipher: CipherName | None = None,
@@ -218,15 +220,15 @@ def load_key(
     See parse_key_bytes for the formats. File permissions are not checked here (see
     check_secret_file_mode).
     """
-    path = Path(path)
+    path = clean(path)
     what = "passphrase file" if kind == KeyFormat.PASSPHRASE else "key file"
     data = _read_secret(path, what)
     return parse_key_bytes(data, f"{what} {path}", kind=kind, cipher=cipher, kdf=kdf)
 
 
-def check_secret_file_mode(path: Path) -> None:
+def check_secret_file_mode(path: StrPath) -> None:
     """Refuse secrets that other users could read or replace."""
-    path = Path(path)
+    path = clean(path)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -247,16 +249,16 @@ def check_secret_file_mode(path: Path) -> None:
         )
 
 
-def write_secret_file(path: Path, data: bytes) -> None:
+def write_secret_file(path: StrPath, data: bytes) -> None:
     """Write a secret so that it is never visible to others nor half-written after a crash."""
-    path = Path(path)
+    path = clean(path)
     try:
         write_atomic(path, data, 0o600)
     except NoSpaceError:
         raise
     except OSError as exc:
         raise KeyFileError(
-            f"cannot write {path}: {exc.strerror}; check that {path.parent} exists and is writable"
+            f"cannot write {path}: {exc.strerror}; check that {parent(path)} exists and is writable"
         ) from None
 
 
@@ -297,8 +299,7 @@ _MODES: dict[str, CipherName] = {
 _SOURCES = ("file", "fd", "pwdfile", "pwdfd")
 
 
-@dataclass(frozen=True)
-class KeySource:
+class KeySource(Frozen):
     """Where a key comes from and how to read it; holds no secret.
 
     ``cipher`` and ``kdf`` are None when not given: a passphrase's key size and
@@ -306,12 +307,31 @@ class KeySource:
     else ``default_bits`` and pbkdf2 (swtpm's defaults).
     """
 
-    path: Path | None = None
-    fd: int | None = None
-    kind: KeyFormat = KeyFormat.AUTO
-    cipher: CipherName | None = None
-    kdf: Kdf | None = None
-    remove: bool = False
+    __slots__ = ("path", "fd", "kind", "cipher", "kdf", "remove")
+    path: str | None
+    fd: int | None
+    kind: KeyFormat
+    cipher: CipherName | None
+    kdf: Kdf | None
+    remove: bool
+
+    def __init__(
+        self,
+        path: StrPath | None = None,
+        fd: int | None = None,
+        kind: KeyFormat = KeyFormat.AUTO,
+        cipher: CipherName | None = None,
+        kdf: Kdf | None = None,
+        remove: bool = False,
+    ) -> None:
+        self._init(
+            path=None if path is None else clean(path),
+            fd=fd,
+            kind=kind,
+            cipher=cipher,
+            kdf=kdf,
+            remove=remove,
+        )
 
     @property
     def where(self) -> str:
@@ -331,7 +351,7 @@ class KeySource:
             data = _read_secret(self.path, f"{what} file")
             if self.remove:
                 try:
-                    self.path.unlink()
+                    os.unlink(self.path)
                 except OSError as exc:
                     raise KeyFileError(
                         f"cannot remove {what} file {self.path} (remove was asked): {exc.strerror}"
@@ -406,7 +426,7 @@ def parse_key_spec(text: str, option: str = "--key") -> KeySource:
         if "remove" in fields:
             raise bad("remove applies to file= and pwdfile= only")
     else:
-        path = Path(fields[source])
+        path = clean(fields[source])
     kind = _spec_choice(fields, "format", _FORMATS, bad)
     if kind is None:
         kind = KeyFormat.PASSPHRASE if password else KeyFormat.AUTO

@@ -13,15 +13,18 @@ import os
 import struct
 import time
 from collections.abc import Iterable
-from pathlib import Path
 
 from vtpmctl.errors import StoreError
+from vtpmctl.fspath import clean, join
 from vtpmctl.model import STATE_FILE_NAMES, BlobKind, TpmFamily
 from vtpmctl.store.atomic import fsync_dir, write_atomic
 from vtpmctl.store.dirs import ensure_dir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from vtpmctl.fspath import StrPath
     from vtpmctl.store.blob import AesKey
 
 LOCK_RETRY_INTERVAL = 0.01
@@ -32,18 +35,22 @@ class StateDirError(StoreError):
 
 
 class StateDir:
-    """One TPM's state files. Holds at most one fd on ``.lock`` (docs/libtpms.md, pitfall 16)."""
+    """One TPM's state files. Holds at most one fd on ``.lock`` (docs/libtpms.md, pitfall 16).
+
+    It works on ``dir``, a ``str``; ``path`` and ``file`` give ``pathlib.Path``s for
+    the CLI's code, and the daemon never calls them (``vtpmctl.fspath``).
+    """
 
     def __init__(
         self,
-        path: Path,
+        path: StrPath,
         tpm2: bool = True,
         key: AesKey | None = None,
         mode: int = 0o600,
         durable: bool = True,
         use_lock: bool = True,
     ) -> None:
-        self.path = Path(path)
+        self.dir = clean(path)
         self.tpm2 = tpm2
         self.key = key
         self.mode = mode
@@ -65,28 +72,41 @@ class StateDir:
     def tmp_prefix(self) -> str:
         return TpmFamily.of(self.tpm2).temp_prefix
 
-    def file(self, name: str) -> Path:
+    @property
+    def path(self) -> Path:
+        from pathlib import Path
+
+        return Path(self.dir)
+
+    def fspath(self, name: str) -> str:
+        """The state file's name as ``str``."""
         if name not in STATE_FILE_NAMES:
             raise ValueError(f"unknown state name {name!r}")
-        return self.path / (self.prefix + name)
+        return join(self.dir, self.prefix + name)
+
+    def file(self, name: str) -> Path:
+        from pathlib import Path
+
+        return Path(self.fspath(name))
 
     # ------------------------------------------------------------ files
 
     def ensure(self) -> None:
         """Create the directory (0700) if needed."""
-        ensure_dir(self.path, 0o700, check=False)
+        ensure_dir(self.dir, 0o700, check=False)
 
     def exists(self, name: str) -> bool:
-        return self.file(name).is_file()
+        return os.path.isfile(self.fspath(name))
 
     def read_raw(self, name: str) -> bytes | None:
         """The file's bytes as stored (possibly encrypted), or None."""
         try:
-            return self.file(name).read_bytes()
+            with open(self.fspath(name), "rb") as f:
+                return f.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StateDirError(f"cannot read {self.file(name)}: {exc.strerror}") from exc
+            raise StateDirError(f"cannot read {self.fspath(name)}: {exc.strerror}") from exc
 
     def load(self, name: str) -> bytes | None:
         """Plaintext libtpms state, None if absent; StateDirError if unusable."""
@@ -104,7 +124,7 @@ class StateDir:
                 if self.key is not None or raw[4:6] != b"\0\0"
                 else "restore it from a snapshot or backup"
             )
-            raise StateDirError(f"{self.file(name)} is unusable ({exc}); {hint}") from exc
+            raise StateDirError(f"{self.fspath(name)} is unusable ({exc}); {hint}") from exc
 
     def load_blobs(self, kinds: Iterable[BlobKind]) -> dict[str, bytes]:
         """The plaintext state of each kind (the keys) that is present and not empty."""
@@ -117,7 +137,7 @@ class StateDir:
         self.write_raw(name, wrap_file(plain, self.key))
 
     def write_raw(self, name: str, data: bytes) -> None:
-        target = self.file(name)
+        target = self.fspath(name)
         write_atomic(
             target,
             data,
@@ -129,17 +149,17 @@ class StateDir:
 
     def delete(self, name: str) -> None:
         try:
-            self.file(name).unlink()
+            os.unlink(self.fspath(name))
         except FileNotFoundError:
             return
         if self.durable:
-            fsync_dir(self.path)
+            fsync_dir(self.dir)
 
     def sizes(self) -> dict[str, int]:
         out = {}
         for name in STATE_FILE_NAMES:
             try:
-                out[name] = self.file(name).stat().st_size
+                out[name] = os.stat(self.fspath(name)).st_size
             except FileNotFoundError:
                 continue
         return out
@@ -158,7 +178,7 @@ class StateDir:
             self._unlocked_held = True
             return True
         self.ensure()
-        path = self.path / ".lock"
+        path = join(self.dir, ".lock")
         fd = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640
         )
@@ -189,7 +209,7 @@ class StateDir:
         Uses F_GETLK without opening for write, so it never disturbs the
         holder; a process must not call this on a dir it locked itself.
         """
-        path = self.path / ".lock"
+        path = join(self.dir, ".lock")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:

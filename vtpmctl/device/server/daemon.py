@@ -17,17 +17,16 @@ that answers nothing once it is up and whose stdout is /dev/null.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType
 
 from vtpmctl.engine.tpm import Engine, EngineConfig
 from vtpmctl.errors import EXIT_FAILURE, EXIT_OK, ServeError, StoreError, UsageError
+from vtpmctl.fspath import clean
 from vtpmctl.model import BlobKind, KeyFormat, OnShutdown, TpmFamily, Transport
 from vtpmctl.store.blob import AesKey
 from vtpmctl.store.statedir import StateDir, StateDirError
@@ -38,10 +37,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Mapping
+    from types import FrameType
     from typing import Any
 
     from vtpmctl.device.server.sockets import Endpoint
     from vtpmctl.engine.tpm import Startup
+    from vtpmctl.fspath import StrPath
     from vtpmctl.store.keys import KeySource
 
 log = logging.getLogger("vtpmctl.daemon")
@@ -55,31 +56,62 @@ class ServeOptionError(UsageError):
     """An option's value cannot be used; nothing was created or started."""
 
 
-@dataclass
+def _path(value: StrPath | None) -> str | None:
+    return None if value is None else clean(value)
+
+
 class DaemonOptions:
-    state_dir: Path
-    ctrl: str | None = None
-    data: str | None = None
-    admin: str | None = None  # unix:PATH of the read-only admin endpoint
-    cuse: str | None = None
-    tpm2: bool = True
-    flags: list[str] = field(default_factory=list)
-    key_file: Path | None = None
-    key_kind: str = KeyFormat.AUTO
-    key: str | None = None  # swtpm's --key syntax (file=, fd=, pwdfile=, pwdfd=)
-    migration_key_file: Path | None = None
-    migration_key_kind: str = KeyFormat.AUTO
-    migration_key: str | None = None
-    pid_file: Path | None = None
-    log_file: Path | None = None
-    terminate: bool = False
-    incoming: bool = False
-    allow_manufacture: bool | None = None
-    reject_locality_4: bool = False
-    remote_spec: Path | None = None
-    on_shutdown: OnShutdown = OnShutdown.EXIT
-    group: str | None = None
-    socket_mode: str | None = None
+    """One daemon's settings; file names as ``str`` (``vtpmctl.fspath``)."""
+
+    def __init__(
+        self,
+        state_dir: StrPath,
+        ctrl: str | None = None,
+        data: str | None = None,
+        admin: str | None = None,  # unix:PATH of the read-only admin endpoint
+        cuse: str | None = None,
+        tpm2: bool = True,
+        flags: list[str] | None = None,
+        key_file: StrPath | None = None,
+        key_kind: str = KeyFormat.AUTO,
+        key: str | None = None,  # swtpm's --key syntax (file=, fd=, pwdfile=, pwdfd=)
+        migration_key_file: StrPath | None = None,
+        migration_key_kind: str = KeyFormat.AUTO,
+        migration_key: str | None = None,
+        pid_file: StrPath | None = None,
+        log_file: StrPath | None = None,
+        terminate: bool = False,
+        incoming: bool = False,
+        allow_manufacture: bool | None = None,
+        reject_locality_4: bool = False,
+        remote_spec: StrPath | None = None,
+        on_shutdown: OnShutdown = OnShutdown.EXIT,
+        group: str | None = None,
+        socket_mode: str | None = None,
+    ) -> None:
+        self.state_dir = clean(state_dir)
+        self.ctrl = ctrl
+        self.data = data
+        self.admin = admin
+        self.cuse = cuse
+        self.tpm2 = tpm2
+        self.flags = [] if flags is None else flags
+        self.key_file = _path(key_file)
+        self.key_kind = key_kind
+        self.key = key
+        self.migration_key_file = _path(migration_key_file)
+        self.migration_key_kind = migration_key_kind
+        self.migration_key = migration_key
+        self.pid_file = _path(pid_file)
+        self.log_file = _path(log_file)
+        self.terminate = terminate
+        self.incoming = incoming
+        self.allow_manufacture = allow_manufacture
+        self.reject_locality_4 = reject_locality_4
+        self.remote_spec = _path(remote_spec)
+        self.on_shutdown = on_shutdown
+        self.group = group
+        self.socket_mode = socket_mode
 
 
 def parse_flags(flags: list[str]) -> tuple[bool, Startup, bool]:
@@ -146,7 +178,7 @@ def _load_key(source: KeySource | None, own: bool, probe: bytes | None = None) -
     return source.resolve(probe, OWN_PASSPHRASE_BITS if own else SWTPM_PASSPHRASE_BITS)
 
 
-def _setup_logging(log_file: Path | None) -> int | None:
+def _setup_logging(log_file: str | None) -> int | None:
     """Log to the file (0600) or stderr; returns the fd libtpms should use."""
     handler: logging.Handler
     if log_file is not None:
@@ -168,7 +200,7 @@ def _setup_logging(log_file: Path | None) -> int | None:
     return libtpms_fd
 
 
-def _write_pid_file(path: Path) -> None:
+def _write_pid_file(path: str) -> None:
     from vtpmctl.store.atomic import write_atomic
 
     write_atomic(path, f"{os.getpid()}\n".encode(), 0o644)
@@ -207,8 +239,6 @@ def check_options(
         except CuseError as exc:
             raise ServeOptionError(str(exc)) from None
         return None, None, None
-    from dataclasses import replace
-
     from vtpmctl.device.server.sockets import EndpointError, parse_endpoint
     from vtpmctl.store.access import Access, AccessError
 
@@ -228,7 +258,7 @@ def check_options(
         # admin socket stays the owner's.
         if ep.kind != "unix":
             return ep
-        return replace(ep, mode=access.socket_mode, gid=access.gid)
+        return ep.replace(mode=access.socket_mode, gid=access.gid)
 
     return with_access(ctrl), None if data is None else with_access(data), admin
 
@@ -257,7 +287,7 @@ def run(opts: DaemonOptions, ready_fd: int | None = None) -> int:
         statedir: StateDir = watched
     else:
         statedir = StateDir(opts.state_dir, tpm2=opts.tpm2, key=state_key)
-    if opts.allow_manufacture is False and not opts.state_dir.is_dir():
+    if opts.allow_manufacture is False and not os.path.isdir(opts.state_dir):
         # An instance removed while it was being started: recreating its dir (and
         # .lock) would leave files behind that block a new instance of that name.
         raise DaemonError(f"no TPM state dir {opts.state_dir}; is the instance removed?")
@@ -327,7 +357,8 @@ def run(opts: DaemonOptions, ready_fd: int | None = None) -> int:
         if replicator is not None:
             replicator.stop()
         if opts.pid_file is not None:
-            opts.pid_file.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(opts.pid_file)
         log.info("stopped")
     message = getattr(server, "exit_message", None)
     return EXIT_FAILURE if message else EXIT_OK

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
+from vtpmctl.fspath import clean
 from vtpmctl.model import KEY_SPEC_HELP, KEY_SPEC_METAVAR, KeyFormat, OnShutdown, TpmFamily
 
 # Off `typing` at run time: the zygote, and so every daemon, would carry it
@@ -174,7 +174,7 @@ def parse_plain(argv: list[str]) -> dict[str, Any] | None:
                 return None
             values[opt.dest] = value
         else:
-            values[opt.dest] = Path(value) if opt.kind == "path" else value
+            values[opt.dest] = clean(value) if opt.kind == "path" else value
     if any(opt.required and values[opt.dest] is None for opt in SERVE_OPTIONS):
         return None
     return values
@@ -239,7 +239,7 @@ def build_parser(quiet: bool = False) -> argparse.ArgumentParser:
             p.add_argument(
                 *names,
                 dest=opt.dest,
-                type=Path if opt.kind == "path" else str,
+                type=clean if opt.kind == "path" else str,
                 required=opt.required,
                 help=opt.help,
             )

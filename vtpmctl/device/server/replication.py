@@ -279,6 +279,6 @@ class Replicator:
             log.warning("cannot write %s: %s", self.spec.status_file, exc.strerror)
 
 
-def load(spec_file: Path) -> DaemonSpec:
+def load(spec_file: str) -> DaemonSpec:
     """The spec ``vtpmctl start`` wrote for this daemon."""
-    return DaemonSpec.read(spec_file)
+    return DaemonSpec.read(Path(spec_file))

@@ -21,8 +21,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 from vtpmctl.device.protocol import (
     CODE,
@@ -46,6 +44,7 @@ from vtpmctl.device.protocol import (
 from vtpmctl.engine.libtpms import CommandBuffer
 from vtpmctl.engine.tpm import ControlReply, Engine, FatalEngineError
 from vtpmctl.errors import ServeError
+from vtpmctl.frozen import Frozen
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +58,27 @@ class EndpointError(ServeError):
     """An endpoint spec that cannot be used; the message names the fix."""
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(Frozen):
+    """Where a channel listens or connects: ``unix:PATH`` or ``tcp:HOST:PORT``."""
+
+    __slots__ = ("kind", "path", "host", "port", "mode", "gid")
     kind: str  # "unix" | "tcp"
-    path: str = ""
-    host: str = "127.0.0.1"
-    port: int = 0
-    mode: int = 0o600
-    gid: int = -1  # the unix socket's group; -1 keeps the process's
+    path: str
+    host: str
+    port: int
+    mode: int
+    gid: int  # the unix socket's group; -1 keeps the process's
+
+    def __init__(
+        self,
+        kind: str,
+        path: str = "",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        mode: int = 0o600,
+        gid: int = -1,
+    ) -> None:
+        self._init(kind=kind, path=path, host=host, port=port, mode=mode, gid=gid)
 
     def __str__(self) -> str:
         if self.kind == "unix":
@@ -101,10 +113,9 @@ def parse_endpoint(spec: str) -> Endpoint:
 
 def listen(ep: Endpoint, backlog: int = 1) -> socket.socket:
     if ep.kind == "unix":
-        path = Path(ep.path)
         try:
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()
+            if stat.S_ISSOCK(os.lstat(ep.path).st_mode):
+                os.unlink(ep.path)
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

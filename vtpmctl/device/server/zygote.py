@@ -67,7 +67,7 @@ _STAMPED = source_stamps(package_sources())
 # Imported here to be shared: everything a daemon imports on its way to serving.
 # A module first imported after the fork is loaded again by each daemon, into
 # pages of its own (docs/architecture.md, "The zygote").
-from vtpmctl.device.server import admin, daemon, sockets  # noqa: E402, F401
+from vtpmctl.device.server import admin, daemon, options, sockets  # noqa: E402, F401
 from vtpmctl.engine import libtpms  # noqa: E402
 from vtpmctl.store import access, blob  # noqa: E402, F401
 from vtpmctl.store import keys as store_keys  # noqa: E402, F401
