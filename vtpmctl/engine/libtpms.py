@@ -10,7 +10,6 @@ mutable command buffers, and a reused response buffer.
 from __future__ import annotations
 
 import ctypes
-import logging
 from collections.abc import Callable, Iterable
 from ctypes import (
     CFUNCTYPE,
@@ -27,6 +26,7 @@ from ctypes import (
 )
 from enum import IntEnum
 
+from vtpmctl import logger
 from vtpmctl.device.protocol import Res
 from vtpmctl.errors import TpmResultError
 from vtpmctl.model import BlobKind, TpmFamily
@@ -37,7 +37,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-log = logging.getLogger(__name__)
+log = logger.get(__name__)
 
 # Plain ints (callbacks return them to C on every NV access and locality query).
 TPM_SUCCESS = int(Res.SUCCESS)

@@ -8,10 +8,10 @@ once. The engine reaches the disk only through its :class:`StateDir`.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 
+from vtpmctl import logger
 from vtpmctl.device.protocol import (
     CAPS_CUSE,
     CAPS_SOCKET_TPM2,
@@ -47,7 +47,7 @@ from vtpmctl.model import STATE_FILE_NAMES, BlobKind, OnShutdown, TpmFamily, Tra
 from vtpmctl.store.blob import AesKey, BlobError, unwrap_transfer, wrap_transfer
 from vtpmctl.store.statedir import StateDir, StateDirError
 
-log = logging.getLogger(__name__)
+log = logger.get(__name__)
 
 # Off `typing` at run time: the zygote, and so every daemon, would carry it
 # (0.4 MiB; docs/architecture.md, "The zygote").

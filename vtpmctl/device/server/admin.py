@@ -17,13 +17,13 @@ mode and group: never wider than the control socket.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import socket
 import threading
 import time
 
+from vtpmctl import logger
 from vtpmctl.device.protocol import (
     CODE,
     CTRL_DEADLINE,
@@ -42,7 +42,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from vtpmctl.device.server.sockets import Endpoint, SocketServer
 
-log = logging.getLogger(__name__)
+log = logger.get(__name__)
 
 # What the admin endpoint answers: commands that read and change nothing.
 ADMIN_COMMANDS = frozenset(

@@ -18,12 +18,12 @@ that answers nothing once it is up and whose stdout is /dev/null.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import socket
 import sys
 
+from vtpmctl import logger
 from vtpmctl.engine.tpm import Engine, EngineConfig
 from vtpmctl.errors import EXIT_FAILURE, EXIT_OK, ServeError, StoreError, UsageError
 from vtpmctl.fspath import clean
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from vtpmctl.fspath import StrPath
     from vtpmctl.store.keys import KeySource
 
-log = logging.getLogger("vtpmctl.daemon")
+log = logger.get("vtpmctl.daemon")
 
 
 class DaemonError(ServeError):
@@ -179,8 +179,11 @@ def _load_key(source: KeySource | None, own: bool, probe: bytes | None = None) -
 
 
 def _setup_logging(log_file: str | None) -> int | None:
-    """Log to the file (0600) or stderr; returns the fd libtpms should use."""
-    handler: logging.Handler
+    """Log to the file (0600) or stderr; returns the fd libtpms should use.
+
+    Written by ``vtpmctl.logger``, not a ``logging`` handler: the daemon stays
+    off ``logging`` (docs/architecture.md, "The zygote").
+    """
     if log_file is not None:
         from vtpmctl.store.atomic import open_log
 
@@ -188,15 +191,11 @@ def _setup_logging(log_file: str | None) -> int | None:
             fd = open_log(log_file)
         except OSError as exc:
             raise DaemonError(f"cannot open log file {log_file}: {exc.strerror}") from None
-        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+        logger.write_to(os.fdopen(fd, "a", buffering=1))
         libtpms_fd: int | None = fd
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        logger.write_to(sys.stderr)
         libtpms_fd = None
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
     return libtpms_fd
 
 
@@ -279,6 +278,7 @@ def run(opts: DaemonOptions, ready_fd: int | None = None) -> int:
 
     replicator = None
     if opts.remote_spec is not None:  # only then: boto3 and a thread
+        logger.take_stdlib_records()  # boto3 logs through `logging`, into the same log
         from vtpmctl.device.server.replication import Replicator, WatchedStateDir, load
 
         watched = WatchedStateDir(opts.state_dir, tpm2=opts.tpm2, key=state_key)

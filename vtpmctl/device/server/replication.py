@@ -25,12 +25,12 @@ whose state no longer reaches the remote.
 from __future__ import annotations
 
 import hashlib
-import logging
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vtpmctl import logger
 from vtpmctl.errors import LeaseLost, RemoteError, StoreError
 from vtpmctl.model import BlobKind
 from vtpmctl.store.blob import AesKey, unwrap_file
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from vtpmctl.store.remote.client import RemoteClient
 
-log = logging.getLogger("vtpmctl.replication")
+log = logger.get("vtpmctl.replication")
 
 _PERMALL = BlobKind.PERMANENT.file_name
 # Seconds the daemon's exit waits for its last push and release, in all: well inside

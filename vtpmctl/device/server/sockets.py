@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import logging
 import os
 import queue
 import select
@@ -22,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from vtpmctl import logger
 from vtpmctl.device.protocol import (
     CODE,
     CTRL_DEADLINE,
@@ -46,7 +46,7 @@ from vtpmctl.engine.tpm import ControlReply, Engine, FatalEngineError
 from vtpmctl.errors import ServeError
 from vtpmctl.frozen import Frozen
 
-log = logging.getLogger(__name__)
+log = logger.get(__name__)
 
 BLOB_READ_TIMEOUT = 10.0  # a stalled SET_STATEBLOB sender loses its connection
 STOP_POLL = 0.1  # how often a long control read looks whether the server is stopping

@@ -20,7 +20,6 @@ the reader's read().
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import select
 import stat
@@ -29,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vtpmctl import logger
 from vtpmctl.device.protocol import (
     HASH_DATA_MAX,
     MESSAGES,
@@ -76,7 +76,7 @@ from vtpmctl.engine.libtpms import CommandBuffer
 from vtpmctl.engine.tpm import ControlReply, Engine, FatalEngineError
 from vtpmctl.engine.tpm2 import KEYGEN_COMMANDS
 
-log = logging.getLogger(__name__)
+log = logger.get(__name__)
 
 TPM_COMMAND_MAX = 4096  # a longer write() is truncated, as swtpm does
 NODE_TIMEOUT = 10.0  # seconds for devtmpfs to show the node
