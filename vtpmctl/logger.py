@@ -2,9 +2,9 @@
 
 Every module the zygote imports is in the resident memory of every daemon
 forked from it (docs/architecture.md, "The zygote"), and ``logging`` brings
-``traceback``, ``linecache``, ``tokenize``, ``textwrap``, ``string`` and
-``weakref`` with it: about 0.7 MiB of objects (1.3 MiB RSS in a bare
-interpreter) per daemon, for a handful of lines a day. So the modules a daemon
+``traceback``, ``textwrap`` and ``string`` (and ``linecache``, ``tokenize``,
+``weakref``) with it: about 0.3 MiB of each daemon's RSS on top of what the
+zygote imports anyway, for a handful of lines a day. So the modules a daemon
 runs log through :func:`get` instead, in two modes:
 
 - by default each record goes to ``logging.getLogger(name)``, imported at the
