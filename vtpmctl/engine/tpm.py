@@ -215,7 +215,8 @@ class Engine(Storage):
             # With a blob staged by SET_STATEBLOB (incoming migration) libtpms still asks
             # for the file at MainInit, then uses the staged blob: no file is expected.
             log.error(
-                "%s is missing; refusing to create a new TPM in its place", self.statedir.file(name)
+                "%s is missing; refusing to create a new TPM in its place",
+                self.statedir.fspath(name),
             )
         return data
 
@@ -256,7 +257,7 @@ class Engine(Storage):
         """Apply ``--flags`` at process start: lock, and maybe INIT + Startup."""
         if not self.config.incoming and not self.statedir.lock(0):
             raise StateDirError(
-                f"{self.statedir.path} is locked by another process (pid "
+                f"{self.statedir.dir} is locked by another process (pid "
                 f"{self.statedir.holder_pid()}); stop it first"
             )
         if self.config.allow_manufacture is False and not self.config.incoming:
@@ -265,7 +266,7 @@ class Engine(Storage):
             reply = self.control(Cmd.INIT, {"init_flags": 0})
             if reply.result != Res.SUCCESS:
                 raise StateDirError(
-                    f"the TPM in {self.statedir.path} failed to start (result "
+                    f"the TPM in {self.statedir.dir} failed to start (result "
                     f"0x{reply.result:x}); see the log"
                 )
             if self.config.startup != "none":
@@ -293,18 +294,18 @@ class Engine(Storage):
                 volatile = False
         if rc == Res.RETRY:  # the blob does not exist
             raise StateDirError(
-                f"{self.statedir.file(_PERMALL)} is missing; restore it "
+                f"{self.statedir.fspath(_PERMALL)} is missing; restore it "
                 "from a snapshot or backup (a new TPM is never made in its place)"
             )
         if rc != 0 and volatile:  # the permanent state alone is good: keep it
             raise StateDirError(
-                f"the volatile state {self.statedir.file(_VOLATILESTATE)} is corrupt "
+                f"the volatile state {self.statedir.fspath(_VOLATILESTATE)} is corrupt "
                 f"(libtpms rejects it: 0x{rc:x}); remove it to start as after a reboot "
                 "(NV data is kept)"
             )
         if rc != 0:
             raise StateDirError(
-                f"the state in {self.statedir.path} is corrupt (libtpms rejects "
+                f"the state in {self.statedir.dir} is corrupt (libtpms rejects "
                 f"it: 0x{rc:x}); restore it from a snapshot or backup"
             )
 
@@ -412,7 +413,7 @@ class Engine(Storage):
             return self._vendor_set_locality(buf, length)
         if not self.statedir.locked and not self._ensure_storage_lock(self._lock_retries):
             raise FatalEngineError(
-                f"cannot re-take the lock on {self.statedir.path}; another process holds it"
+                f"cannot re-take the lock on {self.statedir.dir}; another process holds it"
             )
         resp = self.tpm.process_in_place(length, buf.raw)
         self._last_was_shutdown = (
@@ -480,7 +481,7 @@ class Engine(Storage):
         self._stop_locked()
         must_lock = not self.config.incoming or self.statedir.locked or self._staged_permanent
         if must_lock and not self._ensure_storage_lock(0):
-            log.error("CMD_INIT: %s is locked by another process", self.statedir.path)
+            log.error("CMD_INIT: %s is locked by another process", self.statedir.dir)
             return ControlReply(Res.FAIL)
         self._cache.pop(_VOLATILESTATE, None)
         rc = self.tpm.main_init()
@@ -629,7 +630,7 @@ class Engine(Storage):
 
     def _c_set_stateblob(self, req: dict[str, int], data: bytes) -> ControlReply:
         if not self._ensure_storage_lock(self._lock_retries):
-            raise FatalEngineError(f"{self.statedir.path} is locked by another process")
+            raise FatalEngineError(f"{self.statedir.dir} is locked by another process")
         try:
             kind = BlobType(req["type"])
         except ValueError:
