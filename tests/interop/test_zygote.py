@@ -127,3 +127,26 @@ def test_encrypted_and_plain_daemons_share_one_zygote_without_cryptography(home:
     assert len(_random(home, "sealed")) == 32
     for name in ("plain", "sealed"):
         home.run("stop", name)
+
+
+def test_a_forked_daemon_imports_nothing(home: Home) -> None:
+    """Every module a daemon imports after the fork is loaded into pages of its own:
+    with Python printing each import (PYTHONPROFILEIMPORTTIME, which reaches the
+    zygote and so the daemon, whose stderr is the instance's log), the log of a
+    daemon that started, served TPM commands and control commands and stopped
+    shows none."""
+    env = dict(home.env, PYTHONPROFILEIMPORTTIME="1")
+
+    def run(*args: str) -> None:
+        subprocess.run([*VTPMCTL, *args], env=env, check=True, capture_output=True, timeout=60)
+
+    run("create", "q", "--no-ek")
+    run("start", "q")
+    pid = home.status("q")[1]["pid"]
+    assert runs_zygote(_cmdline(_ppid(pid)))
+    assert len(_random(home, "q")) == 32
+    run("caps", "q")
+    run("stop", "q")
+    log = home.registry().paths("q").log_file.read_text()
+    assert "serving" in log and "stopped" in log
+    assert "import time:" not in log, log
