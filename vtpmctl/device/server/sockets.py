@@ -360,6 +360,31 @@ class ControlConnection:
             silent_until = time.monotonic() + BLOB_READ_TIMEOUT
         return data
 
+    def serve(self, stopping: Callable[[], bool]) -> None:
+        """Serve requests until the client goes or ``stopping()``: the control thread's loop.
+
+        handle_readable's work with GET_CAPABILITY, the channel's hot path, answered
+        in the loop itself from locals (about a tenth of its server CPU per request).
+        """
+        recvmsg_into, bufs, space = self._recvmsg_into, self._bufs, _FDS_SPACE
+        caps_request, caps_len, caps_reply = (
+            self._caps_request,
+            len(self._caps_request),
+            self._caps_reply,
+        )
+        starts = self._buf.startswith
+        sendall = self._sendall
+        while not stopping():
+            try:
+                n, ancdata, _flags, _addr = recvmsg_into(bufs, space)
+                if n == caps_len and not ancdata and starts(caps_request):
+                    sendall(caps_reply)  # the engine's answer never changes
+                    continue
+            except OSError:
+                return
+            if not self._handle(n, ancdata):
+                return
+
     def handle_readable(self) -> bool:
         """Serve one request; False when the connection must be closed."""
         try:
@@ -377,6 +402,10 @@ class ControlConnection:
             except OSError:
                 return False
             return True
+        return self._handle(n, ancdata)
+
+    def _handle(self, n: int, ancdata: list[tuple[int, int, bytes]]) -> bool:
+        """Any request but GET_CAPABILITY, whose ``n`` bytes are in the buffer."""
         data = bytes(self._buf[:n])
         fds = _fds_of(ancdata) if ancdata else []
         if not data:
@@ -762,8 +791,7 @@ class SocketServer:
         """The "control" thread: each client handed over, in a blocking request loop."""
         while (client := self._clients.get()) is not None:
             try:
-                while not self._exit.is_set() and client.handle_readable():
-                    pass
+                client.serve(self._exit.is_set)
             except BaseException as exc:  # a bug: the main thread raises it, as it would have
                 self._client_error = exc
             finally:
