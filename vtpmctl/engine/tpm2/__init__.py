@@ -125,116 +125,9 @@ if TYPE_CHECKING:
         read_pcr_selection,
     )
 
-_NAMES: dict[str, tuple[str, ...]] = {
-    "constants": (
-        "Alg",
-        "Cap",
-        "CC",
-        "Curve",
-        "HEADER_SIZE",
-        "HR_NV_INDEX",
-        "HR_PCR",
-        "HR_PERSISTENT",
-        "HR_TRANSIENT",
-        "KEYGEN_COMMANDS",
-        "NvAttr",
-        "ObjAttr",
-        "PT",
-        "RH_ENDORSEMENT",
-        "RH_LOCKOUT",
-        "RH_NULL",
-        "RH_OWNER",
-        "RH_PLATFORM",
-        "RS_PW",
-        "ST_NO_SESSIONS",
-        "ST_SESSIONS",
-        "SU_CLEAR",
-        "SU_STATE",
-    ),
-    "rc": (
-        "decode_rc",
-        "MalformedResponse",
-        "RC",
-        "rc_base",
-        "TpmError",
-    ),
-    "power": (
-        "build_shutdown",
-        "build_startup",
-    ),
-    "marshal": (
-        "build_command",
-        "execute",
-        "parse_response",
-        "PasswordSession",
-        "Reader",
-        "Response",
-        "Shape",
-        "SHAPES",
-        "tpm2b",
-        "Transact",
-        "u16",
-        "u32",
-        "u8",
-    ),
-    "structures": (
-        "hash_name",
-        "marshal_pcr_selection",
-        "NvPublic",
-        "Public",
-        "read_pcr_selection",
-        "Scheme",
-        "SymDef",
-    ),
-    "commands": (
-        "build_create_primary",
-        "build_evict_control",
-        "build_flush_context",
-        "build_get_capability",
-        "build_get_random",
-        "build_nv_define_space",
-        "build_nv_read",
-        "build_nv_read_public",
-        "build_nv_undefine_space",
-        "build_nv_write",
-        "build_nv_write_lock",
-        "build_pcr_allocate",
-        "build_pcr_read",
-        "build_read_public",
-        "Capability",
-        "create_primary",
-        "CreatePrimaryResult",
-        "evict_control",
-        "flush_context",
-        "get_capability",
-        "get_handles",
-        "get_pcr_banks",
-        "get_properties",
-        "get_property",
-        "get_random",
-        "nv_define_space",
-        "nv_read",
-        "nv_read_public",
-        "nv_undefine_space",
-        "nv_write",
-        "nv_write_lock",
-        "parse_create_primary",
-        "parse_get_capability",
-        "parse_get_random",
-        "parse_nv_read",
-        "parse_nv_read_public",
-        "parse_pcr_read",
-        "parse_read_public",
-        "pcr_allocate",
-        "pcr_read",
-        "PcrReadResult",
-        "read_public",
-        "ReadPublicResult",
-        "shutdown",
-        "startup",
-    ),
-}
-"""Where each name of ``__all__`` lives (tests/unit/test_tpm2.py checks the two agree)."""
+# The submodules a name is looked for in, lightest first: a name of ``constants``,
+# ``rc`` or ``power`` (all the engine uses) loads none of the others.
+_SUBMODULES = ("constants", "rc", "power", "marshal", "structures", "commands")
 
 __all__ = [
     "Alg",
@@ -337,11 +230,13 @@ __all__ = [
 if not TYPE_CHECKING:  # mypy sees the imports above, and no catch-all __getattr__
 
     def __getattr__(name: str) -> object:
-        for module, names in _NAMES.items():
-            if name in names:
-                value = getattr(__import__(f"{__name__}.{module}", fromlist=[name]), name)
-                globals()[name] = value  # the next lookup is a plain attribute
-                return value
+        if name in __all__:
+            for module in _SUBMODULES:
+                found = __import__(f"{__name__}.{module}", fromlist=[name])
+                if hasattr(found, name):
+                    value = getattr(found, name)
+                    globals()[name] = value  # the next lookup is a plain attribute
+                    return value
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
     def __dir__() -> list[str]:
