@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import io
 import logging
-import subprocess
 import sys
 import threading
 import time
 import types
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -204,29 +202,3 @@ def test_threads_write_whole_records() -> None:
         t.join()
     assert len(out.calls) == 800
     assert all(c.count("\n") == 1 and c.endswith("\n") for c in out.calls)
-
-
-def test_the_zygote_imports_no_stdlib_logging(tmp_path: Path) -> None:
-    """What the daemon's modules log is written without ``logging`` and what it pulls
-    in (traceback, textwrap, string), so no daemon carries them."""
-    from vtpmctl.childproc import child_env
-
-    code = (
-        "import sys\n"
-        "from vtpmctl.device.server import zygote\n"
-        "zygote.prepare()\n"
-        "zygote.settle()\n"
-        "print(' '.join(sorted(sys.modules)))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        env=child_env(),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    loaded = set(done.stdout.split())
-    assert "vtpmctl.logger" in loaded
-    assert not loaded & {"logging", "traceback", "textwrap", "string"}
