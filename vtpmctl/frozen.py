@@ -5,7 +5,8 @@ Every module the zygote imports costs each vTPM daemon resident memory, and
 daemon; docs/architecture.md, "The zygote"). The daemon's value types list
 their fields in ``__slots__``, set them once with ``_init``, and get from
 here what a frozen dataclass gave them: equality and hashing by fields, a
-repr that names them, and ``replace``.
+repr that names them, ``replace``, and ``copy``/``pickle`` (their
+``__init__`` takes the fields in slot order).
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class Frozen:
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields())
         return f"{type(self).__name__}({fields})"
+
+    def __reduce__(self) -> tuple[type[Self], tuple[object, ...]]:
+        """``copy`` and ``pickle`` remake it through ``__init__`` (fields in slot order)."""
+        return type(self), self._values()
 
     def replace(self, **changes: object) -> Self:
         """A copy with some fields changed (``dataclasses.replace``)."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
 from pathlib import Path
 
 import pytest
 
 from vtpmctl.device.server.sockets import Endpoint
 from vtpmctl.fspath import clean, join, name, parent
+from vtpmctl.model import KeyFormat
 from vtpmctl.store.access import Access
 from vtpmctl.store.blob import AesKey, BlobHeader
 from vtpmctl.store.keys import KeySource
@@ -60,6 +63,19 @@ def test_frozen_equality_hash_repr_replace() -> None:
         del ep.port
     assert Access() == Access(None, 0o600, 0o700)
     assert BlobHeader(2, 1, 10, 9, 50).totlen == 50
+
+
+def test_frozen_values_copy_and_pickle() -> None:
+    values = [
+        Endpoint("tcp", host="::1", port=2321),
+        Access("kvm", 0o660, 0o710),
+        AesKey(bytes(16)),
+        BlobHeader(2, 1, 10, 9, 50),
+        KeySource(path="/k", kind=KeyFormat.HEX, remove=True),
+    ]
+    for value in values:
+        for again in (copy.copy(value), copy.deepcopy(value), pickle.loads(pickle.dumps(value))):
+            assert again == value and type(again) is type(value)
 
 
 def test_aes_key_keeps_its_secret_and_compares_by_value() -> None:
