@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from vtpmctl.engine.tpm2.constants import (
     CC,
-    HEADER_SIZE,
     RS_PW,
     ST_NO_SESSIONS,
     ST_SESSIONS,
 )
+from vtpmctl.engine.tpm2.power import frame
 from vtpmctl.engine.tpm2.rc import MalformedResponse, TpmError
 
 Transact = Callable[[bytes], bytes]
@@ -142,8 +142,7 @@ def build_command(
         area = b"".join(s.marshal() for s in auths)
         body += u32(len(area)) + area
     body += params
-    tag = ST_SESSIONS if auths else ST_NO_SESSIONS
-    return u16(tag) + u32(HEADER_SIZE + len(body)) + u32(cc) + body
+    return frame(ST_SESSIONS if auths else ST_NO_SESSIONS, cc, body)
 
 
 @dataclass(frozen=True)

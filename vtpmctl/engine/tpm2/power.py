@@ -3,6 +3,8 @@
 Apart from ``commands`` (which re-exports them) so that the engine, and so
 every vTPM daemon the zygote forks, does not import the other command
 builders, their dataclasses and hashlib (docs/architecture.md, "The zygote").
+The command header is written here too, by ``frame``, which
+``marshal.build_command`` uses for every other command.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import struct
 from vtpmctl.engine.tpm2.constants import CC, HEADER_SIZE, ST_NO_SESSIONS, SU_CLEAR
 
 
-def _no_sessions(cc: CC, params: bytes) -> bytes:
-    """``marshal.build_command`` for a command with no handles and no sessions."""
-    return struct.pack(">HII", ST_NO_SESSIONS, HEADER_SIZE + len(params), cc) + params
+def frame(tag: int, cc: int, body: bytes) -> bytes:
+    """A whole command: the header (tag, total size, command code), then ``body``."""
+    return struct.pack(">HII", tag, HEADER_SIZE + len(body), cc) + body
 
 
 def build_startup(startup_type: int = SU_CLEAR) -> bytes:
-    return _no_sessions(CC.Startup, struct.pack(">H", startup_type))
+    return frame(ST_NO_SESSIONS, CC.Startup, struct.pack(">H", startup_type))
 
 
 def build_shutdown(shutdown_type: int = SU_CLEAR) -> bytes:
-    return _no_sessions(CC.Shutdown, struct.pack(">H", shutdown_type))
+    return frame(ST_NO_SESSIONS, CC.Shutdown, struct.pack(">H", shutdown_type))
