@@ -37,7 +37,9 @@ def parent(path: StrPath) -> str:
     head, sep, _ = text.rpartition("/")
     if not sep:
         return "."
-    return head if head.strip("/") else head + "/" if head else "/"
+    if head.strip("/"):
+        return head
+    return text[: len(head) + 1]  # the root itself: "/", or "//"
 
 
 def name(path: StrPath) -> str:
